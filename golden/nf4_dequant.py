@@ -1,0 +1,45 @@
+"""Bit-accurate model of bitsandbytes' ``dequantize_4bit(quant_type="nf4")`` on the CPU, twin of
+``rtl/nf4_dequant.py``.
+
+Per block, in float32: the absmax is either stored, or rebuilt from double quantization as
+``fl(fl(code8[q] * absmax2) + offset)``; each weight is ``fl(NF4[code] * absmax)``, then rounded once to the output
+dtype (round to nearest even). The model does not call bitsandbytes.
+"""
+
+import numpy as np
+import torch
+
+from .codebooks import NF4_CODE
+from . import absmax_quant
+from .nf4_quant import unpack_nibbles
+
+__all__ = ["DTYPES", "block_scales", "dequantize"]
+
+#: Output dtypes by name.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def block_scales(q):
+    """float32 absmax of every block of an :class:`~.nf4_quant.NF4Quantized`, rebuilt if double-quantized."""
+    if q.double_quant:
+        return absmax_quant.dequantize(q.absmax, q.absmax2, q.offset)
+    return np.asarray(q.absmax, dtype=np.float32)
+
+
+def dequantize(q, dtype="bf16"):
+    """Dequantize an :class:`~.nf4_quant.NF4Quantized` to a torch tensor of ``dtype`` and the original shape.
+
+    Parameters
+    ----------
+    q : NF4Quantized
+    dtype : str
+        ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    n = int(np.prod(q.shape))
+    codes = unpack_nibbles(q.packed, n)
+    scales = np.repeat(block_scales(q), q.blocksize)[:n]
+    with np.errstate(over="ignore", invalid="ignore"):  # IEEE overflow to inf is part of the model
+        weights = (NF4_CODE[codes] * scales).astype(np.float32)
+    return torch.from_numpy(weights).to(DTYPES[dtype]).reshape(q.shape)
