@@ -42,3 +42,88 @@ def test_golden_adversarial(dtype, blocksize, double_quant):
 def test_golden_refuses_unknown_dtype():
     with pytest.raises(ValueError, match="dtype"):
         nf4_dequant.dequantize(nf4_quant.quantize(torch.ones(64)), "fp8")
+
+
+# --- RTL ------------------------------------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer  # noqa: E402
+from edge_qlora.sim.nf4 import run_dequantizer  # noqa: E402
+from edge_qlora.sim.streams import Stalls  # noqa: E402
+
+STREAMS = ("tensor", "codes", "absmax", "absmax2", "weights")
+
+
+def random_stalls(seed, idle=0.3):
+    return {name: Stalls(idle, seed * 10 + i) for i, name in enumerate(STREAMS)}
+
+
+def check_rtl(tensors, config, seed):
+    """RTL against the golden model and against bitsandbytes, with random stalls on every stream."""
+    run = run_dequantizer(tensors, config, stalls=random_stalls(seed))
+    for q, values, weight in zip(tensors, run.values, [t.weight for t in tensors]):
+        golden = nf4_dequant.dequantize(q, config.out_dtype)
+        assert mismatches(golden.reshape(-1), torch.from_numpy(values.view(np.int16 if golden.element_size() == 2
+                                                                             else np.int32)).view(golden.dtype)) == 0
+        packed, state = bnb_quantize(weight, q.blocksize, q.double_quant)
+        reference = bnb_dequantize(packed, state, golden.dtype)
+        assert mismatches(reference, golden.reshape(-1)) == 0
+
+
+def quantized(weight, blocksize, double_quant):
+    q = nf4_quant.quantize(weight, blocksize, double_quant)
+    q.weight = weight  # kept for the bitsandbytes comparison
+    return q
+
+
+@pytest.mark.parametrize("lanes", [1, 3, 8, 16])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_rtl_random(lanes, out_dtype, double_quant):
+    # three tensors back to back: odd sizes, a size below one block, different block counts
+    blocksize = 64 if lanes != 3 else 32
+    shapes = [(7, 63), (5,), (3, 129)]
+    tensors = [quantized(random_weights(shape, DTYPES["bf16"], seed), blocksize, double_quant)
+               for seed, shape in enumerate(shapes)]
+    check_rtl(tensors, NF4DequantConfig(lanes=lanes, blocksize=blocksize, out_dtype=out_dtype,
+                                        double_quant=double_quant), seed=lanes)
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_rtl_adversarial(in_dtype, double_quant):
+    cases = adversarial(DTYPES[in_dtype], 64)
+    tensors = [quantized(weight, 64, double_quant) for weight in cases.values()]
+    for out_dtype, lanes in (("bf16", 16), ("fp16", 5), ("fp32", 8)):
+        check_rtl(tensors, NF4DequantConfig(lanes=lanes, blocksize=64, out_dtype=out_dtype,
+                                            double_quant=double_quant), seed=lanes)
+
+
+def test_rtl_many_absmax2_groups():
+    # more than 256 blocks: the second-level absmax changes mid-tensor; blocksize 32 with 16 lanes (2 cycles/block)
+    weight = random_weights((300 * 32 + 17,), DTYPES["fp16"], 7)
+    check_rtl([quantized(weight, 32, True)], NF4DequantConfig(lanes=16, blocksize=32, out_dtype="bf16"), seed=3)
+
+
+@pytest.mark.parametrize("lanes", [1, 4, 8, 16])
+def test_rtl_sustains_lanes_per_cycle(lanes):
+    weight = random_weights((64, 64), DTYPES["bf16"], 1)
+    q = nf4_quant.quantize(weight, 64, True)
+    run = run_dequantizer(q, NF4DequantConfig(lanes=lanes, blocksize=64))
+    beats = weight.numel() // lanes
+    assert run.beats == beats
+    assert run.cycles <= beats + 40  # the pipeline fills once, then one beat per cycle
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="lanes"):
+        NF4DequantConfig(lanes=17)
+    with pytest.raises(ValueError, match="blocksize"):
+        NF4DequantConfig(blocksize=48)
+    with pytest.raises(ValueError, match="out_dtype"):
+        NF4DequantConfig(out_dtype="fp8")
+    with pytest.raises(ValueError, match="multipliers"):
+        NF4DequantConfig(multipliers=3)
+    with pytest.raises(TypeError, match="config"):
+        NF4Dequantizer("bf16")

@@ -1,0 +1,200 @@
+"""File formats users already have: safetensors weights and bitsandbytes' serialized ``QuantState``.
+
+A quantized weight ``W`` is stored as bitsandbytes stores a ``Linear4bit`` weight in a state dict: the packed
+uint8 tensor under ``W`` and, for each key of ``QuantState.as_dict(packed=True)``, a tensor under ``W.<key>``
+(``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map`` and the JSON-in-uint8 tensor
+``quant_state.bitsandbytes__nf4``). ``QuantState.from_dict`` loads it. Everything the user can get wrong raises
+:class:`InputError` with a one-line message.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
+from .golden.nf4_quant import NF4Quantized
+
+__all__ = ["InputError", "load_weight", "save_weight", "load_quantized", "save_quantized", "quant_state_dict"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_SHORT_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
+QS_KEY = "quant_state.bitsandbytes__nf4"
+
+
+class InputError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def _read(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a safetensors file")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+def _write(path, tensors):
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    except OSError as error:
+        raise InputError(f"{path}: cannot write ({error.strerror or error})") from None
+
+
+def load_weight(path, name="weight"):
+    """The float tensor ``name`` (fp32, fp16 or bf16) of a safetensors file."""
+    tensors = _read(path)
+    if name not in tensors:
+        raise InputError(f"{path}: no tensor '{name}' (found: {', '.join(sorted(tensors)) or 'none'})")
+    weight = tensors[name]
+    if weight.dtype not in _TORCH_DTYPES.values():
+        raise InputError(f"{path}: tensor '{name}' has dtype {str(weight.dtype)[6:]}; "
+                         "expected float32, float16 or bfloat16")
+    if weight.numel() == 0:
+        raise InputError(f"{path}: tensor '{name}' is empty")
+    return weight
+
+
+def save_weight(path, weight, name="weight"):
+    _write(path, {name: weight})
+
+
+def quant_state_dict(q, name="weight"):
+    """Tensors of a quantized weight, keyed as bitsandbytes' ``Linear4bit`` state dict keys them."""
+    meta = {
+        "quant_type": "nf4",
+        "blocksize": q.blocksize,
+        "dtype": _DTYPE_NAMES[q.dtype],
+        "shape": list(q.shape),
+    }
+    tensors = {
+        name: torch.from_numpy(np.ascontiguousarray(q.packed, np.uint8)).reshape(-1, 1),
+        f"{name}.absmax": torch.from_numpy(np.ascontiguousarray(q.absmax)),
+        f"{name}.quant_map": torch.from_numpy(NF4_CODE.copy()),
+    }
+    if q.double_quant:
+        meta.update({
+            "nested_blocksize": DYNAMIC_BLOCKSIZE,
+            "nested_dtype": "float32",
+            "nested_offset": float(np.float32(q.offset)),
+        })
+        tensors[f"{name}.nested_absmax"] = torch.from_numpy(np.ascontiguousarray(q.absmax2, np.float32))
+        tensors[f"{name}.nested_quant_map"] = torch.from_numpy(DYNAMIC_CODE.copy())
+    tensors[f"{name}.{QS_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return tensors
+
+
+def save_quantized(path, q, name="weight"):
+    _write(path, quant_state_dict(q, name))
+
+
+def load_quantized(path, name="weight"):
+    """An :class:`~edge_qlora.golden.nf4_quant.NF4Quantized` from a file in bitsandbytes' state-dict form."""
+    tensors = _read(path)
+    return parse_quantized(tensors, name, where=path)
+
+
+def _require(tensors, key, where):
+    if key not in tensors:
+        raise InputError(f"{where}: missing tensor '{key}' of the NF4 quant state")
+    return tensors[key]
+
+
+def _check_dtype(tensor, key, dtype, where):
+    if tensor.dtype != dtype:
+        raise InputError(f"{where}: tensor '{key}' has dtype {str(tensor.dtype)[6:]}; expected {str(dtype)[6:]}")
+
+
+def parse_quantized(tensors, name="weight", where="input"):
+    """Validate and unpack the tensors of one quantized weight (see :func:`quant_state_dict`)."""
+    packed = _require(tensors, name, where)
+    qs = _require(tensors, f"{name}.{QS_KEY}", where)
+    _check_dtype(qs, f"{name}.{QS_KEY}", torch.uint8, where)
+    try:
+        meta = json.loads(bytes(qs.reshape(-1).numpy()).decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{where}: tensor '{name}.{QS_KEY}' does not hold the JSON quant-state dict") from None
+    for key in ("quant_type", "blocksize", "dtype", "shape"):
+        if key not in meta:
+            raise InputError(f"{where}: quant state lacks '{key}'")
+    if meta["quant_type"] != "nf4":
+        raise InputError(f"{where}: quant_type is {meta['quant_type']!r}; only 'nf4' is supported")
+    if meta["blocksize"] not in BLOCKSIZES:
+        raise InputError(f"{where}: blocksize {meta['blocksize']!r} is not one of {BLOCKSIZES}")
+    if meta["dtype"] not in _TORCH_DTYPES:
+        raise InputError(f"{where}: dtype {meta['dtype']!r} is not float32, float16 or bfloat16")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise InputError(f"{where}: shape {shape!r} is not a list of positive integers")
+    n = int(np.prod(shape))
+    blocksize = meta["blocksize"]
+    blocks = -(-n // blocksize)
+
+    _check_dtype(packed, name, torch.uint8, where)
+    if packed.numel() != (n + 1) // 2:
+        raise InputError(f"{where}: '{name}' holds {packed.numel()} packed bytes; shape {tuple(shape)} "
+                         f"needs {(n + 1) // 2}")
+    quant_map = _require(tensors, f"{name}.quant_map", where)
+    if quant_map.dtype != torch.float32 or quant_map.numel() != 16 or \
+            not np.array_equal(quant_map.numpy().view(np.uint32), NF4_CODE.view(np.uint32)):
+        raise InputError(f"{where}: '{name}.quant_map' is not the NF4 code book")
+
+    absmax = _require(tensors, f"{name}.absmax", where)
+    double_quant = "nested_absmax" in meta or f"{name}.nested_absmax" in tensors or "nested_offset" in meta
+    if absmax.numel() != blocks:
+        raise InputError(f"{where}: '{name}.absmax' has {absmax.numel()} values; "
+                         f"{n} weights in blocks of {blocksize} need {blocks}")
+    if not double_quant:
+        _check_dtype(absmax, f"{name}.absmax", torch.float32, where)
+        absmax = absmax.reshape(-1).numpy().copy()
+        _check_finite(absmax, f"{name}.absmax", where)
+        return NF4Quantized(packed.reshape(-1).numpy().copy(), absmax, tuple(shape),
+                            _SHORT_NAMES[meta["dtype"]], blocksize)
+
+    _check_dtype(absmax, f"{name}.absmax", torch.uint8, where)
+    for key in ("nested_blocksize", "nested_offset", "nested_dtype"):
+        if key not in meta:
+            raise InputError(f"{where}: double-quantized quant state lacks '{key}'")
+    if meta["nested_blocksize"] != DYNAMIC_BLOCKSIZE or meta["nested_dtype"] != "float32":
+        raise InputError(f"{where}: nested blocksize/dtype {meta['nested_blocksize']!r}/{meta['nested_dtype']!r} "
+                         f"unsupported (bitsandbytes uses {DYNAMIC_BLOCKSIZE}/float32)")
+    absmax2 = _require(tensors, f"{name}.nested_absmax", where)
+    _check_dtype(absmax2, f"{name}.nested_absmax", torch.float32, where)
+    if absmax2.numel() != -(-blocks // DYNAMIC_BLOCKSIZE):
+        raise InputError(f"{where}: '{name}.nested_absmax' has {absmax2.numel()} values; {blocks} blocks need "
+                         f"{-(-blocks // DYNAMIC_BLOCKSIZE)}")
+    nested_map = _require(tensors, f"{name}.nested_quant_map", where)
+    if nested_map.dtype != torch.float32 or nested_map.numel() != 256 or \
+            not np.array_equal(nested_map.numpy().view(np.uint32), DYNAMIC_CODE.view(np.uint32)):
+        raise InputError(f"{where}: '{name}.nested_quant_map' is not bitsandbytes' dynamic 8-bit map")
+    try:
+        offset = np.float32(float(meta["nested_offset"]))
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: nested_offset {meta['nested_offset']!r} is not a number") from None
+    absmax2 = absmax2.reshape(-1).numpy().copy()
+    _check_finite(absmax2, f"{name}.nested_absmax", where)
+    _check_finite(np.array([offset]), "nested_offset", where)
+    return NF4Quantized(packed.reshape(-1).numpy().copy(), absmax.reshape(-1).numpy().copy(), tuple(shape),
+                        _SHORT_NAMES[meta["dtype"]], blocksize, offset, absmax2)
+
+
+def _check_finite(values, what, where):
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(f"{where}: '{what}' holds a non-finite value at index {int(np.flatnonzero(bad)[0])}")

@@ -1,0 +1,348 @@
+"""NF4 dequantizer IP core, bit-exact with bitsandbytes' ``dequantize_4bit`` (twin: ``golden/nf4_dequant.py``).
+
+Every weight of a block is ``round_out(fl32(NF4[code] * absmax))``: one of only 16 values per block. The core
+therefore never multiplies per weight. Per block it builds a 16-entry table of output-format values (16 float32
+products, each rounded to float32 and then to the output format, exactly as bitsandbytes rounds twice), and every
+lane is a 16-way lookup into that table. Per block that costs 16 products on ``multipliers`` pipelined float32
+multipliers, whatever the number of lanes, so the multiplier count only has to keep up with ``blocksize / lanes``
+cycles per block.
+
+With double quantization the block absmax is first rebuilt as ``fl32(fl32(code8[q] * absmax2) + offset)``.
+
+Datapath, one stall domain per stage::
+
+    absmax (+ absmax2) -> [scale: ROM, FPMul, FPAdd] -> scale -> [table builder: FPMul x M, FPConvert x M]
+        -> table window (current and next block) -> [lane lookups] -> weights
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
+from .fp import FORMATS, FP32, FPAdd, FPConvert, FPMul
+from .pipeline import StallPipeline
+
+__all__ = ["NF4DequantConfig", "NF4Dequantizer", "codes_layout", "weights_layout"]
+
+_NF4_BITS = NF4_CODE.view(np.uint32).tolist()
+_DYNAMIC_BITS = DYNAMIC_CODE.view(np.uint32).tolist()
+
+
+@dataclass(frozen=True)
+class NF4DequantConfig:
+    """Elaboration parameters of :class:`NF4Dequantizer`.
+
+    Parameters
+    ----------
+    lanes : int
+        Weights per cycle, 1 to 16.
+    blocksize : int
+        NF4 block size: 32, 64, ..., 4096.
+    out_dtype : str
+        ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+    double_quant : bool
+        The absmax arrives as uint8 codes with a second-level float32 absmax per 256 blocks and an offset.
+    multipliers : int or None
+        Table-builder multipliers, a divisor of 16; ``None`` picks the fewest that sustain ``lanes`` weights per
+        cycle.
+    """
+
+    lanes: int = 8
+    blocksize: int = 64
+    out_dtype: str = "bf16"
+    double_quant: bool = True
+    multipliers: int = None
+
+    def __post_init__(self):
+        if not isinstance(self.lanes, int) or not 1 <= self.lanes <= 16:
+            raise ValueError(f"lanes must be an integer from 1 to 16, not {self.lanes!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {self.blocksize!r}")
+        if self.out_dtype not in FORMATS:
+            raise ValueError(f"out_dtype must be one of {sorted(FORMATS)}, not {self.out_dtype!r}")
+        if self.multipliers is not None and self.multipliers not in (1, 2, 4, 8, 16):
+            raise ValueError(f"multipliers must divide 16 (1, 2, 4, 8 or 16), not {self.multipliers!r}")
+
+    @property
+    def out_format(self):
+        return FORMATS[self.out_dtype]
+
+    @property
+    def table_multipliers(self):
+        """Multipliers in the table builder: 16 products every ``16 / multipliers`` cycles."""
+        if self.multipliers is not None:
+            return self.multipliers
+        cycles_per_block = self.blocksize // self.lanes  # floor: a block may take a fraction of a cycle more
+        return 16 // max(r for r in (1, 2, 4, 8, 16) if r <= max(1, cycles_per_block))
+
+
+def codes_layout(lanes):
+    """Payload of the ``codes`` stream: ``lanes`` NF4 codes in weight order (element 0 is the first weight)."""
+    return data.ArrayLayout(4, lanes)
+
+
+def weights_layout(fmt, lanes):
+    """Payload of the ``weights`` stream: ``lanes`` packed values of ``fmt`` and ``last`` on a tensor's final beat.
+    Lanes past the end of the tensor on the final beat carry don't-care values."""
+    return data.StructLayout({"data": data.ArrayLayout(fmt.width, lanes), "last": 1})
+
+
+def tensor_layout(double_quant):
+    """Payload of the ``tensor`` stream: one beat per tensor, ahead of (or with) its first inputs."""
+    fields = {"n_weights": 32}
+    if double_quant:
+        fields["offset"] = 32
+    return data.StructLayout(fields)
+
+
+class NF4Dequantizer(wiring.Component):
+    """Streaming NF4 dequantizer: ``lanes`` weights per cycle, fully pipelined.
+
+    A tensor is announced by one ``tensor`` beat (its weight count ``n``, and with double quantization its
+    float32 offset), then arrives as ``ceil(n / lanes)`` beats of codes (the final beat padded) and
+    ``ceil(n / blocksize)`` absmax values; with double quantization also one ``absmax2`` per 256 absmax codes.
+    Tensors follow each other back to back: each stage takes the next tensor's header when it is done with the
+    current one, so nothing drains between tensors.
+
+    Parameters
+    ----------
+    config : NF4DequantConfig
+
+    Attributes
+    ----------
+    tensor : In(stream of :func:`tensor_layout`)
+        Per-tensor header: ``n_weights`` (at least 1) and, with double quantization, ``offset`` (float32 bits).
+    codes : In(stream of :func:`codes_layout`)
+        NF4 codes, ``lanes`` per beat.
+    absmax : In(stream of unsigned(32) or unsigned(8))
+        Per-block float32 absmax bits, or its uint8 code when double-quantized.
+    absmax2 : In(stream of unsigned(32)), double quantization only
+        Second-level float32 absmax, one per 256 blocks of a tensor (the last group may be shorter).
+    weights : Out(stream of :func:`weights_layout`)
+        Dequantized weights, ``lanes`` per beat, in the configured output format; ``last`` marks the final beat
+        of each tensor.
+    """
+
+    def __init__(self, config=NF4DequantConfig()):
+        if not isinstance(config, NF4DequantConfig):
+            raise TypeError(f"config must be an NF4DequantConfig, not {config!r}")
+        self.config = config
+        members = {
+            "tensor": In(stream.Signature(tensor_layout(config.double_quant))),
+            "codes": In(stream.Signature(codes_layout(config.lanes))),
+            "absmax": In(stream.Signature(8 if config.double_quant else 32)),
+            "weights": Out(stream.Signature(weights_layout(config.out_format, config.lanes))),
+        }
+        if config.double_quant:
+            members["absmax2"] = In(stream.Signature(32))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        # every block's scale and table carry the weight count of their tensor, for the lookup's beat counter
+        scale = stream.Signature(data.StructLayout({"value": 32, "n_weights": 32})).create(path=("scale",))
+        table = stream.Signature(self._table_layout()).create(path=("table",))
+        self._elaborate_scale(m, scale)
+        self._elaborate_builder(m, scale, table)
+        self._elaborate_lookup(m, table)
+        return m
+
+    def _table_layout(self):
+        return data.StructLayout({"levels": data.ArrayLayout(self.config.out_format.width, 16), "n_weights": 32})
+
+    def _elaborate_scale(self, m, scale):
+        """Per-block float32 absmax: passed through, or rebuilt from double quantization."""
+        dq = self.config.double_quant
+        shift = self.config.blocksize.bit_length() - 1
+        if dq:
+            multiply, add = FPMul(FP32, FP32, FP32), FPAdd(FP32)
+            latency = 1 + multiply.latency + add.latency  # 1: the registered code-book read
+            tag = data.StructLayout({"n_weights": 32})
+        else:
+            latency = 1  # a register slice, so that scale.valid does not depend on scale.ready
+            tag = data.StructLayout({"n_weights": 32, "value": 32})
+        pipe = StallPipeline(m, latency, scale.ready, tag_shape=tag, name="scale")
+
+        # the current tensor: its header, and the blocks still to come
+        active = Signal()
+        header = Signal(tensor_layout(dq))
+        blocks_left = Signal(32)
+        with m.If(~active):
+            m.d.comb += self.tensor.ready.eq(1)
+            with m.If(self.tensor.valid):
+                blocks = (self.tensor.payload.n_weights + self.config.blocksize - 1) >> shift
+                m.d.sync += [active.eq(1), header.eq(self.tensor.payload), blocks_left.eq(blocks)]
+
+        issue = Signal()
+        group_index = Signal(range(DYNAMIC_BLOCKSIZE))
+        absmax2, absmax2_valid = Signal(32), Signal()
+        ready = active & pipe.advance & (absmax2_valid if dq else 1)
+        m.d.comb += [
+            self.absmax.ready.eq(ready),
+            issue.eq(self.absmax.valid & ready),
+            pipe.in_valid.eq(issue),
+            pipe.in_tag.n_weights.eq(header.n_weights),
+        ]
+        tensor_done = blocks_left == 1
+        with m.If(issue):
+            m.d.sync += [blocks_left.eq(blocks_left - 1), group_index.eq(group_index + 1)]
+            with m.If(tensor_done):
+                m.d.sync += [active.eq(0), group_index.eq(0)]
+        m.d.comb += [
+            scale.valid.eq(pipe.out_valid),
+            scale.payload.n_weights.eq(pipe.out_tag.n_weights),
+        ]
+        if not dq:
+            m.d.comb += [pipe.in_tag.value.eq(self.absmax.payload), scale.payload.value.eq(pipe.out_tag.value)]
+            return
+
+        # absmax2 is held for 256 blocks, or until the tensor's last block
+        m.d.comb += self.absmax2.ready.eq(~absmax2_valid)
+        with m.If(self.absmax2.valid & self.absmax2.ready):
+            m.d.sync += [absmax2.eq(self.absmax2.payload), absmax2_valid.eq(1)]
+        with m.If(issue & (tensor_done | (group_index == DYNAMIC_BLOCKSIZE - 1))):
+            m.d.sync += absmax2_valid.eq(0)
+
+        # code8 -> float32 level: a 256-entry ROM with a registered read, which maps to block RAM
+        m.submodules.dynamic_levels = levels = Memory(shape=32, depth=256, init=_DYNAMIC_BITS)
+        m.submodules.scale_mul = pipe.stall(multiply)
+        m.submodules.scale_add = pipe.stall(add)
+        level = levels.read_port(domain="sync")
+        # the operands that ride beside the ROM read for one cycle
+        absmax2_held, offset_held = Signal(32), Signal(32)
+        with m.If(pipe.advance):
+            m.d.sync += [absmax2_held.eq(absmax2), offset_held.eq(header.offset)]
+        offset_late = Signal(32)  # the offset, delayed to meet the product at the adder
+        m.d.comb += [level.addr.eq(self.absmax.payload), level.en.eq(pipe.advance)]
+        m.d.comb += [
+            multiply.a.eq(level.data),
+            multiply.b.eq(absmax2_held),
+            add.a.eq(multiply.result),
+            add.b.eq(offset_late),
+            scale.payload.value.eq(add.result),
+        ]
+        delayed = offset_held
+        for stage in range(multiply.latency):
+            step = Signal(32, name=f"offset_{stage}")
+            with m.If(pipe.advance):
+                m.d.sync += step.eq(delayed)
+            delayed = step
+        m.d.comb += offset_late.eq(delayed)
+
+    def _elaborate_builder(self, m, scale, table):
+        """16 output-format values per block, ``multipliers`` products per cycle."""
+        fmt = self.config.out_format
+        mults = self.config.table_multipliers
+        rounds = 16 // mults
+        multipliers = [FPMul(FP32, FP32, FP32) for _ in range(mults)]
+        converters = [FPConvert(FP32, fmt) if fmt != FP32 else None for _ in range(mults)]
+        latency = multipliers[0].latency + (converters[0].latency if converters[0] else 0)
+
+        table_valid = Signal()
+        table_payload = Signal(self._table_layout())
+        tag = data.StructLayout({"round": range(rounds), "n_weights": 32})
+        pipe = StallPipeline(m, latency, ~table_valid | table.ready, tag_shape=tag, name="build")
+        round_index = Signal(range(rounds))
+        m.d.comb += [
+            pipe.in_valid.eq(scale.valid),
+            pipe.in_tag.round.eq(round_index),
+            pipe.in_tag.n_weights.eq(scale.payload.n_weights),
+            scale.ready.eq(pipe.advance & (round_index == rounds - 1)),
+        ]
+        with m.If(scale.valid & pipe.advance):
+            m.d.sync += round_index.eq(Mux(round_index == rounds - 1, 0, round_index + 1))
+
+        results = []
+        for lane, (multiply, convert) in enumerate(zip(multipliers, converters)):
+            m.submodules[f"level_mul_{lane}"] = pipe.stall(multiply)
+            # multiplier `lane` computes entries lane, lane + mults, lane + 2 * mults, ... in successive rounds
+            levels = Array(Const(_NF4_BITS[r * mults + lane], 32) for r in range(rounds))
+            m.d.comb += [multiply.a.eq(levels[round_index]), multiply.b.eq(scale.payload.value)]
+            if convert is None:
+                results.append(multiply.result)
+            else:
+                m.submodules[f"level_round_{lane}"] = pipe.stall(convert)
+                m.d.comb += convert.a.eq(multiply.result)
+                results.append(convert.result)
+
+        # rounds arrive in order; the last one completes the table
+        partial = Signal(data.ArrayLayout(fmt.width, 16))
+        complete = Signal(data.ArrayLayout(fmt.width, 16))
+        for entry in range(16):
+            r, lane = divmod(entry, mults)
+            if r == rounds - 1:
+                m.d.comb += complete[entry].eq(results[lane])
+            else:
+                m.d.comb += complete[entry].eq(partial[entry])
+                with m.If(pipe.advance & pipe.out_valid & (pipe.out_tag.round == r)):
+                    m.d.sync += partial[entry].eq(results[lane])
+        # pipe.advance implies the table slot is free or being drained
+        with m.If(table.valid & table.ready):
+            m.d.sync += table_valid.eq(0)
+        with m.If(pipe.advance & pipe.out_valid & (pipe.out_tag.round == rounds - 1)):
+            m.d.sync += [table_valid.eq(1), table_payload.levels.eq(complete),
+                         table_payload.n_weights.eq(pipe.out_tag.n_weights)]
+        m.d.comb += [table.valid.eq(table_valid), table.payload.eq(table_payload)]
+
+    def _elaborate_lookup(self, m, table):
+        """A window of two tables (this block, next block) and ``lanes`` 16-way lookups."""
+        lanes, blocksize = self.config.lanes, self.config.blocksize
+        fmt = self.config.out_format
+        straddles = blocksize % lanes != 0  # a beat may hold weights of two blocks
+
+        current, following = (Signal(self._table_layout(), name=n) for n in ("current", "following"))
+        current_valid, following_valid = Signal(), Signal()
+
+        offset = Signal(range(blocksize))           # position of lane 0 in its block
+        remaining = Signal(32)                      # weights left in the tensor, from this beat on
+        fresh = Signal(init=1)                      # no beat of the current tensor taken yet
+        left = Mux(fresh, current.n_weights, remaining)
+        last = left <= lanes
+        filled = Mux(last, left[:5], lanes)         # weights of this beat that belong to the tensor
+        crossed = offset + lanes >= blocksize        # lane 0's block ends within this beat
+        needs_next = (offset + filled > blocksize) if straddles else Const(0)
+
+        out_free = ~self.weights.valid | self.weights.ready
+        fire = Signal()
+        m.d.comb += [
+            self.codes.ready.eq(current_valid & (following_valid | ~needs_next) & out_free),
+            fire.eq(self.codes.valid & self.codes.ready),
+        ]
+
+        with m.If(fire):
+            m.d.sync += [
+                self.weights.valid.eq(1),
+                self.weights.payload.last.eq(last),
+                remaining.eq(left - lanes),
+                fresh.eq(last),
+                offset.eq(Mux(last, 0, Mux(crossed, offset + lanes - blocksize, offset + lanes))),
+            ]
+            for lane in range(lanes):
+                source = current.levels
+                if straddles:
+                    source = Mux(offset + lane >= blocksize, following.levels.as_value(), current.levels.as_value())
+                    source = data.View(data.ArrayLayout(fmt.width, 16), source)
+                m.d.sync += self.weights.payload.data[lane].eq(
+                    Array(source[k] for k in range(16))[self.codes.payload[lane]])
+        with m.Elif(self.weights.ready):
+            m.d.sync += self.weights.valid.eq(0)
+
+        # consume the tables this beat finished, then refill from the builder into the first free slot
+        consume_two = fire & needs_next & last
+        consume_one = fire & ~consume_two & (crossed | last)
+        current_after = Mux(consume_two, 0, Mux(consume_one, following_valid, current_valid))
+        following_after = Mux(consume_two | consume_one, 0, following_valid)
+        m.d.comb += table.ready.eq(~current_valid | ~following_valid)
+        with m.If(consume_one):
+            m.d.sync += current.eq(following)
+        m.d.sync += [current_valid.eq(current_after), following_valid.eq(following_after)]
+        with m.If(table.valid & table.ready):
+            with m.If(~current_after):
+                m.d.sync += [current.eq(table.payload), current_valid.eq(1)]
+            with m.Else():
+                m.d.sync += [following.eq(table.payload), following_valid.eq(1)]

@@ -1,0 +1,57 @@
+"""Valid/ready around fixed-latency datapaths.
+
+The arithmetic units of :mod:`.fp` are fixed-latency pipelines without flow control. A stream unit wraps them in
+one *stall domain*: every register of the datapath, and the valid/tag bits that travel beside it, advance together
+when ``advance`` is high (``EnableInserter(advance)`` on the arithmetic submodules). ``advance`` is high whenever
+the last stage is empty or being drained, so nothing is dropped and the datapath never holds a bubble it could
+have filled.
+"""
+
+from amaranth.hdl import EnableInserter, Signal
+
+__all__ = ["StallPipeline"]
+
+
+class StallPipeline:
+    """Valid bits and tags shifted beside a fixed-latency datapath, all enabled by one ``advance`` signal.
+
+    Parameters
+    ----------
+    m : Module
+        Module to add the registers and logic to.
+    latency : int
+        Cycles from the datapath's inputs to its outputs (0 is allowed: everything is combinational).
+    out_ready : Value
+        The consumer can take the pipeline's output this cycle.
+    tag_shape : shape-castable, optional
+        Side information travelling with each item (a block index, a round number).
+    name : str
+
+    Attributes
+    ----------
+    advance : Signal
+        High when the datapath moves one step; the caller gates its own registers and wraps its arithmetic
+        submodules with :meth:`stall`.
+    in_valid, in_tag : Signal
+        Driven by the caller: an item enters the pipeline when ``in_valid & advance``.
+    out_valid, out_tag : Value
+        The item leaving the pipeline; it is taken when ``out_valid & out_ready``.
+    """
+
+    def __init__(self, m, latency, out_ready, *, tag_shape=1, name="pipe"):
+        self.advance = Signal(name=f"{name}_advance")
+        self.in_valid = Signal(name=f"{name}_in_valid")
+        self.in_tag = Signal(tag_shape, name=f"{name}_in_tag")
+        valid, tag = self.in_valid, self.in_tag
+        for stage in range(latency):
+            next_valid = Signal(name=f"{name}_valid_{stage}")
+            next_tag = Signal(tag_shape, name=f"{name}_tag_{stage}")
+            with m.If(self.advance):
+                m.d.sync += [next_valid.eq(valid), next_tag.eq(tag)]
+            valid, tag = next_valid, next_tag
+        self.out_valid, self.out_tag = valid, tag
+        m.d.comb += self.advance.eq(~self.out_valid | out_ready) if latency else self.advance.eq(out_ready)
+
+    def stall(self, elaboratable):
+        """Wrap an arithmetic pipeline so it advances with this pipeline."""
+        return EnableInserter(self.advance)(elaboratable)

@@ -1,0 +1,172 @@
+"""Run the NF4 IP cores in Amaranth's simulator on whole tensors.
+
+These drivers turn a quantized tensor (:class:`~edge_qlora.golden.nf4_quant.NF4Quantized`) into the cores' input
+streams, run the simulation, and turn the output streams back into arrays. The CLI's ``pysim`` backend and the
+tests use them; tests pass random :class:`~.streams.Stalls`, the CLI none (to measure throughput).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.sim import Simulator
+
+from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
+from edge_qlora.golden.nf4_quant import unpack_nibbles
+from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
+from .streams import NO_STALLS, get, put
+
+__all__ = ["RunResult", "pack_lanes", "unpack_lanes", "run_dequantizer"]
+
+CLOCK_PERIOD = 1e-8  # 100 MHz, the ULX3S target; only the VCD time axis depends on it
+
+
+@dataclass
+class RunResult:
+    """What a simulation run gives back.
+
+    Attributes
+    ----------
+    values : ndarray
+        Output bit patterns (uint16 or uint32) or codes, trimmed to the tensor.
+    cycles : int
+        Clock cycles from the first input offered to the last output accepted.
+    beats : int
+        Output beats.
+    """
+
+    values: np.ndarray
+    cycles: int
+    beats: int
+
+
+def pack_lanes(values, lanes, width):
+    """Group ``values`` into beats of ``lanes`` elements of ``width`` bits (element 0 in the low bits), zero-padding
+    the final beat; returns a list of Python ints, one per beat."""
+    values = np.asarray(values, dtype=np.uint64)
+    beats = -(-values.size // lanes)
+    padded = np.zeros(beats * lanes, np.uint64)
+    padded[:values.size] = values
+    padded = padded.reshape(beats, lanes)
+    return [sum(int(v) << (width * j) for j, v in enumerate(row)) for row in padded]
+
+
+def unpack_lanes(beats, lanes, width, count):
+    """Inverse of :func:`pack_lanes`: the first ``count`` elements of ``width`` bits from ``lanes``-wide beats."""
+    mask = (1 << width) - 1
+    out = np.array([(beat >> (width * j)) & mask for beat in beats for j in range(lanes)], dtype=np.uint64)
+    return out[:count]
+
+
+class _Clock:
+    """Counts cycles from the first input offered to the last output taken."""
+
+    def __init__(self):
+        self.cycle = 0
+
+    async def run(self, ctx):
+        async for _ in ctx.tick():
+            self.cycle += 1
+
+
+def producer(stream, payloads, stalls):
+    """A testbench that feeds ``payloads`` into ``stream``."""
+    async def feed(ctx):
+        await put(ctx, stream, payloads, stalls)
+    return feed
+
+
+def _simulate(dut, producers, consumer, vcd_path):
+    sim = Simulator(dut)
+    sim.add_clock(CLOCK_PERIOD)
+    clock = _Clock()
+    sim.add_process(clock.run)
+    for producer in producers:
+        sim.add_testbench(producer, background=True)
+    result = {}
+
+    async def main(ctx):
+        result["out"] = await consumer(ctx)
+        result["cycles"] = clock.cycle
+
+    sim.add_testbench(main)
+    if vcd_path:
+        with sim.write_vcd(str(vcd_path)):
+            sim.run()
+    else:
+        sim.run()
+    return result["out"], result["cycles"]
+
+
+def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progress=None):
+    """Dequantize ``quantized`` with :class:`~edge_qlora.rtl.nf4_dequant.NF4Dequantizer` in simulation.
+
+    Parameters
+    ----------
+    quantized : NF4Quantized, or a list of them
+        A list streams the tensors back to back through one core (same blocksize and double quantization).
+    config : NF4DequantConfig, optional
+        Defaults to 8 lanes and the tensor's blocksize and double quantization, bf16 output.
+    stalls : dict of str to Stalls, optional
+        Random stalls per stream (``tensor``, ``codes``, ``absmax``, ``absmax2``, ``weights``).
+    vcd_path : path, optional
+        Write a VCD waveform there.
+    progress : callable(done, total), optional
+        Called as output beats arrive.
+
+    Returns
+    -------
+    RunResult
+        ``values`` holds the output bit patterns (uint16 for bf16/fp16, uint32 for fp32); a list of arrays, one per
+        tensor, when ``quantized`` is a list.
+    """
+    tensors = quantized if isinstance(quantized, (list, tuple)) else [quantized]
+    first = tensors[0]
+    if config is None:
+        config = NF4DequantConfig(blocksize=first.blocksize, double_quant=first.double_quant)
+    for q in tensors:
+        if config.blocksize != q.blocksize or config.double_quant != q.double_quant:
+            raise ValueError("the core's blocksize and double quantization must match every tensor's")
+    stalls = dict(stalls or {})
+    lanes, fmt = config.lanes, config.out_format
+    dut = NF4Dequantizer(config)
+
+    headers, codes, absmax, absmax2, sizes = [], [], [], [], []
+    for q in tensors:
+        n = int(np.prod(q.shape))
+        sizes.append(n)
+        codes += pack_lanes(unpack_nibbles(q.packed, n), lanes, 4)
+        if q.double_quant:
+            headers.append(n | (int(np.float32(q.offset).view(np.uint32)) << 32))
+            absmax += [int(v) for v in np.asarray(q.absmax, np.uint8)]
+            absmax2 += [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
+        else:
+            headers.append(n)
+            absmax += [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
+
+    producers = [
+        producer(dut.tensor, headers, stalls.get("tensor", NO_STALLS)),
+        producer(dut.codes, codes, stalls.get("codes", NO_STALLS)),
+        producer(dut.absmax, absmax, stalls.get("absmax", NO_STALLS)),
+    ]
+    if config.double_quant:
+        producers.append(producer(dut.absmax2, absmax2, stalls.get("absmax2", NO_STALLS)))
+
+    async def consumer(ctx):
+        return await get(ctx, dut.weights, len(codes), stalls.get("weights", NO_STALLS),
+                         max_cycles=40 * len(codes) + 1000, progress=progress)
+
+    beats, cycles = _simulate(dut, producers, consumer, vcd_path)
+    data_width = fmt.width * lanes
+    last_flags = [(beat >> data_width) & 1 for beat in beats]
+    expected_last = []
+    for n in sizes:
+        expected_last += [0] * (-(-n // lanes) - 1) + [1]
+    if len(beats) != len(codes) or last_flags != expected_last:
+        raise RuntimeError(f"dequantizer produced {len(beats)} of {len(codes)} beats "
+                           f"(last flags at {[i for i, f in enumerate(last_flags) if f]})")
+    values, start = [], 0
+    for n in sizes:
+        count = -(-n // lanes)
+        values.append(unpack_lanes(beats[start:start + count], lanes, fmt.width, n).astype(fmt.dtype))
+        start += count
+    return RunResult(values if isinstance(quantized, (list, tuple)) else values[0], cycles, len(beats))
