@@ -1,0 +1,203 @@
+"""The ``edge-qlora`` command line: round trips through bitsandbytes' own loaders, and every bad-input path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from edge_qlora.cli import main
+
+from reference import bnb_dequantize, bnbf, mismatches
+
+
+def run_cli(*argv):
+    """Run the CLI in-process; returns (exit status, stdout, stderr) via capsys in the tests."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.fixture
+def weight_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"weight": (torch.randn(24, 100) * 0.02).to(torch.bfloat16)}, str(path))
+    return path
+
+
+def bnb_load(path):
+    tensors = load_file(str(path))
+    state = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
+    return tensors["weight"], bnbf.QuantState.from_dict(state, device="cpu")
+
+
+@pytest.mark.parametrize("double_quant", ["--double-quant", "--no-double-quant"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_quantize_matches_bitsandbytes_and_loads_in_it(tmp_path, weight_file, double_quant, blocksize, capsys):
+    out = tmp_path / "q.safetensors"
+    assert run_cli("quantize", weight_file, out, "--backend", "golden", "--blocksize", blocksize, double_quant) == 0
+    packed, state = bnb_load(out)
+    weight = load_file(str(weight_file))["weight"]
+    ref_packed, ref_state = bnbf.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
+                                               compress_statistics=double_quant == "--double-quant")
+    assert mismatches(ref_packed.numpy(), packed.numpy()) == 0
+    assert json.dumps(ref_state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"].tolist()) == \
+        json.dumps(load_file(str(out))["weight.quant_state.bitsandbytes__nf4"].tolist())
+    assert mismatches(bnbf.dequantize_4bit(ref_packed, ref_state), bnbf.dequantize_4bit(packed, state)) == 0
+    assert "backend golden" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend,lanes", [("golden", 8), ("pysim", 5)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_dequant_of_bitsandbytes_state_dict(tmp_path, backend, lanes, dtype, capsys):
+    # input written by bitsandbytes itself, the way a Linear4bit state dict stores its weight
+    weight = torch.randn(12, 80)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    tensors = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    src, out = tmp_path / "q.safetensors", tmp_path / "d.safetensors"
+    save_file(tensors, str(src))
+    assert run_cli("dequant", src, out, "--dtype", dtype, "--backend", backend, "--lanes", lanes) == 0
+    result = load_file(str(out))["weight"]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    assert result.shape == weight.shape and result.dtype == torch_dtype
+    assert mismatches(bnb_dequantize(packed, state, torch_dtype), result.reshape(-1)) == 0
+    printed = capsys.readouterr().out
+    if backend == "pysim":
+        assert "weights/cycle" in printed and "cycles" in printed
+
+
+def test_pysim_quantize_round_trip(tmp_path, weight_file):
+    pytest.importorskip("edge_qlora.sim.nf4_quant")
+    golden, rtl = tmp_path / "g.safetensors", tmp_path / "r.safetensors"
+    assert run_cli("quantize", weight_file, golden, "--backend", "golden") == 0
+    assert run_cli("quantize", weight_file, rtl, "--backend", "pysim", "--lanes", 4) == 0
+    expected, got = load_file(str(golden)), load_file(str(rtl))
+    assert sorted(expected) == sorted(got)
+    for key in expected:
+        assert mismatches(expected[key].numpy(), got[key].numpy()) == 0, key
+
+
+def test_vcd_on_request(tmp_path, weight_file):
+    quantized, vcd = tmp_path / "q.safetensors", tmp_path / "wave.vcd"
+    assert run_cli("quantize", weight_file, quantized, "--backend", "golden") == 0
+    assert run_cli("dequant", quantized, tmp_path / "d.safetensors", "--lanes", 16, "--vcd", vcd) == 0
+    assert vcd.stat().st_size > 1000 and b"$enddefinitions" in vcd.read_bytes()
+
+
+def corrupt_inputs(tmp_path, weight_file):
+    """(name, argv tail, expected message fragment) for every bad-input path."""
+    quantized = tmp_path / "q.safetensors"
+    assert run_cli("quantize", weight_file, quantized, "--backend", "golden") == 0
+    good = load_file(str(quantized))
+
+    def variant(name, change):
+        tensors = dict(good)
+        change(tensors)
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        return path
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(quantized.read_bytes()[:-50])
+    text = tmp_path / "text.safetensors"
+    text.write_text("this is not a safetensors file")
+    nan_weight = tmp_path / "nan.safetensors"
+    bad = torch.randn(4, 64)
+    bad[2, 5] = float("nan")
+    save_file({"weight": bad}, str(nan_weight))
+    int_weight = tmp_path / "int.safetensors"
+    save_file({"weight": torch.ones(4, 4, dtype=torch.int32)}, str(int_weight))
+    other_name = tmp_path / "other.safetensors"
+    save_file({"bias": torch.ones(4)}, str(other_name))
+
+    def set_meta(key, value):
+        def change(tensors):
+            meta = json.loads(bytes(tensors["weight.quant_state.bitsandbytes__nf4"].numpy()))
+            meta[key] = value
+            tensors["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()),
+                                                                           dtype=torch.uint8)
+        return change
+
+    return [
+        ("missing file", ["quantize", tmp_path / "nope.safetensors", tmp_path / "o.safetensors"], "no such file"),
+        ("not safetensors", ["quantize", text, tmp_path / "o.safetensors"], "not a readable safetensors"),
+        ("truncated", ["dequant", truncated, tmp_path / "o.safetensors"], "not a readable safetensors"),
+        ("no weight tensor", ["quantize", other_name, tmp_path / "o.safetensors"], "no tensor 'weight'"),
+        ("integer weight", ["quantize", int_weight, tmp_path / "o.safetensors"], "dtype int32"),
+        ("NaN weight", ["quantize", nan_weight, tmp_path / "o.safetensors", "--backend", "golden"], "NaN/Inf"),
+        ("missing output folder", ["quantize", weight_file, tmp_path / "no" / "o.safetensors"],
+         "does not exist"),
+        ("dequant of plain weight", ["dequant", weight_file, tmp_path / "o.safetensors"], "missing tensor"),
+        ("missing absmax", ["dequant", variant("noabsmax", lambda t: t.pop("weight.absmax")),
+                            tmp_path / "o.safetensors"], "'weight.absmax'"),
+        ("missing nested absmax", ["dequant", variant("nonested", lambda t: t.pop("weight.nested_absmax")),
+                                   tmp_path / "o.safetensors"], "'weight.nested_absmax'"),
+        ("short absmax", ["dequant", variant("short", lambda t: t.update({"weight.absmax": t["weight.absmax"][:-1]})),
+                          tmp_path / "o.safetensors"], "absmax' has"),
+        ("absmax dtype", ["dequant", variant("f32absmax", lambda t: t.update(
+            {"weight.absmax": t["weight.absmax"].float()})), tmp_path / "o.safetensors"], "dtype float32"),
+        ("packed dtype", ["dequant", variant("i8", lambda t: t.update({"weight": t["weight"].to(torch.int8)})),
+                          tmp_path / "o.safetensors"], "dtype int8"),
+        ("packed length", ["dequant", variant("len", lambda t: t.update({"weight": t["weight"][:-3]})),
+                           tmp_path / "o.safetensors"], "packed bytes"),
+        ("bad shape", ["dequant", variant("shape", set_meta("shape", [7, -1])), tmp_path / "o.safetensors"],
+         "shape"),
+        ("bad quant type", ["dequant", variant("fp4", set_meta("quant_type", "fp4")), tmp_path / "o.safetensors"],
+         "quant_type"),
+        ("bad blocksize", ["dequant", variant("bs", set_meta("blocksize", 48)), tmp_path / "o.safetensors"],
+         "blocksize"),
+        ("non-finite absmax2", ["dequant", variant("inf", lambda t: t.update(
+            {"weight.nested_absmax": torch.full_like(t["weight.nested_absmax"], float("inf"))})),
+            tmp_path / "o.safetensors"], "non-finite"),
+        ("garbage quant state", ["dequant", variant("json", lambda t: t.update(
+            {"weight.quant_state.bitsandbytes__nf4": torch.tensor([1, 2, 250], dtype=torch.uint8)})),
+            tmp_path / "o.safetensors"], "JSON"),
+        ("unknown option", ["dequant", quantized, tmp_path / "o.safetensors", "--frobnicate"], "unrecognized"),
+        ("lanes out of range", ["dequant", quantized, tmp_path / "o.safetensors", "--lanes", 17], "lanes"),
+        ("bad blocksize option", ["quantize", weight_file, tmp_path / "o.safetensors", "--blocksize", 100],
+         "blocksize"),
+        ("unknown board", ["build", "--board", "arty"], "invalid choice"),
+        ("build folder parent missing", ["build", "--board", "icebreaker", "--out", tmp_path / "x" / "y"],
+         "does not exist"),
+    ]
+
+
+def test_bad_input_gives_one_line_error(tmp_path, weight_file, capsys):
+    for name, argv, fragment in corrupt_inputs(tmp_path, weight_file):
+        capsys.readouterr()
+        status = run_cli(*argv)
+        err = capsys.readouterr().err
+        assert status == 2, name
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert "error" in err and fragment in err, (name, err)
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edge_qlora.cli", "dequant", str(tmp_path / "missing"),
+                             str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("edge-qlora: error:") and "Traceback" not in result.stderr
+
+
+def test_help_lists_commands(capsys):
+    assert run_cli("--help") == 0
+    out = capsys.readouterr().out
+    for command in ("quantize", "dequant", "build"):
+        assert command in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board,lanes", [("icebreaker", 1), ("ulx3s-85f", 8)])
+def test_build_smoke(tmp_path, board, lanes, capsys):
+    out = tmp_path / board
+    assert run_cli("build", "--board", board, "--lanes", lanes, "--out", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert os.path.getsize(report["bitstream"]) > 0
+    assert set(report) >= {"fmax_mhz", "target_mhz", "utilization"}
+    assert all(mhz > 0 for mhz in report["fmax_mhz"].values())
+    assert all(len(pair) == 2 and pair[0] <= pair[1] for pair in report["utilization"].values())
+    assert "fmax" in capsys.readouterr().out
