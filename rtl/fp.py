@@ -1,0 +1,720 @@
+"""IEEE-754 floating-point arithmetic units: multiply, add, divide, convert.
+
+Every unit is a fixed-latency pipeline with plain ``In``/``Out`` ports, one operation accepted per cycle. The units
+have no enable of their own: every register is in the ``sync`` domain and nothing counts cycles, so a user stalls a
+whole pipeline by wrapping it in ``EnableInserter(advance)``. Results are rounded to nearest with ties to even, with
+gradual underflow (subnormal inputs and outputs), overflow to infinity, signed zeros (``x + (-x)`` is ``+0``) and
+the format's canonical quiet NaN (sign 0, exponent all ones, top fraction bit set) for every NaN result. The
+bit-accurate twin is :mod:`edge_qlora.golden.fp`, which also defines :class:`FloatFormat`.
+
+Where the registers go
+----------------------
+A unit's datapath is a chain of combinational steps; between two steps is a *cut* where a register stage may go.
+Each unit names its cuts in a priority order (in its docstring); ``stages=n`` registers the first ``n`` of them, so
+``latency == stages`` and a user trades Fmax for latency without touching the arithmetic. Pipeline registers carry
+no reset: a pipeline's contents mean nothing until ``latency`` cycles after its first input. The defaults were
+chosen so that fp32 units close timing at 100 MHz on an ECP5 (LFE5U-85F, speed grade 6, out of context) with
+registered inputs: ``FPMul`` 5 stages, ``FPAdd`` 6, ``FPDiv`` 30 (one recurrence step per cycle); ``FPConvert``
+needs 2 for fp32 to fp16 and 1 otherwise.
+
+Every arithmetic unit ends in the same normalise-round-pack datapath (:class:`_Rounder`), written once and
+parameterised by :class:`FloatFormat` and by static bounds on its inputs, so that a unit pays only for the shifts its
+operands can need.
+"""
+
+from amaranth.hdl import C, Cat, Module, Mux, Signal, Value
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
+
+__all__ = [
+    "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
+    "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key",
+    "FPMul", "FPAdd", "FPDiv", "FPConvert",
+]
+
+
+def float_layout(fmt):
+    """The ``lib.data`` layout of a packed float of ``fmt``: ``fraction``, ``exponent``, ``sign`` from the LSB."""
+    return data.StructLayout({"fraction": fmt.frac_bits, "exponent": fmt.exp_bits, "sign": 1})
+
+
+# -- combinational helpers --------------------------------------------------------------------------------------------
+
+def fp_is_nan(value, fmt):
+    """Whether the packed float ``value`` of ``fmt`` is a NaN (1-bit Value)."""
+    view = float_layout(fmt)(value)
+    return (view.exponent == fmt.exp_max) & (view.fraction != 0)
+
+
+def fp_is_inf(value, fmt):
+    """Whether the packed float ``value`` of ``fmt`` is an infinity of either sign (1-bit Value)."""
+    view = float_layout(fmt)(value)
+    return (view.exponent == fmt.exp_max) & (view.fraction == 0)
+
+
+def fp_is_zero(value, fmt):
+    """Whether the packed float ``value`` of ``fmt`` is a zero of either sign (1-bit Value)."""
+    return Value.cast(value)[:fmt.width - 1] == 0
+
+
+def fp_abs_key(value, fmt):
+    """Unsigned key that orders non-NaN floats by magnitude: the packed float without its sign bit.
+
+    The exponent sits above the fraction and the bias keeps it non-negative, so for non-NaN ``x`` and ``y``,
+    ``|x| < |y|`` exactly when ``fp_abs_key(x) < fp_abs_key(y)`` as unsigned integers.
+    """
+    return Value.cast(value)[:fmt.width - 1]
+
+
+def fp_order_key(value, fmt):
+    """Unsigned key that orders non-NaN floats by value (IEEE ``totalOrder``, so ``-0`` sorts just below ``+0``).
+
+    Positive floats get their sign bit set, which lifts them above every negative one; negative floats are
+    complemented, which reverses their magnitude order. Equal keys mean equal bit patterns.
+    """
+    value = Value.cast(value)
+    sign = value[fmt.width - 1]
+    return Mux(sign, ~value, Cat(value[:fmt.width - 1], C(1, 1)))
+
+
+# -- shared datapath pieces -------------------------------------------------------------------------------------------
+
+def _exponent(value, lo, hi):
+    """``value`` truncated to a signed shape just wide enough for the known range ``[lo, hi]``.
+
+    Exponent arithmetic grows a bit with every operation; trimming it keeps the pipeline registers small.
+    """
+    width = max(abs(lo).bit_length(), abs(hi).bit_length()) + 1
+    return Value.cast(value)[:width].as_signed()
+
+
+def _wire(m, value, name):
+    """A combinational signal driven by ``value``.
+
+    Naming intermediate results keeps an expression from being copied into every place that uses it, where the
+    simulator would evaluate it once per use, and makes it visible in waveforms.
+    """
+    value = Value.cast(value)
+    wire = Signal(value.shape(), name=name)
+    m.d.comb += wire.eq(value)
+    return wire
+
+
+def _count_leading_zeros(m, value, name):
+    """Number of leading zeros of ``value``, ``len(value)`` when it is all zeros, as a log-depth tree."""
+    width = len(value)
+    # pad to a power of two with a one just below the LSB, so an all-zero input counts exactly ``width``
+    padded_width = 2
+    while padded_width < width + 1:
+        padded_width *= 2
+    padding = padded_width - width
+    bits = _wire(m, Cat(C(1 << (padding - 1), padding), value), f"{name}_input")
+    # one signal per tree level; per group of bits it holds the group's count with an all-zero flag above it
+    nodes = [Cat(~bits[i + 1], ~(bits[i] | bits[i + 1])) for i in range(0, padded_width, 2)]
+    count_width = 1
+    while True:
+        level = _wire(m, Cat(*nodes), f"{name}_lz{count_width}")
+        nodes = [level[i:i + count_width + 1] for i in range(0, len(level), count_width + 1)]
+        if len(nodes) == 1:
+            return nodes[0][:count_width]
+        nodes = [Cat(Mux(hi[-1], lo[:-1], hi[:-1]), hi[-1], hi[-1] & lo[-1])
+                 for lo, hi in zip(nodes[0::2], nodes[1::2])]
+        count_width += 1
+
+
+def _pieces(value, width):
+    """``value`` split into pieces of at most ``width`` bits, as equal as possible, each with its bit offset."""
+    count = -(-len(value) // width)
+    size = -(-len(value) // count)
+    return [(value[offset:offset + size], offset) for offset in range(0, len(value), size)]
+
+
+class _Unpacked:
+    """A packed float split into the fields the datapaths use.
+
+    Every finite value is ``sig * 2 ** (exp - bias - frac_bits)``: a subnormal has no hidden bit and the exponent
+    of the smallest normal, which spares the datapaths a special case.
+    """
+
+    def __init__(self, value, fmt):
+        view = float_layout(fmt)(value)
+        exp_zero = view.exponent == 0
+        exp_ones = view.exponent == fmt.exp_max
+        frac_zero = view.fraction == 0
+        self.sign = view.sign
+        self.exp = view.exponent | exp_zero
+        self.sig = Cat(view.fraction, ~exp_zero)
+        self.magnitude = Value.cast(value)[:fmt.width - 1]
+        self.is_zero = exp_zero & frac_zero
+        self.is_inf = exp_ones & frac_zero
+        self.is_nan = exp_ones & ~frac_zero
+
+
+class _Pipeline:
+    """Places registers at the cuts a unit chose; an unchosen cut is a set of named wires.
+
+    The logic between two registered cuts goes in its own submodule, ``stage_0``, ``stage_1``, ...: :attr:`m` is
+    the current one. Besides grouping the logic by clock cycle, this keeps simulation fast, because the simulator
+    re-evaluates a module's combinational logic as a whole whenever one of its inputs changes.
+    """
+
+    def __init__(self, m, registered):
+        self._top = m
+        self._registered = registered
+        self._stages = 0
+        self._next_stage()
+
+    def _next_stage(self):
+        self.m = Module()
+        self._top.submodules[f"stage_{self._stages}"] = self.m
+        self._stages += 1
+
+    def cut(self, name, state):
+        registered = name in self._registered
+        domain = self.m.d.sync if registered else self.m.d.comb
+        signals = {}
+        for key, value in state.items():
+            value = Value.cast(value)
+            signals[key] = Signal(value.shape(), name=f"{name}_{key}", reset_less=True)
+            domain += signals[key].eq(value)
+        if registered:
+            self._next_stage()
+        return signals
+
+
+def _registered_cuts(unit, stages, cuts):
+    if not isinstance(stages, int) or isinstance(stages, bool):
+        raise TypeError(f"{unit} stages must be an integer, not {stages!r}")
+    if not 0 <= stages <= len(cuts):
+        raise ValueError(f"{unit} has {len(cuts)} cuts ({', '.join(cuts)}), so stages must be from 0 to "
+                         f"{len(cuts)}, not {stages}")
+    return frozenset(cuts[:stages])
+
+
+def _check_format(unit, name, fmt):
+    if not isinstance(fmt, FloatFormat):
+        raise TypeError(f"{unit} {name} must be a FloatFormat, not {fmt!r}")
+
+
+class _Rounder:
+    """Normalise, round to nearest even and pack a non-negative significand into ``fmt``.
+
+    The value to round is ``sig / 2 ** (width - 1) * 2 ** (exp - fmt.bias)``, plus less than one unit in the last
+    place of ``sig`` when ``sticky`` is set: ``exp`` is the biased exponent the result has if the top bit of ``sig``
+    is set. Four steps, :meth:`prepare`, :meth:`count`, :meth:`align` and :meth:`pack`, so that a unit can put cuts
+    between them; :meth:`prepare` needs only ``exp``, so a unit runs it as early as ``exp`` is known, in parallel
+    with the arithmetic that makes ``sig``. They take and return the unit's state dictionary, whose keys are
+    ``sign``, ``exp``, ``sig``, optionally ``sticky``, and the flags ``nan``, ``inf``, ``zero`` that override the
+    arithmetic (in that order).
+
+    A normal result needs a left shift by ``min(leading zeros, exp - 1)``, which also leaves a subnormal with the
+    smallest exponent. Setting a marker bit at ``sig`` bit ``width - exp`` before counting the leading zeros makes
+    the count that minimum, without a comparison after the count. An ``exp`` below 1 needs a right shift by
+    ``1 - exp`` instead, which makes a subnormal. The two shifts never happen together, so both are one funnel shift
+    that picks the rounding window (hidden bit, fraction, guard bit) out of ``sig``; the sticky bit, every bit of
+    ``sig`` below the window, comes from comparing the trailing zero count with the window's position, in parallel
+    with the shift rather than after it.
+
+    Rounding adds the round-up bit to the packed exponent and fraction as one integer, so that a carry out of the
+    fraction moves to the next binade, turns the largest subnormal into the smallest normal, or the largest finite
+    value into infinity, with no special case.
+
+    Parameters
+    ----------
+    fmt : FloatFormat
+        Format of the result.
+    width : int
+        Width of ``sig``.
+    exp_range : tuple of int
+        Smallest and largest ``exp`` of a finite result: they decide which shifts and checks exist at all.
+    max_lz : int
+        Most leading zeros ``sig`` has when it is not zero and ``exp`` is above its smallest value: the width of
+        the leading zero count.
+    """
+
+    def __init__(self, fmt, width, exp_range, max_lz):
+        self.fmt = fmt
+        self.width = width
+        self.exp_lo, self.exp_hi = exp_range
+        self.kept = fmt.frac_bits + 2               # hidden bit, fraction, guard bit
+        # the leading zero count looks at the top ``counted`` bits only, so a left shift is at most ``counted``;
+        # with ``exp`` never above 1 there is no left shift at all
+        self.counted = min(max_lz + 1, width) if max_lz > 0 and self.exp_hi > 1 else 0
+        # a count of k bits gives shifts up to 2 ** k - 1; the funnel offset of a left shift ``s`` is ``~s``
+        self.left_max = (1 << self.counted.bit_length()) - 1 if self.counted else 0
+        # past ``kept`` places every bit of ``sig`` is below the window, so a longer right shift changes nothing
+        self.right_max = self.kept if self.exp_lo < 1 else 0
+        # the window's lowest bit sits at ``sig`` bit ``first + offset``
+        self.first = width - self.kept - self.left_max
+        self.shifts = bool(self.left_max or self.right_max)
+        self.has_sticky = self.first + self.left_max + self.right_max > 0
+        self.overflows = self.exp_hi >= fmt.exp_max
+
+    @property
+    def _offset_width(self):
+        return max(1, (self.left_max + self.right_max).bit_length())
+
+    def prepare(self, m, state):
+        state = dict(state)
+        exp = state["exp"]
+        if self.counted:
+            # a marker at ``sig`` bit ``width - exp`` caps the leading zero count at ``exp - 1``; for ``exp`` below 1
+            # it sits at the top bit, so that nothing shifts left (bit ``i`` here is ``sig`` bit
+            # ``width - counted + i``)
+            state["marker"] = Cat(*((exp == self.counted - i) | ((exp < 1) if i == self.counted - 1 else 0)
+                                    for i in range(self.counted)))
+        if self.right_max:
+            state["denormal"] = exp < 1
+            # the funnel offset of a right shift ``1 - exp`` is ``left_max + 1 - exp``: one subtraction
+            offset = Mux(exp < 1 - self.right_max, self.left_max + self.right_max, self.left_max + 1 - exp)
+            state["right_offset"] = offset[:self._offset_width]
+        return state
+
+    def count(self, m, state):
+        state = dict(state)
+        if not self.shifts:
+            return state
+        sig = state["sig"]
+        offset = C(self.left_max, self._offset_width)
+        if self.counted:
+            top = sig[self.width - self.counted:] | state.pop("marker")
+            state["left"] = _count_leading_zeros(m, top, "round_lz")
+            offset = ~state["left"]
+        if self.right_max:
+            offset = Mux(state.pop("denormal"), state.pop("right_offset"), offset)
+        state["offset"] = _wire(m, Value.cast(offset)[:self._offset_width], "round_offset")
+        if self.has_sticky:
+            # bits of ``sig`` below the window are those below ``first + offset``; taking ``first`` off the
+            # trailing zero count here, in parallel with the leading zero count, leaves one comparison for later
+            trailing_zeros = _count_leading_zeros(m, sig[::-1], "round_tz")
+            state["trailing_zeros"] = _wire(m, trailing_zeros - self.first, "round_tz_past_first")
+        return state
+
+    def align(self, m, state):
+        state = dict(state)
+        sig = state.pop("sig")
+        sticky = state.pop("sticky", C(0, 1))
+        if self.counted:
+            state["exp"] = _exponent(state["exp"] - state.pop("left"), self.exp_lo - self.counted, self.exp_hi)
+        # ``sig`` from bit ``first`` up, so that the window is the bottom of the shifted value
+        if self.first >= 0:
+            source = sig[self.first:]
+        else:
+            source = Cat(C(0, -self.first), sig)
+        source = Cat(source, C(0, max(0, self.kept - len(source))))
+        if self.shifts:
+            offset = state.pop("offset")
+            if self.has_sticky:
+                sticky = sticky | (state.pop("trailing_zeros") < offset)
+            source = source >> offset
+        elif self.first > 0:
+            # a window at a fixed place: the sticky bit is the plain OR of the bits below it
+            sticky = sticky | sig[:self.first].any()
+        state["sig"] = _wire(m, Cat(sticky, source[:self.kept]), "round_window")
+        return state
+
+    def pack(self, m, state):
+        fmt = self.fmt
+        window, exp, sign = state["sig"], state["exp"], state["sign"]
+        sticky, guard, lsb, hidden = window[0], window[1], window[2], window[-1]
+        round_up = guard & (sticky | lsb)
+        # a clear hidden bit means a subnormal (or zero), whose exponent field is 0 whatever ``exp`` is
+        field = Mux(hidden, exp, 0)[:fmt.exp_bits]
+        magnitude = _wire(m, (Cat(window[2:-1], field) + round_up)[:fmt.width - 1], "round_magnitude")
+        inf = state.get("inf", C(0, 1))
+        if self.overflows:
+            inf = inf | (hidden & (exp >= fmt.exp_max))
+        result = Cat(magnitude, sign)
+        result = Mux(state.get("zero", C(0, 1)), Cat(C(0, fmt.width - 1), sign), result)
+        result = Mux(inf, Cat(C(fmt.inf_bits, fmt.width - 1), sign), result)
+        return Mux(state.get("nan", C(0, 1)), C(fmt.nan_bits, fmt.width), result)
+
+
+# -- units ------------------------------------------------------------------------------------------------------------
+
+class FPMul(wiring.Component):
+    """Pipelined floating-point multiplier: ``result = a * b``, rounded once to ``fmt_out``.
+
+    The operands may have different formats, and the multiplier is as wide as their significands (bf16 x fp32 is
+    8 x 24 bits). Each significand is split into pieces of at most ``dsp_width`` bits and every pair of pieces is a
+    plain unsigned ``*``, which Yosys maps to one DSP block; the ``partials`` cut can then sit between the DSPs and
+    the adder that sums their products (fp32 x fp32 is four 12 x 12 products).
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the packed result.
+    2. ``product``: after the sum of the partial products.
+    3. ``partials``: after the DSP blocks, before their products are summed.
+    4. ``count``: after the leading and trailing zero counts, before the shift.
+    5. ``window``: after the rounding window is shifted out of the product, before rounding.
+    6. ``input``: the operands as they arrive.
+
+    Parameters
+    ----------
+    fmt_a, fmt_b : FloatFormat
+        Formats of the operands.
+    fmt_out : FloatFormat
+        Format of the result.
+    stages : int
+        Pipeline register stages, 0 to 6.
+    dsp_width : int
+        Widest unsigned operand of the target's multiplier blocks (18 for the ECP5 ``MULT18X18D``).
+
+    Attributes
+    ----------
+    a : In(fmt_a.width)
+        Packed operand.
+    b : In(fmt_b.width)
+        Packed operand.
+    result : Out(fmt_out.width)
+        Packed product of the operands presented ``latency`` cycles earlier.
+    latency : int
+        Cycles from operands to result, equal to ``stages``.
+    """
+
+    CUTS = ("output", "product", "partials", "count", "window", "input")
+
+    def __init__(self, fmt_a, fmt_b, fmt_out, stages=5, dsp_width=18):
+        for name, fmt in (("fmt_a", fmt_a), ("fmt_b", fmt_b), ("fmt_out", fmt_out)):
+            _check_format("FPMul", name, fmt)
+        if not isinstance(dsp_width, int) or dsp_width < 2:
+            raise ValueError(f"FPMul dsp_width must be an integer of at least 2, not {dsp_width!r}")
+        self.fmt_a, self.fmt_b, self.fmt_out = fmt_a, fmt_b, fmt_out
+        self.dsp_width = dsp_width
+        self._registered = _registered_cuts("FPMul", stages, self.CUTS)
+        self.latency = stages
+        super().__init__({
+            "a": In(fmt_a.width),
+            "b": In(fmt_b.width),
+            "result": Out(fmt_out.width),
+        })
+
+    def elaborate(self, platform):
+        fmt_a, fmt_b, fmt_out = self.fmt_a, self.fmt_b, self.fmt_out
+        m = Module()
+        pipe = _Pipeline(m, self._registered)
+
+        state = pipe.cut("input", {"a": self.a, "b": self.b})
+        a, b = _Unpacked(state["a"], fmt_a), _Unpacked(state["b"], fmt_b)
+        # the product of two significands has its top bit worth 2 ** 1 when both are normal
+        offset = fmt_out.bias - fmt_a.bias - fmt_b.bias + 1
+        exp_lo, exp_hi = 2 + offset, fmt_a.exp_max - 1 + fmt_b.exp_max - 1 + offset
+        width = fmt_a.precision + fmt_b.precision
+        rounder = _Rounder(fmt_out, width, (exp_lo, exp_hi), max_lz=width)
+        state = {
+            "sign": a.sign ^ b.sign,
+            "exp": _exponent(a.exp + b.exp + offset, exp_lo, exp_hi + 2),
+            "nan": a.is_nan | b.is_nan | (a.is_inf & b.is_zero) | (a.is_zero & b.is_inf),
+            "inf": a.is_inf | b.is_inf,
+        }
+        for a_piece, a_shift in _pieces(a.sig, self.dsp_width):
+            for b_piece, b_shift in _pieces(b.sig, self.dsp_width):
+                state[f"partial_{a_shift}_{b_shift}"] = a_piece * b_piece
+        # the rounder's preparation from the exponent runs in parallel with the sum of the partial products
+        state = rounder.prepare(pipe.m, pipe.cut("partials", state))
+        product = C(0, width)
+        for key in [key for key in state if key.startswith("partial_")]:
+            a_shift, b_shift = map(int, key.split("_")[1:])
+            product = product + (state.pop(key) << (a_shift + b_shift))
+        state["sig"] = product[:width]
+        state = pipe.cut("product", state)
+        state = pipe.cut("count", rounder.count(pipe.m, state))
+        state = pipe.cut("window", rounder.align(pipe.m, state))
+        state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
+        m.d.comb += self.result.eq(state["result"])
+        return m
+
+
+class FPAdd(wiring.Component):
+    """Pipelined floating-point adder/subtractor: ``result = a + b``, or ``a - b`` when ``sub`` is set.
+
+    The operand of larger magnitude gives the sign and exponent; the other is aligned to it with three extra bits
+    (guard, round, and a sticky bit that collects everything shifted further out), which is enough for a correctly
+    rounded sum or difference. An exact cancellation gives ``+0`` (round to nearest even), ``-0 + -0`` gives ``-0``.
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the packed result.
+    2. ``sum``: after the significand adder.
+    3. ``swap``: after the magnitude comparison that orders the operands.
+    4. ``window``: after the rounding window is shifted out of the sum, before rounding.
+    5. ``align``: after the alignment shift of the smaller operand.
+    6. ``count``: after the leading and trailing zero counts.
+    7. ``input``: the operands as they arrive.
+
+    Parameters
+    ----------
+    fmt : FloatFormat
+        Format of the operands and of the result.
+    stages : int
+        Pipeline register stages, 0 to 7.
+
+    Attributes
+    ----------
+    a : In(fmt.width)
+        Packed operand.
+    b : In(fmt.width)
+        Packed operand.
+    sub : In(1)
+        Subtract ``b`` instead of adding it.
+    result : Out(fmt.width)
+        Packed sum of the operands presented ``latency`` cycles earlier.
+    latency : int
+        Cycles from operands to result, equal to ``stages``.
+    """
+
+    CUTS = ("output", "sum", "swap", "window", "align", "count", "input")
+    #: alignment bits below the significand: guard, round, sticky
+    GUARD_BITS = 3
+
+    def __init__(self, fmt, stages=6):
+        _check_format("FPAdd", "fmt", fmt)
+        self.fmt = fmt
+        self._registered = _registered_cuts("FPAdd", stages, self.CUTS)
+        self.latency = stages
+        super().__init__({
+            "a": In(fmt.width),
+            "b": In(fmt.width),
+            "sub": In(1),
+            "result": Out(fmt.width),
+        })
+
+    def elaborate(self, platform):
+        fmt = self.fmt
+        g = self.GUARD_BITS
+        aligned_width = fmt.precision + g
+        m = Module()
+        pipe = _Pipeline(m, self._registered)
+
+        state = pipe.cut("input", {"a": self.a, "b": self.b, "sub": self.sub})
+        a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
+        b_sign = b.sign ^ state["sub"]
+        subtract = a.sign ^ b_sign
+        swap = b.magnitude > a.magnitude
+        # the larger magnitude has the larger exponent, so both differences are computed, and clamped, in parallel
+        # with the comparison, which then picks one; past ``aligned_width`` places the whole smaller significand is
+        # below the guard bits
+        distance = {name: Mux(diff > aligned_width, aligned_width, diff)[:aligned_width.bit_length()]
+                    for name, diff in (("a", a.exp - b.exp), ("b", b.exp - a.exp))}
+        trailing_zeros = {name: _count_leading_zeros(pipe.m, operand.sig[::-1], f"{name}_tz")
+                          for name, operand in (("a", a), ("b", b))}
+        state = pipe.cut("swap", {
+            # the larger operand's sign, except that an exact cancellation is +0
+            "sign": Mux(swap, b_sign, a.sign) & ~(subtract & (a.magnitude == b.magnitude)),
+            "x_exp": Mux(swap, b.exp, a.exp),
+            "x_sig": Mux(swap, b.sig, a.sig),
+            "y_sig": Mux(swap, a.sig, b.sig),
+            "y_trailing_zeros": Mux(swap, trailing_zeros["a"], trailing_zeros["b"]),
+            "distance": Mux(swap, distance["b"], distance["a"]),
+            "subtract": subtract,
+            "nan": a.is_nan | b.is_nan | (a.is_inf & b.is_inf & subtract),
+            "inf": a.is_inf | b.is_inf,
+        })
+
+        distance = state["distance"]
+        shifted = _wire(pipe.m, Cat(C(0, g), state["y_sig"]) >> distance, "y_shifted")
+        # the sticky bit: whether any bit of the smaller significand is shifted past the guard bits
+        sticky = state["y_trailing_zeros"] + g < distance
+        # the adder's carry-out bit is worth twice the larger operand's hidden bit
+        exp_lo, exp_hi = 2, fmt.exp_max
+        rounder = _Rounder(fmt, aligned_width + 1, (exp_lo, exp_hi), max_lz=aligned_width + 1)
+        state = pipe.cut("align", rounder.prepare(pipe.m, {
+            "sign": state["sign"], "exp": _exponent(state["x_exp"] + 1, exp_lo, exp_hi + 1),
+            "subtract": state["subtract"], "x_sig": Cat(C(0, g), state["x_sig"]),
+            "y_sig": Cat(shifted[0] | sticky, shifted[1:]),
+            "nan": state["nan"], "inf": state["inf"],
+        }))
+
+        # one adder for both: x - y is x + ~y + 1, and x >= y, so the difference is never negative
+        subtract = state.pop("subtract")
+        addend = Cat(state.pop("y_sig"), C(0, 1)) ^ subtract.replicate(aligned_width + 1)
+        state["sig"] = (state.pop("x_sig") + addend + subtract)[:aligned_width + 1]
+        state = pipe.cut("sum", state)
+        state = pipe.cut("count", rounder.count(pipe.m, state))
+        state = pipe.cut("window", rounder.align(pipe.m, state))
+        state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
+        m.d.comb += self.result.eq(state["result"])
+        return m
+
+
+class FPDiv(wiring.Component):
+    """Pipelined floating-point divider: ``result = a / b``, one division accepted per cycle.
+
+    Subnormal operands are normalised first, so that the quotient of the significands lies in ``(1/2, 2)``; a
+    restoring recurrence then produces one quotient bit per step, ``precision + 2`` steps in all (the quotient, one
+    bit in case it is below 1, and the guard bit), and the final remainder gives the sticky bit. ``x / 0`` is a
+    signed infinity, ``0 / 0`` and ``inf / inf`` are NaN, ``x / inf`` is a signed zero.
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the packed result.
+    2. ``quotient``: after the last recurrence step.
+    3. ``normalize``: after the normalisation of the operands, before the first recurrence step.
+    4. ``window``: after the rounding window is shifted out of the quotient, before rounding.
+    5. ``input``: the operands as they arrive.
+    6. then ``iter_1`` to ``iter_{precision + 1}`` between recurrence steps, spread evenly over the recurrence.
+
+    Parameters
+    ----------
+    fmt : FloatFormat
+        Format of the operands and of the result.
+    stages : int or None
+        Pipeline register stages, 0 to ``precision + 6``; ``None`` registers every cut (one recurrence step per
+        cycle, ``latency = precision + 6``: 30 for fp32).
+
+    Attributes
+    ----------
+    a : In(fmt.width)
+        Packed dividend.
+    b : In(fmt.width)
+        Packed divisor.
+    result : Out(fmt.width)
+        Packed quotient of the operands presented ``latency`` cycles earlier.
+    latency : int
+        Cycles from operands to result, equal to ``stages``.
+    """
+
+    NAMED_CUTS = ("output", "quotient", "normalize", "window", "input")
+
+    def __init__(self, fmt, stages=None):
+        _check_format("FPDiv", "fmt", fmt)
+        self.fmt = fmt
+        self.steps = fmt.precision + 2
+        iter_cuts = [f"iter_{i}" for i in range(1, self.steps)]
+        if stages is None:
+            stages = len(self.NAMED_CUTS) + len(iter_cuts)
+        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(self.NAMED_CUTS):
+            # spread the recurrence registers evenly, so that every register stage has about as many steps
+            count = min(stages - len(self.NAMED_CUTS), len(iter_cuts))
+            spacing = self.steps / (count + 1)
+            chosen = [f"iter_{round(j * spacing)}" for j in range(1, count + 1)]
+            iter_cuts = chosen + [name for name in iter_cuts if name not in chosen]
+        self.cuts = self.NAMED_CUTS + tuple(iter_cuts)
+        self._registered = _registered_cuts("FPDiv", stages, self.cuts)
+        self.latency = stages
+        super().__init__({
+            "a": In(fmt.width),
+            "b": In(fmt.width),
+            "result": Out(fmt.width),
+        })
+
+    def elaborate(self, platform):
+        fmt = self.fmt
+        p = fmt.precision
+        m = Module()
+        pipe = _Pipeline(m, self._registered)
+
+        state = pipe.cut("input", {"a": self.a, "b": self.b})
+        a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
+        leading_zeros = {name: _count_leading_zeros(pipe.m, operand.sig, name)
+                         for name, operand in (("a", a), ("b", b))}
+        # the quotient's top bit is worth 2 ** 0; a zero operand counts p leading zeros
+        exp_lo = (1 - p) - (fmt.exp_max - 1) + fmt.bias
+        exp_hi = (fmt.exp_max - 1) - (1 - p) + fmt.bias
+        nan = a.is_nan | b.is_nan | (a.is_zero & b.is_zero) | (a.is_inf & b.is_inf)
+        state = pipe.cut("normalize", {
+            "sign": a.sign ^ b.sign,
+            # the leading zeros are taken off the exponent in the first recurrence step, which has time to spare
+            "exp": _exponent(a.exp - b.exp + fmt.bias, exp_lo + p, exp_hi - p),
+            "a_leading_zeros": leading_zeros["a"],
+            "b_leading_zeros": leading_zeros["b"],
+            "remainder": _wire(pipe.m, (a.sig << leading_zeros["a"])[:p], "a_normalized"),
+            "divisor": _wire(pipe.m, (b.sig << leading_zeros["b"])[:p], "b_normalized"),
+            "nan": nan,
+            "inf": (a.is_inf | b.is_zero) & ~nan,
+            "zero": (a.is_zero | b.is_inf) & ~nan,
+        })
+        exp = state["exp"] - state.pop("a_leading_zeros") + state.pop("b_leading_zeros")
+        state["exp"] = _exponent(exp, exp_lo, exp_hi)
+
+        # restoring recurrence: the remainder stays below twice the divisor, so it fits precision + 1 bits
+        for step in range(self.steps):
+            if step > 0:
+                state = pipe.cut(f"iter_{step}", state)
+            remainder, divisor = state.pop("remainder"), state["divisor"]
+            difference = _wire(pipe.m, remainder - divisor, f"difference_{step}")
+            quotient_bit = ~difference[-1]
+            remainder = Mux(quotient_bit, difference, remainder)[:p]
+            quotient = state.pop("quotient", None)
+            state["quotient"] = quotient_bit if quotient is None else Cat(quotient_bit, quotient)
+            if step < self.steps - 1:
+                state["remainder"] = Cat(C(0, 1), remainder)
+        del state["divisor"]
+
+        rounder = _Rounder(fmt, self.steps, (exp_lo, exp_hi), max_lz=1)
+        state["sig"] = state.pop("quotient")
+        state["sticky"] = remainder.any()
+        state = pipe.cut("quotient", rounder.prepare(pipe.m, state))
+        state = pipe.cut("window", rounder.align(pipe.m, rounder.count(pipe.m, state)))
+        state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
+        m.d.comb += self.result.eq(state["result"])
+        return m
+
+
+class FPConvert(wiring.Component):
+    """Floating-point format conversion: exact widening, or narrowing rounded to nearest even.
+
+    Narrowing produces subnormals and overflows to infinity as IEEE requires; widening normalises subnormals of a
+    format with a narrower exponent (fp16 to fp32). A NaN becomes the canonical NaN of ``fmt_out``.
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the packed result.
+    2. ``window``: after the rounding window is shifted out of the significand, before rounding.
+    3. ``input``: the operand as it arrives.
+
+    Parameters
+    ----------
+    fmt_in, fmt_out : FloatFormat
+        Formats of the operand and of the result.
+    stages : int
+        Pipeline register stages, 0 to 3.
+
+    Attributes
+    ----------
+    a : In(fmt_in.width)
+        Packed operand.
+    result : Out(fmt_out.width)
+        The operand presented ``latency`` cycles earlier, in ``fmt_out``.
+    latency : int
+        Cycles from operand to result, equal to ``stages``.
+    """
+
+    CUTS = ("output", "window", "input")
+
+    def __init__(self, fmt_in, fmt_out, stages=1):
+        _check_format("FPConvert", "fmt_in", fmt_in)
+        _check_format("FPConvert", "fmt_out", fmt_out)
+        self.fmt_in, self.fmt_out = fmt_in, fmt_out
+        self._registered = _registered_cuts("FPConvert", stages, self.CUTS)
+        self.latency = stages
+        super().__init__({
+            "a": In(fmt_in.width),
+            "result": Out(fmt_out.width),
+        })
+
+    def elaborate(self, platform):
+        fmt_in, fmt_out = self.fmt_in, self.fmt_out
+        m = Module()
+        pipe = _Pipeline(m, self._registered)
+
+        state = pipe.cut("input", {"a": self.a})
+        a = _Unpacked(state["a"], fmt_in)
+        offset = fmt_out.bias - fmt_in.bias
+        exp_lo, exp_hi = 1 + offset, fmt_in.exp_max - 1 + offset
+        # only a subnormal operand has leading zeros; it needs normalising only if it becomes a normal result
+        max_lz = fmt_in.frac_bits if exp_lo > 1 else 0
+        rounder = _Rounder(fmt_out, fmt_in.precision, (exp_lo, exp_hi), max_lz=max_lz)
+        state = {
+            "sign": a.sign,
+            "exp": _exponent(a.exp + offset, exp_lo, exp_hi),
+            "sig": a.sig,
+            "nan": a.is_nan,
+            "inf": a.is_inf,
+        }
+        state = pipe.cut("window", rounder.align(pipe.m, rounder.count(pipe.m, rounder.prepare(pipe.m, state))))
+        state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
+        m.d.comb += self.result.eq(state["result"])
+        return m

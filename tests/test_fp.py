@@ -1,0 +1,452 @@
+# amaranth: UnusedElaboratable=no
+"""FP units: the RTL bit for bit against the golden twin, and the golden twin against numpy and torch.
+
+Each RTL case is one simulation that feeds an operand set per cycle, back to back: a few thousand random bit patterns
+steered towards the corners (subnormal and overflowing results, cancellation, rounding ties, carries into the
+exponent) plus every pair of corner values (zeros, extreme subnormals and normals, infinities, NaNs). NaN results
+are compared as NaN-ness against the golden twin, and must be the canonical NaN. Separate cases wrap the units in
+``EnableInserter`` with a random enable, so that stalls (with junk on the inputs) are covered.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from amaranth.hdl import Elaboratable, EnableInserter, Module, Signal
+from amaranth.sim import Simulator
+
+from edge_qlora.golden import fp as golden
+from edge_qlora.golden.fp import BF16, FP16, FP32
+from edge_qlora.rtl.fp import (FPAdd, FPConvert, FPDiv, FPMul, fp_abs_key, fp_is_inf, fp_is_nan, fp_is_zero,
+                               fp_order_key)
+
+RANDOM_VECTORS = 4000
+
+
+# -- operands ---------------------------------------------------------------------------------------------------------
+
+def _pack(fmt, sign, field, fraction):
+    sign, field, fraction = (np.asarray(x, dtype=np.int64) for x in (sign, field, fraction))
+    return ((sign << (fmt.width - 1)) | (field << fmt.frac_bits) | fraction).astype(fmt.dtype)
+
+
+def _fields(bits, fmt):
+    bits = np.asarray(bits, dtype=np.int64)
+    return (bits >> (fmt.width - 1), (bits >> fmt.frac_bits) & fmt.exp_max, bits & ((1 << fmt.frac_bits) - 1))
+
+
+def _corners(fmt):
+    """Both signs of: zero, extreme subnormals, extreme normals, 1 and its neighbours, infinity, NaNs."""
+    f, one = fmt.frac_bits, fmt.bias << fmt.frac_bits
+    magnitudes = [
+        0, 1, 2, 3, 1 << (f - 1), fmt.min_normal_bits - 2, fmt.min_normal_bits - 1,
+        fmt.min_normal_bits, fmt.min_normal_bits + 1, one - 1, one, one + 1, one | (1 << (f - 1)), one + (1 << f),
+        (fmt.exp_max - 1) << f, fmt.max_finite_bits - 1, fmt.max_finite_bits, fmt.inf_bits,
+        fmt.nan_bits, fmt.inf_bits + 1,
+    ]
+    return np.array([m | s for m in magnitudes for s in (0, fmt.sign_bit)], dtype=fmt.dtype)
+
+
+def _operands(fmt, n, rng):
+    """Random bit patterns of ``fmt``, most of them with a structure that makes the corners likely."""
+    f = fmt.frac_bits
+    sign = rng.integers(0, 2, n)
+    field = rng.integers(0, fmt.exp_max + 1, n)
+    edge = rng.random(n) < 0.25
+    field = np.where(edge, rng.choice([0, 1, 2, fmt.exp_max - 2, fmt.exp_max - 1, fmt.bias - 1, fmt.bias], n), field)
+    fraction = rng.integers(0, 1 << f, n)
+    # a short significand (few fraction bits) makes exact results and rounding ties likely
+    kept = np.minimum(rng.integers(0, f // 2 + 2, n), f)
+    fraction = np.where(rng.random(n) < 0.3, fraction >> (f - kept) << (f - kept), fraction)
+    # an all-ones fraction sits below a binade boundary, where rounding carries into the exponent
+    fraction = np.where(rng.random(n) < 0.05, (1 << f) - 1 - rng.integers(0, 3, n), fraction)
+    bits = _pack(fmt, sign, field, fraction)
+    bits = np.where(rng.random(n) < 0.2, rng.integers(0, 1 << fmt.width, n), bits)
+    bits = np.where(rng.random(n) < 0.05, rng.choice(_corners(fmt), n), bits)
+    return bits.astype(fmt.dtype)
+
+
+def _exponent_of(bits, fmt):
+    """Unbiased exponent of each pattern (a subnormal counts as the smallest normal exponent)."""
+    return np.maximum(_fields(bits, fmt)[1], 1) - fmt.bias
+
+
+def _with_exponent(bits, fmt, exponent):
+    """``bits`` with the unbiased ``exponent``, clamped to the finite range (below it, a subnormal)."""
+    sign, _, fraction = _fields(bits, fmt)
+    return _pack(fmt, sign, np.clip(exponent + fmt.bias, 0, fmt.exp_max - 1), fraction)
+
+
+def _tie_makers(fmt, n, rng):
+    """+-1.5 and +-1.25 times small powers of two: they turn odd significands into products on a rounding tie."""
+    fraction = rng.choice([1 << (fmt.frac_bits - 1), 1 << (fmt.frac_bits - 2)], n)
+    return _pack(fmt, rng.integers(0, 2, n), fmt.bias + rng.integers(-3, 4, n), fraction)
+
+
+def _extreme_exponents(fmt, n, rng):
+    """Unbiased exponents where a result of ``fmt`` is subnormal, barely normal, or about to overflow."""
+    emin, emax = 1 - fmt.bias, fmt.exp_max - 1 - fmt.bias
+    return np.where(rng.random(n) < 0.7, rng.integers(emin - fmt.frac_bits - 3, emin + 3, n),
+                    rng.integers(emax - 1, emax + 3, n))
+
+
+def _cross(xs, ys):
+    return np.repeat(xs, len(ys)), np.tile(ys, len(xs))
+
+
+def _mul_operands(fmt_a, fmt_b, fmt_out, rng, n=RANDOM_VECTORS, corners=True):
+    a, b = _operands(fmt_a, n, rng), _operands(fmt_b, n, rng)
+    a = np.where(rng.random(n) < 0.1, _tie_makers(fmt_a, n, rng), a)
+    b = np.where(rng.random(n) < 0.1, _tie_makers(fmt_b, n, rng), b)
+    # steer a third of the products to the subnormal and overflow edges of the result
+    target = _extreme_exponents(fmt_out, n, rng)
+    b = np.where(rng.random(n) < 0.35, _with_exponent(b, fmt_b, target - _exponent_of(a, fmt_a)), b)
+    corner_a, corner_b = _cross(_corners(fmt_a), _corners(fmt_b)) if corners else ([], [])
+    return np.concatenate([a, corner_a]).astype(fmt_a.dtype), np.concatenate([b, corner_b]).astype(fmt_b.dtype)
+
+
+def _add_operands(fmt, rng, n=RANDOM_VECTORS, corners=True):
+    a, b = _operands(fmt, n, rng), _operands(fmt, n, rng)
+    sub = rng.integers(0, 2, n)
+    # nearby exponents: alignment shifts around the precision, where the guard, round and sticky bits matter
+    nearby = _exponent_of(a, fmt) + rng.integers(-fmt.precision - 4, fmt.precision + 5, n)
+    b = np.where(rng.random(n) < 0.4, _with_exponent(b, fmt, nearby), b)
+    # cancellation: b within a few units of +-a, so that a - b (or a + b) loses most of its bits
+    close = (a.astype(np.int64) ^ np.where(sub == 1, 0, fmt.sign_bit)) + rng.integers(-3, 4, n)
+    b = np.where(rng.random(n) < 0.15, close & ((1 << fmt.width) - 1), b)
+    corner_a, corner_b = _cross(_corners(fmt), _corners(fmt)) if corners else ([], [])
+    a = np.concatenate([a, corner_a, corner_a]).astype(fmt.dtype)
+    b = np.concatenate([b, corner_b, corner_b]).astype(fmt.dtype)
+    sub = np.concatenate([sub, np.zeros(len(corner_a), int), np.ones(len(corner_a), int)]).astype(int)
+    return a, b, sub
+
+
+def _div_operands(fmt, rng, n=RANDOM_VECTORS, corners=True):
+    a, b = _operands(fmt, n, rng), _operands(fmt, n, rng)
+    target = _extreme_exponents(fmt, n, rng)
+    b = np.where(rng.random(n) < 0.35, _with_exponent(b, fmt, _exponent_of(a, fmt) - target), b)
+    # an odd multiple of the smallest subnormal over a power of two: a quotient exactly on a rounding tie
+    tiny = rng.random(n) < 0.05
+    a = np.where(tiny, _pack(fmt, rng.integers(0, 2, n), 0, rng.integers(1, 64, n)), a)
+    b = np.where(tiny, _pack(fmt, rng.integers(0, 2, n), fmt.bias + rng.integers(1, 7, n), 0), b)
+    corner_a, corner_b = _cross(_corners(fmt), _corners(fmt)) if corners else ([], [])
+    return np.concatenate([a, corner_a]).astype(fmt.dtype), np.concatenate([b, corner_b]).astype(fmt.dtype)
+
+
+def _convert_operands(fmt_in, fmt_out, rng, n=RANDOM_VECTORS, exhaustive=True):
+    """Every pattern of a 16-bit ``fmt_in`` (or random ones); for fp32, patterns around ``fmt_out``'s edges."""
+    if fmt_in.width <= 16:
+        if exhaustive:
+            return np.arange(1 << fmt_in.width).astype(fmt_in.dtype)
+        return np.concatenate([_operands(fmt_in, n, rng), _corners(fmt_in)])
+    a = _operands(fmt_in, n, rng)
+    a = np.where(rng.random(n) < 0.3, _with_exponent(a, fmt_in, _extreme_exponents(fmt_out, n, rng)), a)
+    # midpoints between neighbours of fmt_out, and the patterns either side of them
+    neighbours = rng.integers(0, fmt_out.max_finite_bits, n) | (rng.integers(0, 2, n) << (fmt_out.width - 1))
+    low = golden.from_bits(neighbours, fmt_out).astype(np.float64)
+    high = golden.from_bits(neighbours + 1, fmt_out).astype(np.float64)
+    middle = ((low + high) / 2).astype(np.float32).view(np.uint32).astype(np.int64) + rng.integers(-1, 2, n)
+    # the midpoint between the largest finite value and the next binade overflows
+    largest, below = golden.from_bits([fmt_out.max_finite_bits, fmt_out.max_finite_bits - 1], fmt_out)
+    overflow = np.float32(largest + (largest - below) / 2).view(np.uint32).astype(np.int64) + np.arange(-2, 3)
+    return np.concatenate([a, middle, overflow, overflow | FP32.sign_bit, _corners(fmt_in)]).astype(fmt_in.dtype)
+
+
+# -- simulation -------------------------------------------------------------------------------------------------------
+
+def _simulate(dut, operands, enable_seed=None):
+    """Results of ``dut`` for one operand set per element of ``operands`` (port name -> array), fed back to back.
+
+    Without ``enable_seed``, one set enters per cycle and its result is read ``dut.latency`` cycles later. With it,
+    the unit is wrapped in ``EnableInserter`` with a random enable, and stalled cycles drive junk on the inputs.
+    """
+    names = list(operands)
+    vectors = list(zip(*(np.asarray(operands[name]).tolist() for name in names)))
+    ports = [getattr(dut, name) for name in names]
+    latency = dut.latency
+    results = []
+    if enable_seed is not None and latency == 0:
+        raise ValueError("a unit without registers has nothing to stall")
+
+    if enable_seed is None:
+        top = dut
+    else:
+        advance = Signal()
+        top = EnableInserter(advance)(dut)
+    sim = Simulator(top)
+    if latency > 0:
+        sim.add_clock(1e-6)
+
+    async def steady(ctx):
+        for index in range(len(vectors) + latency):
+            if index < len(vectors):
+                for port, value in zip(ports, vectors[index]):
+                    ctx.set(port, value)
+            if latency == 0:
+                results.append(ctx.get(dut.result))
+                await ctx.delay(1e-6)
+                continue
+            if index >= latency:
+                results.append(ctx.get(dut.result))
+            await ctx.tick()
+
+    async def stalled(ctx):
+        rng = random.Random(enable_seed)
+        accepted = 0                                # operand sets taken by an enabled clock edge
+        while len(results) < len(vectors):
+            enabled = rng.random() < 0.6
+            ctx.set(advance, enabled)
+            if enabled and accepted < len(vectors):
+                for port, value in zip(ports, vectors[accepted]):
+                    ctx.set(port, value)
+            else:
+                for port in ports:
+                    ctx.set(port, rng.getrandbits(len(port)))
+            # after k enabled edges the result register holds the result of operand set k - latency
+            if accepted - latency == len(results):
+                results.append(ctx.get(dut.result))
+            await ctx.tick()
+            accepted += enabled
+
+    sim.add_testbench(steady if enable_seed is None else stalled)
+    sim.run()
+    return np.array(results, dtype=np.int64)
+
+
+def _assert_same(got, expected, fmt, **operands):
+    """Bit-exact comparison, NaN compared as NaN-ness; the hardware's NaNs must be the canonical one."""
+    got, expected = np.asarray(got, dtype=np.int64), np.asarray(expected, dtype=np.int64)
+    assert len(got) == len(expected), f"{len(got)} results for {len(expected)} operand sets"
+    got_nan, expected_nan = golden.is_nan(got, fmt), golden.is_nan(expected, fmt)
+    wrong = np.nonzero(np.where(expected_nan, ~got_nan, got != expected))[0]
+    if wrong.size:
+        first = [", ".join(f"{name}={int(np.asarray(values)[i]):#x}" for name, values in operands.items())
+                 + f": got {got[i]:#x}, expected {expected[i]:#x}" for i in wrong[:8]]
+        pytest.fail(f"{wrong.size} of {len(got)} results differ:\n" + "\n".join(first))
+    assert np.all(got[got_nan] == fmt.nan_bits), "NaN results must be the canonical NaN"
+
+
+def _ids(*fmts):
+    return "x".join(fmt.name for fmt in fmts)
+
+
+# -- RTL against the golden twin --------------------------------------------------------------------------------------
+
+MUL_CASES = [(FP32, FP32, FP32), (BF16, FP32, FP32), (FP16, FP32, FP32), (BF16, BF16, FP32)]
+
+
+@pytest.mark.parametrize("fmt_a, fmt_b, fmt_out", MUL_CASES, ids=[_ids(*case) for case in MUL_CASES])
+def test_mul(fmt_a, fmt_b, fmt_out):
+    a, b = _mul_operands(fmt_a, fmt_b, fmt_out, np.random.default_rng(1))
+    got = _simulate(FPMul(fmt_a, fmt_b, fmt_out), {"a": a, "b": b})
+    _assert_same(got, golden.mul(a, fmt_a, b, fmt_b, fmt_out), fmt_out, a=a, b=b)
+
+
+@pytest.mark.parametrize("fmt", [FP32, BF16], ids=_ids)
+def test_add(fmt):
+    a, b, sub = _add_operands(fmt, np.random.default_rng(2))
+    got = _simulate(FPAdd(fmt), {"a": a, "b": b, "sub": sub})
+    _assert_same(got, golden.add(a, b, fmt, sub=sub), fmt, a=a, b=b, sub=sub)
+
+
+def test_div():
+    a, b = _div_operands(FP32, np.random.default_rng(3))
+    got = _simulate(FPDiv(FP32), {"a": a, "b": b})
+    _assert_same(got, golden.div(a, b, FP32), FP32, a=a, b=b)
+
+
+CONVERT_CASES = [(FP32, BF16), (FP32, FP16), (BF16, FP32), (FP16, FP32)]
+
+
+@pytest.mark.parametrize("fmt_in, fmt_out", CONVERT_CASES, ids=[_ids(*case) for case in CONVERT_CASES])
+def test_convert(fmt_in, fmt_out):
+    a = _convert_operands(fmt_in, fmt_out, np.random.default_rng(4))
+    got = _simulate(FPConvert(fmt_in, fmt_out), {"a": a})
+    _assert_same(got, golden.convert(a, fmt_in, fmt_out), fmt_out, a=a)
+
+
+# fewer vectors: these cases are about stalls and register placement, the arithmetic is covered above
+STALL_VECTORS = 600
+STALL_CASES = {                                        # unit, and the latency it must report
+    "mul-bf16xfp32-6": (lambda: FPMul(BF16, FP32, FP32, stages=6), 6),
+    "mul-fp32-2": (lambda: FPMul(FP32, FP32, FP32, stages=2), 2),
+    "add-fp32-7": (lambda: FPAdd(FP32, stages=7), 7),
+    "add-fp32-default": (lambda: FPAdd(FP32), 6),
+    "add-bf16-3": (lambda: FPAdd(BF16, stages=3), 3),
+    "div-fp32": (lambda: FPDiv(FP32), FP32.precision + 6),
+    "div-fp32-12": (lambda: FPDiv(FP32, stages=12), 12),
+    "convert-fp16-fp32-3": (lambda: FPConvert(FP16, FP32, stages=3), 3),
+    "convert-fp32-fp16-2": (lambda: FPConvert(FP32, FP16, stages=2), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(STALL_CASES))
+def test_random_stalls(case):
+    make, latency = STALL_CASES[case]
+    dut = make()
+    assert dut.latency == latency
+    rng = np.random.default_rng(5)
+    if isinstance(dut, FPMul):
+        a, b = _mul_operands(dut.fmt_a, dut.fmt_b, dut.fmt_out, rng, STALL_VECTORS, corners=False)
+        expected, fmt, operands = golden.mul(a, dut.fmt_a, b, dut.fmt_b, dut.fmt_out), dut.fmt_out, {"a": a, "b": b}
+    elif isinstance(dut, FPAdd):
+        a, b, sub = _add_operands(dut.fmt, rng, STALL_VECTORS, corners=False)
+        expected, fmt, operands = golden.add(a, b, dut.fmt, sub=sub), dut.fmt, {"a": a, "b": b, "sub": sub}
+    elif isinstance(dut, FPDiv):
+        a, b = _div_operands(dut.fmt, rng, STALL_VECTORS, corners=False)
+        expected, fmt, operands = golden.div(a, b, dut.fmt), dut.fmt, {"a": a, "b": b}
+    else:
+        a = _convert_operands(dut.fmt_in, dut.fmt_out, rng, STALL_VECTORS, exhaustive=False)
+        expected, fmt, operands = golden.convert(a, dut.fmt_in, dut.fmt_out), dut.fmt_out, {"a": a}
+    _assert_same(_simulate(dut, operands, enable_seed=6), expected, fmt, **operands)
+
+
+def test_combinational():
+    """``stages=0`` leaves no register at all: the result follows the operands in the same cycle."""
+    a, b = _mul_operands(FP32, FP32, FP32, np.random.default_rng(7), 500, corners=False)
+    got = _simulate(FPMul(FP32, FP32, FP32, stages=0), {"a": a, "b": b})
+    _assert_same(got, golden.mul(a, FP32, b, FP32, FP32), FP32, a=a, b=b)
+
+
+class _Helpers(Elaboratable):
+    def __init__(self, fmt):
+        self.value = Signal(fmt.width)
+        self.abs_key = Signal(fmt.width - 1)
+        self.order_key = Signal(fmt.width)
+        self.is_nan, self.is_inf, self.is_zero = Signal(), Signal(), Signal()
+        self.fmt = fmt
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += [
+            self.abs_key.eq(fp_abs_key(self.value, self.fmt)),
+            self.order_key.eq(fp_order_key(self.value, self.fmt)),
+            self.is_nan.eq(fp_is_nan(self.value, self.fmt)),
+            self.is_inf.eq(fp_is_inf(self.value, self.fmt)),
+            self.is_zero.eq(fp_is_zero(self.value, self.fmt)),
+        ]
+        return m
+
+
+def test_helpers():
+    fmt = BF16
+    bits = np.concatenate([_operands(fmt, 1500, np.random.default_rng(8)), _corners(fmt)])
+    dut = _Helpers(fmt)
+    rows = []
+
+    async def bench(ctx):
+        for value in bits.tolist():
+            ctx.set(dut.value, value)
+            rows.append([ctx.get(s) for s in (dut.abs_key, dut.order_key, dut.is_nan, dut.is_inf, dut.is_zero)])
+
+    sim = Simulator(dut)
+    sim.add_testbench(bench)
+    sim.run()
+    abs_key, order_key, nan, inf, zero = np.array(rows).T
+    values = golden.from_bits(bits, fmt).astype(np.float64)
+    assert np.array_equal(nan == 1, np.isnan(values))
+    assert np.array_equal(inf == 1, np.isinf(values))
+    assert np.array_equal(zero == 1, values == 0)
+    keep = ~np.isnan(values)
+    values, abs_key, order_key, bits = values[keep], abs_key[keep], order_key[keep], bits[keep]
+    # integer order of the keys is the float order; -0 sorts just below +0
+    by_value = values[np.argsort(order_key, kind="stable")]
+    assert np.all(by_value[1:] >= by_value[:-1])
+    zeros = by_value[by_value == 0]
+    assert np.all(np.signbit(zeros)[1:] <= np.signbit(zeros)[:-1])
+    by_magnitude = np.abs(values[np.argsort(abs_key, kind="stable")])
+    assert np.all(by_magnitude[1:] >= by_magnitude[:-1])
+
+
+def test_arguments_checked():
+    with pytest.raises(ValueError, match="stages must be from 0 to 6, not 7"):
+        FPMul(FP32, FP32, FP32, stages=7)
+    with pytest.raises(ValueError, match="dsp_width"):
+        FPMul(FP32, FP32, FP32, dsp_width=1)
+    with pytest.raises(TypeError, match="fmt_b must be a FloatFormat"):
+        FPMul(FP32, "fp32", FP32)
+    with pytest.raises(TypeError, match="stages must be an integer"):
+        FPAdd(FP32, stages=2.0)
+    with pytest.raises(ValueError, match="stages must be from 0 to 30"):
+        FPDiv(FP32, stages=31)
+    with pytest.raises(ValueError, match="exp_bits"):
+        golden.FloatFormat("fp64", 11, 52)
+
+
+# -- the golden twin against numpy and torch --------------------------------------------------------------------------
+
+def _as_torch(bits, dtype):
+    return torch.from_numpy(np.asarray(bits, dtype=np.uint16).view(np.int16).copy()).view(dtype)
+
+
+def _torch_bits(tensor):
+    return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
+def test_golden_formats():
+    assert (FP32.width, FP32.bias, BF16.width, BF16.bias, FP16.width, FP16.bias) == (32, 127, 16, 127, 16, 15)
+    assert (FP32.nan_bits, BF16.nan_bits, FP16.nan_bits) == (0x7FC00000, 0x7FC0, 0x7E00)
+    assert golden.FORMATS == {"fp32": FP32, "bf16": BF16, "fp16": FP16}
+
+
+def test_golden_rounding_matches_torch_and_numpy():
+    rng = np.random.default_rng(9)
+    bits = np.concatenate([rng.integers(0, 1 << 32, 500_000, dtype=np.uint64).astype(np.uint32),
+                           _operands(FP32, 200_000, rng), _convert_operands(FP32, FP16, rng, 50_000),
+                           _convert_operands(FP32, BF16, rng, 50_000)])
+    values = bits.view(np.float32)
+    finite = np.isfinite(values)
+    bf16 = golden.to_bits(values, BF16)
+    assert np.array_equal(bf16[finite], _torch_bits(torch.from_numpy(values[finite]).to(torch.bfloat16)))
+    fp16 = golden.to_bits(values, FP16)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(fp16[finite], values[finite].astype(np.float16).view(np.uint16))
+    assert np.array_equal(fp16[finite], _torch_bits(torch.from_numpy(values[finite]).to(torch.float16)))
+    assert np.array_equal(golden.to_bits(values, FP32)[finite], bits[finite])
+    assert np.array_equal(golden.is_nan(bf16, BF16), np.isnan(values))
+    assert np.array_equal(golden.round_to(values, BF16)[finite], golden.from_bits(bf16, BF16)[finite])
+    # widening is exact
+    every = np.arange(1 << 16).astype(np.uint16)
+    assert np.array_equal(golden.from_bits(every, BF16).view(np.uint32)[~golden.is_nan(every, BF16)],
+                          _as_torch(every, torch.bfloat16).float().numpy().view(np.uint32)[~golden.is_nan(every, BF16)])
+    assert np.array_equal(golden.convert(every, FP16, FP32)[~golden.is_nan(every, FP16)],
+                          every.view(np.float16).astype(np.float32).view(np.uint32)[~golden.is_nan(every, FP16)])
+
+
+def _float32_reference(bits, fmt_out):
+    return np.where(np.isnan(bits), fmt_out.nan_bits, bits.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt_a, fmt_b, fmt_out", MUL_CASES, ids=[_ids(*case) for case in MUL_CASES])
+def test_golden_mul_matches_float32(fmt_a, fmt_b, fmt_out):
+    a, b = _mul_operands(fmt_a, fmt_b, fmt_out, np.random.default_rng(10), 200_000)
+    with np.errstate(all="ignore"):
+        reference = golden.from_bits(a, fmt_a) * golden.from_bits(b, fmt_b)
+    _assert_same(golden.mul(a, fmt_a, b, fmt_b, fmt_out), _float32_reference(reference, fmt_out), fmt_out, a=a, b=b)
+
+
+def test_golden_add_div_match_float32():
+    a, b, sub = _add_operands(FP32, np.random.default_rng(11), 200_000)
+    x, y = golden.from_bits(a, FP32), golden.from_bits(b, FP32)
+    with np.errstate(all="ignore"):
+        reference = np.where(sub == 1, x - y, x + y)
+    _assert_same(golden.add(a, b, FP32, sub=sub), _float32_reference(reference, FP32), FP32, a=a, b=b)
+    a, b = _div_operands(FP32, np.random.default_rng(12), 200_000)
+    with np.errstate(all="ignore"):
+        reference = golden.from_bits(a, FP32) / golden.from_bits(b, FP32)
+    _assert_same(golden.div(a, b, FP32), _float32_reference(reference, FP32), FP32, a=a, b=b)
+
+
+def test_golden_bf16_ops_match_torch():
+    """torch computes bf16 arithmetic in float32 and rounds once more, which is exact for these operations."""
+    rng = np.random.default_rng(13)
+    a, b, sub = _add_operands(BF16, rng, 200_000)
+    x, y = _as_torch(a, torch.bfloat16), _as_torch(b, torch.bfloat16)
+    reference = torch.where(torch.from_numpy(sub == 1), x - y, x + y)
+    expected = np.where(torch.isnan(reference).numpy(), BF16.nan_bits, _torch_bits(reference))
+    _assert_same(golden.add(a, b, BF16, sub=sub), expected, BF16, a=a, b=b)
+    a, b = _mul_operands(BF16, BF16, BF16, rng, 200_000)
+    reference = _as_torch(a, torch.bfloat16) * _as_torch(b, torch.bfloat16)
+    expected = np.where(torch.isnan(reference).numpy(), BF16.nan_bits, _torch_bits(reference))
+    _assert_same(golden.mul(a, BF16, b, BF16, BF16), expected, BF16, a=a, b=b)
