@@ -161,7 +161,8 @@ class NF4Dequantizer(wiring.Component):
         shift = self.config.blocksize.bit_length() - 1
         if dq:
             multiply, add = FPMul(FP32, FP32, FP32), FPAdd(FP32)
-            latency = 1 + multiply.latency + add.latency  # 1: the registered code-book read
+            # 2: the code-book read, then a register, because block RAM clock-to-out is slow on ECP5
+            latency = 2 + multiply.latency + add.latency
             tag = data.StructLayout({"n_weights": 32})
         else:
             latency = 1  # a register slice, so that scale.valid does not depend on scale.ready
@@ -213,20 +214,24 @@ class NF4Dequantizer(wiring.Component):
         m.submodules.scale_mul = pipe.stall(multiply)
         m.submodules.scale_add = pipe.stall(add)
         level = levels.read_port(domain="sync")
-        # the operands that ride beside the ROM read for one cycle
-        absmax2_held, offset_held = Signal(32), Signal(32)
-        with m.If(pipe.advance):
-            m.d.sync += [absmax2_held.eq(absmax2), offset_held.eq(header.offset)]
-        offset_late = Signal(32)  # the offset, delayed to meet the product at the adder
         m.d.comb += [level.addr.eq(self.absmax.payload), level.en.eq(pipe.advance)]
+        # the operands ride beside the code-book read and its output register
+        absmax2_held, offset_held = Signal(32), Signal(32)
+        level_reg, absmax2_reg, offset_reg = Signal(32), Signal(32), Signal(32)
+        with m.If(pipe.advance):
+            m.d.sync += [
+                absmax2_held.eq(absmax2), offset_held.eq(header.offset),
+                level_reg.eq(level.data), absmax2_reg.eq(absmax2_held), offset_reg.eq(offset_held),
+            ]
+        offset_late = Signal(32)  # the offset, delayed to meet the product at the adder
         m.d.comb += [
-            multiply.a.eq(level.data),
-            multiply.b.eq(absmax2_held),
+            multiply.a.eq(level_reg),
+            multiply.b.eq(absmax2_reg),
             add.a.eq(multiply.result),
             add.b.eq(offset_late),
             scale.payload.value.eq(add.result),
         ]
-        delayed = offset_held
+        delayed = offset_reg
         for stage in range(multiply.latency):
             step = Signal(32, name=f"offset_{stage}")
             with m.If(pipe.advance):
@@ -240,7 +245,8 @@ class NF4Dequantizer(wiring.Component):
         mults = self.config.table_multipliers
         rounds = 16 // mults
         multipliers = [FPMul(FP32, FP32, FP32) for _ in range(mults)]
-        converters = [FPConvert(FP32, fmt) if fmt != FP32 else None for _ in range(mults)]
+        # two stages: fp32 -> fp16 rounding (subnormal shifts) misses 100 MHz on ECP5 in one
+        converters = [FPConvert(FP32, fmt, stages=2) if fmt != FP32 else None for _ in range(mults)]
         latency = multipliers[0].latency + (converters[0].latency if converters[0] else 0)
 
         table_valid = Signal()
