@@ -145,39 +145,46 @@ class NF4Dequantizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         # every block's scale and table carry the weight count of their tensor, for the lookup's beat counter
-        scale = stream.Signature(data.StructLayout({"value": 32, "n_weights": 32})).create(path=("scale",))
+        scale = stream.Signature(data.StructLayout({"value": 32, "count": self._count_layout})).create(
+            path=("scale",))
         table = stream.Signature(self._table_layout()).create(path=("table",))
         self._elaborate_scale(m, scale)
         self._elaborate_builder(m, scale, table)
         self._elaborate_lookup(m, table)
         return m
 
+    # the weight count of a tensor, and whether it fits in one beat (precomputed off the lookup's critical path)
+    _count_layout = data.StructLayout({"n_weights": 32, "one_beat": 1})
+
     def _table_layout(self):
-        return data.StructLayout({"levels": data.ArrayLayout(self.config.out_format.width, 16), "n_weights": 32})
+        return data.StructLayout({"levels": data.ArrayLayout(self.config.out_format.width, 16),
+                                  "count": self._count_layout})
 
     def _elaborate_scale(self, m, scale):
         """Per-block float32 absmax: passed through, or rebuilt from double quantization."""
         dq = self.config.double_quant
         shift = self.config.blocksize.bit_length() - 1
         if dq:
-            multiply, add = FPMul(FP32, FP32, FP32), FPAdd(FP32)
+            multiply, add = FPMul(FP32, FP32, FP32, stages=6), FPAdd(FP32)
             # 2: the code-book read, then a register, because block RAM clock-to-out is slow on ECP5
             latency = 2 + multiply.latency + add.latency
-            tag = data.StructLayout({"n_weights": 32})
+            tag = data.StructLayout({"count": self._count_layout})
         else:
             latency = 1  # a register slice, so that scale.valid does not depend on scale.ready
-            tag = data.StructLayout({"n_weights": 32, "value": 32})
+            tag = data.StructLayout({"count": self._count_layout, "value": 32})
         pipe = StallPipeline(m, latency, scale.ready, tag_shape=tag, name="scale")
 
         # the current tensor: its header, and the blocks still to come
         active = Signal()
         header = Signal(tensor_layout(dq))
         blocks_left = Signal(32)
+        tensor_done = Signal()  # this block is the tensor's last: a register, to keep compares off `issue`
         with m.If(~active):
             m.d.comb += self.tensor.ready.eq(1)
             with m.If(self.tensor.valid):
                 blocks = (self.tensor.payload.n_weights + self.config.blocksize - 1) >> shift
-                m.d.sync += [active.eq(1), header.eq(self.tensor.payload), blocks_left.eq(blocks)]
+                m.d.sync += [active.eq(1), header.eq(self.tensor.payload), blocks_left.eq(blocks),
+                             tensor_done.eq(blocks == 1)]
 
         issue = Signal()
         group_index = Signal(range(DYNAMIC_BLOCKSIZE))
@@ -187,16 +194,17 @@ class NF4Dequantizer(wiring.Component):
             self.absmax.ready.eq(ready),
             issue.eq(self.absmax.valid & ready),
             pipe.in_valid.eq(issue),
-            pipe.in_tag.n_weights.eq(header.n_weights),
+            pipe.in_tag.count.n_weights.eq(header.n_weights),
+            pipe.in_tag.count.one_beat.eq(header.n_weights <= self.config.lanes),
         ]
-        tensor_done = blocks_left == 1
         with m.If(issue):
-            m.d.sync += [blocks_left.eq(blocks_left - 1), group_index.eq(group_index + 1)]
+            m.d.sync += [blocks_left.eq(blocks_left - 1), group_index.eq(group_index + 1),
+                         tensor_done.eq(blocks_left == 2)]
             with m.If(tensor_done):
                 m.d.sync += [active.eq(0), group_index.eq(0)]
         m.d.comb += [
             scale.valid.eq(pipe.out_valid),
-            scale.payload.n_weights.eq(pipe.out_tag.n_weights),
+            scale.payload.count.eq(pipe.out_tag.count),
         ]
         if not dq:
             m.d.comb += [pipe.in_tag.value.eq(self.absmax.payload), scale.payload.value.eq(pipe.out_tag.value)]
@@ -244,20 +252,21 @@ class NF4Dequantizer(wiring.Component):
         fmt = self.config.out_format
         mults = self.config.table_multipliers
         rounds = 16 // mults
-        multipliers = [FPMul(FP32, FP32, FP32) for _ in range(mults)]
+        # stages=6 registers the operands too: the level mux must not sit in front of the DSPs
+        multipliers = [FPMul(FP32, FP32, FP32, stages=6) for _ in range(mults)]
         # two stages: fp32 -> fp16 rounding (subnormal shifts) misses 100 MHz on ECP5 in one
         converters = [FPConvert(FP32, fmt, stages=2) if fmt != FP32 else None for _ in range(mults)]
         latency = multipliers[0].latency + (converters[0].latency if converters[0] else 0)
 
         table_valid = Signal()
         table_payload = Signal(self._table_layout())
-        tag = data.StructLayout({"round": range(rounds), "n_weights": 32})
+        tag = data.StructLayout({"round": range(rounds), "count": self._count_layout})
         pipe = StallPipeline(m, latency, ~table_valid | table.ready, tag_shape=tag, name="build")
         round_index = Signal(range(rounds))
         m.d.comb += [
             pipe.in_valid.eq(scale.valid),
             pipe.in_tag.round.eq(round_index),
-            pipe.in_tag.n_weights.eq(scale.payload.n_weights),
+            pipe.in_tag.count.eq(scale.payload.count),
             scale.ready.eq(pipe.advance & (round_index == rounds - 1)),
         ]
         with m.If(scale.valid & pipe.advance):
@@ -292,7 +301,7 @@ class NF4Dequantizer(wiring.Component):
             m.d.sync += table_valid.eq(0)
         with m.If(pipe.advance & pipe.out_valid & (pipe.out_tag.round == rounds - 1)):
             m.d.sync += [table_valid.eq(1), table_payload.levels.eq(complete),
-                         table_payload.n_weights.eq(pipe.out_tag.n_weights)]
+                         table_payload.count.eq(pipe.out_tag.count)]
         m.d.comb += [table.valid.eq(table_valid), table.payload.eq(table_payload)]
 
     def _elaborate_lookup(self, m, table):
@@ -304,14 +313,29 @@ class NF4Dequantizer(wiring.Component):
         current, following = (Signal(self._table_layout(), name=n) for n in ("current", "following"))
         current_valid, following_valid = Signal(), Signal()
 
+        # Beat bookkeeping. The flags that gate `codes.ready` (last beat, block crossed, next table needed) are
+        # registers computed one beat ahead, so no 32-bit compare sits between the counters and the table window.
         offset = Signal(range(blocksize))           # position of lane 0 in its block
         remaining = Signal(32)                      # weights left in the tensor, from this beat on
         fresh = Signal(init=1)                      # no beat of the current tensor taken yet
-        left = Mux(fresh, current.n_weights, remaining)
-        last = left <= lanes
-        filled = Mux(last, left[:5], lanes)         # weights of this beat that belong to the tensor
-        crossed = offset + lanes >= blocksize        # lane 0's block ends within this beat
-        needs_next = (offset + filled > blocksize) if straddles else Const(0)
+        last_r, crossed_r, needs_next_r = Signal(), Signal(), Signal()
+        # a tensor's first beat starts a block at offset 0: it crosses no boundary and needs no next table
+        last = Mux(fresh, current.count.one_beat, last_r)
+        crossed = ~fresh & crossed_r
+        needs_next = (~fresh & needs_next_r) if straddles else Const(0)
+
+        left = Mux(fresh, current.count.n_weights, remaining)
+        left_next = left - lanes
+        offset_next = Mux(crossed, offset + lanes - blocksize, offset + lanes)
+        last_next = left_next <= lanes
+        filled_next = Mux(last_next, left_next[:5], lanes)  # weights of the next beat that belong to the tensor
+        update = [
+            remaining.eq(left_next),
+            offset.eq(offset_next),
+            last_r.eq(last_next),
+            crossed_r.eq(offset_next + lanes >= blocksize),
+            needs_next_r.eq(offset_next + filled_next > blocksize),
+        ]
 
         out_free = ~self.weights.valid | self.weights.ready
         fire = Signal()
@@ -321,13 +345,11 @@ class NF4Dequantizer(wiring.Component):
         ]
 
         with m.If(fire):
-            m.d.sync += [
-                self.weights.valid.eq(1),
-                self.weights.payload.last.eq(last),
-                remaining.eq(left - lanes),
-                fresh.eq(last),
-                offset.eq(Mux(last, 0, Mux(crossed, offset + lanes - blocksize, offset + lanes))),
-            ]
+            m.d.sync += [self.weights.valid.eq(1), self.weights.payload.last.eq(last), fresh.eq(last)]
+            with m.If(last):
+                m.d.sync += offset.eq(0)
+            with m.Else():
+                m.d.sync += update
             for lane in range(lanes):
                 source = current.levels
                 if straddles:

@@ -113,7 +113,7 @@ def test_rtl_sustains_lanes_per_cycle(lanes):
     run = run_dequantizer(q, NF4DequantConfig(lanes=lanes, blocksize=64))
     beats = weight.numel() // lanes
     assert run.beats == beats
-    assert run.cycles <= beats + 40  # the pipeline fills once, then one beat per cycle
+    assert run.cycles <= beats + 50  # the pipeline fills once (about 45 cycles), then one beat per cycle
 
 
 def test_config_checks():
