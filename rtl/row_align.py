@@ -1,0 +1,137 @@
+"""Row aligner: a flat stream of matrix elements in, one beat per row segment out (twin: ``golden/row_align.py``).
+
+The NF4 dequantizer (and a bf16 weight stream) delivers a row-major matrix as a flat sequence, ``lanes`` elements
+per beat, so a beat may hold the end of one row and the start of the next (NF4 blocks run across rows when the row
+length is not a multiple of the block size). The GEMM engine's buffers want each beat to start a word of one row:
+elements ``k .. k+lanes-1`` of row ``r`` with ``k`` a multiple of ``lanes``. This unit re-cuts the stream: it holds
+up to ``2 * lanes`` elements and emits ``min(lanes, row_length - k)`` of them per beat, zero-filling the rest.
+"""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["RowAligner", "shape_layout", "flat_layout", "row_layout"]
+
+
+def shape_layout():
+    """Payload of the ``shape`` stream: one beat per matrix; ``elements`` is ``rows * row_length``, given rather
+    than multiplied out in hardware."""
+    return data.StructLayout({"rows": 32, "row_length": 32, "elements": 32})
+
+
+def flat_layout(lanes, width):
+    return data.ArrayLayout(width, lanes)
+
+
+def row_layout(lanes, width):
+    """Payload of the ``rows`` stream: ``lanes`` elements of one row; ``row_end`` on a row's final beat, ``last`` on
+    the matrix's final beat."""
+    return data.StructLayout({"data": data.ArrayLayout(width, lanes), "row_end": 1, "last": 1})
+
+
+class RowAligner(wiring.Component):
+    """Re-cut a flat row-major stream into row-aligned beats.
+
+    A matrix is announced by one ``shape`` beat, then arrives as ``ceil(rows * row_length / lanes)`` flat beats
+    (the final one padded) and leaves as ``rows * ceil(row_length / lanes)`` row beats. At most one row boundary
+    is handled per cycle, so with ``row_length >= lanes`` the output keeps up with the input except for one extra
+    beat per row whose length is not a multiple of ``lanes``.
+
+    Parameters
+    ----------
+    lanes : int
+        Elements per beat, 1 to 16.
+    width : int
+        Bits per element.
+
+    Attributes
+    ----------
+    shape : In(stream of :func:`shape_layout`)
+    flat : In(stream of ArrayLayout(width, lanes))
+    rows : Out(stream of :func:`row_layout`)
+    """
+
+    def __init__(self, lanes, width=16):
+        if not isinstance(lanes, int) or not 1 <= lanes <= 16:
+            raise ValueError(f"lanes must be an integer from 1 to 16, not {lanes!r}")
+        self.lanes, self.width = lanes, width
+        super().__init__({
+            "shape": In(stream.Signature(shape_layout())),
+            "flat": In(stream.Signature(flat_layout(lanes, width))),
+            "rows": Out(stream.Signature(row_layout(lanes, width))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes, width = self.lanes, self.width
+        slots = 2 * lanes
+
+        active = Signal()
+        row_length = Signal(32)
+        rows_left = Signal(32)          # rows not yet fully emitted
+        to_read = Signal(32)            # flat elements not yet taken from the input
+        position = Signal(32)           # k of the next element to emit, within its row
+        held = Signal(range(slots + 1))  # elements in the holding buffer
+        buffer = Signal(data.ArrayLayout(width, slots))
+
+        with m.If(~active):
+            m.d.comb += self.shape.ready.eq(1)
+            with m.If(self.shape.valid):
+                m.d.sync += [
+                    active.eq(self.shape.payload.rows != 0),
+                    row_length.eq(self.shape.payload.row_length),
+                    rows_left.eq(self.shape.payload.rows),
+                    to_read.eq(self.shape.payload.elements),
+                    position.eq(0),
+                    held.eq(0),
+                ]
+
+        # emit: the rest of the row, at most one beat of it
+        row_rest = row_length - position
+        need = Mux(row_rest < lanes, row_rest[:5], lanes)
+        row_end = row_rest <= lanes
+        last = row_end & (rows_left == 1)
+        out_free = ~self.rows.valid | self.rows.ready
+        emit = Signal()
+        m.d.comb += emit.eq(active & (held >= need) & out_free)
+        with m.If(emit):
+            m.d.sync += [
+                self.rows.valid.eq(1),
+                self.rows.payload.row_end.eq(row_end),
+                self.rows.payload.last.eq(last),
+                position.eq(Mux(row_end, 0, position + lanes)),
+            ]
+            for lane in range(lanes):
+                m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, buffer[lane], 0))
+            with m.If(row_end):
+                m.d.sync += rows_left.eq(rows_left - 1)
+                with m.If(last):
+                    m.d.sync += active.eq(0)
+        with m.Elif(self.rows.ready):
+            m.d.sync += self.rows.valid.eq(0)
+
+        # refill: after the shift by `taken`, append the input beat's real elements
+        taken = Mux(emit, need, 0)
+        kept = held - taken
+        incoming = Mux(to_read < lanes, to_read[:5], lanes)
+        m.d.comb += self.flat.ready.eq(active & (to_read != 0) & (kept <= lanes))
+        accept = self.flat.valid & self.flat.ready
+        for i in range(slots):
+            # drop `taken` elements from the front, then append the input beat after the `kept` ones
+            element = Signal(width, name=f"next_{i}")
+            with m.Switch(taken):
+                for t in range(lanes + 1):
+                    with m.Case(t):
+                        m.d.comb += element.eq(buffer[i + t] if i + t < slots else 0)
+            with m.If(accept):
+                with m.Switch(kept):
+                    for k in range(max(0, i - lanes + 1), min(i, lanes) + 1):
+                        with m.Case(k):
+                            m.d.comb += element.eq(self.flat.payload[i - k])
+            m.d.sync += buffer[i].eq(element)
+        with m.If(accept):
+            m.d.sync += [held.eq(kept + incoming), to_read.eq(to_read - incoming)]
+        with m.Else():
+            m.d.sync += held.eq(kept)
+        return m
