@@ -1,0 +1,724 @@
+"""Tiled streaming GEMM engine fed by the NF4 dequantizer (twin: ``golden/gemm.py``, schedule and cycle model in
+``golden/gemm_schedule.py``).
+
+The engine computes ``C = A @ B`` on a ``rows x cols`` :class:`~.pe_array.PEArray`, with the block-floating-point
+arithmetic of :mod:`edge_qlora.golden.gemm`:
+
+* **forward**, ``y = x @ W.T``: A = x ``[M, K]``, B = ``W.T``; the reduction runs over K.
+* **transposed** (backward), ``dx = dy @ W``: A = dy ``[M, N]``, B = W; the reduction runs over N.
+
+W ``[N, K]`` always arrives row-major and flat: from the NF4 dequantizer (``weights="nf4"``) or as bf16 beats
+(``weights="bf16"``), once per tile of ``rows`` output rows, and never exists in memory in full precision. A
+:class:`~.row_align.RowAligner` re-cuts it into row-aligned beats of ``cols`` elements.
+
+Buffers (all :class:`~amaranth.lib.memory.Memory`, all double-buffered so loading overlaps computing):
+
+* the A buffer holds one tile of A: ``rows`` rows of the whole reduction (``max_q`` deep);
+* the W buffer holds ``cols`` rows of W (forward: one column tile of B) or ``chunk`` rows (transposed: one chunk
+  of B's rows), in ``cols`` banks of ``cols``-element words;
+* exponent memories hold each chunk's shared exponents (per A row; per W row in forward, one per W tile in
+  transposed);
+* the accumulator memory holds float32 partial results: ``rows`` of them in forward, ``rows`` per column tile of
+  the output in transposed (``max_k`` wide).
+
+Datapath: writers (A, W) -> buffers -> sequencer (addresses, alignment to 18-bit integers) -> PE array -> chunk
+sums -> :class:`~.fp.FixedToFloat` -> float32 accumulation (:class:`~.fp.FPAdd` on the accumulator memory) ->
+output rounding -> ``c``.
+"""
+
+from dataclasses import dataclass
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.golden.gemm import GemmNumerics
+from .bfp import EXP_MIN, AlignLanes, bf16_exponent
+from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
+from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
+from .pe_array import ACC_BITS, PEArray
+from .pipeline import StallPipeline
+from .row_align import RowAligner
+
+__all__ = ["GemmConfig", "GemmEngine", "job_layout", "a_layout", "c_layout"]
+
+EXP = signed(9)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Elaboration parameters of :class:`GemmEngine`.
+
+    Parameters
+    ----------
+    rows, cols : int
+        PE array shape, 1 to 16 each.
+    max_k : int
+        Longest W row (K) the buffers hold.
+    max_n : int
+        Most W rows (N) in transposed mode (the A buffer then holds a tile of dy, ``N`` long).
+    chunk : int or None
+        Reduction steps per block-floating-point chunk: a multiple of ``cols``, at least ``2 * rows`` and 16.
+        ``None``: the smallest such value.
+    out_dtype : str
+        ``"bf16"`` or ``"fp32"``.
+    weights : str
+        ``"nf4"`` (an :class:`~.nf4_dequant.NF4Dequantizer` with ``cols`` lanes feeds the engine) or ``"bf16"``.
+    blocksize, double_quant : int, bool
+        NF4 format, with ``weights="nf4"``.
+    """
+
+    rows: int = 8
+    cols: int = 8
+    max_k: int = 2048
+    max_n: int = 2048
+    chunk: int = None
+    out_dtype: str = "bf16"
+    weights: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self):
+        for name in ("rows", "cols"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
+                raise ValueError(f"{name} must be an integer from 1 to 16, not {value!r}")
+        for name in ("max_k", "max_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 1 << 20:
+                raise ValueError(f"{name} must be an integer from 1 to 2**20, not {value!r}")
+        if self.chunk is not None:
+            if not isinstance(self.chunk, int) or self.chunk % self.cols or self.chunk < max(16, 2 * self.rows) \
+                    or self.chunk > 512:
+                raise ValueError(f"chunk must be a multiple of cols ({self.cols}), at least "
+                                 f"{max(16, 2 * self.rows)} and at most 512, not {self.chunk!r}")
+        if self.out_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"out_dtype must be 'bf16' or 'fp32', not {self.out_dtype!r}")
+        if self.weights not in ("nf4", "bf16"):
+            raise ValueError(f"weights must be 'nf4' or 'bf16', not {self.weights!r}")
+        if self.weights == "nf4":
+            NF4DequantConfig(lanes=self.cols, blocksize=self.blocksize, double_quant=self.double_quant)
+
+    @property
+    def chunk_steps(self):
+        """The chunk length L actually used."""
+        if self.chunk is not None:
+            return self.chunk
+        low = max(16, 2 * self.rows)
+        return -(-low // self.cols) * self.cols
+
+    @property
+    def numerics(self):
+        return GemmNumerics(chunk=self.chunk_steps, out_dtype=self.out_dtype)
+
+    @property
+    def max_q(self):
+        """Depth of one half of the A buffer: the longest reduction."""
+        return max(self.max_k, self.max_n)
+
+    @property
+    def words_per_row(self):
+        return -(-self.max_k // self.cols)
+
+    @property
+    def tile_rows(self):
+        """W rows one half of the W buffer holds: cols (forward), chunk (transposed)."""
+        return max(self.cols, self.chunk_steps)
+
+
+def job_layout():
+    """Payload of the ``job`` stream: one beat per GEMM. ``weights`` is ``n * k`` (the W elements per pass)."""
+    return data.StructLayout({"m": 32, "n": 32, "k": 32, "weights": 32, "transposed": 1})
+
+
+def a_layout(rows):
+    """Payload of the ``a`` stream: one reduction index of one A tile: ``rows`` bf16 values (zeros past M)."""
+    return data.ArrayLayout(16, rows)
+
+
+def c_layout(config):
+    """Payload of the ``c`` stream: one output row of one tile, ``cols`` values; ``last`` on the job's last beat."""
+    width = 16 if config.out_dtype == "bf16" else 32
+    return data.StructLayout({"data": data.ArrayLayout(width, config.cols), "last": 1})
+
+
+class GemmEngine(wiring.Component):
+    """Tiled streaming GEMM: ``y = x @ W.T`` or, transposed, ``dx = dy @ W``, W from the NF4 dequantizer.
+
+    Per job: one ``job`` beat; then, for each tile of ``rows`` rows of A (``ceil(M / rows)`` tiles), the tile's A
+    values (``Q`` beats of ``rows`` values: Q = K forward, N transposed) and one pass of W (``N * K`` weights,
+    row-major, through the dequantizer's streams or ``w``). Outputs come as beats of ``cols`` values, one per
+    output row of a tile: forward, tile after tile of ``cols`` output columns (``rows`` beats each); transposed,
+    after the last chunk of an A tile, ``rows`` beats per tile of ``cols`` output columns. Rows past M and columns
+    past the output width carry don't-care values.
+
+    Parameters
+    ----------
+    config : GemmConfig
+
+    Attributes
+    ----------
+    job : In(stream of :func:`job_layout`)
+    a : In(stream of :func:`a_layout`)
+    w : In(stream of ArrayLayout(16, cols)), bf16 weights only
+        W, flat and row-major, ``cols`` bf16 per beat, final beat zero-padded.
+    tensor, codes, absmax, absmax2 : NF4 weights only
+        The dequantizer's input streams (see :class:`~.nf4_dequant.NF4Dequantizer`), one tensor per pass of W.
+    c : Out(stream of :func:`c_layout`)
+    """
+
+    def __init__(self, config=GemmConfig()):
+        if not isinstance(config, GemmConfig):
+            raise TypeError(f"config must be a GemmConfig, not {config!r}")
+        self.config = config
+        self.array = PEArray(config.rows, config.cols)
+        members = {
+            "job": In(stream.Signature(job_layout())),
+            "a": In(stream.Signature(a_layout(config.rows))),
+            "c": Out(stream.Signature(c_layout(config))),
+        }
+        if config.weights == "nf4":
+            self.dequantizer = NF4Dequantizer(NF4DequantConfig(
+                lanes=config.cols, blocksize=config.blocksize, out_dtype="bf16", double_quant=config.double_quant))
+            for name, member in self.dequantizer.signature.members.items():
+                if name != "weights":
+                    members[name] = member
+        else:
+            self.dequantizer = None
+            members["w"] = In(stream.Signature(data.ArrayLayout(16, config.cols)))
+        super().__init__(members)
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        m.submodules.array = self.array
+
+        # the job, latched by every part when the engine is idle
+        job = Signal(job_layout())
+        busy = Signal()
+        parts_done = Signal()
+        m.d.comb += self.job.ready.eq(~busy)
+        with m.If(self.job.valid & self.job.ready):
+            m.d.sync += [job.eq(self.job.payload), busy.eq(1)]
+        start = Signal()  # one cycle after a job is taken: the parts load their counters
+        m.d.sync += start.eq(self.job.valid & self.job.ready)
+        with m.If(busy & parts_done & ~start):
+            m.d.sync += busy.eq(0)
+        q_length = Mux(job.transposed, job.n, job.k)
+
+        # shared state between the writers and the sequencer: which halves are full
+        a_full = Signal(2)
+        w_full = Signal(2)
+        a_release, w_release = Signal(2), Signal(2)
+        a_filled, w_filled = Signal(2), Signal(2)
+        m.d.sync += [a_full.eq((a_full | a_filled) & ~a_release), w_full.eq((w_full | w_filled) & ~w_release)]
+
+        a_done, w_done, seq_done, acc_done = Signal(), Signal(), Signal(), Signal()
+        m.d.comb += parts_done.eq(a_done & w_done & seq_done & acc_done)
+
+        mem = self._memories(m)
+        self._a_writer(m, mem, job, start, q_length, a_full, a_filled, a_done)
+        self._w_writer(m, mem, job, start, w_full, w_filled, w_done)
+        chunk_info = self._sequencer(m, mem, job, start, q_length, a_full, w_full, a_release, w_release, seq_done)
+        self._accumulator(m, mem, job, start, chunk_info, acc_done)
+        return m
+
+    def _memories(self, m):
+        cfg = self.config
+        rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
+        chunks_q = -(-cfg.max_q // chunk)
+        chunks_k = -(-cfg.max_k // chunk)
+        slots = -(-cfg.tile_rows // cols)
+        mem = {
+            "a": Memory(shape=data.ArrayLayout(16, rows), depth=2 * cfg.max_q, init=[]),
+            "ea": Memory(shape=data.ArrayLayout(EXP, rows), depth=2 * chunks_q, init=[]),
+            "ew": Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * chunks_k, init=[]),
+            "acc": Memory(shape=data.ArrayLayout(32, cols), depth=rows * cfg.words_per_row, init=[]),
+        }
+        for bank in range(cols):
+            mem[f"w{bank}"] = Memory(shape=data.ArrayLayout(16, cols), depth=2 * slots * cfg.words_per_row, init=[])
+        for name, memory in mem.items():
+            m.submodules[f"mem_{name}"] = memory
+        mem["chunks_q"], mem["chunks_k"], mem["slots"] = chunks_q, chunks_k, slots
+        # transposed mode: one shared exponent for all of a W tile, per half
+        mem["tile_exponent"] = Array(Signal(EXP, name=f"tile_exponent_{h}", init=EXP_MIN) for h in range(2))
+        return mem
+
+    # --- A writer ---------------------------------------------------------------------------------------------------
+
+    def _a_writer(self, m, mem, job, start, q_length, a_full, a_filled, a_done):
+        """Tiles of A into the A buffer, with each chunk's shared exponent per row."""
+        cfg = self.config
+        rows, chunk = cfg.rows, cfg.chunk_steps
+        write = mem["a"].write_port()
+        exp_write = mem["ea"].write_port()
+
+        half = Signal()
+        m_left = Signal(32)         # A rows still to load, this tile included
+        q = Signal(32)
+        in_chunk = Signal(range(chunk))
+        chunk_index = Signal(range(mem["chunks_q"]))
+        running = [Signal(EXP, name=f"a_exp_{i}", init=EXP_MIN) for i in range(rows)]
+        active = Signal()
+
+        with m.If(start):
+            m.d.sync += [active.eq(1), m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0)]
+        m.d.comb += a_done.eq(~active)
+
+        ready = active & ~a_full.bit_select(half, 1)
+        m.d.comb += self.a.ready.eq(ready)
+        take = self.a.valid & ready
+        chunk_end = (in_chunk == chunk - 1) | (q == q_length - 1)
+        exps = [bf16_exponent(self.a.payload[i]) for i in range(rows)]
+        peaks = [Mux(exps[i] > running[i], exps[i], running[i]) for i in range(rows)]
+        m.d.comb += [
+            write.addr.eq(Mux(half, cfg.max_q, 0) + q),
+            write.data.eq(self.a.payload),
+            write.en.eq(take),
+            exp_write.addr.eq(Mux(half, mem["chunks_q"], 0) + chunk_index),
+            exp_write.en.eq(take & chunk_end),
+        ]
+        for i in range(rows):
+            m.d.comb += exp_write.data[i].eq(peaks[i])
+        with m.If(take):
+            m.d.sync += [q.eq(q + 1), in_chunk.eq(Mux(chunk_end, 0, in_chunk + 1))]
+            m.d.sync += [running[i].eq(Mux(chunk_end, EXP_MIN, peaks[i])) for i in range(rows)]
+            with m.If(chunk_end):
+                m.d.sync += chunk_index.eq(chunk_index + 1)
+            with m.If(q == q_length - 1):
+                # the tile is in: hand the half to the sequencer
+                m.d.comb += a_filled.bit_select(half, 1).eq(1)
+                m.d.sync += [half.eq(~half), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
+                             m_left.eq(m_left - rows)]
+                with m.If(m_left <= rows):
+                    m.d.sync += active.eq(0)
+
+    # --- W writer ---------------------------------------------------------------------------------------------------
+
+    def _w_writer(self, m, mem, job, start, w_full, w_filled, w_done):
+        """Passes of W, re-cut into rows, into tiles of the W buffer, with their shared exponents."""
+        cfg = self.config
+        rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
+        words = cfg.words_per_row
+        slots = mem["slots"]
+        m.submodules.row_align = aligner = RowAligner(cols)
+        if self.dequantizer is not None:
+            m.submodules.dequantizer = self.dequantizer
+            for name in self.dequantizer.signature.members:
+                if name != "weights":
+                    wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(self.dequantizer, name))
+            m.d.comb += [
+                aligner.flat.valid.eq(self.dequantizer.weights.valid),
+                aligner.flat.payload.eq(self.dequantizer.weights.payload.data),
+                self.dequantizer.weights.ready.eq(aligner.flat.ready),
+            ]
+        else:
+            wiring.connect(m, wiring.flipped(self.w), aligner.flat)
+
+        # one shape header per pass of W: ceil(M / rows) passes per job
+        passes_left = Signal(32)
+        with m.If(start):
+            m.d.sync += passes_left.eq(job.m)
+        m.d.comb += [
+            aligner.shape.valid.eq(passes_left != 0),
+            aligner.shape.payload.rows.eq(job.n),
+            aligner.shape.payload.row_length.eq(job.k),
+            aligner.shape.payload.elements.eq(job.weights),
+        ]
+        with m.If(aligner.shape.valid & aligner.shape.ready):
+            m.d.sync += passes_left.eq(Mux(passes_left <= rows, 0, passes_left - rows))
+
+        beat = aligner.rows
+        half = Signal()
+        row = Signal(range(cfg.tile_rows))   # row within the tile
+        word = Signal(range(words))
+        words_in_chunk = chunk // cols
+        word_in_chunk = Signal(range(words_in_chunk))
+        chunk_index = Signal(range(mem["chunks_k"]))
+        tile_rows = Mux(job.transposed, chunk, cols)
+        rows_seen = Signal(32)              # rows of this pass already written
+        pass_open = Signal()                # a pass of W is still expected (mirrors passes)
+        m_left = Signal(32)
+        with m.If(start):
+            m.d.sync += [m_left.eq(job.m), row.eq(0), word.eq(0), word_in_chunk.eq(0), chunk_index.eq(0),
+                         rows_seen.eq(0)]
+        m.d.comb += [pass_open.eq(m_left != 0), w_done.eq(~pass_open)]
+
+        ready = pass_open & ~w_full.bit_select(half, 1)
+        m.d.comb += beat.ready.eq(ready)
+        take = beat.valid & ready
+        row_end = beat.payload.row_end
+        pass_end = beat.payload.last
+        tile_end = row_end & ((row == tile_rows - 1) | pass_end)
+
+        # the beat's largest exponent, for the running maxima
+        exps = [bf16_exponent(beat.payload.data[j]) for j in range(cols)]
+        peak = exps[0]
+        for e in exps[1:]:
+            peak = Mux(e > peak, e, peak)
+        row_peak = Signal(EXP, init=EXP_MIN)     # forward: this row's current chunk
+        tile_peak = Signal(EXP, init=EXP_MIN)    # transposed: the whole tile
+        new_row_peak = Mux(peak > row_peak, peak, row_peak)
+        new_tile_peak = Mux(peak > tile_peak, peak, tile_peak)
+        tile_exponent = mem["tile_exponent"]
+
+        slot = Signal(range(slots + 1))     # row // cols and row % cols, as counters
+        bank = Signal(range(cols))
+        address = Mux(half, slots * words, 0) + slot * words + word
+        ports = []
+        for b in range(cols):
+            port = mem[f"w{b}"].write_port()
+            m.d.comb += [port.addr.eq(address), port.data.eq(beat.payload.data), port.en.eq(take & (bank == b))]
+            ports.append(port)
+
+        exp_port = mem["ew"].write_port(granularity=1)  # one element (a row's exponent) at a time
+        chunk_end = (word_in_chunk == words_in_chunk - 1) | row_end
+        m.d.comb += [
+            exp_port.addr.eq(Mux(half, mem["chunks_k"], 0) + chunk_index),
+            exp_port.en.eq(Mux(take & chunk_end & ~job.transposed, Const(1, cols) << bank, 0)),
+        ]
+        for j in range(cols):
+            m.d.comb += exp_port.data[j].eq(new_row_peak)
+
+        with m.If(take):
+            m.d.sync += [
+                word.eq(Mux(row_end, 0, word + 1)),
+                word_in_chunk.eq(Mux(chunk_end, 0, word_in_chunk + 1)),
+                chunk_index.eq(Mux(row_end, 0, Mux(chunk_end, chunk_index + 1, chunk_index))),
+                row_peak.eq(Mux(chunk_end, EXP_MIN, new_row_peak)),
+                tile_peak.eq(new_tile_peak),
+            ]
+            with m.If(row_end):
+                m.d.sync += [row.eq(row + 1), bank.eq(Mux(bank == cols - 1, 0, bank + 1)),
+                             slot.eq(Mux(bank == cols - 1, slot + 1, slot))]
+            with m.If(tile_end):
+                m.d.comb += w_filled.bit_select(half, 1).eq(1)
+                m.d.sync += [half.eq(~half), row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
+                             tile_exponent[half].eq(new_tile_peak)]
+            with m.If(pass_end):
+                m.d.sync += m_left.eq(Mux(m_left <= rows, 0, m_left - rows))
+
+    # --- sequencer --------------------------------------------------------------------------------------------------
+
+    def _sequencer(self, m, mem, job, start, q_length, a_full, w_full, a_release, w_release, seq_done):
+        """Walk the tiles, read the buffers, align operands to 18-bit integers, feed the PE array.
+
+        Returns the chunk-info stream (one entry per chunk: exponents, accumulator base, first/last flags).
+        """
+        cfg = self.config
+        rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
+        words, slots = cfg.words_per_row, mem["slots"]
+        array = self.array
+        min_steps = max(array.min_chunk, 1)
+
+        info_layout = data.StructLayout({
+            "ea": data.ArrayLayout(EXP, rows), "eb": data.ArrayLayout(EXP, cols),
+            "base": range(max(1, rows * words)), "first": 1, "last": 1, "job_last": 1,
+        })
+        m.submodules.chunk_info = fifo = SyncFIFOBuffered(width=info_layout.size, depth=8)
+        info = data.View(info_layout, fifo.r_data)
+
+        # loop counters
+        active = Signal()
+        flushing = Signal(range(array.flush_steps + 1))
+        m_left = Signal(32)        # A rows left, this tile included
+        a_half, w_half = Signal(), Signal()
+        outer = Signal(32)         # forward: p0 (first output column of the tile); transposed: n0 (first W row)
+        kt = Signal(32)            # transposed: k-tile index t (output columns t*cols ...)
+        k0 = Signal(32)            # transposed: t * cols
+        q0 = Signal(32)            # forward: first reduction index of the chunk
+        chunk_index = Signal(32)   # chunk of the A buffer (q0 / chunk)
+        step = Signal(range(max(chunk, min_steps) + 1))
+        with m.If(start):
+            m.d.sync += [active.eq(1), m_left.eq(job.m), outer.eq(0), kt.eq(0), k0.eq(0), q0.eq(0),
+                         chunk_index.eq(0), step.eq(0)]
+
+        # this chunk's real length and step count
+        fwd_len = Mux(job.k - q0 < chunk, (job.k - q0)[:16], chunk)
+        bwd_len = Mux(job.n - outer < chunk, (job.n - outer)[:16], chunk)
+        length = Mux(job.transposed, bwd_len, fwd_len)
+        steps = Mux(length < min_steps, min_steps, length)
+        last_step = step == steps - 1
+        real = step < length
+
+        fwd_last_chunk = q0 + chunk >= job.k
+        fwd_last_tile = outer + cols >= job.n
+        bwd_last_ktile = k0 + cols >= job.k
+        bwd_last_chunk = outer + chunk >= job.n
+        last_m_tile = m_left <= rows
+        chunk_first = Mux(job.transposed, outer == 0, q0 == 0)
+        chunk_last = Mux(job.transposed, bwd_last_chunk, fwd_last_chunk)
+        job_last = last_m_tile & Mux(job.transposed, bwd_last_chunk & bwd_last_ktile,
+                                     fwd_last_chunk & fwd_last_tile)
+
+        # a step may start when its buffers are full and, on a chunk's first step, the chunk FIFO has room
+        have_data = a_full.bit_select(a_half, 1) & w_full.bit_select(w_half, 1)
+        pipe_latency = 1 + 1  # memory read, then alignment register
+        # (the PE array takes the steps; everything before it stalls with it)
+        pipe = StallPipeline(m, pipe_latency, array.steps.ready, tag_shape=data.StructLayout({
+            "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
+            "bwd_row_real": 1, "chunk_start": 1,
+        }), name="seq")
+        room = fifo.level < 8 - 3
+        issue = Signal()
+        m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
+        m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
+
+        # --- stage 0: addresses
+        a_read = mem["a"].read_port(domain="sync")
+        ea_read = mem["ea"].read_port(domain="sync")
+        ew_read = mem["ew"].read_port(domain="sync")
+        w_reads = [mem[f"w{b}"].read_port(domain="sync") for b in range(cols)]
+        for port in [a_read, ea_read, ew_read, *w_reads]:
+            m.d.comb += port.en.eq(pipe.advance)
+        q = Mux(job.transposed, outer + step, q0 + step)
+        m.d.comb += [
+            a_read.addr.eq(Mux(a_half, cfg.max_q, 0) + q),
+            ea_read.addr.eq(Mux(a_half, mem["chunks_q"], 0) + chunk_index),
+            ew_read.addr.eq(Mux(w_half, mem["chunks_k"], 0) + chunk_index),
+        ]
+        # forward: every bank reads its row (slot 0) at word q // cols; transposed: row `step` of the tile
+        fwd_word = Signal(32)      # q0 // cols + step // cols, kept as counters
+        fwd_lane = Signal(range(cols))
+        bwd_slot = Signal(range(slots + 1))
+        bwd_bank = Signal(range(cols))
+        w_address = Mux(w_half, slots * words, 0) + Mux(job.transposed, bwd_slot * words + kt, fwd_word)
+        for port in w_reads:
+            m.d.comb += port.addr.eq(w_address)
+
+        fwd_cols = Mux(job.n - outer < cols, (job.n - outer)[:5], cols)
+        m.d.comb += [
+            pipe.in_tag.real.eq(issue & real),
+            pipe.in_tag.last.eq(issue & last_step),
+            pipe.in_tag.lane.eq(fwd_lane),
+            pipe.in_tag.bank.eq(bwd_bank),
+            pipe.in_tag.transposed.eq(job.transposed),
+            pipe.in_tag.fwd_cols.eq(fwd_cols),
+            pipe.in_tag.chunk_start.eq(issue & (step == 0)),
+        ]
+
+        # chunk info: pushed when the chunk's first step reaches stage 1 (its exponents are then read)
+        info_in = data.View(info_layout, fifo.w_data)
+        pending = Signal(info_layout)   # the fields known at issue
+        with m.If(issue & (step == 0)):
+            m.d.sync += [
+                pending.base.eq(Mux(job.transposed, kt * rows, 0)),
+                pending.first.eq(chunk_first),
+                pending.last.eq(chunk_last),
+                pending.job_last.eq(job_last),
+            ]
+        stage1_start = Signal()
+        with m.If(pipe.advance):
+            m.d.sync += stage1_start.eq(issue & (step == 0))
+
+        # advance the counters
+        with m.If(issue):
+            m.d.sync += step.eq(Mux(last_step, 0, step + 1))
+            with m.If(real):
+                m.d.sync += fwd_lane.eq(Mux(fwd_lane == cols - 1, 0, fwd_lane + 1))
+                with m.If(fwd_lane == cols - 1):
+                    m.d.sync += fwd_word.eq(fwd_word + 1)
+                m.d.sync += [bwd_bank.eq(Mux(bwd_bank == cols - 1, 0, bwd_bank + 1)),
+                             bwd_slot.eq(Mux(bwd_bank == cols - 1, bwd_slot + 1, bwd_slot))]
+            with m.If(last_step):
+                m.d.sync += [bwd_bank.eq(0), bwd_slot.eq(0)]
+                with m.If(~job.transposed):
+                    # forward: next chunk of the reduction, or next column tile, or next A tile
+                    m.d.sync += [q0.eq(q0 + chunk), chunk_index.eq(chunk_index + 1)]
+                    with m.If(fwd_last_chunk):
+                        m.d.sync += [q0.eq(0), chunk_index.eq(0), fwd_word.eq(0), fwd_lane.eq(0),
+                                     outer.eq(outer + cols), w_half.eq(~w_half)]
+                        m.d.comb += w_release.bit_select(w_half, 1).eq(1)
+                        with m.If(fwd_last_tile):
+                            m.d.sync += outer.eq(0)
+                with m.Else():
+                    # transposed: next k-tile of this chunk, or next chunk of W rows, or next A tile
+                    m.d.sync += [kt.eq(kt + 1), k0.eq(k0 + cols)]
+                    with m.If(bwd_last_ktile):
+                        m.d.sync += [kt.eq(0), k0.eq(0), outer.eq(outer + chunk),
+                                     chunk_index.eq(chunk_index + 1), w_half.eq(~w_half)]
+                        m.d.comb += w_release.bit_select(w_half, 1).eq(1)
+                        with m.If(bwd_last_chunk):
+                            m.d.sync += [outer.eq(0), chunk_index.eq(0)]
+                with m.If(Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)):
+                    # the A tile is done
+                    m.d.comb += a_release.bit_select(a_half, 1).eq(1)
+                    m.d.sync += [a_half.eq(~a_half), m_left.eq(m_left - rows)]
+                    with m.If(last_m_tile):
+                        m.d.sync += [active.eq(0), flushing.eq(array.flush_steps)]
+        with m.If(pipe.advance & (flushing != 0) & ~issue):
+            m.d.sync += flushing.eq(flushing - 1)
+        m.d.comb += seq_done.eq(~active & (flushing == 0))
+
+        # --- stage 1: memory data; select; stage 2: aligned operands
+        tag1 = Signal.like(pipe.in_tag)
+        with m.If(pipe.advance):
+            m.d.sync += tag1.eq(pipe.in_tag)
+        ea_hold = Signal(data.ArrayLayout(EXP, rows))
+        eb_hold = Signal(data.ArrayLayout(EXP, cols))
+        ea_now = Mux(stage1_start, ea_read.data.as_value(), ea_hold.as_value())
+        ew_now = Mux(stage1_start, ew_read.data.as_value(), eb_hold.as_value())
+        with m.If(pipe.advance & stage1_start):
+            m.d.sync += [ea_hold.eq(ea_read.data), eb_hold.eq(ew_read.data)]
+        ea_now = data.View(data.ArrayLayout(EXP, rows), ea_now)
+        ew_now = data.View(data.ArrayLayout(EXP, cols), ew_now)
+
+        # B operands and exponents per column
+        b_values = []
+        b_exps = []
+        bwd_word = Array(w_reads[b].data for b in range(cols))[tag1.bank]
+        for j in range(cols):
+            fwd_value = Array(w_reads[j].data[l] for l in range(cols))[tag1.lane]
+            value = Mux(tag1.transposed, bwd_word[j], fwd_value)
+            keep = tag1.real & (tag1.transposed | (j < tag1.fwd_cols))
+            b_values.append(Mux(keep, value, 0))
+        a_values = [Mux(tag1.real, a_read.data[i], 0) for i in range(rows)]
+
+        # transposed chunks use the tile's single exponent; it belongs to the half being read
+        read_half = Signal()
+        with m.If(pipe.advance):
+            m.d.sync += read_half.eq(w_half)
+        for j in range(cols):
+            b_exps.append(Mux(tag1.transposed, mem["tile_exponent"][read_half], ew_now[j]))
+
+        align_b_units = []
+        for j in range(cols):
+            unit = AlignLanes(1, stages=1)
+            m.submodules[f"align_b_{j}"] = pipe.stall(unit)
+            align_b_units.append(unit)
+        align_a_units = []
+        for i in range(rows):
+            unit = AlignLanes(1, stages=1)
+            m.submodules[f"align_a_{i}"] = pipe.stall(unit)
+            align_a_units.append(unit)
+        for i, unit in enumerate(align_a_units):
+            m.d.comb += [unit.values[0].eq(a_values[i]), unit.shared.eq(ea_now[i])]
+        for j, unit in enumerate(align_b_units):
+            m.d.comb += [unit.values[0].eq(b_values[j]), unit.shared.eq(b_exps[j])]
+
+        # chunk info to the FIFO at stage 1 of a chunk's first step
+        m.d.comb += [
+            fifo.w_en.eq(pipe.advance & stage1_start & tag1.chunk_start),
+            info_in.base.eq(pending.base), info_in.first.eq(pending.first),
+            info_in.last.eq(pending.last), info_in.job_last.eq(pending.job_last),
+        ]
+        for i in range(rows):
+            m.d.comb += info_in.ea[i].eq(ea_now[i])
+        for j in range(cols):
+            m.d.comb += info_in.eb[j].eq(b_exps[j])
+
+        # stage 2 -> the array
+        m.d.comb += [
+            array.steps.valid.eq(pipe.out_valid),
+            array.steps.payload.last.eq(pipe.out_tag.last),
+        ]
+        for i, unit in enumerate(align_a_units):
+            m.d.comb += array.steps.payload.a[i].eq(unit.q[0])
+        for j, unit in enumerate(align_b_units):
+            m.d.comb += array.steps.payload.b[j].eq(unit.q[0])
+        return fifo, info
+
+    # --- accumulator ------------------------------------------------------------------------------------------------
+
+    def _accumulator(self, m, mem, job, start, chunk_info, acc_done):
+        """Chunk sums -> float32 -> accumulated per output in the accumulator memory -> rounded outputs."""
+        cfg = self.config
+        rows, cols = cfg.rows, cfg.cols
+        fifo, info = chunk_info
+        partials = self.array.partials
+
+        # front: integer chunk sums to float32 (stalls with its consumer)
+        converters = [FixedToFloat(ACC_BITS) for _ in range(cols)]
+        tag = data.StructLayout({"addr": range(max(1, rows * cfg.words_per_row)), "first": 1, "last": 1,
+                                 "job_last": 1})
+        admit = Signal()
+        front = StallPipeline(m, converters[0].latency, admit, tag_shape=tag, name="acc_front")
+        for j, unit in enumerate(converters):
+            m.submodules[f"to_float_{j}"] = front.stall(unit)
+            m.d.comb += [
+                unit.value.eq(partials.payload.data[j]),
+                unit.exponent.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row] + info.eb[j] - 32),
+            ]
+        last_row = partials.payload.row == rows - 1
+        m.d.comb += [
+            partials.ready.eq(front.advance & fifo.r_rdy),
+            front.in_valid.eq(partials.valid & fifo.r_rdy),
+            front.in_tag.addr.eq(info.base + partials.payload.row),
+            front.in_tag.first.eq(info.first),
+            front.in_tag.last.eq(info.last),
+            front.in_tag.job_last.eq(info.job_last & last_row),
+            fifo.r_en.eq(partials.valid & partials.ready & last_row),
+        ]
+
+        # back: read-add-write on the accumulator memory, free-running; an item enters only if no item in flight
+        # will still write its address and the output FIFO has a place for it
+        adders = [FPAdd(FP32) for _ in range(cols)]
+        out_fmt = BF16 if cfg.out_dtype == "bf16" else FP32
+        rounders = [FPConvert(FP32, BF16) if out_fmt == BF16 else None for _ in range(cols)]
+        back_latency = 1 + adders[0].latency
+        round_latency = rounders[0].latency if rounders[0] else 0
+        for j, unit in enumerate(adders):
+            m.submodules[f"acc_add_{j}"] = unit
+        for j, unit in enumerate(rounders):
+            if unit is not None:
+                m.submodules[f"out_round_{j}"] = unit
+
+        out_layout = c_layout(cfg)
+        depth = 4 + back_latency + round_latency
+        m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(width=out_layout.size, depth=depth)
+        m.d.comb += [
+            self.c.valid.eq(out_fifo.r_rdy),
+            self.c.payload.eq(out_fifo.r_data),
+            out_fifo.r_en.eq(self.c.ready),
+        ]
+
+        # in-flight bookkeeping: one slot per cycle of the back pipeline (and of the rounding behind it)
+        valid = [Signal(name=f"back_valid_{s}") for s in range(back_latency + round_latency)]
+        tags = [Signal(tag, name=f"back_tag_{s}") for s in range(back_latency + round_latency)]
+        head = front.out_tag
+        hazard = Const(0)
+        for s in range(back_latency):
+            hazard = hazard | (valid[s] & ~tags[s].last & (tags[s].addr == head.addr))
+        finals_in_flight = sum(valid[s] & tags[s].last for s in range(len(valid))) if valid else Const(0)
+        room = out_fifo.level + finals_in_flight < depth - 1
+        m.d.comb += admit.eq(~front.out_valid | (~(hazard & ~head.first) & room))
+        enter = front.out_valid & admit
+        m.d.sync += [valid[0].eq(enter), tags[0].eq(head)]
+        for s in range(1, len(valid)):
+            m.d.sync += [valid[s].eq(valid[s - 1]), tags[s].eq(tags[s - 1])]
+
+        read = mem["acc"].read_port(domain="sync", transparent_for=())
+        write = mem["acc"].write_port()
+        m.d.comb += [read.addr.eq(head.addr), read.en.eq(1)]
+        partial_values = Signal(data.ArrayLayout(32, cols))   # beside the memory read, one cycle
+        m.d.sync += partial_values.eq(Cat(*(unit.result for unit in converters)))
+        for j, unit in enumerate(adders):
+            m.d.comb += [
+                unit.a.eq(partial_values[j]),
+                unit.b.eq(Mux(tags[0].first, 0, read.data[j])),
+            ]
+        sums_tag = tags[back_latency - 1]
+        sums_valid = valid[back_latency - 1]
+        m.d.comb += [
+            write.addr.eq(sums_tag.addr),
+            write.en.eq(sums_valid & ~sums_tag.last),
+        ]
+        for j, unit in enumerate(adders):
+            m.d.comb += write.data[j].eq(unit.result)
+            if rounders[j] is not None:
+                m.d.comb += rounders[j].a.eq(unit.result)
+        out_tag = tags[-1]
+        out_valid = valid[-1]
+        out_in = data.View(out_layout, out_fifo.w_data)
+        m.d.comb += [out_fifo.w_en.eq(out_valid & out_tag.last), out_in.last.eq(out_tag.job_last)]
+        for j in range(cols):
+            result = rounders[j].result if rounders[j] is not None else adders[j].result
+            m.d.comb += out_in.data[j].eq(result)
+
+        # done when nothing is left anywhere
+        idle = ~front.out_valid & ~Cat(*valid).any() & ~fifo.r_rdy & ~out_fifo.r_rdy
+        m.d.comb += acc_done.eq(idle)

@@ -1,0 +1,119 @@
+"""Run the GEMM engine in Amaranth's simulator on whole matrices."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
+from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
+from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
+from .nf4 import _simulate, pack_lanes, producer, unpack_lanes
+from .streams import NO_STALLS, get
+
+__all__ = ["GemmRun", "run_gemm", "bf16_bits"]
+
+
+@dataclass
+class GemmRun:
+    """Result of a simulated GEMM.
+
+    Attributes
+    ----------
+    out : torch.Tensor
+        ``[M, N]`` (forward) or ``[M, K]`` (transposed), bf16 or float32.
+    cycles : int
+    """
+
+    out: torch.Tensor
+    cycles: int
+
+
+def bf16_bits(tensor):
+    """uint16 bit patterns of a bf16 tensor, as a numpy array."""
+    return tensor.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _weight_streams(weights, config):
+    """The streams of one pass of W: ``{"w": beats}`` (bf16) or the dequantizer's streams (NF4)."""
+    cols = config.cols
+    if isinstance(weights, NF4Quantized):
+        n = int(np.prod(weights.shape))
+        streams = {"codes": pack_lanes(unpack_nibbles(weights.packed, n), cols, 4)}
+        if weights.double_quant:
+            streams["tensor"] = [n | (int(np.float32(weights.offset).view(np.uint32)) << 32)]
+            streams["absmax"] = [int(v) for v in np.asarray(weights.absmax, np.uint8)]
+            streams["absmax2"] = [int(v) for v in np.asarray(weights.absmax2, np.float32).view(np.uint32)]
+        else:
+            streams["tensor"] = [n]
+            streams["absmax"] = [int(v) for v in np.asarray(weights.absmax, np.float32).view(np.uint32)]
+        assert len(streams.get("absmax2", [])) in (0, -(-len(streams["absmax"]) // DYNAMIC_BLOCKSIZE))
+        return streams
+    return {"w": pack_lanes(bf16_bits(weights).reshape(-1), cols, 16)}
+
+
+def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, vcd_path=None, progress=None):
+    """``a @ W.T`` (or ``a @ W`` when ``transposed``) on :class:`~edge_qlora.rtl.gemm.GemmEngine`.
+
+    Parameters
+    ----------
+    a : torch.Tensor, bf16, [M, K] (forward) or [M, N] (transposed)
+    weights : torch.Tensor bf16 [N, K], or NF4Quantized of shape [N, K]
+    config : GemmConfig
+        ``weights`` must match the kind of ``weights`` given.
+    stalls : dict of str to Stalls, optional
+        Per stream: ``job``, ``a``, ``w`` or the dequantizer's streams, and ``c``.
+    """
+    stalls = dict(stalls or {})
+    shape = tuple(weights.shape)
+    n, k = shape
+    m_rows, q_len = a.shape
+    if q_len != (n if transposed else k):
+        raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, W is {shape}"
+                         f"{' (transposed: a @ W)' if transposed else ' (a @ W.T)'}")
+    rows, cols = config.rows, config.cols
+    tiles = -(-m_rows // rows)
+    dut = GemmEngine(config)
+
+    a_bits = bf16_bits(a.to(torch.bfloat16))
+    a_beats = []
+    for t in range(tiles):
+        tile = np.zeros((rows, q_len), np.uint16)
+        part = a_bits[t * rows:(t + 1) * rows]
+        tile[:part.shape[0]] = part
+        a_beats += pack_lanes(tile.T.reshape(-1), rows, 16)
+    job = m_rows | (n << 32) | (k << 64) | ((n * k) << 96) | (int(transposed) << 128)
+
+    passes = _weight_streams(weights, config)
+    producers = [
+        producer(dut.job, [job], stalls.get("job", NO_STALLS)),
+        producer(dut.a, a_beats, stalls.get("a", NO_STALLS)),
+    ]
+    for name, beats in passes.items():
+        producers.append(producer(getattr(dut, name), beats * tiles, stalls.get(name, NO_STALLS)))
+
+    out_cols = k if transposed else n
+    col_tiles = -(-out_cols // cols)
+    count = tiles * col_tiles * rows
+
+    async def consumer(ctx):
+        return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS), max_cycles=50 * (count + len(a_beats))
+                         + 40 * tiles * len(next(iter(passes.values()))) + 5000, progress=progress)
+
+    beats, cycles = _simulate(dut, producers, consumer, vcd_path)
+    if len(beats) != count:
+        raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
+    width = 16 if config.out_dtype == "bf16" else 32
+    lasts = [(beat >> (width * cols)) & 1 for beat in beats]
+    if lasts != [0] * (count - 1) + [1]:
+        raise RuntimeError(f"GEMM engine marked beats {[i for i, f in enumerate(lasts) if f]} last")
+    values = unpack_lanes([beat & ((1 << (width * cols)) - 1) for beat in beats], cols, width, count * cols)
+    # beats come tile by tile of output columns, rows in order within a tile
+    values = values.reshape(tiles, col_tiles, rows, cols).transpose(0, 2, 1, 3).reshape(tiles * rows,
+                                                                                        col_tiles * cols)
+    values = values[:m_rows, :out_cols]
+    if width == 16:
+        out = torch.from_numpy(values.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(values.astype(np.uint32).view(np.float32).copy())
+    return GemmRun(out, cycles)
