@@ -165,7 +165,7 @@ class NF4Dequantizer(wiring.Component):
         dq = self.config.double_quant
         shift = self.config.blocksize.bit_length() - 1
         if dq:
-            multiply, add = FPMul(FP32, FP32, FP32, stages=6), FPAdd(FP32)
+            multiply, add = FPMul(FP32, FP32, FP32, stages=6), FPAdd(FP32, stages=7)
             # 2: the code-book read, then a register, because block RAM clock-to-out is slow on ECP5
             latency = 2 + multiply.latency + add.latency
             tag = data.StructLayout({"count": self._count_layout})
