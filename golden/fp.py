@@ -18,7 +18,7 @@ import numpy as np
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "to_bits", "from_bits", "round_to", "is_nan",
-    "mul", "add", "div", "convert",
+    "mul", "add", "div", "convert", "fixed_to_float",
 ]
 
 
@@ -214,3 +214,27 @@ def div(a_bits, b_bits, fmt):
 def convert(bits, fmt_in, fmt_out):
     """Twin of ``FPConvert``: exact widening or round-to-nearest-even narrowing from ``fmt_in`` to ``fmt_out``."""
     return to_bits(_exact(bits, fmt_in), fmt_out)
+
+
+def fixed_to_float(values, exponents, fmt):
+    """Twin of ``FixedToFloat``: ``values * 2 ** exponents`` rounded once to ``fmt``; a zero value gives ``+0``.
+
+    ``ldexp`` in float64 is exact for ``|value| < 2 ** 53`` as long as the result is a normal float64; below that
+    it is far below half the smallest subnormal of any supported format, and :func:`to_bits` rounds it to zero, as
+    it should; above it, it is infinite, as the rounded result is.
+
+    Parameters
+    ----------
+    values : array_like of int
+        Integers with ``|value| < 2 ** 53``.
+    exponents : array_like of int
+        Powers of two, broadcast against ``values``.
+    fmt : FloatFormat
+    """
+    _check_format(fmt)
+    values = np.asarray(values, dtype=np.int64)
+    if values.size and np.abs(values).max() >= 1 << 53:
+        raise ValueError("values must be below 2 ** 53 in magnitude, where float64 holds them exactly")
+    with np.errstate(over="ignore", under="ignore"):
+        exact = np.ldexp(values.astype(np.float64), np.asarray(exponents, dtype=np.int64))
+    return to_bits(exact, fmt)

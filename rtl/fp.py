@@ -1,4 +1,4 @@
-"""IEEE-754 floating-point arithmetic units: multiply, add, divide, convert.
+"""IEEE-754 floating-point arithmetic units: multiply, add, divide, convert, fixed point to float.
 
 Every unit is a fixed-latency pipeline with plain ``In``/``Out`` ports, one operation accepted per cycle. The units
 have no enable of their own: every register is in the ``sync`` domain and nothing counts cycles, so a user stalls a
@@ -15,14 +15,14 @@ Each unit names its cuts in a priority order (in its docstring); ``stages=n`` re
 no reset: a pipeline's contents mean nothing until ``latency`` cycles after its first input. The defaults were
 chosen so that fp32 units close timing at 100 MHz on an ECP5 (LFE5U-85F, speed grade 6, out of context) with
 registered inputs: ``FPMul`` 5 stages, ``FPAdd`` 6, ``FPDiv`` 30 (one recurrence step per cycle); ``FPConvert``
-needs 2 for fp32 to fp16 and 1 otherwise.
+needs 2 for fp32 to fp16 and 1 otherwise; ``FixedToFloat`` 4 for a 44-bit value to fp32.
 
 Every arithmetic unit ends in the same normalise-round-pack datapath (:class:`_Rounder`), written once and
 parameterised by :class:`FloatFormat` and by static bounds on its inputs, so that a unit pays only for the shifts its
 operands can need.
 """
 
-from amaranth.hdl import C, Cat, Module, Mux, Signal, Value
+from amaranth.hdl import C, Cat, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -31,7 +31,7 @@ from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key",
-    "FPMul", "FPAdd", "FPDiv", "FPConvert",
+    "FPMul", "FPAdd", "FPDiv", "FPConvert", "FixedToFloat",
 ]
 
 
@@ -715,6 +715,96 @@ class FPConvert(wiring.Component):
             "inf": a.is_inf,
         }
         state = pipe.cut("window", rounder.align(pipe.m, rounder.count(pipe.m, rounder.prepare(pipe.m, state))))
+        state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
+        m.d.comb += self.result.eq(state["result"])
+        return m
+
+
+class FixedToFloat(wiring.Component):
+    """Scaled two's complement integer to float: ``result = value * 2 ** exponent``, rounded once to ``fmt``.
+
+    This is how the GEMM engine turns an exact integer chunk sum ``S`` and its block exponent into a float32 partial
+    (:func:`edge_qlora.golden.gemm.partial_to_fp32`). The magnitude of ``value`` is normalised and rounded by the
+    same datapath as the other units, to nearest with ties to even, with gradual underflow and overflow to
+    infinity; a zero ``value`` gives ``+0`` whatever the exponent. An ``exponent`` outside ``exp_range`` gives an
+    unspecified result: the range only sizes the port and decides which shifts and overflow checks exist.
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the packed result.
+    2. ``magnitude``: after the absolute value of ``value``.
+    3. ``window``: after the rounding window is shifted out of the magnitude, before rounding.
+    4. ``count``: after the leading and trailing zero counts.
+    5. ``input``: the operands as they arrive.
+
+    Parameters
+    ----------
+    width : int
+        Width of ``value``, 2 to 64 (44 for a chunk sum).
+    exp_range : tuple of int
+        Smallest and largest ``exponent``. The default is the GEMM engine's: ``Ea + Eb - 32`` for chunk exponents
+        ``Ea``, ``Eb`` of bf16 operands, from ``2 * -126 - 32`` to ``2 * 127 - 32``.
+    fmt : FloatFormat
+        Format of the result.
+    stages : int
+        Pipeline register stages, 0 to 5.
+
+    Attributes
+    ----------
+    value : In(signed(width))
+        The integer.
+    exponent : In(signed(exponent_width))
+        The power of two it is worth.
+    result : Out(fmt.width)
+        Packed ``value * 2 ** exponent`` of the operands presented ``latency`` cycles earlier.
+    latency : int
+        Cycles from operands to result, equal to ``stages``.
+    exponent_width : int
+        Width of the ``exponent`` port: just enough for ``exp_range``.
+    """
+
+    CUTS = ("output", "magnitude", "window", "count", "input")
+
+    def __init__(self, width=44, exp_range=(-284, 222), fmt=FP32, stages=4):
+        if not isinstance(width, int) or isinstance(width, bool) or not 2 <= width <= 64:
+            raise ValueError(f"FixedToFloat width must be an integer from 2 to 64, not {width!r}")
+        if (not isinstance(exp_range, tuple) or len(exp_range) != 2
+                or not all(isinstance(e, int) and not isinstance(e, bool) for e in exp_range)
+                or exp_range[0] > exp_range[1]):
+            raise ValueError(f"FixedToFloat exp_range must be a tuple (lo, hi) of integers with lo <= hi, "
+                             f"not {exp_range!r}")
+        _check_format("FixedToFloat", "fmt", fmt)
+        self.width, self.exp_range, self.fmt = width, exp_range, fmt
+        self._registered = _registered_cuts("FixedToFloat", stages, self.CUTS)
+        self.latency = stages
+        self.exponent_width = max(abs(exp_range[0]).bit_length(), abs(exp_range[1]).bit_length()) + 1
+        super().__init__({
+            "value": In(signed(width)),
+            "exponent": In(signed(self.exponent_width)),
+            "result": Out(fmt.width),
+        })
+
+    def elaborate(self, platform):
+        fmt, width = self.fmt, self.width
+        m = Module()
+        pipe = _Pipeline(m, self._registered)
+
+        state = pipe.cut("input", {"value": self.value, "exponent": self.exponent})
+        value = state["value"]
+        negative = value[-1]
+        # the magnitude of the most negative value, 2 ** (width - 1), still fits ``width`` unsigned bits
+        magnitude = _wire(pipe.m, Mux(negative, -value, value)[:width], "magnitude")
+        # the magnitude's top bit is worth 2 ** (width - 1 + exponent)
+        offset = width - 1 + fmt.bias
+        exp_lo, exp_hi = self.exp_range[0] + offset, self.exp_range[1] + offset
+        rounder = _Rounder(fmt, width, (exp_lo, exp_hi), max_lz=width - 1)
+        state = pipe.cut("magnitude", rounder.prepare(pipe.m, {
+            "sign": negative,
+            "exp": _exponent(state["exponent"] + offset, exp_lo, exp_hi),
+            "sig": magnitude,
+        }))
+        state = pipe.cut("count", rounder.count(pipe.m, state))
+        state = pipe.cut("window", rounder.align(pipe.m, state))
         state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
         m.d.comb += self.result.eq(state["result"])
         return m

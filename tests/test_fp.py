@@ -18,8 +18,9 @@ from amaranth.sim import Simulator
 
 from edge_qlora.golden import fp as golden
 from edge_qlora.golden.fp import BF16, FP16, FP32
-from edge_qlora.rtl.fp import (FPAdd, FPConvert, FPDiv, FPMul, fp_abs_key, fp_is_inf, fp_is_nan, fp_is_zero,
-                               fp_order_key)
+from edge_qlora.golden.gemm import partial_to_fp32
+from edge_qlora.rtl.fp import (FixedToFloat, FPAdd, FPConvert, FPDiv, FPMul, fp_abs_key, fp_is_inf, fp_is_nan,
+                               fp_is_zero, fp_order_key)
 
 RANDOM_VECTORS = 4000
 
@@ -450,3 +451,101 @@ def test_golden_bf16_ops_match_torch():
     reference = _as_torch(a, torch.bfloat16) * _as_torch(b, torch.bfloat16)
     expected = np.where(torch.isnan(reference).numpy(), BF16.nan_bits, _torch_bits(reference))
     _assert_same(golden.mul(a, BF16, b, BF16, BF16), expected, BF16, a=a, b=b)
+
+
+# -- FixedToFloat -----------------------------------------------------------------------------------------------------
+
+def _fixed_operands(width, exp_range, fmt, rng, n=RANDOM_VECTORS):
+    """Integers of every bit length (many with short significands, ties and all-ones runs) and exponents, a third of
+    them steered so that the result is subnormal, barely normal or about to overflow, plus every corner pair."""
+    lo, hi = exp_range
+    length = rng.integers(0, width, n)                      # magnitude below 2 ** length
+    magnitude = rng.integers(0, 1 << 62, n) >> (62 - length)
+    # a significand of precision + 1 bits ending in 1 is a rounding tie once the result is normal
+    tie = ((1 << fmt.precision) | (rng.integers(0, 1 << (fmt.precision - 1), n) << 1) | 1)
+    tie_shift = rng.integers(0, max(1, width - 1 - (fmt.precision + 1)) + 1, n)
+    magnitude = np.where(rng.random(n) < 0.15, np.minimum(tie << tie_shift, (1 << (width - 1)) - 1), magnitude)
+    # few significant bits: exact results, and ties wherever the window falls (subnormal results)
+    kept = rng.integers(1, 6, n)
+    short = magnitude >> np.maximum(length - kept, 0) << np.maximum(length - kept, 0)
+    magnitude = np.where(rng.random(n) < 0.2, short, magnitude)
+    # a run of ones below a binade boundary: rounding carries into the exponent
+    ones = (1 << np.minimum(length, width - 1)) - 1 - rng.integers(0, 3, n)
+    magnitude = np.where(rng.random(n) < 0.1, np.maximum(ones, 0), magnitude)
+    values = np.where(rng.integers(0, 2, n) == 1, -magnitude, magnitude)
+    exponents = rng.integers(lo, hi + 1, n)
+    top = np.array([max(int(v).bit_length() - 1, 0) for v in np.abs(values)])
+    steered = np.clip(_extreme_exponents(fmt, n, rng) - top, lo, hi)
+    exponents = np.where(rng.random(n) < 0.35, steered, exponents)
+    big = (1 << (width - 1)) - 1
+    corner_values = np.array([0, 1, -1, 2, -2, 3, big, -big, -big - 1, 1 << (width - 2), -(1 << (width - 2))])
+    emin, emax = 1 - fmt.bias, fmt.exp_max - 1 - fmt.bias
+    corner_exponents = np.unique(np.clip(np.array(
+        [lo, lo + 1, hi - 1, hi, 0, emin, emin - fmt.frac_bits, emin - fmt.frac_bits - 1, emin - fmt.frac_bits - 2,
+         emax, emax + 1, emax - width + 1, emax - width + 2, emin - width + 1]), lo, hi))
+    corner_values, corner_exponents = _cross(corner_values, corner_exponents)
+    return np.concatenate([values, corner_values]), np.concatenate([exponents, corner_exponents])
+
+
+FIXED_CASES = {
+    "44-fp32": (44, (-284, 222), FP32),
+    "44-bf16": (44, (-284, 222), BF16),
+    "20-fp16": (20, (-40, 30), FP16),
+    "6-fp32-normal": (6, (-20, 20), FP32),          # no subnormal and no overflow: the rounder drops those checks
+}
+
+
+@pytest.mark.parametrize("case", list(FIXED_CASES))
+def test_fixed_to_float(case):
+    width, exp_range, fmt = FIXED_CASES[case]
+    values, exponents = _fixed_operands(width, exp_range, fmt, np.random.default_rng(14))
+    got = _simulate(FixedToFloat(width, exp_range, fmt), {"value": values, "exponent": exponents})
+    _assert_same(got, golden.fixed_to_float(values, exponents, fmt), fmt, value=values, exponent=exponents)
+
+
+@pytest.mark.parametrize("stages", [5, 2, 0])
+def test_fixed_to_float_stages(stages):
+    """Other register placements, stalled at random (``stages=0``: combinational, not stalled)."""
+    values, exponents = _fixed_operands(44, (-284, 222), FP32, np.random.default_rng(15), STALL_VECTORS)
+    dut = FixedToFloat(stages=stages)
+    assert dut.latency == stages and dut.exponent_width == 10
+    got = _simulate(dut, {"value": values, "exponent": exponents}, enable_seed=16 if stages else None)
+    _assert_same(got, golden.fixed_to_float(values, exponents, FP32), FP32, value=values, exponent=exponents)
+
+
+def test_fixed_to_float_default_stalled():
+    values, exponents = _fixed_operands(44, (-284, 222), FP32, np.random.default_rng(17), STALL_VECTORS)
+    dut = FixedToFloat()
+    assert dut.latency == 4
+    got = _simulate(dut, {"value": values, "exponent": exponents}, enable_seed=18)
+    _assert_same(got, golden.fixed_to_float(values, exponents, FP32), FP32, value=values, exponent=exponents)
+
+
+def test_fixed_to_float_arguments_checked():
+    with pytest.raises(ValueError, match="width must be an integer from 2 to 64, not 65"):
+        FixedToFloat(65)
+    with pytest.raises(ValueError, match="exp_range must be a tuple"):
+        FixedToFloat(exp_range=(3, -3))
+    with pytest.raises(TypeError, match="fmt must be a FloatFormat"):
+        FixedToFloat(fmt="fp32")
+    with pytest.raises(ValueError, match="stages must be from 0 to 5, not 6"):
+        FixedToFloat(stages=6)
+
+
+def test_golden_fixed_to_float():
+    """Against float32 arithmetic, exact where the product of the value and the power of two is a float32."""
+    rng = np.random.default_rng(19)
+    values = rng.integers(-(1 << 24), 1 << 24, 100_000)
+    exponents = rng.integers(-180, 140, 100_000)
+    with np.errstate(over="ignore"):
+        reference = values.astype(np.float32) * np.ldexp(np.float32(1), exponents.clip(-149, 127)).astype(np.float32)
+    exact = (exponents >= -149) & (exponents <= 127) & (np.abs(reference) >= np.float32(2.0 ** -126))
+    got = golden.fixed_to_float(values, exponents, FP32)
+    assert np.array_equal(got[exact], reference[exact].view(np.uint32))
+    # the engine's conversion is the same arithmetic
+    sums = rng.integers(-(1 << 43) + 1, 1 << 43, 10_000)
+    exps = rng.integers(-252, 255, 10_000)
+    assert np.array_equal(golden.fixed_to_float(sums, exps - 32, FP32), partial_to_fp32(sums, exps).view(np.uint32))
+    assert golden.fixed_to_float([0, 0], [-300, 300], FP32).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="2 \\*\\* 53"):
+        golden.fixed_to_float([1 << 53], [0], FP32)

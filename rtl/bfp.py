@@ -1,0 +1,284 @@
+"""Block floating point: a chunk's shared exponent, and bf16 values aligned to it (twin: ``golden/gemm.py``).
+
+The GEMM engine turns every ``chunk`` consecutive bf16 elements of a row of A (or of a column of B) into 18-bit
+signed integers that share one exponent ``E``, the largest exponent among them (see
+:func:`edge_qlora.golden.gemm.align`): ``q = rne(v * 2 ** (16 - E))``. :class:`ExponentMax` finds ``E`` while a
+chunk streams into the operand buffers, :class:`AlignLanes` converts the chunk's values once ``E`` is known.
+
+A bf16 value is ``(-1) ** s * sig * 2 ** (e - 7)``, with ``sig`` the 8-bit significand (hidden bit and fraction)
+and ``e`` its unbiased exponent; a subnormal has no hidden bit and ``e = -126``, so that one formula covers both.
+With ``d = E - e >= 0``, ``q = rne(+-sig * 2 ** (9 - d))``: exact while ``d <= 9`` (the chunk's largest element
+lands in ``[2 ** 16, 2 ** 17)``), rounded to nearest even below that, and zero from ``d = 18`` on. Rounding to
+nearest even is symmetric in the sign, so the magnitude is rounded and then negated.
+
+NaNs and infinities are outside this arithmetic: the engine refuses them before they reach these units, whose
+results for them are unspecified.
+"""
+
+from amaranth.hdl import C, Cat, Module, Mux, Signal, Value, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
+
+__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "max_exponent", "ExponentMax", "AlignLanes"]
+
+#: shape of an unbiased bf16 exponent: -126 to 127 (128 for NaN and infinity)
+EXPONENT_SHAPE = signed(9)
+_BF16_BIAS = 127
+_BF16_FRAC = 7
+MAX_LANES = 64
+# beyond this distance every bf16 significand (< 2 ** 8) aligns to less than half: zero
+_MAX_DISTANCE = OPERAND_FRAC - _BF16_FRAC + 9
+
+
+def bf16_exponent(value):
+    """Unbiased exponent of a packed bf16 as :func:`edge_qlora.golden.gemm.exponents` defines it.
+
+    Zeros and subnormals give -126, the exponent of the smallest normal (a subnormal is scaled like one, without
+    the hidden bit); NaNs and infinities give 128.
+
+    Parameters
+    ----------
+    value : Value
+        16-bit packed bf16.
+
+    Returns
+    -------
+    Value of shape :data:`EXPONENT_SHAPE`
+    """
+    field = Value.cast(value)[_BF16_FRAC:15]
+    return Mux(field == 0, 1, field) - _BF16_BIAS
+
+
+def _max(m, a, b, name):
+    wire = Signal(EXPONENT_SHAPE, name=name)
+    m.d.comb += wire.eq(Mux(a > b, a, b))
+    return wire
+
+
+def _reduce(m, exponents, name, level_done):
+    """Pairwise max tree over ``exponents``; ``level_done(level, values)`` may register the values after a level."""
+    values = level_done(0, list(exponents))
+    level = 0
+    while len(values) > 1:
+        level += 1
+        pairs = [_max(m, values[i], values[i + 1], f"{name}_l{level}_{i // 2}") for i in range(0, len(values) - 1, 2)]
+        values = level_done(level, pairs + values[len(values) & ~1:])
+    return values[0]
+
+
+def _tree_levels(lanes):
+    return (lanes - 1).bit_length()
+
+
+def max_exponent(m, values, name="exponent_max"):
+    """Combinational maximum of the bf16 exponents of ``values``, as a balanced tree of comparisons.
+
+    Parameters
+    ----------
+    m : Module
+        Module to add the comparison tree to (one named wire per node, which keeps the simulator from evaluating
+        shared subexpressions more than once).
+    values : iterable of Value
+        Packed bf16 values.
+    name : str
+        Prefix of the tree's wires.
+
+    Returns
+    -------
+    Signal of shape :data:`EXPONENT_SHAPE`
+    """
+    values = list(values)
+    if not values:
+        raise ValueError("max_exponent needs at least one value")
+    exponents = []
+    for lane, value in enumerate(values):
+        exponent = Signal(EXPONENT_SHAPE, name=f"{name}_lane_{lane}")
+        m.d.comb += exponent.eq(bf16_exponent(value))
+        exponents.append(exponent)
+    return _reduce(m, exponents, name, lambda level, nodes: nodes)
+
+
+def _check_lanes(unit, lanes):
+    if not isinstance(lanes, int) or isinstance(lanes, bool):
+        raise TypeError(f"{unit} lanes must be an integer, not {lanes!r}")
+    if not 1 <= lanes <= MAX_LANES:
+        raise ValueError(f"{unit} lanes must be from 1 to {MAX_LANES}, not {lanes}")
+
+
+def _check_stages(unit, stages, most):
+    if not isinstance(stages, int) or isinstance(stages, bool):
+        raise TypeError(f"{unit} stages must be an integer, not {stages!r}")
+    if not 0 <= stages <= most:
+        raise ValueError(f"{unit} stages must be from 0 to {most}, not {stages}")
+
+
+class ExponentMax(wiring.Component):
+    """Running maximum of bf16 exponents over the beats of a chunk: the chunk's shared exponent ``E``.
+
+    The engine shows this unit every beat it writes into an operand buffer (``lanes`` bf16 values; padding lanes
+    should be zeros, which never raise the maximum) and marks the chunk's final beat with ``last``. ``latency``
+    cycles after that beat, ``done`` is high for one cycle and ``exponent`` holds the chunk's ``E`` until the next
+    ``done``; the next chunk may start on the very next beat. A chunk starts after reset and after every ``last``
+    beat: the running maximum restarts from -126, the exponent of zero, so an all-zero chunk has ``E = -126``, as
+    in :func:`edge_qlora.golden.gemm.align`.
+
+    The lane maximum is a tree of ``ceil(log2(lanes))`` levels of 9-bit comparisons; ``stages`` registers cut it,
+    every register delays ``done`` by one cycle. All registers are in ``sync``, so ``EnableInserter`` stalls the
+    unit as a whole (the simplest use, though, is to hold ``valid`` low).
+
+    Parameters
+    ----------
+    lanes : int
+        Values per beat, 1 to 64.
+    stages : int
+        Registers in the lane maximum, 0 to 2: 1 after the tree, 2 also halfway through it.
+
+    Attributes
+    ----------
+    values : In(ArrayLayout(16, lanes))
+        Packed bf16 values of one beat; ignored unless ``valid``.
+    valid : In(1)
+        The beat belongs to the current chunk.
+    last : In(1)
+        With ``valid``: the beat is the chunk's final one.
+    exponent : Out(signed(9))
+        The shared exponent of the last finished chunk.
+    done : Out(1)
+        High for one cycle when ``exponent`` takes a new chunk's value.
+    latency : int
+        ``stages + 1``: cycles from the ``last`` beat to ``done``.
+    """
+
+    def __init__(self, lanes, stages=1):
+        _check_lanes("ExponentMax", lanes)
+        _check_stages("ExponentMax", stages, 2)
+        self.lanes, self.stages = lanes, stages
+        self.latency = stages + 1
+        super().__init__({
+            "values": In(data.ArrayLayout(16, lanes)),
+            "valid": In(1),
+            "last": In(1),
+            "exponent": Out(EXPONENT_SHAPE, init=EXP_MIN),
+            "done": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        levels = _tree_levels(self.lanes)
+        registered = [levels, levels // 2][:self.stages]
+        # ``valid`` and ``last`` travel beside the tree's registers
+        flags = {"valid": self.valid, "last": self.last}
+
+        def level_done(level, nodes):
+            for k in range(registered.count(level)):
+                stage = len([r for r in registered if r < level]) + k
+                registers = [Signal(EXPONENT_SHAPE, name=f"max_s{stage}_{i}", reset_less=True)
+                             for i in range(len(nodes))]
+                m.d.sync += [r.eq(n) for r, n in zip(registers, nodes)]
+                for key, value in flags.items():
+                    flags[key] = Signal(name=f"{key}_s{stage}")
+                    m.d.sync += flags[key].eq(value)
+                nodes = registers
+            return nodes
+
+        exponents = []
+        for lane in range(self.lanes):
+            exponent = Signal(EXPONENT_SHAPE, name=f"lane_exponent_{lane}")
+            m.d.comb += exponent.eq(bf16_exponent(self.values[lane]))
+            exponents.append(exponent)
+        beat_max = _reduce(m, exponents, "exponent_max", level_done)
+
+        running = Signal(EXPONENT_SHAPE, init=EXP_MIN)
+        chunk_max = Signal(EXPONENT_SHAPE)
+        m.d.comb += chunk_max.eq(Mux(beat_max > running, beat_max, running))
+        m.d.sync += self.done.eq(flags["valid"] & flags["last"])
+        with m.If(flags["valid"]):
+            m.d.sync += running.eq(Mux(flags["last"], EXP_MIN, chunk_max))
+            with m.If(flags["last"]):
+                m.d.sync += self.exponent.eq(chunk_max)
+        return m
+
+
+class AlignLanes(wiring.Component):
+    """Align ``lanes`` bf16 values to a chunk's shared exponent: ``q = rne(v * 2 ** (16 - shared))``.
+
+    Per lane: the distance ``d = shared - e`` (clamped at 18, where every value aligns to zero) shifts the 8-bit
+    significand, with 9 bits below the unit place to keep the guard bit and the sticky bits exactly; the rounding
+    increment and the negation of a negative value then share one adder (``-(x + r) = ~x + (1 - r)``).
+    Bit-exact with :func:`edge_qlora.golden.gemm.align` when ``shared`` is the chunk's largest exponent; any
+    ``shared`` not below the lane exponents is allowed, a smaller one gives unspecified results.
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the aligned operands.
+    2. ``shift``: after the alignment shift, before rounding.
+
+    Fixed latency, registers only in ``sync`` and no enable of their own: wrap the unit in
+    ``EnableInserter(advance)`` to stall it with the rest of a pipeline (see :mod:`edge_qlora.rtl.pipeline`).
+
+    Parameters
+    ----------
+    lanes : int
+        Values per cycle, 1 to 64.
+    stages : int
+        Pipeline register stages, 0 to 2.
+
+    Attributes
+    ----------
+    values : In(ArrayLayout(16, lanes))
+        Packed bf16 values.
+    shared : In(signed(9))
+        The chunk exponent ``E``, at least every lane's :func:`bf16_exponent`.
+    q : Out(ArrayLayout(signed(18), lanes))
+        Aligned operands of the values presented ``latency`` cycles earlier.
+    latency : int
+        Equal to ``stages``.
+    """
+
+    CUTS = ("output", "shift")
+
+    def __init__(self, lanes, stages=1):
+        _check_lanes("AlignLanes", lanes)
+        _check_stages("AlignLanes", stages, len(self.CUTS))
+        self.lanes = lanes
+        self._registered = frozenset(self.CUTS[:stages])
+        self.latency = stages
+        super().__init__({
+            "values": In(data.ArrayLayout(16, lanes)),
+            "shared": In(EXPONENT_SHAPE),
+            "q": Out(data.ArrayLayout(signed(OPERAND_BITS), lanes)),
+        })
+
+    def _cut(self, m, cut, name, value):
+        value = Value.cast(value)
+        wire = Signal(value.shape(), name=f"{name}_{cut}", reset_less=True)
+        if cut in self._registered:
+            m.d.sync += wire.eq(value)
+        else:
+            m.d.comb += wire.eq(value)
+        return wire
+
+    def elaborate(self, platform):
+        m = Module()
+        fraction_bits = _MAX_DISTANCE - 9        # bits kept below the unit place: guard and sticky, exactly
+        for lane in range(self.lanes):
+            value = Value.cast(self.values[lane])
+            field = value[_BF16_FRAC:15]
+            significand = Cat(value[:_BF16_FRAC], field != 0)
+            distance = self.shared - bf16_exponent(value)
+            distance = Mux(distance > _MAX_DISTANCE, _MAX_DISTANCE, distance)[:_MAX_DISTANCE.bit_length()]
+            # ``significand * 2 ** (9 - d)`` with ``fraction_bits`` bits below the unit place: nothing falls off
+            aligned = Cat(C(0, fraction_bits + 9), significand) >> distance
+            aligned = self._cut(m, "shift", f"aligned_{lane}", aligned)
+            sign = self._cut(m, "shift", f"sign_{lane}", value[15])
+
+            integer = aligned[fraction_bits:fraction_bits + OPERAND_BITS - 1]
+            guard = aligned[fraction_bits - 1]
+            sticky = aligned[:fraction_bits - 1].any()
+            round_up = guard & (sticky | integer[0])
+            q = (Cat(integer, C(0, 1)) ^ sign.replicate(OPERAND_BITS)) + (round_up ^ sign)
+            q = self._cut(m, "output", f"q_{lane}", q[:OPERAND_BITS].as_signed())
+            m.d.comb += self.q[lane].eq(q)
+        return m
