@@ -1,0 +1,569 @@
+"""NF4 quantizer IP core, bit-exact with bitsandbytes' ``quantize_4bit`` (twin: ``golden/nf4_quant.py``).
+
+A weight's code depends on the absmax of its whole block, which is known only after the block's last weight, so the
+core is *block-buffered*: every beat is stored in a block buffer while the running absmax of its block is found,
+and read back once the block's scale is known. The scale of a full block is ``r = fl(1 / max(absmax, 1e-38))`` and
+every lane multiplies, ``fl(w * r)``; the final partial block of a tensor (the *tail*) divides instead,
+``fl(w / am)``, one weight per cycle through the same divider that computes the reciprocals. A code is the number
+of NF4 bounds strictly below the scaled weight: 15 comparisons against constants.
+
+Datapath; the queues between the boxes are FIFOs::
+
+    weights -> [ingest: |w| max trees, running absmax] -> block records -> [divider: 1/am, am/1, tail w/am]
+       |                                                                    |                 |
+       +--> block buffer (Memory) -> [coder: FPMul x lanes, bounds] <-- scales          tail codes
+                                                 |                                          |
+                                                 +--> coded beats --> join <----------------+--> codes
+
+The divider takes three kinds of operation, in order: ``1 / max(am, 1e-38)`` for a full block, ``am / 1`` for a
+tail block (which passes the clamped absmax through in block order, as the divisor of the tail), and ``w / am``
+for each weight of a tail. The coded beats wait for their tail codes in a queue as long as the divider's latency,
+so that a tail flows at one weight per cycle.
+
+Work enters the divider and the coder only with a slot reserved for its result in the queue it goes to (credits),
+so neither ever waits: both run freely, with no enable on their registers (a large fan-out saved), and results
+always drain, so the core cannot deadlock. Only the ingest stalls, when the buffer or the record queue is full.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.golden.codebooks import BLOCKSIZES, NF4_BOUNDS
+from edge_qlora.golden.nf4_quant import ABSMAX_FLOOR
+from .fp import FORMATS, FP32, FPConvert, FPDiv, FPMul, fp_abs_key, fp_is_nan
+from .nf4_dequant import codes_layout
+from .pipeline import StallPipeline
+
+__all__ = ["NF4QuantConfig", "NF4Quantizer", "weights_in_layout", "codes_out_layout"]
+
+_ONE = 0x3F800000
+_FLOOR = int(np.float32(ABSMAX_FLOOR).view(np.uint32))
+#: code of 0.0, which bitsandbytes packs into the nibble past the end of an odd-sized tensor
+_PAD_CODE = 7
+
+
+#: the NF4 bounds as (sign, magnitude bits); none is zero, so a signed zero never ties with one
+_BOUNDS = [(int(b) >> 31, int(b) & 0x7FFFFFFF) for b in NF4_BOUNDS.view(np.uint32)]
+
+
+@dataclass(frozen=True)
+class NF4QuantConfig:
+    """Elaboration parameters of :class:`NF4Quantizer`.
+
+    Parameters
+    ----------
+    lanes : int
+        Weights per cycle, 1 to 16.
+    blocksize : int
+        NF4 block size: 32, 64, ..., 4096.
+    in_dtype : str
+        Format of the incoming weights: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+    """
+
+    lanes: int = 8
+    blocksize: int = 64
+    in_dtype: str = "bf16"
+
+    def __post_init__(self):
+        if not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or not 1 <= self.lanes <= 16:
+            raise ValueError(f"lanes must be an integer from 1 to 16, not {self.lanes!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {self.blocksize!r}")
+        if self.in_dtype not in FORMATS:
+            raise ValueError(f"in_dtype must be one of {sorted(FORMATS)}, not {self.in_dtype!r}")
+
+    @property
+    def in_format(self):
+        return FORMATS[self.in_dtype]
+
+    @property
+    def tree_levels(self):
+        """Register stages of the per-beat absmax tree: one per halving of ``lanes``."""
+        return (self.lanes - 1).bit_length()
+
+    def scale_queue_depth(self, divider_latency):
+        """Reciprocals in flight or waiting for the coder: enough for the divider's latency at the block rate."""
+        cycles_per_block = max(1, self.blocksize // self.lanes)
+        return -(-(divider_latency + 8) // cycles_per_block) + 4
+
+    def buffer_depth(self, divider_latency):
+        """Beats in the block buffer: a whole block, plus one beat it may share with the next, plus the cycles from
+        a block's last beat to its scale reaching the coder (ingest, record queue, divider, scale queue)."""
+        beats_per_block = -(-self.blocksize // self.lanes) + 1
+        return beats_per_block + self.tree_levels + divider_latency + 16
+
+
+def weights_in_layout(fmt, lanes):
+    """Payload of the ``weights`` stream: ``lanes`` packed values of ``fmt`` in weight order (element 0 first)."""
+    return data.ArrayLayout(fmt.width, lanes)
+
+
+def codes_out_layout(lanes):
+    """Payload of the ``codes`` stream: ``lanes`` NF4 codes in weight order and ``last`` on a tensor's final beat.
+    Lanes past the end of the tensor carry code 7, the code of 0.0, which bitsandbytes uses as its pad nibble."""
+    return data.StructLayout({"data": codes_layout(lanes), "last": 1})
+
+
+class _NF4Encode(wiring.Component):
+    """NF4 code of an fp32 value: the number of NF4 bounds strictly below it (a tie takes the lower code).
+
+    A NaN gets 15, where ``numpy.searchsorted`` (the golden model) sorts it; finite weights never make one.
+    Combinational; a submodule of its own so that the simulator re-evaluates it only when its input changes.
+
+    Attributes
+    ----------
+    scaled : In(32)
+        float32 bits of a scaled weight.
+    code : Out(4)
+    """
+
+    scaled: In(32)
+    code: Out(4)
+
+    def elaborate(self, platform):
+        m = Module()
+        negative = self.scaled[31]
+        magnitude = Signal(31)
+        above = Signal(15)      # above[i]: bound i < scaled
+        m.d.comb += [
+            magnitude.eq(fp_abs_key(self.scaled, FP32)),
+            above.eq(Cat(*(~negative & (magnitude > bound) if not sign else ~negative | (magnitude < bound)
+                           for sign, bound in _BOUNDS)) | fp_is_nan(self.scaled, FP32).replicate(15)),
+        ]
+        # ``above`` is a thermometer (the bounds ascend): the code is the position of its last one, plus one
+        top = Cat(above, Const(0, 1))
+        exactly = [top[c - 1] & ~top[c] for c in range(1, 16)]      # exactly[c - 1]: the code is c
+        for bit in range(4):
+            m.d.comb += self.code[bit].eq(Cat(*(exactly[c - 1] for c in range(1, 16) if c >> bit & 1)).any())
+        return m
+
+
+def _nf4_code(m, scaled, name):
+    """The code of ``scaled`` from an :class:`_NF4Encode` added to ``m`` as ``name``."""
+    m.submodules[name] = encode = _NF4Encode()
+    m.d.comb += encode.scaled.eq(scaled)
+    return encode.code
+
+
+def _to_fp32(m, value, fmt, name):
+    """``value`` of ``fmt`` widened to fp32 (exact), combinationally."""
+    if fmt == FP32:
+        return value
+    convert = FPConvert(fmt, FP32, stages=0)
+    m.submodules[name] = convert
+    m.d.comb += convert.a.eq(value)
+    return convert.result
+
+
+def _max_tree(m, keys, advance, name):
+    """Registered maximum of unsigned ``keys``: one register stage per halving, all enabled by ``advance``."""
+    level = 0
+    while len(keys) > 1:
+        level += 1
+        merged = []
+        for i in range(0, len(keys), 2):
+            node = Signal(len(keys[i]), name=f"{name}_{level}_{i // 2}")
+            pair = keys[i:i + 2]
+            with m.If(advance):
+                m.d.sync += node.eq(pair[0] if len(pair) == 1 else Mux(pair[0] > pair[1], pair[0], pair[1]))
+            merged.append(node)
+        keys = merged
+    return keys[0]
+
+
+class _TailIssue:
+    """Signals between the coder, which holds a beat's tail lanes, and the divider, which takes one per cycle.
+
+    Attributes
+    ----------
+    valid : Signal
+        A beat with tail lanes left is held (coder).
+    weights : Signal(weights_in_layout)
+        That beat's weights (coder).
+    divisor : Signal(32)
+        The clamped absmax of the tail block, float32 (coder).
+    lane : Signal(range(lanes))
+        The lowest tail lane not yet issued (coder).
+    beat_end : Signal
+        ``lane`` is the beat's last tail lane (coder).
+    issue : Signal
+        The divider takes ``lane`` this cycle (divider).
+    latency : int
+        Cycles from ``issue`` to the division's result.
+    """
+
+    def __init__(self, fmt, lanes, latency):
+        self.latency = latency
+        self.valid = Signal(name="tail_valid")
+        self.weights = Signal(weights_in_layout(fmt, lanes), name="tail_weights")
+        self.divisor = Signal(32, name="tail_divisor")
+        self.lane = Signal(range(lanes), name="tail_lane")
+        self.beat_end = Signal(name="tail_beat_end")
+        self.issue = Signal(name="tail_issue")
+
+
+class NF4Quantizer(wiring.Component):
+    """Streaming NF4 quantizer: ``lanes`` weights per cycle, block-buffered.
+
+    A tensor of ``n_weights`` weights arrives as ``ceil(n_weights / lanes)`` beats, the final one zero-padded; it
+    leaves as the same number of beats of codes and ``ceil(n_weights / blocksize)`` absmax values. ``n_weights`` is
+    read at a tensor's first beat and must be valid then; tensors may follow each other back to back. After the
+    pipeline fills, full blocks flow at ``lanes`` weights per cycle with no backpressure; a tail block takes one
+    cycle per weight in the divider. NaN or infinite weights give unspecified codes (the software refuses them),
+    but the core keeps running.
+
+    Parameters
+    ----------
+    config : NF4QuantConfig
+
+    Attributes
+    ----------
+    weights : In(stream of :func:`weights_in_layout`)
+        Weights, ``lanes`` per beat, in the configured input format.
+    n_weights : In(32)
+        Number of weights in the tensor, at least 1 (0 acts as 1).
+    codes : Out(stream of :func:`codes_out_layout`)
+        NF4 codes, one beat per weights beat.
+    absmax : Out(stream of unsigned(32))
+        float32 absmax bits, one per block in block order: ``max|w|`` for a full block, ``max(max|w|, 1e-38)`` for
+        a tail block, as bitsandbytes stores them.
+    """
+
+    def __init__(self, config=NF4QuantConfig()):
+        if not isinstance(config, NF4QuantConfig):
+            raise TypeError(f"config must be an NF4QuantConfig, not {config!r}")
+        self.config = config
+        super().__init__({
+            "weights": In(stream.Signature(weights_in_layout(config.in_format, config.lanes))),
+            "n_weights": In(32),
+            "codes": Out(stream.Signature(codes_out_layout(config.lanes))),
+            "absmax": Out(stream.Signature(32)),
+        })
+
+    def elaborate(self, platform):
+        cfg = self.config
+        fmt, lanes = cfg.in_format, cfg.lanes
+        m = Module()
+
+        # One buffer entry per beat: the weights and where the beat's blocks begin and end, so that the coder,
+        # which may lag a tensor behind, never reads ``n_weights``. The lane masks are decoded before the buffer,
+        # so that little logic follows the block RAM's slow output.
+        beat_layout = data.StructLayout({
+            "weights": weights_in_layout(fmt, lanes),
+            "first": lanes,          # lanes in lane 0's block; the others are in the next block or past the tensor
+            "valid": lanes,          # lanes that hold weights of the tensor
+            "straddles": 1,          # some lanes are in the block after lane 0's
+            "first_ends": 1,         # lane 0's block ends in this beat
+            "second_ends": 1,        # so does the next one (a tail of fewer than ``lanes`` weights)
+            "last": 1,
+        })
+        record_layout = data.StructLayout({"absmax": fmt.width, "tail": 1})
+        scale_layout = data.StructLayout({"value": 32, "tail": 1})
+
+        divide = FPDiv(FP32)
+        # the buffers are sized by the divider's latency: a block's scale is that much later than its last beat
+        depth, scale_depth = cfg.buffer_depth(divide.latency), cfg.scale_queue_depth(divide.latency)
+        m.submodules.buffer = buffer = Memory(shape=beat_layout, depth=depth, init=[])
+        m.submodules.records = records = SyncFIFOBuffered(width=record_layout.size, depth=8)
+        m.submodules.scales = scales = SyncFIFOBuffered(width=scale_layout.size, depth=scale_depth)
+        m.submodules.tail_codes = tail_codes = SyncFIFOBuffered(width=4 * lanes, depth=divide.latency + 4)
+
+        # the ingest writes the buffer and the coder reads it; they share its fill level
+        space, written = Signal(name="buffer_space"), Signal(name="buffer_written")
+        tail = _TailIssue(fmt, lanes, divide.latency)
+        self._elaborate_ingest(m, buffer, space, written, records, record_layout)
+        self._elaborate_divider(m, divide, records, record_layout, scales, tail, tail_codes)
+        self._elaborate_coder(m, buffer, space, written, scales, scale_layout, tail, tail_codes)
+        return m
+
+    # -- ingest: buffer every beat, find each block's absmax ----------------------------------------------------------
+
+    def _elaborate_ingest(self, m, buffer, space, written, records, record_layout):
+        cfg = self.config
+        fmt, lanes, blocksize = cfg.in_format, cfg.lanes, cfg.blocksize
+        write = buffer.write_port()
+        write_index = Signal(range(buffer.depth))
+
+        # position of the beat in its tensor; a tensor starts at lane 0 of a fresh beat
+        offset = Signal(range(blocksize))     # lane 0's position in its block
+        remaining = Signal(32)                # weights left in the tensor from this beat on
+        fresh = Signal(init=1)                # the next beat is a tensor's first: read ``n_weights`` there
+        left = Mux(fresh, self.n_weights, remaining)
+        last = left <= lanes
+        count = Signal(range(lanes + 1))
+        room = Signal(range(blocksize + 1))   # weights of lane 0's block from lane 0 on
+        m.d.comb += [
+            count.eq(Mux(last, left, lanes)),
+            room.eq(blocksize - offset),
+        ]
+        straddles = count > room              # a second block starts within the tensor's lanes
+
+        def holds(lane):
+            # whether ``lane`` holds a weight of the tensor; lane 0 always does (``n_weights`` = 0 acts as 1), which
+            # lets the coder tell from the block flags alone whether a beat has tail lanes
+            return (lane < count) if lane else Const(1)
+
+        record_free = Signal()
+        flags_layout = data.StructLayout({"start": 1, "first_ends": 1, "first_tail": 1, "second_ends": 1})
+        pipe = StallPipeline(m, 1 + cfg.tree_levels, record_free, tag_shape=flags_layout, name="ingest")
+        accept = self.weights.valid & self.weights.ready
+        m.d.comb += [
+            pipe.in_valid.eq(self.weights.valid & space),
+            self.weights.ready.eq(pipe.advance & space),
+            written.eq(accept),
+            pipe.in_tag.start.eq(offset == 0),
+            pipe.in_tag.first_ends.eq((room <= count) | last),
+            pipe.in_tag.first_tail.eq(last & (count < room)),
+            pipe.in_tag.second_ends.eq(straddles & last),
+            write.addr.eq(write_index),
+            write.en.eq(accept),
+            write.data.weights.eq(self.weights.payload),
+            write.data.first.eq(Cat(*(lane < room for lane in range(lanes)))),
+            write.data.valid.eq(Cat(*(holds(lane) for lane in range(lanes)))),
+            write.data.straddles.eq(straddles),
+            write.data.first_ends.eq(pipe.in_tag.first_ends),
+            write.data.second_ends.eq(pipe.in_tag.second_ends),
+            write.data.last.eq(last),
+        ]
+        with m.If(accept):
+            m.d.sync += [
+                write_index.eq(Mux(write_index == buffer.depth - 1, 0, write_index + 1)),
+                remaining.eq(left - lanes),
+                fresh.eq(last),
+                offset.eq(Mux(last, 0, Mux(room <= lanes, lanes - room, offset + lanes))),
+            ]
+
+        # magnitudes of each lane, split between lane 0's block and the next; lanes past the tensor count as 0
+        first_keys = [Signal(fmt.width - 1, name=f"first_key_{lane}") for lane in range(lanes)]
+        second_keys = [Signal(fmt.width - 1, name=f"second_key_{lane}") for lane in range(lanes)]
+        for lane in range(lanes):
+            key = fp_abs_key(self.weights.payload[lane], fmt)
+            with m.If(pipe.advance):
+                m.d.sync += [
+                    first_keys[lane].eq(Mux((lane < room) & holds(lane), key, 0)),
+                    second_keys[lane].eq(Mux((lane >= room) & holds(lane), key, 0)),
+                ]
+        first_max = _max_tree(m, first_keys, pipe.advance, "first_max")
+        second_max = _max_tree(m, second_keys, pipe.advance, "second_max")
+
+        # running absmax of the open block; a beat can close two blocks, so two record slots drain in order
+        running = Signal(fmt.width - 1)
+        flags = pipe.out_tag
+        base = Mux(flags.start, 0, running)
+        block_max = Mux(base > first_max, base, first_max)
+        pending = [Signal(name=f"record_pending_{i}") for i in range(2)]
+        pending_record = [Signal(record_layout, name=f"record_{i}") for i in range(2)]
+        m.d.comb += [
+            records.w_en.eq(pending[0] | pending[1]),
+            records.w_data.eq(Mux(pending[0], pending_record[0].as_value(), pending_record[1].as_value())),
+            record_free.eq(~(pending[0] | pending[1]) | (records.w_rdy & (pending[0] ^ pending[1]))),
+        ]
+        with m.If(records.w_en & records.w_rdy):
+            with m.If(pending[0]):
+                m.d.sync += pending[0].eq(0)
+            with m.Else():
+                m.d.sync += pending[1].eq(0)
+        with m.If(pipe.out_valid & record_free):
+            m.d.sync += [
+                running.eq(Mux(flags.first_ends, second_max, block_max)),
+                pending[0].eq(flags.first_ends),
+                pending_record[0].absmax.eq(block_max),
+                pending_record[0].tail.eq(flags.first_tail),
+                pending[1].eq(flags.second_ends),
+                pending_record[1].absmax.eq(second_max),
+                pending_record[1].tail.eq(1),
+            ]
+
+    # -- divider: reciprocals in block order, and the tail's divisions ------------------------------------------------
+
+    def _elaborate_divider(self, m, divide, records, record_layout, scales, tail, tail_codes):
+        cfg = self.config
+        fmt, lanes = cfg.in_format, cfg.lanes
+        tag_layout = data.StructLayout({"record": 1, "tail": 1, "lane": range(lanes), "beat_end": 1})
+        # Every operation enters with a slot reserved for its result: a record's in the scale queue (credits, here),
+        # a tail beat's in the tail-code queue (reserved by the coder). The divider never waits, so it runs freely
+        # and its registers need no enable.
+        pipe = StallPipeline(m, divide.latency, Const(1), tag_shape=tag_layout, name="divide")
+        m.submodules.divide = divide
+
+        # block records: 1 / max(am, 1e-38) for a full block, am / 1 (= the clamped am) for a tail block; a tail
+        # division, when there is one, goes first: the coder is waiting for it
+        record = data.View(record_layout, records.r_data)
+        absmax = _to_fp32(m, record.absmax, fmt, "absmax_to_fp32")
+        clamped = Mux(absmax < _FLOOR, _FLOOR, absmax)    # sign 0: the bit patterns order like the values
+        credits = Signal(range(scales.depth + 1))
+        absmax_free = ~self.absmax.valid | self.absmax.ready
+        record_ready = records.r_rdy & (credits < scales.depth) & absmax_free
+        record_issue = record_ready & ~tail.valid
+        weight = _to_fp32(m, tail.weights[tail.lane], fmt, "tail_to_fp32")
+        m.d.comb += [
+            records.r_en.eq(record_issue),
+            tail.issue.eq(tail.valid),
+            pipe.in_valid.eq(tail.valid | record_ready),
+            divide.a.eq(Mux(tail.valid, weight, Mux(record.tail, clamped, _ONE))),
+            divide.b.eq(Mux(tail.valid, tail.divisor, Mux(record.tail, _ONE, clamped))),
+            pipe.in_tag.record.eq(~tail.valid),
+            pipe.in_tag.tail.eq(record.tail),
+            pipe.in_tag.lane.eq(tail.lane),
+            pipe.in_tag.beat_end.eq(tail.beat_end),
+        ]
+        with m.If(record_issue):
+            m.d.sync += [self.absmax.valid.eq(1), self.absmax.payload.eq(Mux(record.tail, clamped, absmax))]
+        with m.Elif(self.absmax.ready):
+            m.d.sync += self.absmax.valid.eq(0)
+        m.d.sync += credits.eq(credits + record_issue - (scales.r_en & scales.r_rdy))
+
+        # results: scales in block order, or one tail code into the beat being assembled
+        done = pipe.out_tag
+        code = _nf4_code(m, divide.result, "tail_encode")
+        assembling = Signal(codes_layout(lanes))
+        assembled = Cat(*(Mux(done.lane == lane, code, assembling[lane]) for lane in range(lanes)))
+        m.d.comb += [
+            scales.w_en.eq(pipe.out_valid & done.record),
+            scales.w_data.eq(Cat(divide.result, done.tail)),
+            tail_codes.w_en.eq(pipe.out_valid & ~done.record & done.beat_end),
+            tail_codes.w_data.eq(assembled),
+        ]
+        with m.If(pipe.out_valid & ~done.record):
+            m.d.sync += assembling.eq(assembled)
+
+    # -- coder: re-read each beat, scale and compare; tail lanes come back from the divider --------------------------
+
+    def _elaborate_coder(self, m, buffer, space, written, scales, scale_layout, tail, tail_codes):
+        cfg = self.config
+        fmt, lanes, depth = cfg.in_format, cfg.lanes, buffer.depth
+
+        # the buffer as a first-word-fall-through queue of two registers: the read port's (slow to leave a block
+        # RAM), then the head beat, which the issue logic looks at
+        read = buffer.read_port(domain="sync")
+        read_index = Signal(range(depth))
+        level = Signal(range(depth + 1))          # beats written and not yet read out
+        read_valid, head_valid = Signal(), Signal()
+        head = Signal(buffer.shape)
+        take = Signal()
+        advance_head = read_valid & (~head_valid | take)
+        load = read.en & (level != 0)
+        m.d.comb += [
+            space.eq(level != depth),
+            read.addr.eq(read_index),
+            read.en.eq(~read_valid | advance_head),
+        ]
+        with m.If(read.en):
+            m.d.sync += read_valid.eq(level != 0)
+        with m.If(load):
+            m.d.sync += read_index.eq(Mux(read_index == depth - 1, 0, read_index + 1))
+        m.d.sync += level.eq(level + written - load)
+        with m.If(~head_valid | take):
+            m.d.sync += [head_valid.eq(read_valid), head.eq(read.data)]
+
+        # scales of lane 0's block and of the next; a beat uses the second when it straddles a block boundary
+        current, following = Signal(scale_layout), Signal(scale_layout)
+        current_valid, following_valid = Signal(), Signal()
+        lane_tail = ((head.first & current.tail.replicate(lanes)) |
+                     (~head.first & following.tail.replicate(lanes))) & head.valid
+        has_tail = current.tail | (head.straddles & following.tail)   # lane 0 and a straddling lane hold weights
+
+        # a beat with tail lanes hands them to the divider, lowest lane first, so that codes return in order
+        pending = Signal(lanes, name="tail_pending")
+        for lane in reversed(range(lanes)):
+            with m.If(pending[lane]):
+                m.d.comb += tail.lane.eq(lane)
+        def at_most_one(lanes_left):
+            return (lanes_left & (lanes_left - 1)) == 0
+
+        # whether ``pending`` has one lane left is registered, off the issue logic's path
+        rest = pending & (pending - 1)
+        with m.If(tail.issue):
+            m.d.sync += [pending.eq(rest), tail.beat_end.eq(at_most_one(rest))]
+            with m.If(tail.beat_end):
+                m.d.sync += tail.valid.eq(0)
+        tail_free = ~tail.valid | (tail.issue & tail.beat_end)
+
+        # Coded beats queue up for the join, so that the coder keeps issuing while a beat waits for its tail codes:
+        # with the divider's latency in the queue, a tail flows at up to one weight per cycle. A beat enters the
+        # coder only with a slot reserved in that queue (and, if it has tail lanes, in the tail-code queue), so the
+        # coder never waits either: it runs freely and its registers need no enable.
+        joined_layout = data.StructLayout({"codes": codes_layout(lanes), "tail": lanes, "last": 1})
+        m.submodules.coded = coded = SyncFIFOBuffered(width=joined_layout.size, depth=tail.latency + 8)
+        coded_reserved = Signal(range(coded.depth + 1))
+        tail_reserved = Signal(range(tail_codes.depth + 1))
+        tail_room = tail_free & (tail_reserved < tail_codes.depth)
+
+        # operands are registered, then multiplied, then encoded and registered
+        multipliers = [FPMul(fmt, FP32, FP32) for _ in range(lanes)]
+        tag_layout = data.StructLayout({"tail": lanes, "valid": lanes, "last": 1})
+        pipe = StallPipeline(m, 1 + multipliers[0].latency + 1, Const(1), tag_shape=tag_layout, name="code")
+        m.d.comb += [
+            take.eq(head_valid & current_valid & (following_valid | ~head.straddles) &
+                    (coded_reserved < coded.depth) & (~has_tail | tail_room)),
+            pipe.in_valid.eq(take),
+            pipe.in_tag.tail.eq(lane_tail),
+            pipe.in_tag.valid.eq(head.valid),
+            pipe.in_tag.last.eq(head.last),
+        ]
+        m.d.sync += [
+            coded_reserved.eq(coded_reserved + take - (coded.r_en & coded.r_rdy)),
+            tail_reserved.eq(tail_reserved + (take & has_tail) - (tail_codes.r_en & tail_codes.r_rdy)),
+        ]
+        with m.If(take & has_tail):
+            m.d.sync += [
+                tail.valid.eq(1),
+                tail.weights.eq(head.weights),
+                tail.divisor.eq(Mux(current.tail, current.value, following.value)),
+                pending.eq(lane_tail),
+                tail.beat_end.eq(at_most_one(lane_tail)),
+            ]
+
+        codes = Signal(codes_layout(lanes))
+        for lane, multiply in enumerate(multipliers):
+            m.submodules[f"scale_mul_{lane}"] = multiply
+            m.d.sync += [
+                multiply.a.eq(head.weights[lane]),
+                multiply.b.eq(Mux(head.first[lane], current.value, following.value)),
+                codes[lane].eq(_nf4_code(m, multiply.result, f"encode_{lane}")),
+            ]
+
+        done = pipe.out_tag
+        coded_in = data.View(joined_layout, coded.w_data)
+        m.d.comb += [
+            coded.w_en.eq(pipe.out_valid),
+            coded_in.tail.eq(done.tail),
+            coded_in.last.eq(done.last),
+        ]
+        for lane in range(lanes):
+            m.d.comb += coded_in.codes[lane].eq(Mux(done.valid[lane], codes[lane], _PAD_CODE))
+
+        # join: a beat with tail lanes waits for its codes from the divider, which come in beat order
+        beat = data.View(joined_layout, coded.r_data)
+        divided = data.View(codes_layout(lanes), tail_codes.r_data)
+        needs_tail = beat.tail.any()
+        tail_ok = ~needs_tail | tail_codes.r_rdy
+        m.d.comb += [
+            self.codes.valid.eq(coded.r_rdy & tail_ok),
+            self.codes.payload.last.eq(beat.last),
+            coded.r_en.eq(self.codes.ready & tail_ok),
+            tail_codes.r_en.eq(coded.r_rdy & needs_tail & self.codes.ready),
+        ]
+        for lane in range(lanes):
+            m.d.comb += self.codes.payload.data[lane].eq(Mux(beat.tail[lane], divided[lane], beat.codes[lane]))
+
+        # consume the scales of the blocks this beat finished, then refill from the queue into the first free slot
+        consume_two = take & head.second_ends
+        consume_one = take & head.first_ends & ~head.second_ends
+        current_after = Mux(consume_two, 0, Mux(consume_one, following_valid, current_valid))
+        following_after = Mux(consume_two | consume_one, 0, following_valid)
+        m.d.comb += scales.r_en.eq(~current_valid | ~following_valid)
+        with m.If(consume_one):
+            m.d.sync += current.eq(following)
+        m.d.sync += [current_valid.eq(current_after), following_valid.eq(following_after)]
+        with m.If(scales.r_en & scales.r_rdy):
+            with m.If(~current_after):
+                m.d.sync += [current.eq(scales.r_data), current_valid.eq(1)]
+            with m.Else():
+                m.d.sync += [following.eq(scales.r_data), following_valid.eq(1)]
