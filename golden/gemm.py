@@ -5,7 +5,8 @@ NF4 or given in bf16). Forward: ``y = x @ W.T`` (A = x, B = W.T, Q = K). Backwar
 Q = N). The arithmetic is block floating point over *chunks* of the reduction dimension:
 
 1. **Alignment.** Along the reduction dimension, every ``chunk`` consecutive elements of a row of A (and of a column
-   of B) share one exponent ``E``: the largest exponent among them (bf16 subnormals count as exponent -126). Each
+   of B; in the backward mode, all of a chunk of B's rows) share one exponent ``E``: the largest exponent among
+   them (bf16 subnormals count as exponent -126). Each
    element becomes an 18-bit signed integer ``q = rne(v * 2**(16 - E))``; elements within 9 binades of the largest
    are exact, smaller ones are rounded to nearest, ties to even. 18 bits because that is an ECP5 DSP operand.
 2. **Chunk products.** Each processing element sums the exact products ``qa * qb`` of one chunk in a 44-bit
@@ -94,13 +95,17 @@ def align(values, chunk, axis):
     return np.moveaxis(q, -1, axis), np.moveaxis(shared, -1, axis) if shared.ndim > 1 else shared
 
 
-def chunk_partials(a, b, chunk):
+def chunk_partials(a, b, chunk, transposed=False):
     """Exact chunk sums and their exponents.
 
     Parameters
     ----------
     a : array [M, Q] of bf16 values
     b : array [Q, P] of bf16 values
+    transposed : bool
+        B is W itself (backward): one shared exponent per chunk of B's rows for *all* its columns (the engine's
+        W buffer holds a chunk of W rows and finds one maximum while loading them). Forward, B is ``W.T``: one
+        exponent per column (a W row) and chunk.
 
     Returns
     -------
@@ -108,7 +113,15 @@ def chunk_partials(a, b, chunk):
     exps : int64 array [groups, M, P]   (the partial is ``sums * 2**(exps - 32)``)
     """
     qa, ea = align(a, chunk, axis=1)      # ea [M, groups]
-    qb, eb = align(b, chunk, axis=0)      # eb [groups, P]
+    if transposed:
+        b = np.asarray(b, dtype=np.float32)
+        groups = -(-b.shape[0] // chunk)
+        eb = np.array([exponents(b[g * chunk:(g + 1) * chunk]).max() for g in range(groups)])
+        eb = np.repeat(eb[:, None], b.shape[1], axis=1)   # [groups, P]
+        scale = np.ldexp(1.0, OPERAND_FRAC - np.repeat(eb, chunk, axis=0)[:b.shape[0]])
+        qb = np.rint(b.astype(np.float64) * scale).astype(np.int64)
+    else:
+        qb, eb = align(b, chunk, axis=0)  # eb [groups, P]
     q = qa.shape[1]
     groups = -(-q // chunk)
     sums = np.empty((groups, qa.shape[0], qb.shape[1]), np.int64)
@@ -125,12 +138,15 @@ def partial_to_fp32(sums, exps):
         return np.ldexp(sums.astype(np.float64), exps - 2 * OPERAND_FRAC).astype(np.float32)
 
 
-def gemm(a, b, numerics=GemmNumerics()):
-    """The engine's ``a @ b`` for bf16 ``a`` [M, Q] and ``b`` [Q, P]; returns a torch tensor (bf16 or fp32)."""
+def gemm(a, b, numerics=GemmNumerics(), transposed=False):
+    """The engine's ``a @ b`` for bf16 ``a`` [M, Q] and ``b`` [Q, P]; returns a torch tensor (bf16 or fp32).
+
+    ``transposed``: the backward mode, ``b`` is W itself (see :func:`chunk_partials`); forward, ``b`` is ``W.T``.
+    """
     a, b = _bf16_values(a), _bf16_values(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"shapes {a.shape} and {b.shape} cannot be multiplied")
-    sums, exps = chunk_partials(a, b, numerics.chunk)
+    sums, exps = chunk_partials(a, b, numerics.chunk, transposed)
     partials = partial_to_fp32(sums, exps)
     acc = partials[0]
     with np.errstate(over="ignore", invalid="ignore"):
@@ -156,3 +172,108 @@ def rel_frobenius(result, reference):
     diff = np.linalg.norm(result - reference)
     norm = np.linalg.norm(reference)
     return float(diff / norm) if norm else float(diff)
+
+
+# --- cycle model ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CycleModel:
+    """Analytical cycle count of the engine (``rtl/gemm.py``) for one job, from its schedule.
+
+    The engine overlaps three things: loading W tiles (row-aligned beats, one per cycle:
+    ``rows_in_tile * ceil(K / cols)`` cycles a tile), loading A tiles (one beat per reduction index), and
+    computing (one PE-array step per cycle: forward, a tile of ``cols`` W rows takes ``sum over chunks of
+    max(chunk length, min_chunk)`` steps; transposed, a tile of ``chunk`` W rows takes ``ceil(K / cols) *
+    max(rows in the tile, min_chunk)`` steps). Both buffers have two halves: a tile can load while the previous
+    one computes, and a half is free again when the tile two before has issued its last step. The constants are
+    the RTL's fixed latencies.
+
+    Attributes
+    ----------
+    cycles : int
+        Total cycles, from the job beat to the last output beat.
+    steps : int
+        PE-array steps issued (useful and padding).
+    macs : int
+        Useful multiply-accumulates, ``M * N * K``.
+    utilization : float
+        ``macs / (rows * cols * cycles)``.
+    """
+
+    cycles: int
+    steps: int
+    macs: int
+    utilization: float
+
+
+# fixed latencies of the RTL, in cycles (rtl/gemm.py and the units it instantiates)
+START_LATENCY = 2          # job beat accepted -> writers and sequencer running
+FLAG_LATENCY = 1           # last write of a tile -> the sequencer sees the half full
+ALIGNER_LATENCY = 2        # flat beat in -> row beat written
+DEQUANT_LATENCY = 23       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
+ISSUE_TO_ARRAY = 2         # sequencer issue -> step taken by the PE array (read, align)
+# a partial leaving the array -> its output beat taken: array output register 1, FixedToFloat 4, hand-off 1,
+# memory read 1, FPAdd 6, rounding to bf16 1, output FIFO 2 (measured on the RTL, see tests/test_gemm.py)
+ACCUMULATE_LATENCY = 1 + 4 + 1 + 1 + 6 + 1 + 2
+
+
+def dequant_rounds(lanes, blocksize=64):
+    """Cycles the NF4 dequantizer spends building one block's level table (16 products on 16 / rounds
+    multipliers), as ``NF4DequantConfig.table_multipliers`` sizes it."""
+    return max(r for r in (1, 2, 4, 8, 16) if r <= max(1, blocksize // lanes))
+
+
+def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", out_dtype="bf16", blocksize=64):
+    """Cycles of one GEMM job on the engine; see :class:`CycleModel`.
+
+    With NF4 weights, a pass of W also cannot be faster than the dequantizer's table builder: one table of
+    ``dequant_rounds`` cycles per block, which shows when a short final block ends a pass.
+    """
+    min_steps = max(2 * rows - 1, 8)           # GemmConfig.min_steps
+    flush_steps = 2 * rows + cols               # PEArray.flush_steps
+    words = -(-k // cols)
+    a_tiles = -(-m // rows)
+    if transposed:
+        tile_rows = [min(chunk, n - n0) for n0 in range(0, n, chunk)]
+        compute = [words * max(r, min_steps) for r in tile_rows]
+        q_len = n
+    else:
+        tile_rows = [min(cols, n - p0) for p0 in range(0, n, cols)]
+        chunk_steps = sum(max(min(chunk, k - q0), min_steps) for q0 in range(0, k, chunk))
+        compute = [chunk_steps] * len(tile_rows)
+        q_len = k
+    loads = [r * words for r in tile_rows]
+    pass_extra = 0
+    if weights == "nf4":
+        build = -(-(n * k) // blocksize) * dequant_rounds(cols, blocksize)
+        pass_extra = max(0, build - sum(loads))
+
+    source = START_LATENCY + ALIGNER_LATENCY
+    if weights == "nf4":
+        source += DEQUANT_LATENCY + dequant_rounds(cols, blocksize)
+    a_ready, a_load_end, a_release = [], [], []
+    w_load_end, compute_end = [], []
+    steps = 0
+    t_compute = 0
+    tile_index = 0
+    for i in range(a_tiles):
+        start = max(START_LATENCY, a_load_end[-1] if a_load_end else 0, a_release[i - 2] if i >= 2 else 0)
+        a_load_end.append(start + q_len)
+        a_ready.append(a_load_end[-1] + FLAG_LATENCY)
+        for j, (load, work) in enumerate(zip(loads, compute)):
+            previous = w_load_end[-1] if w_load_end else source
+            if j == 0 and i > 0:
+                # the dequantizer starts a pass only after building the previous one's tables: its shortfall
+                # delays the next pass's data, not the tiles already loaded
+                previous += pass_extra
+            free = compute_end[tile_index - 2] if tile_index >= 2 else 0
+            w_load_end.append(max(previous, free) + load)
+            begin = max(t_compute, w_load_end[-1] + FLAG_LATENCY, a_ready[i])
+            t_compute = begin + work
+            compute_end.append(t_compute)
+            steps += work
+            tile_index += 1
+        a_release.append(t_compute)
+    cycles = t_compute + flush_steps + ISSUE_TO_ARRAY + ACCUMULATE_LATENCY - (1 if out_dtype == "fp32" else 0)
+    macs = m * n * k
+    return CycleModel(cycles, steps, macs, macs / (rows * cols * cycles))

@@ -110,6 +110,13 @@ class GemmConfig:
         return -(-low // self.cols) * self.cols
 
     @property
+    def min_steps(self):
+        """Fewest steps a chunk is padded to: the PE array's drain spacing (``2 * rows - 1``), and 8 so that the
+        same output's partials of consecutive chunks reach the accumulator further apart than its
+        read-add-write latency."""
+        return max(2 * self.rows - 1, 8)
+
+    @property
     def numerics(self):
         return GemmNumerics(chunk=self.chunk_steps, out_dtype=self.out_dtype)
 
@@ -413,13 +420,16 @@ class GemmEngine(wiring.Component):
         rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
         words, slots = cfg.words_per_row, mem["slots"]
         array = self.array
-        min_steps = max(array.min_chunk, 1)
+        min_steps = cfg.min_steps
 
         info_layout = data.StructLayout({
             "ea": data.ArrayLayout(EXP, rows), "eb": data.ArrayLayout(EXP, cols),
             "base": range(max(1, rows * words)), "first": 1, "last": 1, "job_last": 1,
         })
-        m.submodules.chunk_info = fifo = SyncFIFOBuffered(width=info_layout.size, depth=8)
+        # chunks in flight: from their first step to their last row's partial leaving the accumulator front;
+        # short padded chunks (min_chunk steps) can have many in flight
+        info_depth = 16
+        m.submodules.chunk_info = fifo = SyncFIFOBuffered(width=info_layout.size, depth=info_depth)
         info = data.View(info_layout, fifo.r_data)
 
         # loop counters
@@ -463,7 +473,7 @@ class GemmEngine(wiring.Component):
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
             "bwd_row_real": 1, "chunk_start": 1,
         }), name="seq")
-        room = fifo.level < 8 - 3
+        room = fifo.level < info_depth - 3   # a chunk start may be in each of the 2 stages before the FIFO
         issue = Signal()
         m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]

@@ -1,0 +1,179 @@
+# amaranth: UnusedElaboratable=no
+"""GEMM engine: the numerics contract against bitsandbytes-style bf16 software, the RTL against its bit-accurate
+model, and the cycle model against the RTL."""
+
+import numpy as np
+import pytest
+import torch
+
+from edge_qlora.golden import gemm as golden
+from edge_qlora.golden import nf4_dequant, nf4_quant
+from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
+from edge_qlora.sim.gemm import run_gemm
+from edge_qlora.sim.streams import Stalls
+
+from reference import mismatches
+
+STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2")
+
+
+def activations(shape, seed, kind="normal"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    if kind == "outliers":          # LLM activations: a few channels 100x larger
+        x[:, :: max(1, shape[1] // 5)] *= 100
+    elif kind == "tiny":            # bf16 subnormals and near-underflow values
+        x = x * 1e-38
+    elif kind == "sparse":
+        x[torch.rand(shape, generator=gen) < 0.7] = 0
+    elif kind == "wide":            # every row spans 60 binades
+        x = x * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
+    return x.to(torch.bfloat16)
+
+
+def nf4_weight(shape, seed, double_quant=True):
+    gen = torch.Generator().manual_seed(seed)
+    q = nf4_quant.quantize(torch.randn(shape, generator=gen) * 0.02, 64, double_quant)
+    return q, nf4_dequant.dequantize(q, "bf16")
+
+
+# --- numerics contract ----------------------------------------------------------------------------------------------
+
+CONTRACT_SHAPES = [(1, 64, 64), (16, 256, 2048), (7, 33, 100), (64, 1, 300), (16, 2048, 512), (3, 5, 1)]
+
+
+@pytest.mark.parametrize("kind", ["normal", "outliers", "tiny", "sparse", "wide"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_accuracy_contract(kind, transposed):
+    """Relative Frobenius error against fp64 no worse than dequantize-to-bf16 + bf16 matmul, plus 10%."""
+    for seed, (m, n, k) in enumerate(CONTRACT_SHAPES):
+        _, w = nf4_weight((n, k), seed)
+        a = activations((m, n if transposed else k), seed, kind)
+        b = w if transposed else w.T
+        reference = golden.reference_fp64(a, b)
+        software = golden.rel_frobenius(golden.bnb_style(a, b), reference)
+        for out_dtype in ("bf16", "fp32"):
+            ours = golden.gemm(a, b, golden.GemmNumerics(out_dtype=out_dtype), transposed)
+            ours = golden.rel_frobenius(ours, reference)
+            assert ours <= software * 1.1 + 1e-12, (kind, (m, n, k), out_dtype, ours, software)
+
+
+def test_align_rounds_to_nearest_even():
+    chunk = 8
+    values = np.float32([1.0, 2.0 ** -9, 3 * 2.0 ** -10, 2.0 ** -10, -3 * 2.0 ** -10, 0, 0, 0])
+    q, e = golden.align(values[None, :], chunk, axis=1)
+    assert e.tolist() == [[0]]
+    # 2**-9 is exactly 128 units; 3 * 2**-10 is 192; 2**-10 is 64: all exact at 17 magnitude bits
+    assert q.tolist() == [[65536, 128, 192, 64, -192, 0, 0, 0]]
+    q, _ = golden.align(np.float32([[1.0, 2.0 ** -17, 3 * 2.0 ** -17, 5 * 2.0 ** -17, -3 * 2.0 ** -17,
+                                     2.0 ** -18]]), chunk, axis=1)
+    assert q.tolist() == [[65536, 0, 2, 2, -2, 0]]    # 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -1.5 -> -2, 0.25 -> 0
+
+
+def test_numerics_checks():
+    with pytest.raises(ValueError, match="chunk"):
+        golden.GemmNumerics(chunk=4)
+    with pytest.raises(ValueError, match="out_dtype"):
+        golden.GemmNumerics(out_dtype="fp16")
+    with pytest.raises(ValueError, match="multiplied"):
+        golden.gemm(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 2, dtype=torch.bfloat16))
+
+
+# --- RTL against the bit-accurate model -----------------------------------------------------------------------------
+
+def random_stalls(seed):
+    return {name: Stalls(0.3, seed * 10 + i) for i, name in enumerate(STREAMS)}
+
+
+def check_rtl(m, n, k, rows, cols, transposed, weights="bf16", out_dtype="bf16", stalls=True, kind="normal",
+              seed=0, double_quant=True):
+    config = GemmConfig(rows=rows, cols=cols, max_k=max(k, 64), max_n=max(n, 64), weights=weights,
+                        out_dtype=out_dtype, double_quant=double_quant)
+    if weights == "nf4":
+        source, w = nf4_weight((n, k), seed, double_quant)
+    else:
+        gen = torch.Generator().manual_seed(seed + 100)
+        w = (torch.randn((n, k), generator=gen) * 0.05).to(torch.bfloat16)
+        source = w
+    a = activations((m, n if transposed else k), seed, kind)
+    run = run_gemm(a, source, config, transposed=transposed, stalls=random_stalls(seed) if stalls else None)
+    expected = golden.gemm(a, w if transposed else w.T, config.numerics, transposed)
+    assert run.out.shape == expected.shape
+    assert mismatches(expected, run.out) == 0
+    return run, config
+
+
+@pytest.mark.parametrize("m,n,k,rows,cols", [
+    (1, 7, 33, 3, 2),      # 1 x K activations
+    (5, 1, 9, 2, 3),       # a single output feature
+    (6, 9, 1, 2, 2),       # K = 1
+    (2, 3, 5, 4, 4),       # smaller than the array everywhere
+    (9, 11, 70, 4, 3),     # odd sizes, partial tiles and chunks
+])
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_rtl_shapes_bf16_weights(m, n, k, rows, cols, transposed):
+    check_rtl(m, n, k, rows, cols, transposed, seed=m * 7 + k)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_rtl_nf4_weights(transposed, double_quant):
+    # K = 100: NF4 blocks of 64 run across W rows, the row aligner re-cuts them
+    check_rtl(5, 9, 100, 2, 4, transposed, weights="nf4", double_quant=double_quant, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["outliers", "tiny", "sparse", "wide"])
+def test_rtl_adversarial_activations(kind):
+    check_rtl(4, 6, 40, 2, 3, kind == "wide", kind=kind, seed=5)
+
+
+def test_rtl_fp32_output():
+    check_rtl(3, 5, 24, 2, 2, False, out_dtype="fp32", seed=9)
+    check_rtl(3, 5, 24, 2, 2, True, out_dtype="fp32", seed=10)
+
+
+def test_rtl_8x8_nf4():
+    check_rtl(8, 16, 128, 8, 8, False, weights="nf4", stalls=False, seed=11)
+
+
+# --- cycle model ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n,k,rows,cols,transposed,weights", [
+    (4, 4, 32, 2, 2, False, "bf16"),
+    (3, 5, 40, 2, 2, False, "bf16"),
+    (8, 16, 64, 4, 4, False, "bf16"),
+    (8, 16, 64, 4, 4, True, "bf16"),
+    (5, 9, 100, 2, 4, False, "nf4"),
+    (5, 9, 100, 2, 4, True, "nf4"),
+    (16, 24, 64, 8, 8, True, "nf4"),
+    (8, 64, 128, 4, 4, False, "nf4"),
+])
+def test_cycle_model_within_2_percent(m, n, k, rows, cols, transposed, weights):
+    run, config = check_rtl(m, n, k, rows, cols, transposed, weights=weights, stalls=False, seed=2)
+    model = golden.gemm_cycles(m, n, k, rows, cols, config.chunk_steps, transposed, weights)
+    assert abs(model.cycles - run.cycles) <= 0.02 * run.cycles, (model.cycles, run.cycles)
+
+
+def test_utilization_goal_on_tinyllama_projections():
+    # from the validated model: forward projections of TinyLlama, M = 16 .. 128, arrays 4x4, 8x8, 16x8
+    for rows, cols in ((4, 4), (8, 8), (16, 8)):
+        chunk = GemmConfig(rows=rows, cols=cols).chunk_steps
+        for n, k in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
+            for m in (16, 32, 64, 128):
+                assert golden.gemm_cycles(m, n, k, rows, cols, chunk, False, "nf4").utilization >= 0.9
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="rows"):
+        GemmConfig(rows=17)
+    with pytest.raises(ValueError, match="cols"):
+        GemmConfig(cols=0)
+    with pytest.raises(ValueError, match="chunk"):
+        GemmConfig(rows=8, cols=8, chunk=12)
+    with pytest.raises(ValueError, match="weights"):
+        GemmConfig(weights="int8")
+    with pytest.raises(TypeError, match="config"):
+        GemmEngine("8x8")
+    with pytest.raises(ValueError, match="inner dimensions"):
+        run_gemm(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 5, dtype=torch.bfloat16),
+                 GemmConfig(rows=2, cols=2, weights="bf16"))
