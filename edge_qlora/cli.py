@@ -31,6 +31,18 @@ def _lanes(text):
     return value
 
 
+def _side(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not 1 <= value <= 16:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer from 1 to 16, not {text}")
+        return value
+    return parse
+
+
 def _blocksize(text):
     from .golden.codebooks import BLOCKSIZES
     try:
@@ -72,12 +84,35 @@ def _parser():
     dequant.add_argument("--dtype", choices=DTYPES, default="bf16", help="output dtype (default bf16)")
     _backend_options(dequant)
 
+    matmul = commands.add_parser(
+        "matmul", help="y = x @ W.T (or x @ W) on the GEMM engine, W in bf16 or NF4",
+        description="Multiply activations by a weight on the systolic GEMM engine. Without --transpose-w: "
+                    "y = x @ W.T, x [M, K], W [N, K], y [M, N] (the forward pass). With --transpose-w: y = x @ W, "
+                    "x [M, N], y [M, K] (the backward pass dx = dy @ W). W is a bf16 'weight' or an NF4 weight "
+                    "in the form 'quantize' writes; NF4 weights go through the dequantizer and are never stored "
+                    "in full precision.")
+    matmul.add_argument("x", metavar="X", help="safetensors file with a bf16 tensor 'x'")
+    matmul.add_argument("w", metavar="W", help="safetensors file with 'weight' (bf16, or NF4 + quant state)")
+    matmul.add_argument("output", metavar="OUT", help="safetensors file to write, with 'y'")
+    matmul.add_argument("--rows", type=_side("rows"), default=4, help="PE array rows, 1 to 16 (default 4)")
+    matmul.add_argument("--cols", type=_side("cols"), default=4, help="PE array columns, 1 to 16 (default 4)")
+    matmul.add_argument("--transpose-w", action="store_true", help="compute x @ W instead of x @ W.T")
+    matmul.add_argument("--out-dtype", choices=("bf16", "fp32"), default="bf16", help="y's dtype (default bf16)")
+    matmul.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
+                        help="pysim: the RTL in Amaranth's simulator (default); golden: the bit-accurate model")
+    matmul.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
+
     build = commands.add_parser(
         "build", help="build a bitstream for a board with the open toolchain",
-        description="Elaborate the NF4 dequantizer behind a board wrapper, run YoWASP Yosys, nextpnr and the "
-                    "bitstream packer, and write the bitstream and report.json (Fmax per clock, target, "
-                    "utilization) to the output folder.")
+        description="Elaborate a design behind a board wrapper, run YoWASP Yosys, nextpnr and the bitstream "
+                    "packer, and write the bitstream and report.json (Fmax per clock, target, utilization) to "
+                    "the output folder. The design is the NF4 dequantizer, or with --rows/--cols the GEMM engine "
+                    "(with its dequantizer).")
     build.add_argument("--board", choices=BOARDS, required=True, help="target board")
+    build.add_argument("--rows", type=_side("rows"), default=None, help="build the GEMM engine with this many rows")
+    build.add_argument("--cols", type=_side("cols"), default=None, help="... and this many columns")
+    build.add_argument("--max-k", type=int, default=1024,
+                       help="GEMM engine buffers: longest W row and most W rows transposed (default 1024)")
     build.add_argument("--lanes", type=_lanes, default=8, help="dequantizer lanes, 1 to 16 (default 8)")
     build.add_argument("--dtype", choices=DTYPES, default="bf16", help="dequantizer output dtype (default bf16)")
     build.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size (default 64)")
@@ -181,17 +216,87 @@ def _dequant(args):
 
 
 def _build(args):
-    from .boards.build import build, format_report
-    from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
+    from .boards.build import BuildError, build, format_report
 
     out = args.out or os.path.join("build", args.board)
-    config = NF4DequantConfig(lanes=args.lanes, blocksize=args.blocksize, out_dtype=args.dtype,
-                              double_quant=args.double_quant)
-    print(f"building NF4Dequantizer(lanes={args.lanes}, blocksize={args.blocksize}, out={args.dtype}, "
-          f"double_quant={args.double_quant}) for {args.board} in {out}", flush=True)
-    report = build(NF4Dequantizer(config), args.board, out, target_mhz=args.target_mhz, seed=args.seed,
+    if (args.rows is None) != (args.cols is None):
+        raise BuildError("--rows and --cols go together (they select the GEMM engine)")
+    if args.rows is not None:
+        from .rtl.gemm import GemmConfig, GemmEngine
+        if not 16 <= args.max_k <= 1 << 16:
+            raise BuildError(f"--max-k must be from 16 to 65536, not {args.max_k}")
+        config = GemmConfig(rows=args.rows, cols=args.cols, max_k=args.max_k, max_n=args.max_k,
+                            blocksize=args.blocksize, double_quant=args.double_quant)
+        design = GemmEngine(config)
+        what = (f"GemmEngine({args.rows}x{args.cols}, chunk {config.chunk_steps}, max K {args.max_k}, "
+                f"NF4 weights, blocksize {args.blocksize})")
+    else:
+        from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
+        design = NF4Dequantizer(NF4DequantConfig(lanes=args.lanes, blocksize=args.blocksize, out_dtype=args.dtype,
+                                                 double_quant=args.double_quant))
+        what = (f"NF4Dequantizer(lanes={args.lanes}, blocksize={args.blocksize}, out={args.dtype}, "
+                f"double_quant={args.double_quant})")
+    print(f"building {what} for {args.board} in {out}", flush=True)
+    report = build(design, args.board, out, target_mhz=args.target_mhz, seed=args.seed,
                    progress=lambda step: print(f"  {step}", flush=True))
     print(format_report(report))
+
+
+def _matmul(args):
+    import torch
+    from .formats import InputError, load_tensor, load_quantized_or_weight, save_tensors
+    from .golden import gemm as golden
+
+    _check_output(args.output)
+    x = load_tensor(args.x, "x")
+    if x.dtype != torch.bfloat16:
+        raise InputError(f"{args.x}: tensor 'x' has dtype {str(x.dtype)[6:]}; expected bfloat16")
+    if x.dim() != 2:
+        raise InputError(f"{args.x}: tensor 'x' has shape {tuple(x.shape)}; expected 2 dimensions [M, K]")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{args.x}: tensor 'x' holds NaN/Inf")
+    weight, quantized = load_quantized_or_weight(args.w)
+    if weight.dim() != 2:
+        raise InputError(f"{args.w}: weight has shape {tuple(weight.shape)}; expected 2 dimensions [N, K]")
+    n, k = weight.shape
+    inner = n if args.transpose_w else k
+    if x.shape[1] != inner:
+        raise InputError(f"inner dimensions differ: x is {tuple(x.shape)} and W is {(n, k)}; "
+                         f"{'x @ W needs x[:, N]' if args.transpose_w else 'x @ W.T needs x[:, K]'}"
+                         f" = {inner}")
+    m = x.shape[0]
+    b = weight if args.transpose_w else weight.T
+    start = time.perf_counter()
+    from .rtl.gemm import GemmConfig
+    config = GemmConfig(rows=args.rows, cols=args.cols, max_k=max(k, 16), max_n=max(n, 16),
+                        out_dtype=args.out_dtype, weights="nf4" if quantized is not None else "bf16",
+                        blocksize=quantized.blocksize if quantized is not None else 64,
+                        double_quant=quantized.double_quant if quantized is not None else True)
+    model = golden.gemm_cycles(m, n, k, args.rows, args.cols, config.chunk_steps, args.transpose_w,
+                               config.weights, args.out_dtype, config.blocksize)
+    if args.backend == "golden":
+        y = golden.gemm(x, b, config.numerics, args.transpose_w)
+        cycles = None
+    else:
+        from .sim.gemm import run_gemm
+        out_cols = k if args.transpose_w else n
+        total = -(-m // args.rows) * -(-out_cols // args.cols) * args.rows
+        bar, update = _progress_bar(total, "matmul (pysim)")
+        with bar:
+            run = run_gemm(x, quantized if quantized is not None else weight, config,
+                           transposed=args.transpose_w, vcd_path=args.vcd, progress=update)
+        y, cycles = run.out, run.cycles
+    save_tensors(args.output, {"y": y.contiguous()})
+    seconds = time.perf_counter() - start
+    kind = "x @ W" if args.transpose_w else "x @ W.T"
+    print(f"{kind}: x {tuple(x.shape)}, W {(n, k)} {config.weights}, y {tuple(y.shape)} {args.out_dtype}, "
+          f"{args.rows}x{args.cols} array, backend {args.backend}: {args.output}")
+    if cycles is not None:
+        util = m * n * k / (args.rows * args.cols * cycles)
+        print(f"  {cycles} cycles, PE utilization {100 * util:.1f}% (cycle model: {model.cycles} cycles, "
+              f"{100 * model.utilization:.1f}%), {seconds:.1f} s simulated")
+    else:
+        print(f"  cycle model: {model.cycles} cycles, PE utilization {100 * model.utilization:.1f}%")
 
 
 def main(argv=None):
@@ -199,7 +304,7 @@ def main(argv=None):
     from .formats import InputError
     from .boards.build import BuildError
     try:
-        {"quantize": _quantize, "dequant": _dequant, "build": _build}[args.command](args)
+        {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul}[args.command](args)
     except (InputError, BuildError) as error:
         print(f"edge-qlora: error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ import torch
 from .golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
 from .golden.nf4_quant import NF4Quantized
 
-__all__ = ["InputError", "load_weight", "save_weight", "load_quantized", "save_quantized", "quant_state_dict"]
+__all__ = ["InputError", "load_weight", "save_weight", "load_quantized", "save_quantized", "quant_state_dict",
+           "load_tensor", "save_tensors", "load_quantized_or_weight"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -71,6 +72,37 @@ def load_weight(path, name="weight"):
 
 def save_weight(path, weight, name="weight"):
     _write(path, {name: weight})
+
+
+def load_tensor(path, name):
+    """Tensor ``name`` of a safetensors file."""
+    tensors = _read(path)
+    if name not in tensors:
+        raise InputError(f"{path}: no tensor '{name}' (found: {', '.join(sorted(tensors)) or 'none'})")
+    if tensors[name].numel() == 0:
+        raise InputError(f"{path}: tensor '{name}' is empty")
+    return tensors[name]
+
+
+def save_tensors(path, tensors):
+    _write(path, tensors)
+
+
+def load_quantized_or_weight(path, name="weight"):
+    """``(weight, quantized)``: a bf16 weight as it is (``quantized`` None), or an NF4 weight in state-dict form
+    with its bit-exact bf16 dequantization as ``weight``."""
+    tensors = _read(path)
+    if name not in tensors:
+        raise InputError(f"{path}: no tensor '{name}' (found: {', '.join(sorted(tensors)) or 'none'})")
+    if f"{name}.{QS_KEY}" in tensors:
+        from .golden.nf4_dequant import dequantize
+        quantized = parse_quantized(tensors, name, where=path)
+        return dequantize(quantized, "bf16"), quantized
+    weight = tensors[name]
+    if weight.dtype != torch.bfloat16:
+        raise InputError(f"{path}: tensor '{name}' has dtype {str(weight.dtype)[6:]}; expected bfloat16 "
+                         "(or an NF4 weight with its quant state)")
+    return weight, None
 
 
 def quant_state_dict(q, name="weight"):

@@ -176,6 +176,69 @@ def test_bad_input_gives_one_line_error(tmp_path, weight_file, capsys):
         assert "error" in err and fragment in err, (name, err)
 
 
+@pytest.fixture
+def matmul_files(tmp_path):
+    x = tmp_path / "x.safetensors"
+    save_file({"x": torch.randn(5, 70).to(torch.bfloat16)}, str(x))
+    w = tmp_path / "w.safetensors"
+    save_file({"weight": (torch.randn(6, 70) * 0.02).to(torch.bfloat16)}, str(w))
+    wq = tmp_path / "wq.safetensors"
+    assert run_cli("quantize", w, wq, "--backend", "golden") == 0
+    xt = tmp_path / "xt.safetensors"
+    save_file({"x": torch.randn(3, 6).to(torch.bfloat16)}, str(xt))
+    return x, w, wq, xt
+
+
+@pytest.mark.parametrize("weights", ["bf16", "nf4"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_matmul_rtl_equals_golden(tmp_path, matmul_files, weights, transposed, capsys):
+    x, w, wq, xt = matmul_files
+    source = wq if weights == "nf4" else w
+    activations = xt if transposed else x
+    extra = ["--transpose-w"] if transposed else []
+    rtl, model = tmp_path / "rtl.safetensors", tmp_path / "golden.safetensors"
+    assert run_cli("matmul", activations, source, rtl, "--rows", 2, "--cols", 3, *extra) == 0
+    printed = capsys.readouterr().out
+    assert "cycles" in printed and "PE utilization" in printed
+    assert run_cli("matmul", activations, source, model, "--rows", 2, "--cols", 3, "--backend", "golden",
+                   *extra) == 0
+    y_rtl, y_golden = load_file(str(rtl))["y"], load_file(str(model))["y"]
+    assert y_rtl.shape == ((3, 70) if transposed else (5, 6))
+    assert mismatches(y_golden, y_rtl) == 0
+
+
+def test_matmul_bad_inputs(tmp_path, matmul_files, capsys):
+    x, w, wq, xt = matmul_files
+    out = tmp_path / "y.safetensors"
+    fp32_x = tmp_path / "x32.safetensors"
+    save_file({"x": torch.randn(5, 70)}, str(fp32_x))
+    x3d = tmp_path / "x3.safetensors"
+    save_file({"x": torch.randn(2, 5, 70).to(torch.bfloat16)}, str(x3d))
+    nan_x = tmp_path / "xnan.safetensors"
+    bad = torch.randn(5, 70)
+    bad[1, 1] = float("inf")
+    save_file({"x": bad.to(torch.bfloat16)}, str(nan_x))
+    fp32_w = tmp_path / "w32.safetensors"
+    save_file({"weight": torch.randn(6, 70)}, str(fp32_w))
+    cases = [
+        (["matmul", xt, w, out], "inner dimensions"),
+        (["matmul", x, w, out, "--transpose-w"], "inner dimensions"),
+        (["matmul", fp32_x, w, out], "dtype float32"),
+        (["matmul", x3d, w, out], "2 dimensions"),
+        (["matmul", nan_x, w, out], "NaN/Inf"),
+        (["matmul", x, fp32_w, out], "expected bfloat16"),
+        (["matmul", w, w, out], "no tensor 'x'"),
+        (["matmul", x, w, out, "--rows", 0], "rows must be"),
+        (["matmul", x, w, out, "--cols", 17], "cols must be"),
+        (["matmul", x, w, tmp_path / "nope" / "y.safetensors"], "does not exist"),
+    ]
+    for argv, fragment in cases:
+        capsys.readouterr()
+        assert run_cli(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edge_qlora.cli", "dequant", str(tmp_path / "missing"),
                              str(tmp_path / "o")], capture_output=True, text=True)
