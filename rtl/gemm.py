@@ -40,7 +40,7 @@ from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
 from .pipeline import StallPipeline
-from .row_align import RowAligner
+from .row_align import RowAligner, row_layout
 
 __all__ = ["GemmConfig", "GemmEngine", "job_layout", "a_layout", "c_layout"]
 
@@ -65,7 +65,10 @@ class GemmConfig:
     out_dtype : str
         ``"bf16"`` or ``"fp32"``.
     weights : str
-        ``"nf4"`` (an :class:`~.nf4_dequant.NF4Dequantizer` with ``cols`` lanes feeds the engine) or ``"bf16"``.
+        ``"nf4"`` (an :class:`~.nf4_dequant.NF4Dequantizer` with ``cols`` lanes feeds the engine), ``"bf16"``
+        (a flat bf16 stream ``w``), or ``"both"``: the dequantizer and, chosen per job, a stream ``rows_in`` of
+        bf16 beats already cut into rows (as the row aligner's output), for a controller that keeps its operands
+        in row-addressable scratchpads.
     blocksize, double_quant : int, bool
         NF4 format, with ``weights="nf4"``.
     """
@@ -96,9 +99,9 @@ class GemmConfig:
                                  f"{max(16, 2 * self.rows)} and at most 512, not {self.chunk!r}")
         if self.out_dtype not in ("bf16", "fp32"):
             raise ValueError(f"out_dtype must be 'bf16' or 'fp32', not {self.out_dtype!r}")
-        if self.weights not in ("nf4", "bf16"):
-            raise ValueError(f"weights must be 'nf4' or 'bf16', not {self.weights!r}")
-        if self.weights == "nf4":
+        if self.weights not in ("nf4", "bf16", "both"):
+            raise ValueError(f"weights must be 'nf4', 'bf16' or 'both', not {self.weights!r}")
+        if self.weights in ("nf4", "both"):
             NF4DequantConfig(lanes=self.cols, blocksize=self.blocksize, double_quant=self.double_quant)
 
     @property
@@ -136,8 +139,10 @@ class GemmConfig:
 
 
 def job_layout():
-    """Payload of the ``job`` stream: one beat per GEMM. ``weights`` is ``n * k`` (the W elements per pass)."""
-    return data.StructLayout({"m": 32, "n": 32, "k": 32, "weights": 32, "transposed": 1})
+    """Payload of the ``job`` stream: one beat per GEMM. ``weights`` is ``n * k`` (the W elements per pass);
+    ``rows_in`` (engines with ``weights="both"``) takes this job's W from the ``rows_in`` stream, not the
+    dequantizer."""
+    return data.StructLayout({"m": 32, "n": 32, "k": 32, "weights": 32, "transposed": 1, "rows_in": 1})
 
 
 def a_layout(rows):
@@ -186,7 +191,7 @@ class GemmEngine(wiring.Component):
             "a": In(stream.Signature(a_layout(config.rows))),
             "c": Out(stream.Signature(c_layout(config))),
         }
-        if config.weights == "nf4":
+        if config.weights in ("nf4", "both"):
             self.dequantizer = NF4Dequantizer(NF4DequantConfig(
                 lanes=config.cols, blocksize=config.blocksize, out_dtype="bf16", double_quant=config.double_quant))
             for name, member in self.dequantizer.signature.members.items():
@@ -195,6 +200,8 @@ class GemmEngine(wiring.Component):
         else:
             self.dequantizer = None
             members["w"] = In(stream.Signature(data.ArrayLayout(16, config.cols)))
+        if config.weights == "both":
+            members["rows_in"] = In(stream.Signature(row_layout(config.cols, 16)))
         super().__init__(members)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -331,7 +338,7 @@ class GemmEngine(wiring.Component):
         with m.If(start):
             m.d.sync += passes_left.eq(job.m)
         m.d.comb += [
-            aligner.shape.valid.eq(passes_left != 0),
+            aligner.shape.valid.eq((passes_left != 0) & ~job.rows_in),
             aligner.shape.payload.rows.eq(job.n),
             aligner.shape.payload.row_length.eq(job.k),
             aligner.shape.payload.elements.eq(job.weights),
@@ -340,6 +347,15 @@ class GemmEngine(wiring.Component):
             m.d.sync += passes_left.eq(Mux(passes_left <= rows, 0, passes_left - rows))
 
         beat = aligner.rows
+        if cfg.weights == "both":
+            # per job: the aligner's output or the rows_in stream, both row-aligned
+            beat = stream.Signature(row_layout(cols, 16)).create(path=("w_rows",))
+            m.d.comb += [
+                beat.valid.eq(Mux(job.rows_in, self.rows_in.valid, aligner.rows.valid)),
+                beat.payload.eq(Mux(job.rows_in, self.rows_in.payload, aligner.rows.payload)),
+                self.rows_in.ready.eq(job.rows_in & beat.ready),
+                aligner.rows.ready.eq(~job.rows_in & beat.ready),
+            ]
         half = Signal()
         row = Signal(range(cfg.tile_rows))   # row within the tile
         word = Signal(range(words))

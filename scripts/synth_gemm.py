@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Synthesis table of the GEMM engine (with its NF4 dequantizer): Fmax and LUT/FF/DSP/BRAM per array shape.
+
+    python scripts/synth_gemm.py --out build/synth                      # the README's table (long: minutes per build)
+    python scripts/synth_gemm.py --out build/synth --only ulx3s-85f:8x8
+
+Writes ``synth_gemm.json`` and ``synth_gemm.md`` to ``--out`` and prints the table. A configuration that does not
+fit its device is reported as such (the build's one-line reason), not as an error.
+"""
+
+import argparse
+import json
+import os
+
+from edge_qlora.boards.build import BuildError, build
+from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
+
+# (board, rows, cols, max_k): the README's rows
+CONFIGS = [
+    ("ulx3s-85f", 4, 4, 1024),
+    ("ulx3s-85f", 8, 8, 1024),
+    ("ulx3s-85f", 16, 8, 1024),
+    ("ulx3s-85f", 12, 11, 1024),
+    ("icebreaker", 1, 1, 64),
+    ("icebreaker", 2, 2, 64),
+]
+
+COLUMNS = {
+    "ulx3s-85f": [("LUT4", "TRELLIS_COMB"), ("FF", "TRELLIS_FF"), ("DSP 18x18", "MULT18X18D"), ("BRAM 18k", "DP16KD")],
+    "icebreaker": [("LC", "ICESTORM_LC"), ("FF", None), ("DSP 16x16", "ICESTORM_DSP"), ("BRAM 4k", "ICESTORM_RAM")],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="build/synth")
+    parser.add_argument("--only", action="append", default=[], help="board:RxC, e.g. ulx3s-85f:8x8 (repeatable)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    configs = CONFIGS
+    if args.only:
+        wanted = {tuple(item.split(":")) for item in args.only}
+        configs = [c for c in CONFIGS if (c[0], f"{c[1]}x{c[2]}") in wanted]
+
+    results = []
+    for board, rows, cols, max_k in configs:
+        config = GemmConfig(rows=rows, cols=cols, max_k=max_k, max_n=max_k)
+        out = os.path.join(args.out, f"{board}_{rows}x{cols}")
+        print(f"{board} {rows}x{cols} (max K {max_k}, chunk {config.chunk_steps}) ...", flush=True)
+        row = {"board": board, "rows": rows, "cols": cols, "max_k": max_k}
+        try:
+            report = build(GemmEngine(config), board, out, seed=args.seed)
+            row.update(fmax_mhz=min(report["fmax_mhz"].values()), target_mhz=report["target_mhz"],
+                       utilization=report["utilization"], seconds=report["seconds"])
+        except BuildError as error:
+            row["error"] = str(error)
+        print(f"  {row.get('fmax_mhz', row.get('error'))}", flush=True)
+        results.append(row)
+        with open(os.path.join(args.out, "synth_gemm.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+    lines = ["| board | array | max K | Fmax MHz (target) | LUT/LC | FF | DSP | BRAM |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        if "error" in row:
+            lines.append(f"| {row['board']} | {row['rows']}x{row['cols']} | {row['max_k']} | does not fit: "
+                         f"{row['error']} | | | | |")
+            continue
+        cells = []
+        for _, key in COLUMNS[row["board"]]:
+            if key is None:
+                cells.append("-")
+            else:
+                used, avail = row["utilization"].get(key, [0, 0])
+                cells.append(f"{used} / {avail}")
+        lines.append(f"| {row['board']} | {row['rows']}x{row['cols']} | {row['max_k']} | "
+                     f"{row['fmax_mhz']:.1f} ({row['target_mhz']:.0f}) | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "synth_gemm.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
