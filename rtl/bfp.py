@@ -28,8 +28,20 @@ EXPONENT_SHAPE = signed(9)
 _BF16_BIAS = 127
 _BF16_FRAC = 7
 MAX_LANES = 64
-# beyond this distance every bf16 significand (< 2 ** 8) aligns to less than half: zero
-_MAX_DISTANCE = OPERAND_FRAC - _BF16_FRAC + 9
+# ``q = rne(sig * 2 ** (_UNIT_SHIFT - d))``: the significand's last place lands 9 places up when ``d = 0``
+_UNIT_SHIFT = OPERAND_FRAC - _BF16_FRAC
+# from this distance on, every significand (< 2 ** 8) aligns to less than half: zero
+_ZERO_DISTANCE = _UNIT_SHIFT + 9
+
+
+def _biased_exponent(value):
+    """The exponent field of a packed bf16, with zeros and subnormals at 1, the field of the smallest normal.
+
+    Comparisons between exponents work on this unsigned 8-bit value: narrower than the unbiased exponent, and no
+    adder in front of the comparator.
+    """
+    field = Value.cast(value)[_BF16_FRAC:15]
+    return field | (field == 0)
 
 
 def bf16_exponent(value):
@@ -47,29 +59,34 @@ def bf16_exponent(value):
     -------
     Value of shape :data:`EXPONENT_SHAPE`
     """
-    field = Value.cast(value)[_BF16_FRAC:15]
-    return Mux(field == 0, 1, field) - _BF16_BIAS
+    return _biased_exponent(value) - _BF16_BIAS
 
 
 def _max(m, a, b, name):
-    wire = Signal(EXPONENT_SHAPE, name=name)
+    wire = Signal(8, name=name)
     m.d.comb += wire.eq(Mux(a > b, a, b))
     return wire
 
 
-def _reduce(m, exponents, name, level_done):
-    """Pairwise max tree over ``exponents``; ``level_done(level, values)`` may register the values after a level."""
-    values = level_done(0, list(exponents))
+def _reduce(m, fields, name, level_done=lambda level, nodes: nodes):
+    """Pairwise max tree over biased exponent ``fields``; ``level_done(level, nodes)`` may register the nodes of a
+    level (level 0: the fields themselves) and returns what the next level reads."""
+    nodes = level_done(0, list(fields))
     level = 0
-    while len(values) > 1:
+    while len(nodes) > 1:
         level += 1
-        pairs = [_max(m, values[i], values[i + 1], f"{name}_l{level}_{i // 2}") for i in range(0, len(values) - 1, 2)]
-        values = level_done(level, pairs + values[len(values) & ~1:])
-    return values[0]
+        pairs = [_max(m, nodes[i], nodes[i + 1], f"{name}_l{level}_{i // 2}") for i in range(0, len(nodes) - 1, 2)]
+        nodes = level_done(level, pairs + nodes[len(nodes) & ~1:])
+    return nodes[0]
 
 
-def _tree_levels(lanes):
-    return (lanes - 1).bit_length()
+def _lane_fields(m, values, name):
+    fields = []
+    for lane, value in enumerate(values):
+        field = Signal(8, name=f"{name}_lane_{lane}")
+        m.d.comb += field.eq(_biased_exponent(value))
+        fields.append(field)
+    return fields
 
 
 def max_exponent(m, values, name="exponent_max"):
@@ -92,12 +109,9 @@ def max_exponent(m, values, name="exponent_max"):
     values = list(values)
     if not values:
         raise ValueError("max_exponent needs at least one value")
-    exponents = []
-    for lane, value in enumerate(values):
-        exponent = Signal(EXPONENT_SHAPE, name=f"{name}_lane_{lane}")
-        m.d.comb += exponent.eq(bf16_exponent(value))
-        exponents.append(exponent)
-    return _reduce(m, exponents, name, lambda level, nodes: nodes)
+    exponent = Signal(EXPONENT_SHAPE, name=name)
+    m.d.comb += exponent.eq(_reduce(m, _lane_fields(m, values, name), name) - _BF16_BIAS)
+    return exponent
 
 
 def _check_lanes(unit, lanes):
@@ -124,16 +138,18 @@ class ExponentMax(wiring.Component):
     beat: the running maximum restarts from -126, the exponent of zero, so an all-zero chunk has ``E = -126``, as
     in :func:`edge_qlora.golden.gemm.align`.
 
-    The lane maximum is a tree of ``ceil(log2(lanes))`` levels of 9-bit comparisons; ``stages`` registers cut it,
-    every register delays ``done`` by one cycle. All registers are in ``sync``, so ``EnableInserter`` stalls the
-    unit as a whole (the simplest use, though, is to hold ``valid`` low).
+    The lane maximum is a tree of ``ceil(log2(lanes))`` levels of 8-bit comparisons of exponent fields, one carry
+    chain and one multiplexer each; the running maximum is one more. ``stages`` registers are spread evenly over
+    the tree (the last one after it), each delaying ``done`` by one cycle; the default, one register every two
+    levels, closes timing at 100 MHz on an ECP5 for 16 lanes. All registers are in ``sync``, so
+    ``EnableInserter`` stalls the unit as a whole (the simplest use, though, is to hold ``valid`` low).
 
     Parameters
     ----------
     lanes : int
         Values per beat, 1 to 64.
-    stages : int
-        Registers in the lane maximum, 0 to 2: 1 after the tree, 2 also halfway through it.
+    stages : int or None
+        Registers in the lane maximum, 0 to ``ceil(log2(lanes)) + 1``; ``None``: ``ceil(levels / 2)``.
 
     Attributes
     ----------
@@ -151,10 +167,15 @@ class ExponentMax(wiring.Component):
         ``stages + 1``: cycles from the ``last`` beat to ``done``.
     """
 
-    def __init__(self, lanes, stages=1):
+    def __init__(self, lanes, stages=None):
         _check_lanes("ExponentMax", lanes)
-        _check_stages("ExponentMax", stages, 2)
+        levels = (lanes - 1).bit_length()
+        if stages is None:
+            stages = -(-levels // 2)
+        _check_stages("ExponentMax", stages, levels + 1)
         self.lanes, self.stages = lanes, stages
+        # a register after level ceil(levels * (s + 1) / stages) for each s: evenly spread, the last after the tree
+        self._registered_levels = [-(-levels * (s + 1) // stages) for s in range(stages)]
         self.latency = stages + 1
         super().__init__({
             "values": In(data.ArrayLayout(16, lanes)),
@@ -166,56 +187,54 @@ class ExponentMax(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        levels = _tree_levels(self.lanes)
-        registered = [levels, levels // 2][:self.stages]
         # ``valid`` and ``last`` travel beside the tree's registers
         flags = {"valid": self.valid, "last": self.last}
+        stage = 0
 
         def level_done(level, nodes):
-            for k in range(registered.count(level)):
-                stage = len([r for r in registered if r < level]) + k
-                registers = [Signal(EXPONENT_SHAPE, name=f"max_s{stage}_{i}", reset_less=True)
-                             for i in range(len(nodes))]
+            nonlocal stage
+            for _ in range(self._registered_levels.count(level)):
+                registers = [Signal(8, name=f"max_s{stage}_{i}", reset_less=True) for i in range(len(nodes))]
                 m.d.sync += [r.eq(n) for r, n in zip(registers, nodes)]
                 for key, value in flags.items():
                     flags[key] = Signal(name=f"{key}_s{stage}")
                     m.d.sync += flags[key].eq(value)
                 nodes = registers
+                stage += 1
             return nodes
 
-        exponents = []
-        for lane in range(self.lanes):
-            exponent = Signal(EXPONENT_SHAPE, name=f"lane_exponent_{lane}")
-            m.d.comb += exponent.eq(bf16_exponent(self.values[lane]))
-            exponents.append(exponent)
-        beat_max = _reduce(m, exponents, "exponent_max", level_done)
+        beat_max = _reduce(m, _lane_fields(m, [self.values[lane] for lane in range(self.lanes)], "lane_exponent"),
+                           "exponent_max", level_done)
 
-        running = Signal(EXPONENT_SHAPE, init=EXP_MIN)
-        chunk_max = Signal(EXPONENT_SHAPE)
+        # biased, like the tree: 1 is the field of zeros and subnormals
+        running = Signal(8, init=1)
+        chunk_max = Signal(8)
         m.d.comb += chunk_max.eq(Mux(beat_max > running, beat_max, running))
         m.d.sync += self.done.eq(flags["valid"] & flags["last"])
         with m.If(flags["valid"]):
-            m.d.sync += running.eq(Mux(flags["last"], EXP_MIN, chunk_max))
+            m.d.sync += running.eq(Mux(flags["last"], 1, chunk_max))
             with m.If(flags["last"]):
-                m.d.sync += self.exponent.eq(chunk_max)
+                m.d.sync += self.exponent.eq(chunk_max - _BF16_BIAS)
         return m
 
 
 class AlignLanes(wiring.Component):
     """Align ``lanes`` bf16 values to a chunk's shared exponent: ``q = rne(v * 2 ** (16 - shared))``.
 
-    Per lane: the distance ``d = shared - e`` (clamped at 18, where every value aligns to zero) shifts the 8-bit
-    significand, with 9 bits below the unit place to keep the guard bit and the sticky bits exactly; the rounding
-    increment and the negation of a negative value then share one adder (``-(x + r) = ~x + (1 - r)``).
-    Bit-exact with :func:`edge_qlora.golden.gemm.align` when ``shared`` is the chunk's largest exponent; any
-    ``shared`` not below the lane exponents is allowed, a smaller one gives unspecified results.
+    Per lane: the distance ``d = shared - e`` shifts the 8-bit significand, with 9 bits below the unit place to
+    keep the guard bit and the sticky bits exactly; a distance of 32 or more clears it (from 18 on everything
+    aligns to zero anyway, so only the low 5 bits of ``d`` need a shifter). The rounding increment and the
+    negation of a negative value then share one adder (``-(x + r) = ~x + (1 - r)``). Bit-exact with
+    :func:`edge_qlora.golden.gemm.align` when ``shared`` is the chunk's largest exponent; any ``shared`` not below
+    the lane exponents is allowed, a smaller one gives unspecified results.
 
     Cuts, in priority order (``stages=n`` registers the first ``n``):
 
     1. ``output``: the aligned operands.
     2. ``shift``: after the alignment shift, before rounding.
 
-    Fixed latency, registers only in ``sync`` and no enable of their own: wrap the unit in
+    Both are needed for 100 MHz on an ECP5: the distance subtraction, the shifter, and the rounding adder do not
+    fit one cycle together. Fixed latency, registers only in ``sync`` and no enable of their own: wrap the unit in
     ``EnableInserter(advance)`` to stall it with the rest of a pipeline (see :mod:`edge_qlora.rtl.pipeline`).
 
     Parameters
@@ -239,7 +258,7 @@ class AlignLanes(wiring.Component):
 
     CUTS = ("output", "shift")
 
-    def __init__(self, lanes, stages=1):
+    def __init__(self, lanes, stages=2):
         _check_lanes("AlignLanes", lanes)
         _check_stages("AlignLanes", stages, len(self.CUTS))
         self.lanes = lanes
@@ -262,23 +281,29 @@ class AlignLanes(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        fraction_bits = _MAX_DISTANCE - 9        # bits kept below the unit place: guard and sticky, exactly
+        fraction_bits = _ZERO_DISTANCE - _UNIT_SHIFT    # kept below the unit place: guard and sticky, exactly
+        shift_bits = (_ZERO_DISTANCE - 1).bit_length()
+        # one adder per lane: with the 8-bit biased field x, ~x = 255 - x, so d = shared - (x - 127) is the sum
+        # ``shared + ~x`` less 128. As 128 is a multiple of 32, d's low 5 bits, which drive the shifter, are the
+        # sum's, and d >= 32 exactly when the sum's bits from 5 up are 5 or more: a LUT, not a second carry chain
+        far_from = (32 + 128) >> shift_bits
         for lane in range(self.lanes):
             value = Value.cast(self.values[lane])
             field = value[_BF16_FRAC:15]
             significand = Cat(value[:_BF16_FRAC], field != 0)
-            distance = self.shared - bf16_exponent(value)
-            distance = Mux(distance > _MAX_DISTANCE, _MAX_DISTANCE, distance)[:_MAX_DISTANCE.bit_length()]
-            # ``significand * 2 ** (9 - d)`` with ``fraction_bits`` bits below the unit place: nothing falls off
-            aligned = Cat(C(0, fraction_bits + 9), significand) >> distance
-            aligned = self._cut(m, "shift", f"aligned_{lane}", aligned)
+            total = Signal(signed(11), name=f"distance_{lane}")
+            m.d.comb += total.eq(self.shared + ~_biased_exponent(value))
+            # ``significand * 2 ** (_UNIT_SHIFT - d)`` with ``fraction_bits`` bits below the unit place: exact
+            source = Cat(C(0, fraction_bits + _UNIT_SHIFT), significand)
+            aligned = Mux(total[shift_bits:] >= far_from, 0, source >> total[:shift_bits])
+            aligned = self._cut(m, "shift", f"aligned_{lane}", aligned[:len(source)])
             sign = self._cut(m, "shift", f"sign_{lane}", value[15])
 
-            integer = aligned[fraction_bits:fraction_bits + OPERAND_BITS - 1]
+            integer = aligned[fraction_bits:]
             guard = aligned[fraction_bits - 1]
             sticky = aligned[:fraction_bits - 1].any()
             round_up = guard & (sticky | integer[0])
-            q = (Cat(integer, C(0, 1)) ^ sign.replicate(OPERAND_BITS)) + (round_up ^ sign)
+            q = (Cat(integer, C(0, OPERAND_BITS - len(integer))) ^ sign.replicate(OPERAND_BITS)) + (round_up ^ sign)
             q = self._cut(m, "output", f"q_{lane}", q[:OPERAND_BITS].as_signed())
             m.d.comb += self.q[lane].eq(q)
         return m

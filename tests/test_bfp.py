@@ -157,7 +157,9 @@ def test_align_every_pattern():
         bits.append(covered)
         shared += [exponent] * (len(covered) // lanes)
     bits = np.concatenate(bits)
-    got = _run_align(AlignLanes(lanes), bits, np.array(shared))
+    dut = AlignLanes(lanes)
+    assert dut.latency == 2
+    got = _run_align(dut, bits, np.array(shared))
     # the whole range of q is reached, and nothing beyond it
     assert got.max() == 255 << 9 and got.min() == -(255 << 9)
 
@@ -204,19 +206,22 @@ def _chunks(rng, lanes, count):
     return chunks
 
 
-@pytest.mark.parametrize("lanes, stages", [(16, 1), (5, 2), (3, 2), (1, 0), (8, 0)])
+EXPONENT_MAX_CASES = [(16, None), (16, 5), (5, 1), (3, 3), (2, 2), (1, 0), (1, 1), (8, 0)]
+
+
+@pytest.mark.parametrize("lanes, stages", EXPONENT_MAX_CASES, ids=[f"{l}-{s}" for l, s in EXPONENT_MAX_CASES])
 def test_exponent_max(lanes, stages):
-    rng = np.random.default_rng(lanes * 3 + stages)
+    rng = np.random.default_rng(lanes * 3 + (stages or 0))
     chunks = _chunks(rng, lanes, 150)
     dut = ExponentMax(lanes, stages=stages)
-    assert dut.latency == stages + 1
+    assert dut.latency == (2 if stages is None else stages) + 1
     values_port = Value.cast(dut.values)
     beats = [(beat, index == len(bits) - 1) for bits in chunks
              for index, beat in enumerate(pack_lanes(bits.ravel(), lanes, 16))]
     done = []
 
     async def feed(ctx):
-        gaps = random.Random(stages)
+        gaps = random.Random(lanes)
         for beat, last in beats:
             while gaps.random() < 0.3:
                 ctx.set(dut.valid, 0)
@@ -262,7 +267,9 @@ def test_arguments_checked():
         AlignLanes(4, stages=3)
     with pytest.raises(TypeError, match="lanes must be an integer"):
         ExponentMax("8")
-    with pytest.raises(ValueError, match="stages must be from 0 to 2, not -1"):
+    with pytest.raises(ValueError, match="stages must be from 0 to 4, not -1"):
         ExponentMax(8, stages=-1)
+    with pytest.raises(ValueError, match="stages must be from 0 to 1, not 2"):
+        ExponentMax(1, stages=2)
     with pytest.raises(ValueError, match="at least one value"):
         max_exponent(Module(), [])
