@@ -1,0 +1,131 @@
+"""Matrix scratchpad: a matrix in ``banks`` memories, readable along rows and along columns at full rate
+(twin: ``golden/scratchpad.py``).
+
+Element ``(row, col)`` of a matrix lives in bank ``(row + col) % banks`` at word
+``base + row * row_words + col // banks`` (``row_words = ceil(cols / banks)``): a diagonal layout, so any
+``banks`` consecutive elements of a row, and any ``banks`` consecutive elements of a column, sit in different
+banks. One read per port per cycle returns such a segment in order; one write per cycle stores a row segment.
+That is what the LoRA controller needs to feed the GEMM engine ``x``, ``x^T``, ``h``, ``h^T`` ... from the same
+copy.
+"""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["MatrixStore", "segment_layout"]
+
+
+def segment_layout(banks, address_width):
+    """A segment request: ``count`` (0..banks) elements from ``(row, col)`` along the row, or down the column
+    with ``column`` set. ``row_address`` is ``base + row * row_words`` of the matrix (the requester keeps it as a
+    running sum, so the store needs no multiplier); ``row_words`` is ``ceil(cols / banks)``."""
+    return data.StructLayout({
+        "row_address": address_width, "row_words": address_width, "row": 16, "col": 16,
+        "column": 1, "count": range(banks + 1),
+    })
+
+
+class MatrixStore(wiring.Component):
+    """Diagonally banked matrix memory with segment reads and row-segment writes.
+
+    Parameters
+    ----------
+    banks : int
+        A power of two, 1 to 16: the longest segment.
+    width : int
+        Bits per element.
+    depth : int
+        Words per bank (the store holds ``banks * depth`` elements, for one or several matrices).
+    read_ports : int
+        Independent read ports.
+
+    Attributes
+    ----------
+    read_{i} : In(StructLayout {"request": segment_layout, "en": 1}), Out(data)
+        ``read_{i}_request`` / ``read_{i}_en`` in; ``read_{i}_data`` (ArrayLayout(width, banks)) out,
+        :attr:`latency` cycles after a request with ``en``; elements past ``count`` read as zero.
+    write_request : In(segment_layout), write_en : In(1), write_data : In(ArrayLayout(width, banks))
+        Row segment writes (``column`` must be clear); ``write_data[e]`` is element ``col + e``.
+    latency : int
+        2: the memory read, then the rotation into order (registered).
+    """
+
+    def __init__(self, banks, width, depth, read_ports=1):
+        if banks not in (1, 2, 4, 8, 16):
+            raise ValueError(f"banks must be a power of two from 1 to 16, not {banks!r}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, not {depth!r}")
+        self.banks, self.width, self.depth, self.read_ports = banks, width, depth, read_ports
+        self.address_width = max(1, (depth - 1).bit_length())
+        self.latency = 2
+        layout = segment_layout(banks, self.address_width)
+        members = {
+            "write_request": In(layout),
+            "write_en": In(1),
+            "write_data": In(data.ArrayLayout(width, banks)),
+        }
+        for i in range(read_ports):
+            members[f"read_{i}_request"] = In(layout)
+            members[f"read_{i}_en"] = In(1)
+            members[f"read_{i}_data"] = Out(data.ArrayLayout(width, banks))
+        super().__init__(members)
+
+    def _placement(self, m, request, name):
+        """Per bank: which element of the segment it holds (``index``), whether it holds one, and its word."""
+        banks = self.banks
+        shift = banks.bit_length() - 1
+        mask = banks - 1
+        rotation = (request.row + request.col)[:shift] if banks > 1 else 0
+        placements = []
+        for bank in range(banks):
+            index = Signal(range(banks), name=f"{name}_index_{bank}")
+            m.d.comb += index.eq((bank - rotation) & mask if banks > 1 else 0)
+            live = index < request.count
+            # along a row: word of col + index; down a column: word of col in row + index (index < 16: a few adds)
+            col_word = (request.col >> shift)
+            carry = ((request.col & mask) + index) >> shift if banks > 1 else 0
+            step = sum(Mux(index[b], request.row_words << b, 0) for b in range(shift)) if banks > 1 else 0
+            offset = Mux(request.column, col_word + step, col_word + carry)
+            address = Signal(self.address_width, name=f"{name}_address_{bank}")
+            m.d.comb += address.eq(request.row_address + offset)
+            placements.append((index, live, address))
+        return placements
+
+    def elaborate(self, platform):
+        m = Module()
+        banks, width = self.banks, self.width
+        memories = [Memory(shape=width, depth=self.depth, init=[]) for _ in range(banks)]
+        for bank, memory in enumerate(memories):
+            m.submodules[f"bank_{bank}"] = memory
+
+        # writes: element index e of the segment goes to bank (row + col + e) % banks
+        writes = self._placement(m, self.write_request, "write")
+        for bank, (index, live, address) in enumerate(writes):
+            port = memories[bank].write_port()
+            m.d.comb += [
+                port.addr.eq(address),
+                port.data.eq(self.write_data[index] if banks > 1 else self.write_data[0]),
+                port.en.eq(self.write_en & live),
+            ]
+
+        for i in range(self.read_ports):
+            request = getattr(self, f"read_{i}_request")
+            enable = getattr(self, f"read_{i}_en")
+            out = getattr(self, f"read_{i}_data")
+            placement = self._placement(m, request, f"read_{i}")
+            ports = [memory.read_port(domain="sync") for memory in memories]
+            indices = [Signal(range(banks), name=f"read_{i}_held_index_{b}") for b in range(banks)]
+            lives = [Signal(name=f"read_{i}_held_live_{b}") for b in range(banks)]
+            for bank, ((index, live, address), port) in enumerate(zip(placement, ports)):
+                m.d.comb += [port.addr.eq(address), port.en.eq(enable)]
+                with m.If(enable):
+                    m.d.sync += [indices[bank].eq(index), lives[bank].eq(live)]
+            # rotate back into segment order: element e comes from the bank whose index is e
+            for e in range(banks):
+                value = 0
+                for bank in range(banks):
+                    value = Mux(lives[bank] & (indices[bank] == e), ports[bank].data, value)
+                m.d.sync += out[e].eq(value)
+        return m
