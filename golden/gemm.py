@@ -211,10 +211,10 @@ START_LATENCY = 2          # job beat accepted -> writers and sequencer running
 FLAG_LATENCY = 1           # last write of a tile -> the sequencer sees the half full
 ALIGNER_LATENCY = 2        # flat beat in -> row beat written
 DEQUANT_LATENCY = 23       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
-ISSUE_TO_ARRAY = 2         # sequencer issue -> step taken by the PE array (read, align)
-# a partial leaving the array -> its output beat taken: array output register 1, FixedToFloat 4, hand-off 1,
-# memory read 1, FPAdd 6, rounding to bf16 1, output FIFO 2 (measured on the RTL, see tests/test_gemm.py)
-ACCUMULATE_LATENCY = 1 + 4 + 1 + 1 + 6 + 1 + 2
+ISSUE_TO_ARRAY = 4         # sequencer issue -> step taken by the PE array (read, register, align x2)
+# a partial leaving the array -> its output beat taken: array output register 1, partials FIFO 2, FixedToFloat 5,
+# hand-off 1, memory read 1, FPAdd 7, rounding to bf16 1, output FIFO 2 (measured on the RTL, tests/test_gemm.py)
+ACCUMULATE_LATENCY = 1 + 2 + 5 + 1 + 1 + 7 + 1 + 2
 
 
 def dequant_rounds(lanes, blocksize=64):
@@ -229,7 +229,7 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     With NF4 weights, a pass of W also cannot be faster than the dequantizer's table builder: one table of
     ``dequant_rounds`` cycles per block, which shows when a short final block ends a pass.
     """
-    min_steps = max(2 * rows - 1, 8)           # GemmConfig.min_steps
+    min_steps = max(2 * rows - 1, 12)          # GemmConfig.min_steps
     flush_steps = 2 * rows + cols               # PEArray.flush_steps
     words = -(-k // cols)
     a_tiles = -(-m // rows)

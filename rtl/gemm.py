@@ -114,10 +114,10 @@ class GemmConfig:
 
     @property
     def min_steps(self):
-        """Fewest steps a chunk is padded to: the PE array's drain spacing (``2 * rows - 1``), and 8 so that the
+        """Fewest steps a chunk is padded to: the PE array's drain spacing (``2 * rows - 1``), and 12 so that the
         same output's partials of consecutive chunks reach the accumulator further apart than its
-        read-add-write latency."""
-        return max(2 * self.rows - 1, 8)
+        read-add-write latency (9 cycles)."""
+        return max(2 * self.rows - 1, 12)
 
     @property
     def numerics(self):
@@ -483,13 +483,15 @@ class GemmEngine(wiring.Component):
 
         # a step may start when its buffers are full and, on a chunk's first step, the chunk FIFO has room
         have_data = a_full.bit_select(a_half, 1) & w_full.bit_select(w_half, 1)
-        pipe_latency = 1 + 1  # memory read, then alignment register
+        # memory read; a register on the raw read data (block RAM clock-to-out is slow on ECP5); the alignment
+        # shift and its rounding, each registered
+        pipe_latency = 1 + 1 + 2
         # (the PE array takes the steps; everything before it stalls with it)
         pipe = StallPipeline(m, pipe_latency, array.steps.ready, tag_shape=data.StructLayout({
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
             "bwd_row_real": 1, "chunk_start": 1,
         }), name="seq")
-        room = fifo.level < info_depth - 3   # a chunk start may be in each of the 2 stages before the FIFO
+        room = fifo.level < info_depth - 4   # a chunk start may be in each of the 3 stages before the FIFO
         issue = Signal()
         m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
@@ -537,9 +539,6 @@ class GemmEngine(wiring.Component):
                 pending.last.eq(chunk_last),
                 pending.job_last.eq(job_last),
             ]
-        stage1_start = Signal()
-        with m.If(pipe.advance):
-            m.d.sync += stage1_start.eq(issue & (step == 0))
 
         # advance the counters
         with m.If(issue):
@@ -580,45 +579,49 @@ class GemmEngine(wiring.Component):
             m.d.sync += flushing.eq(flushing - 1)
         m.d.comb += seq_done.eq(~active & (flushing == 0))
 
-        # --- stage 1: memory data; select; stage 2: aligned operands
-        tag1 = Signal.like(pipe.in_tag)
+        # --- stage 1: memory data, registered raw; stage 2: select, mask, exponents; stages 3-4: alignment
+        tag1, tag2 = Signal.like(pipe.in_tag), Signal.like(pipe.in_tag)
+        read_half, read_half2 = Signal(), Signal()
+        raw_a = Signal.like(a_read.data)
+        raw_ea, raw_ew = Signal.like(ea_read.data), Signal.like(ew_read.data)
+        raw_w = [Signal.like(port.data, name=f"raw_w_{b}") for b, port in enumerate(w_reads)]
         with m.If(pipe.advance):
-            m.d.sync += tag1.eq(pipe.in_tag)
+            m.d.sync += [tag1.eq(pipe.in_tag), tag2.eq(tag1), read_half.eq(w_half), read_half2.eq(read_half),
+                         raw_a.eq(a_read.data), raw_ea.eq(ea_read.data), raw_ew.eq(ew_read.data)]
+            m.d.sync += [raw.eq(port.data) for raw, port in zip(raw_w, w_reads)]
+        chunk_start = tag2.chunk_start
         ea_hold = Signal(data.ArrayLayout(EXP, rows))
         eb_hold = Signal(data.ArrayLayout(EXP, cols))
-        ea_now = Mux(stage1_start, ea_read.data.as_value(), ea_hold.as_value())
-        ew_now = Mux(stage1_start, ew_read.data.as_value(), eb_hold.as_value())
-        with m.If(pipe.advance & stage1_start):
-            m.d.sync += [ea_hold.eq(ea_read.data), eb_hold.eq(ew_read.data)]
+        ea_now = Mux(chunk_start, raw_ea.as_value(), ea_hold.as_value())
+        ew_now = Mux(chunk_start, raw_ew.as_value(), eb_hold.as_value())
+        with m.If(pipe.advance & chunk_start):
+            m.d.sync += [ea_hold.eq(raw_ea), eb_hold.eq(raw_ew)]
         ea_now = data.View(data.ArrayLayout(EXP, rows), ea_now)
         ew_now = data.View(data.ArrayLayout(EXP, cols), ew_now)
 
         # B operands and exponents per column
         b_values = []
         b_exps = []
-        bwd_word = Array(w_reads[b].data for b in range(cols))[tag1.bank]
+        bwd_word = Array(raw_w[b] for b in range(cols))[tag2.bank]
         for j in range(cols):
-            fwd_value = Array(w_reads[j].data[l] for l in range(cols))[tag1.lane]
-            value = Mux(tag1.transposed, bwd_word[j], fwd_value)
-            keep = tag1.real & (tag1.transposed | (j < tag1.fwd_cols))
+            fwd_value = Array(raw_w[j][l] for l in range(cols))[tag2.lane]
+            value = Mux(tag2.transposed, bwd_word[j], fwd_value)
+            keep = tag2.real & (tag2.transposed | (j < tag2.fwd_cols))
             b_values.append(Mux(keep, value, 0))
-        a_values = [Mux(tag1.real, a_read.data[i], 0) for i in range(rows)]
+        a_values = [Mux(tag2.real, raw_a[i], 0) for i in range(rows)]
 
         # transposed chunks use the tile's single exponent; it belongs to the half being read
-        read_half = Signal()
-        with m.If(pipe.advance):
-            m.d.sync += read_half.eq(w_half)
         for j in range(cols):
-            b_exps.append(Mux(tag1.transposed, mem["tile_exponent"][read_half], ew_now[j]))
+            b_exps.append(Mux(tag2.transposed, mem["tile_exponent"][read_half2], ew_now[j]))
 
         align_b_units = []
         for j in range(cols):
-            unit = AlignLanes(1, stages=1)
+            unit = AlignLanes(1, stages=2)
             m.submodules[f"align_b_{j}"] = pipe.stall(unit)
             align_b_units.append(unit)
         align_a_units = []
         for i in range(rows):
-            unit = AlignLanes(1, stages=1)
+            unit = AlignLanes(1, stages=2)
             m.submodules[f"align_a_{i}"] = pipe.stall(unit)
             align_a_units.append(unit)
         for i, unit in enumerate(align_a_units):
@@ -626,9 +629,9 @@ class GemmEngine(wiring.Component):
         for j, unit in enumerate(align_b_units):
             m.d.comb += [unit.values[0].eq(b_values[j]), unit.shared.eq(b_exps[j])]
 
-        # chunk info to the FIFO at stage 1 of a chunk's first step
+        # chunk info to the FIFO at stage 2 of a chunk's first step
         m.d.comb += [
-            fifo.w_en.eq(pipe.advance & stage1_start & tag1.chunk_start),
+            fifo.w_en.eq(pipe.advance & chunk_start),
             info_in.base.eq(pending.base), info_in.first.eq(pending.first),
             info_in.last.eq(pending.last), info_in.job_last.eq(pending.job_last),
         ]
@@ -655,10 +658,20 @@ class GemmEngine(wiring.Component):
         cfg = self.config
         rows, cols = cfg.rows, cfg.cols
         fifo, info = chunk_info
-        partials = self.array.partials
+        # a FIFO decouples the array's step enable from the accumulator's hazard checks (a long path otherwise)
+        m.submodules.partials_fifo = partials_fifo = SyncFIFOBuffered(width=self.array.partials.payload.shape().size,
+                                                                       depth=4)
+        m.d.comb += [
+            partials_fifo.w_data.eq(self.array.partials.payload),
+            partials_fifo.w_en.eq(self.array.partials.valid),
+            self.array.partials.ready.eq(partials_fifo.w_rdy),
+        ]
+        partials = stream.Signature(self.array.partials.payload.shape()).create(path=("partials_out",))
+        m.d.comb += [partials.valid.eq(partials_fifo.r_rdy), partials.payload.eq(partials_fifo.r_data),
+                     partials_fifo.r_en.eq(partials.ready)]
 
-        # front: integer chunk sums to float32 (stalls with its consumer)
-        converters = [FixedToFloat(ACC_BITS) for _ in range(cols)]
+        # front: integer chunk sums to float32 (stalls with its consumer); stages=5 registers the operands
+        converters = [FixedToFloat(ACC_BITS, stages=5) for _ in range(cols)]
         tag = data.StructLayout({"addr": range(max(1, rows * cfg.words_per_row)), "first": 1, "last": 1,
                                  "job_last": 1})
         admit = Signal()
@@ -682,7 +695,8 @@ class GemmEngine(wiring.Component):
 
         # back: read-add-write on the accumulator memory, free-running; an item enters only if no item in flight
         # will still write its address and the output FIFO has a place for it
-        adders = [FPAdd(FP32) for _ in range(cols)]
+        # stages=7 registers the operands: the accumulator memory's read data goes straight into a register
+        adders = [FPAdd(FP32, stages=7) for _ in range(cols)]
         out_fmt = BF16 if cfg.out_dtype == "bf16" else FP32
         rounders = [FPConvert(FP32, BF16) if out_fmt == BF16 else None for _ in range(cols)]
         back_latency = 1 + adders[0].latency

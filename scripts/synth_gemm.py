@@ -17,10 +17,10 @@ from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 
 # (board, rows, cols, max_k): the README's rows
 CONFIGS = [
-    ("ulx3s-85f", 4, 4, 1024),
-    ("ulx3s-85f", 8, 8, 1024),
-    ("ulx3s-85f", 16, 8, 1024),
-    ("ulx3s-85f", 12, 11, 1024),
+    ("ulx3s-85f", 4, 4, 512),
+    ("ulx3s-85f", 8, 8, 512),
+    ("ulx3s-85f", 16, 8, 512),
+    ("ulx3s-85f", 12, 11, 512),
     ("icebreaker", 1, 1, 64),
     ("icebreaker", 2, 2, 64),
 ]
