@@ -18,7 +18,7 @@ import numpy as np
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "to_bits", "from_bits", "round_to", "is_nan",
-    "mul", "add", "div", "convert", "fixed_to_float",
+    "mul", "add", "div", "sqrt", "convert", "fixed_to_float",
 ]
 
 
@@ -238,3 +238,13 @@ def fixed_to_float(values, exponents, fmt):
     with np.errstate(over="ignore", under="ignore"):
         exact = np.ldexp(values.astype(np.float64), np.asarray(exponents, dtype=np.int64))
     return to_bits(exact, fmt)
+
+
+def sqrt(bits, fmt):
+    """Twin of ``FPSqrt``: the square root rounded to ``fmt``; ``sqrt(-0) = -0``, any other negative gives NaN.
+
+    The float64 root of a value of at most 24 significant bits is correctly rounded, and float64 has more than
+    ``2 * 24 + 2`` bits, so rounding it once more to ``fmt`` is innocuous (Figueroa, 1995), as for the quotient.
+    """
+    with np.errstate(invalid="ignore"):
+        return to_bits(np.sqrt(_exact(bits, fmt)), fmt)

@@ -1,4 +1,4 @@
-"""IEEE-754 floating-point arithmetic units: multiply, add, divide, convert, fixed point to float.
+"""IEEE-754 floating-point arithmetic units: multiply, add, divide, square root, convert, fixed point to float.
 
 Every unit is a fixed-latency pipeline with plain ``In``/``Out`` ports, one operation accepted per cycle. The units
 have no enable of their own: every register is in the ``sync`` domain and nothing counts cycles, so a user stalls a
@@ -14,8 +14,8 @@ Each unit names its cuts in a priority order (in its docstring); ``stages=n`` re
 ``latency == stages`` and a user trades Fmax for latency without touching the arithmetic. Pipeline registers carry
 no reset: a pipeline's contents mean nothing until ``latency`` cycles after its first input. The defaults were
 chosen so that fp32 units close timing at 100 MHz on an ECP5 (LFE5U-85F, speed grade 6, out of context) with
-registered inputs: ``FPMul`` 5 stages, ``FPAdd`` 6, ``FPDiv`` 30 (one recurrence step per cycle); ``FPConvert``
-needs 2 for fp32 to fp16 and 1 otherwise; ``FixedToFloat`` 4 for a 44-bit value to fp32.
+registered inputs: ``FPMul`` 5 stages, ``FPAdd`` 6, ``FPDiv`` 30 and ``FPSqrt`` 27 (one recurrence step per cycle);
+``FPConvert`` needs 2 for fp32 to fp16 and 1 otherwise; ``FixedToFloat`` 4 for a 44-bit value to fp32.
 
 Every arithmetic unit ends in the same normalise-round-pack datapath (:class:`_Rounder`), written once and
 parameterised by :class:`FloatFormat` and by static bounds on its inputs, so that a unit pays only for the shifts its
@@ -31,7 +31,7 @@ from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key",
-    "FPMul", "FPAdd", "FPDiv", "FPConvert", "FixedToFloat",
+    "FPMul", "FPAdd", "FPDiv", "FPSqrt", "FPConvert", "FixedToFloat",
 ]
 
 
@@ -648,6 +648,137 @@ class FPDiv(wiring.Component):
         state["sticky"] = remainder.any()
         state = pipe.cut("quotient", rounder.prepare(pipe.m, state))
         state = pipe.cut("window", rounder.align(pipe.m, rounder.count(pipe.m, state)))
+        state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
+        m.d.comb += self.result.eq(state["result"])
+        return m
+
+
+class FPSqrt(wiring.Component):
+    """Pipelined floating-point square root: ``result = sqrt(a)``, rounded to nearest even, one accepted per cycle.
+
+    A subnormal operand is normalised first. The significand, doubled when the unbiased exponent is odd, is a
+    radicand in ``[1, 4)`` with an even exponent, whose root lies in ``[1, 2)``: its top bit is always set and needs
+    no recurrence step. A restoring recurrence then produces the other ``precision`` root bits (the fraction and the
+    guard bit), one per step, consuming two radicand bits per step, and the final remainder gives the sticky bit.
+    A root never overflows, and underflows only in formats whose bias is not above their fraction width (none of
+    the named ones), so the rounder has no shifts to make in fp32, bf16 or fp16.
+    ``sqrt(+-0) = +-0``, ``sqrt(+inf) = +inf``, the root of any other negative operand (``-inf`` included) and of a
+    NaN is the canonical NaN.
+
+    Cuts, in priority order (``stages=n`` registers the first ``n``):
+
+    1. ``output``: the packed result.
+    2. ``root``: after the last recurrence step.
+    3. ``normalize``: after the normalisation of the operand, before the first recurrence step.
+    4. ``input``: the operand as it arrives.
+    5. then ``iter_1`` to ``iter_{precision - 1}`` between recurrence steps, spread evenly over the recurrence.
+
+    Parameters
+    ----------
+    fmt : FloatFormat
+        Format of the operand and of the result.
+    stages : int or None
+        Pipeline register stages, 0 to ``precision + 3``; ``None`` registers every cut (one recurrence step per
+        cycle, ``latency = precision + 3``: 27 for fp32).
+
+    Attributes
+    ----------
+    a : In(fmt.width)
+        Packed operand.
+    result : Out(fmt.width)
+        Packed square root of the operand presented ``latency`` cycles earlier.
+    latency : int
+        Cycles from operand to result, equal to ``stages``.
+    """
+
+    NAMED_CUTS = ("output", "root", "normalize", "input")
+
+    def __init__(self, fmt, stages=None):
+        _check_format("FPSqrt", "fmt", fmt)
+        self.fmt = fmt
+        self.steps = fmt.precision
+        iter_cuts = [f"iter_{i}" for i in range(1, self.steps)]
+        if stages is None:
+            stages = len(self.NAMED_CUTS) + len(iter_cuts)
+        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(self.NAMED_CUTS):
+            # spread the recurrence registers evenly, so that every register stage has about as many steps
+            count = min(stages - len(self.NAMED_CUTS), len(iter_cuts))
+            spacing = self.steps / (count + 1)
+            chosen = [f"iter_{round(j * spacing)}" for j in range(1, count + 1)]
+            iter_cuts = chosen + [name for name in iter_cuts if name not in chosen]
+        self.cuts = self.NAMED_CUTS + tuple(iter_cuts)
+        self._registered = _registered_cuts("FPSqrt", stages, self.cuts)
+        self.latency = stages
+        super().__init__({
+            "a": In(fmt.width),
+            "result": Out(fmt.width),
+        })
+
+    def elaborate(self, platform):
+        fmt = self.fmt
+        p = fmt.precision
+        m = Module()
+        pipe = _Pipeline(m, self._registered)
+
+        state = pipe.cut("input", {"a": self.a})
+        a = _Unpacked(state["a"], fmt)
+        leading_zeros = _count_leading_zeros(pipe.m, a.sig, "a")
+        # with ``x = exp - leading zeros`` the operand's exponent is ``x - bias``, and the root's biased exponent
+        # is ``floor((x - bias) / 2) + bias = floor((x + bias) / 2)``; ``x`` is at least ``2 - p`` (the smallest
+        # subnormal), and a zero operand, whose exponent means nothing, counts ``p`` leading zeros
+        exp_lo, exp_hi = (2 - p + fmt.bias) >> 1, (fmt.exp_max - 1 + fmt.bias) >> 1
+        state = pipe.cut("normalize", {
+            "sign": a.sign,
+            # the exponent arithmetic waits for the next stage, where the first recurrence steps are short
+            "exp": a.exp,
+            "leading_zeros": leading_zeros,
+            "sig": _wire(pipe.m, (a.sig << leading_zeros)[:p], "a_normalized"),
+            "nan": a.is_nan | (a.sign & ~a.is_zero),
+            "inf": a.is_inf,
+            "zero": a.is_zero,
+        })
+        biased = _wire(pipe.m, _exponent(state.pop("exp") + fmt.bias - state.pop("leading_zeros"),
+                                         1 + fmt.bias - p, fmt.exp_max - 1 + fmt.bias), "biased")
+        odd = biased[0]
+        state["exp"] = _exponent(biased >> 1, exp_lo, exp_hi)
+        # the radicand ``sig * 2 ** odd``, p + 1 bits worth ``[1, 4)``; its two top bits are the first digit pair,
+        # at least 1, so the root's first bit is 1 and the remainder after it is that pair minus 1
+        sig = state.pop("sig")
+        radicand = _wire(pipe.m, Mux(odd, Cat(C(0, 1), sig), Cat(sig, C(0, 1))), "radicand")
+        state["remainder"] = (radicand[p - 1:] - 1)[:2]
+        state["root"] = C(1, 1)
+        pending = radicand[:p - 1]                 # radicand bits still to bring down, the top ones first
+
+        # restoring recurrence, digit by digit: with root ``q`` so far, bring down the next two radicand bits and
+        # subtract ``4q + 1`` if it fits; the remainder stays at most ``2q``, one bit wider than ``q``
+        for step in range(1, self.steps + 1):
+            if step > 1:
+                state = pipe.cut(f"iter_{step - 1}", state)
+                pending = state.pop("pending", None)
+            remainder, root = state.pop("remainder"), state.pop("root")
+            digits = [C(0, 1), C(0, 1)]
+            if pending is not None:
+                digits = [pending[-2] if len(pending) >= 2 else C(0, 1), pending[-1]]
+                pending = pending[:-2] if len(pending) > 2 else None
+            shifted = _wire(pipe.m, Cat(*digits, remainder), f"shifted_{step}")
+            trial = Cat(C(1, 1), C(0, 1), root)
+            difference = _wire(pipe.m, shifted - trial, f"difference_{step}")
+            root_bit = ~difference[-1]
+            state["root"] = Cat(root_bit, root)
+            if step < self.steps:
+                state["remainder"] = Mux(root_bit, difference, shifted)[:step + 2]
+                if pending is not None:
+                    state["pending"] = pending
+            else:
+                # whether the final remainder is nonzero, by a comparison beside the subtraction rather than after
+                # it; it matters only where the last root bit, the guard bit, is set, and the remainder is then
+                # ``shifted - trial``
+                state["sticky"] = shifted != trial
+
+        rounder = _Rounder(fmt, p + 1, (exp_lo, exp_hi), max_lz=0)
+        state["sig"] = state.pop("root")
+        state = pipe.cut("root", rounder.prepare(pipe.m, state))
+        state = rounder.align(pipe.m, rounder.count(pipe.m, state))
         state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
         m.d.comb += self.result.eq(state["result"])
         return m
