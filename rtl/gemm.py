@@ -459,9 +459,14 @@ class GemmEngine(wiring.Component):
         q0 = Signal(32)            # forward: first reduction index of the chunk
         chunk_index = Signal(32)   # chunk of the A buffer (q0 / chunk)
         step = Signal(range(max(chunk, min_steps) + 1))
+        fwd_word = Signal(32)      # forward: q // cols and q % cols of the W word to read, as counters
+        fwd_lane = Signal(range(cols))
+        bwd_slot = Signal(range(slots + 1))   # transposed: row `step` of the W tile, as bank and slot
+        bwd_bank = Signal(range(cols))
         with m.If(start):
             m.d.sync += [active.eq(1), m_left.eq(job.m), outer.eq(0), kt.eq(0), k0.eq(0), q0.eq(0),
-                         chunk_index.eq(0), step.eq(0)]
+                         chunk_index.eq(0), step.eq(0), fwd_word.eq(0), fwd_lane.eq(0), bwd_slot.eq(0),
+                         bwd_bank.eq(0)]
 
         # this chunk's real length and step count
         fwd_len = Mux(job.k - q0 < chunk, (job.k - q0)[:16], chunk)
@@ -510,10 +515,6 @@ class GemmEngine(wiring.Component):
             ew_read.addr.eq(Mux(w_half, mem["chunks_k"], 0) + chunk_index),
         ]
         # forward: every bank reads its row (slot 0) at word q // cols; transposed: row `step` of the tile
-        fwd_word = Signal(32)      # q0 // cols + step // cols, kept as counters
-        fwd_lane = Signal(range(cols))
-        bwd_slot = Signal(range(slots + 1))
-        bwd_bank = Signal(range(cols))
         w_address = Mux(w_half, slots * words, 0) + Mux(job.transposed, bwd_slot * words + kt, fwd_word)
         for port in w_reads:
             m.d.comb += port.addr.eq(w_address)
@@ -543,10 +544,11 @@ class GemmEngine(wiring.Component):
         # advance the counters
         with m.If(issue):
             m.d.sync += step.eq(Mux(last_step, 0, step + 1))
-            with m.If(real):
+            with m.If(real & ~job.transposed):
                 m.d.sync += fwd_lane.eq(Mux(fwd_lane == cols - 1, 0, fwd_lane + 1))
                 with m.If(fwd_lane == cols - 1):
                     m.d.sync += fwd_word.eq(fwd_word + 1)
+            with m.If(real & job.transposed):
                 m.d.sync += [bwd_bank.eq(Mux(bwd_bank == cols - 1, 0, bwd_bank + 1)),
                              bwd_slot.eq(Mux(bwd_bank == cols - 1, bwd_slot + 1, bwd_slot))]
             with m.If(last_step):
