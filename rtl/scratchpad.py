@@ -44,8 +44,9 @@ class MatrixStore(wiring.Component):
     Attributes
     ----------
     read_{i} : In(StructLayout {"request": segment_layout, "en": 1}), Out(data)
-        ``read_{i}_request`` / ``read_{i}_en`` in; ``read_{i}_data`` (ArrayLayout(width, banks)) out,
-        :attr:`latency` cycles after a request with ``en``; elements past ``count`` read as zero.
+        ``read_{i}_request`` / ``read_{i}_en`` in; ``read_{i}_data`` (ArrayLayout(width, banks)) out. The read is
+        a two-stage pipeline that moves on cycles with ``en``: a request's data is out after the second ``en``
+        cycle counting its own. Elements past ``count`` read as zero.
     write_request : In(segment_layout), write_en : In(1), write_data : In(ArrayLayout(width, banks))
         Row segment writes (``column`` must be clear); ``write_data[e]`` is element ``col + e``.
     latency : int
@@ -122,10 +123,12 @@ class MatrixStore(wiring.Component):
                 m.d.comb += [port.addr.eq(address), port.en.eq(enable)]
                 with m.If(enable):
                     m.d.sync += [indices[bank].eq(index), lives[bank].eq(live)]
-            # rotate back into segment order: element e comes from the bank whose index is e
+            # rotate back into segment order: element e comes from the bank whose index is e; registered on `en`
+            # too, so that a stalled user (en low) finds its data where it left it
             for e in range(banks):
                 value = 0
                 for bank in range(banks):
                     value = Mux(lives[bank] & (indices[bank] == e), ports[bank].data, value)
-                m.d.sync += out[e].eq(value)
+                with m.If(enable):
+                    m.d.sync += out[e].eq(value)
         return m

@@ -41,7 +41,8 @@ def test_segments_round_trip(banks, rows, cols):
         pending = []
         for cycle in range(len(reads) + dut.latency + 1):
             for port in (0, 1):
-                ctx.set(getattr(dut, f"read_{port}_en"), 0)
+                ctx.set(getattr(dut, f"read_{port}_en"), 1)   # the read pipeline moves every cycle
+                ctx.set(getattr(dut, f"read_{port}_request"), request(port, 0, 0, 0, 0))
             issued = reads[cycle] if cycle < len(reads) else None
             if issued:
                 port, r, c, column, count = issued
