@@ -325,10 +325,15 @@ class GemmEngine(wiring.Component):
             for name in self.dequantizer.signature.members:
                 if name != "weights":
                     wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(self.dequantizer, name))
+            # a small FIFO between them keeps the aligner's handshake out of the dequantizer's critical path
+            m.submodules.dequant_fifo = skid = SyncFIFOBuffered(width=16 * cols, depth=4)
             m.d.comb += [
-                aligner.flat.valid.eq(self.dequantizer.weights.valid),
-                aligner.flat.payload.eq(self.dequantizer.weights.payload.data),
-                self.dequantizer.weights.ready.eq(aligner.flat.ready),
+                skid.w_data.eq(self.dequantizer.weights.payload.data),
+                skid.w_en.eq(self.dequantizer.weights.valid),
+                self.dequantizer.weights.ready.eq(skid.w_rdy),
+                aligner.flat.valid.eq(skid.r_rdy),
+                aligner.flat.payload.eq(skid.r_data),
+                skid.r_en.eq(aligner.flat.ready),
             ]
         else:
             wiring.connect(m, wiring.flipped(self.w), aligner.flat)

@@ -4,7 +4,7 @@ The NF4 dequantizer (and a bf16 weight stream) delivers a row-major matrix as a 
 per beat, so a beat may hold the end of one row and the start of the next (NF4 blocks run across rows when the row
 length is not a multiple of the block size). The GEMM engine's buffers want each beat to start a word of one row:
 elements ``k .. k+lanes-1`` of row ``r`` with ``k`` a multiple of ``lanes``. This unit re-cuts the stream: it holds
-up to ``2 * lanes`` elements and emits ``min(lanes, row_length - k)`` of them per beat, zero-filling the rest.
+up to ``3 * lanes`` elements and emits ``min(lanes, row_length - k)`` of them per beat, zero-filling the rest.
 """
 
 from amaranth.hdl import Module, Mux, Signal
@@ -65,33 +65,43 @@ class RowAligner(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         lanes, width = self.lanes, self.width
-        slots = 2 * lanes
+        slots = 3 * lanes   # room for a beat whatever this cycle emits, so `flat.ready` comes from registers
 
         active = Signal()
         row_length = Signal(32)
         rows_left = Signal(32)          # rows not yet fully emitted
         to_read = Signal(32)            # flat elements not yet taken from the input
-        position = Signal(32)           # k of the next element to emit, within its row
         held = Signal(range(slots + 1))  # elements in the holding buffer
         buffer = Signal(data.ArrayLayout(width, slots))
+
+        # what the next beat emits, kept in registers one beat ahead (long compares stay off the handshake)
+        rest = Signal(32)               # elements of the current row not yet emitted
+        need = Signal(range(lanes + 1))
+        row_end = Signal()
+        final_row = Signal()            # rows_left == 1
+        incoming = Signal(range(lanes + 1))   # real elements in the next input beat
+
+        def plan(m, rest_value):
+            return [need.eq(Mux(rest_value < lanes, rest_value[:5], lanes)), row_end.eq(rest_value <= lanes)]
 
         with m.If(~active):
             m.d.comb += self.shape.ready.eq(1)
             with m.If(self.shape.valid):
+                payload = self.shape.payload
                 m.d.sync += [
-                    active.eq(self.shape.payload.rows != 0),
-                    row_length.eq(self.shape.payload.row_length),
-                    rows_left.eq(self.shape.payload.rows),
-                    to_read.eq(self.shape.payload.elements),
-                    position.eq(0),
+                    active.eq(payload.rows != 0),
+                    row_length.eq(payload.row_length),
+                    rows_left.eq(payload.rows),
+                    final_row.eq(payload.rows == 1),
+                    to_read.eq(payload.elements),
+                    incoming.eq(Mux(payload.elements < lanes, payload.elements[:5], lanes)),
+                    rest.eq(payload.row_length),
                     held.eq(0),
+                    *plan(m, payload.row_length),
                 ]
 
         # emit: the rest of the row, at most one beat of it
-        row_rest = row_length - position
-        need = Mux(row_rest < lanes, row_rest[:5], lanes)
-        row_end = row_rest <= lanes
-        last = row_end & (rows_left == 1)
+        last = row_end & final_row
         out_free = ~self.rows.valid | self.rows.ready
         emit = Signal()
         m.d.comb += emit.eq(active & (held >= need) & out_free)
@@ -100,12 +110,13 @@ class RowAligner(wiring.Component):
                 self.rows.valid.eq(1),
                 self.rows.payload.row_end.eq(row_end),
                 self.rows.payload.last.eq(last),
-                position.eq(Mux(row_end, 0, position + lanes)),
             ]
+            rest_next = Mux(row_end, row_length, rest - lanes)
+            m.d.sync += [rest.eq(rest_next), *plan(m, rest_next)]
             for lane in range(lanes):
                 m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, buffer[lane], 0))
             with m.If(row_end):
-                m.d.sync += rows_left.eq(rows_left - 1)
+                m.d.sync += [rows_left.eq(rows_left - 1), final_row.eq(rows_left == 2)]
                 with m.If(last):
                     m.d.sync += active.eq(0)
         with m.Elif(self.rows.ready):
@@ -114,8 +125,8 @@ class RowAligner(wiring.Component):
         # refill: after the shift by `taken`, append the input beat's real elements
         taken = Mux(emit, need, 0)
         kept = held - taken
-        incoming = Mux(to_read < lanes, to_read[:5], lanes)
-        m.d.comb += self.flat.ready.eq(active & (to_read != 0) & (kept <= lanes))
+        # ready from registers only: with at most 2 * lanes held, the beat fits whatever this cycle emits
+        m.d.comb += self.flat.ready.eq(active & (to_read != 0) & (held <= 2 * lanes))
         accept = self.flat.valid & self.flat.ready
         for i in range(slots):
             # drop `taken` elements from the front, then append the input beat after the `kept` ones
@@ -126,12 +137,14 @@ class RowAligner(wiring.Component):
                         m.d.comb += element.eq(buffer[i + t] if i + t < slots else 0)
             with m.If(accept):
                 with m.Switch(kept):
-                    for k in range(max(0, i - lanes + 1), min(i, lanes) + 1):
+                    for k in range(max(0, i - lanes + 1), min(i, 2 * lanes) + 1):
                         with m.Case(k):
                             m.d.comb += element.eq(self.flat.payload[i - k])
             m.d.sync += buffer[i].eq(element)
         with m.If(accept):
-            m.d.sync += [held.eq(kept + incoming), to_read.eq(to_read - incoming)]
+            left = to_read - incoming
+            m.d.sync += [held.eq(kept + incoming), to_read.eq(left),
+                         incoming.eq(Mux(left < lanes, left[:5], lanes))]
         with m.Else():
             m.d.sync += held.eq(kept)
         return m
