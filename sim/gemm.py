@@ -11,7 +11,7 @@ from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 from .nf4 import _simulate, pack_lanes, producer, unpack_lanes
 from .streams import NO_STALLS, get
 
-__all__ = ["GemmRun", "run_gemm", "bf16_bits"]
+__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "bf16_bits"]
 
 
 @dataclass
@@ -64,56 +64,68 @@ def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, 
     stalls : dict of str to Stalls, optional
         Per stream: ``job``, ``a``, ``w`` or the dequantizer's streams, and ``c``.
     """
+    runs = run_gemm_jobs([(a, weights, transposed)], config, stalls=stalls, vcd_path=vcd_path, progress=progress)
+    return runs[0]
+
+
+def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, progress=None):
+    """Several jobs ``(a, weights, transposed)`` back to back through one engine; a :class:`GemmRun` per job
+    (each with the total cycle count of the whole run)."""
     stalls = dict(stalls or {})
-    shape = tuple(weights.shape)
-    n, k = shape
-    m_rows, q_len = a.shape
-    if q_len != (n if transposed else k):
-        raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, W is {shape}"
-                         f"{' (transposed: a @ W)' if transposed else ' (a @ W.T)'}")
     rows, cols = config.rows, config.cols
-    tiles = -(-m_rows // rows)
     dut = GemmEngine(config)
+    job_beats, a_beats, weight_beats, layout = [], [], {}, []
+    for a, weights, transposed in jobs:
+        n, k = tuple(weights.shape)
+        m_rows, q_len = a.shape
+        if q_len != (n if transposed else k):
+            raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, W is {(n, k)}"
+                             f"{' (transposed: a @ W)' if transposed else ' (a @ W.T)'}")
+        tiles = -(-m_rows // rows)
+        a_bits = bf16_bits(a.to(torch.bfloat16))
+        for t in range(tiles):
+            tile = np.zeros((rows, q_len), np.uint16)
+            part = a_bits[t * rows:(t + 1) * rows]
+            tile[:part.shape[0]] = part
+            a_beats += pack_lanes(tile.T.reshape(-1), rows, 16)
+        job_beats.append(m_rows | (n << 32) | (k << 64) | ((n * k) << 96) | (int(transposed) << 128))
+        for name, beats in _weight_streams(weights, config).items():
+            weight_beats.setdefault(name, []).extend(beats * tiles)
+        out_cols = k if transposed else n
+        layout.append((m_rows, out_cols, tiles, -(-out_cols // cols)))
 
-    a_bits = bf16_bits(a.to(torch.bfloat16))
-    a_beats = []
-    for t in range(tiles):
-        tile = np.zeros((rows, q_len), np.uint16)
-        part = a_bits[t * rows:(t + 1) * rows]
-        tile[:part.shape[0]] = part
-        a_beats += pack_lanes(tile.T.reshape(-1), rows, 16)
-    job = m_rows | (n << 32) | (k << 64) | ((n * k) << 96) | (int(transposed) << 128)
-
-    passes = _weight_streams(weights, config)
     producers = [
-        producer(dut.job, [job], stalls.get("job", NO_STALLS)),
+        producer(dut.job, job_beats, stalls.get("job", NO_STALLS)),
         producer(dut.a, a_beats, stalls.get("a", NO_STALLS)),
     ]
-    for name, beats in passes.items():
-        producers.append(producer(getattr(dut, name), beats * tiles, stalls.get(name, NO_STALLS)))
-
-    out_cols = k if transposed else n
-    col_tiles = -(-out_cols // cols)
-    count = tiles * col_tiles * rows
+    for name, beats in weight_beats.items():
+        producers.append(producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS)))
+    count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles in layout)
+    longest = max(len(beats) for beats in weight_beats.values())
 
     async def consumer(ctx):
-        return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS), max_cycles=50 * (count + len(a_beats))
-                         + 40 * tiles * len(next(iter(passes.values()))) + 5000, progress=progress)
+        return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS),
+                         max_cycles=50 * (count + len(a_beats)) + 40 * longest + 5000, progress=progress)
 
     beats, cycles = _simulate(dut, producers, consumer, vcd_path)
     if len(beats) != count:
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32
-    lasts = [(beat >> (width * cols)) & 1 for beat in beats]
-    if lasts != [0] * (count - 1) + [1]:
-        raise RuntimeError(f"GEMM engine marked beats {[i for i, f in enumerate(lasts) if f]} last")
-    values = unpack_lanes([beat & ((1 << (width * cols)) - 1) for beat in beats], cols, width, count * cols)
-    # beats come tile by tile of output columns, rows in order within a tile
-    values = values.reshape(tiles, col_tiles, rows, cols).transpose(0, 2, 1, 3).reshape(tiles * rows,
-                                                                                        col_tiles * cols)
-    values = values[:m_rows, :out_cols]
-    if width == 16:
-        out = torch.from_numpy(values.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
-    else:
-        out = torch.from_numpy(values.astype(np.uint32).view(np.float32).copy())
-    return GemmRun(out, cycles)
+    runs, start = [], 0
+    for m_rows, out_cols, tiles, col_tiles in layout:
+        part = beats[start:start + tiles * col_tiles * rows]
+        start += len(part)
+        lasts = [(beat >> (width * cols)) & 1 for beat in part]
+        if lasts != [0] * (len(part) - 1) + [1]:
+            raise RuntimeError(f"GEMM engine marked beats {[i for i, f in enumerate(lasts) if f]} of a job last")
+        values = unpack_lanes([beat & ((1 << (width * cols)) - 1) for beat in part], cols, width, len(part) * cols)
+        # beats come tile by tile of output columns, rows in order within a tile
+        values = values.reshape(tiles, col_tiles, rows, cols).transpose(0, 2, 1, 3).reshape(tiles * rows,
+                                                                                            col_tiles * cols)
+        values = values[:m_rows, :out_cols]
+        if width == 16:
+            out = torch.from_numpy(values.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out = torch.from_numpy(values.astype(np.uint32).view(np.float32).copy())
+        runs.append(GemmRun(out, cycles))
+    return runs

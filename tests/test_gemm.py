@@ -9,7 +9,7 @@ import torch
 from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
-from edge_qlora.sim.gemm import run_gemm
+from edge_qlora.sim.gemm import run_gemm, run_gemm_jobs
 from edge_qlora.sim.streams import Stalls
 
 from reference import mismatches
@@ -125,6 +125,26 @@ def test_rtl_nf4_weights(transposed, double_quant):
 @pytest.mark.parametrize("kind", ["outliers", "tiny", "sparse", "wide"])
 def test_rtl_adversarial_activations(kind):
     check_rtl(4, 6, 40, 2, 3, kind == "wide", kind=kind, seed=5)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "nf4"])
+def test_rtl_jobs_back_to_back(weights):
+    # every mode change between jobs: transposed after forward and forward after transposed, other shapes
+    config = GemmConfig(rows=2, cols=2, max_k=64, max_n=64, weights=weights, out_dtype="fp32")
+    jobs, expected = [], []
+    for seed, (m, n, k, transposed) in enumerate([(3, 12, 20, True), (12, 2, 3, False), (5, 7, 9, False),
+                                                  (4, 6, 10, True)]):
+        if weights == "nf4":
+            source, w = nf4_weight((n, k), seed)
+        else:
+            w = (torch.randn((n, k), generator=torch.Generator().manual_seed(seed)) * 0.1).to(torch.bfloat16)
+            source = w
+        a = activations((m, n if transposed else k), seed)
+        jobs.append((a, source, transposed))
+        expected.append(golden.gemm(a, w if transposed else w.T, config.numerics, transposed))
+    runs = run_gemm_jobs(jobs, config, stalls=random_stalls(4))
+    for run, reference in zip(runs, expected):
+        assert mismatches(reference, run.out) == 0
 
 
 def test_rtl_fp32_output():
