@@ -5,7 +5,7 @@ core is *block-buffered*: every beat is stored in a block buffer while the runni
 and read back once the block's scale is known. The scale of a full block is ``r = fl(1 / max(absmax, 1e-38))`` and
 every lane multiplies, ``fl(w * r)``; the final partial block of a tensor (the *tail*) divides instead,
 ``fl(w / am)``, one weight per cycle through the same divider that computes the reciprocals. A code is the number
-of NF4 bounds strictly below the scaled weight: 15 comparisons against constants.
+of NF4 bounds strictly below the scaled weight, found from the exponents and three fraction comparisons.
 
 Datapath; the queues between the boxes are FIFOs::
 
@@ -28,7 +28,7 @@ always drain, so the core cannot deadlock. Only the ingest stalls, when the buff
 from dataclasses import dataclass
 
 import numpy as np
-from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -36,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.codebooks import BLOCKSIZES, NF4_BOUNDS
 from edge_qlora.golden.nf4_quant import ABSMAX_FLOOR
-from .fp import FORMATS, FP32, FPConvert, FPDiv, FPMul, fp_abs_key, fp_is_nan
+from .fp import FORMATS, FP32, FPConvert, FPDiv, FPMul, float_layout, fp_abs_key, fp_is_nan
 from .nf4_dequant import codes_layout
 from .pipeline import StallPipeline
 
@@ -48,8 +48,9 @@ _FLOOR = int(np.float32(ABSMAX_FLOOR).view(np.uint32))
 _PAD_CODE = 7
 
 
-#: the NF4 bounds as (sign, magnitude bits); none is zero, so a signed zero never ties with one
-_BOUNDS = [(int(b) >> 31, int(b) & 0x7FFFFFFF) for b in NF4_BOUNDS.view(np.uint32)]
+#: the NF4 bounds as float32 fields; bound i sits below a value ``s`` (code ``>= i + 1``) when ``s`` is larger
+_BOUNDS = NF4_BOUNDS.view(np.uint32).astype(np.int64)
+_BOUND_SIGN, _BOUND_EXP, _BOUND_FRAC = _BOUNDS >> 31, (_BOUNDS >> 23) & 0xFF, _BOUNDS & 0x7FFFFF
 
 
 @dataclass(frozen=True)
@@ -113,34 +114,68 @@ def codes_out_layout(lanes):
 class _NF4Encode(wiring.Component):
     """NF4 code of an fp32 value: the number of NF4 bounds strictly below it (a tie takes the lower code).
 
+    Comparing with each of the 15 bounds would take 15 full-width comparators per lane. Instead, a bound whose
+    exponent differs from the value's is decided by the 8-bit exponents alone, and only bounds with the value's
+    exponent and sign compare fractions; there are at most three of those, so three 23-bit comparators serve all
+    exponents, their constants looked up by sign and exponent. A positive value counts the 7 negative bounds plus
+    the positive bounds below it; a negative value ``-m`` counts the negative bounds ``-n`` with ``n > m``.
+
     A NaN gets 15, where ``numpy.searchsorted`` (the golden model) sorts it; finite weights never make one.
-    Combinational; a submodule of its own so that the simulator re-evaluates it only when its input changes.
+    The comparisons are registered before they are summed (no enable: the unit's users never stall).
 
     Attributes
     ----------
     scaled : In(32)
         float32 bits of a scaled weight.
     code : Out(4)
+        The code of the value presented :attr:`LATENCY` cycles earlier.
     """
+
+    LATENCY = 1
 
     scaled: In(32)
     code: Out(4)
 
     def elaborate(self, platform):
         m = Module()
-        negative = self.scaled[31]
-        magnitude = Signal(31)
-        above = Signal(15)      # above[i]: bound i < scaled
+        value = float_layout(FP32)(self.scaled)
+        negative, exponent, fraction = value.sign, value.exponent, value.fraction
+
+        # bounds on the far side of the value by exponent
+        count = Signal(4)
+        by_exponent = Mux(negative,
+                          sum(exponent < int(e) for s, e in zip(_BOUND_SIGN, _BOUND_EXP) if s),
+                          7 + sum(exponent > int(e) for s, e in zip(_BOUND_SIGN, _BOUND_EXP) if not s))
+        m.d.comb += count.eq(by_exponent)
+
+        # bounds with the value's sign and exponent, compared by fraction: a positive value is above a fraction
+        # ``f`` when its own is ``> f``, a negative one below ``-n`` when its fraction is ``< f``, ``not > f - 1``
+        lowest = int(_BOUND_EXP.min())
+        assert _BOUND_EXP.max() - lowest < 8 and (_BOUND_FRAC > 0).all()
+        groups = {}
+        for sign, exp, frac in zip(_BOUND_SIGN.tolist(), _BOUND_EXP.tolist(), _BOUND_FRAC.tolist()):
+            groups.setdefault(sign << 3 | (exp - lowest), []).append(frac - 1 if sign else frac)
+        group = Signal(4)
+        m.d.comb += group.eq(Cat((exponent - lowest)[:3], negative))
+        in_range = (exponent >= lowest) & (exponent < lowest + 8)
+        hits = []
+        for slot in range(max(map(len, groups.values()))):
+            fractions = [groups[g][slot] if slot < len(groups.get(g, ())) else 0 for g in range(16)]
+            present = [int(slot < len(groups.get(g, ()))) for g in range(16)]
+            threshold, used = Signal(23, name=f"threshold_{slot}"), Signal(name=f"used_{slot}")
+            m.d.comb += [
+                threshold.eq(Array(Const(f, 23) for f in fractions)[group]),
+                used.eq(Array(Const(p, 1) for p in present)[group] & in_range),
+            ]
+            hits.append(used & ((fraction > threshold) ^ negative))
+
+        counted, found, nan = Signal(4), Signal(len(hits)), Signal()
+        m.d.sync += [counted.eq(count), found.eq(Cat(*hits)), nan.eq(fp_is_nan(self.scaled, FP32))]
+        total = Signal(5)
         m.d.comb += [
-            magnitude.eq(fp_abs_key(self.scaled, FP32)),
-            above.eq(Cat(*(~negative & (magnitude > bound) if not sign else ~negative | (magnitude < bound)
-                           for sign, bound in _BOUNDS)) | fp_is_nan(self.scaled, FP32).replicate(15)),
+            total.eq(counted + sum(found)),
+            self.code.eq(Mux(nan, 15, total)),
         ]
-        # ``above`` is a thermometer (the bounds ascend): the code is the position of its last one, plus one
-        top = Cat(above, Const(0, 1))
-        exactly = [top[c - 1] & ~top[c] for c in range(1, 16)]      # exactly[c - 1]: the code is c
-        for bit in range(4):
-            m.d.comb += self.code[bit].eq(Cat(*(exactly[c - 1] for c in range(1, 16) if c >> bit & 1)).any())
         return m
 
 
@@ -178,34 +213,31 @@ def _max_tree(m, keys, advance, name):
 
 
 class _TailIssue:
-    """Signals between the coder, which holds a beat's tail lanes, and the divider, which takes one per cycle.
+    """One tail division, presented by the coder in a register; the divider takes it in the same cycle.
 
     Attributes
     ----------
     valid : Signal
-        A beat with tail lanes left is held (coder).
-    weights : Signal(weights_in_layout)
-        That beat's weights (coder).
+        A division is presented.
+    weight : Signal(fmt.width)
+        The weight to divide, in the input format.
     divisor : Signal(32)
-        The clamped absmax of the tail block, float32 (coder).
+        The clamped absmax of its tail block, float32.
     lane : Signal(range(lanes))
-        The lowest tail lane not yet issued (coder).
+        The weight's lane in its beat.
     beat_end : Signal
-        ``lane`` is the beat's last tail lane (coder).
-    issue : Signal
-        The divider takes ``lane`` this cycle (divider).
+        It is the beat's last tail lane: its code completes the beat's tail codes.
     latency : int
-        Cycles from ``issue`` to the division's result.
+        Cycles from the divider taking it to its result (its code is one more).
     """
 
     def __init__(self, fmt, lanes, latency):
         self.latency = latency
         self.valid = Signal(name="tail_valid")
-        self.weights = Signal(weights_in_layout(fmt, lanes), name="tail_weights")
+        self.weight = Signal(fmt.width, name="tail_weight")
         self.divisor = Signal(32, name="tail_divisor")
         self.lane = Signal(range(lanes), name="tail_lane")
         self.beat_end = Signal(name="tail_beat_end")
-        self.issue = Signal(name="tail_issue")
 
 
 class NF4Quantizer(wiring.Component):
@@ -213,7 +245,9 @@ class NF4Quantizer(wiring.Component):
 
     A tensor of ``n_weights`` weights arrives as ``ceil(n_weights / lanes)`` beats, the final one zero-padded; it
     leaves as the same number of beats of codes and ``ceil(n_weights / blocksize)`` absmax values. ``n_weights`` is
-    read at a tensor's first beat and must be valid then; tensors may follow each other back to back. After the
+    sampled while a tensor's first beat is offered, so it must be valid from then until that beat is taken (a
+    cycle later than it could be: the sampling register keeps wide arithmetic off the input path); tensors may
+    follow each other back to back. After the
     pipeline fills, full blocks flow at ``lanes`` weights per cycle with no backpressure; a tail block takes one
     cycle per weight in the divider. NaN or infinite weights give unspecified codes (the software refuses them),
     but the core keeps running.
@@ -290,18 +324,19 @@ class NF4Quantizer(wiring.Component):
         write = buffer.write_port()
         write_index = Signal(range(buffer.depth))
 
-        # position of the beat in its tensor; a tensor starts at lane 0 of a fresh beat
-        offset = Signal(range(blocksize))     # lane 0's position in its block
+        # Position of the beat in its tensor, kept so that the beat's masks need no wide arithmetic: whether a beat
+        # is a tensor's last is decided a beat ahead, and ``n_weights`` is sampled into a register while a tensor's
+        # first beat is offered, which takes that beat a cycle later.
+        room = Signal(range(1, blocksize + 1), init=blocksize)  # weights of lane 0's block from lane 0 on
         remaining = Signal(32)                # weights left in the tensor from this beat on
-        fresh = Signal(init=1)                # the next beat is a tensor's first: read ``n_weights`` there
-        left = Mux(fresh, self.n_weights, remaining)
-        last = left <= lanes
+        remaining_last = Signal()             # ``remaining <= lanes``
+        fresh = Signal(init=1)                # the next beat is a tensor's first
+        primed = Signal()                     # ``n_weights`` of the first beat on offer is sampled
+        n_weights, n_last = Signal(32), Signal()
+        left = Mux(fresh, n_weights, remaining)
+        last = Mux(fresh, n_last, remaining_last)
         count = Signal(range(lanes + 1))
-        room = Signal(range(blocksize + 1))   # weights of lane 0's block from lane 0 on
-        m.d.comb += [
-            count.eq(Mux(last, left, lanes)),
-            room.eq(blocksize - offset),
-        ]
+        m.d.comb += count.eq(Mux(last, left, lanes))
         straddles = count > room              # a second block starts within the tensor's lanes
 
         def holds(lane):
@@ -313,11 +348,12 @@ class NF4Quantizer(wiring.Component):
         flags_layout = data.StructLayout({"start": 1, "first_ends": 1, "first_tail": 1, "second_ends": 1})
         pipe = StallPipeline(m, 1 + cfg.tree_levels, record_free, tag_shape=flags_layout, name="ingest")
         accept = self.weights.valid & self.weights.ready
+        takes = space & (~fresh | primed)
         m.d.comb += [
-            pipe.in_valid.eq(self.weights.valid & space),
-            self.weights.ready.eq(pipe.advance & space),
+            pipe.in_valid.eq(self.weights.valid & takes),
+            self.weights.ready.eq(pipe.advance & takes),
             written.eq(accept),
-            pipe.in_tag.start.eq(offset == 0),
+            pipe.in_tag.start.eq(room == blocksize),
             pipe.in_tag.first_ends.eq((room <= count) | last),
             pipe.in_tag.first_tail.eq(last & (count < room)),
             pipe.in_tag.second_ends.eq(straddles & last),
@@ -331,12 +367,21 @@ class NF4Quantizer(wiring.Component):
             write.data.second_ends.eq(pipe.in_tag.second_ends),
             write.data.last.eq(last),
         ]
+        following = left - lanes
         with m.If(accept):
             m.d.sync += [
                 write_index.eq(Mux(write_index == buffer.depth - 1, 0, write_index + 1)),
-                remaining.eq(left - lanes),
+                remaining.eq(following),
+                remaining_last.eq(following <= lanes),
                 fresh.eq(last),
-                offset.eq(Mux(last, 0, Mux(room <= lanes, lanes - room, offset + lanes))),
+                primed.eq(0),
+                room.eq(Mux(last, blocksize, Mux(room <= lanes, room + (blocksize - lanes), room - lanes))),
+            ]
+        with m.Elif(fresh):
+            m.d.sync += [
+                n_weights.eq(self.n_weights),
+                n_last.eq(self.n_weights <= lanes),
+                primed.eq(self.weights.valid),
             ]
 
         # magnitudes of each lane, split between lane 0's block and the next; lanes past the tensor count as 0
@@ -401,10 +446,9 @@ class NF4Quantizer(wiring.Component):
         absmax_free = ~self.absmax.valid | self.absmax.ready
         record_ready = records.r_rdy & (credits < scales.depth) & absmax_free
         record_issue = record_ready & ~tail.valid
-        weight = _to_fp32(m, tail.weights[tail.lane], fmt, "tail_to_fp32")
+        weight = _to_fp32(m, tail.weight, fmt, "tail_to_fp32")
         m.d.comb += [
             records.r_en.eq(record_issue),
-            tail.issue.eq(tail.valid),
             pipe.in_valid.eq(tail.valid | record_ready),
             divide.a.eq(Mux(tail.valid, weight, Mux(record.tail, clamped, _ONE))),
             divide.b.eq(Mux(tail.valid, tail.divisor, Mux(record.tail, _ONE, clamped))),
@@ -419,18 +463,28 @@ class NF4Quantizer(wiring.Component):
             m.d.sync += self.absmax.valid.eq(0)
         m.d.sync += credits.eq(credits + record_issue - (scales.r_en & scales.r_rdy))
 
-        # results: scales in block order, or one tail code into the beat being assembled
+        # results: scales in block order, or one tail code into the beat being assembled; the code is registered
+        # after the encoder, as the encoder and the assembly together are too slow for one cycle
         done = pipe.out_tag
-        code = _nf4_code(m, divide.result, "tail_encode")
-        assembling = Signal(codes_layout(lanes))
-        assembled = Cat(*(Mux(done.lane == lane, code, assembling[lane]) for lane in range(lanes)))
         m.d.comb += [
             scales.w_en.eq(pipe.out_valid & done.record),
             scales.w_data.eq(Cat(divide.result, done.tail)),
-            tail_codes.w_en.eq(pipe.out_valid & ~done.record & done.beat_end),
+        ]
+        code = Signal(4)
+        m.d.sync += code.eq(_nf4_code(m, divide.result, "tail_encode"))
+        code_valid, code_lane, code_ends = pipe.out_valid & ~done.record, done.lane, done.beat_end
+        for stage in range(_NF4Encode.LATENCY + 1):
+            delayed = Signal(name=f"code_valid_{stage}"), Signal(range(lanes), name=f"code_lane_{stage}"), \
+                Signal(name=f"code_ends_{stage}")
+            m.d.sync += [delayed[0].eq(code_valid), delayed[1].eq(code_lane), delayed[2].eq(code_ends)]
+            code_valid, code_lane, code_ends = delayed
+        assembling = Signal(codes_layout(lanes))
+        assembled = Cat(*(Mux(code_lane == lane, code, assembling[lane]) for lane in range(lanes)))
+        m.d.comb += [
+            tail_codes.w_en.eq(code_valid & code_ends),
             tail_codes.w_data.eq(assembled),
         ]
-        with m.If(pipe.out_valid & ~done.record):
+        with m.If(code_valid):
             m.d.sync += assembling.eq(assembled)
 
     # -- coder: re-read each beat, scale and compare; tail lanes come back from the divider --------------------------
@@ -469,21 +523,32 @@ class NF4Quantizer(wiring.Component):
                      (~head.first & following.tail.replicate(lanes))) & head.valid
         has_tail = current.tail | (head.straddles & following.tail)   # lane 0 and a straddling lane hold weights
 
-        # a beat with tail lanes hands them to the divider, lowest lane first, so that codes return in order
-        pending = Signal(lanes, name="tail_pending")
+        # A beat with tail lanes waits in the serializer, which moves one lane per cycle, lowest first (codes return
+        # in order), into the register the divider reads. Whether one lane is left is registered, so that the issue
+        # logic sees only registers.
+        held, held_weights, held_divisor = Signal(), Signal(weights_in_layout(fmt, lanes)), Signal(32)
+        pending, single = Signal(lanes, name="tail_pending"), Signal(name="tail_single")
+        lowest = Signal(range(lanes))
         for lane in reversed(range(lanes)):
             with m.If(pending[lane]):
-                m.d.comb += tail.lane.eq(lane)
+                m.d.comb += lowest.eq(lane)
+        rest = pending & (pending - 1)
+
         def at_most_one(lanes_left):
             return (lanes_left & (lanes_left - 1)) == 0
 
-        # whether ``pending`` has one lane left is registered, off the issue logic's path
-        rest = pending & (pending - 1)
-        with m.If(tail.issue):
-            m.d.sync += [pending.eq(rest), tail.beat_end.eq(at_most_one(rest))]
-            with m.If(tail.beat_end):
-                m.d.sync += tail.valid.eq(0)
-        tail_free = ~tail.valid | (tail.issue & tail.beat_end)
+        m.d.sync += [
+            tail.valid.eq(held),
+            tail.weight.eq(held_weights[lowest]),
+            tail.divisor.eq(held_divisor),
+            tail.lane.eq(lowest),
+            tail.beat_end.eq(single),
+        ]
+        with m.If(held):
+            m.d.sync += [pending.eq(rest), single.eq(at_most_one(rest))]
+            with m.If(single):
+                m.d.sync += held.eq(0)
+        tail_free = ~held | single
 
         # Coded beats queue up for the join, so that the coder keeps issuing while a beat waits for its tail codes:
         # with the divider's latency in the queue, a tail flows at up to one weight per cycle. A beat enters the
@@ -493,15 +558,23 @@ class NF4Quantizer(wiring.Component):
         m.submodules.coded = coded = SyncFIFOBuffered(width=joined_layout.size, depth=tail.latency + 8)
         coded_reserved = Signal(range(coded.depth + 1))
         tail_reserved = Signal(range(tail_codes.depth + 1))
-        tail_room = tail_free & (tail_reserved < tail_codes.depth)
+        # a reservation count grows by at most one a cycle, so a comparison registered a cycle ago with one slot to
+        # spare still holds; it keeps the counters' carry chains off the issue logic
+        coded_room, tail_codes_room = Signal(), Signal()
+        m.d.sync += [
+            coded_room.eq(coded_reserved < coded.depth - 1),
+            tail_codes_room.eq(tail_reserved < tail_codes.depth - 1),
+        ]
+        tail_room = tail_free & tail_codes_room
 
         # operands are registered, then multiplied, then encoded and registered
         multipliers = [FPMul(fmt, FP32, FP32) for _ in range(lanes)]
         tag_layout = data.StructLayout({"tail": lanes, "valid": lanes, "last": 1})
-        pipe = StallPipeline(m, 1 + multipliers[0].latency + 1, Const(1), tag_shape=tag_layout, name="code")
+        latency = 1 + multipliers[0].latency + _NF4Encode.LATENCY + 1
+        pipe = StallPipeline(m, latency, Const(1), tag_shape=tag_layout, name="code")
         m.d.comb += [
             take.eq(head_valid & current_valid & (following_valid | ~head.straddles) &
-                    (coded_reserved < coded.depth) & (~has_tail | tail_room)),
+                    coded_room & (~has_tail | tail_room)),
             pipe.in_valid.eq(take),
             pipe.in_tag.tail.eq(lane_tail),
             pipe.in_tag.valid.eq(head.valid),
@@ -513,11 +586,11 @@ class NF4Quantizer(wiring.Component):
         ]
         with m.If(take & has_tail):
             m.d.sync += [
-                tail.valid.eq(1),
-                tail.weights.eq(head.weights),
-                tail.divisor.eq(Mux(current.tail, current.value, following.value)),
+                held.eq(1),
+                held_weights.eq(head.weights),
+                held_divisor.eq(Mux(current.tail, current.value, following.value)),
                 pending.eq(lane_tail),
-                tail.beat_end.eq(at_most_one(lane_tail)),
+                single.eq(at_most_one(lane_tail)),
             ]
 
         codes = Signal(codes_layout(lanes))

@@ -255,6 +255,36 @@ def test_rtl_survives_non_finite_weights():
     assert np.array(absmax[3:], np.uint32).view(np.float32).tolist() == golden.absmax.tolist()
 
 
+def test_rtl_encoder_ties_and_specials():
+    # the per-lane bound comparison on its own: every bound, its float32 neighbours, both signs, the levels,
+    # random values, zeros, subnormals, infinities and NaN, against the golden model's searchsorted
+    from edge_qlora.rtl.nf4_quant import _NF4Encode
+    from edge_qlora.golden.codebooks import NF4_BOUNDS
+
+    bounds = np.concatenate([NF4_BOUNDS, -NF4_BOUNDS])
+    values = np.concatenate([
+        bounds, np.nextafter(bounds, np.float32(2)), np.nextafter(bounds, np.float32(-2)), NF4_CODE, -NF4_CODE,
+        np.random.default_rng(0).uniform(-1.1, 1.1, 2000).astype(np.float32),
+        np.float32([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38, np.inf, -np.inf, np.nan]),
+    ]).astype(np.float32)
+    expected = np.searchsorted(NF4_BOUNDS, values, side="left")
+    dut = _NF4Encode()
+    got = []
+
+    async def testbench(ctx):
+        for value in values.view(np.uint32):
+            ctx.set(dut.scaled, int(value))
+            for _ in range(dut.LATENCY):
+                await ctx.tick()
+            got.append(ctx.get(dut.code))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(testbench)
+    sim.run()
+    assert mismatches(expected.astype(np.uint8), np.array(got, np.uint8)) == 0
+
+
 def test_rtl_config_checks():
     with pytest.raises(ValueError, match="lanes"):
         NF4QuantConfig(lanes=17)
