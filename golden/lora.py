@@ -203,8 +203,11 @@ def step_peft_bf16(case):
             return self.proj(x)
 
     layer = Layer()
-    state = {f"proj.{k}": v for k, v in quant_state_dict(case.weight).items()}
-    layer.load_state_dict(state, strict=False)
+    tensors = quant_state_dict(case.weight)
+    packed = tensors.pop("weight")
+    stats = {k[len("weight."):]: v for k, v in tensors.items()}
+    layer.proj.weight = bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device="cpu",
+                                                            module=layer.proj)
     config = LoraConfig(r=rank, lora_alpha=case.scaling * rank, target_modules=["proj"], lora_dropout=0.0,
                         bias="none")
     model = get_peft_model(layer, config)

@@ -1,0 +1,101 @@
+# amaranth: UnusedElaboratable=no
+"""The QLoRA training step: the accuracy contract against PEFT + bitsandbytes in bf16, and the RTL controller
+against its bit-accurate model, over several steps with carried optimizer state."""
+
+import pytest
+import torch
+
+from edge_qlora.golden import gemm as gemm_model
+from edge_qlora.golden import lora, nf4_quant
+from edge_qlora.rtl.lora import LoraConfig, LoraStep
+from edge_qlora.sim.lora import run_step
+from edge_qlora.sim.streams import Stalls
+
+from reference import mismatches
+
+
+def make_case(t, i, o, r, optimizer="adamw", step=1, seed=0, states=False, double_quant=True, weight_decay=0.01):
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    if states:   # moments as a few earlier steps leave them
+        for name in lora.STATE_NAMES:
+            shape = (r, i) if name.endswith("A") else (o, r)
+            value = torch.rand(shape, generator=gen) * 1e-3
+            state[name] = value if "sq" in name else value - 5e-4
+    return lora.LoraCase(
+        x=torch.randn((t, i), generator=gen).to(torch.bfloat16),
+        dy=(torch.randn((t, o), generator=gen) * 0.1).to(torch.bfloat16),
+        weight=nf4_quant.quantize(torch.randn((o, i), generator=gen) * 0.02, 64, double_quant),
+        lora_A=torch.randn((r, i), generator=gen) * 0.05, lora_B=torch.randn((o, r), generator=gen) * 0.05,
+        scaling=2.0, optimizer=optimizer, lr=1e-3, weight_decay=weight_decay, step=step, state=state)
+
+
+CONTRACT_CASES = [
+    dict(t=4, i=64, o=48, r=8),
+    dict(t=1, i=32, o=16, r=1, optimizer="sgd"),
+    dict(t=16, i=128, o=96, r=64, step=5, states=True),
+    dict(t=7, i=100, o=33, r=3, step=2, states=True),
+    dict(t=2, i=70, o=20, r=16, optimizer="sgd", weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("spec", CONTRACT_CASES, ids=lambda s: "x".join(str(s[k]) for k in "tior"))
+def test_accuracy_contract(spec):
+    """Every output's relative Frobenius error against float64 is no worse than PEFT + bitsandbytes in bf16 +10%."""
+    case = make_case(**spec)
+    reference = lora.step_reference_fp64(case)
+    ours = lora.step_model(case, chunk=16)
+    peft = lora.step_peft_bf16(case)
+    for name in lora.OUTPUT_NAMES:
+        exact = reference[name].numpy()
+        our_error = gemm_model.rel_frobenius(ours[name], exact)
+        peft_error = gemm_model.rel_frobenius(peft[name].float(), exact)
+        assert our_error <= peft_error * 1.1 + 1e-12, (name, our_error, peft_error)
+
+
+STEP_STREAMS = ("header", "x_in", "dy_in", "a_in", "b_in", "tensor", "codes", "absmax", "absmax2", "state_in",
+                "y", "dx", "updates")
+
+
+def check_rtl(case, rows, cols, stalls=None):
+    config = LoraConfig(rows=rows, cols=cols, max_t=case.x.shape[0], max_in=case.x.shape[1],
+                        max_out=case.dy.shape[1], max_rank=case.lora_A.shape[0], optimizer=case.optimizer,
+                        double_quant=case.weight.double_quant)
+    run = run_step(case, config, stalls=stalls)
+    model = lora.step_model(case, config.chunk)
+    for name in lora.OUTPUT_NAMES:
+        assert mismatches(model[name], run.outputs[name]) == 0, name
+    return run
+
+
+@pytest.mark.parametrize("t,i,o,r,rows,cols,optimizer", [
+    (3, 20, 12, 2, 2, 2, "adamw"),
+    (1, 9, 6, 1, 2, 3, "sgd"),          # a single token, rank 1
+    (5, 16, 7, 4, 3, 2, "adamw"),       # odd sizes, partial tiles everywhere
+])
+def test_rtl_equals_model(t, i, o, r, rows, cols, optimizer):
+    check_rtl(make_case(t, i, o, r, optimizer, seed=t + i), rows, cols)
+
+
+def test_rtl_random_stalls_plain_absmax():
+    stalls = {name: Stalls(0.3, k) for k, name in enumerate(STEP_STREAMS)}
+    check_rtl(make_case(2, 12, 10, 2, "adamw", seed=3, double_quant=False), 2, 2, stalls)
+
+
+def test_rtl_several_steps_with_carried_state():
+    case = make_case(2, 10, 8, 2, "adamw", seed=5)
+    for step in (1, 2, 3):
+        case.step = step
+        run = check_rtl(case, 2, 2)
+        case.lora_A, case.lora_B = run.outputs["lora_A"], run.outputs["lora_B"]
+        case.state = {name: run.outputs[name] for name in lora.STATE_NAMES}
+    assert set(run.phase_cycles) >= {"F1", "F2", "B4", "UPD_A", "UPD_B"}
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="optimizer"):
+        LoraConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="max_t"):
+        LoraConfig(max_t=0)
+    with pytest.raises(TypeError, match="config"):
+        LoraStep("4x4")
