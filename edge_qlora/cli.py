@@ -102,6 +102,24 @@ def _parser():
                         help="pysim: the RTL in Amaranth's simulator (default); golden: the bit-accurate model")
     matmul.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
 
+    step = commands.add_parser(
+        "step", help="one QLoRA training step of a linear layer (forward, backward, update)",
+        description="Run one training step of a QLoRA linear layer: y = x W^T + s (x A^T) B^T, the gradients of "
+                    "A and B, dx, and the SGD or AdamW update of A and B. CASE is a safetensors file with x [T, in] "
+                    "and dy [T, out] (bf16), lora_A [r, in] and lora_B [out, r] (float32 or bf16), the NF4 base "
+                    "weight as base.weight + base.weight.<quant-state keys>, optionally exp_avg_A, exp_avg_sq_A, "
+                    "exp_avg_B, exp_avg_sq_B (zeros when absent), and metadata strings scaling, optimizer (sgd or "
+                    "adamw), lr, beta1, beta2, eps, weight_decay, step. OUT holds y, dx, grad_A, grad_B, the new "
+                    "lora_A and lora_B (float32 master copies) and the new optimizer state.")
+    step.add_argument("case", metavar="CASE", help="safetensors step case")
+    step.add_argument("output", metavar="OUT", help="safetensors file to write")
+    step.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
+                      help="pysim: the RTL controller in Amaranth's simulator (default); golden: the bit-accurate "
+                           "model")
+    step.add_argument("--rows", type=_side("rows"), default=4, help="GEMM array rows, 1 to 16 (default 4)")
+    step.add_argument("--cols", type=_side("cols"), default=4, help="GEMM array columns, 1 to 16 (default 4)")
+    step.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
+
     build = commands.add_parser(
         "build", help="build a bitstream for a board with the open toolchain",
         description="Elaborate a design behind a board wrapper, run YoWASP Yosys, nextpnr and the bitstream "
@@ -299,12 +317,46 @@ def _matmul(args):
         print(f"  cycle model: {model.cycles} cycles, PE utilization {100 * model.utilization:.1f}%")
 
 
+def _step(args):
+    from .formats import load_case, save_tensors
+    from .golden import lora
+
+    _check_output(args.output)
+    case = load_case(args.case)
+    tokens, in_features = case.x.shape
+    out_features, rank = case.lora_B.shape
+    from .rtl.lora import LoraConfig
+    config = LoraConfig(rows=args.rows, cols=args.cols, max_t=tokens, max_in=in_features, max_out=out_features,
+                        max_rank=rank, optimizer=case.optimizer, blocksize=case.weight.blocksize,
+                        double_quant=case.weight.double_quant)
+    start = time.perf_counter()
+    if args.backend == "golden":
+        outputs, run = lora.step_model(case, config.chunk), None
+    else:
+        from .sim.lora import run_step
+        print(f"simulating the step on a {args.rows}x{args.cols} array (Amaranth's simulator) ...",
+              file=sys.stderr, flush=True)
+        run = run_step(case, config, vcd_path=args.vcd)
+        outputs = run.outputs
+    save_tensors(args.output, {k: v.contiguous() for k, v in outputs.items()})
+    seconds = time.perf_counter() - start
+    print(f"step {case.step} ({case.optimizer}), x {tuple(case.x.shape)}, W {case.weight.shape} NF4, rank {rank}, "
+          f"scaling {case.scaling}, backend {args.backend}: {args.output}")
+    if run is not None:
+        macs = tokens * in_features * out_features
+        print(f"  {'phase':8} {'cycles':>9}")
+        for name, cycles in run.phase_cycles.items():
+            print(f"  {name:8} {cycles:9d}")
+        print(f"  {'total':8} {run.cycles:9d}   ({seconds:.1f} s simulated; base products {2 * macs} MACs)")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from .formats import InputError
     from .boards.build import BuildError
     try:
-        {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul}[args.command](args)
+        {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul,
+         "step": _step}[args.command](args)
     except (InputError, BuildError) as error:
         print(f"edge-qlora: error: {error}", file=sys.stderr)
         return 2

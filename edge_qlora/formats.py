@@ -17,7 +17,7 @@ from .golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_C
 from .golden.nf4_quant import NF4Quantized
 
 __all__ = ["InputError", "load_weight", "save_weight", "load_quantized", "save_quantized", "quant_state_dict",
-           "load_tensor", "save_tensors", "load_quantized_or_weight"]
+           "load_tensor", "save_tensors", "load_quantized_or_weight", "load_case", "CASE_METADATA"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -230,3 +230,76 @@ def _check_finite(values, what, where):
     bad = ~np.isfinite(values)
     if bad.any():
         raise InputError(f"{where}: '{what}' holds a non-finite value at index {int(np.flatnonzero(bad)[0])}")
+
+
+#: Metadata strings of a step case, and their parsers.
+CASE_METADATA = {"scaling": float, "optimizer": str, "lr": float, "beta1": float, "beta2": float, "eps": float,
+                 "weight_decay": float, "step": int}
+
+
+def load_case(path):
+    """A :class:`~edge_qlora.golden.lora.LoraCase` from a step-case safetensors file (see ``edge-qlora step -h``)."""
+    from safetensors import safe_open
+
+    from .golden.lora import LoraCase, STATE_NAMES
+
+    tensors = _read(path)
+    try:
+        with safe_open(path, "pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as error:  # the file already read once: this only fails on odd metadata
+        raise InputError(f"{path}: cannot read its metadata ({error})") from None
+    values = {}
+    for key, parse in CASE_METADATA.items():
+        if key not in meta:
+            raise InputError(f"{path}: metadata lacks '{key}' (needs {', '.join(CASE_METADATA)})")
+        try:
+            values[key] = parse(meta[key])
+        except ValueError:
+            raise InputError(f"{path}: metadata '{key}' is {meta[key]!r}, not a {parse.__name__}") from None
+    if values["optimizer"] not in ("sgd", "adamw"):
+        raise InputError(f"{path}: optimizer {values['optimizer']!r} is not 'sgd' or 'adamw'")
+    if values["step"] < 1:
+        raise InputError(f"{path}: step must be at least 1, not {values['step']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= values[key] < 1:
+            raise InputError(f"{path}: {key} must be in [0, 1), not {values[key]}")
+
+    def need(name, dtypes, dims):
+        if name not in tensors:
+            raise InputError(f"{path}: no tensor '{name}'")
+        tensor = tensors[name]
+        if tensor.dtype not in dtypes:
+            raise InputError(f"{path}: tensor '{name}' has dtype {str(tensor.dtype)[6:]}; expected "
+                             f"{' or '.join(str(d)[6:] for d in dtypes)}")
+        if tensor.dim() != dims:
+            raise InputError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}; expected {dims} dimensions")
+        if tensor.numel() and not torch.isfinite(tensor.float()).all():
+            raise InputError(f"{path}: tensor '{name}' holds NaN/Inf")
+        return tensor
+
+    x = need("x", (torch.bfloat16,), 2)
+    dy = need("dy", (torch.bfloat16,), 2)
+    lora_a = need("lora_A", (torch.float32, torch.bfloat16), 2).float()
+    lora_b = need("lora_B", (torch.float32, torch.bfloat16), 2).float()
+    weight = parse_quantized(tensors, "base.weight", where=path)
+    if len(weight.shape) != 2:
+        raise InputError(f"{path}: base.weight has shape {weight.shape}; expected [out, in]")
+    out_features, in_features = weight.shape
+    tokens, rank = x.shape[0], lora_a.shape[0]
+    checks = [("x", x, (tokens, in_features)), ("dy", dy, (tokens, out_features)),
+              ("lora_A", lora_a, (rank, in_features)), ("lora_B", lora_b, (out_features, rank))]
+    for name, tensor, shape in checks:
+        if tuple(tensor.shape) != shape:
+            raise InputError(f"{path}: '{name}' has shape {tuple(tensor.shape)}; with base.weight "
+                             f"{(out_features, in_features)}, x {tuple(x.shape)} and lora_A {tuple(lora_a.shape)} "
+                             f"it must be {shape}")
+    state = {}
+    for name in STATE_NAMES:
+        if name in tensors:
+            shape = (rank, in_features) if name.endswith("A") else (out_features, rank)
+            tensor = need(name, (torch.float32, torch.bfloat16), 2).float()
+            if tuple(tensor.shape) != shape:
+                raise InputError(f"{path}: '{name}' has shape {tuple(tensor.shape)}; it must be {shape}")
+            state[name] = tensor
+    return LoraCase(x=x, dy=dy, weight=weight, lora_A=lora_a, lora_B=lora_b, state=state, **values)

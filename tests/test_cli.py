@@ -239,6 +239,66 @@ def test_matmul_bad_inputs(tmp_path, matmul_files, capsys):
         assert fragment in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
 
 
+def write_case(path, spec=(2, 12, 10, 2), meta_changes=None, tensor_changes=None):
+    from test_lora import make_case
+    from edge_qlora.formats import quant_state_dict
+    case = make_case(*spec, optimizer="adamw", seed=3)
+    tensors = {"x": case.x, "dy": case.dy, "lora_A": case.lora_A, "lora_B": case.lora_B}
+    tensors.update({f"base.{k}": v for k, v in quant_state_dict(case.weight).items()})
+    meta = {"scaling": "2.0", "optimizer": "adamw", "lr": "0.001", "beta1": "0.9", "beta2": "0.999",
+            "eps": "1e-8", "weight_decay": "0.01", "step": "1"}
+    for key, value in (meta_changes or {}).items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    for key, value in (tensor_changes or {}).items():
+        if value is None:
+            tensors.pop(key)
+        else:
+            tensors[key] = value
+    save_file(tensors, str(path), metadata=meta)
+    return case
+
+
+def test_step_rtl_equals_golden_and_prints_phases(tmp_path, capsys):
+    case_path = tmp_path / "case.safetensors"
+    write_case(case_path)
+    rtl, model = tmp_path / "rtl.safetensors", tmp_path / "golden.safetensors"
+    assert run_cli("step", case_path, rtl, "--rows", 2, "--cols", 2) == 0
+    printed = capsys.readouterr().out
+    for phase in ("F1", "F2", "B4", "UPD_A", "total"):
+        assert phase in printed
+    assert run_cli("step", case_path, model, "--backend", "golden", "--rows", 2, "--cols", 2) == 0
+    a, b = load_file(str(rtl)), load_file(str(model))
+    assert sorted(a) == ["dx", "exp_avg_A", "exp_avg_B", "exp_avg_sq_A", "exp_avg_sq_B", "grad_A", "grad_B",
+                         "lora_A", "lora_B", "y"]
+    for key in a:
+        assert mismatches(b[key], a[key]) == 0, key
+
+
+def test_step_bad_cases(tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    cases = [
+        ({"meta_changes": {"scaling": None}}, "lacks 'scaling'"),
+        ({"meta_changes": {"optimizer": "lion"}}, "optimizer 'lion'"),
+        ({"meta_changes": {"lr": "fast"}}, "'lr' is 'fast'"),
+        ({"meta_changes": {"step": "0"}}, "step must be"),
+        ({"tensor_changes": {"dy": None}}, "no tensor 'dy'"),
+        ({"tensor_changes": {"lora_B": torch.zeros(10, 3)}}, "'lora_B' has shape"),
+        ({"tensor_changes": {"x": torch.zeros(2, 12)}}, "dtype float32"),
+        ({"tensor_changes": {"base.weight.absmax": None}}, "missing tensor 'base.weight.absmax'"),
+        ({"tensor_changes": {"exp_avg_A": torch.zeros(3, 3)}}, "'exp_avg_A' has shape"),
+    ]
+    for index, (changes, fragment) in enumerate(cases):
+        path = tmp_path / f"case{index}.safetensors"
+        write_case(path, **changes)
+        capsys.readouterr()
+        assert run_cli("step", path, out, "--backend", "golden") == 2, changes
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1 and "Traceback" not in err, (changes, err)
+
+
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edge_qlora.cli", "dequant", str(tmp_path / "missing"),
                              str(tmp_path / "o")], capture_output=True, text=True)
