@@ -63,6 +63,17 @@ def _parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
+    demo = commands.add_parser(
+        "demo", help="quantize and dequantize a TinyLlama-shaped weight on the RTL, checked against bitsandbytes",
+        description="The main job in one command: a random bf16 weight of TinyLlama's hidden width is quantized to "
+                    "NF4 (blocksize 64, double quantization) by the RTL quantizer and dequantized by the RTL "
+                    "dequantizer, both in Amaranth's simulator, and every output is compared bit for bit with "
+                    "bitsandbytes' quantize_4bit / dequantize_4bit.")
+    demo.add_argument("--rows", type=int, default=8, help="rows of the weight (default 8; TinyLlama has 2048)")
+    demo.add_argument("--cols", type=int, default=2048, help="columns of the weight (default 2048)")
+    demo.add_argument("--lanes", type=_lanes, default=16, help="RTL lanes (default 16)")
+    demo.add_argument("--seed", type=int, default=0)
+
     quantize = commands.add_parser(
         "quantize", help="quantize a weight to NF4 (bitsandbytes' quantize_4bit)",
         description="Quantize the tensor 'weight' of a safetensors file to NF4. OUT holds the packed weight under "
@@ -350,20 +361,72 @@ def _step(args):
         print(f"  {'total':8} {run.cycles:9d}   ({seconds:.1f} s simulated; base products {2 * macs} MACs)")
 
 
+def _demo(args):
+    import logging
+
+    import numpy as np
+    import torch
+    from .boards.build import BuildError
+    from .golden import nf4_dequant
+    from .rtl.nf4_dequant import NF4DequantConfig
+    from .sim.nf4 import run_dequantizer
+    from .sim.nf4_quant import quantize_rtl
+
+    if not (1 <= args.rows <= 4096 and 1 <= args.cols <= 65536):
+        raise BuildError(f"--rows and --cols must be 1..4096 and 1..65536, not {args.rows} and {args.cols}")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator().manual_seed(args.seed)
+    weight = (torch.randn(args.rows, args.cols, generator=gen) * 0.02).to(torch.bfloat16)
+    n = weight.numel()
+    print(f"weight [{args.rows}, {args.cols}] bf16, NF4 blocksize 64, double quantization, {args.lanes} lanes")
+    bar, update = _progress_bar(-(-n // args.lanes), "quantize (pysim)")
+    with bar:
+        quantized, cycles = quantize_rtl(weight, 64, True, lanes=args.lanes, progress=update)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+    def differ(a, b):
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        return int((a.view(np.uint8) != b.view(np.uint8)).sum()) if a.nbytes == b.nbytes else max(a.size, b.size)
+
+    quant_mismatch = (differ(packed.reshape(-1).numpy(), quantized.packed)
+                      + differ(state.absmax.numpy(), quantized.absmax)
+                      + differ(state.state2.absmax.numpy(), quantized.absmax2)
+                      + differ(np.float32(state.offset.item()), np.float32(quantized.offset)))
+    config = NF4DequantConfig(lanes=args.lanes, blocksize=64, out_dtype="bf16", double_quant=True)
+    bar, update = _progress_bar(-(-n // args.lanes), "dequant (pysim)")
+    with bar:
+        run = run_dequantizer(quantized, config, progress=update)
+    state.dtype = torch.bfloat16
+    reference = bnbf.dequantize_4bit(packed, state).reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    dequant_mismatch = int((reference != run.values).sum())
+    golden = nf4_dequant.dequantize(quantized, "bf16").reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    rows = [("quantize (RTL)", cycles["quantizer"] + cycles.get("absmax_quantizer", 0), quant_mismatch,
+             f"{cycles['quantizer']} + {cycles.get('absmax_quantizer', 0)} (absmax pass)"),
+            ("dequantize (RTL)", run.cycles, dequant_mismatch, f"{n / run.cycles:.2f} weights/cycle")]
+    print(f"{'step':18} {'cycles':>9}  {'mismatches vs bitsandbytes':>27}  note")
+    for name, total, mismatch, note in rows:
+        print(f"{name:18} {total:9d}  {mismatch:27d}  {note}")
+    print(f"dequantized weights equal to the golden model: {int((golden == run.values).sum())} of {n}")
+    if quant_mismatch or dequant_mismatch:
+        return 1
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from .formats import InputError
     from .boards.build import BuildError
     try:
-        {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul,
-         "step": _step}[args.command](args)
+        status = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul,
+                  "step": _step, "demo": _demo}[args.command](args)
     except (InputError, BuildError) as error:
         print(f"edge-qlora: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edge-qlora: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
