@@ -230,7 +230,7 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     ``dequant_rounds`` cycles per block, which shows when a short final block ends a pass.
     """
     min_steps = max(2 * rows - 1, 12)          # GemmConfig.min_steps
-    flush_steps = 2 * rows + cols + 1           # PEArray.flush_steps
+    flush_steps = 2 * rows + cols + 2           # PEArray.flush_steps
     words = -(-k // cols)
     a_tiles = -(-m // rows)
     if transposed:

@@ -96,6 +96,10 @@ class _PE:
         self.mul_last = Signal(name=f"{prefix}_mul_last")
         self.product = Signal(signed(2 * OPERAND_BITS), name=f"{prefix}_product")
         self.product_last = Signal(name=f"{prefix}_product_last")
+        # a second product register: the first can sit beside the DSP, the second beside the accumulator (the
+        # placer puts DSP sites several nanoseconds of routing away from the fabric around them)
+        self.product2 = Signal(signed(2 * OPERAND_BITS), name=f"{prefix}_product2")
+        self.product2_last = Signal(name=f"{prefix}_product2_last")
         self.acc = Signal(signed(ACC_BITS), name=f"{prefix}_acc")
         # ``acc`` holds a finished chunk sum: it moves to the shadow, and the accumulator restarts, on the next step
         self.done = Signal(name=f"{prefix}_done")
@@ -143,9 +147,9 @@ class PEArray(wiring.Component):
             if not 1 <= value <= MAX_SIDE:
                 raise ValueError(f"PEArray {name} must be from 1 to {MAX_SIDE}, not {value}")
         self.rows, self.cols = rows, cols
-        # systolic, multiplier operand and product registers, accumulator: a PE's shadow loads 4 steps after its
+        # systolic, multiplier operand and two product registers, accumulator: a PE's shadow loads 5 steps after its
         # systolic registers take the chunk's last operands
-        self.latency = cols + 3
+        self.latency = cols + 4
         self.row_interval = 2
         self.flush_steps = self.latency + self.row_interval * (rows - 1)
         self.min_chunk = 2 * rows - 1
@@ -203,8 +207,10 @@ class PEArray(wiring.Component):
                     # registered on both sides, the DSP has a whole cycle; the accumulator adder has the next one
                     pe.product.eq(pe.mul_a * pe.mul_b),
                     pe.product_last.eq(pe.mul_last),
-                    pe.acc.eq(Mux(pe.done, 0, pe.acc) + pe.product),
-                    pe.done.eq(pe.product_last),
+                    pe.product2.eq(pe.product),
+                    pe.product2_last.eq(pe.product_last),
+                    pe.acc.eq(Mux(pe.done, 0, pe.acc) + pe.product2),
+                    pe.done.eq(pe.product2_last),
                     pe.shadow.eq(Mux(pe.done, pe.acc, below.shadow if below else 0)),
                 ]
         for r in range(rows):

@@ -167,8 +167,8 @@ def test_extreme_sums_do_not_wrap():
 def test_latency_attributes(rows, cols):
     """Without stalls, row i of a chunk ending at step k comes out once step k + latency + 2 i is accepted."""
     dut = PEArray(rows, cols)
-    assert dut.latency == cols + 3 and dut.row_interval == 2
-    assert dut.flush_steps == 2 * rows + cols + 1 and dut.min_chunk == 2 * rows - 1
+    assert dut.latency == cols + 4 and dut.row_interval == 2
+    assert dut.flush_steps == 2 * rows + cols + 2 and dut.min_chunk == 2 * rows - 1
     rng = np.random.default_rng(3)
     last = _chunks([dut.min_chunk, 9, dut.min_chunk])
     a, b = _operands(rng, len(last), rows), _operands(rng, len(last), cols)
