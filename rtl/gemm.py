@@ -473,20 +473,40 @@ class GemmEngine(wiring.Component):
                          chunk_index.eq(0), step.eq(0), fwd_word.eq(0), fwd_lane.eq(0), bwd_slot.eq(0),
                          bwd_bank.eq(0)]
 
-        # this chunk's real length and step count
-        fwd_len = Mux(job.k - q0 < chunk, (job.k - q0)[:16], chunk)
-        bwd_len = Mux(job.n - outer < chunk, (job.n - outer)[:16], chunk)
-        length = Mux(job.transposed, bwd_len, fwd_len)
-        steps = Mux(length < min_steps, min_steps, length)
-        last_step = step == steps - 1
-        real = step < length
+        # Loop control. Every flag the issue logic needs is a register for the current chunk; the next chunk's
+        # coordinates are worked out on the chunk's second step and their flags on its third (a chunk has at
+        # least 12 steps), so no 32-bit arithmetic sits between the counters and the array's step enable.
+        def flags_of(q0_, outer_, k0_, m_left_):
+            fwd_len = Mux(job.k - q0_ < chunk, (job.k - q0_)[:16], chunk)
+            bwd_len = Mux(job.n - outer_ < chunk, (job.n - outer_)[:16], chunk)
+            length_ = Mux(job.transposed, bwd_len, fwd_len)
+            return {
+                "length": length_,
+                "steps_m1": Mux(length_ < min_steps, min_steps, length_) - 1,
+                "fwd_last_chunk": q0_ + chunk >= job.k,
+                "fwd_last_tile": outer_ + cols >= job.n,
+                "bwd_last_ktile": k0_ + cols >= job.k,
+                "bwd_last_chunk": outer_ + chunk >= job.n,
+                "last_m_tile": m_left_ <= rows,
+                "first": Mux(job.transposed, outer_ == 0, q0_ == 0),
+                "fwd_cols": Mux(job.n - outer_ < cols, (job.n - outer_)[:5], cols),
+            }
 
-        fwd_last_chunk = q0 + chunk >= job.k
-        fwd_last_tile = outer + cols >= job.n
-        bwd_last_ktile = k0 + cols >= job.k
-        bwd_last_chunk = outer + chunk >= job.n
-        last_m_tile = m_left <= rows
-        chunk_first = Mux(job.transposed, outer == 0, q0 == 0)
+        flag_shapes = {"length": 16, "steps_m1": 16, "fwd_cols": 5}
+        cur = {name: Signal(flag_shapes.get(name, 1), name=f"chunk_{name}") for name in flags_of(0, 0, 0, 0)}
+        nxt = {name: Signal(flag_shapes.get(name, 1), name=f"next_{name}") for name in cur}
+        n_q0, n_outer, n_kt, n_k0 = (Signal(32, name=f"next_{n}") for n in ("q0", "outer", "kt", "k0"))
+        n_chunk_index, n_m_left = Signal(32), Signal(32)
+        with m.If(start):
+            m.d.sync += [cur[name].eq(value) for name, value in flags_of(0, 0, 0, job.m).items()]
+
+        length = cur["length"]
+        last_step = step == cur["steps_m1"]
+        real = step < length
+        fwd_last_chunk, fwd_last_tile = cur["fwd_last_chunk"], cur["fwd_last_tile"]
+        bwd_last_ktile, bwd_last_chunk = cur["bwd_last_ktile"], cur["bwd_last_chunk"]
+        last_m_tile = cur["last_m_tile"]
+        chunk_first = cur["first"]
         chunk_last = Mux(job.transposed, bwd_last_chunk, fwd_last_chunk)
         job_last = last_m_tile & Mux(job.transposed, bwd_last_chunk & bwd_last_ktile,
                                      fwd_last_chunk & fwd_last_tile)
@@ -524,7 +544,7 @@ class GemmEngine(wiring.Component):
         for port in w_reads:
             m.d.comb += port.addr.eq(w_address)
 
-        fwd_cols = Mux(job.n - outer < cols, (job.n - outer)[:5], cols)
+        fwd_cols = cur["fwd_cols"]
         m.d.comb += [
             pipe.in_tag.real.eq(issue & real),
             pipe.in_tag.last.eq(issue & last_step),
@@ -546,6 +566,28 @@ class GemmEngine(wiring.Component):
                 pending.job_last.eq(job_last),
             ]
 
+        # the next chunk's coordinates (second step) and flags (third step)
+        with m.If(issue & (step == 1)):
+            with m.If(~job.transposed):
+                with m.If(fwd_last_chunk):
+                    m.d.sync += [n_q0.eq(0), n_chunk_index.eq(0), n_kt.eq(0), n_k0.eq(0),
+                                 n_outer.eq(Mux(fwd_last_tile, 0, outer + cols)),
+                                 n_m_left.eq(Mux(fwd_last_tile, m_left - rows, m_left))]
+                with m.Else():
+                    m.d.sync += [n_q0.eq(q0 + chunk), n_chunk_index.eq(chunk_index + 1), n_kt.eq(kt),
+                                 n_k0.eq(k0), n_outer.eq(outer), n_m_left.eq(m_left)]
+            with m.Else():
+                with m.If(bwd_last_ktile):
+                    m.d.sync += [n_kt.eq(0), n_k0.eq(0), n_q0.eq(q0),
+                                 n_outer.eq(Mux(bwd_last_chunk, 0, outer + chunk)),
+                                 n_chunk_index.eq(Mux(bwd_last_chunk, 0, chunk_index + 1)),
+                                 n_m_left.eq(Mux(bwd_last_chunk, m_left - rows, m_left))]
+                with m.Else():
+                    m.d.sync += [n_kt.eq(kt + 1), n_k0.eq(k0 + cols), n_q0.eq(q0), n_outer.eq(outer),
+                                 n_chunk_index.eq(chunk_index), n_m_left.eq(m_left)]
+        with m.If(issue & (step == 2)):
+            m.d.sync += [nxt[name].eq(value) for name, value in flags_of(n_q0, n_outer, n_k0, n_m_left).items()]
+
         # advance the counters
         with m.If(issue):
             m.d.sync += step.eq(Mux(last_step, 0, step + 1))
@@ -557,29 +599,19 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [bwd_bank.eq(Mux(bwd_bank == cols - 1, 0, bwd_bank + 1)),
                              bwd_slot.eq(Mux(bwd_bank == cols - 1, bwd_slot + 1, bwd_slot))]
             with m.If(last_step):
-                m.d.sync += [bwd_bank.eq(0), bwd_slot.eq(0)]
-                with m.If(~job.transposed):
-                    # forward: next chunk of the reduction, or next column tile, or next A tile
-                    m.d.sync += [q0.eq(q0 + chunk), chunk_index.eq(chunk_index + 1)]
-                    with m.If(fwd_last_chunk):
-                        m.d.sync += [q0.eq(0), chunk_index.eq(0), fwd_word.eq(0), fwd_lane.eq(0),
-                                     outer.eq(outer + cols), w_half.eq(~w_half)]
-                        m.d.comb += w_release.bit_select(w_half, 1).eq(1)
-                        with m.If(fwd_last_tile):
-                            m.d.sync += outer.eq(0)
-                with m.Else():
-                    # transposed: next k-tile of this chunk, or next chunk of W rows, or next A tile
-                    m.d.sync += [kt.eq(kt + 1), k0.eq(k0 + cols)]
-                    with m.If(bwd_last_ktile):
-                        m.d.sync += [kt.eq(0), k0.eq(0), outer.eq(outer + chunk),
-                                     chunk_index.eq(chunk_index + 1), w_half.eq(~w_half)]
-                        m.d.comb += w_release.bit_select(w_half, 1).eq(1)
-                        with m.If(bwd_last_chunk):
-                            m.d.sync += [outer.eq(0), chunk_index.eq(0)]
+                m.d.sync += [bwd_bank.eq(0), bwd_slot.eq(0), q0.eq(n_q0), outer.eq(n_outer), kt.eq(n_kt),
+                             k0.eq(n_k0), chunk_index.eq(n_chunk_index), m_left.eq(n_m_left)]
+                m.d.sync += [cur[name].eq(nxt[name]) for name in cur]
+                with m.If(Mux(job.transposed, bwd_last_ktile, fwd_last_chunk)):
+                    # the W tile is done
+                    m.d.comb += w_release.bit_select(w_half, 1).eq(1)
+                    m.d.sync += w_half.eq(~w_half)
+                    with m.If(~job.transposed):
+                        m.d.sync += [fwd_word.eq(0), fwd_lane.eq(0)]
                 with m.If(Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)):
                     # the A tile is done
                     m.d.comb += a_release.bit_select(a_half, 1).eq(1)
-                    m.d.sync += [a_half.eq(~a_half), m_left.eq(m_left - rows)]
+                    m.d.sync += a_half.eq(~a_half)
                     with m.If(last_m_tile):
                         m.d.sync += [active.eq(0), flushing.eq(array.flush_steps)]
         with m.If(pipe.advance & (flushing != 0) & ~issue):
