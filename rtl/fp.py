@@ -349,7 +349,7 @@ class FPMul(wiring.Component):
     3. ``partials``: after the DSP blocks, before their products are summed.
     4. ``count``: after the leading and trailing zero counts, before the shift.
     5. ``window``: after the rounding window is shifted out of the product, before rounding.
-    6. ``input``: the operands as they arrive.
+    6. ``input``: the operands as they arrive, and whether each is normal (its hidden bit).
 
     Parameters
     ----------
@@ -396,8 +396,15 @@ class FPMul(wiring.Component):
         m = Module()
         pipe = _Pipeline(m, self._registered)
 
-        state = pipe.cut("input", {"a": self.a, "b": self.b})
+        # the hidden bits are found ahead of the ``input`` cut, so that registered operands go straight into the
+        # DSP blocks: an ECP5 multiplier is combinational and far from most logic, so its inputs need the slack
+        state = pipe.cut("input", {
+            "a": self.a, "b": self.b,
+            "a_hidden": float_layout(fmt_a)(self.a).exponent != 0,
+            "b_hidden": float_layout(fmt_b)(self.b).exponent != 0,
+        })
         a, b = _Unpacked(state["a"], fmt_a), _Unpacked(state["b"], fmt_b)
+        a.sig, b.sig = Cat(a.sig[:-1], state["a_hidden"]), Cat(b.sig[:-1], state["b_hidden"])
         # the product of two significands has its top bit worth 2 ** 1 when both are normal
         offset = fmt_out.bias - fmt_a.bias - fmt_b.bias + 1
         exp_lo, exp_hi = 2 + offset, fmt_a.exp_max - 1 + fmt_b.exp_max - 1 + offset
