@@ -131,6 +131,22 @@ def _parser():
     step.add_argument("--cols", type=_side("cols"), default=4, help="GEMM array columns, 1 to 16 (default 4)")
     step.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
 
+    make_case = commands.add_parser(
+        "make-case", help="write a random step case for 'step' (x, dy, LoRA factors, NF4 base weight)",
+        description="Write a step case with random inputs: x [T, in] ~ N(0, 1) and dy [T, out] ~ N(0, 0.01) in "
+                    "bf16, a base weight ~ N(0, 0.02^2) quantized to NF4 (blocksize 64, double quantization), "
+                    "lora_A and lora_B ~ N(0, 0.05^2) in float32, and the optimizer settings as metadata.")
+    make_case.add_argument("output", metavar="OUT", help="safetensors file to write")
+    make_case.add_argument("--tokens", type=int, default=4, help="T (default 4)")
+    make_case.add_argument("--in-features", type=int, default=64, help="in (default 64)")
+    make_case.add_argument("--out-features", type=int, default=48, help="out (default 48)")
+    make_case.add_argument("--rank", type=int, default=8, help="r (default 8)")
+    make_case.add_argument("--scaling", type=float, default=2.0, help="s = lora_alpha / r (default 2.0)")
+    make_case.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    make_case.add_argument("--lr", type=float, default=1e-3)
+    make_case.add_argument("--weight-decay", type=float, default=0.01)
+    make_case.add_argument("--seed", type=int, default=0)
+
     build = commands.add_parser(
         "build", help="build a bitstream for a board with the open toolchain",
         description="Elaborate a design behind a board wrapper, run YoWASP Yosys, nextpnr and the bitstream "
@@ -142,13 +158,26 @@ def _parser():
     build.add_argument("--cols", type=_side("cols"), default=None, help="... and this many columns")
     build.add_argument("--max-k", type=int, default=1024,
                        help="GEMM engine buffers: longest W row and most W rows transposed (default 1024)")
+    build.add_argument("--lora", action="store_true",
+                       help="build the full step accelerator (dequantizer, GEMM engine, LoRA datapath, optimizer, "
+                            "controller) on a --rows x --cols array")
+    build.add_argument("--max-t", type=int, default=16, help="--lora: most tokens per step (default 16)")
+    build.add_argument("--max-in", type=int, default=64, help="--lora: largest in_features (default 64)")
+    build.add_argument("--max-out", type=int, default=64, help="--lora: largest out_features (default 64)")
+    build.add_argument("--max-rank", type=int, default=8, help="--lora: largest LoRA rank (default 8)")
+    build.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                       help="--lora: optimizer core (default adamw)")
     build.add_argument("--lanes", type=_lanes, default=8, help="dequantizer lanes, 1 to 16 (default 8)")
     build.add_argument("--dtype", choices=DTYPES, default="bf16", help="dequantizer output dtype (default bf16)")
     build.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size (default 64)")
     build.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                        help="build the plain-absmax dequantizer")
+    build.add_argument("--compact", action=argparse.BooleanOptionalAction, default=None,
+                       help="dequantizer float units with fewer pipeline registers, for small FPGAs "
+                            "(default: on for icebreaker, off for ulx3s-85f)")
     build.add_argument("--target-mhz", type=float, default=None,
-                       help="clock target (default: 100 MHz on ulx3s-85f, 24 MHz on icebreaker)")
+                       help="clock target (default: 100 MHz on ulx3s-85f through the PLL; 12 MHz on icebreaker, "
+                            "its oscillator)")
     build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     build.add_argument("--out", default=None, metavar="DIR", help="output folder (default build/<board>)")
     return parser
@@ -250,7 +279,20 @@ def _build(args):
     out = args.out or os.path.join("build", args.board)
     if (args.rows is None) != (args.cols is None):
         raise BuildError("--rows and --cols go together (they select the GEMM engine)")
-    if args.rows is not None:
+    if args.lora:
+        from .rtl.lora import LoraConfig, LoraStep
+        if args.rows is None:
+            raise BuildError("--lora needs --rows and --cols (the GEMM engine's array)")
+        try:
+            config = LoraConfig(rows=args.rows, cols=args.cols, max_t=args.max_t, max_in=args.max_in,
+                                max_out=args.max_out, max_rank=args.max_rank, optimizer=args.optimizer,
+                                blocksize=args.blocksize, double_quant=args.double_quant)
+        except ValueError as error:
+            raise BuildError(f"--lora: {error}") from None
+        design = LoraStep(config)
+        what = (f"LoraStep({args.rows}x{args.cols} array, T<={args.max_t}, in<={args.max_in}, "
+                f"out<={args.max_out}, rank<={args.max_rank}, {args.optimizer}, NF4 blocksize {args.blocksize})")
+    elif args.rows is not None:
         from .rtl.gemm import GemmConfig, GemmEngine
         if not 16 <= args.max_k <= 1 << 16:
             raise BuildError(f"--max-k must be from 16 to 65536, not {args.max_k}")
@@ -261,12 +303,16 @@ def _build(args):
                 f"NF4 weights, blocksize {args.blocksize})")
     else:
         from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
+        compact = args.board == "icebreaker" if args.compact is None else args.compact
         design = NF4Dequantizer(NF4DequantConfig(lanes=args.lanes, blocksize=args.blocksize, out_dtype=args.dtype,
-                                                 double_quant=args.double_quant))
+                                                 double_quant=args.double_quant, compact=compact))
         what = (f"NF4Dequantizer(lanes={args.lanes}, blocksize={args.blocksize}, out={args.dtype}, "
-                f"double_quant={args.double_quant})")
+                f"double_quant={args.double_quant}, compact={compact})")
     print(f"building {what} for {args.board} in {out}", flush=True)
-    report = build(design, args.board, out, target_mhz=args.target_mhz, seed=args.seed,
+    target_mhz = args.target_mhz
+    if target_mhz is None and args.board == "icebreaker":
+        target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
+    report = build(design, args.board, out, target_mhz=target_mhz, seed=args.seed,
                    progress=lambda step: print(f"  {step}", flush=True))
     print(format_report(report))
 
@@ -361,6 +407,30 @@ def _step(args):
         print(f"  {'total':8} {run.cycles:9d}   ({seconds:.1f} s simulated; base products {2 * macs} MACs)")
 
 
+def _make_case(args):
+    import torch
+    from .formats import InputError, save_case
+    from .golden import lora, nf4_quant
+
+    dims = {"--tokens": args.tokens, "--in-features": args.in_features, "--out-features": args.out_features,
+            "--rank": args.rank}
+    for name, value in dims.items():
+        if not 1 <= value <= 1 << 15:
+            raise InputError(f"{name} must be from 1 to 32768, not {value}")
+    t, d_in, d_out, r = args.tokens, args.in_features, args.out_features, args.rank
+    gen = torch.Generator().manual_seed(args.seed)
+    case = lora.LoraCase(
+        x=torch.randn((t, d_in), generator=gen).to(torch.bfloat16),
+        dy=(torch.randn((t, d_out), generator=gen) * 0.1).to(torch.bfloat16),
+        weight=nf4_quant.quantize(torch.randn((d_out, d_in), generator=gen) * 0.02, 64, True),
+        lora_A=torch.randn((r, d_in), generator=gen) * 0.05, lora_B=torch.randn((d_out, r), generator=gen) * 0.05,
+        scaling=args.scaling, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, step=1,
+        state={})
+    save_case(args.output, case)
+    print(f"step case: x [{t}, {d_in}], dy [{t}, {d_out}], W [{d_out}, {d_in}] NF4, rank {r}, {args.optimizer}: "
+          f"{args.output}")
+
+
 def _demo(args):
     import logging
 
@@ -419,7 +489,7 @@ def main(argv=None):
     from .boards.build import BuildError
     try:
         status = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul,
-                  "step": _step, "demo": _demo}[args.command](args)
+                  "step": _step, "demo": _demo, "make-case": _make_case}[args.command](args)
     except (InputError, BuildError) as error:
         print(f"edge-qlora: error: {error}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from .golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_C
 from .golden.nf4_quant import NF4Quantized
 
 __all__ = ["InputError", "load_weight", "save_weight", "load_quantized", "save_quantized", "quant_state_dict",
-           "load_tensor", "save_tensors", "load_quantized_or_weight", "load_case", "CASE_METADATA"]
+           "load_tensor", "save_tensors", "load_quantized_or_weight", "load_case", "save_case", "CASE_METADATA"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -303,3 +303,17 @@ def load_case(path):
                 raise InputError(f"{path}: '{name}' has shape {tuple(tensor.shape)}; it must be {shape}")
             state[name] = tensor
     return LoraCase(x=x, dy=dy, weight=weight, lora_A=lora_a, lora_B=lora_b, state=state, **values)
+
+
+def save_case(path, case):
+    """Write a :class:`~edge_qlora.golden.lora.LoraCase` as a step-case file that :func:`load_case` reads."""
+    from safetensors.torch import save_file
+
+    tensors = {"x": case.x, "dy": case.dy, "lora_A": case.lora_A, "lora_B": case.lora_B}
+    tensors.update({f"base.{k}": v for k, v in quant_state_dict(case.weight).items()})
+    tensors.update(case.state)
+    meta = {key: repr(getattr(case, key)) if key != "optimizer" else case.optimizer for key in CASE_METADATA}
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=meta)

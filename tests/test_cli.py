@@ -163,6 +163,9 @@ def corrupt_inputs(tmp_path, weight_file):
         ("unknown board", ["build", "--board", "arty"], "invalid choice"),
         ("build folder parent missing", ["build", "--board", "icebreaker", "--out", tmp_path / "x" / "y"],
          "does not exist"),
+        ("lora build without an array", ["build", "--board", "ulx3s-85f", "--lora"], "--rows"),
+        ("lora build, bad rank", ["build", "--board", "ulx3s-85f", "--lora", "--rows", 2, "--cols", 2,
+                                  "--max-rank", 0], "max_rank"),
     ]
 
 
@@ -324,3 +327,15 @@ def test_build_smoke(tmp_path, board, lanes, capsys):
     assert all(mhz > 0 for mhz in report["fmax_mhz"].values())
     assert all(len(pair) == 2 and pair[0] <= pair[1] for pair in report["utilization"].values())
     assert "fmax" in capsys.readouterr().out
+
+
+def test_make_case_feeds_step(tmp_path, capsys):
+    case = tmp_path / "case.safetensors"
+    assert run_cli("make-case", case, "--tokens", 3, "--in-features", 20, "--out-features", 12, "--rank", 2,
+                   "--optimizer", "sgd") == 0
+    out = tmp_path / "out.safetensors"
+    assert run_cli("step", case, out, "--backend", "golden") == 0
+    result = load_file(str(out))
+    assert tuple(result["y"].shape) == (3, 12) and tuple(result["lora_A"].shape) == (2, 20)
+    assert run_cli("make-case", tmp_path / "c.safetensors", "--rank", 0) == 2
+    assert "--rank" in capsys.readouterr().err

@@ -101,6 +101,16 @@ def test_rtl_adversarial(in_dtype, double_quant):
                                             double_quant=double_quant), seed=lanes)
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_rtl_compact(double_quant):
+    # the small-FPGA build: fewer float pipeline registers, same bits
+    tensors = [quantized(weight, 64, double_quant) for weight in adversarial(DTYPES["fp16"], 64).values()]
+    tensors.append(quantized(random_weights((3, 129), DTYPES["bf16"], 4), 64, double_quant))
+    for out_dtype, lanes in (("bf16", 1), ("fp16", 3)):
+        check_rtl(tensors, NF4DequantConfig(lanes=lanes, blocksize=64, out_dtype=out_dtype,
+                                            double_quant=double_quant, compact=True), seed=lanes)
+
+
 def test_rtl_many_absmax2_groups():
     # more than 256 blocks: the second-level absmax changes mid-tensor; blocksize 32 with 16 lanes (2 cycles/block)
     weight = random_weights((300 * 32 + 17,), DTYPES["fp16"], 7)

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """NF4 quantizer: golden model against bitsandbytes, and the RTL against the golden model."""
 
 import numpy as np

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Where the cycles of a QLoRA step go: base-weight products against the rank-r products and the update.
+
+    python scripts/lora_cycles.py                     # TinyLlama projections, model only (seconds)
+    python scripts/lora_cycles.py --rtl               # also simulate a small step and compare per phase (minutes)
+
+Each GEMM phase of ``rtl/lora.py`` is costed with the engine's validated cycle model (``golden.gemm.gemm_cycles``,
+NF4 weights for F2 and B4, bf16 from the scratchpads otherwise); the loads stream ``banks`` elements per cycle and
+the optimizer takes one element per cycle plus its latency. The table answers the issue's question "reuse the
+GEMM engine, or a small dedicated array for the rank-r products?": a dedicated array can at best remove the
+rank-r phases' share of the step, listed in the last column.
+"""
+
+import argparse
+
+from edge_qlora.golden.gemm import gemm_cycles
+from edge_qlora.rtl.lora import GEMM_ORDER, PHASES, LoraConfig
+from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
+
+TINYLLAMA = [("q_proj / o_proj", 2048, 2048), ("k_proj / v_proj", 2048, 256), ("gate_proj / up_proj", 2048, 5632),
+             ("down_proj", 5632, 2048)]
+
+
+def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
+    """Estimated cycles per phase of one step (dict, insertion order = execution order)."""
+    config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
+                        optimizer=optimizer)
+    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
+    banks, chunk = config.banks, config.chunk
+    phases = {"load": sum(-(-dims[a] // banks) * dims[b] for a, b in (("in", "t"), ("out", "t"),
+                                                                       ("in", "r"), ("r", "out")))}
+    for name in GEMM_ORDER:
+        (m, n, k), transposed, nf4 = PHASES[name][:3]
+        phases[name] = gemm_cycles(dims[m], dims[n], dims[k], rows, cols, chunk, transposed,
+                                   "nf4" if nf4 else "bf16", "fp32").cycles
+    latency = LoRAOptimizer(OptimConfig(kind=optimizer)).latency
+    phases["update"] = r * d_in + d_out * r + 2 * latency
+    return phases
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--cols", type=int, default=8)
+    parser.add_argument("--rtl", action="store_true", help="simulate a small step and compare per phase")
+    args = parser.parse_args()
+
+    print(f"**One QLoRA step of a TinyLlama projection on a {args.rows}x{args.cols} array (model)**\n")
+    print("| projection (in -> out) | T | rank | total cycles | base F2+B4 | rank-r products | update | "
+          "rank-r share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, d_in, d_out in TINYLLAMA:
+        for t in (16, 128):
+            for r in (8, 64):
+                p = step_cycles(t, d_in, d_out, r, args.rows, args.cols)
+                total = sum(p.values())
+                base = p["F2"] + p["B4"]
+                lora = sum(p[k] for k in GEMM_ORDER if k not in ("F2", "B4"))
+                print(f"| {name} ({d_in} -> {d_out}) | {t} | {r} | {total:,} | {base:,} | {lora:,} | "
+                      f"{p['update']:,} | {lora / total:.1%} |")
+
+    if args.rtl:
+        import torch
+
+        from edge_qlora.golden import lora, nf4_quant
+        from edge_qlora.sim.lora import run_step
+        t, d_in, d_out, r, rows, cols = 4, 40, 24, 4, 2, 2
+        gen = torch.Generator().manual_seed(1)
+        case = lora.LoraCase(
+            x=torch.randn((t, d_in), generator=gen).to(torch.bfloat16),
+            dy=(torch.randn((t, d_out), generator=gen) * 0.1).to(torch.bfloat16),
+            weight=nf4_quant.quantize(torch.randn((d_out, d_in), generator=gen) * 0.02, 64, True),
+            lora_A=torch.randn((r, d_in), generator=gen) * 0.05, lora_B=torch.randn((d_out, r), generator=gen) * 0.05,
+            scaling=2.0, optimizer="adamw", lr=1e-3, weight_decay=0.01, step=1, state={})
+        config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r)
+        run = run_step(case, config)
+        model = step_cycles(t, d_in, d_out, r, rows, cols)
+        print(f"\n**Small step, T={t}, in={d_in}, out={d_out}, r={r}, {rows}x{cols}: RTL against the estimate**\n")
+        print("| phase | RTL cycles | estimate |")
+        print("|---|---:|---:|")
+        loads = sum(v for k, v in run.phase_cycles.items() if k.startswith("LOAD"))
+        print(f"| load | {loads} | {model['load']} |")
+        for name in GEMM_ORDER:
+            print(f"| {name} | {run.phase_cycles.get(name, 0)} | {model[name]} |")
+        upd = run.phase_cycles.get("UPD_A", 0) + run.phase_cycles.get("UPD_B", 0)
+        print(f"| update | {upd} | {model['update']} |")
+        print(f"| total | {run.cycles} | {sum(model.values())} |")
+
+
+if __name__ == "__main__":
+    main()
