@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import GemmNumerics
-from .bfp import EXP_MIN, AlignLanes, bf16_exponent
+from .bfp import EXP_MIN, AlignLanes, bf16_exponent, max_exponent
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
@@ -361,6 +361,18 @@ class GemmEngine(wiring.Component):
                 self.rows_in.ready.eq(job.rows_in & beat.ready),
                 aligner.rows.ready.eq(~job.rows_in & beat.ready),
             ]
+        # a register slice in front of the writer, which finds the beat's largest exponent a cycle ahead (the
+        # lane maximum and the running maxima in one cycle were the engine's longest path)
+        source = beat
+        beat = stream.Signature(row_layout(cols, 16)).create(path=("w_beat",))
+        peak = Signal(EXP, init=EXP_MIN)
+        m.d.comb += source.ready.eq(~beat.valid | beat.ready)
+        with m.If(source.valid & source.ready):
+            m.d.sync += [beat.valid.eq(1), beat.payload.eq(source.payload),
+                         peak.eq(max_exponent(m, source.payload.data, "w_beat_peak"))]
+        with m.Elif(beat.ready):
+            m.d.sync += beat.valid.eq(0)
+
         half = Signal()
         row = Signal(range(cfg.tile_rows))   # row within the tile
         word = Signal(range(words))
@@ -383,11 +395,6 @@ class GemmEngine(wiring.Component):
         pass_end = beat.payload.last
         tile_end = row_end & ((row == tile_rows - 1) | pass_end)
 
-        # the beat's largest exponent, for the running maxima
-        exps = [bf16_exponent(beat.payload.data[j]) for j in range(cols)]
-        peak = exps[0]
-        for e in exps[1:]:
-            peak = Mux(e > peak, e, peak)
         row_peak = Signal(EXP, init=EXP_MIN)     # forward: this row's current chunk
         tile_peak = Signal(EXP, init=EXP_MIN)    # transposed: the whole tile
         new_row_peak = Mux(peak > row_peak, peak, row_peak)

@@ -73,7 +73,6 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
     (each with the total cycle count of the whole run)."""
     stalls = dict(stalls or {})
     rows, cols = config.rows, config.cols
-    dut = GemmEngine(config)
     job_beats, a_beats, weight_beats, layout = [], [], {}, []
     for a, weights, transposed in jobs:
         n, k = tuple(weights.shape)
@@ -94,6 +93,7 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         out_cols = k if transposed else n
         layout.append((m_rows, out_cols, tiles, -(-out_cols // cols)))
 
+    dut = GemmEngine(config)
     producers = [
         producer(dut.job, job_beats, stalls.get("job", NO_STALLS)),
         producer(dut.a, a_beats, stalls.get("a", NO_STALLS)),
