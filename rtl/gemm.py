@@ -520,9 +520,9 @@ class GemmEngine(wiring.Component):
 
         # a step may start when its buffers are full and, on a chunk's first step, the chunk FIFO has room
         have_data = a_full.bit_select(a_half, 1) & w_full.bit_select(w_half, 1)
-        # memory read; a register on the raw read data (block RAM clock-to-out is slow on ECP5); the alignment
-        # shift and its rounding, each registered
-        pipe_latency = 1 + 1 + 2
+        # memory read; a register on the raw read data (block RAM clock-to-out is slow on ECP5); selection and
+        # exponents, registered; the alignment shift and its rounding, each registered
+        pipe_latency = 1 + 1 + 1 + 2
         # (the PE array takes the steps; everything before it stalls with it)
         pipe = StallPipeline(m, pipe_latency, array.steps.ready, tag_shape=data.StructLayout({
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
@@ -625,7 +625,8 @@ class GemmEngine(wiring.Component):
             m.d.sync += flushing.eq(flushing - 1)
         m.d.comb += seq_done.eq(~active & (flushing == 0))
 
-        # --- stage 1: memory data, registered raw; stage 2: select, mask, exponents; stages 3-4: alignment
+        # --- stage 1: memory data, registered raw; stage 2: select, mask, exponents; stage 3: their register;
+        # stages 4-5: alignment
         tag1, tag2 = Signal.like(pipe.in_tag), Signal.like(pipe.in_tag)
         read_half, read_half2 = Signal(), Signal()
         raw_a = Signal.like(a_read.data)
@@ -670,10 +671,17 @@ class GemmEngine(wiring.Component):
             unit = AlignLanes(1, stages=2)
             m.submodules[f"align_a_{i}"] = pipe.stall(unit)
             align_a_units.append(unit)
+        # stage 3: the selected operands and their shared exponents, registered before the alignment shift
         for i, unit in enumerate(align_a_units):
-            m.d.comb += [unit.values[0].eq(a_values[i]), unit.shared.eq(ea_now[i])]
+            value, shared = Signal(16, name=f"a_value_{i}"), Signal(EXP, name=f"a_shared_{i}")
+            with m.If(pipe.advance):
+                m.d.sync += [value.eq(a_values[i]), shared.eq(ea_now[i])]
+            m.d.comb += [unit.values[0].eq(value), unit.shared.eq(shared)]
         for j, unit in enumerate(align_b_units):
-            m.d.comb += [unit.values[0].eq(b_values[j]), unit.shared.eq(b_exps[j])]
+            value, shared = Signal(16, name=f"b_value_{j}"), Signal(EXP, name=f"b_shared_{j}")
+            with m.If(pipe.advance):
+                m.d.sync += [value.eq(b_values[j]), shared.eq(b_exps[j])]
+            m.d.comb += [unit.values[0].eq(value), unit.shared.eq(shared)]
 
         # chunk info to the FIFO at stage 2 of a chunk's first step
         m.d.comb += [
@@ -686,7 +694,7 @@ class GemmEngine(wiring.Component):
         for j in range(cols):
             m.d.comb += info_in.eb[j].eq(b_exps[j])
 
-        # stage 2 -> the array
+        # stage 5 -> the array
         m.d.comb += [
             array.steps.valid.eq(pipe.out_valid),
             array.steps.payload.last.eq(pipe.out_tag.last),
@@ -769,10 +777,13 @@ class GemmEngine(wiring.Component):
         hazard = Const(0)
         for s in range(back_latency):
             hazard = hazard | (valid[s] & ~tags[s].last & (tags[s].addr == head.addr))
-        finals_in_flight = sum(valid[s] & tags[s].last for s in range(len(valid))) if valid else Const(0)
-        room = out_fifo.level + finals_in_flight < depth - 1
+        # outputs admitted and not yet read from the output FIFO (in flight or queued): a counter rather than the
+        # FIFO level plus a count over the pipeline slots, which was the engine's longest path into `admit`
+        reserved = Signal(range(depth + 1))
+        room = reserved < depth - 1
         m.d.comb += admit.eq(~front.out_valid | (~(hazard & ~head.first) & room))
         enter = front.out_valid & admit
+        m.d.sync += reserved.eq(reserved + (enter & head.last) - (self.c.valid & self.c.ready))
         m.d.sync += [valid[0].eq(enter), tags[0].eq(head)]
         for s in range(1, len(valid)):
             m.d.sync += [valid[s].eq(valid[s - 1]), tags[s].eq(tags[s - 1])]
