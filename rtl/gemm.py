@@ -381,12 +381,13 @@ class GemmEngine(wiring.Component):
         chunk_index = Signal(range(mem["chunks_k"]))
         tile_rows = Mux(job.transposed, chunk, cols)
         rows_seen = Signal(32)              # rows of this pass already written
-        pass_open = Signal()                # a pass of W is still expected (mirrors passes)
+        pass_open = Signal()                # a pass of W is still expected (m_left != 0, kept as a register)
         m_left = Signal(32)
         with m.If(start):
-            m.d.sync += [m_left.eq(job.m), row.eq(0), word.eq(0), word_in_chunk.eq(0), chunk_index.eq(0),
+            m.d.sync += [m_left.eq(job.m), pass_open.eq(job.m != 0), row.eq(0), word.eq(0), word_in_chunk.eq(0),
+                         chunk_index.eq(0),
                          rows_seen.eq(0)]
-        m.d.comb += [pass_open.eq(m_left != 0), w_done.eq(~pass_open)]
+        m.d.comb += w_done.eq(~pass_open)
 
         ready = pass_open & ~w_full.bit_select(half, 1)
         m.d.comb += beat.ready.eq(ready)
@@ -435,7 +436,7 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [half.eq(~half), row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
                              tile_exponent[half].eq(new_tile_peak)]
             with m.If(pass_end):
-                m.d.sync += m_left.eq(Mux(m_left <= rows, 0, m_left - rows))
+                m.d.sync += [m_left.eq(Mux(m_left <= rows, 0, m_left - rows)), pass_open.eq(m_left > rows)]
 
     # --- sequencer --------------------------------------------------------------------------------------------------
 
