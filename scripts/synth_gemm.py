@@ -52,7 +52,7 @@ def main():
         try:
             report = build(GemmEngine(config), board, out, seed=args.seed)
             row.update(fmax_mhz=min(report["fmax_mhz"].values()), target_mhz=report["target_mhz"],
-                       utilization=report["utilization"], seconds=report["seconds"])
+                       utilization=report["utilization"], seconds=report["seconds"], notes=report.get("notes", []))
         except BuildError as error:
             row["error"] = str(error)
         print(f"  {row.get('fmax_mhz', row.get('error'))}", flush=True)
@@ -63,7 +63,7 @@ def main():
     lines = ["| board | array | max K | Fmax MHz (target) | LUT/LC | FF | DSP | BRAM |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         if "error" in row:
-            lines.append(f"| {row['board']} | {row['rows']}x{row['cols']} | {row['max_k']} | does not fit: "
+            lines.append(f"| {row['board']} | {row['rows']}x{row['cols']} | {row['max_k']} | "
                          f"{row['error']} | | | | |")
             continue
         cells = []
@@ -73,8 +73,12 @@ def main():
             else:
                 used, avail = row["utilization"].get(key, [0, 0])
                 cells.append(f"{used} / {avail}")
-        lines.append(f"| {row['board']} | {row['rows']}x{row['cols']} | {row['max_k']} | "
+        note = " *" if row.get("notes") else ""
+        lines.append(f"| {row['board']} | {row['rows']}x{row['cols']}{note} | {row['max_k']} | "
                      f"{row['fmax_mhz']:.1f} ({row['target_mhz']:.0f}) | " + " | ".join(cells) + " |")
+    if any(row.get("notes") for row in results):
+        lines.append("")
+        lines.append("\\* synthesized with `-noabc9`: Yosys' ABC9 flow hits an internal assertion on this design")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "synth_gemm.md"), "w") as f:
