@@ -288,11 +288,12 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, progr
         say(f"{tool}: {_STEP[tool]}")
         returncode = run(tool, args)
         if returncode != 0 and tool == "yosys" and _abc9_bug(out_dir):
-            # a Yosys assertion in ABC9's netlist reintegration hits some large designs: map with ABC instead
-            say("yosys: ABC9 hit a Yosys assertion; synthesis again with -noabc9")
+            # a Yosys 0.70 assertion in ABC9's reintegration of LUT-RAM bypass cells hits some large designs:
+            # synthesize again without LUT RAM (its memories go to block RAM or flip-flops)
+            say("yosys: ABC9 hit a Yosys assertion on LUT RAM; synthesis again with -nolutram")
             script = out_dir / f"{_NAME}.ys"
-            script.write_text(re.sub(r"^(\s*synth_\w+ .*)$", r"\1 -noabc9", script.read_text(), flags=re.M))
-            notes.append("synthesized with -noabc9 (ABC9 hit a Yosys assertion)")
+            script.write_text(re.sub(r"^(\s*synth_\w+ .*)$", r"\1 -nolutram", script.read_text(), flags=re.M))
+            notes.append("synthesized with -nolutram (Yosys ABC9 asserted on LUT RAM)")
             returncode = run(tool, args)
         if returncode != 0:
             raise BuildError(_diagnose(tool, returncode, out_dir, device))

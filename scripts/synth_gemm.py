@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--out", default="build/synth")
     parser.add_argument("--only", action="append", default=[], help="board:RxC, e.g. ulx3s-85f:8x8 (repeatable)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--router", choices=("router1", "router2"), default=None, help="nextpnr router")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     configs = CONFIGS
@@ -50,7 +51,7 @@ def main():
         print(f"{board} {rows}x{cols} (max K {max_k}, chunk {config.chunk_steps}) ...", flush=True)
         row = {"board": board, "rows": rows, "cols": cols, "max_k": max_k}
         try:
-            report = build(GemmEngine(config), board, out, seed=args.seed)
+            report = build(GemmEngine(config), board, out, seed=args.seed, router=args.router)
             row.update(fmax_mhz=min(report["fmax_mhz"].values()), target_mhz=report["target_mhz"],
                        utilization=report["utilization"], seconds=report["seconds"], notes=report.get("notes", []))
         except BuildError as error:
@@ -78,7 +79,7 @@ def main():
                      f"{row['fmax_mhz']:.1f} ({row['target_mhz']:.0f}) | " + " | ".join(cells) + " |")
     if any(row.get("notes") for row in results):
         lines.append("")
-        lines.append("\\* synthesized with `-noabc9`: Yosys' ABC9 flow hits an internal assertion on this design")
+        lines.append("\\* synthesized with `-nolutram`: Yosys' ABC9 flow hits an internal assertion on this design")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "synth_gemm.md"), "w") as f:
