@@ -288,12 +288,14 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, progr
         say(f"{tool}: {_STEP[tool]}")
         returncode = run(tool, args)
         if returncode != 0 and tool == "yosys" and _abc9_bug(out_dir):
-            # a Yosys 0.70 assertion in ABC9's reintegration of LUT-RAM bypass cells hits some large designs:
-            # synthesize again without LUT RAM (its memories go to block RAM or flip-flops)
-            say("yosys: ABC9 hit a Yosys assertion on LUT RAM; synthesis again with -nolutram")
+            # Yosys 0.70's ABC9 reintegration asserts on some large designs (the 8x8 GEMM engine): map the LUTs
+            # with classic ABC instead, the rest of synth_* unchanged
+            say("yosys: ABC9 hit a Yosys assertion; LUT mapping again with ABC")
             script = out_dir / f"{_NAME}.ys"
-            script.write_text(re.sub(r"^(\s*synth_\w+ .*)$", r"\1 -nolutram", script.read_text(), flags=re.M))
-            notes.append("synthesized with -nolutram (Yosys ABC9 asserted on LUT RAM)")
+            script.write_text(re.sub(r"^\s*(synth_\w+)(.*)$",
+                                     r"\1\2 -run begin:map_luts\nabc -lut 4:7 -dress\nclean\n\1\2 -run map_cells:",
+                                     script.read_text(), flags=re.M))
+            notes.append("LUTs mapped with ABC, not ABC9 (Yosys 0.70's ABC9 asserted on this design)")
             returncode = run(tool, args)
         if returncode != 0:
             raise BuildError(_diagnose(tool, returncode, out_dir, device))
