@@ -412,9 +412,8 @@ def _step(args):
 
 
 def _make_case(args):
-    import torch
     from .formats import InputError, save_case
-    from .golden import lora, nf4_quant
+    from .golden import lora
 
     dims = {"--tokens": args.tokens, "--in-features": args.in_features, "--out-features": args.out_features,
             "--rank": args.rank}
@@ -422,14 +421,8 @@ def _make_case(args):
         if not 1 <= value <= 1 << 15:
             raise InputError(f"{name} must be from 1 to 32768, not {value}")
     t, d_in, d_out, r = args.tokens, args.in_features, args.out_features, args.rank
-    gen = torch.Generator().manual_seed(args.seed)
-    case = lora.LoraCase(
-        x=torch.randn((t, d_in), generator=gen).to(torch.bfloat16),
-        dy=(torch.randn((t, d_out), generator=gen) * 0.1).to(torch.bfloat16),
-        weight=nf4_quant.quantize(torch.randn((d_out, d_in), generator=gen) * 0.02, 64, True),
-        lora_A=torch.randn((r, d_in), generator=gen) * 0.05, lora_B=torch.randn((d_out, r), generator=gen) * 0.05,
-        scaling=args.scaling, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, step=1,
-        state={})
+    case = lora.random_case(t, d_in, d_out, r, args.optimizer, seed=args.seed, weight_decay=args.weight_decay,
+                            lr=args.lr, scaling=args.scaling)
     save_case(args.output, case)
     print(f"step case: x [{t}, {d_in}], dy [{t}, {d_out}], W [{d_out}, {d_in}] NF4, rank {r}, {args.optimizer}: "
           f"{args.output}")

@@ -38,7 +38,8 @@ from . import gemm as gemm_model
 from . import lora_optim
 from .nf4_dequant import dequantize as nf4_dequantize
 
-__all__ = ["LoraCase", "STATE_NAMES", "OUTPUT_NAMES", "step_model", "step_reference_fp64", "step_peft_bf16"]
+__all__ = ["LoraCase", "STATE_NAMES", "OUTPUT_NAMES", "random_case", "step_model", "step_reference_fp64",
+           "step_peft_bf16"]
 
 STATE_NAMES = ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B")
 OUTPUT_NAMES = ("y", "dx", "grad_A", "grad_B", "lora_A", "lora_B") + STATE_NAMES
@@ -85,6 +86,28 @@ class LoraCase:
     @property
     def hyper(self):
         return lora_optim.hyper_from(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.step)
+
+
+def random_case(t, d_in, d_out, r, optimizer="adamw", step=1, seed=0, states=False, double_quant=True,
+                weight_decay=0.01, lr=1e-3, scaling=2.0):
+    """A step case with random inputs: x ~ N(0, 1) and dy ~ N(0, 0.01) in bf16, W ~ N(0, 0.02^2) in NF4
+    (blocksize 64), A and B ~ N(0, 0.05^2) in float32; with ``states``, AdamW moments as a few earlier steps leave
+    them (first moments in [-5e-4, 5e-4), second in [0, 1e-3))."""
+    from .nf4_quant import quantize
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    if states:
+        for name in STATE_NAMES:
+            shape = (r, d_in) if name.endswith("A") else (d_out, r)
+            value = torch.rand(shape, generator=gen) * 1e-3
+            state[name] = value if "sq" in name else value - 5e-4
+    return LoraCase(
+        x=torch.randn((t, d_in), generator=gen).to(torch.bfloat16),
+        dy=(torch.randn((t, d_out), generator=gen) * 0.1).to(torch.bfloat16),
+        weight=quantize(torch.randn((d_out, d_in), generator=gen) * 0.02, 64, double_quant),
+        lora_A=torch.randn((r, d_in), generator=gen) * 0.05, lora_B=torch.randn((d_out, r), generator=gen) * 0.05,
+        scaling=scaling, optimizer=optimizer, lr=lr, weight_decay=weight_decay, step=step, state=state)
 
 
 def _bf16(values):

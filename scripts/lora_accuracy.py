@@ -14,23 +14,7 @@ import argparse
 import torch
 
 from edge_qlora.golden import gemm as gemm_model
-from edge_qlora.golden import lora, nf4_quant
-
-
-def make_case(t, d_in, d_out, r, optimizer, step, seed):
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    if step > 1:  # moments as a few earlier steps leave them
-        for name in lora.STATE_NAMES:
-            shape = (r, d_in) if name.endswith("A") else (d_out, r)
-            value = torch.rand(shape, generator=gen) * 1e-3
-            state[name] = value if "sq" in name else value - 5e-4
-    return lora.LoraCase(
-        x=torch.randn((t, d_in), generator=gen).to(torch.bfloat16),
-        dy=(torch.randn((t, d_out), generator=gen) * 0.1).to(torch.bfloat16),
-        weight=nf4_quant.quantize(torch.randn((d_out, d_in), generator=gen) * 0.02, 64, True),
-        lora_A=torch.randn((r, d_in), generator=gen) * 0.05, lora_B=torch.randn((d_out, r), generator=gen) * 0.05,
-        scaling=2.0, optimizer=optimizer, lr=1e-3, weight_decay=0.01, step=step, state=state)
+from edge_qlora.golden import lora
 
 
 def main():
@@ -43,7 +27,8 @@ def main():
     parser.add_argument("--step", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    case = make_case(args.t, args.d_in, args.d_out, args.rank, args.optimizer, args.step, args.seed)
+    case = lora.random_case(args.t, args.d_in, args.d_out, args.rank, args.optimizer, args.step, args.seed,
+                            states=args.step > 1)
     reference = lora.step_reference_fp64(case)
     ours = lora.step_model(case)
     peft = lora.step_peft_bf16(case)

@@ -60,18 +60,10 @@ def main():
                       f"{p['update']:,} | {lora / total:.1%} |")
 
     if args.rtl:
-        import torch
-
-        from edge_qlora.golden import lora, nf4_quant
+        from edge_qlora.golden import lora
         from edge_qlora.sim.lora import run_step
         t, d_in, d_out, r, rows, cols = 4, 40, 24, 4, 2, 2
-        gen = torch.Generator().manual_seed(1)
-        case = lora.LoraCase(
-            x=torch.randn((t, d_in), generator=gen).to(torch.bfloat16),
-            dy=(torch.randn((t, d_out), generator=gen) * 0.1).to(torch.bfloat16),
-            weight=nf4_quant.quantize(torch.randn((d_out, d_in), generator=gen) * 0.02, 64, True),
-            lora_A=torch.randn((r, d_in), generator=gen) * 0.05, lora_B=torch.randn((d_out, r), generator=gen) * 0.05,
-            scaling=2.0, optimizer="adamw", lr=1e-3, weight_decay=0.01, step=1, state={})
+        case = lora.random_case(t, d_in, d_out, r, seed=1)
         config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r)
         run = run_step(case, config)
         model = step_cycles(t, d_in, d_out, r, rows, cols)

@@ -3,10 +3,9 @@
 against its bit-accurate model, over several steps with carried optimizer state."""
 
 import pytest
-import torch
 
 from edge_qlora.golden import gemm as gemm_model
-from edge_qlora.golden import lora, nf4_quant
+from edge_qlora.golden import lora
 from edge_qlora.rtl.lora import LoraConfig, LoraStep
 from edge_qlora.sim.lora import run_step
 from edge_qlora.sim.streams import Stalls
@@ -15,19 +14,7 @@ from reference import mismatches
 
 
 def make_case(t, i, o, r, optimizer="adamw", step=1, seed=0, states=False, double_quant=True, weight_decay=0.01):
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    if states:   # moments as a few earlier steps leave them
-        for name in lora.STATE_NAMES:
-            shape = (r, i) if name.endswith("A") else (o, r)
-            value = torch.rand(shape, generator=gen) * 1e-3
-            state[name] = value if "sq" in name else value - 5e-4
-    return lora.LoraCase(
-        x=torch.randn((t, i), generator=gen).to(torch.bfloat16),
-        dy=(torch.randn((t, o), generator=gen) * 0.1).to(torch.bfloat16),
-        weight=nf4_quant.quantize(torch.randn((o, i), generator=gen) * 0.02, 64, double_quant),
-        lora_A=torch.randn((r, i), generator=gen) * 0.05, lora_B=torch.randn((o, r), generator=gen) * 0.05,
-        scaling=2.0, optimizer=optimizer, lr=1e-3, weight_decay=weight_decay, step=step, state=state)
+    return lora.random_case(t, i, o, r, optimizer, step, seed, states, double_quant, weight_decay)
 
 
 CONTRACT_CASES = [
