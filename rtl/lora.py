@@ -480,7 +480,9 @@ class LoraStep(wiring.Component):
 
         # the pipeline: the partner read (2 cycles), s * partner, + c, rounding to bf16; it stalls with the
         # output stream; plain stores take the beat directly (rounded to bf16 where asked)
-        mul = FPMul(FP32, FP32, FP32)
+        # stages=6 registers the multipliers' operands: the partner read is chosen by the phase, and an ECP5 DSP's
+        # inputs need the slack
+        mul = FPMul(FP32, FP32, FP32, stages=6)
         add = FPAdd(FP32)
         latency = 2 + mul.latency + add.latency + 1
         out_ready = Signal()
@@ -553,7 +555,7 @@ class LoraStep(wiring.Component):
             if j == 0:
                 lane_mul, lane_add = mul, add
             else:
-                lane_mul, lane_add = FPMul(FP32, FP32, FP32), FPAdd(FP32)
+                lane_mul, lane_add = FPMul(FP32, FP32, FP32, stages=6), FPAdd(FP32)
                 m.submodules[f"comb_mul_{j}"] = pipe.stall(lane_mul)
                 m.submodules[f"comb_add_{j}"] = pipe.stall(lane_add)
             m.d.comb += [lane_mul.a.eq(partner_data.word_select(j, 32)), lane_mul.b.eq(header.scaling)]
@@ -600,7 +602,7 @@ class LoraStep(wiring.Component):
         optimizer = LoRAOptimizer(OptimConfig(kind=cfg.optimizer))
         m.submodules.optimizer = optimizer
         m.d.comb += optimizer.hyper.eq(header.hyper)
-        scale = FPMul(FP32, FP32, FP32)
+        scale = FPMul(FP32, FP32, FP32, stages=6)   # operands registered ahead of the DSP blocks
         front_latency = 2 + scale.latency
         pipe = StallPipeline(m, front_latency, optimizer.elements.ready, name="upd")
         m.submodules.upd_scale = pipe.stall(scale)
