@@ -223,8 +223,7 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, progr
     seed : int
         nextpnr placement seed.
     router : str, optional
-        nextpnr router, ``"router1"`` or ``"router2"``; default nextpnr's (router1). router2 routes large,
-        congested designs (the whole step accelerator) in minutes where router1 takes hours.
+        nextpnr router, ``"router1"`` or ``"router2"``; default nextpnr's (router1).
     progress : callable, optional
         Called with a short line (``"yosys: synthesis"``) as each step starts.
 

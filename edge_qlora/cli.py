@@ -180,8 +180,7 @@ def _parser():
                             "its oscillator)")
     build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     build.add_argument("--router", choices=("router1", "router2"), default=None,
-                       help="nextpnr router (default: router2 for --lora, whose routing router1 takes hours on; "
-                            "router1 otherwise)")
+                       help="nextpnr router (default: nextpnr's, router1)")
     build.add_argument("--out", default=None, metavar="DIR", help="output folder (default build/<board>)")
     return parser
 
@@ -315,8 +314,7 @@ def _build(args):
     target_mhz = args.target_mhz
     if target_mhz is None and args.board == "icebreaker":
         target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
-    router = args.router or ("router2" if args.lora else None)
-    report = build(design, args.board, out, target_mhz=target_mhz, seed=args.seed, router=router,
+    report = build(design, args.board, out, target_mhz=target_mhz, seed=args.seed, router=args.router,
                    progress=lambda step: print(f"  {step}", flush=True))
     print(format_report(report))
 
