@@ -47,8 +47,8 @@ def main():
 
     print(f"**One QLoRA step of a TinyLlama projection on a {args.rows}x{args.cols} array (model)**\n")
     print("| projection (in -> out) | T | rank | total cycles | base F2+B4 | rank-r products | update | "
-          "rank-r share |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "rank-r share | PE utilization |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, d_in, d_out in TINYLLAMA:
         for t in (16, 128):
             for r in (8, 64):
@@ -56,8 +56,10 @@ def main():
                 total = sum(p.values())
                 base = p["F2"] + p["B4"]
                 lora = sum(p[k] for k in GEMM_ORDER if k not in ("F2", "B4"))
+                # useful MACs of the step: the two base products and the six rank-r products
+                macs = 2 * t * d_in * d_out + 3 * t * r * (d_in + d_out)
                 print(f"| {name} ({d_in} -> {d_out}) | {t} | {r} | {total:,} | {base:,} | {lora:,} | "
-                      f"{p['update']:,} | {lora / total:.1%} |")
+                      f"{p['update']:,} | {lora / total:.1%} | {macs / (args.rows * args.cols * total):.1%} |")
 
     if args.rtl:
         from edge_qlora.golden import lora
