@@ -184,6 +184,22 @@ class _Pipeline:
         return signals
 
 
+def _recurrence_cuts(unit, named, steps, stages):
+    """Cuts of a unit with a ``steps``-step recurrence: the ``named`` cuts first, then one cut between every two
+    steps, those ``stages`` registers beyond the named ones spread evenly so that every register stage has about
+    as many steps. ``stages=None`` registers every cut. Returns ``(cuts, registered, latency)``."""
+    iter_cuts = [f"iter_{i}" for i in range(1, steps)]
+    if stages is None:
+        stages = len(named) + len(iter_cuts)
+    if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(named):
+        count = min(stages - len(named), len(iter_cuts))
+        spacing = steps / (count + 1)
+        chosen = [f"iter_{round(j * spacing)}" for j in range(1, count + 1)]
+        iter_cuts = chosen + [name for name in iter_cuts if name not in chosen]
+    cuts = named + tuple(iter_cuts)
+    return cuts, _registered_cuts(unit, stages, cuts), stages
+
+
 def _registered_cuts(unit, stages, cuts):
     if not isinstance(stages, int) or isinstance(stages, bool):
         raise TypeError(f"{unit} stages must be an integer, not {stages!r}")
@@ -589,18 +605,7 @@ class FPDiv(wiring.Component):
         _check_format("FPDiv", "fmt", fmt)
         self.fmt = fmt
         self.steps = fmt.precision + 2
-        iter_cuts = [f"iter_{i}" for i in range(1, self.steps)]
-        if stages is None:
-            stages = len(self.NAMED_CUTS) + len(iter_cuts)
-        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(self.NAMED_CUTS):
-            # spread the recurrence registers evenly, so that every register stage has about as many steps
-            count = min(stages - len(self.NAMED_CUTS), len(iter_cuts))
-            spacing = self.steps / (count + 1)
-            chosen = [f"iter_{round(j * spacing)}" for j in range(1, count + 1)]
-            iter_cuts = chosen + [name for name in iter_cuts if name not in chosen]
-        self.cuts = self.NAMED_CUTS + tuple(iter_cuts)
-        self._registered = _registered_cuts("FPDiv", stages, self.cuts)
-        self.latency = stages
+        self.cuts, self._registered, self.latency = _recurrence_cuts("FPDiv", self.NAMED_CUTS, self.steps, stages)
         super().__init__({
             "a": In(fmt.width),
             "b": In(fmt.width),
@@ -704,18 +709,7 @@ class FPSqrt(wiring.Component):
         _check_format("FPSqrt", "fmt", fmt)
         self.fmt = fmt
         self.steps = fmt.precision
-        iter_cuts = [f"iter_{i}" for i in range(1, self.steps)]
-        if stages is None:
-            stages = len(self.NAMED_CUTS) + len(iter_cuts)
-        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(self.NAMED_CUTS):
-            # spread the recurrence registers evenly, so that every register stage has about as many steps
-            count = min(stages - len(self.NAMED_CUTS), len(iter_cuts))
-            spacing = self.steps / (count + 1)
-            chosen = [f"iter_{round(j * spacing)}" for j in range(1, count + 1)]
-            iter_cuts = chosen + [name for name in iter_cuts if name not in chosen]
-        self.cuts = self.NAMED_CUTS + tuple(iter_cuts)
-        self._registered = _registered_cuts("FPSqrt", stages, self.cuts)
-        self.latency = stages
+        self.cuts, self._registered, self.latency = _recurrence_cuts("FPSqrt", self.NAMED_CUTS, self.steps, stages)
         super().__init__({
             "a": In(fmt.width),
             "result": Out(fmt.width),
