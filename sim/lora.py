@@ -9,7 +9,7 @@ from edge_qlora.golden.lora_optim import HYPER_FIELDS
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.lora import GEMM_ORDER, LoraConfig, LoraStep
 from .nf4 import _simulate, pack_lanes, producer, unpack_lanes
-from .streams import NO_STALLS, get
+from .streams import NO_STALLS
 
 __all__ = ["StepRun", "run_step", "PHASE_NAMES"]
 
@@ -114,7 +114,6 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
     dx_count = -(-t // rows) * -(-i // cols) * rows
     update_count = r * i + o * r
     phase_log = []
-    result = {}
 
     async def watch(ctx):
         previous = None
@@ -124,9 +123,6 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
             if value != previous:
                 phase_log.append((cycle, PHASE_NAMES[value]))
                 previous = value
-
-    async def collect(ctx, port, count, key):
-        result[key] = await get(ctx, port, count, stalls.get(key, NO_STALLS), max_cycles=10_000_000)
 
     async def consumer(ctx):
         # y, dx and the updates leave in different phases: take them all in one loop
@@ -148,31 +144,7 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
                     beats[key].append(payload)
         return beats
 
-    from amaranth.sim import Simulator
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    for p in producers:
-        sim.add_testbench(p, background=True)
-    sim.add_process(watch)
-    out = {}
-
-    clock = {"cycle": 0}
-
-    async def count(ctx):
-        async for _ in ctx.tick():
-            clock["cycle"] += 1
-    sim.add_process(count)
-
-    async def main(ctx):
-        out["beats"] = await consumer(ctx)
-        out["cycles"] = clock["cycle"]
-    sim.add_testbench(main)
-    if vcd_path:
-        with sim.write_vcd(str(vcd_path)):
-            sim.run()
-    else:
-        sim.run()
-    beats = out["beats"]
+    beats, total = _simulate(dut, producers, consumer, vcd_path, processes=[watch])
     for key, count in (("y", y_count), ("dx", dx_count), ("updates", update_count)):
         if len(beats[key]) != count:
             raise RuntimeError(f"LoRA step produced {len(beats[key])} of {count} '{key}' beats "
@@ -190,7 +162,6 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
         outputs[f"lora_{name}"] = torch.from_numpy(fields["param"][sl].reshape(shape).copy())
         outputs[f"exp_avg_{name}"] = torch.from_numpy(fields["m"][sl].reshape(shape).copy())
         outputs[f"exp_avg_sq_{name}"] = torch.from_numpy(fields["v"][sl].reshape(shape).copy())
-    total = out["cycles"]
     phase_cycles = {}
     for (start, name), (end, _) in zip(phase_log, phase_log[1:] + [(total, None)]):
         if name != "IDLE":

@@ -75,11 +75,15 @@ def producer(stream, payloads, stalls):
     return feed
 
 
-def _simulate(dut, producers, consumer, vcd_path):
+def _simulate(dut, producers, consumer, vcd_path, processes=()):
+    """Run ``producers`` (background testbenches) and ``processes`` (observers) until ``consumer`` returns;
+    returns its result and the cycles taken."""
     sim = Simulator(dut)
     sim.add_clock(CLOCK_PERIOD)
     clock = _Clock()
     sim.add_process(clock.run)
+    for process in processes:
+        sim.add_process(process)
     for producer in producers:
         sim.add_testbench(producer, background=True)
     result = {}
