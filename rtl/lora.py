@@ -25,13 +25,13 @@ A, then B: gradient, new value, new moments).
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .fp import BF16, FP32, FPAdd, FPConvert, FPMul
-from .gemm import GemmConfig, GemmEngine, a_layout, c_layout
+from .gemm import GemmConfig, GemmEngine, a_layout
 from .lora_optim import LoRAOptimizer, OptimConfig, hyper_layout
 from .pipeline import StallPipeline
 from .row_align import row_layout
@@ -320,6 +320,20 @@ class LoraStep(wiring.Component):
         m.submodules[f"{name}_fifo"] = fifo
         return fifo
 
+    @staticmethod
+    def _segment_reads(m, stores, geometry, current, store_of, reads, prefix, row_address, row, col, column, count):
+        """One read request per store a mover reads (``store_of``: phase -> store), active in that store's
+        phases: the segment at (``row``, ``col``), along a column if ``column``, ``count`` elements long."""
+        for store_name in set(store_of.values()):
+            _, _, words = geometry[store_name]
+            users = Cat(*(current[n] for n in store_of if store_of[n] == store_name)).any()
+            request = Signal.like(stores[store_name].read_0_request, name=f"{prefix}_read_{store_name}")
+            m.d.comb += [
+                request.row_address.eq(row_address), request.row_words.eq(words),
+                request.row.eq(row), request.col.eq(col), request.column.eq(column), request.count.eq(count),
+            ]
+            reads[store_name].append((users, request, 1))
+
     def _a_mover(self, m, cfg, stores, geometry, current, spec, dim_m, dim_q, gemm_active, reads):
         """The engine's ``a`` stream: for each tile of ``rows`` rows of the A operand, one beat per reduction
         index, read as a column segment (Act is the store) or a row segment (Act is the store transposed)."""
@@ -346,17 +360,8 @@ class LoraStep(wiring.Component):
         count = Mux(dim_m - m0 < rows, (dim_m - m0)[:5], rows)
         last_q = q == dim_q - 1
         last_tile = m0 + rows >= dim_m
-        for store_name in set(store_of.values()):
-            store = stores[store_name]
-            _, _, words = geometry[store_name]
-            users = Cat(*(current[n] for n in spec if store_of[n] == store_name)).any()
-            request = Signal.like(store.read_0_request, name=f"a_read_{store_name}")
-            m.d.comb += [
-                request.row_address.eq(row_address), request.row_words.eq(words),
-                request.row.eq(Mux(row_oriented, q, m0)), request.col.eq(Mux(row_oriented, m0, q)),
-                request.column.eq(~row_oriented), request.count.eq(count),
-            ]
-            reads[store_name].append((users, request, 1))
+        self._segment_reads(m, stores, geometry, current, store_of, reads, "a", row_address,
+                            Mux(row_oriented, q, m0), Mux(row_oriented, m0, q), ~row_oriented, count)
         # the row address: the segment's first row, m0 (column segments) or q (row segments)
         words_now = Const(0, 32)
         for n in spec:
@@ -410,17 +415,8 @@ class LoraStep(wiring.Component):
         count = Mux(dim_k - k0 < cols, (dim_k - k0)[:5], cols)
         row_end = k0 + cols >= dim_k
         last_row = n == dim_n - 1
-        for store_name in set(store_of.values()):
-            store = stores[store_name]
-            _, _, words = geometry[store_name]
-            users = Cat(*(current[nm] for nm in specs if store_of[nm] == store_name)).any()
-            request = Signal.like(store.read_0_request, name=f"w_read_{store_name}")
-            m.d.comb += [
-                request.row_address.eq(row_address), request.row_words.eq(words),
-                request.row.eq(Mux(by_col, k0, n)), request.col.eq(Mux(by_col, n, k0)),
-                request.column.eq(by_col), request.count.eq(count),
-            ]
-            reads[store_name].append((users, request, 1))
+        self._segment_reads(m, stores, geometry, current, store_of, reads, "w", row_address,
+                            Mux(by_col, k0, n), Mux(by_col, n, k0), by_col, count)
         words_now = Const(0, 32)
         for nm in specs:
             words_now = Mux(current[nm], geometry[store_of[nm]][2], words_now)
