@@ -39,7 +39,7 @@ from .bfp import EXP_MIN, AlignLanes, bf16_exponent, max_exponent
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
-from .pipeline import StallPipeline
+from .pipeline import SkidBuffer, StallPipeline
 from .row_align import RowAligner, row_layout
 
 __all__ = ["GemmConfig", "GemmEngine", "job_layout", "a_layout", "c_layout"]
@@ -362,14 +362,22 @@ class GemmEngine(wiring.Component):
                 aligner.rows.ready.eq(~job.rows_in & beat.ready),
             ]
         # a register slice in front of the writer, which finds the beat's largest exponent a cycle ahead (the
-        # lane maximum and the running maxima in one cycle were the engine's longest path)
+        # lane maximum and the running maxima in one cycle were the engine's longest path). The maximum is taken
+        # by a free-running register, so the handshake never gates the comparison tree: the beat loaded into the
+        # slice is the one whose maximum `lane_peak` holds in the next cycle.
         source = beat
         beat = stream.Signature(row_layout(cols, 16)).create(path=("w_beat",))
-        peak = Signal(EXP, init=EXP_MIN)
+        lane_peak = Signal(EXP)
+        held_peak = Signal(EXP)
+        loaded = Signal()
+        m.d.sync += [lane_peak.eq(max_exponent(m, source.payload.data, "w_beat_peak")),
+                     loaded.eq(source.valid & source.ready)]
+        with m.If(loaded):
+            m.d.sync += held_peak.eq(lane_peak)
+        peak = Mux(loaded, lane_peak, held_peak)
         m.d.comb += source.ready.eq(~beat.valid | beat.ready)
         with m.If(source.valid & source.ready):
-            m.d.sync += [beat.valid.eq(1), beat.payload.eq(source.payload),
-                         peak.eq(max_exponent(m, source.payload.data, "w_beat_peak"))]
+            m.d.sync += [beat.valid.eq(1), beat.payload.eq(source.payload)]
         with m.Elif(beat.ready):
             m.d.sync += beat.valid.eq(0)
 
@@ -737,8 +745,11 @@ class GemmEngine(wiring.Component):
         converters = [FixedToFloat(ACC_BITS, stages=5) for _ in range(cols)]
         tag = data.StructLayout({"addr": range(max(1, rows * cfg.words_per_row)), "first": 1, "last": 1,
                                  "job_last": 1})
-        admit = Signal()
-        front = StallPipeline(m, converters[0].latency, admit, tag_shape=tag, name="acc_front")
+        # a register slice between the converters and the accumulator: the hazard check below decides whether an
+        # item enters the accumulator; it must not also decide whether the whole front pipeline advances
+        m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
+            "tag": tag, "values": data.ArrayLayout(32, cols)}))
+        front = StallPipeline(m, converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front")
         for j, unit in enumerate(converters):
             m.submodules[f"to_float_{j}"] = front.stall(unit)
             m.d.comb += [
@@ -754,7 +765,11 @@ class GemmEngine(wiring.Component):
             front.in_tag.last.eq(info.last),
             front.in_tag.job_last.eq(info.job_last & last_row),
             fifo.r_en.eq(partials.valid & partials.ready & last_row),
+            acc_slice.i.valid.eq(front.out_valid),
+            acc_slice.i.payload.tag.eq(front.out_tag),
         ]
+        for j, unit in enumerate(converters):
+            m.d.comb += acc_slice.i.payload.values[j].eq(unit.result)
 
         # back: read-add-write on the accumulator memory, free-running; an item enters only if no item in flight
         # will still write its address and the output FIFO has a place for it
@@ -782,7 +797,7 @@ class GemmEngine(wiring.Component):
         # in-flight bookkeeping: one slot per cycle of the back pipeline (and of the rounding behind it)
         valid = [Signal(name=f"back_valid_{s}") for s in range(back_latency + round_latency)]
         tags = [Signal(tag, name=f"back_tag_{s}") for s in range(back_latency + round_latency)]
-        head = front.out_tag
+        head = acc_slice.o.payload.tag
         hazard = Const(0)
         for s in range(back_latency):
             hazard = hazard | (valid[s] & ~tags[s].last & (tags[s].addr == head.addr))
@@ -790,8 +805,9 @@ class GemmEngine(wiring.Component):
         # FIFO level plus a count over the pipeline slots, which was the engine's longest path into `admit`
         reserved = Signal(range(depth + 1))
         room = reserved < depth - 1
-        m.d.comb += admit.eq(~front.out_valid | (~(hazard & ~head.first) & room))
-        enter = front.out_valid & admit
+        admit = ~(hazard & ~head.first) & room
+        m.d.comb += acc_slice.o.ready.eq(admit)
+        enter = acc_slice.o.valid & admit
         m.d.sync += reserved.eq(reserved + (enter & head.last) - (self.c.valid & self.c.ready))
         m.d.sync += [valid[0].eq(enter), tags[0].eq(head)]
         for s in range(1, len(valid)):
@@ -801,7 +817,7 @@ class GemmEngine(wiring.Component):
         write = mem["acc"].write_port()
         m.d.comb += [read.addr.eq(head.addr), read.en.eq(1)]
         partial_values = Signal(data.ArrayLayout(32, cols))   # beside the memory read, one cycle
-        m.d.sync += partial_values.eq(Cat(*(unit.result for unit in converters)))
+        m.d.sync += partial_values.eq(acc_slice.o.payload.values)
         for j, unit in enumerate(adders):
             m.d.comb += [
                 unit.a.eq(partial_values[j]),
@@ -826,5 +842,5 @@ class GemmEngine(wiring.Component):
             m.d.comb += out_in.data[j].eq(result)
 
         # done when nothing is left anywhere
-        idle = ~front.out_valid & ~Cat(*valid).any() & ~fifo.r_rdy & ~out_fifo.r_rdy
+        idle = ~front.out_valid & ~acc_slice.o.valid & ~Cat(*valid).any() & ~fifo.r_rdy & ~out_fifo.r_rdy
         m.d.comb += acc_done.eq(idle)

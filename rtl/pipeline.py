@@ -7,9 +7,11 @@ the last stage is empty or being drained, so nothing is dropped and the datapath
 have filled.
 """
 
-from amaranth.hdl import EnableInserter, Signal
+from amaranth.hdl import EnableInserter, Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
 
-__all__ = ["StallPipeline"]
+__all__ = ["StallPipeline", "SkidBuffer"]
 
 
 class StallPipeline:
@@ -55,3 +57,41 @@ class StallPipeline:
     def stall(self, elaboratable):
         """Wrap an arithmetic pipeline so it advances with this pipeline."""
         return EnableInserter(self.advance)(elaboratable)
+
+
+class SkidBuffer(wiring.Component):
+    """A register slice on a stream: one cycle of latency, full throughput, and ``i.ready`` driven by a register.
+
+    The consumer's ``o.ready`` only enables the output register; it never reaches ``i.ready`` in the same cycle,
+    which cuts a long ready path (a hazard check deciding whether a wide pipeline advances) in two.
+
+    Parameters
+    ----------
+    shape : shape-castable
+        Payload of the stream.
+
+    Attributes
+    ----------
+    i : In(stream.Signature(shape))
+        Items in.
+    o : Out(stream.Signature(shape))
+        The same items, in order, one cycle later at the earliest.
+    """
+
+    def __init__(self, shape):
+        super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
+
+    def elaborate(self, platform):
+        m = Module()
+        shape = self.i.payload.shape()
+        spare = Signal(shape)         # an item accepted while the output was held
+        spare_valid = Signal()
+        m.d.comb += self.i.ready.eq(~spare_valid)
+        with m.If(~self.o.valid | self.o.ready):
+            with m.If(spare_valid):
+                m.d.sync += [self.o.payload.eq(spare), self.o.valid.eq(1), spare_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
+        with m.Elif(self.i.valid & ~spare_valid):
+            m.d.sync += [spare.eq(self.i.payload), spare_valid.eq(1)]
+        return m
