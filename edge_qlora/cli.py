@@ -181,6 +181,9 @@ def _parser():
     build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     build.add_argument("--router", choices=("router1", "router2"), default=None,
                        help="nextpnr router (default: nextpnr's, router1)")
+    build.add_argument("--place-only", action="store_true",
+                       help="stop after placement (no routing, no bitstream): a quick check that a large design "
+                            "fits; Fmax is nextpnr's estimate before routing")
     build.add_argument("--out", default=None, metavar="DIR", help="output folder (default build/<board>)")
     return parser
 
@@ -315,7 +318,7 @@ def _build(args):
     if target_mhz is None and args.board == "icebreaker":
         target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
     report = build(design, args.board, out, target_mhz=target_mhz, seed=args.seed, router=args.router,
-                   progress=lambda step: print(f"  {step}", flush=True))
+                   place_only=args.place_only, progress=lambda step: print(f"  {step}", flush=True))
     print(format_report(report))
 
 

@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--only", action="append", default=[], help="board:RxC, e.g. ulx3s-85f:8x8 (repeatable)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--router", choices=("router1", "router2"), default=None, help="nextpnr router")
+    parser.add_argument("--place-only", action="store_true",
+                        help="stop after placement: final resource use, Fmax estimated before routing")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     configs = CONFIGS
@@ -51,9 +53,11 @@ def main():
         print(f"{board} {rows}x{cols} (max K {max_k}, chunk {config.chunk_steps}) ...", flush=True)
         row = {"board": board, "rows": rows, "cols": cols, "max_k": max_k}
         try:
-            report = build(GemmEngine(config), board, out, seed=args.seed, router=args.router)
-            row.update(fmax_mhz=min(report["fmax_mhz"].values()), target_mhz=report["target_mhz"],
-                       utilization=report["utilization"], seconds=report["seconds"], notes=report.get("notes", []))
+            report = build(GemmEngine(config), board, out, seed=args.seed, router=args.router,
+                           place_only=args.place_only)
+            row.update(fmax_mhz=min(report["fmax_mhz"].values(), default=0.0), target_mhz=report["target_mhz"],
+                       utilization=report["utilization"], seconds=report["seconds"], notes=report.get("notes", []),
+                       placed_only=report.get("placed_only", False))
         except BuildError as error:
             row["error"] = str(error)
         print(f"  {row.get('fmax_mhz', row.get('error'))}", flush=True)
@@ -76,7 +80,8 @@ def main():
                 cells.append(f"{used} / {avail}")
         note = " *" if row.get("notes") else ""
         lines.append(f"| {row['board']} | {row['rows']}x{row['cols']}{note} | {row['max_k']} | "
-                     f"{row['fmax_mhz']:.1f} ({row['target_mhz']:.0f}) | " + " | ".join(cells) + " |")
+                     f"{row['fmax_mhz']:.1f} ({row['target_mhz']:.0f})"
+                     f"{' placed, not routed' if row.get('placed_only') else ''} | " + " | ".join(cells) + " |")
     if any(row.get("notes") for row in results):
         lines.append("")
         lines.append("\\* LUTs mapped with classic ABC: Yosys 0.70's ABC9 asserts on this design")

@@ -188,6 +188,16 @@ def test_smoke_build(tmp_path, board, suffix, lut, ff, dsp):
 
 
 @pytest.mark.slow
+def test_place_only(tmp_path):
+    report = build(MultiplyAccumulate(32), "ulx3s-85f", tmp_path / "placed", place_only=True)
+    assert report["placed_only"] and report["bitstream"] is None
+    assert not list((tmp_path / "placed").glob("*.bit"))
+    assert report["fmax_mhz"]["sync"] > 0          # nextpnr's estimate before routing, from its log
+    assert report["utilization"]["MULT18X18D"][0] > 0
+    assert "placed only" in format_report(report)
+
+
+@pytest.mark.slow
 def test_too_large_for_up5k(tmp_path):
     # 180 x 32 flip-flops, one logic cell each, against 5280 logic cells
     with pytest.raises(BuildError, match=r"^design needs \d+ LUT4 logic cells \(ICESTORM_LC\) "
