@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codebooks import BLOCKSIZES, NF4_BOUNDS, NF4_CODE
+from .codebooks import BLOCKSIZES, NF4_BOUNDS
 from . import absmax_quant
 
 __all__ = ["NF4Quantized", "ABSMAX_FLOOR", "quantize", "block_absmax", "encode", "pack_nibbles", "unpack_nibbles"]

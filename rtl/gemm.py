@@ -208,7 +208,6 @@ class GemmEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
         m.submodules.array = self.array
 
         # the job, latched by every part when the engine is idle

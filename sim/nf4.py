@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 from amaranth.sim import Simulator
 
-from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .streams import NO_STALLS, get, put

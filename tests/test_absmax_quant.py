@@ -6,7 +6,7 @@ import torch
 
 from edge_qlora.golden import absmax_quant, nf4_quant
 
-from reference import bits, mismatches
+from reference import mismatches
 
 import bitsandbytes.functional as bnbf
 

@@ -9,7 +9,7 @@ from edge_qlora.golden import nf4_quant
 from edge_qlora.golden.codebooks import DYNAMIC_CODE, NF4_CODE
 
 from cases import DTYPES, adversarial, random_weights
-from reference import bnb_quantize, bits, mismatches
+from reference import bnb_quantize, mismatches
 
 import bitsandbytes.functional as bnbf
 
