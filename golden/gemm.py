@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius"]
+__all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
+           "ACTIVATION_KINDS", "random_activations", "random_nf4_weight"]
 
 OPERAND_BITS = 18          # signed fixed-point operand width (one ECP5 MULT18X18D per MAC)
 OPERAND_FRAC = OPERAND_BITS - 2   # the chunk's largest element lands in [2**16, 2**17)
@@ -172,6 +173,40 @@ def rel_frobenius(result, reference):
     diff = np.linalg.norm(result - reference)
     norm = np.linalg.norm(reference)
     return float(diff / norm) if norm else float(diff)
+
+
+# --- test operands (tests/test_gemm.py, scripts/gemm_accuracy.py) ---------------------------------------------------
+
+#: activation families of the accuracy contract
+ACTIVATION_KINDS = ("normal", "outliers", "tiny", "sparse", "wide")
+
+
+def random_activations(shape, seed, kind="normal"):
+    """bf16 activations of one of :data:`ACTIVATION_KINDS`: ``normal`` (standard normal), ``outliers`` (every fifth
+    channel 100x larger, as in LLM activations), ``tiny`` (scaled by 1e-38: bf16 subnormals and near-underflow),
+    ``sparse`` (70% zeros), ``wide`` (every row spans 60 binades)."""
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(f"kind must be one of {ACTIVATION_KINDS}, not {kind!r}")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    if kind == "outliers":
+        x[:, :: max(1, shape[1] // 5)] *= 100
+    elif kind == "tiny":
+        x = x * 1e-38
+    elif kind == "sparse":
+        x[torch.rand(shape, generator=gen) < 0.7] = 0
+    elif kind == "wide":
+        x = x * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
+    return x.to(torch.bfloat16)
+
+
+def random_nf4_weight(shape, seed, double_quant=True):
+    """``(quantized, bf16 weight)``: a N(0, 0.02) weight quantized to NF4 (blocksize 64) and dequantized to bf16
+    exactly as bitsandbytes does."""
+    from . import nf4_dequant, nf4_quant
+    gen = torch.Generator().manual_seed(seed)
+    q = nf4_quant.quantize(torch.randn(shape, generator=gen) * 0.02, 64, double_quant)
+    return q, nf4_dequant.dequantize(q, "bf16")
 
 
 # --- cycle model ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from edge_qlora.golden import gemm as golden
-from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 from edge_qlora.sim.gemm import run_gemm, run_gemm_jobs
 from edge_qlora.sim.streams import Stalls
@@ -17,24 +16,8 @@ from reference import mismatches
 STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2")
 
 
-def activations(shape, seed, kind="normal"):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen)
-    if kind == "outliers":          # LLM activations: a few channels 100x larger
-        x[:, :: max(1, shape[1] // 5)] *= 100
-    elif kind == "tiny":            # bf16 subnormals and near-underflow values
-        x = x * 1e-38
-    elif kind == "sparse":
-        x[torch.rand(shape, generator=gen) < 0.7] = 0
-    elif kind == "wide":            # every row spans 60 binades
-        x = x * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
-    return x.to(torch.bfloat16)
-
-
-def nf4_weight(shape, seed, double_quant=True):
-    gen = torch.Generator().manual_seed(seed)
-    q = nf4_quant.quantize(torch.randn(shape, generator=gen) * 0.02, 64, double_quant)
-    return q, nf4_dequant.dequantize(q, "bf16")
+activations = golden.random_activations
+nf4_weight = golden.random_nf4_weight
 
 
 # --- numerics contract ----------------------------------------------------------------------------------------------
@@ -42,7 +25,7 @@ def nf4_weight(shape, seed, double_quant=True):
 CONTRACT_SHAPES = [(1, 64, 64), (16, 256, 2048), (7, 33, 100), (64, 1, 300), (16, 2048, 512), (3, 5, 1)]
 
 
-@pytest.mark.parametrize("kind", ["normal", "outliers", "tiny", "sparse", "wide"])
+@pytest.mark.parametrize("kind", golden.ACTIVATION_KINDS)
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
 def test_accuracy_contract(kind, transposed):
     """Relative Frobenius error against fp64 no worse than dequantize-to-bf16 + bf16 matmul, plus 10%."""
