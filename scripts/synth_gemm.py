@@ -34,7 +34,8 @@ COLUMNS = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="build/synth")
-    parser.add_argument("--only", action="append", default=[], help="board:RxC, e.g. ulx3s-85f:8x8 (repeatable)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="build this array instead of the table's: board:RxC, e.g. ulx3s-85f:12x8 (repeatable)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--router", choices=("router1", "router2"), default=None, help="nextpnr router")
     parser.add_argument("--place-only", action="store_true",
@@ -43,12 +44,23 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     configs = CONFIGS
     if args.only:
-        wanted = {tuple(item.split(":")) for item in args.only}
-        configs = [c for c in CONFIGS if (c[0], f"{c[1]}x{c[2]}") in wanted]
+        configs = []
+        for item in args.only:
+            try:
+                board, shape = item.split(":")
+                rows, cols = (int(side) for side in shape.lower().split("x"))
+                if board not in COLUMNS:
+                    raise ValueError
+            except ValueError:
+                parser.error(f"--only takes board:RxC with board one of {', '.join(COLUMNS)}, not {item!r}")
+            configs.append((board, rows, cols, 64 if board == "icebreaker" else 512))
 
     results = []
     for board, rows, cols, max_k in configs:
-        config = GemmConfig(rows=rows, cols=cols, max_k=max_k, max_n=max_k)
+        try:
+            config = GemmConfig(rows=rows, cols=cols, max_k=max_k, max_n=max_k)
+        except ValueError as error:
+            parser.error(str(error))
         out = os.path.join(args.out, f"{board}_{rows}x{cols}")
         print(f"{board} {rows}x{cols} (max K {max_k}, chunk {config.chunk_steps}) ...", flush=True)
         row = {"board": board, "rows": rows, "cols": cols, "max_k": max_k}
