@@ -146,12 +146,14 @@ def ecp5_pll_params(f_in_mhz, f_out_mhz):
     return ECP5PLLParams(clki_div, clkfb_div, clkop_div, (clkop_div - 1) // 2, f_out, f_vco)
 
 
-def _reset_after_lock(m, clk, locked, delay_cycles):
+def _reset_after_lock(m, clk, locked, delay_cycles, global_buffer=None):
     """Make ``sync`` on ``clk``, held in reset until the PLL has been locked for ``delay_cycles``.
 
     The counter lives in a reset-less local domain on the same clock, so the release of the ``sync``
     reset is synchronous to ``sync``. FFs power up at zero on both families, so the counter starts
-    from zero after configuration; a loss of lock restarts it.
+    from zero after configuration; a loss of lock restarts it. ``global_buffer`` (a primitive name:
+    ``"DCCA"`` on ECP5) puts the reset on the clock network: it reaches every register with an initial
+    value, 20k of them in an 8x8 GEMM engine, too many for fabric routing in one cycle.
     """
     m.domains.por = ClockDomain("por", reset_less=True, local=True)
     m.d.comb += ClockSignal("por").eq(clk)
@@ -167,7 +169,13 @@ def _reset_after_lock(m, clk, locked, delay_cycles):
         m.d.por += timer.eq(timer + 1)
 
     m.domains.sync = ClockDomain("sync")
-    m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~ready)]
+    reset = Signal()
+    m.d.comb += reset.eq(~ready)
+    if global_buffer:
+        buffered = Signal()
+        m.submodules.reset_buffer = Instance(global_buffer, i_CLKI=reset, i_CE=Const(1), o_CLKO=buffered)
+        reset = buffered
+    m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(reset)]
 
 
 class _TargetClockMixin:
@@ -343,7 +351,7 @@ class ULX3S85FPlatform(_TargetClockMixin, _ULX3S85FBase):
             o_LOCK=locked,
         )
         self.add_clock_constraint(clk, self.target_mhz * 1e6)
-        _reset_after_lock(m, clk, locked, 16)
+        _reset_after_lock(m, clk, locked, 16, global_buffer="DCCA")
         return m
 
 

@@ -49,6 +49,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .pipeline import global_fanout
+
 __all__ = ["PEArray", "steps_layout", "partials_layout", "OPERAND_BITS", "ACC_BITS"]
 
 OPERAND_BITS = 18      # one ECP5 MULT18X18D operand, the aligner's output (golden.gemm.OPERAND_BITS)
@@ -227,7 +229,8 @@ class PEArray(wiring.Component):
                 top = top_delayed
             outputs.append(top)
 
-        with m.If(advance):
+        # the step enable reaches every register of the array: on the clock network where there is one for logic
+        with m.If(global_fanout(m, platform, advance, "step_enable")):
             m.d.sync += stepped
         with m.If(advance):
             m.d.sync += sent.eq(0)

@@ -7,11 +7,11 @@ the last stage is empty or being drained, so nothing is dropped and the datapath
 have filled.
 """
 
-from amaranth.hdl import EnableInserter, Module, Signal
+from amaranth.hdl import Const, EnableInserter, Instance, Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["StallPipeline", "SkidBuffer"]
+__all__ = ["StallPipeline", "SkidBuffer", "global_fanout"]
 
 
 class StallPipeline:
@@ -95,3 +95,27 @@ class SkidBuffer(wiring.Component):
         with m.Elif(self.i.valid & ~spare_valid):
             m.d.sync += [spare.eq(self.i.payload), spare_valid.eq(1)]
         return m
+
+
+def global_fanout(m, platform, signal, name):
+    """``signal``, through a global buffer where the platform has one for logic (ECP5: ``DCCA``).
+
+    A stall domain's enable reaches every register of its datapath: 17k clock enables for an 8x8 PE array. Fabric
+    routing cannot fan a net out that far in one cycle (and congests the device trying); the clock network can.
+    In simulation and on other families the signal is returned unchanged.
+
+    Parameters
+    ----------
+    m : Module
+    platform : Platform or None
+        The platform being elaborated for.
+    signal : Value
+        One bit.
+    name : str
+        Name of the buffered copy.
+    """
+    if getattr(platform, "family", None) != "ecp5":
+        return signal
+    buffered = Signal(name=name)
+    m.submodules[f"{name}_buffer"] = Instance("DCCA", i_CLKI=signal, i_CE=Const(1), o_CLKO=buffered)
+    return buffered
