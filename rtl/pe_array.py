@@ -41,8 +41,9 @@ still an operand register placed far from its DSP site, about 3.5 ns of routing 
 placement limit. The DSP's own input and output registers (a ``MULT18X18D`` instance instead of ``*``) take that
 routing out of the multiplier's cycle: 110 MHz after place and route in a trial, but the YoWASP ``ecppack``
 crashed on that design, so the portable ``*`` stays. The one global net is the step enable (``steps.valid`` and
-``partials.ready`` through two LUT levels to every register's clock enable); for the best Fmax the user drives both
-from registers.
+``partials.ready`` through two LUT levels to every register's clock enable: 17k of them at 8 x 8); on ECP5 it
+rides the clock network through a ``DCCA`` buffer (:func:`~.pipeline.global_fanout`), and for the best Fmax the
+user drives both from registers.
 """
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed
