@@ -7,7 +7,7 @@ elements ``k .. k+lanes-1`` of row ``r`` with ``k`` a multiple of ``lanes``. Thi
 up to ``3 * lanes`` elements and emits ``min(lanes, row_length - k)`` of them per beat, zero-filling the rest.
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -122,25 +122,34 @@ class RowAligner(wiring.Component):
         with m.Elif(self.rows.ready):
             m.d.sync += self.rows.valid.eq(0)
 
-        # refill: after the shift by `taken`, append the input beat's real elements
+        # refill: after the shift by `taken`, append the input beat's real elements. Both outcomes (emit or not) are
+        # built from registers; `emit`, the late signal, only picks one at the end (a subtraction and a decode
+        # behind it were the 8x8 engine's longest path)
         taken = Mux(emit, need, 0)
         kept = held - taken
+        kept_if_emit = Signal(range(slots + 1))
+        m.d.comb += kept_if_emit.eq(held - need)
         # ready from registers only: with at most 2 * lanes held, the beat fits whatever this cycle emits
         m.d.comb += self.flat.ready.eq(active & (to_read != 0) & (held <= 2 * lanes))
         accept = self.flat.valid & self.flat.ready
         for i in range(slots):
-            # drop `taken` elements from the front, then append the input beat after the `kept` ones
-            element = Signal(width, name=f"next_{i}")
-            with m.Switch(taken):
+            shifted = Signal(width, name=f"shifted_{i}")    # buffer[i + need]: this slot after an emit
+            with m.Switch(need):
                 for t in range(lanes + 1):
                     with m.Case(t):
-                        m.d.comb += element.eq(buffer[i + t] if i + t < slots else 0)
-            with m.If(accept):
-                with m.Switch(kept):
-                    for k in range(max(0, i - lanes + 1), min(i, 2 * lanes) + 1):
-                        with m.Case(k):
-                            m.d.comb += element.eq(self.flat.payload[i - k])
-            m.d.sync += buffer[i].eq(element)
+                        m.d.comb += shifted.eq(buffer[i + t] if i + t < slots else 0)
+            # input element i - k lands here when k elements are kept
+            cases = range(max(0, i - lanes + 1), min(i, 2 * lanes) + 1)
+            outcomes = []
+            for kept_now, base in ((kept_if_emit, shifted), (held, buffer[i])):
+                hits = [kept_now == k for k in cases]
+                appended = 0
+                for k, hit in zip(cases, hits):
+                    appended = appended | (self.flat.payload[i - k] & hit.replicate(width))
+                outcome = Signal(width, name=f"next_{i}_{'emit' if base is shifted else 'hold'}")
+                m.d.comb += outcome.eq(Mux(accept & Cat(*hits).any(), appended, base) if hits else base)
+                outcomes.append(outcome)
+            m.d.sync += buffer[i].eq(Mux(emit, *outcomes))
         with m.If(accept):
             left = to_read - incoming
             m.d.sync += [held.eq(kept + incoming), to_read.eq(left),
