@@ -278,14 +278,17 @@ class GemmEngine(wiring.Component):
         running = [Signal(EXP, name=f"a_exp_{i}", init=EXP_MIN) for i in range(rows)]
         active = Signal()
 
+        # q is the tile's last reduction index: a register, so that the 32-bit compare stays off the handshake
+        q_last = Signal()
         with m.If(start):
-            m.d.sync += [active.eq(1), m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0)]
+            m.d.sync += [active.eq(1), m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
+                         q_last.eq(q_length == 1)]
         m.d.comb += a_done.eq(~active)
 
         ready = active & ~a_full.bit_select(half, 1)
         m.d.comb += self.a.ready.eq(ready)
         take = self.a.valid & ready
-        chunk_end = (in_chunk == chunk - 1) | (q == q_length - 1)
+        chunk_end = (in_chunk == chunk - 1) | q_last
         exps = [bf16_exponent(self.a.payload[i]) for i in range(rows)]
         peaks = [Mux(exps[i] > running[i], exps[i], running[i]) for i in range(rows)]
         m.d.comb += [
@@ -298,11 +301,12 @@ class GemmEngine(wiring.Component):
         for i in range(rows):
             m.d.comb += exp_write.data[i].eq(peaks[i])
         with m.If(take):
-            m.d.sync += [q.eq(q + 1), in_chunk.eq(Mux(chunk_end, 0, in_chunk + 1))]
+            m.d.sync += [q.eq(q + 1), in_chunk.eq(Mux(chunk_end, 0, in_chunk + 1)),
+                         q_last.eq(Mux(q_last, q_length == 1, q + 2 == q_length))]
             m.d.sync += [running[i].eq(Mux(chunk_end, EXP_MIN, peaks[i])) for i in range(rows)]
             with m.If(chunk_end):
                 m.d.sync += chunk_index.eq(chunk_index + 1)
-            with m.If(q == q_length - 1):
+            with m.If(q_last):
                 # the tile is in: hand the half to the sequencer
                 m.d.comb += a_filled.bit_select(half, 1).eq(1)
                 m.d.sync += [half.eq(~half), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
