@@ -18,6 +18,8 @@ from amaranth.lib.cdc import FFSynchronizer
 from amaranth_boards.icebreaker import ICEBreakerPlatform as _ICEBreakerBase
 from amaranth_boards.ulx3s import ULX3S_85F_Platform as _ULX3S85FBase
 
+from ..rtl.pipeline import global_fanout
+
 
 __all__ = [
     "ICE40PLLParams", "ECP5PLLParams", "ice40_pll_params", "ecp5_pll_params",
@@ -146,14 +148,15 @@ def ecp5_pll_params(f_in_mhz, f_out_mhz):
     return ECP5PLLParams(clki_div, clkfb_div, clkop_div, (clkop_div - 1) // 2, f_out, f_vco)
 
 
-def _reset_after_lock(m, clk, locked, delay_cycles, global_buffer=None):
+def _reset_after_lock(m, clk, locked, delay_cycles, platform=None):
     """Make ``sync`` on ``clk``, held in reset until the PLL has been locked for ``delay_cycles``.
 
     The counter lives in a reset-less local domain on the same clock, so the release of the ``sync``
     reset is synchronous to ``sync``. FFs power up at zero on both families, so the counter starts
-    from zero after configuration; a loss of lock restarts it. ``global_buffer`` (a primitive name:
-    ``"DCCA"`` on ECP5) puts the reset on the clock network: it reaches every register with an initial
-    value, 20k of them in an 8x8 GEMM engine, too many for fabric routing in one cycle.
+    from zero after configuration; a loss of lock restarts it. Given the ``platform``, the reset rides its
+    clock network where it has one for logic (:func:`~edge_qlora.rtl.pipeline.global_fanout`): it reaches
+    every register with an initial value, 20k of them in an 8x8 GEMM engine, too many for fabric routing in
+    one cycle.
     """
     m.domains.por = ClockDomain("por", reset_less=True, local=True)
     m.d.comb += ClockSignal("por").eq(clk)
@@ -169,12 +172,7 @@ def _reset_after_lock(m, clk, locked, delay_cycles, global_buffer=None):
         m.d.por += timer.eq(timer + 1)
 
     m.domains.sync = ClockDomain("sync")
-    reset = Signal()
-    m.d.comb += reset.eq(~ready)
-    if global_buffer:
-        buffered = Signal()
-        m.submodules.reset_buffer = Instance(global_buffer, i_CLKI=reset, i_CE=Const(1), o_CLKO=buffered)
-        reset = buffered
+    reset = global_fanout(m, platform, ~ready, "sync_reset")
     m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(reset)]
 
 
@@ -351,7 +349,7 @@ class ULX3S85FPlatform(_TargetClockMixin, _ULX3S85FBase):
             o_LOCK=locked,
         )
         self.add_clock_constraint(clk, self.target_mhz * 1e6)
-        _reset_after_lock(m, clk, locked, 16, global_buffer="DCCA")
+        _reset_after_lock(m, clk, locked, 16, platform=self)
         return m
 
 
