@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
-           "ACTIVATION_KINDS", "random_activations", "random_nf4_weight"]
+           "ACTIVATION_KINDS", "CONTRACT_SHAPES", "random_activations", "random_nf4_weight"]
 
 OPERAND_BITS = 18          # signed fixed-point operand width (one ECP5 MULT18X18D per MAC)
 OPERAND_FRAC = OPERAND_BITS - 2   # the chunk's largest element lands in [2**16, 2**17)
@@ -179,6 +179,8 @@ def rel_frobenius(result, reference):
 
 #: activation families of the accuracy contract
 ACTIVATION_KINDS = ("normal", "outliers", "tiny", "sparse", "wide")
+#: (M, N, K) shapes of the accuracy contract
+CONTRACT_SHAPES = ((1, 64, 64), (16, 256, 2048), (7, 33, 100), (64, 1, 300), (16, 2048, 512), (3, 5, 1))
 
 
 def random_activations(shape, seed, kind="normal"):

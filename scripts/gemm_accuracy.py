@@ -20,15 +20,11 @@ import numpy as np
 
 from edge_qlora.golden import gemm as golden
 
-# the contract's shapes (M, N, K), as in tests/test_gemm.py
-SHAPES = [(1, 64, 64), (16, 256, 2048), (7, 33, 100), (64, 1, 300), (16, 2048, 512), (3, 5, 1)]
-
-
 def measure():
     rows = []
     for kind in golden.ACTIVATION_KINDS:
         for transposed in (False, True):
-            for seed, (m, n, k) in enumerate(SHAPES):
+            for seed, (m, n, k) in enumerate(golden.CONTRACT_SHAPES):
                 _, w = golden.random_nf4_weight((n, k), seed)
                 a = golden.random_activations((m, n if transposed else k), seed, kind)
                 b = w if transposed else w.T
