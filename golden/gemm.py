@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import nf4_dequant, nf4_quant
+
 __all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
            "ACTIVATION_KINDS", "CONTRACT_SHAPES", "random_activations", "random_nf4_weight"]
 
@@ -205,7 +207,6 @@ def random_activations(shape, seed, kind="normal"):
 def random_nf4_weight(shape, seed, double_quant=True):
     """``(quantized, bf16 weight)``: a N(0, 0.02) weight quantized to NF4 (blocksize 64) and dequantized to bf16
     exactly as bitsandbytes does."""
-    from . import nf4_dequant, nf4_quant
     gen = torch.Generator().manual_seed(seed)
     q = nf4_quant.quantize(torch.randn(shape, generator=gen) * 0.02, 64, double_quant)
     return q, nf4_dequant.dequantize(q, "bf16")
