@@ -72,7 +72,12 @@ class RowAligner(wiring.Component):
         rows_left = Signal(32)          # rows not yet fully emitted
         to_read = Signal(32)            # flat elements not yet taken from the input
         held = Signal(range(slots + 1))  # elements in the holding buffer
+        # the holding buffer is circular: elements are read from slot `read_at` on and written from `write_at` on
+        # (`read_at + held`, modulo `slots`), so which slot takes which element depends on registers only, never on
+        # this cycle's handshake (a shift by the emitted count was the 8x8 engine's longest path)
         buffer = Signal(data.ArrayLayout(width, slots))
+        read_at = Signal(range(slots))
+        write_at = Signal(slots, init=1)   # one-hot
 
         # what the next beat emits, kept in registers one beat ahead (long compares stay off the handshake)
         rest = Signal(32)               # elements of the current row not yet emitted
@@ -97,6 +102,8 @@ class RowAligner(wiring.Component):
                     incoming.eq(Mux(payload.elements < lanes, payload.elements[:5], lanes)),
                     rest.eq(payload.row_length),
                     held.eq(0),
+                    read_at.eq(0),
+                    write_at.eq(1),
                     *plan(m, payload.row_length),
                 ]
 
@@ -112,9 +119,16 @@ class RowAligner(wiring.Component):
                 self.rows.payload.last.eq(last),
             ]
             rest_next = Mux(row_end, row_length, rest - lanes)
-            m.d.sync += [rest.eq(rest_next), *plan(m, rest_next)]
+            advanced = read_at + need
+            m.d.sync += [rest.eq(rest_next), *plan(m, rest_next),
+                         read_at.eq(Mux(advanced >= slots, advanced - slots, advanced))]
             for lane in range(lanes):
-                m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, buffer[lane], 0))
+                element = Signal(width, name=f"read_{lane}")    # buffer[read_at + lane]
+                with m.Switch(read_at):
+                    for at in range(slots):
+                        with m.Case(at):
+                            m.d.comb += element.eq(buffer[(at + lane) % slots])
+                m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, element, 0))
             with m.If(row_end):
                 m.d.sync += [rows_left.eq(rows_left - 1), final_row.eq(rows_left == 2)]
                 with m.If(last):
@@ -122,38 +136,27 @@ class RowAligner(wiring.Component):
         with m.Elif(self.rows.ready):
             m.d.sync += self.rows.valid.eq(0)
 
-        # refill: after the shift by `taken`, append the input beat's real elements. Both outcomes (emit or not) are
-        # built from registers; `emit`, the late signal, only picks one at the end (a subtraction and a decode
-        # behind it were the 8x8 engine's longest path)
-        taken = Mux(emit, need, 0)
-        kept = held - taken
-        kept_if_emit = Signal(range(slots + 1))
-        m.d.comb += kept_if_emit.eq(held - need)
-        # ready from registers only: with at most 2 * lanes held, the beat fits whatever this cycle emits
+        # ready from registers only: with at most 2 * lanes held, a whole beat fits in the free slots whatever this
+        # cycle emits, so every lane of it is written (padding lanes land in free slots, never read)
         m.d.comb += self.flat.ready.eq(active & (to_read != 0) & (held <= 2 * lanes))
         accept = self.flat.valid & self.flat.ready
         for i in range(slots):
-            shifted = Signal(width, name=f"shifted_{i}")    # buffer[i + need]: this slot after an emit
-            with m.Switch(need):
-                for t in range(lanes + 1):
-                    with m.Case(t):
-                        m.d.comb += shifted.eq(buffer[i + t] if i + t < slots else 0)
-            # input element i - k lands here when k elements are kept
-            cases = range(max(0, i - lanes + 1), min(i, 2 * lanes) + 1)
-            outcomes = []
-            for kept_now, base in ((kept_if_emit, shifted), (held, buffer[i])):
-                hits = [kept_now == k for k in cases]
-                appended = 0
-                for k, hit in zip(cases, hits):
-                    appended = appended | (self.flat.payload[i - k] & hit.replicate(width))
-                outcome = Signal(width, name=f"next_{i}_{'emit' if base is shifted else 'hold'}")
-                m.d.comb += outcome.eq(Mux(accept & Cat(*hits).any(), appended, base) if hits else base)
-                outcomes.append(outcome)
-            m.d.sync += buffer[i].eq(Mux(emit, *outcomes))
+            # input lane j lands in slot i when the write position is i - j
+            hits = [write_at[(i - j) % slots] for j in range(lanes)]
+            element = 0
+            for j, hit in enumerate(hits):
+                element = element | (self.flat.payload[j] & hit.replicate(width))
+            with m.If(accept & Cat(*hits).any()):
+                m.d.sync += buffer[i].eq(element)
+        # the count after this cycle: each outcome from registers, the handshake only selects one
         with m.If(accept):
             left = to_read - incoming
-            m.d.sync += [held.eq(kept + incoming), to_read.eq(left),
+            m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)), to_read.eq(left),
                          incoming.eq(Mux(left < lanes, left[:5], lanes))]
+            with m.Switch(incoming):
+                for step in range(lanes + 1):
+                    with m.Case(step):
+                        m.d.sync += write_at.eq(write_at.rotate_left(step))
         with m.Else():
-            m.d.sync += held.eq(kept)
+            m.d.sync += held.eq(Mux(emit, held - need, held))
         return m
