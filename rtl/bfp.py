@@ -21,7 +21,8 @@ from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
 
-__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "max_exponent", "ExponentMax", "AlignLanes"]
+__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "max_exponent", "partial_maxima",
+           "max_of_partials", "ExponentMax", "AlignLanes"]
 
 #: shape of an unbiased bf16 exponent: -126 to 127 (128 for NaN and infinity)
 EXPONENT_SHAPE = signed(9)
@@ -68,16 +69,17 @@ def _max(m, a, b, name):
     return wire
 
 
-def _reduce(m, fields, name, level_done=lambda level, nodes: nodes):
+def _reduce(m, fields, name, level_done=lambda level, nodes: nodes, levels=None):
     """Pairwise max tree over biased exponent ``fields``; ``level_done(level, nodes)`` may register the nodes of a
-    level (level 0: the fields themselves) and returns what the next level reads."""
+    level (level 0: the fields themselves) and returns what the next level reads. Stops after ``levels`` levels
+    (``None``: at the root) and returns the nodes left."""
     nodes = level_done(0, list(fields))
     level = 0
-    while len(nodes) > 1:
+    while len(nodes) > 1 and (levels is None or level < levels):
         level += 1
         pairs = [_max(m, nodes[i], nodes[i + 1], f"{name}_l{level}_{i // 2}") for i in range(0, len(nodes) - 1, 2)]
         nodes = level_done(level, pairs + nodes[len(nodes) & ~1:])
-    return nodes[0]
+    return nodes
 
 
 def _lane_fields(m, values, name):
@@ -106,11 +108,33 @@ def max_exponent(m, values, name="exponent_max"):
     -------
     Signal of shape :data:`EXPONENT_SHAPE`
     """
+    return max_of_partials(m, partial_maxima(m, values, 0, name), name)
+
+
+def partial_maxima(m, values, levels, name="exponent_max"):
+    """The first ``levels`` levels of :func:`max_exponent`'s tree: the maxima of groups of ``2 ** levels`` values,
+    as biased 8-bit exponent fields, for a user to register before :func:`max_of_partials` finishes the tree.
+
+    Returns
+    -------
+    list of Signal(8)
+    """
     values = list(values)
     if not values:
         raise ValueError("max_exponent needs at least one value")
+    return _reduce(m, _lane_fields(m, values, name), name, levels=levels)
+
+
+def max_of_partials(m, nodes, name="exponent_max"):
+    """The rest of :func:`max_exponent`'s tree over the fields :func:`partial_maxima` returned.
+
+    Returns
+    -------
+    Signal of shape :data:`EXPONENT_SHAPE`
+    """
     exponent = Signal(EXPONENT_SHAPE, name=name)
-    m.d.comb += exponent.eq(_reduce(m, _lane_fields(m, values, name), name) - _BF16_BIAS)
+    root, = _reduce(m, nodes, f"{name}_rest")
+    m.d.comb += exponent.eq(root - _BF16_BIAS)
     return exponent
 
 
@@ -203,8 +227,8 @@ class ExponentMax(wiring.Component):
                 stage += 1
             return nodes
 
-        beat_max = _reduce(m, _lane_fields(m, [self.values[lane] for lane in range(self.lanes)], "lane_exponent"),
-                           "exponent_max", level_done)
+        beat_max, = _reduce(m, _lane_fields(m, [self.values[lane] for lane in range(self.lanes)], "lane_exponent"),
+                            "exponent_max", level_done)
 
         # biased, like the tree: 1 is the field of zeros and subnormals
         running = Signal(8, init=1)

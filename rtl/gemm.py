@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import GemmNumerics
-from .bfp import EXP_MIN, AlignLanes, bf16_exponent, max_exponent
+from .bfp import EXP_MIN, AlignLanes, bf16_exponent, max_of_partials, partial_maxima
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
@@ -364,16 +364,28 @@ class GemmEngine(wiring.Component):
                 self.rows_in.ready.eq(job.rows_in & beat.ready),
                 aligner.rows.ready.eq(~job.rows_in & beat.ready),
             ]
-        # a register slice in front of the writer, which finds the beat's largest exponent a cycle ahead (the
-        # lane maximum and the running maxima in one cycle were the engine's longest path). The maximum is taken
-        # by a free-running register, so the handshake never gates the comparison tree: the beat loaded into the
-        # slice is the one whose maximum `lane_peak` holds in the next cycle.
-        source = beat
+        # two register slices in front of the writer, which find the beat's largest exponent ahead of it (the lane
+        # maximum and the running maxima in one cycle were the engine's longest path, then the lane maximum alone).
+        # The first slice takes the maxima of the tree's first levels with the beat; the second finishes the tree
+        # in a free-running register, so the handshake never gates it: the beat loaded into the second slice is the
+        # one whose maximum `lane_peak` holds in the next cycle.
+        levels = (cols - 1).bit_length()
+        first = stream.Signature(row_layout(cols, 16)).create(path=("w_beat_first",))
+        partial = partial_maxima(m, beat.payload.data, -(-levels // 2), "w_beat_peak")
+        partial_held = [Signal(8, name=f"w_beat_partial_{i}") for i in range(len(partial))]
+        m.d.comb += beat.ready.eq(~first.valid | first.ready)
+        with m.If(beat.valid & beat.ready):
+            m.d.sync += [first.valid.eq(1), first.payload.eq(beat.payload),
+                         *(reg.eq(node) for reg, node in zip(partial_held, partial))]
+        with m.Elif(first.ready):
+            m.d.sync += first.valid.eq(0)
+
+        source = first
         beat = stream.Signature(row_layout(cols, 16)).create(path=("w_beat",))
         lane_peak = Signal(EXP)
         held_peak = Signal(EXP)
         loaded = Signal()
-        m.d.sync += [lane_peak.eq(max_exponent(m, source.payload.data, "w_beat_peak")),
+        m.d.sync += [lane_peak.eq(max_of_partials(m, partial_held, "w_beat_peak")),
                      loaded.eq(source.valid & source.ready)]
         with m.If(loaded):
             m.d.sync += held_peak.eq(lane_peak)
