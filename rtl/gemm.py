@@ -236,8 +236,9 @@ class GemmEngine(wiring.Component):
         mem = self._memories(m)
         self._a_writer(m, mem, job, start, q_length, a_full, a_filled, a_done)
         self._w_writer(m, mem, job, start, w_full, w_filled, w_done)
-        chunk_info = self._sequencer(m, mem, job, start, q_length, a_full, w_full, a_release, w_release, seq_done)
-        self._accumulator(m, mem, job, start, chunk_info, acc_done)
+        chunk_info = self._sequencer(m, platform, mem, job, start, q_length, a_full, w_full, a_release, w_release,
+                                     seq_done)
+        self._accumulator(m, platform, mem, job, start, chunk_info, acc_done)
         return m
 
     def _memories(self, m):
@@ -463,7 +464,7 @@ class GemmEngine(wiring.Component):
 
     # --- sequencer --------------------------------------------------------------------------------------------------
 
-    def _sequencer(self, m, mem, job, start, q_length, a_full, w_full, a_release, w_release, seq_done):
+    def _sequencer(self, m, platform, mem, job, start, q_length, a_full, w_full, a_release, w_release, seq_done):
         """Walk the tiles, read the buffers, align operands to 18-bit integers, feed the PE array.
 
         Returns the chunk-info stream (one entry per chunk: exponents, accumulator base, first/last flags).
@@ -557,7 +558,7 @@ class GemmEngine(wiring.Component):
         pipe = StallPipeline(m, pipe_latency, array.steps.ready, tag_shape=data.StructLayout({
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
             "bwd_row_real": 1, "chunk_start": 1,
-        }), name="seq")
+        }), name="seq", platform=platform)
         room = fifo.level < info_depth - 4   # a chunk start may be in each of the 3 stages before the FIFO
         issue = Signal()
         m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
@@ -664,7 +665,7 @@ class GemmEngine(wiring.Component):
         raw_a = Signal.like(a_read.data)
         raw_ea, raw_ew = Signal.like(ea_read.data), Signal.like(ew_read.data)
         raw_w = [Signal.like(port.data, name=f"raw_w_{b}") for b, port in enumerate(w_reads)]
-        with m.If(pipe.advance):
+        with m.If(pipe.enable):
             m.d.sync += [tag1.eq(pipe.in_tag), tag2.eq(tag1), read_half.eq(w_half), read_half2.eq(read_half),
                          raw_a.eq(a_read.data), raw_ea.eq(ea_read.data), raw_ew.eq(ew_read.data)]
             m.d.sync += [raw.eq(port.data) for raw, port in zip(raw_w, w_reads)]
@@ -706,12 +707,12 @@ class GemmEngine(wiring.Component):
         # stage 3: the selected operands and their shared exponents, registered before the alignment shift
         for i, unit in enumerate(align_a_units):
             value, shared = Signal(16, name=f"a_value_{i}"), Signal(EXP, name=f"a_shared_{i}")
-            with m.If(pipe.advance):
+            with m.If(pipe.enable):
                 m.d.sync += [value.eq(a_values[i]), shared.eq(ea_now[i])]
             m.d.comb += [unit.values[0].eq(value), unit.shared.eq(shared)]
         for j, unit in enumerate(align_b_units):
             value, shared = Signal(16, name=f"b_value_{j}"), Signal(EXP, name=f"b_shared_{j}")
-            with m.If(pipe.advance):
+            with m.If(pipe.enable):
                 m.d.sync += [value.eq(b_values[j]), shared.eq(b_exps[j])]
             m.d.comb += [unit.values[0].eq(value), unit.shared.eq(shared)]
 
@@ -739,7 +740,7 @@ class GemmEngine(wiring.Component):
 
     # --- accumulator ------------------------------------------------------------------------------------------------
 
-    def _accumulator(self, m, mem, job, start, chunk_info, acc_done):
+    def _accumulator(self, m, platform, mem, job, start, chunk_info, acc_done):
         """Chunk sums -> float32 -> accumulated per output in the accumulator memory -> rounded outputs."""
         cfg = self.config
         rows, cols = cfg.rows, cfg.cols
@@ -764,7 +765,8 @@ class GemmEngine(wiring.Component):
         # item enters the accumulator; it must not also decide whether the whole front pipeline advances
         m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
             "tag": tag, "values": data.ArrayLayout(32, cols)}))
-        front = StallPipeline(m, converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front")
+        front = StallPipeline(m, converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front",
+                              platform=platform)
         for j, unit in enumerate(converters):
             m.submodules[f"to_float_{j}"] = front.stall(unit)
             m.d.comb += [

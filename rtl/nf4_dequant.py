@@ -158,8 +158,8 @@ class NF4Dequantizer(wiring.Component):
         scale = stream.Signature(data.StructLayout({"value": 32, "count": self._count_layout})).create(
             path=("scale",))
         table = stream.Signature(self._table_layout()).create(path=("table",))
-        self._elaborate_scale(m, scale)
-        self._elaborate_builder(m, scale, table)
+        self._elaborate_scale(m, platform, scale)
+        self._elaborate_builder(m, platform, scale, table)
         self._elaborate_lookup(m, table)
         return m
 
@@ -170,7 +170,7 @@ class NF4Dequantizer(wiring.Component):
         return data.StructLayout({"levels": data.ArrayLayout(self.config.out_format.width, 16),
                                   "count": self._count_layout})
 
-    def _elaborate_scale(self, m, scale):
+    def _elaborate_scale(self, m, platform, scale):
         """Per-block float32 absmax: passed through, or rebuilt from double quantization."""
         dq = self.config.double_quant
         shift = self.config.blocksize.bit_length() - 1
@@ -183,7 +183,7 @@ class NF4Dequantizer(wiring.Component):
         else:
             latency = 1  # a register slice, so that scale.valid does not depend on scale.ready
             tag = data.StructLayout({"count": self._count_layout, "value": 32})
-        pipe = StallPipeline(m, latency, scale.ready, tag_shape=tag, name="scale")
+        pipe = StallPipeline(m, latency, scale.ready, tag_shape=tag, name="scale", platform=platform)
 
         # the current tensor: its header, and the blocks still to come
         active = Signal()
@@ -237,7 +237,7 @@ class NF4Dequantizer(wiring.Component):
         # the operands ride beside the code-book read and its output register
         absmax2_held, offset_held = Signal(32), Signal(32)
         level_reg, absmax2_reg, offset_reg = Signal(32), Signal(32), Signal(32)
-        with m.If(pipe.advance):
+        with m.If(pipe.enable):
             m.d.sync += [
                 absmax2_held.eq(absmax2), offset_held.eq(header.offset),
                 level_reg.eq(level.data), absmax2_reg.eq(absmax2_held), offset_reg.eq(offset_held),
@@ -253,12 +253,12 @@ class NF4Dequantizer(wiring.Component):
         delayed = offset_reg
         for stage in range(multiply.latency):
             step = Signal(32, name=f"offset_{stage}")
-            with m.If(pipe.advance):
+            with m.If(pipe.enable):
                 m.d.sync += step.eq(delayed)
             delayed = step
         m.d.comb += offset_late.eq(delayed)
 
-    def _elaborate_builder(self, m, scale, table):
+    def _elaborate_builder(self, m, platform, scale, table):
         """16 output-format values per block, ``multipliers`` products per cycle."""
         fmt = self.config.out_format
         mults = self.config.table_multipliers
@@ -273,7 +273,8 @@ class NF4Dequantizer(wiring.Component):
         table_valid = Signal()
         table_payload = Signal(self._table_layout())
         tag = data.StructLayout({"round": range(rounds), "count": self._count_layout})
-        pipe = StallPipeline(m, latency, ~table_valid | table.ready, tag_shape=tag, name="build")
+        pipe = StallPipeline(m, latency, ~table_valid | table.ready, tag_shape=tag, name="build",
+                             platform=platform)
         round_index = Signal(range(rounds))
         m.d.comb += [
             pipe.in_valid.eq(scale.valid),

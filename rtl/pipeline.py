@@ -28,27 +28,33 @@ class StallPipeline:
     tag_shape : shape-castable, optional
         Side information travelling with each item (a block index, a round number).
     name : str
+    platform : Platform or None
+        Where given, the registers' enable (:attr:`enable`) goes through :func:`global_fanout`.
 
     Attributes
     ----------
     advance : Signal
         High when the datapath moves one step; the caller gates its own registers and wraps its arithmetic
         submodules with :meth:`stall`.
+    enable : Value
+        ``advance`` for the datapath's registers: the same signal, through a global buffer where the platform has
+        one (wide datapaths have thousands of enables). Logic that decides something uses ``advance``.
     in_valid, in_tag : Signal
         Driven by the caller: an item enters the pipeline when ``in_valid & advance``.
     out_valid, out_tag : Value
         The item leaving the pipeline; it is taken when ``out_valid & out_ready``.
     """
 
-    def __init__(self, m, latency, out_ready, *, tag_shape=1, name="pipe"):
+    def __init__(self, m, latency, out_ready, *, tag_shape=1, name="pipe", platform=None):
         self.advance = Signal(name=f"{name}_advance")
+        self.enable = global_fanout(m, platform, self.advance, f"{name}_enable")
         self.in_valid = Signal(name=f"{name}_in_valid")
         self.in_tag = Signal(tag_shape, name=f"{name}_in_tag")
         valid, tag = self.in_valid, self.in_tag
         for stage in range(latency):
             next_valid = Signal(name=f"{name}_valid_{stage}")
             next_tag = Signal(tag_shape, name=f"{name}_tag_{stage}")
-            with m.If(self.advance):
+            with m.If(self.enable):
                 m.d.sync += [next_valid.eq(valid), next_tag.eq(tag)]
             valid, tag = next_valid, next_tag
         self.out_valid, self.out_tag = valid, tag
@@ -56,7 +62,7 @@ class StallPipeline:
 
     def stall(self, elaboratable):
         """Wrap an arithmetic pipeline so it advances with this pipeline."""
-        return EnableInserter(self.advance)(elaboratable)
+        return EnableInserter(self.enable)(elaboratable)
 
 
 class SkidBuffer(wiring.Component):
