@@ -46,7 +46,7 @@ rides the clock network through a ``DCCA`` buffer (:func:`~.pipeline.global_fano
 user drives both from registers.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -107,6 +107,26 @@ class _PE:
         # ``acc`` holds a finished chunk sum: it moves to the shadow, and the accumulator restarts, on the next step
         self.done = Signal(name=f"{prefix}_done")
         self.shadow = Signal(signed(ACC_BITS), name=f"{prefix}_shadow", reset_less=True)
+
+
+def _ecp5_multiplier(a, b, product, enable):
+    """``product`` = ``a * b`` two enabled cycles later, in one ``MULT18X18D`` with its input and output registers
+    (the multiplier's operand and product registers of the portable description, inside the DSP block; they reset
+    with the ``sync`` domain, so the first products after a reset are 0 as in simulation)."""
+    return Instance(
+        "MULT18X18D",
+        p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
+        p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
+        p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
+        p_GSR="DISABLED", p_RESETMODE="SYNC",
+        **{f"i_A{k}": a[k] for k in range(OPERAND_BITS)},
+        **{f"i_B{k}": b[k] for k in range(OPERAND_BITS)},
+        **{f"i_C{k}": Const(0) for k in range(OPERAND_BITS)},
+        i_SIGNEDA=Const(1), i_SIGNEDB=Const(1), i_SOURCEA=Const(0), i_SOURCEB=Const(0),
+        i_CLK0=ClockSignal("sync"), i_CE0=enable, i_RST0=ResetSignal("sync"),
+        **{f"i_{port}{k}": Const(0) for port in ("CLK", "CE", "RST") for k in (1, 2, 3)},
+        **{f"o_P{k}": product[k] for k in range(2 * OPERAND_BITS)},
+    )
 
 
 class PEArray(wiring.Component):
@@ -174,6 +194,9 @@ class PEArray(wiring.Component):
 
         payload = self.steps.payload
         stepped = []
+        # the step enable reaches every register of the array: on the clock network where there is one for logic
+        step_enable = global_fanout(m, platform, advance, "step_enable")
+        hard_registers = getattr(platform, "family", None) == "ecp5"
         # edge skew: row r's ``a`` and ``last`` are r steps late, column c's ``b`` is c steps late
         a_in, last_in = [], []
         for r in range(rows):
@@ -204,11 +227,7 @@ class PEArray(wiring.Component):
                     pe.a.eq(left.a if left else a_in[r]),
                     pe.last.eq(left.last if left else last_in[r]),
                     pe.b.eq(above.b if above else b_in[c]),
-                    pe.mul_a.eq(pe.a),
-                    pe.mul_b.eq(pe.b),
                     pe.mul_last.eq(pe.last),
-                    # registered on both sides, the DSP has a whole cycle; the accumulator adder has the next one
-                    pe.product.eq(pe.mul_a * pe.mul_b),
                     pe.product_last.eq(pe.mul_last),
                     pe.product2.eq(pe.product),
                     pe.product2_last.eq(pe.product_last),
@@ -216,6 +235,11 @@ class PEArray(wiring.Component):
                     pe.done.eq(pe.product2_last),
                     pe.shadow.eq(Mux(pe.done, pe.acc, below.shadow if below else 0)),
                 ]
+                # registered on both sides, the DSP has a whole cycle; the accumulator adder has the next one
+                if hard_registers:
+                    m.submodules[f"pe_{r}_{c}_mult"] = _ecp5_multiplier(pe.a, pe.b, pe.product, step_enable)
+                else:
+                    stepped += [pe.mul_a.eq(pe.a), pe.mul_b.eq(pe.b), pe.product.eq(pe.mul_a * pe.mul_b)]
         for r in range(rows):
             # shifts exactly like column ``cols - 1``'s shadows
             stepped.append(chain_valid[r].eq(pes[r][cols - 1].done | (chain_valid[r + 1] if r + 1 < rows else 0)))
@@ -230,8 +254,7 @@ class PEArray(wiring.Component):
                 top = top_delayed
             outputs.append(top)
 
-        # the step enable reaches every register of the array: on the clock network where there is one for logic
-        with m.If(global_fanout(m, platform, advance, "step_enable")):
+        with m.If(step_enable):
             m.d.sync += stepped
         with m.If(advance):
             m.d.sync += sent.eq(0)
