@@ -534,9 +534,13 @@ class GemmEngine(wiring.Component):
         n_q0, n_outer, n_kt, n_k0 = (Signal(32, name=f"next_{n}") for n in ("q0", "outer", "kt", "k0"))
         n_chunk_index, n_m_left = Signal(32), Signal(32)
         with m.If(start):
-            first_flags = flags_of(0, 0, 0, job.m)
-            m.d.sync += [cur[name].eq(value) for name, value in first_flags.items()]
-            m.d.sync += cur["steps_m1"].eq(steps_m1_of(first_flags["length"]))
+            m.d.sync += [cur[name].eq(value) for name, value in flags_of(0, 0, 0, job.m).items()]
+        # the first chunk's padded step count a cycle after its length, like every other chunk's: its first step is
+        # later still (the buffers take longer than that to fill)
+        started = Signal()
+        m.d.sync += started.eq(start)
+        with m.If(started):
+            m.d.sync += cur["steps_m1"].eq(steps_m1_of(cur["length"]))
 
         length = cur["length"]
         last_step = step == cur["steps_m1"]
