@@ -33,17 +33,15 @@ chunk.
 Timing
 ------
 Every path is register to register within a PE or between neighbours, and the multiplier has a cycle to itself:
-the systolic operand registers feed the neighbours and a private pair of multiplier operand registers, which the
-placer may put beside the DSP site however far the neighbours are; the product is registered, so the 44-bit
-accumulator adder has the next cycle. An 8 x 8 array on the ULX3S-85F (nextpnr-ecp5, default placer, seed 1):
-87 MHz, 64 MULT18X18D, 8.5k LUT4, 15.2k FF (79 MHz without the private operand registers). The critical path is
-still an operand register placed far from its DSP site, about 3.5 ns of routing on each side of the multiplier: a
-placement limit. The DSP's own input and output registers (a ``MULT18X18D`` instance instead of ``*``) take that
-routing out of the multiplier's cycle: 110 MHz after place and route in a trial, but the YoWASP ``ecppack``
-crashed on that design, so the portable ``*`` stays. The one global net is the step enable (``steps.valid`` and
-``partials.ready`` through two LUT levels to every register's clock enable: 17k of them at 8 x 8); on ECP5 it
-rides the clock network through a ``DCCA`` buffer (:func:`~.pipeline.global_fanout`), and for the best Fmax the
-user drives both from registers.
+the systolic operand registers feed the neighbours and a pair of multiplier operand registers; the product is
+registered twice (once beside the multiplier, once beside the accumulator), so the 44-bit accumulator adder has a
+cycle of its own. On ECP5 the operand and first product registers are the ``MULT18X18D``'s own input and output
+registers (an instance; elsewhere, and in simulation, fabric registers around ``*``): the routing from the fabric to
+a DSP site, several nanoseconds, then has a whole cycle instead of sharing one with the multiplier. With fabric
+registers an 8 x 8 array alone reached 87 MHz on the ULX3S-85F, the critical path being an operand register placed
+far from its DSP site. The one global net is the step enable (``steps.valid`` and ``partials.ready`` through two
+LUT levels to every register's clock enable: 17k of them at 8 x 8); on ECP5 it rides the clock network through a
+``DCCA`` buffer (:func:`~.pipeline.global_fanout`), and for the best Fmax the user drives both from registers.
 """
 
 from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal, signed

@@ -258,3 +258,23 @@ def test_reset_mid_stream():
     a, b = _operands(rng, len(last), rows), _operands(rng, len(last), cols)
     partials, extra = run_pe_array(dut, a, b, last, Stalls(0.2, seed=9), Stalls(0.2, seed=10), prelude=prelude)
     _check(dut, a, b, last, partials, extra)
+
+
+def test_ecp5_uses_the_dsp_registers():
+    """On ECP5 each PE's product is one MULT18X18D with its input and output registers on the step enable (which
+    goes through a DCCA global buffer) and the sync reset; other platforms keep the portable description."""
+    from amaranth.back import rtlil
+
+    class Ecp5:  # the attribute the elaboration looks at
+        family = "ecp5"
+
+    text = rtlil.convert(PEArray(2, 3), platform=Ecp5())
+    cells = text.split("cell \\MULT18X18D ")[1:]
+    assert len(cells) == 6
+    for cell in cells:
+        cell = cell.split("\n  end")[0]
+        for register in ("INPUTA", "INPUTB", "OUTPUT"):
+            assert f'parameter \\REG_{register}_CLK "CLK0"' in cell
+        assert "connect \\CE0 \\step_enable" in cell
+    assert text.count("cell \\DCCA ") == 1
+    assert "MULT18X18D" not in rtlil.convert(PEArray(2, 3))
