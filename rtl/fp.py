@@ -90,6 +90,21 @@ def _exponent(value, lo, hi):
     return Value.cast(value)[:width].as_signed()
 
 
+def _at_least(value, bound):
+    """``value >= bound`` for an unsigned ``value`` and a constant ``bound``, as plain gates: a comparison with a
+    constant needs no carry chain (synthesis would build one for ``>=``)."""
+    value = Value.cast(value).as_unsigned()
+    width = len(value)
+    if bound <= 0:
+        return C(1, 1)
+    if bound >= 1 << width:
+        return C(0, 1)
+    top = value[width - 1]
+    if bound >> (width - 1):
+        return top & _at_least(value[:width - 1], bound - (1 << (width - 1)))
+    return top | _at_least(value[:width - 1], bound)
+
+
 def _wire(m, value, name):
     """A combinational signal driven by ``value``.
 
@@ -519,7 +534,8 @@ class FPAdd(wiring.Component):
         # the larger magnitude has the larger exponent, so both differences are computed, and clamped, in parallel
         # with the comparison, which then picks one; past ``aligned_width`` places the whole smaller significand is
         # below the guard bits
-        distance = {name: Mux(diff > aligned_width, aligned_width, diff)[:aligned_width.bit_length()]
+        # (a difference is only picked when it is not negative; as unsigned, a negative one is clamped too)
+        distance = {name: Mux(_at_least(diff, aligned_width + 1), aligned_width, diff)[:aligned_width.bit_length()]
                     for name, diff in (("a", a.exp - b.exp), ("b", b.exp - a.exp))}
         trailing_zeros = {name: _count_leading_zeros(pipe.m, operand.sig[::-1], f"{name}_tz")
                           for name, operand in (("a", a), ("b", b))}
