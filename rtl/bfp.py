@@ -21,6 +21,8 @@ from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
 
+from .fp import at_least
+
 __all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "max_exponent", "partial_maxima",
            "max_of_partials", "ExponentMax", "AlignLanes"]
 
@@ -309,7 +311,8 @@ class AlignLanes(wiring.Component):
         shift_bits = (_ZERO_DISTANCE - 1).bit_length()
         # one adder per lane: with the 8-bit biased field x, ~x = 255 - x, so d = shared - (x - 127) is the sum
         # ``shared + ~x`` less 128. As 128 is a multiple of 32, d's low 5 bits, which drive the shifter, are the
-        # sum's, and d >= 32 exactly when the sum's bits from 5 up are 5 or more: a LUT, not a second carry chain
+        # sum's, and d >= 32 exactly when the sum's bits from 5 up are 5 or more: gates (at_least), not a second
+        # carry chain
         far_from = (32 + 128) >> shift_bits
         for lane in range(self.lanes):
             value = Value.cast(self.values[lane])
@@ -319,7 +322,7 @@ class AlignLanes(wiring.Component):
             m.d.comb += total.eq(self.shared + ~_biased_exponent(value))
             # ``significand * 2 ** (_UNIT_SHIFT - d)`` with ``fraction_bits`` bits below the unit place: exact
             source = Cat(C(0, fraction_bits + _UNIT_SHIFT), significand)
-            aligned = Mux(total[shift_bits:] >= far_from, 0, source >> total[:shift_bits])
+            aligned = Mux(at_least(total[shift_bits:], far_from), 0, source >> total[:shift_bits])
             aligned = self._cut(m, "shift", f"aligned_{lane}", aligned[:len(source)])
             sign = self._cut(m, "shift", f"sign_{lane}", value[15])
 

@@ -30,7 +30,7 @@ from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
 
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
-    "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key",
+    "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key", "at_least",
     "FPMul", "FPAdd", "FPDiv", "FPSqrt", "FPConvert", "FixedToFloat",
 ]
 
@@ -90,7 +90,7 @@ def _exponent(value, lo, hi):
     return Value.cast(value)[:width].as_signed()
 
 
-def _at_least(value, bound):
+def at_least(value, bound):
     """``value >= bound`` for an unsigned ``value`` and a constant ``bound``, as plain gates: a comparison with a
     constant needs no carry chain (synthesis would build one for ``>=``)."""
     value = Value.cast(value).as_unsigned()
@@ -101,8 +101,8 @@ def _at_least(value, bound):
         return C(0, 1)
     top = value[width - 1]
     if bound >> (width - 1):
-        return top & _at_least(value[:width - 1], bound - (1 << (width - 1)))
-    return top | _at_least(value[:width - 1], bound)
+        return top & at_least(value[:width - 1], bound - (1 << (width - 1)))
+    return top | at_least(value[:width - 1], bound)
 
 
 def _wire(m, value, name):
@@ -535,7 +535,7 @@ class FPAdd(wiring.Component):
         # with the comparison, which then picks one; past ``aligned_width`` places the whole smaller significand is
         # below the guard bits
         # (a difference is only picked when it is not negative; as unsigned, a negative one is clamped too)
-        distance = {name: Mux(_at_least(diff, aligned_width + 1), aligned_width, diff)[:aligned_width.bit_length()]
+        distance = {name: Mux(at_least(diff, aligned_width + 1), aligned_width, diff)[:aligned_width.bit_length()]
                     for name, diff in (("a", a.exp - b.exp), ("b", b.exp - a.exp))}
         trailing_zeros = {name: _count_leading_zeros(pipe.m, operand.sig[::-1], f"{name}_tz")
                           for name, operand in (("a", a), ("b", b))}
