@@ -23,7 +23,7 @@ from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
 
 from .fp import at_least
 
-__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "max_exponent", "partial_maxima",
+__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "biased_exponent", "max_exponent", "partial_maxima",
            "max_of_partials", "ExponentMax", "AlignLanes"]
 
 #: shape of an unbiased bf16 exponent: -126 to 127 (128 for NaN and infinity)
@@ -37,7 +37,7 @@ _UNIT_SHIFT = OPERAND_FRAC - _BF16_FRAC
 _ZERO_DISTANCE = _UNIT_SHIFT + 9
 
 
-def _biased_exponent(value):
+def biased_exponent(value):
     """The exponent field of a packed bf16, with zeros and subnormals at 1, the field of the smallest normal.
 
     Comparisons between exponents work on this unsigned 8-bit value: narrower than the unbiased exponent, and no
@@ -62,7 +62,7 @@ def bf16_exponent(value):
     -------
     Value of shape :data:`EXPONENT_SHAPE`
     """
-    return _biased_exponent(value) - _BF16_BIAS
+    return biased_exponent(value) - _BF16_BIAS
 
 
 def _max(m, a, b, name):
@@ -88,7 +88,7 @@ def _lane_fields(m, values, name):
     fields = []
     for lane, value in enumerate(values):
         field = Signal(8, name=f"{name}_lane_{lane}")
-        m.d.comb += field.eq(_biased_exponent(value))
+        m.d.comb += field.eq(biased_exponent(value))
         fields.append(field)
     return fields
 
@@ -319,7 +319,7 @@ class AlignLanes(wiring.Component):
             field = value[_BF16_FRAC:15]
             significand = Cat(value[:_BF16_FRAC], field != 0)
             total = Signal(signed(11), name=f"distance_{lane}")
-            m.d.comb += total.eq(self.shared + ~_biased_exponent(value))
+            m.d.comb += total.eq(self.shared + ~biased_exponent(value))
             # ``significand * 2 ** (_UNIT_SHIFT - d)`` with ``fraction_bits`` bits below the unit place: exact
             source = Cat(C(0, fraction_bits + _UNIT_SHIFT), significand)
             aligned = Mux(at_least(total[shift_bits:], far_from), 0, source >> total[:shift_bits])

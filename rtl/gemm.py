@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import GemmNumerics
-from .bfp import EXP_MIN, AlignLanes, bf16_exponent, max_of_partials, partial_maxima
+from .bfp import EXP_MIN, AlignLanes, bf16_exponent, biased_exponent, max_of_partials, partial_maxima
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
@@ -290,8 +290,12 @@ class GemmEngine(wiring.Component):
         m.d.comb += self.a.ready.eq(ready)
         take = self.a.valid & ready
         chunk_end = (in_chunk == chunk - 1) | q_last
-        exps = [bf16_exponent(self.a.payload[i]) for i in range(rows)]
-        peaks = [Mux(exps[i] > running[i], exps[i], running[i]) for i in range(rows)]
+        # the running maxima are kept biased too: the comparison needs no subtraction in front of it, and the
+        # unbiased exponent (for the memory) is computed beside the comparison, not behind it
+        running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + 127) for i in range(rows)]
+        fields = [biased_exponent(self.a.payload[i]) for i in range(rows)]
+        higher = [fields[i] > running_biased[i] for i in range(rows)]
+        peaks = [Mux(higher[i], bf16_exponent(self.a.payload[i]), running[i]) for i in range(rows)]
         m.d.comb += [
             write.addr.eq(Mux(half, cfg.max_q, 0) + q),
             write.data.eq(self.a.payload),
@@ -305,6 +309,9 @@ class GemmEngine(wiring.Component):
             m.d.sync += [q.eq(q + 1), in_chunk.eq(Mux(chunk_end, 0, in_chunk + 1)),
                          q_last.eq(Mux(q_last, q_length == 1, q + 2 == q_length))]
             m.d.sync += [running[i].eq(Mux(chunk_end, EXP_MIN, peaks[i])) for i in range(rows)]
+            m.d.sync += [running_biased[i].eq(Mux(chunk_end, running_biased[i].init,
+                                                  Mux(higher[i], fields[i], running_biased[i])))
+                         for i in range(rows)]
             with m.If(chunk_end):
                 m.d.sync += chunk_index.eq(chunk_index + 1)
             with m.If(q_last):
