@@ -11,6 +11,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .fp import at_least
+
 __all__ = ["RowAligner", "shape_layout", "flat_layout", "row_layout"]
 
 
@@ -85,6 +87,7 @@ class RowAligner(wiring.Component):
         row_end = Signal()
         final_row = Signal()            # rows_left == 1
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
+        more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
 
         def plan(m, rest_value):
             return [need.eq(Mux(rest_value < lanes, rest_value[:5], lanes)), row_end.eq(rest_value <= lanes)]
@@ -99,6 +102,7 @@ class RowAligner(wiring.Component):
                     rows_left.eq(payload.rows),
                     final_row.eq(payload.rows == 1),
                     to_read.eq(payload.elements),
+                    more.eq(payload.elements != 0),
                     incoming.eq(Mux(payload.elements < lanes, payload.elements[:5], lanes)),
                     rest.eq(payload.row_length),
                     held.eq(0),
@@ -138,7 +142,7 @@ class RowAligner(wiring.Component):
 
         # ready from registers only: with at most 2 * lanes held, a whole beat fits in the free slots whatever this
         # cycle emits, so every lane of it is written (padding lanes land in free slots, never read)
-        m.d.comb += self.flat.ready.eq(active & (to_read != 0) & (held <= 2 * lanes))
+        m.d.comb += self.flat.ready.eq(active & more & ~at_least(held, 2 * lanes + 1))
         accept = self.flat.valid & self.flat.ready
         for i in range(slots):
             # input lane j lands in slot i when the write position is i - j
@@ -151,8 +155,9 @@ class RowAligner(wiring.Component):
         # the count after this cycle: each outcome from registers, the handshake only selects one
         with m.If(accept):
             left = to_read - incoming
+            # after this beat, elements are left exactly when this one was not the last (`incoming == to_read`)
             m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)), to_read.eq(left),
-                         incoming.eq(Mux(left < lanes, left[:5], lanes))]
+                         incoming.eq(Mux(left < lanes, left[:5], lanes)), more.eq(at_least(to_read, lanes + 1))]
             with m.Switch(incoming):
                 for step in range(lanes + 1):
                     with m.Case(step):
