@@ -127,6 +127,34 @@ def test_rtl_jobs_back_to_back(weights):
         assert mismatches(reference, run.out) == 0
 
 
+class BurstStalls(Stalls):
+    """The consumer withholds ``ready`` for ``length`` cycles out of every ``period``: long enough to fill the
+    output FIFO, so that the partial sums queued behind it reach the accumulator back to back."""
+
+    def __init__(self, period, length):
+        super().__init__(0.0)
+        self.period, self.length, self.cycle = period, length, 0
+
+    def stall(self):
+        self.cycle += 1
+        return self.cycle % self.period < self.length
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 64, 20), (2, 40, 32), (3, 30, 40)])
+def test_rtl_accumulator_hazards(rows, n, k):
+    # K of 2-3 chunks and many output tiles: a long output stall fills the output FIFO, the partial sums queue up
+    # behind it, and when it drains, partials of consecutive chunks for the same outputs (rows apart) reach the
+    # accumulator in consecutive cycles, while the earlier one is still in the adder (without the hazard check,
+    # 24 to 32 outputs of each case are wrong)
+    config = GemmConfig(rows=rows, cols=2, max_k=128, max_n=64, weights="bf16")
+    w = (torch.randn((n, k), generator=torch.Generator().manual_seed(rows)) * 0.05).to(torch.bfloat16)
+    a = activations((2 * rows, k), rows)
+    stalls = {**random_stalls(rows), "c": BurstStalls(600, 500)}
+    stalls = {name: stall for name, stall in stalls.items() if name in ("a", "w", "c", "job")}
+    run = run_gemm(a, w, config, stalls=stalls)
+    assert mismatches(golden.gemm(a, w.T, config.numerics, False), run.out) == 0
+
+
 def test_rtl_fp32_output():
     check_rtl(3, 5, 24, 2, 2, False, out_dtype="fp32", seed=9)
     check_rtl(3, 5, 24, 2, 2, True, out_dtype="fp32", seed=10)
