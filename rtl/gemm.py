@@ -826,15 +826,29 @@ class GemmEngine(wiring.Component):
         valid = [Signal(name=f"back_valid_{s}") for s in range(back_latency + round_latency)]
         tags = [Signal(tag, name=f"back_tag_{s}") for s in range(back_latency + round_latency)]
         head = acc_slice.o.payload.tag
-        hazard = Const(0)
-        for s in range(back_latency):
-            hazard = hazard | (valid[s] & ~tags[s].last & (tags[s].addr == head.addr))
+        # `hazard`: an item in the back pipeline (not its last stage) still writes the head's address. A register,
+        # worked out a cycle ahead for both outcomes (the head stays; the next item becomes the head), so that only
+        # the late `admit` picks one: eight address compares in front of `admit`, which enables the wide slice
+        # registers, were the 4x4 engine's longest path.
+        hazard = Signal()
+
+        def pending(addr):   # items in stages 0 .. back_latency - 2, which move on and still write, at `addr`
+            found = Const(0)
+            for s in range(back_latency - 1):
+                found = found | (valid[s] & ~tags[s].last & (tags[s].addr == addr))
+            return found
+
+        incoming = acc_slice.next_payload.tag
+        hazard_if_stay = pending(head.addr)
+        hazard_if_next = (pending(incoming.addr)
+                          | (acc_slice.o.valid & ~head.last & (head.addr == incoming.addr)))
         # outputs admitted and not yet read from the output FIFO (in flight or queued): a counter rather than the
         # FIFO level plus a count over the pipeline slots, which was the engine's longest path into `admit`
         reserved = Signal(range(depth + 1))
         room = reserved < depth - 1
         admit = ~(hazard & ~head.first) & room
         m.d.comb += acc_slice.o.ready.eq(admit)
+        m.d.sync += hazard.eq(Mux(~acc_slice.o.valid | admit, hazard_if_next, hazard_if_stay))
         enter = acc_slice.o.valid & admit
         m.d.sync += reserved.eq(reserved + (enter & head.last) - (self.c.valid & self.c.ready))
         m.d.sync += [valid[0].eq(enter), tags[0].eq(head)]

@@ -7,7 +7,7 @@ the last stage is empty or being drained, so nothing is dropped and the datapath
 have filled.
 """
 
-from amaranth.hdl import Const, EnableInserter, Instance, Module, Signal
+from amaranth.hdl import Const, EnableInserter, Instance, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -82,22 +82,29 @@ class SkidBuffer(wiring.Component):
         Items in.
     o : Out(stream.Signature(shape))
         The same items, in order, one cycle later at the earliest.
+    next_payload, next_valid : Signal
+        What ``o`` takes when it is free (``~o.valid | o.ready``): for a consumer that works out a decision about
+        the next item a cycle ahead. Driven by the buffer.
     """
 
     def __init__(self, shape):
         super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
+        self.next_payload = Signal(shape)
+        self.next_valid = Signal()
 
     def elaborate(self, platform):
         m = Module()
         shape = self.i.payload.shape()
         spare = Signal(shape)         # an item accepted while the output was held
         spare_valid = Signal()
-        m.d.comb += self.i.ready.eq(~spare_valid)
+        m.d.comb += [
+            self.i.ready.eq(~spare_valid),
+            self.next_payload.eq(Mux(spare_valid, spare, self.i.payload)),
+            self.next_valid.eq(spare_valid | self.i.valid),
+        ]
         with m.If(~self.o.valid | self.o.ready):
-            with m.If(spare_valid):
-                m.d.sync += [self.o.payload.eq(spare), self.o.valid.eq(1), spare_valid.eq(0)]
-            with m.Else():
-                m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
+            m.d.sync += [self.o.payload.eq(self.next_payload), self.o.valid.eq(self.next_valid),
+                         spare_valid.eq(0)]
         with m.Elif(self.i.valid & ~spare_valid):
             m.d.sync += [spare.eq(self.i.payload), spare_valid.eq(1)]
         return m
