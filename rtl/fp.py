@@ -22,7 +22,7 @@ parameterised by :class:`FloatFormat` and by static bounds on its inputs, so tha
 operands can need.
 """
 
-from amaranth.hdl import C, Cat, Module, Mux, Signal, Value, signed
+from amaranth.hdl import C, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -31,6 +31,7 @@ from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key", "at_least",
+    "ecp5_registered_product",
     "FPMul", "FPAdd", "FPDiv", "FPSqrt", "FPConvert", "FixedToFloat",
 ]
 
@@ -144,6 +145,40 @@ def _pieces(value, width):
     count = -(-len(value) // width)
     size = -(-len(value) // count)
     return [(value[offset:offset + size], offset) for offset in range(0, len(value), size)]
+
+
+def ecp5_registered_product(a, b, product, enable, *, signed=False, reset=None):
+    """``product`` = ``a * b`` two enabled cycles later, in one ECP5 ``MULT18X18D`` with its input and output
+    registers (so that the routing to and from a DSP site, which can be far from the fabric, has a cycle each).
+
+    Parameters
+    ----------
+    a, b : Value
+        Operands of at most 18 bits; two's complement if ``signed``, else unsigned.
+    product : Signal
+        Driven with the product's low ``len(product)`` bits (at most 36).
+    enable : Value
+        Clock enable of both register levels.
+    signed : bool
+    reset : Value or None
+        Synchronous reset of the registers to 0 (``None``: never reset).
+    """
+    extend = (lambda value, k: value[k] if k < len(value) else value[-1]) if signed else \
+        (lambda value, k: value[k] if k < len(value) else Const(0))
+    return Instance(
+        "MULT18X18D",
+        p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
+        p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
+        p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
+        p_GSR="DISABLED", p_RESETMODE="SYNC",
+        **{f"i_A{k}": extend(a, k) for k in range(18)},
+        **{f"i_B{k}": extend(b, k) for k in range(18)},
+        **{f"i_C{k}": Const(0) for k in range(18)},
+        i_SIGNEDA=Const(int(signed)), i_SIGNEDB=Const(int(signed)), i_SOURCEA=Const(0), i_SOURCEB=Const(0),
+        i_CLK0=ClockSignal("sync"), i_CE0=enable, i_RST0=Const(0) if reset is None else reset,
+        **{f"i_{port}{k}": Const(0) for port in ("CLK", "CE", "RST") for k in (1, 2, 3)},
+        **{f"o_P{k}": product[k] for k in range(len(product))},
+    )
 
 
 class _Unpacked:
@@ -403,6 +438,10 @@ class FPMul(wiring.Component):
         Packed product of the operands presented ``latency`` cycles earlier.
     latency : int
         Cycles from operands to result, equal to ``stages``.
+    dsp_enable : Signal, in
+        On ECP5, with the ``input`` and ``partials`` cuts registered, those registers of the significands are the
+        DSP blocks' own, which ``EnableInserter`` does not reach: whoever stalls the unit drives this too
+        (:meth:`.pipeline.StallPipeline.stall` does). 1 when undriven.
     """
 
     CUTS = ("output", "product", "partials", "count", "window", "input")
@@ -421,6 +460,7 @@ class FPMul(wiring.Component):
             "b": In(fmt_b.width),
             "result": Out(fmt_out.width),
         })
+        self.dsp_enable = Signal(init=1)
 
     def elaborate(self, platform):
         fmt_a, fmt_b, fmt_out = self.fmt_a, self.fmt_b, self.fmt_out
@@ -447,11 +487,25 @@ class FPMul(wiring.Component):
             "nan": a.is_nan | b.is_nan | (a.is_inf & b.is_zero) | (a.is_zero & b.is_inf),
             "inf": a.is_inf | b.is_inf,
         }
-        for a_piece, a_shift in _pieces(a.sig, self.dsp_width):
-            for b_piece, b_shift in _pieces(b.sig, self.dsp_width):
-                state[f"partial_{a_shift}_{b_shift}"] = a_piece * b_piece
+        hard = (getattr(platform, "family", None) == "ecp5" and self.dsp_width <= 18
+                and {"input", "partials"} <= self._registered)
+        products = {}
+        if hard:
+            # on ECP5 the ``input`` and ``partials`` registers of the significands are the MULT18X18D's own: the
+            # routing to and from a DSP site each get a whole cycle (the DSP sites can be far from the fabric)
+            raw_a, raw_b = _Unpacked(self.a, fmt_a).sig, _Unpacked(self.b, fmt_b).sig
+            for a_piece, a_shift in _pieces(raw_a, self.dsp_width):
+                for b_piece, b_shift in _pieces(raw_b, self.dsp_width):
+                    product = Signal(len(a_piece) + len(b_piece), name=f"partials_partial_{a_shift}_{b_shift}")
+                    m.submodules[f"dsp_{a_shift}_{b_shift}"] = ecp5_registered_product(
+                        a_piece, b_piece, product, self.dsp_enable)
+                    products[f"partial_{a_shift}_{b_shift}"] = product
+        else:
+            for a_piece, a_shift in _pieces(a.sig, self.dsp_width):
+                for b_piece, b_shift in _pieces(b.sig, self.dsp_width):
+                    state[f"partial_{a_shift}_{b_shift}"] = a_piece * b_piece
         # the rounder's preparation from the exponent runs in parallel with the sum of the partial products
-        state = rounder.prepare(pipe.m, pipe.cut("partials", state))
+        state = rounder.prepare(pipe.m, {**pipe.cut("partials", state), **products})
         product = C(0, width)
         for key in [key for key in state if key.startswith("partial_")]:
             a_shift, b_shift = map(int, key.split("_")[1:])

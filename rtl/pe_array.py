@@ -44,10 +44,11 @@ LUT levels to every register's clock enable: 17k of them at 8 x 8); on ECP5 it r
 ``DCCA`` buffer (:func:`~.pipeline.global_fanout`), and for the best Fmax the user drives both from registers.
 """
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, ResetSignal, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .fp import ecp5_registered_product
 from .pipeline import global_fanout
 
 __all__ = ["PEArray", "steps_layout", "partials_layout", "OPERAND_BITS", "ACC_BITS"]
@@ -105,26 +106,6 @@ class _PE:
         # ``acc`` holds a finished chunk sum: it moves to the shadow, and the accumulator restarts, on the next step
         self.done = Signal(name=f"{prefix}_done")
         self.shadow = Signal(signed(ACC_BITS), name=f"{prefix}_shadow", reset_less=True)
-
-
-def _ecp5_multiplier(a, b, product, enable):
-    """``product`` = ``a * b`` two enabled cycles later, in one ``MULT18X18D`` with its input and output registers
-    (the multiplier's operand and product registers of the portable description, inside the DSP block; they reset
-    with the ``sync`` domain, so the first products after a reset are 0 as in simulation)."""
-    return Instance(
-        "MULT18X18D",
-        p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
-        p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
-        p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
-        p_GSR="DISABLED", p_RESETMODE="SYNC",
-        **{f"i_A{k}": a[k] for k in range(OPERAND_BITS)},
-        **{f"i_B{k}": b[k] for k in range(OPERAND_BITS)},
-        **{f"i_C{k}": Const(0) for k in range(OPERAND_BITS)},
-        i_SIGNEDA=Const(1), i_SIGNEDB=Const(1), i_SOURCEA=Const(0), i_SOURCEB=Const(0),
-        i_CLK0=ClockSignal("sync"), i_CE0=enable, i_RST0=ResetSignal("sync"),
-        **{f"i_{port}{k}": Const(0) for port in ("CLK", "CE", "RST") for k in (1, 2, 3)},
-        **{f"o_P{k}": product[k] for k in range(2 * OPERAND_BITS)},
-    )
 
 
 class PEArray(wiring.Component):
@@ -235,7 +216,9 @@ class PEArray(wiring.Component):
                 ]
                 # registered on both sides, the DSP has a whole cycle; the accumulator adder has the next one
                 if hard_registers:
-                    m.submodules[f"pe_{r}_{c}_mult"] = _ecp5_multiplier(pe.a, pe.b, pe.product, step_enable)
+                    # (reset with sync, so that the first products after a reset are 0 as in simulation)
+                    m.submodules[f"pe_{r}_{c}_mult"] = ecp5_registered_product(
+                        pe.a, pe.b, pe.product, step_enable, signed=True, reset=ResetSignal("sync"))
                 else:
                     stepped += [pe.mul_a.eq(pe.a), pe.mul_b.eq(pe.b), pe.product.eq(pe.mul_a * pe.mul_b)]
         for r in range(rows):

@@ -46,6 +46,7 @@ class StallPipeline:
     """
 
     def __init__(self, m, latency, out_ready, *, tag_shape=1, name="pipe", platform=None):
+        self._m = m
         self.advance = Signal(name=f"{name}_advance")
         self.enable = global_fanout(m, platform, self.advance, f"{name}_enable")
         self.in_valid = Signal(name=f"{name}_in_valid")
@@ -61,7 +62,10 @@ class StallPipeline:
         m.d.comb += self.advance.eq(~self.out_valid | out_ready) if latency else self.advance.eq(out_ready)
 
     def stall(self, elaboratable):
-        """Wrap an arithmetic pipeline so it advances with this pipeline."""
+        """Wrap an arithmetic pipeline so it advances with this pipeline (and drive its ``dsp_enable``, if it has
+        one: hard DSP registers, which ``EnableInserter`` does not reach)."""
+        if hasattr(elaboratable, "dsp_enable"):
+            self._m.d.comb += elaboratable.dsp_enable.eq(self.enable)
         return EnableInserter(self.enable)(elaboratable)
 
 

@@ -684,3 +684,29 @@ def test_golden_sqrt_matches_float32():
             root = torch.from_numpy(np.sqrt(_as_torch(every, dtype).float().numpy())).to(dtype)
         expected = np.where(torch.isnan(root).numpy(), fmt.nan_bits, _torch_bits(root))
         _assert_same(golden.sqrt(every, fmt), expected, fmt, a=every)
+
+
+def test_fpmul_ecp5_uses_the_dsp_registers():
+    """With its input and partials cuts registered, FPMul on ECP5 puts those registers of the significands in the
+    MULT18X18D blocks (unsigned pieces); a stall domain's enable reaches them through ``dsp_enable``."""
+    import re
+
+    from amaranth.back import rtlil
+
+    from edge_qlora.rtl.nf4_dequant import NF4Dequantizer
+
+    class Ecp5:  # the attribute the elaboration looks at
+        family = "ecp5"
+
+    text = rtlil.convert(FPMul(FP32, FP32, FP32, stages=6), platform=Ecp5())
+    cells = text.split("cell \\MULT18X18D ")[1:]
+    assert len(cells) == 4       # 24 x 24 bits: 12-bit pieces
+    for cell in cells:
+        cell = cell.split("\n  end")[0]
+        assert 'parameter \\REG_INPUTA_CLK "CLK0"' in cell and 'parameter \\REG_OUTPUT_CLK "CLK0"' in cell
+        assert "connect \\SIGNEDA 1'0" in cell
+    assert "MULT18X18D" not in rtlil.convert(FPMul(FP32, FP32, FP32, stages=5), platform=Ecp5())
+    assert "MULT18X18D" not in rtlil.convert(FPMul(FP32, FP32, FP32, stages=6))
+    # every DSP block of the dequantizer is enabled by its stall domain
+    text = rtlil.convert(NF4Dequantizer(), platform=Ecp5())
+    assert set(re.findall(r"connect \\CE0 (\S+)", text)) == {"\\scale_enable", "\\build_enable"}
