@@ -582,14 +582,29 @@ class GemmEngine(wiring.Component):
         w_reads = [mem[f"w{b}"].read_port(domain="sync") for b in range(cols)]
         for port in [a_read, ea_read, ew_read, *w_reads]:
             m.d.comb += port.en.eq(pipe.advance)
-        q = Mux(job.transposed, outer + step, q0 + step)
+        # the chunk's fixed addresses (A at its first step, its exponents, the W tile's base) are registers, set at
+        # the chunk's end from the next chunk's, which are worked out on its third step: one adder, not two, in
+        # front of the A memory's address
+        bases = {name: Signal(range(mem[key].depth), name=f"{name}_base")
+                 for name, key in (("a", "a"), ("ea", "ea"), ("ew", "ew"), ("w", "w0"))}
+        n_bases = {name: Signal.like(base, name=f"next_{name}_base") for name, base in bases.items()}
+
+        def bases_of(a_half_, w_half_, q0_, outer_, kt_, chunk_index_):
+            return {
+                "a": Mux(a_half_, cfg.max_q, 0) + Mux(job.transposed, outer_, q0_),
+                "ea": Mux(a_half_, mem["chunks_q"], 0) + chunk_index_,
+                "ew": Mux(w_half_, mem["chunks_k"], 0) + chunk_index_,
+                "w": Mux(w_half_, slots * words, 0) + Mux(job.transposed, kt_, 0),
+            }
+        with m.If(start):
+            m.d.sync += [bases[name].eq(value) for name, value in bases_of(a_half, w_half, 0, 0, 0, 0).items()]
         m.d.comb += [
-            a_read.addr.eq(Mux(a_half, cfg.max_q, 0) + q),
-            ea_read.addr.eq(Mux(a_half, mem["chunks_q"], 0) + chunk_index),
-            ew_read.addr.eq(Mux(w_half, mem["chunks_k"], 0) + chunk_index),
+            a_read.addr.eq(bases["a"] + step),
+            ea_read.addr.eq(bases["ea"]),
+            ew_read.addr.eq(bases["ew"]),
         ]
         # forward: every bank reads its row (slot 0) at word q // cols; transposed: row `step` of the tile
-        w_address = Mux(w_half, slots * words, 0) + Mux(job.transposed, bwd_slot * words + kt, fwd_word)
+        w_address = bases["w"] + Mux(job.transposed, bwd_slot * words, fwd_word)
         for port in w_reads:
             m.d.comb += port.addr.eq(w_address)
 
@@ -634,8 +649,12 @@ class GemmEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += [n_kt.eq(kt + 1), n_k0.eq(k0 + cols), n_q0.eq(q0), n_outer.eq(outer),
                                  n_chunk_index.eq(chunk_index), n_m_left.eq(m_left)]
+        w_tile_done = Mux(job.transposed, bwd_last_ktile, fwd_last_chunk)
+        a_tile_done = Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)
         with m.If(issue & (step == 2)):
             m.d.sync += [nxt[name].eq(value) for name, value in flags_of(n_q0, n_outer, n_k0, n_m_left).items()]
+            m.d.sync += [n_bases[name].eq(value) for name, value in bases_of(
+                a_half ^ a_tile_done, w_half ^ w_tile_done, n_q0, n_outer, n_kt, n_chunk_index).items()]
         with m.If(issue & (step == 3)):
             m.d.sync += nxt["steps_m1"].eq(steps_m1_of(nxt["length"]))
 
@@ -653,13 +672,14 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [bwd_bank.eq(0), bwd_slot.eq(0), q0.eq(n_q0), outer.eq(n_outer), kt.eq(n_kt),
                              k0.eq(n_k0), chunk_index.eq(n_chunk_index), m_left.eq(n_m_left)]
                 m.d.sync += [cur[name].eq(nxt[name]) for name in cur]
-                with m.If(Mux(job.transposed, bwd_last_ktile, fwd_last_chunk)):
+                m.d.sync += [bases[name].eq(n_bases[name]) for name in bases]
+                with m.If(w_tile_done):
                     # the W tile is done
                     m.d.comb += w_release.bit_select(w_half, 1).eq(1)
                     m.d.sync += w_half.eq(~w_half)
                     with m.If(~job.transposed):
                         m.d.sync += [fwd_word.eq(0), fwd_lane.eq(0)]
-                with m.If(Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)):
+                with m.If(a_tile_done):
                     # the A tile is done
                     m.d.comb += a_release.bit_select(a_half, 1).eq(1)
                     m.d.sync += a_half.eq(~a_half)
