@@ -111,6 +111,12 @@ class RowAligner(wiring.Component):
                     *plan(m, payload.row_length),
                 ]
 
+        reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]    # buffer[read_at + lane]
+        with m.Switch(read_at):
+            for at in range(slots):
+                with m.Case(at):
+                    m.d.comb += [element.eq(buffer[(at + lane) % slots]) for lane, element in enumerate(reads)]
+
         # emit: the rest of the row, at most one beat of it
         last = row_end & final_row
         out_free = ~self.rows.valid | self.rows.ready
@@ -126,12 +132,7 @@ class RowAligner(wiring.Component):
             advanced = read_at + need
             m.d.sync += [rest.eq(rest_next), *plan(m, rest_next),
                          read_at.eq(Mux(advanced >= slots, advanced - slots, advanced))]
-            for lane in range(lanes):
-                element = Signal(width, name=f"read_{lane}")    # buffer[read_at + lane]
-                with m.Switch(read_at):
-                    for at in range(slots):
-                        with m.Case(at):
-                            m.d.comb += element.eq(buffer[(at + lane) % slots])
+            for lane, element in enumerate(reads):
                 m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, element, 0))
             with m.If(row_end):
                 m.d.sync += [rows_left.eq(rows_left - 1), final_row.eq(rows_left == 2)]
