@@ -489,21 +489,20 @@ class FPMul(wiring.Component):
         }
         hard = (getattr(platform, "family", None) == "ecp5" and self.dsp_width <= 18
                 and {"input", "partials"} <= self._registered)
+        # on ECP5 the ``input`` and ``partials`` registers of the significands are the MULT18X18D's own: the routing
+        # to and from a DSP site each get a whole cycle (the DSP sites can be far from the fabric); the DSP blocks
+        # then take the significands ahead of the ``input`` cut
+        sig_a, sig_b = (_Unpacked(self.a, fmt_a).sig, _Unpacked(self.b, fmt_b).sig) if hard else (a.sig, b.sig)
         products = {}
-        if hard:
-            # on ECP5 the ``input`` and ``partials`` registers of the significands are the MULT18X18D's own: the
-            # routing to and from a DSP site each get a whole cycle (the DSP sites can be far from the fabric)
-            raw_a, raw_b = _Unpacked(self.a, fmt_a).sig, _Unpacked(self.b, fmt_b).sig
-            for a_piece, a_shift in _pieces(raw_a, self.dsp_width):
-                for b_piece, b_shift in _pieces(raw_b, self.dsp_width):
-                    product = Signal(len(a_piece) + len(b_piece), name=f"partials_partial_{a_shift}_{b_shift}")
+        for a_piece, a_shift in _pieces(sig_a, self.dsp_width):
+            for b_piece, b_shift in _pieces(sig_b, self.dsp_width):
+                key = f"partial_{a_shift}_{b_shift}"
+                if hard:
+                    products[key] = Signal(len(a_piece) + len(b_piece), name=f"partials_{key}")
                     m.submodules[f"dsp_{a_shift}_{b_shift}"] = ecp5_registered_product(
-                        a_piece, b_piece, product, self.dsp_enable)
-                    products[f"partial_{a_shift}_{b_shift}"] = product
-        else:
-            for a_piece, a_shift in _pieces(a.sig, self.dsp_width):
-                for b_piece, b_shift in _pieces(b.sig, self.dsp_width):
-                    state[f"partial_{a_shift}_{b_shift}"] = a_piece * b_piece
+                        a_piece, b_piece, products[key], self.dsp_enable)
+                else:
+                    state[key] = a_piece * b_piece
         # the rounder's preparation from the exponent runs in parallel with the sum of the partial products
         state = rounder.prepare(pipe.m, {**pipe.cut("partials", state), **products})
         product = C(0, width)
