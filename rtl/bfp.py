@@ -23,12 +23,13 @@ from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
 
 from .fp import at_least
 
-__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "bf16_exponent", "biased_exponent", "max_exponent", "partial_maxima",
-           "max_of_partials", "ExponentMax", "AlignLanes"]
+__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "BF16_BIAS", "bf16_exponent", "biased_exponent", "max_exponent",
+           "partial_maxima", "max_of_partials", "ExponentMax", "AlignLanes"]
 
 #: shape of an unbiased bf16 exponent: -126 to 127 (128 for NaN and infinity)
 EXPONENT_SHAPE = signed(9)
-_BF16_BIAS = 127
+#: bias of a bf16 exponent field
+BF16_BIAS = 127
 _BF16_FRAC = 7
 MAX_LANES = 64
 # ``q = rne(sig * 2 ** (_UNIT_SHIFT - d))``: the significand's last place lands 9 places up when ``d = 0``
@@ -62,7 +63,7 @@ def bf16_exponent(value):
     -------
     Value of shape :data:`EXPONENT_SHAPE`
     """
-    return biased_exponent(value) - _BF16_BIAS
+    return biased_exponent(value) - BF16_BIAS
 
 
 def _max(m, a, b, name):
@@ -136,7 +137,7 @@ def max_of_partials(m, nodes, name="exponent_max"):
     """
     exponent = Signal(EXPONENT_SHAPE, name=name)
     root, = _reduce(m, nodes, f"{name}_rest")
-    m.d.comb += exponent.eq(root - _BF16_BIAS)
+    m.d.comb += exponent.eq(root - BF16_BIAS)
     return exponent
 
 
@@ -240,7 +241,7 @@ class ExponentMax(wiring.Component):
         with m.If(flags["valid"]):
             m.d.sync += running.eq(Mux(flags["last"], 1, chunk_max))
             with m.If(flags["last"]):
-                m.d.sync += self.exponent.eq(chunk_max - _BF16_BIAS)
+                m.d.sync += self.exponent.eq(chunk_max - BF16_BIAS)
         return m
 
 

@@ -28,6 +28,8 @@ from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
 
+from .pipeline import is_ecp5
+
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key", "at_least",
@@ -487,7 +489,7 @@ class FPMul(wiring.Component):
             "nan": a.is_nan | b.is_nan | (a.is_inf & b.is_zero) | (a.is_zero & b.is_inf),
             "inf": a.is_inf | b.is_inf,
         }
-        hard = (getattr(platform, "family", None) == "ecp5" and self.dsp_width <= 18
+        hard = (is_ecp5(platform) and self.dsp_width <= 18
                 and {"input", "partials"} <= self._registered)
         # on ECP5 the ``input`` and ``partials`` registers of the significands are the MULT18X18D's own: the routing
         # to and from a DSP site each get a whole cycle (the DSP sites can be far from the fabric); the DSP blocks

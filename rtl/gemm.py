@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import GemmNumerics
-from .bfp import EXP_MIN, AlignLanes, bf16_exponent, biased_exponent, max_of_partials, partial_maxima
+from .bfp import BF16_BIAS, EXP_MIN, AlignLanes, bf16_exponent, biased_exponent, max_of_partials, partial_maxima
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
@@ -292,7 +292,7 @@ class GemmEngine(wiring.Component):
         chunk_end = (in_chunk == chunk - 1) | q_last
         # the running maxima are kept biased too: the comparison needs no subtraction in front of it, and the
         # unbiased exponent (for the memory) is computed beside the comparison, not behind it
-        running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + 127) for i in range(rows)]
+        running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + BF16_BIAS) for i in range(rows)]
         fields = [biased_exponent(self.a.payload[i]) for i in range(rows)]
         higher = [fields[i] > running_biased[i] for i in range(rows)]
         peaks = [Mux(higher[i], bf16_exponent(self.a.payload[i]), running[i]) for i in range(rows)]

@@ -49,7 +49,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .fp import ecp5_registered_product
-from .pipeline import global_fanout
+from .pipeline import global_fanout, is_ecp5
 
 __all__ = ["PEArray", "steps_layout", "partials_layout", "OPERAND_BITS", "ACC_BITS"]
 
@@ -175,7 +175,7 @@ class PEArray(wiring.Component):
         stepped = []
         # the step enable reaches every register of the array: on the clock network where there is one for logic
         step_enable = global_fanout(m, platform, advance, "step_enable")
-        hard_registers = getattr(platform, "family", None) == "ecp5"
+        hard_registers = is_ecp5(platform)
         # edge skew: row r's ``a`` and ``last`` are r steps late, column c's ``b`` is c steps late
         a_in, last_in = [], []
         for r in range(rows):

@@ -11,7 +11,7 @@ from amaranth.hdl import Const, EnableInserter, Instance, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["StallPipeline", "SkidBuffer", "global_fanout"]
+__all__ = ["StallPipeline", "SkidBuffer", "global_fanout", "is_ecp5"]
 
 
 class StallPipeline:
@@ -114,6 +114,11 @@ class SkidBuffer(wiring.Component):
         return m
 
 
+def is_ecp5(platform):
+    """Whether ``platform`` (a Platform or ``None``, as passed to ``elaborate``) is a Lattice ECP5 device."""
+    return getattr(platform, "family", None) == "ecp5"
+
+
 def global_fanout(m, platform, signal, name):
     """``signal``, through a global buffer where the platform has one for logic (ECP5: ``DCCA``).
 
@@ -131,7 +136,7 @@ def global_fanout(m, platform, signal, name):
     name : str
         Name of the buffered copy.
     """
-    if getattr(platform, "family", None) != "ecp5":
+    if not is_ecp5(platform):
         return signal
     buffered = Signal(name=name)
     m.submodules[f"{name}_buffer"] = Instance("DCCA", i_CLKI=signal, i_CE=Const(1), o_CLKO=buffered)
