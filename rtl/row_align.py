@@ -89,8 +89,12 @@ class RowAligner(wiring.Component):
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
         more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
 
-        def plan(m, rest_value):
-            return [need.eq(Mux(rest_value < lanes, rest_value[:5], lanes)), row_end.eq(rest_value <= lanes)]
+        # a row's first beat, planned when the shape arrives
+        first_need = Signal(range(lanes + 1))
+        first_row_end = Signal()
+
+        def plan(rest_value):
+            return Mux(rest_value < lanes, rest_value[:5], lanes), rest_value <= lanes
 
         with m.If(~active):
             m.d.comb += self.shape.ready.eq(1)
@@ -108,8 +112,10 @@ class RowAligner(wiring.Component):
                     held.eq(0),
                     read_at.eq(0),
                     write_at.eq(1),
-                    *plan(m, payload.row_length),
                 ]
+                first = plan(payload.row_length)
+                m.d.sync += [need.eq(first[0]), row_end.eq(first[1]), first_need.eq(first[0]),
+                             first_row_end.eq(first[1])]
 
         reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]    # buffer[read_at + lane]
         with m.Switch(read_at):
@@ -128,10 +134,15 @@ class RowAligner(wiring.Component):
                 self.rows.payload.row_end.eq(row_end),
                 self.rows.payload.last.eq(last),
             ]
-            rest_next = Mux(row_end, row_length, rest - lanes)
+            # the beat after this one: the next row's first (planned already) or this row's rest less a beat,
+            # planned from `rest` by comparisons with constants, not behind the subtraction
             advanced = read_at + need
-            m.d.sync += [rest.eq(rest_next), *plan(m, rest_next),
-                         read_at.eq(Mux(advanced >= slots, advanced - slots, advanced))]
+            m.d.sync += [
+                rest.eq(Mux(row_end, row_length, rest - lanes)),
+                need.eq(Mux(row_end, first_need, Mux(at_least(rest, 2 * lanes), lanes, (rest - lanes)[:5]))),
+                row_end.eq(Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))),
+                read_at.eq(Mux(advanced >= slots, advanced - slots, advanced)),
+            ]
             for lane, element in enumerate(reads):
                 m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, element, 0))
             with m.If(row_end):

@@ -41,7 +41,9 @@ def run(lanes, shapes, seed, idle=0.3):
 
 @pytest.mark.parametrize("lanes", [1, 3, 8, 16])
 def test_random_shapes_back_to_back(lanes):
-    shapes = [(5, 37), (3, 1), (2, lanes), (1, 2 * lanes + 1), (4, 2)]
+    # row lengths around one, two and three beats: the next beat's plan switches at lanes and 2 * lanes
+    around = [length for beats in (1, 2, 3) for length in (beats * lanes - 1, beats * lanes, beats * lanes + 1)]
+    shapes = [(5, 37), (3, 1), (2, lanes), (1, 2 * lanes + 1), (4, 2)] + [(2, n) for n in around if n > 0]
     run(lanes, shapes, seed=lanes)
 
 
