@@ -181,6 +181,9 @@ def _parser():
     build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     build.add_argument("--router", choices=("router1", "router2"), default=None,
                        help="nextpnr router (default: nextpnr's, router1)")
+    build.add_argument("--lut-mapper", choices=("abc9", "abc"), default="abc9",
+                       help="Yosys LUT mapping: abc9 (default; fewer LUTs) or classic abc (more LUTs; the large "
+                            "GEMM engines route in about half the time)")
     build.add_argument("--place-only", action="store_true",
                        help="stop after placement (no routing, no bitstream): a quick check that a large design "
                             "fits; Fmax is nextpnr's estimate before routing")
@@ -318,7 +321,8 @@ def _build(args):
     if target_mhz is None and args.board == "icebreaker":
         target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
     report = build(design, args.board, out, target_mhz=target_mhz, seed=args.seed, router=args.router,
-                   place_only=args.place_only, progress=lambda step: print(f"  {step}", flush=True))
+                   lut_mapper=args.lut_mapper, place_only=args.place_only,
+                   progress=lambda step: print(f"  {step}", flush=True))
     print(format_report(report))
 
 

@@ -38,6 +38,7 @@ def main():
                         help="build this array instead of the table's: board:RxC, e.g. ulx3s-85f:12x8 (repeatable)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--router", choices=("router1", "router2"), default=None, help="nextpnr router")
+    parser.add_argument("--lut-mapper", choices=("abc9", "abc"), default="abc9", help="Yosys LUT mapping")
     parser.add_argument("--place-only", action="store_true",
                         help="stop after placement: final resource use, Fmax estimated before routing")
     args = parser.parse_args()
@@ -66,7 +67,7 @@ def main():
         row = {"board": board, "rows": rows, "cols": cols, "max_k": max_k}
         try:
             report = build(GemmEngine(config), board, out, seed=args.seed, router=args.router,
-                           place_only=args.place_only)
+                           lut_mapper=args.lut_mapper, place_only=args.place_only)
             row.update(fmax_mhz=min(report["fmax_mhz"].values(), default=0.0), target_mhz=report["target_mhz"],
                        utilization=report["utilization"], seconds=report["seconds"], notes=report.get("notes", []),
                        placed_only=report.get("placed_only", False))

@@ -157,6 +157,10 @@ def test_build_argument_errors(tmp_path):
         build(MultiplyAccumulate(), "icebreaker", tmp_path / "missing" / "out")
     with pytest.raises(BuildError, match=r"has no output ports"):
         build(NoOutputs(), "icebreaker", tmp_path / "out")
+    with pytest.raises(BuildError, match=r"^router must be 'router1' or 'router2', not 'pathfinder'$"):
+        build(MultiplyAccumulate(), "icebreaker", tmp_path / "out", router="pathfinder")
+    with pytest.raises(BuildError, match=r"^lut_mapper must be 'abc9' or 'abc', not 'flowmap'$"):
+        build(MultiplyAccumulate(), "icebreaker", tmp_path / "out", lut_mapper="flowmap")
 
 
 # --- bitstream builds -----------------------------------------------------------------------------
@@ -189,7 +193,10 @@ def test_smoke_build(tmp_path, board, suffix, lut, ff, dsp):
 
 @pytest.mark.slow
 def test_place_only(tmp_path):
-    report = build(MultiplyAccumulate(32), "ulx3s-85f", tmp_path / "placed", place_only=True)
+    # with classic ABC for the LUT mapping too (one build for both options)
+    report = build(MultiplyAccumulate(32), "ulx3s-85f", tmp_path / "placed", place_only=True, lut_mapper="abc")
+    assert "abc -lut 4:7" in (tmp_path / "placed" / "top.ys").read_text()
+    assert report["notes"] == ["LUTs mapped with classic ABC (lut_mapper='abc')"]
     assert report["placed_only"] and report["bitstream"] is None
     assert not list((tmp_path / "placed").glob("*.bit"))
     assert report["fmax_mhz"]["sync"] > 0          # nextpnr's estimate before routing, from its log
