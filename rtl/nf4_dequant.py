@@ -24,7 +24,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
-from .fp import FORMATS, FP32, FPAdd, FPConvert, FPMul
+from .fp import FORMATS, FP32, FPAdd, FPConvert, FPMul, at_least
 from .pipeline import StallPipeline
 
 __all__ = ["NF4DequantConfig", "NF4Dequantizer", "codes_layout", "weights_layout"]
@@ -340,7 +340,9 @@ class NF4Dequantizer(wiring.Component):
         left = Mux(fresh, current.count.n_weights, remaining)
         left_next = left - lanes
         offset_next = Mux(crossed, offset + lanes - blocksize, offset + lanes)
-        last_next = left_next <= lanes
+        # left_next <= lanes, as a comparison of `left` with a constant: gates, not a second carry chain behind the
+        # subtraction (the 8x8 engine's longest path)
+        last_next = ~at_least(left, 2 * lanes + 1)
         filled_next = Mux(last_next, left_next[:5], lanes)  # weights of the next beat that belong to the tensor
         update = [
             remaining.eq(left_next),
