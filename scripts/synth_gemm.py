@@ -95,9 +95,10 @@ def main():
         lines.append(f"| {row['board']} | {row['rows']}x{row['cols']}{note} | {row['max_k']} | "
                      f"{row['fmax_mhz']:.1f} ({row['target_mhz']:.0f})"
                      f"{' placed, not routed' if row.get('placed_only') else ''} | " + " | ".join(cells) + " |")
-    if any(row.get("notes") for row in results):
+    notes = sorted({note for row in results for note in row.get("notes", [])})
+    if notes:
         lines.append("")
-        lines.append("\\* LUTs mapped with classic ABC: Yosys 0.70's ABC9 asserts on this design")
+        lines.append("\\* " + "; ".join(notes))
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "synth_gemm.md"), "w") as f:
