@@ -182,8 +182,8 @@ def _parser():
     build.add_argument("--router", choices=("router1", "router2"), default=None,
                        help="nextpnr router (default: nextpnr's, router1)")
     build.add_argument("--lut-mapper", choices=("abc9", "abc"), default="abc9",
-                       help="Yosys LUT mapping: abc9 (default; fewer LUTs) or classic abc (more LUTs; the large "
-                            "GEMM engines route in about half the time)")
+                       help="Yosys LUT mapping: abc9 (default; fewer LUTs) or classic abc (more LUTs, but the 8x8 "
+                            "GEMM engine routes with it, not with abc9)")
     build.add_argument("--place-only", action="store_true",
                        help="stop after placement (no routing, no bitstream): a quick check that a large design "
                             "fits; Fmax is nextpnr's estimate before routing")

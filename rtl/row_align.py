@@ -93,9 +93,6 @@ class RowAligner(wiring.Component):
         first_need = Signal(range(lanes + 1))
         first_row_end = Signal()
 
-        def plan(rest_value):
-            return Mux(rest_value < lanes, rest_value[:5], lanes), rest_value <= lanes
-
         with m.If(~active):
             m.d.comb += self.shape.ready.eq(1)
             with m.If(self.shape.valid):
@@ -113,7 +110,8 @@ class RowAligner(wiring.Component):
                     read_at.eq(0),
                     write_at.eq(1),
                 ]
-                first = plan(payload.row_length)
+                length = payload.row_length
+                first = [Mux(length < lanes, length[:5], lanes), length <= lanes]
                 m.d.sync += [need.eq(first[0]), row_end.eq(first[1]), first_need.eq(first[0]),
                              first_row_end.eq(first[1])]
 
