@@ -89,9 +89,9 @@ class RowAligner(wiring.Component):
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
         more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
 
-        # a row's first beat, planned when the shape arrives
-        first_need = Signal(range(lanes + 1))
-        first_row_end = Signal()
+        def first_beat(length):
+            """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
+            return Mux(at_least(length, lanes), lanes, length[:5]), ~at_least(length, lanes + 1)
 
         with m.If(~active):
             m.d.comb += self.shape.ready.eq(1)
@@ -110,10 +110,8 @@ class RowAligner(wiring.Component):
                     read_at.eq(0),
                     write_at.eq(1),
                 ]
-                length = payload.row_length
-                first = [Mux(length < lanes, length[:5], lanes), length <= lanes]
-                m.d.sync += [need.eq(first[0]), row_end.eq(first[1]), first_need.eq(first[0]),
-                             first_row_end.eq(first[1])]
+                first_need, first_row_end = first_beat(payload.row_length)
+                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end)]
 
         reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]    # buffer[read_at + lane]
         with m.Switch(read_at):
@@ -132,12 +130,14 @@ class RowAligner(wiring.Component):
                 self.rows.payload.row_end.eq(row_end),
                 self.rows.payload.last.eq(last),
             ]
-            # the beat after this one: the next row's first (planned already) or this row's rest less a beat,
-            # planned from `rest` by comparisons with constants, not behind the subtraction
+            # the beat after this one: the next row's first or this row's rest less a beat, both planned by
+            # comparisons of registers with constants, not behind the subtraction
             advanced = read_at + need
+            rest_less = rest - lanes
+            first_need, first_row_end = first_beat(row_length)
             m.d.sync += [
-                rest.eq(Mux(row_end, row_length, rest - lanes)),
-                need.eq(Mux(row_end, first_need, Mux(at_least(rest, 2 * lanes), lanes, (rest - lanes)[:5]))),
+                rest.eq(Mux(row_end, row_length, rest_less)),
+                need.eq(Mux(row_end, first_need, Mux(at_least(rest, 2 * lanes), lanes, rest_less[:5]))),
                 row_end.eq(Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))),
                 read_at.eq(Mux(advanced >= slots, advanced - slots, advanced)),
             ]
