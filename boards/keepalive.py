@@ -48,11 +48,13 @@ class KeepAlive(Elaboratable):
     """Board wrapper that exercises any :class:`wiring.Component` from an LFSR.
 
     Every input port bit (payloads, ``valid``, the ``ready`` of output streams, configuration
-    ports) is driven by its own stage of a free-running shift-register LFSR: the first 64 stages
-    form a maximal-length LFSR, the rest extend it as a delay line, so every bit is a register of
-    its own carrying a different phase of the sequence, and none is constant. Every output port bit
-    enters a pipelined XOR tree, one LUT level per register stage, that folds them down to
-    ``digest_width`` bits; on a platform these drive the board LEDs.
+    ports) is driven by a register loaded from its own stage of a free-running shift-register LFSR:
+    the first 64 stages form a maximal-length LFSR, the rest extend it as a delay line, so every bit
+    carries a different phase of the sequence, and none is constant. Every output port bit is
+    captured in a register, then enters a pipelined XOR tree, one LUT level per register stage, that
+    folds them down to ``digest_width`` bits; on a platform these drive the board LEDs. The
+    registers on the design's ports load nothing but the design (inputs) and are loaded by nothing
+    but it (outputs), so the placer puts them beside it: the harness lengthens no path of the design.
 
     Synthesis cannot prove any output irrelevant, so nothing is removed; the only logic outside the
     design is one LUT of LFSR feedback and one LUT per fold register, none of it on a path longer
@@ -82,7 +84,7 @@ class KeepAlive(Elaboratable):
     digest : Signal
         Created by :meth:`elaborate`: the folded outputs, ``digest_width`` bits wide.
     latency : int
-        Created by :meth:`elaborate`: register stages in the XOR tree.
+        Created by :meth:`elaborate`: register stages from the outputs to the digest.
     """
 
     def __init__(self, design, *, digest_width=None, seed=1):
@@ -135,11 +137,16 @@ class KeepAlive(Elaboratable):
             feedback ^= lfsr[tap]
         m.d.sync += lfsr.eq(Cat(feedback, lfsr[:-1]))
         if len(input_bits):
-            m.d.comb += input_bits.eq(lfsr[:len(input_bits)])
+            # through a register of its own per bit: the shift chain's registers sit in a line across the die,
+            # a register with the design as its only load is placed by the design
+            m.d.sync += input_bits.eq(lfsr[:len(input_bits)])
 
-        # Response: XOR groups of four, registered, until the digest is narrow enough.
-        level = Cat(value for _path, value in self.outputs)
-        stages = 0
+        # Response: every output bit captured in a register of its own (placed beside its source, whatever the
+        # fold below groups it with), then XOR groups of four, registered, until the digest is narrow enough.
+        captured = Cat(value for _path, value in self.outputs)
+        level = Signal(len(captured), name="capture", reset_less=True)
+        m.d.sync += level.eq(captured)
+        stages = 1
         while len(level) > width:
             groups = [level[i:i + _FOLD_FAN_IN] for i in range(0, len(level), _FOLD_FAN_IN)]
             folded = Signal(len(groups), name=f"fold_{stages}", reset_less=True)
