@@ -281,9 +281,11 @@ class GemmEngine(wiring.Component):
 
         # q is the tile's last reduction index: a register, so that the 32-bit compare stays off the handshake
         q_last = Signal()
+        # and whether this is the last tile of A rows: a register too, not a 32-bit compare behind the handshake
+        m_last = Signal()
         with m.If(start):
             m.d.sync += [active.eq(1), m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
-                         q_last.eq(q_length == 1)]
+                         q_last.eq(q_length == 1), m_last.eq(job.m <= rows)]
         m.d.comb += a_done.eq(~active)
 
         ready = active & ~a_full.bit_select(half, 1)
@@ -318,8 +320,8 @@ class GemmEngine(wiring.Component):
                 # the tile is in: hand the half to the sequencer
                 m.d.comb += a_filled.bit_select(half, 1).eq(1)
                 m.d.sync += [half.eq(~half), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
-                             m_left.eq(m_left - rows)]
-                with m.If(m_left <= rows):
+                             m_left.eq(m_left - rows), m_last.eq(m_left <= 2 * rows)]
+                with m.If(m_last):
                     m.d.sync += active.eq(0)
 
     # --- W writer ---------------------------------------------------------------------------------------------------
