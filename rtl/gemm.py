@@ -565,8 +565,9 @@ class GemmEngine(wiring.Component):
         # a step may start when its buffers are full and, on a chunk's first step, the chunk FIFO has room
         have_data = a_full.bit_select(a_half, 1) & w_full.bit_select(w_half, 1)
         # memory read; a register on the raw read data (block RAM clock-to-out is slow on ECP5); selection and
-        # exponents, registered; the alignment shift and its rounding, each registered
-        pipe_latency = 1 + 1 + 1 + 2
+        # exponents, registered; the alignment's distance, shift and rounding, each registered
+        align_stages = 3
+        pipe_latency = 1 + 1 + 1 + align_stages
         # (the PE array takes the steps; everything before it stalls with it)
         pipe = StallPipeline(m, pipe_latency, array.steps.ready, tag_shape=data.StructLayout({
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
@@ -692,7 +693,7 @@ class GemmEngine(wiring.Component):
         m.d.comb += seq_done.eq(~active & (flushing == 0))
 
         # --- stage 1: memory data, registered raw; stage 2: select, mask, exponents; stage 3: their register;
-        # stages 4-5: alignment
+        # stages 4-6: alignment
         tag1, tag2 = Signal.like(pipe.in_tag), Signal.like(pipe.in_tag)
         read_half, read_half2 = Signal(), Signal()
         raw_a = Signal.like(a_read.data)
@@ -729,15 +730,15 @@ class GemmEngine(wiring.Component):
 
         align_b_units = []
         for j in range(cols):
-            unit = AlignLanes(1, stages=2)
+            unit = AlignLanes(1, stages=align_stages)
             m.submodules[f"align_b_{j}"] = pipe.stall(unit)
             align_b_units.append(unit)
         align_a_units = []
         for i in range(rows):
-            unit = AlignLanes(1, stages=2)
+            unit = AlignLanes(1, stages=align_stages)
             m.submodules[f"align_a_{i}"] = pipe.stall(unit)
             align_a_units.append(unit)
-        # stage 3: the selected operands and their shared exponents, registered before the alignment shift
+        # stage 3: the selected operands and their shared exponents, registered before the alignment
         for i, unit in enumerate(align_a_units):
             value, shared = Signal(16, name=f"a_value_{i}"), Signal(EXP, name=f"a_shared_{i}")
             with m.If(pipe.enable):
@@ -760,7 +761,7 @@ class GemmEngine(wiring.Component):
         for j in range(cols):
             m.d.comb += info_in.eb[j].eq(b_exps[j])
 
-        # stage 5 -> the array
+        # stage 6 -> the array
         m.d.comb += [
             array.steps.valid.eq(pipe.out_valid),
             array.steps.payload.last.eq(pipe.out_tag.last),

@@ -164,7 +164,7 @@ def test_align_every_pattern():
     assert got.max() == 255 << 9 and got.min() == -(255 << 9)
 
 
-@pytest.mark.parametrize("lanes, stages", [(3, 2), (5, 1), (1, 2)])
+@pytest.mark.parametrize("lanes, stages", [(3, 2), (5, 1), (1, 3), (2, 3)])
 def test_align_stalled(lanes, stages):
     rng = np.random.default_rng(lanes)
     beats = 1500
@@ -263,8 +263,8 @@ def test_exponent_max(lanes, stages):
 def test_arguments_checked():
     with pytest.raises(ValueError, match="lanes must be from 1 to 64, not 0"):
         AlignLanes(0)
-    with pytest.raises(ValueError, match="stages must be from 0 to 2, not 3"):
-        AlignLanes(4, stages=3)
+    with pytest.raises(ValueError, match="stages must be from 0 to 3, not 4"):
+        AlignLanes(4, stages=4)
     with pytest.raises(TypeError, match="lanes must be an integer"):
         ExponentMax("8")
     with pytest.raises(ValueError, match="stages must be from 0 to 4, not -1"):
