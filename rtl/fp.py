@@ -124,14 +124,16 @@ def _count_leading_zeros(m, value, name):
     """Number of leading zeros of ``value``, ``len(value)`` when it is all zeros, as a log-depth tree."""
     width = len(value)
     # pad to a power of two with a one just below the LSB, so an all-zero input counts exactly ``width``
-    padded_width = 2
+    padded_width = 4
     while padded_width < width + 1:
         padded_width *= 2
     padding = padded_width - width
     bits = _wire(m, Cat(C(1 << (padding - 1), padding), value), f"{name}_input")
-    # one signal per tree level; per group of bits it holds the group's count with an all-zero flag above it
-    nodes = [Cat(~bits[i + 1], ~(bits[i] | bits[i + 1])) for i in range(0, padded_width, 2)]
-    count_width = 1
+    # one signal per tree level; per group of bits it holds the group's count with an all-zero flag above it.
+    # The leaves are groups of four, each output bit one LUT4 (a group's count matters only if it is not all zero)
+    nodes = [Cat(~bits[i + 3] & (bits[i + 2] | ~bits[i + 1]), ~(bits[i + 3] | bits[i + 2]), ~bits[i:i + 4].any())
+             for i in range(0, padded_width, 4)]
+    count_width = 2
     while True:
         level = _wire(m, Cat(*nodes), f"{name}_lz{count_width}")
         nodes = [level[i:i + count_width + 1] for i in range(0, len(level), count_width + 1)]

@@ -21,7 +21,7 @@ from edge_qlora.golden import fp as golden
 from edge_qlora.golden.fp import BF16, FP16, FP32
 from edge_qlora.golden.gemm import partial_to_fp32
 from edge_qlora.rtl.fp import (FixedToFloat, FPAdd, FPConvert, FPDiv, FPMul, FPSqrt, fp_abs_key, fp_is_inf,
-                               fp_is_nan, fp_is_zero, fp_order_key)
+                               fp_is_nan, fp_is_zero, fp_order_key, _count_leading_zeros)
 
 RANDOM_VECTORS = 4000
 
@@ -710,3 +710,30 @@ def test_fpmul_ecp5_uses_the_dsp_registers():
     # every DSP block of the dequantizer is enabled by its stall domain
     text = rtlil.convert(NF4Dequantizer(), platform=Ecp5())
     assert set(re.findall(r"connect \\CE0 (\S+)", text)) == {"\\scale_enable", "\\build_enable"}
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 8, 11, 44, 64])
+def test_count_leading_zeros(width):
+    """The leading-zero tree every rounder uses: exhaustive up to 11 bits, else every single bit and random values
+    with every count (an all-zero input counts ``width``)."""
+    m = Module()
+    value = Signal(width)
+    count = _count_leading_zeros(m, value, "lz")
+    if width <= 11:
+        values = range(1 << width)
+    else:
+        rng = random.Random(width)
+        values = [0, (1 << width) - 1, *(1 << i for i in range(width)),
+                  *(rng.getrandbits(width) >> rng.randrange(width) for _ in range(200))]
+    wrong = []
+
+    async def testbench(ctx):
+        for v in values:
+            ctx.set(value, v)
+            if ctx.get(count) != width - v.bit_length():
+                wrong.append(v)
+
+    sim = Simulator(m)
+    sim.add_testbench(testbench)
+    sim.run()
+    assert not wrong
