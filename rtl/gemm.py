@@ -799,14 +799,19 @@ class GemmEngine(wiring.Component):
         # item enters the accumulator; it must not also decide whether the whole front pipeline advances
         m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
             "tag": tag, "values": data.ArrayLayout(32, cols)}))
-        front = StallPipeline(m, converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front",
+        # a register stage in front of the converters: the row's A exponent is selected once for all columns, and
+        # that selection, fanned out across the die, must not share a cycle with the exponent adders behind it
+        front = StallPipeline(m, 1 + converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front",
                               platform=platform)
+        row_ea = Signal(EXP)
+        with m.If(front.enable):
+            m.d.sync += row_ea.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row])
         for j, unit in enumerate(converters):
             m.submodules[f"to_float_{j}"] = front.stall(unit)
-            m.d.comb += [
-                unit.value.eq(partials.payload.data[j]),
-                unit.exponent.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row] + info.eb[j] - 32),
-            ]
+            value, col_eb = Signal(signed(ACC_BITS), name=f"partial_{j}"), Signal(EXP, name=f"partial_eb_{j}")
+            with m.If(front.enable):
+                m.d.sync += [value.eq(partials.payload.data[j]), col_eb.eq(info.eb[j])]
+            m.d.comb += [unit.value.eq(value), unit.exponent.eq(row_ea + col_eb - 32)]
         last_row = partials.payload.row == rows - 1
         m.d.comb += [
             partials.ready.eq(front.advance & fifo.r_rdy),
