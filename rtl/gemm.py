@@ -779,13 +779,18 @@ class GemmEngine(wiring.Component):
         cfg = self.config
         rows, cols = cfg.rows, cfg.cols
         fifo, info = chunk_info
-        # a FIFO decouples the array's step enable from the accumulator's hazard checks (a long path otherwise)
+        # a FIFO decouples the array's step enable from the accumulator's hazard checks (a long path otherwise). Its
+        # room is a register worked out a cycle early (at most one write lands in between), so that the array's step
+        # ready, and with it the sequencer's whole stall chain, starts at registers, not at the FIFO's level logic
+        partials_depth = 6
         m.submodules.partials_fifo = partials_fifo = SyncFIFOBuffered(width=self.array.partials.payload.shape().size,
-                                                                       depth=4)
+                                                                       depth=partials_depth)
+        partials_room = Signal()
+        m.d.sync += partials_room.eq(partials_fifo.level <= partials_depth - 3)
         m.d.comb += [
             partials_fifo.w_data.eq(self.array.partials.payload),
-            partials_fifo.w_en.eq(self.array.partials.valid),
-            self.array.partials.ready.eq(partials_fifo.w_rdy),
+            partials_fifo.w_en.eq(self.array.partials.valid & partials_room),
+            self.array.partials.ready.eq(partials_room),
         ]
         partials = stream.Signature(self.array.partials.payload.shape()).create(path=("partials_out",))
         m.d.comb += [partials.valid.eq(partials_fifo.r_rdy), partials.payload.eq(partials_fifo.r_data),
