@@ -262,8 +262,9 @@ class AlignLanes(wiring.Component):
     3. ``distance``: after the distance adder (its low bits and the clear flag), before the shifter.
 
     The first two are needed for 100 MHz on an ECP5: the distance subtraction, the shifter, and the rounding adder
-    do not fit one cycle together; the third keeps the adder and the shifter apart where the placer spreads them. Fixed latency, registers only in ``sync`` and no enable of their own: wrap the unit in
-    ``EnableInserter(advance)`` to stall it with the rest of a pipeline (see :mod:`edge_qlora.rtl.pipeline`).
+    do not fit one cycle together; the third keeps the adder and the shifter apart where the placer spreads them.
+    Fixed latency, registers only in ``sync`` and no enable of their own: wrap the unit in ``EnableInserter(advance)``
+    to stall it with the rest of a pipeline (see :mod:`edge_qlora.rtl.pipeline`).
 
     Parameters
     ----------
