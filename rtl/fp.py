@@ -538,13 +538,15 @@ class FPAdd(wiring.Component):
     5. ``align``: after the alignment shift of the smaller operand.
     6. ``count``: after the leading and trailing zero counts.
     7. ``input``: the operands as they arrive.
+    8. ``compare``: after the magnitude comparison and the two clamped exponent differences, before the swap
+       muxes use them.
 
     Parameters
     ----------
     fmt : FloatFormat
         Format of the operands and of the result.
     stages : int
-        Pipeline register stages, 0 to 7.
+        Pipeline register stages, 0 to 8.
 
     Attributes
     ----------
@@ -560,7 +562,7 @@ class FPAdd(wiring.Component):
         Cycles from operands to result, equal to ``stages``.
     """
 
-    CUTS = ("output", "sum", "swap", "window", "align", "count", "input")
+    CUTS = ("output", "sum", "swap", "window", "align", "count", "input", "compare")
     #: alignment bits below the significand: guard, round, sticky
     GUARD_BITS = 3
 
@@ -586,8 +588,6 @@ class FPAdd(wiring.Component):
         state = pipe.cut("input", {"a": self.a, "b": self.b, "sub": self.sub})
         a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
         b_sign = b.sign ^ state["sub"]
-        subtract = a.sign ^ b_sign
-        swap = b.magnitude > a.magnitude
         # the larger magnitude has the larger exponent, so both differences are computed, and clamped, in parallel
         # with the comparison, which then picks one; past ``aligned_width`` places the whole smaller significand is
         # below the guard bits
@@ -596,14 +596,22 @@ class FPAdd(wiring.Component):
                     for name, diff in (("a", a.exp - b.exp), ("b", b.exp - a.exp))}
         trailing_zeros = {name: _count_leading_zeros(pipe.m, operand.sig[::-1], f"{name}_tz")
                           for name, operand in (("a", a), ("b", b))}
+        state = pipe.cut("compare", {
+            "a": state["a"], "b": state["b"], "b_sign": b_sign, "subtract": a.sign ^ b_sign,
+            "swap": b.magnitude > a.magnitude, "equal": a.magnitude == b.magnitude,
+            **{f"distance_{name}": value for name, value in distance.items()},
+            **{f"trailing_zeros_{name}": value for name, value in trailing_zeros.items()},
+        })
+        a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
+        b_sign, subtract, swap = state["b_sign"], state["subtract"], state["swap"]
         state = pipe.cut("swap", {
             # the larger operand's sign, except that an exact cancellation is +0
-            "sign": Mux(swap, b_sign, a.sign) & ~(subtract & (a.magnitude == b.magnitude)),
+            "sign": Mux(swap, b_sign, a.sign) & ~(subtract & state["equal"]),
             "x_exp": Mux(swap, b.exp, a.exp),
             "x_sig": Mux(swap, b.sig, a.sig),
             "y_sig": Mux(swap, a.sig, b.sig),
-            "y_trailing_zeros": Mux(swap, trailing_zeros["a"], trailing_zeros["b"]),
-            "distance": Mux(swap, distance["b"], distance["a"]),
+            "y_trailing_zeros": Mux(swap, state["trailing_zeros_a"], state["trailing_zeros_b"]),
+            "distance": Mux(swap, state["distance_b"], state["distance_a"]),
             "subtract": subtract,
             "nan": a.is_nan | b.is_nan | (a.is_inf & b.is_inf & subtract),
             "inf": a.is_inf | b.is_inf,

@@ -76,7 +76,7 @@ class NF4DequantConfig:
     @property
     def fp_stages(self):
         """Pipeline stages of the float units: ``(multiplier, adder, rounding)``."""
-        return (2, 2, 1) if self.compact else (6, 7, 2)
+        return (2, 2, 1) if self.compact else (6, 8, 2)
 
     @property
     def out_format(self):

@@ -245,10 +245,12 @@ def test_mul(fmt_a, fmt_b, fmt_out):
     _assert_same(got, golden.mul(a, fmt_a, b, fmt_b, fmt_out), fmt_out, a=a, b=b)
 
 
-@pytest.mark.parametrize("fmt", [FP32, BF16], ids=_ids)
-def test_add(fmt):
+# every cut registered, as in the dequantizer's scale adder, once: the arithmetic does not depend on the cuts, but
+# the ``compare`` cut carries flags (the swap, the exact-cancellation test) that the corner cases exercise
+@pytest.mark.parametrize("fmt, stages", [(FP32, 6), (BF16, 6), (FP32, 8)], ids=["fp32", "bf16", "fp32-8"])
+def test_add(fmt, stages):
     a, b, sub = _add_operands(fmt, np.random.default_rng(2))
-    got = _simulate(FPAdd(fmt), {"a": a, "b": b, "sub": sub})
+    got = _simulate(FPAdd(fmt, stages=stages), {"a": a, "b": b, "sub": sub})
     _assert_same(got, golden.add(a, b, fmt, sub=sub), fmt, a=a, b=b, sub=sub)
 
 
@@ -274,6 +276,7 @@ STALL_CASES = {                                        # unit, and the latency i
     "mul-bf16xfp32-6": (lambda: FPMul(BF16, FP32, FP32, stages=6), 6),
     "mul-fp32-2": (lambda: FPMul(FP32, FP32, FP32, stages=2), 2),
     "add-fp32-7": (lambda: FPAdd(FP32, stages=7), 7),
+    "add-fp32-8": (lambda: FPAdd(FP32, stages=8), 8),
     "add-fp32-default": (lambda: FPAdd(FP32), 6),
     "add-bf16-3": (lambda: FPAdd(BF16, stages=3), 3),
     "div-fp32": (lambda: FPDiv(FP32), FP32.precision + 6),
