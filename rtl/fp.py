@@ -538,8 +538,8 @@ class FPAdd(wiring.Component):
     5. ``align``: after the alignment shift of the smaller operand.
     6. ``count``: after the leading and trailing zero counts.
     7. ``input``: the operands as they arrive.
-    8. ``compare``: after the magnitude comparison and the two clamped exponent differences, before the swap
-       muxes use them.
+    8. ``compare``: after the magnitude comparison and the two exponent differences, before they are clamped
+       and the swap muxes use them.
 
     Parameters
     ----------
@@ -591,19 +591,20 @@ class FPAdd(wiring.Component):
         # the larger magnitude has the larger exponent, so both differences are computed, and clamped, in parallel
         # with the comparison, which then picks one; past ``aligned_width`` places the whole smaller significand is
         # below the guard bits
-        # (a difference is only picked when it is not negative; as unsigned, a negative one is clamped too)
-        distance = {name: Mux(at_least(diff, aligned_width + 1), aligned_width, diff)[:aligned_width.bit_length()]
-                    for name, diff in (("a", a.exp - b.exp), ("b", b.exp - a.exp))}
         trailing_zeros = {name: _count_leading_zeros(pipe.m, operand.sig[::-1], f"{name}_tz")
                           for name, operand in (("a", a), ("b", b))}
         state = pipe.cut("compare", {
             "a": state["a"], "b": state["b"], "b_sign": b_sign, "subtract": a.sign ^ b_sign,
             "swap": b.magnitude > a.magnitude, "equal": a.magnitude == b.magnitude,
-            **{f"distance_{name}": value for name, value in distance.items()},
+            "difference_a": a.exp - b.exp, "difference_b": b.exp - a.exp,
             **{f"trailing_zeros_{name}": value for name, value in trailing_zeros.items()},
         })
         a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
         b_sign, subtract, swap = state["b_sign"], state["subtract"], state["swap"]
+        # the clamp after the cut, so that a cycle holds one carry chain (a difference is only picked when it is not
+        # negative; as unsigned, a negative one is clamped too)
+        distance = {name: Mux(at_least(state[f"difference_{name}"], aligned_width + 1), aligned_width,
+                              state[f"difference_{name}"])[:aligned_width.bit_length()] for name in ("a", "b")}
         state = pipe.cut("swap", {
             # the larger operand's sign, except that an exact cancellation is +0
             "sign": Mux(swap, b_sign, a.sign) & ~(subtract & state["equal"]),
@@ -611,7 +612,7 @@ class FPAdd(wiring.Component):
             "x_sig": Mux(swap, b.sig, a.sig),
             "y_sig": Mux(swap, a.sig, b.sig),
             "y_trailing_zeros": Mux(swap, state["trailing_zeros_a"], state["trailing_zeros_b"]),
-            "distance": Mux(swap, state["distance_b"], state["distance_a"]),
+            "distance": Mux(swap, distance["b"], distance["a"]),
             "subtract": subtract,
             "nan": a.is_nan | b.is_nan | (a.is_inf & b.is_inf & subtract),
             "inf": a.is_inf | b.is_inf,
