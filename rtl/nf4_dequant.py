@@ -11,8 +11,9 @@ With double quantization the block absmax is first rebuilt as ``fl32(fl32(code8[
 
 Datapath, one stall domain per stage::
 
-    absmax (+ absmax2) -> [scale: ROM, FPMul, FPAdd] -> scale -> [table builder: FPMul x M, FPConvert x M]
-        -> table window (current and next block) -> [lane lookups] -> weights
+    absmax (+ absmax2) -> [scale: ROM, FPMul, FPAdd] -> scale -> [register slice]
+        -> [table builder: FPMul x M, FPConvert x M] -> table window (current and next block) -> [lane lookups]
+        -> weights
 """
 
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
 from .fp import FORMATS, FP32, FPAdd, FPConvert, FPMul, at_least
-from .pipeline import StallPipeline
+from .pipeline import SkidBuffer, StallPipeline
 
 __all__ = ["NF4DequantConfig", "NF4Dequantizer", "codes_layout", "weights_layout"]
 
@@ -155,11 +156,15 @@ class NF4Dequantizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         # every block's scale and table carry the weight count of their tensor, for the lookup's beat counter
-        scale = stream.Signature(data.StructLayout({"value": 32, "count": self._count_layout})).create(
-            path=("scale",))
+        scale_layout = data.StructLayout({"value": 32, "count": self._count_layout})
+        scale = stream.Signature(scale_layout).create(path=("scale",))
         table = stream.Signature(self._table_layout()).create(path=("table",))
         self._elaborate_scale(m, platform, scale)
-        self._elaborate_builder(m, platform, scale, table)
+        # a register slice between the two pipelines: the table builder's advance (its round counter, the table
+        # slot) does not reach the scale pipeline's enable, its code-book read and the absmax handshake in one cycle
+        m.submodules.scale_slice = scale_slice = SkidBuffer(scale_layout)
+        wiring.connect(m, scale, scale_slice.i)
+        self._elaborate_builder(m, platform, scale_slice.o, table)
         self._elaborate_lookup(m, table)
         return m
 
