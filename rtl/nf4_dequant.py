@@ -11,7 +11,7 @@ With double quantization the block absmax is first rebuilt as ``fl32(fl32(code8[
 
 Datapath, one stall domain per stage::
 
-    absmax (+ absmax2) -> [scale: ROM, FPMul, FPAdd] -> scale -> [register slice]
+    absmax (+ absmax2) -> [scale: ROM, FPMul, FPAdd] -> scale -> [register slice, unless compact]
         -> [table builder: FPMul x M, FPConvert x M] -> table window (current and next block) -> [lane lookups]
         -> weights
 """
@@ -52,8 +52,9 @@ class NF4DequantConfig:
         Table-builder multipliers, a divisor of 16; ``None`` picks the fewest that sustain ``lanes`` weights per
         cycle.
     compact : bool
-        Fewer pipeline registers in the float units (2 per multiplier and adder, 1 per rounding instead of 6, 7
-        and 2): for small FPGAs at a low clock, such as the iCE40 UP5K at 24 MHz, where flip-flops are scarce.
+        Fewer pipeline registers in the float units (2 per multiplier and adder, 1 per rounding instead of 6, 8
+        and 2) and no register slice after the scale: for small FPGAs at a low clock, such as the iCE40 UP5K at
+        24 MHz, where flip-flops are scarce.
         Same results and throughput; the latency per block is shorter.
     """
 
@@ -160,11 +161,14 @@ class NF4Dequantizer(wiring.Component):
         scale = stream.Signature(scale_layout).create(path=("scale",))
         table = stream.Signature(self._table_layout()).create(path=("table",))
         self._elaborate_scale(m, platform, scale)
-        # a register slice between the two pipelines: the table builder's advance (its round counter, the table
-        # slot) does not reach the scale pipeline's enable, its code-book read and the absmax handshake in one cycle
-        m.submodules.scale_slice = scale_slice = SkidBuffer(scale_layout)
-        wiring.connect(m, scale, scale_slice.i)
-        self._elaborate_builder(m, platform, scale_slice.o, table)
+        if not self.config.compact:
+            # a register slice between the two pipelines: the table builder's advance (its round counter, the
+            # table slot) does not reach the scale pipeline's enable, its code-book read and the absmax handshake
+            # in one cycle (the compact core is for small devices at low clock rates, and has no room for it)
+            m.submodules.scale_slice = scale_slice = SkidBuffer(scale_layout)
+            wiring.connect(m, scale, scale_slice.i)
+            scale = scale_slice.o
+        self._elaborate_builder(m, platform, scale, table)
         self._elaborate_lookup(m, table)
         return m
 
