@@ -588,8 +588,8 @@ class FPAdd(wiring.Component):
         state = pipe.cut("input", {"a": self.a, "b": self.b, "sub": self.sub})
         a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
         b_sign = b.sign ^ state["sub"]
-        # the larger magnitude has the larger exponent, so both differences are computed, and clamped, in parallel
-        # with the comparison, which then picks one; past ``aligned_width`` places the whole smaller significand is
+        # the larger magnitude has the larger exponent, so both differences are computed in parallel with the
+        # comparison, which then picks one, clamped: past ``aligned_width`` places the whole smaller significand is
         # below the guard bits
         trailing_zeros = {name: _count_leading_zeros(pipe.m, operand.sig[::-1], f"{name}_tz")
                           for name, operand in (("a", a), ("b", b))}
