@@ -515,35 +515,39 @@ class GemmEngine(wiring.Component):
                          bwd_bank.eq(0)]
 
         # Loop control. Every flag the issue logic needs is a register for the current chunk; the next chunk's
-        # coordinates are worked out on the chunk's second step, their flags on its third and the padded step count
-        # on its fourth (a chunk has at least 12 steps), so no 32-bit arithmetic sits between the counters and the
-        # array's step enable.
-        def flags_of(q0_, outer_, k0_, m_left_):
-            fwd_len = Mux(job.k - q0_ < chunk, (job.k - q0_)[:16], chunk)
-            bwd_len = Mux(job.n - outer_ < chunk, (job.n - outer_)[:16], chunk)
-            length_ = Mux(job.transposed, bwd_len, fwd_len)
+        # coordinates are worked out on the chunk's second step, what is left of K and N after them on its third,
+        # their flags (comparisons with constants) on its fourth and the padded step count on its fifth (a chunk has
+        # at least 12 steps), so at most one 32-bit carry chain sits between two registers and none between the
+        # counters and the array's step enable.
+        def flags_of(k_left, n_left, kb_left, m_left_, first_):
+            # k_left = K - q0, n_left = N - outer, kb_left = K - k0: all positive
+            fwd_len = Mux(k_left < chunk, k_left[:16], chunk)
+            bwd_len = Mux(n_left < chunk, n_left[:16], chunk)
             return {
-                "length": length_,
-                "fwd_last_chunk": q0_ + chunk >= job.k,
-                "fwd_last_tile": outer_ + cols >= job.n,
-                "bwd_last_ktile": k0_ + cols >= job.k,
-                "bwd_last_chunk": outer_ + chunk >= job.n,
+                "length": Mux(job.transposed, bwd_len, fwd_len),
+                "fwd_last_chunk": k_left <= chunk,
+                "fwd_last_tile": n_left <= cols,
+                "bwd_last_ktile": kb_left <= cols,
+                "bwd_last_chunk": n_left <= chunk,
                 "last_m_tile": m_left_ <= rows,
-                "first": Mux(job.transposed, outer_ == 0, q0_ == 0),
-                "fwd_cols": Mux(job.n - outer_ < cols, (job.n - outer_)[:5], cols),
+                "first": first_,
+                "fwd_cols": Mux(n_left < cols, n_left[:5], cols),
             }
 
-        def steps_m1_of(length_):   # a cycle after the length (the chunk's fourth step): padded steps, minus 1
+        def steps_m1_of(length_):   # a cycle after the length (the chunk's fifth step): padded steps, minus 1
             return Mux(length_ < min_steps, min_steps, length_) - 1
 
+        first_flags = flags_of(job.k, job.n, job.k, job.m, 1)
         flag_shapes = {"length": 16, "steps_m1": 16, "fwd_cols": 5}
         cur = {name: Signal(flag_shapes.get(name, 1), name=f"chunk_{name}")
-               for name in [*flags_of(0, 0, 0, 0), "steps_m1"]}
+               for name in [*first_flags, "steps_m1"]}
         nxt = {name: Signal(flag_shapes.get(name, 1), name=f"next_{name}") for name in cur}
         n_q0, n_outer, n_kt, n_k0 = (Signal(32, name=f"next_{n}") for n in ("q0", "outer", "kt", "k0"))
         n_chunk_index, n_m_left = Signal(32), Signal(32)
+        n_k_left, n_n_left, n_kb_left = (Signal(32, name=f"next_{n}_left") for n in ("k", "n", "kb"))
+        n_first = Signal()
         with m.If(start):
-            m.d.sync += [cur[name].eq(value) for name, value in flags_of(0, 0, 0, job.m).items()]
+            m.d.sync += [cur[name].eq(value) for name, value in first_flags.items()]
         # the first chunk's padded step count a cycle after its length, like every other chunk's: its first step is
         # later still (the buffers take longer than that to fill)
         started = Signal()
@@ -633,7 +637,7 @@ class GemmEngine(wiring.Component):
                 pending.job_last.eq(job_last),
             ]
 
-        # the next chunk's coordinates (second step) and flags (third step)
+        # the next chunk's coordinates (second step), what is left after them (third step) and flags (fourth step)
         with m.If(issue & (step == 1)):
             with m.If(~job.transposed):
                 with m.If(fwd_last_chunk):
@@ -655,10 +659,14 @@ class GemmEngine(wiring.Component):
         w_tile_done = Mux(job.transposed, bwd_last_ktile, fwd_last_chunk)
         a_tile_done = Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)
         with m.If(issue & (step == 2)):
-            m.d.sync += [nxt[name].eq(value) for name, value in flags_of(n_q0, n_outer, n_k0, n_m_left).items()]
+            m.d.sync += [n_k_left.eq(job.k - n_q0), n_n_left.eq(job.n - n_outer), n_kb_left.eq(job.k - n_k0),
+                         n_first.eq(Mux(job.transposed, n_outer == 0, n_q0 == 0))]
             m.d.sync += [n_bases[name].eq(value) for name, value in bases_of(
                 a_half ^ a_tile_done, w_half ^ w_tile_done, n_q0, n_outer, n_kt, n_chunk_index).items()]
         with m.If(issue & (step == 3)):
+            m.d.sync += [nxt[name].eq(value)
+                         for name, value in flags_of(n_k_left, n_n_left, n_kb_left, n_m_left, n_first).items()]
+        with m.If(issue & (step == 4)):
             m.d.sync += nxt["steps_m1"].eq(steps_m1_of(nxt["length"]))
 
         # advance the counters
