@@ -332,7 +332,12 @@ class NF4Dequantizer(wiring.Component):
         fmt = self.config.out_format
         straddles = blocksize % lanes != 0  # a beat may hold weights of two blocks
 
-        current, following = (Signal(self._table_layout(), name=n) for n in ("current", "following"))
+        # The window is two table slots and a pointer to the current block's: a finished block flips the pointer, so
+        # the handshake (`fire`) reaches the pointer and the valid flags, not the enables of a whole table; a table
+        # from the builder goes to the slot that is free at the start of the cycle.
+        slots = [Signal(self._table_layout(), name=f"table_{i}") for i in range(2)]
+        head = Signal()
+        current = data.View(self._table_layout(), Mux(head, slots[1].as_value(), slots[0].as_value()))
         current_valid, following_valid = Signal(), Signal()
 
         # Beat bookkeeping. The flags that gate `codes.ready` (last beat, block crossed, next table needed) are
@@ -377,7 +382,8 @@ class NF4Dequantizer(wiring.Component):
             for lane in range(lanes):
                 source = current.levels
                 if straddles:
-                    source = Mux(offset + lane >= blocksize, following.levels.as_value(), current.levels.as_value())
+                    source = Mux(head ^ (offset + lane >= blocksize), slots[1].levels.as_value(),
+                                 slots[0].levels.as_value())
                     source = data.View(data.ArrayLayout(fmt.width, 16), source)
                 m.d.sync += self.weights.payload.data[lane].eq(
                     Array(source[k] for k in range(16))[self.codes.payload[lane]])
@@ -391,10 +397,15 @@ class NF4Dequantizer(wiring.Component):
         following_after = Mux(consume_two | consume_one, 0, following_valid)
         m.d.comb += table.ready.eq(~current_valid | ~following_valid)
         with m.If(consume_one):
-            m.d.sync += current.eq(following)
+            m.d.sync += head.eq(~head)
         m.d.sync += [current_valid.eq(current_after), following_valid.eq(following_after)]
         with m.If(table.valid & table.ready):
+            # the free slot: the current one if empty (then nothing fires), else the following one (then the
+            # current may finish this cycle, and the table becomes current)
+            for i, slot in enumerate(slots):
+                with m.If((head ^ current_valid) == i):
+                    m.d.sync += slot.eq(table.payload)
             with m.If(~current_after):
-                m.d.sync += [current.eq(table.payload), current_valid.eq(1)]
+                m.d.sync += current_valid.eq(1)
             with m.Else():
-                m.d.sync += [following.eq(table.payload), following_valid.eq(1)]
+                m.d.sync += following_valid.eq(1)
