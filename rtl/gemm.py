@@ -545,7 +545,6 @@ class GemmEngine(wiring.Component):
         n_q0, n_outer, n_kt, n_k0 = (Signal(32, name=f"next_{n}") for n in ("q0", "outer", "kt", "k0"))
         n_chunk_index, n_m_left = Signal(32), Signal(32)
         n_k_left, n_n_left, n_kb_left = (Signal(32, name=f"next_{n}_left") for n in ("k", "n", "kb"))
-        n_first = Signal()
         with m.If(start):
             m.d.sync += [cur[name].eq(value) for name, value in first_flags.items()]
         # the first chunk's padded step count a cycle after its length, like every other chunk's: its first step is
@@ -659,11 +658,11 @@ class GemmEngine(wiring.Component):
         w_tile_done = Mux(job.transposed, bwd_last_ktile, fwd_last_chunk)
         a_tile_done = Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)
         with m.If(issue & (step == 2)):
-            m.d.sync += [n_k_left.eq(job.k - n_q0), n_n_left.eq(job.n - n_outer), n_kb_left.eq(job.k - n_k0),
-                         n_first.eq(Mux(job.transposed, n_outer == 0, n_q0 == 0))]
+            m.d.sync += [n_k_left.eq(job.k - n_q0), n_n_left.eq(job.n - n_outer), n_kb_left.eq(job.k - n_k0)]
             m.d.sync += [n_bases[name].eq(value) for name, value in bases_of(
                 a_half ^ a_tile_done, w_half ^ w_tile_done, n_q0, n_outer, n_kt, n_chunk_index).items()]
         with m.If(issue & (step == 3)):
+            n_first = Mux(job.transposed, n_outer == 0, n_q0 == 0)   # the coordinates hold from the second step
             m.d.sync += [nxt[name].eq(value)
                          for name, value in flags_of(n_k_left, n_n_left, n_kb_left, n_m_left, n_first).items()]
         with m.If(issue & (step == 4)):

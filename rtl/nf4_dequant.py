@@ -329,7 +329,6 @@ class NF4Dequantizer(wiring.Component):
     def _elaborate_lookup(self, m, table):
         """A window of two tables (this block, next block) and ``lanes`` 16-way lookups."""
         lanes, blocksize = self.config.lanes, self.config.blocksize
-        fmt = self.config.out_format
         straddles = blocksize % lanes != 0  # a beat may hold weights of two blocks
 
         # The window is two table slots and a pointer to the current block's: a finished block flips the pointer, so
@@ -337,7 +336,10 @@ class NF4Dequantizer(wiring.Component):
         # from the builder goes to the slot that is free at the start of the cycle.
         slots = [Signal(self._table_layout(), name=f"table_{i}") for i in range(2)]
         head = Signal()
-        current = data.View(self._table_layout(), Mux(head, slots[1].as_value(), slots[0].as_value()))
+
+        def slot(select):
+            return data.View(self._table_layout(), Mux(select, slots[1].as_value(), slots[0].as_value()))
+        current = slot(head)
         current_valid, following_valid = Signal(), Signal()
 
         # Beat bookkeeping. The flags that gate `codes.ready` (last beat, block crossed, next table needed) are
@@ -380,11 +382,7 @@ class NF4Dequantizer(wiring.Component):
             with m.Else():
                 m.d.sync += update
             for lane in range(lanes):
-                source = current.levels
-                if straddles:
-                    source = Mux(head ^ (offset + lane >= blocksize), slots[1].levels.as_value(),
-                                 slots[0].levels.as_value())
-                    source = data.View(data.ArrayLayout(fmt.width, 16), source)
+                source = slot(head ^ (offset + lane >= blocksize)).levels if straddles else current.levels
                 m.d.sync += self.weights.payload.data[lane].eq(
                     Array(source[k] for k in range(16))[self.codes.payload[lane]])
         with m.Elif(self.weights.ready):
@@ -402,9 +400,9 @@ class NF4Dequantizer(wiring.Component):
         with m.If(table.valid & table.ready):
             # the free slot: the current one if empty (then nothing fires), else the following one (then the
             # current may finish this cycle, and the table becomes current)
-            for i, slot in enumerate(slots):
+            for i, free in enumerate(slots):
                 with m.If((head ^ current_valid) == i):
-                    m.d.sync += slot.eq(table.payload)
+                    m.d.sync += free.eq(table.payload)
             with m.If(~current_after):
                 m.d.sync += current_valid.eq(1)
             with m.Else():
