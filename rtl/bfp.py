@@ -23,8 +23,8 @@ from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
 
 from .fp import at_least
 
-__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "BF16_BIAS", "bf16_exponent", "biased_exponent", "max_exponent",
-           "partial_maxima", "max_of_partials", "ExponentMax", "AlignLanes"]
+__all__ = ["EXP_MIN", "EXPONENT_SHAPE", "BF16_BIAS", "bf16_exponent", "biased_exponent", "exponent_field",
+           "max_exponent", "partial_maxima", "max_of_partials", "ExponentMax", "AlignLanes"]
 
 #: shape of an unbiased bf16 exponent: -126 to 127 (128 for NaN and infinity)
 EXPONENT_SHAPE = signed(9)
@@ -44,8 +44,17 @@ def biased_exponent(value):
     Comparisons between exponents work on this unsigned 8-bit value: narrower than the unbiased exponent, and no
     adder in front of the comparator.
     """
-    field = Value.cast(value)[_BF16_FRAC:15]
+    field = exponent_field(value)
     return field | (field == 0)
+
+
+def exponent_field(value):
+    """The raw exponent field of a packed bf16: 0 for zeros and subnormals.
+
+    Where a maximum is taken against something that starts at 1 (the field of the smallest normal), this field
+    gives the same maximum as :func:`biased_exponent` without the 8-input gate in front of the comparator.
+    """
+    return Value.cast(value)[_BF16_FRAC:15]
 
 
 def bf16_exponent(value):
@@ -85,11 +94,11 @@ def _reduce(m, fields, name, level_done=lambda level, nodes: nodes, levels=None)
     return nodes
 
 
-def _lane_fields(m, values, name):
+def _lane_fields(m, values, name, raw=False):
     fields = []
     for lane, value in enumerate(values):
         field = Signal(8, name=f"{name}_lane_{lane}")
-        m.d.comb += field.eq(biased_exponent(value))
+        m.d.comb += field.eq(exponent_field(value) if raw else biased_exponent(value))
         fields.append(field)
     return fields
 
@@ -114,9 +123,13 @@ def max_exponent(m, values, name="exponent_max"):
     return max_of_partials(m, partial_maxima(m, values, 0, name), name)
 
 
-def partial_maxima(m, values, levels, name="exponent_max"):
+def partial_maxima(m, values, levels, name="exponent_max", raw=False):
     """The first ``levels`` levels of :func:`max_exponent`'s tree: the maxima of groups of ``2 ** levels`` values,
     as biased 8-bit exponent fields, for a user to register before :func:`max_of_partials` finishes the tree.
+
+    With ``raw``, the tree compares :func:`exponent_field` (0 for zeros and subnormals) rather than
+    :func:`biased_exponent`: :func:`max_of_partials` then gives -127 for a beat of zeros and subnormals, which is
+    right only for a user that takes the maximum of it and something at least -126.
 
     Returns
     -------
@@ -125,7 +138,7 @@ def partial_maxima(m, values, levels, name="exponent_max"):
     values = list(values)
     if not values:
         raise ValueError("max_exponent needs at least one value")
-    return _reduce(m, _lane_fields(m, values, name), name, levels=levels)
+    return _reduce(m, _lane_fields(m, values, name, raw), name, levels=levels)
 
 
 def max_of_partials(m, nodes, name="exponent_max"):
@@ -230,8 +243,9 @@ class ExponentMax(wiring.Component):
                 stage += 1
             return nodes
 
-        beat_max, = _reduce(m, _lane_fields(m, [self.values[lane] for lane in range(self.lanes)], "lane_exponent"),
-                            "exponent_max", level_done)
+        # raw exponent fields: the running maximum starts at 1, which lifts a beat of zeros as biased_exponent would
+        beat_max, = _reduce(m, _lane_fields(m, [self.values[lane] for lane in range(self.lanes)], "lane_exponent",
+                                            raw=True), "exponent_max", level_done)
 
         # biased, like the tree: 1 is the field of zeros and subnormals
         running = Signal(8, init=1)

@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden.gemm import GemmNumerics
-from .bfp import BF16_BIAS, EXP_MIN, AlignLanes, bf16_exponent, biased_exponent, max_of_partials, partial_maxima
+from .bfp import BF16_BIAS, EXP_MIN, AlignLanes, bf16_exponent, exponent_field, max_of_partials, partial_maxima
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
@@ -295,7 +295,8 @@ class GemmEngine(wiring.Component):
         # the running maxima are kept biased too: the comparison needs no subtraction in front of it, and the
         # unbiased exponent (for the memory) is computed beside the comparison, not behind it
         running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + BF16_BIAS) for i in range(rows)]
-        fields = [biased_exponent(self.a.payload[i]) for i in range(rows)]
+        # raw fields: a zero's 0 never beats a running maximum, which starts at 1
+        fields = [exponent_field(self.a.payload[i]) for i in range(rows)]
         higher = [fields[i] > running_biased[i] for i in range(rows)]
         peaks = [Mux(higher[i], bf16_exponent(self.a.payload[i]), running[i]) for i in range(rows)]
         m.d.comb += [
@@ -381,7 +382,9 @@ class GemmEngine(wiring.Component):
         # one whose maximum `lane_peak` holds in the next cycle.
         levels = (cols - 1).bit_length()
         first = stream.Signature(row_layout(cols, 16)).create(path=("w_beat_first",))
-        partial = partial_maxima(m, beat.payload.data, -(-levels // 2), "w_beat_peak")
+        # raw exponent fields (no zero test in front of the tree): a beat of zeros gives -127, below the running
+        # maxima, which start at -126
+        partial = partial_maxima(m, beat.payload.data, -(-levels // 2), "w_beat_peak", raw=True)
         partial_held = [Signal(8, name=f"w_beat_partial_{i}") for i in range(len(partial))]
         m.d.comb += beat.ready.eq(~first.valid | first.ready)
         with m.If(beat.valid & beat.ready):

@@ -107,6 +107,37 @@ def test_rtl_adversarial_activations(kind):
     check_rtl(4, 6, 40, 2, 3, kind == "wide", kind=kind, seed=5)
 
 
+def edge_weight(n, k, chunk, seed):
+    """bf16 weights whose shared exponents sit at the bottom of the range: the first ``chunk`` rows (a transposed
+    tile) all subnormal, a row of zeros, a row whose first K chunk is all subnormal, the rest 60 binades wide."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn((n, k), generator=gen) * torch.exp2(torch.randint(-30, 30, (n, k), generator=gen).float())
+    # subnormals with their top fraction bit set: aligned to a shared exponent one too low, they would overflow
+    w[:chunk] = subnormals((chunk, k), gen)
+    w[chunk] = 0
+    w[chunk + 1, :chunk] = subnormals((chunk,), gen)
+    return w.to(torch.bfloat16)
+
+
+def subnormals(shape, gen):
+    sign = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+    return sign * (0.5 + 0.49 * torch.rand(shape, generator=gen)) * 1.1754944e-38
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_rtl_edge_weights(transposed):
+    # the W writer's exponent tree compares raw exponent fields (0 for subnormals); its running maxima must lift a
+    # chunk or tile of subnormals to -126, as the model does
+    m, n, k = 3, 40, 40
+    config = GemmConfig(rows=2, cols=3, max_k=64, max_n=64, weights="bf16")
+    w = edge_weight(n, k, config.chunk_steps, seed=11)
+    assert (w[:config.chunk_steps] != 0).any() and (w[:config.chunk_steps].abs() < 1.1754944e-38).all()
+    a = activations((m, n if transposed else k), 12)
+    run = run_gemm(a, w, config, transposed=transposed, stalls=random_stalls(13))
+    expected = golden.gemm(a, w if transposed else w.T, config.numerics, transposed)
+    assert mismatches(expected, run.out) == 0
+
+
 @pytest.mark.parametrize("weights", ["bf16", "nf4"])
 def test_rtl_jobs_back_to_back(weights):
     # every mode change between jobs: transposed after forward and forward after transposed, other shapes
