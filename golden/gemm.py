@@ -248,7 +248,7 @@ class CycleModel:
 START_LATENCY = 2          # job beat accepted -> writers and sequencer running
 FLAG_LATENCY = 1           # last write of a tile -> the sequencer sees the half full
 ALIGNER_LATENCY = 3        # flat beat in -> row beat written
-DEQUANT_LATENCY = 27       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
+DEQUANT_LATENCY = 29       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
 ISSUE_TO_ARRAY = 6         # sequencer issue -> step taken by the PE array (read, register, select, align x3)
 # a partial leaving the array -> its output beat taken: array output register 1, partials FIFO 2, operand register
 # 1, FixedToFloat 5, register slice 1, hand-off 1, memory read 1, FPAdd 7, rounding to bf16 1, output FIFO 2

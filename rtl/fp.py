@@ -420,6 +420,8 @@ class FPMul(wiring.Component):
     4. ``count``: after the leading and trailing zero counts, before the shift.
     5. ``window``: after the rounding window is shifted out of the product, before rounding.
     6. ``input``: the operands as they arrive, and whether each is normal (its hidden bit).
+    7. ``spread``: the partial products once more, in fabric, right after ``partials``: the route from a DSP
+       block to the adders then has a cycle of its own, so the placer may put the two far apart.
 
     Parameters
     ----------
@@ -428,7 +430,7 @@ class FPMul(wiring.Component):
     fmt_out : FloatFormat
         Format of the result.
     stages : int
-        Pipeline register stages, 0 to 6.
+        Pipeline register stages, 0 to 7.
     dsp_width : int
         Widest unsigned operand of the target's multiplier blocks (18 for the ECP5 ``MULT18X18D``).
 
@@ -448,7 +450,7 @@ class FPMul(wiring.Component):
         (:meth:`.pipeline.StallPipeline.stall` does). 1 when undriven.
     """
 
-    CUTS = ("output", "product", "partials", "count", "window", "input")
+    CUTS = ("output", "product", "partials", "count", "window", "input", "spread")
 
     def __init__(self, fmt_a, fmt_b, fmt_out, stages=5, dsp_width=18):
         for name, fmt in (("fmt_a", fmt_a), ("fmt_b", fmt_b), ("fmt_out", fmt_out)):
@@ -509,6 +511,7 @@ class FPMul(wiring.Component):
                     state[key] = a_piece * b_piece
         # the rounder's preparation from the exponent runs in parallel with the sum of the partial products
         state = rounder.prepare(pipe.m, {**pipe.cut("partials", state), **products})
+        state = pipe.cut("spread", state)
         product = C(0, width)
         for key in [key for key in state if key.startswith("partial_")]:
             a_shift, b_shift = map(int, key.split("_")[1:])

@@ -275,6 +275,7 @@ STALL_VECTORS = 600
 STALL_CASES = {                                        # unit, and the latency it must report
     "mul-bf16xfp32-6": (lambda: FPMul(BF16, FP32, FP32, stages=6), 6),
     "mul-fp32-2": (lambda: FPMul(FP32, FP32, FP32, stages=2), 2),
+    "mul-fp32-7": (lambda: FPMul(FP32, FP32, FP32, stages=7), 7),
     "add-fp32-7": (lambda: FPAdd(FP32, stages=7), 7),
     "add-fp32-8": (lambda: FPAdd(FP32, stages=8), 8),
     "add-fp32-default": (lambda: FPAdd(FP32), 6),
@@ -365,8 +366,8 @@ def test_helpers():
 
 
 def test_arguments_checked():
-    with pytest.raises(ValueError, match="stages must be from 0 to 6, not 7"):
-        FPMul(FP32, FP32, FP32, stages=7)
+    with pytest.raises(ValueError, match="stages must be from 0 to 7, not 8"):
+        FPMul(FP32, FP32, FP32, stages=8)
     with pytest.raises(ValueError, match="dsp_width"):
         FPMul(FP32, FP32, FP32, dsp_width=1)
     with pytest.raises(TypeError, match="fmt_b must be a FloatFormat"):
