@@ -420,8 +420,9 @@ class FPMul(wiring.Component):
     4. ``count``: after the leading and trailing zero counts, before the shift.
     5. ``window``: after the rounding window is shifted out of the product, before rounding.
     6. ``input``: the operands as they arrive, and whether each is normal (its hidden bit).
-    7. ``spread``: the partial products once more, in fabric, right after ``partials``: the route from a DSP
-       block to the adders then has a cycle of its own, so the placer may put the two far apart.
+    7. ``spread``: what ``partials`` holds (the partial products, the exponent's rounding preparation) once more,
+       in fabric: the route from a DSP block to the adders then has a cycle of its own, so the placer may put the
+       two far apart.
 
     Parameters
     ----------

@@ -709,6 +709,10 @@ def test_fpmul_ecp5_uses_the_dsp_registers():
         cell = cell.split("\n  end")[0]
         assert 'parameter \\REG_INPUTA_CLK "CLK0"' in cell and 'parameter \\REG_OUTPUT_CLK "CLK0"' in cell
         assert "connect \\SIGNEDA 1'0" in cell
+    # the spread cut: the same four blocks, then their products registered again in fabric
+    text = rtlil.convert(FPMul(FP32, FP32, FP32, stages=7), platform=Ecp5())
+    assert text.count("cell \\MULT18X18D ") == 4
+    assert len(re.findall(r"wire width 24 \\spread_partial_\d+_\d+\n", text)) == 4
     assert "MULT18X18D" not in rtlil.convert(FPMul(FP32, FP32, FP32, stages=5), platform=Ecp5())
     assert "MULT18X18D" not in rtlil.convert(FPMul(FP32, FP32, FP32, stages=6))
     # every DSP block of the dequantizer is enabled by its stall domain
