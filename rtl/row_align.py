@@ -104,7 +104,7 @@ class RowAligner(wiring.Component):
                     final_row.eq(payload.rows == 1),
                     to_read.eq(payload.elements),
                     more.eq(payload.elements != 0),
-                    incoming.eq(Mux(payload.elements < lanes, payload.elements[:5], lanes)),
+                    incoming.eq(Mux(at_least(payload.elements, lanes), lanes, payload.elements[:5])),
                     rest.eq(payload.row_length),
                     held.eq(0),
                     read_at.eq(0),
@@ -164,10 +164,14 @@ class RowAligner(wiring.Component):
                 m.d.sync += buffer[i].eq(element)
         # the count after this cycle: each outcome from registers, the handshake only selects one
         with m.If(accept):
-            left = to_read - incoming
-            # after this beat, elements are left exactly when this one was not the last (`incoming == to_read`)
-            m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)), to_read.eq(left),
-                         incoming.eq(Mux(left < lanes, left[:5], lanes)), more.eq(at_least(to_read, lanes + 1))]
+            # every beat but the final one carries `lanes` elements, so the count falls by a constant and the next
+            # beat's size comes from comparing the register with constants: `incoming` is not on a carry chain
+            # back into itself (`to_read - incoming` then `left < lanes` was the 8x8 engine's longest path)
+            left_over = at_least(to_read, lanes + 1)   # this beat is not the final one
+            left = to_read - lanes
+            m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)),
+                         to_read.eq(Mux(left_over, left, 0)),
+                         incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over)]
             with m.Switch(incoming):
                 for step in range(lanes + 1):
                     with m.Case(step):
