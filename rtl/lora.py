@@ -271,13 +271,22 @@ class LoraStep(wiring.Component):
             return value
 
         spec = {name: PHASES[name] for name in GEMM_ORDER}
-        dim_m = select({n: dims[s[0][0]] for n, s in spec.items()})
-        dim_n = select({n: dims[s[0][1]] for n, s in spec.items()})
-        dim_k = select({n: dims[s[0][2]] for n, s in spec.items()})
-        transposed = select({n: int(s[1]) for n, s in spec.items()})[0]
-        from_nf4 = select({n: int(s[2]) for n, s in spec.items()})[0]
-        dim_q = Mux(transposed, dim_n, dim_k)            # reduction length: A operand's columns
-        dim_p = Mux(transposed, dim_k, dim_n)            # output columns
+        # the running GEMM's dimensions and flags, registered: they settle in the phase's first cycle
+        # (`fresh_phase`, no GEMM active yet), so the phase's mux tree is not in front of the movers' address and
+        # count logic (phase -> dimensions -> a partner read's count -> a store's write enables was the step
+        # accelerator's longest path)
+        dim_m, dim_n, dim_k = (Signal(16, name=f"dim_{d}") for d in "mnk")
+        dim_q = Signal(16)            # reduction length: A operand's columns
+        dim_p = Signal(16)            # output columns
+        transposed, from_nf4 = Signal(), Signal()
+        next_n = select({n: dims[s[0][1]] for n, s in spec.items()})
+        next_k = select({n: dims[s[0][2]] for n, s in spec.items()})
+        next_transposed = select({n: int(s[1]) for n, s in spec.items()})[0]
+        m.d.sync += [
+            dim_m.eq(select({n: dims[s[0][0]] for n, s in spec.items()})), dim_n.eq(next_n), dim_k.eq(next_k),
+            dim_q.eq(Mux(next_transposed, next_n, next_k)), dim_p.eq(Mux(next_transposed, next_k, next_n)),
+            transposed.eq(next_transposed), from_nf4.eq(select({n: int(s[2]) for n, s in spec.items()})[0]),
+        ]
 
         # one job per GEMM phase
         job_sent = Signal()
