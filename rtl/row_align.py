@@ -88,6 +88,7 @@ class RowAligner(wiring.Component):
         final_row = Signal()            # rows_left == 1
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
         more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
+        enough = Signal()               # held >= need, worked out a cycle ahead (a carry chain in front of `emit`)
 
         def first_beat(length):
             """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
@@ -111,7 +112,7 @@ class RowAligner(wiring.Component):
                     write_at.eq(1),
                 ]
                 first_need, first_row_end = first_beat(payload.row_length)
-                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end)]
+                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), enough.eq(first_need == 0)]
 
         reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]    # buffer[read_at + lane]
         with m.Switch(read_at):
@@ -123,21 +124,23 @@ class RowAligner(wiring.Component):
         last = row_end & final_row
         out_free = ~self.rows.valid | self.rows.ready
         emit = Signal()
-        m.d.comb += emit.eq(active & (held >= need) & out_free)
+        m.d.comb += emit.eq(active & enough & out_free)
+        # the beat after an emitted one: the next row's first or this row's rest less a beat, both planned by
+        # comparisons of registers with constants, not behind the subtraction
+        rest_less = rest - lanes
+        first_need, first_row_end = first_beat(row_length)
+        next_need = Signal.like(need)
+        m.d.comb += next_need.eq(Mux(row_end, first_need, Mux(at_least(rest, 2 * lanes), lanes, rest_less[:5])))
         with m.If(emit):
             m.d.sync += [
                 self.rows.valid.eq(1),
                 self.rows.payload.row_end.eq(row_end),
                 self.rows.payload.last.eq(last),
             ]
-            # the beat after this one: the next row's first or this row's rest less a beat, both planned by
-            # comparisons of registers with constants, not behind the subtraction
             advanced = read_at + need
-            rest_less = rest - lanes
-            first_need, first_row_end = first_beat(row_length)
             m.d.sync += [
                 rest.eq(Mux(row_end, row_length, rest_less)),
-                need.eq(Mux(row_end, first_need, Mux(at_least(rest, 2 * lanes), lanes, rest_less[:5]))),
+                need.eq(next_need),
                 row_end.eq(Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))),
                 read_at.eq(Mux(advanced >= slots, advanced - slots, advanced)),
             ]
@@ -170,12 +173,14 @@ class RowAligner(wiring.Component):
             left_over = at_least(to_read, lanes + 1)   # this beat is not the final one
             left = to_read - lanes
             m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)),
+                         enough.eq(Mux(emit, held - need + incoming >= next_need, held + incoming >= need)),
                          to_read.eq(Mux(left_over, left, 0)),
                          incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over)]
             with m.Switch(incoming):
                 for step in range(lanes + 1):
                     with m.Case(step):
                         m.d.sync += write_at.eq(write_at.rotate_left(step))
-        with m.Else():
-            m.d.sync += held.eq(Mux(emit, held - need, held))
+        with m.Elif(active):   # (not while idle: the shape beat sets `held` and `enough`)
+            m.d.sync += [held.eq(Mux(emit, held - need, held)),
+                         enough.eq(Mux(emit, held - need >= next_need, held >= need))]
         return m
