@@ -89,10 +89,21 @@ class RowAligner(wiring.Component):
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
         more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
         enough = Signal()               # held >= need, worked out a cycle ahead (a carry chain in front of `emit`)
+        after_need = Signal(range(lanes + 1))   # `need` of the beat after the next one, planned a beat ahead
 
         def first_beat(length):
             """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
             return Mux(at_least(length, lanes), lanes, length[:5]), ~at_least(length, lanes + 1)
+
+        def low(value, less):
+            """``(value - less) % 32`` for a constant ``less``: five bits, no long carry chain."""
+            return (value[:5] - less)[:5]
+
+        def second_beat(row_ends, first, at_least_two, less_one):
+            """``need`` of the beat after one: ``first`` (a row's first beat) if that one ends its row, else the
+            row's ``length`` left at that beat less one beat, from ``at_least_two`` (``length >= 2 * lanes``) and
+            ``less_one`` (``(length - lanes) % 32``)."""
+            return Mux(row_ends, first, Mux(at_least_two, lanes, less_one))
 
         with m.If(~active):
             m.d.comb += self.shape.ready.eq(1)
@@ -112,7 +123,10 @@ class RowAligner(wiring.Component):
                     write_at.eq(1),
                 ]
                 first_need, first_row_end = first_beat(payload.row_length)
-                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), enough.eq(first_need == 0)]
+                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), enough.eq(first_need == 0),
+                             after_need.eq(second_beat(first_row_end, first_need,
+                                                       at_least(payload.row_length, 2 * lanes),
+                                                       low(payload.row_length, lanes)))]
 
         reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]    # buffer[read_at + lane]
         with m.Switch(read_at):
@@ -125,12 +139,12 @@ class RowAligner(wiring.Component):
         out_free = ~self.rows.valid | self.rows.ready
         emit = Signal()
         m.d.comb += emit.eq(active & enough & out_free)
-        # the beat after an emitted one: the next row's first or this row's rest less a beat, both planned by
-        # comparisons of registers with constants, not behind the subtraction
+        # the beats after an emitted one: the next row's first or this row's rest less a beat, all planned by
+        # comparisons of registers with constants; `after_need` is kept a beat ahead so that `enough` compares
+        # registers only
         rest_less = rest - lanes
         first_need, first_row_end = first_beat(row_length)
-        next_need = Signal.like(need)
-        m.d.comb += next_need.eq(Mux(row_end, first_need, Mux(at_least(rest, 2 * lanes), lanes, rest_less[:5])))
+        next_row_end = Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))
         with m.If(emit):
             m.d.sync += [
                 self.rows.valid.eq(1),
@@ -140,8 +154,12 @@ class RowAligner(wiring.Component):
             advanced = read_at + need
             m.d.sync += [
                 rest.eq(Mux(row_end, row_length, rest_less)),
-                need.eq(next_need),
-                row_end.eq(Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))),
+                need.eq(after_need),
+                row_end.eq(next_row_end),
+                # the row has `rest` left after this beat: row_length at a row's end, else rest - lanes
+                after_need.eq(second_beat(next_row_end, first_need,
+                                          Mux(row_end, at_least(row_length, 2 * lanes), at_least(rest, 3 * lanes)),
+                                          Mux(row_end, low(row_length, lanes), low(rest, 2 * lanes)))),
                 read_at.eq(Mux(advanced >= slots, advanced - slots, advanced)),
             ]
             for lane, element in enumerate(reads):
@@ -173,7 +191,7 @@ class RowAligner(wiring.Component):
             left_over = at_least(to_read, lanes + 1)   # this beat is not the final one
             left = to_read - lanes
             m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)),
-                         enough.eq(Mux(emit, held - need + incoming >= next_need, held + incoming >= need)),
+                         enough.eq(Mux(emit, held - need + incoming >= after_need, held + incoming >= need)),
                          to_read.eq(Mux(left_over, left, 0)),
                          incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over)]
             with m.Switch(incoming):
@@ -182,5 +200,5 @@ class RowAligner(wiring.Component):
                         m.d.sync += write_at.eq(write_at.rotate_left(step))
         with m.Elif(active):   # (not while idle: the shape beat sets `held` and `enough`)
             m.d.sync += [held.eq(Mux(emit, held - need, held)),
-                         enough.eq(Mux(emit, held - need >= next_need, held >= need))]
+                         enough.eq(Mux(emit, held - need >= after_need, held >= need))]
         return m
