@@ -91,9 +91,13 @@ class RowAligner(wiring.Component):
         enough = Signal()               # held >= need, worked out a cycle ahead (a carry chain in front of `emit`)
         after_need = Signal(range(lanes + 1))   # `need` of the beat after the next one, planned a beat ahead
 
+        def one_beat(length):
+            """``min(length, lanes)``, by a comparison with a constant."""
+            return Mux(at_least(length, lanes), lanes, length[:5])
+
         def first_beat(length):
             """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
-            return Mux(at_least(length, lanes), lanes, length[:5]), ~at_least(length, lanes + 1)
+            return one_beat(length), ~at_least(length, lanes + 1)
 
         def low(value, less):
             """``(value - less) % 32`` for a constant ``less``: five bits, no long carry chain."""
@@ -116,7 +120,7 @@ class RowAligner(wiring.Component):
                     final_row.eq(payload.rows == 1),
                     to_read.eq(payload.elements),
                     more.eq(payload.elements != 0),
-                    incoming.eq(Mux(at_least(payload.elements, lanes), lanes, payload.elements[:5])),
+                    incoming.eq(one_beat(payload.elements)),
                     rest.eq(payload.row_length),
                     held.eq(0),
                     read_at.eq(0),
