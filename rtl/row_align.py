@@ -7,7 +7,7 @@ elements ``k .. k+lanes-1`` of row ``r`` with ``k`` a multiple of ``lanes``. Thi
 up to ``3 * lanes`` elements and emits ``min(lanes, row_length - k)`` of them per beat, zero-filling the rest.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -74,12 +74,14 @@ class RowAligner(wiring.Component):
         rows_left = Signal(32)          # rows not yet fully emitted
         to_read = Signal(32)            # flat elements not yet taken from the input
         held = Signal(range(slots + 1))  # elements in the holding buffer
-        # the holding buffer is circular: elements are read from slot `read_at` on and written from `write_at` on
-        # (`read_at + held`, modulo `slots`), so which slot takes which element depends on registers only, never on
-        # this cycle's handshake (a shift by the emitted count was the 8x8 engine's longest path)
+        # the holding buffer is circular: elements are read from slot `read_at` on and written from `read_at + held`
+        # (modulo `slots`) on, so which slot takes which element depends on registers only, never on this cycle's
+        # handshake (a shift by the emitted count was the 8x8 engine's longest path). Every input beat of a matrix
+        # but its final one carries `lanes` elements, so the write position is always a multiple of `lanes`: the
+        # buffer is three banks of `lanes` slots, and a beat fills one bank whole
         buffer = Signal(data.ArrayLayout(width, slots))
         read_at = Signal(range(slots))
-        write_at = Signal(slots, init=1)   # one-hot
+        bank = Signal(3, init=1)   # one-hot: the bank the next input beat fills
 
         # what the next beat emits, kept in registers one beat ahead (long compares stay off the handshake)
         rest = Signal(32)               # elements of the current row not yet emitted
@@ -124,7 +126,7 @@ class RowAligner(wiring.Component):
                     rest.eq(payload.row_length),
                     held.eq(0),
                     read_at.eq(0),
-                    write_at.eq(1),
+                    bank.eq(1),
                 ]
                 first_need, first_row_end = first_beat(payload.row_length)
                 m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), enough.eq(first_need == 0),
@@ -175,18 +177,13 @@ class RowAligner(wiring.Component):
         with m.Elif(self.rows.ready):
             m.d.sync += self.rows.valid.eq(0)
 
-        # ready from registers only: with at most 2 * lanes held, a whole beat fits in the free slots whatever this
-        # cycle emits, so every lane of it is written (padding lanes land in free slots, never read)
+        # ready from registers only: with at most 2 * lanes held, a whole beat fits in the free bank whatever this
+        # cycle emits, so every lane of it is written (the final beat's padding lanes land in free slots, never read)
         m.d.comb += self.flat.ready.eq(active & more & ~at_least(held, 2 * lanes + 1))
         accept = self.flat.valid & self.flat.ready
-        for i in range(slots):
-            # input lane j lands in slot i when the write position is i - j
-            hits = [write_at[(i - j) % slots] for j in range(lanes)]
-            element = 0
-            for j, hit in enumerate(hits):
-                element = element | (self.flat.payload[j] & hit.replicate(width))
-            with m.If(accept & Cat(*hits).any()):
-                m.d.sync += buffer[i].eq(element)
+        for i in range(3):
+            with m.If(accept & bank[i]):
+                m.d.sync += [buffer[i * lanes + j].eq(self.flat.payload[j]) for j in range(lanes)]
         # the count after this cycle: each outcome from registers, the handshake only selects one
         with m.If(accept):
             # every beat but the final one carries `lanes` elements, so the count falls by a constant and the next
@@ -197,11 +194,8 @@ class RowAligner(wiring.Component):
             m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)),
                          enough.eq(Mux(emit, held - need + incoming >= after_need, held + incoming >= need)),
                          to_read.eq(Mux(left_over, left, 0)),
-                         incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over)]
-            with m.Switch(incoming):
-                for step in range(lanes + 1):
-                    with m.Case(step):
-                        m.d.sync += write_at.eq(write_at.rotate_left(step))
+                         incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over),
+                         bank.eq(bank.rotate_left(1))]
         with m.Elif(active):   # (not while idle: the shape beat sets `held` and `enough`)
             m.d.sync += [held.eq(Mux(emit, held - need, held)),
                          enough.eq(Mux(emit, held - need >= after_need, held >= need))]
