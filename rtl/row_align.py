@@ -78,9 +78,11 @@ class RowAligner(wiring.Component):
         # (modulo `slots`) on, so which slot takes which element depends on registers only, never on this cycle's
         # handshake (a shift by the emitted count was the 8x8 engine's longest path). Every input beat of a matrix
         # but its final one carries `lanes` elements, so the write position is always a multiple of `lanes`: the
-        # buffer is three banks of `lanes` slots, and a beat fills one bank whole
+        # buffer is three banks of `lanes` slots, and a beat fills one bank whole. The read position is kept as a
+        # bank and an offset in it (`read_at = lanes * read_bank + read_offset`)
         buffer = Signal(data.ArrayLayout(width, slots))
-        read_at = Signal(range(slots))
+        read_bank = Signal(3, init=1)               # one-hot
+        read_offset = Signal(range(max(lanes, 2)))
         bank = Signal(3, init=1)   # one-hot: the bank the next input beat fills
 
         # what the next beat emits, kept in registers one beat ahead (long compares stay off the handshake)
@@ -125,7 +127,8 @@ class RowAligner(wiring.Component):
                     incoming.eq(one_beat(payload.elements)),
                     rest.eq(payload.row_length),
                     held.eq(0),
-                    read_at.eq(0),
+                    read_bank.eq(1),
+                    read_offset.eq(0),
                     bank.eq(1),
                 ]
                 first_need, first_row_end = first_beat(payload.row_length)
@@ -134,11 +137,18 @@ class RowAligner(wiring.Component):
                                                        at_least(payload.row_length, 2 * lanes),
                                                        low(payload.row_length, lanes)))]
 
-        reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]    # buffer[read_at + lane]
-        with m.Switch(read_at):
-            for at in range(slots):
-                with m.Case(at):
-                    m.d.comb += [element.eq(buffer[(at + lane) % slots]) for lane, element in enumerate(reads)]
+        # buffer[read_at + lane], in two steps: the window of the read bank and the one after it (a 3:1 choice per
+        # slot), then `lanes` elements of it from the offset on (a `lanes`:1 choice per lane), not a 3 * lanes:1 one
+        window = [Signal(width, name=f"window_{e}") for e in range(2 * lanes)]
+        for e, element in enumerate(window):
+            choices = [buffer[(b + e // lanes) % 3 * lanes + e % lanes] & read_bank[b].replicate(width)
+                       for b in range(3)]
+            m.d.comb += element.eq(choices[0] | choices[1] | choices[2])
+        reads = [Signal(width, name=f"read_{lane}") for lane in range(lanes)]
+        with m.Switch(read_offset):
+            for offset in range(lanes):
+                with m.Case(offset):
+                    m.d.comb += [element.eq(window[offset + lane]) for lane, element in enumerate(reads)]
 
         # emit: the rest of the row, at most one beat of it
         last = row_end & final_row
@@ -157,7 +167,8 @@ class RowAligner(wiring.Component):
                 self.rows.payload.row_end.eq(row_end),
                 self.rows.payload.last.eq(last),
             ]
-            advanced = read_at + need
+            advanced = read_offset + need   # below 2 * lanes: the read crosses into the next bank at most once
+            crossed = at_least(advanced, lanes)
             m.d.sync += [
                 rest.eq(Mux(row_end, row_length, rest_less)),
                 need.eq(after_need),
@@ -166,7 +177,8 @@ class RowAligner(wiring.Component):
                 after_need.eq(second_beat(next_row_end, first_need,
                                           Mux(row_end, at_least(row_length, 2 * lanes), at_least(rest, 3 * lanes)),
                                           Mux(row_end, low(row_length, lanes), low(rest, 2 * lanes)))),
-                read_at.eq(Mux(advanced >= slots, advanced - slots, advanced)),
+                read_bank.eq(Mux(crossed, read_bank.rotate_left(1), read_bank)),
+                read_offset.eq(Mux(crossed, advanced - lanes, advanced)),
             ]
             for lane, element in enumerate(reads):
                 m.d.sync += self.rows.payload.data[lane].eq(Mux(lane < need, element, 0))
