@@ -7,7 +7,7 @@ elements ``k .. k+lanes-1`` of row ``r`` with ``k`` a multiple of ``lanes``. Thi
 up to ``3 * lanes`` elements and emits ``min(lanes, row_length - k)`` of them per beat, zero-filling the rest.
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import C, Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -92,7 +92,10 @@ class RowAligner(wiring.Component):
         final_row = Signal()            # rows_left == 1
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
         more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
-        enough = Signal()               # held >= need, worked out a cycle ahead (a carry chain in front of `emit`)
+        # held - need: its sign says whether enough is held for the next beat (no compare in front of `emit`), and
+        # each of its next values is one carry chain from registers (see `add3`)
+        surplus = Signal(range(-lanes, slots + 1))
+        enough = ~surplus[-1]
         after_need = Signal(range(lanes + 1))   # `need` of the beat after the next one, planned a beat ahead
 
         def one_beat(length):
@@ -102,6 +105,17 @@ class RowAligner(wiring.Component):
         def first_beat(length):
             """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
             return one_beat(length), ~at_least(length, lanes + 1)
+
+        def add3(x, y, z):
+            """``x + y - z`` (``x`` signed, ``y`` and ``z`` unsigned) with one carry chain: a carry-save layer (a
+            LUT per bit) makes two operands of three (``-z`` is ``~z + 1``, the 1 in the carries' free low bit)."""
+            width = max(len(x), len(y) + 1, len(z) + 1) + 2
+
+            def extend(value, signed):
+                return Cat(value, (value[-1] if signed else C(0, 1)).replicate(width - len(value)))
+            a, b, c = extend(x, True), extend(y, False), ~extend(z, False)
+            carries = Cat(C(1, 1), ((a & b) | (a & c) | (b & c))[:width - 1])
+            return ((a ^ b ^ c) + carries)[:width].as_signed()
 
         def low(value, less):
             """``(value - less) % 32`` for a constant ``less``: five bits, no long carry chain."""
@@ -132,7 +146,7 @@ class RowAligner(wiring.Component):
                     bank.eq(1),
                 ]
                 first_need, first_row_end = first_beat(payload.row_length)
-                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), enough.eq(first_need == 0),
+                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), surplus.eq(-first_need),
                              after_need.eq(second_beat(first_row_end, first_need,
                                                        at_least(payload.row_length, 2 * lanes),
                                                        low(payload.row_length, lanes)))]
@@ -156,8 +170,8 @@ class RowAligner(wiring.Component):
         emit = Signal()
         m.d.comb += emit.eq(active & enough & out_free)
         # the beats after an emitted one: the next row's first or this row's rest less a beat, all planned by
-        # comparisons of registers with constants; `after_need` is kept a beat ahead so that `enough` compares
-        # registers only
+        # comparisons of registers with constants; `after_need` is kept a beat ahead so that the next `surplus`
+        # comes from registers only
         rest_less = rest - lanes
         first_need, first_row_end = first_beat(row_length)
         next_row_end = Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))
@@ -203,12 +217,12 @@ class RowAligner(wiring.Component):
             # back into itself (`to_read - incoming` then `left < lanes` was the 8x8 engine's longest path)
             left_over = at_least(to_read, lanes + 1)   # this beat is not the final one
             left = to_read - lanes
-            m.d.sync += [held.eq(Mux(emit, held - need + incoming, held + incoming)),
-                         enough.eq(Mux(emit, held - need + incoming >= after_need, held + incoming >= need)),
+            # (held - need + incoming is surplus + incoming; after an emitted beat, `need` becomes `after_need`)
+            m.d.sync += [held.eq(Mux(emit, surplus + incoming, held + incoming)),
+                         surplus.eq(Mux(emit, add3(surplus, incoming, after_need), surplus + incoming)),
                          to_read.eq(Mux(left_over, left, 0)),
                          incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over),
                          bank.eq(bank.rotate_left(1))]
-        with m.Elif(active):   # (not while idle: the shape beat sets `held` and `enough`)
-            m.d.sync += [held.eq(Mux(emit, held - need, held)),
-                         enough.eq(Mux(emit, held - need >= after_need, held >= need))]
+        with m.Elif(active):   # (not while idle: the shape beat sets `held` and `surplus`)
+            m.d.sync += [held.eq(Mux(emit, surplus, held)), surplus.eq(Mux(emit, surplus - after_need, surplus))]
         return m
