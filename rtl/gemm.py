@@ -508,14 +508,11 @@ class GemmEngine(wiring.Component):
         q0 = Signal(32)            # forward: first reduction index of the chunk
         chunk_index = Signal(32)   # chunk of the A buffer (q0 / chunk)
         step = Signal(range(max(chunk, min_steps) + 1))
-        fwd_word = Signal(32)      # forward: q // cols and q % cols of the W word to read, as counters
-        fwd_lane = Signal(range(cols))
-        bwd_slot = Signal(range(slots + 1))   # transposed: row `step` of the W tile, as bank and slot
-        bwd_bank = Signal(range(cols))
+        fwd_lane = Signal(range(cols))        # forward: q % cols, the lane of the W word read
+        bwd_bank = Signal(range(cols))        # transposed: the bank of row `step` of the W tile
         with m.If(start):
             m.d.sync += [active.eq(1), m_left.eq(job.m), outer.eq(0), kt.eq(0), k0.eq(0), q0.eq(0),
-                         chunk_index.eq(0), step.eq(0), fwd_word.eq(0), fwd_lane.eq(0), bwd_slot.eq(0),
-                         bwd_bank.eq(0)]
+                         chunk_index.eq(0), step.eq(0), fwd_lane.eq(0), bwd_bank.eq(0)]
 
         # Loop control. Every flag the issue logic needs is a register for the current chunk; the next chunk's
         # coordinates are worked out on the chunk's second step, what is left of K and N after them on its third,
@@ -591,12 +588,11 @@ class GemmEngine(wiring.Component):
         w_reads = [mem[f"w{b}"].read_port(domain="sync") for b in range(cols)]
         for port in [a_read, ea_read, ew_read, *w_reads]:
             m.d.comb += port.en.eq(pipe.advance)
-        # the chunk's fixed addresses (A at its first step, its exponents, the W tile's base) are registers, set at
-        # the chunk's end from the next chunk's, which are worked out on its third step: one adder, not two, in
-        # front of the A memory's address
-        bases = {name: Signal(range(mem[key].depth), name=f"{name}_base")
-                 for name, key in (("a", "a"), ("ea", "ea"), ("ew", "ew"), ("w", "w0"))}
-        n_bases = {name: Signal.like(base, name=f"next_{name}_base") for name, base in bases.items()}
+        # the chunk's fixed addresses (A at its first step, its exponents, the W tile's base) for the next chunk are
+        # worked out on its third step; the exponent addresses are registers set from them at the chunk's end
+        n_bases = {name: Signal(range(mem[key].depth), name=f"next_{name}_base")
+                   for name, key in (("a", "a"), ("ea", "ea"), ("ew", "ew"), ("w", "w0"))}
+        bases = {name: Signal.like(n_bases[name], name=f"{name}_base") for name in ("ea", "ew")}
 
         def bases_of(a_half_, w_half_, q0_, outer_, kt_, chunk_index_):
             return {
@@ -605,15 +601,21 @@ class GemmEngine(wiring.Component):
                 "ew": Mux(w_half_, mem["chunks_k"], 0) + chunk_index_,
                 "w": Mux(w_half_, slots * words, 0) + Mux(job.transposed, kt_, 0),
             }
+        # the A and W read addresses are registers that count from the chunk's bases (A: its base + step; W,
+        # forward: every bank reads its row (slot 0) at word q // cols, the tile's base + q // cols; transposed: row
+        # `step` of the tile, its base + (step // cols) * words): the memories sit all over the die, and an adder
+        # in front of the long routes to them was the 8x8 engine's longest path
+        a_address = Signal(range(mem["a"].depth))
+        w_address = Signal(range(mem["w0"].depth))
         with m.If(start):
-            m.d.sync += [bases[name].eq(value) for name, value in bases_of(a_half, w_half, 0, 0, 0, 0).items()]
+            first_bases = bases_of(a_half, w_half, 0, 0, 0, 0)
+            m.d.sync += [bases[name].eq(first_bases[name]) for name in bases]
+            m.d.sync += [a_address.eq(first_bases["a"]), w_address.eq(first_bases["w"])]
         m.d.comb += [
-            a_read.addr.eq(bases["a"] + step),
+            a_read.addr.eq(a_address),
             ea_read.addr.eq(bases["ea"]),
             ew_read.addr.eq(bases["ew"]),
         ]
-        # forward: every bank reads its row (slot 0) at word q // cols; transposed: row `step` of the tile
-        w_address = bases["w"] + Mux(job.transposed, bwd_slot * words, fwd_word)
         for port in w_reads:
             m.d.comb += port.addr.eq(w_address)
 
@@ -673,25 +675,30 @@ class GemmEngine(wiring.Component):
 
         # advance the counters
         with m.If(issue):
-            m.d.sync += step.eq(Mux(last_step, 0, step + 1))
+            m.d.sync += [step.eq(Mux(last_step, 0, step + 1)), a_address.eq(a_address + 1)]
             with m.If(real & ~job.transposed):
                 m.d.sync += fwd_lane.eq(Mux(fwd_lane == cols - 1, 0, fwd_lane + 1))
                 with m.If(fwd_lane == cols - 1):
-                    m.d.sync += fwd_word.eq(fwd_word + 1)
+                    m.d.sync += w_address.eq(w_address + 1)
             with m.If(real & job.transposed):
-                m.d.sync += [bwd_bank.eq(Mux(bwd_bank == cols - 1, 0, bwd_bank + 1)),
-                             bwd_slot.eq(Mux(bwd_bank == cols - 1, bwd_slot + 1, bwd_slot))]
+                m.d.sync += bwd_bank.eq(Mux(bwd_bank == cols - 1, 0, bwd_bank + 1))
+                with m.If(bwd_bank == cols - 1):
+                    m.d.sync += w_address.eq(w_address + words)
             with m.If(last_step):
-                m.d.sync += [bwd_bank.eq(0), bwd_slot.eq(0), q0.eq(n_q0), outer.eq(n_outer), kt.eq(n_kt),
+                m.d.sync += [bwd_bank.eq(0), q0.eq(n_q0), outer.eq(n_outer), kt.eq(n_kt),
                              k0.eq(n_k0), chunk_index.eq(n_chunk_index), m_left.eq(n_m_left)]
                 m.d.sync += [cur[name].eq(nxt[name]) for name in cur]
                 m.d.sync += [bases[name].eq(n_bases[name]) for name in bases]
+                m.d.sync += a_address.eq(n_bases["a"])
+                # (forward, within a W tile, the base stays and the word count goes on)
+                with m.If(job.transposed | w_tile_done):
+                    m.d.sync += w_address.eq(n_bases["w"])
                 with m.If(w_tile_done):
                     # the W tile is done
                     m.d.comb += w_release.bit_select(w_half, 1).eq(1)
                     m.d.sync += w_half.eq(~w_half)
                     with m.If(~job.transposed):
-                        m.d.sync += [fwd_word.eq(0), fwd_lane.eq(0)]
+                        m.d.sync += fwd_lane.eq(0)
                 with m.If(a_tile_done):
                     # the A tile is done
                     m.d.comb += a_release.bit_select(a_half, 1).eq(1)
