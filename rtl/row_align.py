@@ -83,7 +83,7 @@ class RowAligner(wiring.Component):
         buffer = Signal(data.ArrayLayout(width, slots))
         read_bank = Signal(3, init=1)               # one-hot
         read_offset = Signal(range(max(lanes, 2)))
-        bank = Signal(3, init=1)   # one-hot: the bank the next input beat fills
+        write_bank = Signal(3, init=1)              # one-hot: the bank the next input beat fills
 
         # what the next beat emits, kept in registers one beat ahead (long compares stay off the handshake)
         rest = Signal(32)               # elements of the current row not yet emitted
@@ -143,7 +143,7 @@ class RowAligner(wiring.Component):
                     held.eq(0),
                     read_bank.eq(1),
                     read_offset.eq(0),
-                    bank.eq(1),
+                    write_bank.eq(1),
                 ]
                 first_need, first_row_end = first_beat(payload.row_length)
                 m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), surplus.eq(-first_need),
@@ -208,7 +208,7 @@ class RowAligner(wiring.Component):
         m.d.comb += self.flat.ready.eq(active & more & ~at_least(held, 2 * lanes + 1))
         accept = self.flat.valid & self.flat.ready
         for i in range(3):
-            with m.If(accept & bank[i]):
+            with m.If(accept & write_bank[i]):
                 m.d.sync += [buffer[i * lanes + j].eq(self.flat.payload[j]) for j in range(lanes)]
         # the count after this cycle: each outcome from registers, the handshake only selects one
         with m.If(accept):
@@ -222,7 +222,7 @@ class RowAligner(wiring.Component):
                          surplus.eq(Mux(emit, add3(surplus, incoming, after_need), surplus + incoming)),
                          to_read.eq(Mux(left_over, left, 0)),
                          incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over),
-                         bank.eq(bank.rotate_left(1))]
+                         write_bank.eq(write_bank.rotate_left(1))]
         with m.Elif(active):   # (not while idle: the shape beat sets `held` and `surplus`)
             m.d.sync += [held.eq(Mux(emit, surplus, held)), surplus.eq(Mux(emit, surplus - after_need, surplus))]
         return m
