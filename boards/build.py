@@ -23,7 +23,7 @@ from .keepalive import KeepAlive
 from .platforms import make_platform
 
 
-__all__ = ["BuildError", "build", "format_report", "toolchain_env"]
+__all__ = ["BuildError", "build", "format_report", "toolchain_env", "undefined_collisions"]
 
 
 class BuildError(Exception):
@@ -68,6 +68,37 @@ _RESOURCE_WORDS = {
 _NAME = "top"
 _NEXTPNR_REPORT = "nextpnr-report.json"
 _REPORT = "report.json"
+
+
+def undefined_collisions(rtlil):
+    """``rtlil`` with the read ports of memories marked ``no_rw_check`` returning don't-care on a read/write collision.
+
+    Yosys honours the attribute only on read ports that it builds from registers (``memory_dff``); Amaranth emits
+    synchronous read ports with read-before-write collisions, which Yosys then emulates beside every block RAM (a
+    register on the write data and address, an address compare and a read-data multiplexer). This sets the
+    ``COLLISION_X_MASK`` of those ports, so the marked memories map onto bare block RAMs.
+    """
+    lines = rtlil.splitlines(keepends=True)
+    marked, attributes, read_port, memid = set(), [], False, None
+    for i, line in enumerate(lines):
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "module":
+            marked = set()
+        if words[0] == "memory" and "\\no_rw_check" in attributes:
+            marked.add(words[-1])
+        attributes = attributes + [words[1]] if words[0] == "attribute" else []
+        if words[0] == "cell":
+            read_port, memid = words[1] == "$memrd_v2", None
+        elif words[0] == "end":
+            read_port = False
+        elif read_port and words[:2] == ["parameter", "\\MEMID"]:
+            memid = words[2].strip('"').replace("\\\\", "\\")
+        elif read_port and memid in marked and words[:2] == ["parameter", "\\COLLISION_X_MASK"]:
+            width = int(words[2].split("'")[0])
+            lines[i] = line.replace(words[2], f"{width}'{'1' * width}")
+    return "".join(lines)
 
 
 def _env_var(tool):
@@ -297,6 +328,8 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, lut_m
     for stale in (_NEXTPNR_REPORT, _REPORT, f"{_NAME}.{platform.bitstream_suffix}"):
         (out_dir / stale).unlink(missing_ok=True)
     plan.extract(out_dir)
+    rtlil = out_dir / f"{_NAME}.il"
+    rtlil.write_text(undefined_collisions(rtlil.read_text()))
 
     commands = json.loads((out_dir / f"build_{_NAME}.json").read_text())["commands"]
     notes = []

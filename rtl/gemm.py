@@ -179,6 +179,9 @@ class GemmEngine(wiring.Component):
     tensor, codes, absmax, absmax2 : NF4 weights only
         The dequantizer's input streams (see :class:`~.nf4_dequant.NF4Dequantizer`), one tensor per pass of W.
     c : Out(stream of :func:`c_layout`)
+    collisions : (Signal, list of (str, Memory)), set by ``elaborate``
+        The sequencer's step-issue strobe and the buffers marked ``no_rw_check``: on a cycle with the strobe
+        high, none of them may read an address that it writes (simulations check it).
     """
 
     def __init__(self, config=GemmConfig()):
@@ -247,14 +250,21 @@ class GemmEngine(wiring.Component):
         chunks_q = -(-cfg.max_q // chunk)
         chunks_k = -(-cfg.max_k // chunk)
         slots = -(-cfg.tile_rows // cols)
+        # The double-buffered inputs never read an address in the cycle that it is written, on an issued step (the
+        # sequencer issues from full halves only, the writers write only halves that are not full; reads on other
+        # cycles are masked): their read ports may return don't-care on a collision (Yosys's `no_rw_check`, applied
+        # by boards/build.py), and the block RAMs need no soft logic that emulates read-before-write. `collisions`
+        # lets simulations check the claim. The accumulator reads and writes one address in one cycle: not marked.
+        free = {"no_rw_check": 1}
         mem = {
-            "a": Memory(shape=data.ArrayLayout(16, rows), depth=2 * cfg.max_q, init=[]),
-            "ea": Memory(shape=data.ArrayLayout(EXP, rows), depth=2 * chunks_q, init=[]),
-            "ew": Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * chunks_k, init=[]),
+            "a": Memory(shape=data.ArrayLayout(16, rows), depth=2 * cfg.max_q, init=[], attrs=free),
+            "ea": Memory(shape=data.ArrayLayout(EXP, rows), depth=2 * chunks_q, init=[], attrs=free),
+            "ew": Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * chunks_k, init=[], attrs=free),
             "acc": Memory(shape=data.ArrayLayout(32, cols), depth=rows * cfg.words_per_row, init=[]),
         }
         for bank in range(cols):
-            mem[f"w{bank}"] = Memory(shape=data.ArrayLayout(16, cols), depth=2 * slots * cfg.words_per_row, init=[])
+            mem[f"w{bank}"] = Memory(shape=data.ArrayLayout(16, cols), depth=2 * slots * cfg.words_per_row, init=[],
+                                     attrs=free)
         for name, memory in mem.items():
             m.submodules[f"mem_{name}"] = memory
         mem["chunks_q"], mem["chunks_k"], mem["slots"] = chunks_q, chunks_k, slots
@@ -580,6 +590,7 @@ class GemmEngine(wiring.Component):
         issue = Signal()
         m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
+        self.collisions = (issue, [(name, mem[name]) for name in ("a", "ea", "ew", *(f"w{b}" for b in range(cols)))])
 
         # --- stage 0: addresses
         a_read = mem["a"].read_port(domain="sync")

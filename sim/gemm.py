@@ -52,6 +52,27 @@ def _weight_streams(weights, config):
     return {"w": pack_lanes(bf16_bits(weights).reshape(-1), cols, 16)}
 
 
+def _collision_check(dut):
+    """An observer: fails the run if an issued step reads a ``no_rw_check`` buffer at an address written in the
+    same cycle (the block RAMs would return don't-care there; see :attr:`GemmEngine.collisions`)."""
+    async def watch(ctx):
+        issue, memories = dut.collisions
+        pairs = [(name, write, read) for name, memory in memories
+                 for write in memory.write_ports for read in memory.read_ports]
+        signals = [signal for _, write, read in pairs for signal in (write.en, write.addr, read.en, read.addr)]
+        cycle = 0
+        async for _, _, issued, *values in ctx.tick().sample(issue, *signals):
+            cycle += 1
+            if not issued:
+                continue
+            for i, (name, write, read) in enumerate(pairs):
+                write_en, write_addr, read_en, read_addr = values[4 * i:4 * i + 4]
+                if write_en and read_en and write_addr == read_addr:
+                    raise RuntimeError(f"GEMM engine: buffer {name} read and written at address {read_addr} in "
+                                       f"cycle {cycle}")
+    return watch
+
+
 def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, vcd_path=None, progress=None):
     """``a @ W.T`` (or ``a @ W`` when ``transposed``) on :class:`~edge_qlora.rtl.gemm.GemmEngine`.
 
@@ -107,7 +128,7 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS),
                          max_cycles=50 * (count + len(a_beats)) + 40 * longest + 5000, progress=progress)
 
-    beats, cycles = _simulate(dut, producers, consumer, vcd_path)
+    beats, cycles = _simulate(dut, producers, consumer, vcd_path, processes=[_collision_check(dut)])
     if len(beats) != count:
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32

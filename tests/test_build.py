@@ -1,14 +1,18 @@
 # amaranth: UnusedElaboratable=no
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from amaranth import Instance, Module, Mux, Signal, unsigned
+from amaranth.back import rtlil
 from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
-from edge_qlora.boards.build import BuildError, build, format_report
+from edge_qlora.boards.build import BuildError, build, format_report, toolchain_env, undefined_collisions
 from edge_qlora.boards.keepalive import KeepAlive, split_ports
 from edge_qlora.boards.platforms import (
     BOARDS, ICEBreakerPlatform, ULX3S85FPlatform, ecp5_pll_params, ice40_pll_params, make_platform)
@@ -61,6 +65,23 @@ class DelayLine(wiring.Component):
         m.d.sync += taps[0].eq(self.sample)
         m.d.sync += [later.eq(earlier) for earlier, later in zip(taps, taps[1:])]
         m.d.comb += self.delayed.eq(taps[-1])
+        return m
+
+
+class Buffer(wiring.Component):
+    """A 64-bit by 512 memory with one write and one read port, marked ``no_rw_check`` or not."""
+
+    def __init__(self, no_rw_check):
+        self._attrs = {"no_rw_check": 1} if no_rw_check else {}
+        super().__init__({"write_addr": In(9), "write_data": In(64), "write_en": In(1),
+                          "read_addr": In(9), "read_en": In(1), "read_data": Out(64)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.buffer = buffer = Memory(shape=64, depth=512, init=[], attrs=self._attrs)
+        write, read = buffer.write_port(), buffer.read_port()
+        m.d.comb += [write.addr.eq(self.write_addr), write.data.eq(self.write_data), write.en.eq(self.write_en),
+                     read.addr.eq(self.read_addr), read.en.eq(self.read_en), self.read_data.eq(read.data)]
         return m
 
 
@@ -161,6 +182,25 @@ def test_build_argument_errors(tmp_path):
         build(MultiplyAccumulate(), "icebreaker", tmp_path / "out", router="pathfinder")
     with pytest.raises(BuildError, match=r"^lut_mapper must be 'abc9' or 'abc', not 'flowmap'$"):
         build(MultiplyAccumulate(), "icebreaker", tmp_path / "out", lut_mapper="flowmap")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_rw_check", [False, True], ids=["plain", "no_rw_check"])
+def test_undefined_collisions(tmp_path, no_rw_check):
+    text = undefined_collisions(rtlil.convert(Buffer(no_rw_check)))
+    masks = re.findall(r"parameter \\COLLISION_X_MASK (\S+)", text)
+    assert masks == (["1'1"] if no_rw_check else ["1'0"])
+    # Yosys: a bare block RAM when marked; otherwise soft logic emulates read-before-write on collisions
+    (tmp_path / "top.il").write_text(text)
+    script = "read_rtlil top.il; synth_ecp5 -top top; tee -q -o stat.txt stat"
+    subprocess.run([toolchain_env()["YOSYS"], "-q", "-p", script], cwd=tmp_path, capture_output=True, check=True)
+    stat = (tmp_path / "stat.txt").read_text()
+    cells = {name: int(count) for count, name in re.findall(r"^\s+(\d+)\s+(\w+)$", stat, re.M)}
+    assert cells["DP16KD"] == 2
+    if no_rw_check:
+        assert "TRELLIS_FF" not in cells and "LUT4" not in cells
+    else:
+        assert cells["TRELLIS_FF"] > 64
 
 
 # --- bitstream builds -----------------------------------------------------------------------------
