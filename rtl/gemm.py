@@ -179,9 +179,9 @@ class GemmEngine(wiring.Component):
     tensor, codes, absmax, absmax2 : NF4 weights only
         The dequantizer's input streams (see :class:`~.nf4_dequant.NF4Dequantizer`), one tensor per pass of W.
     c : Out(stream of :func:`c_layout`)
-    collisions : (Signal, list of (str, Memory)), set by ``elaborate``
-        The sequencer's step-issue strobe and the buffers marked ``no_rw_check``: on a cycle with the strobe
-        high, none of them may read an address that it writes (simulations check it).
+    collisions : list of (str, Memory, Signal), set by ``elaborate``
+        The memories marked ``no_rw_check``, each with a strobe that is high when its read data is used: in such a
+        cycle it may not read an address that it writes (simulations check it).
     """
 
     def __init__(self, config=GemmConfig()):
@@ -250,17 +250,17 @@ class GemmEngine(wiring.Component):
         chunks_q = -(-cfg.max_q // chunk)
         chunks_k = -(-cfg.max_k // chunk)
         slots = -(-cfg.tile_rows // cols)
-        # The double-buffered inputs never read an address in the cycle that it is written, on an issued step (the
-        # sequencer issues from full halves only, the writers write only halves that are not full; reads on other
-        # cycles are masked): their read ports may return don't-care on a collision (Yosys's `no_rw_check`, applied
-        # by boards/build.py), and the block RAMs need no soft logic that emulates read-before-write. `collisions`
-        # lets simulations check the claim. The accumulator reads and writes one address in one cycle: not marked.
+        # No read whose data is used meets a write to its address in the same cycle (the sequencer issues steps from
+        # full halves only, the writers write only halves that are not full; the accumulator admits an item only
+        # when no item in flight still writes its address, or when it ignores the read): the read ports may return
+        # don't-care on a collision (Yosys's `no_rw_check`, applied by boards/build.py), and the block RAMs need no
+        # soft logic that emulates read-before-write. `collisions` lets simulations check the claim.
         free = {"no_rw_check": 1}
         mem = {
             "a": Memory(shape=data.ArrayLayout(16, rows), depth=2 * cfg.max_q, init=[], attrs=free),
             "ea": Memory(shape=data.ArrayLayout(EXP, rows), depth=2 * chunks_q, init=[], attrs=free),
             "ew": Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * chunks_k, init=[], attrs=free),
-            "acc": Memory(shape=data.ArrayLayout(32, cols), depth=rows * cfg.words_per_row, init=[]),
+            "acc": Memory(shape=data.ArrayLayout(32, cols), depth=rows * cfg.words_per_row, init=[], attrs=free),
         }
         for bank in range(cols):
             mem[f"w{bank}"] = Memory(shape=data.ArrayLayout(16, cols), depth=2 * slots * cfg.words_per_row, init=[],
@@ -590,7 +590,7 @@ class GemmEngine(wiring.Component):
         issue = Signal()
         m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
-        self.collisions = (issue, [(name, mem[name]) for name in ("a", "ea", "ew", *(f"w{b}" for b in range(cols)))])
+        self.collisions = [(name, mem[name], issue) for name in ("a", "ea", "ew", *(f"w{b}" for b in range(cols)))]
 
         # --- stage 0: addresses
         a_read = mem["a"].read_port(domain="sync")
@@ -919,6 +919,9 @@ class GemmEngine(wiring.Component):
         read = mem["acc"].read_port(domain="sync", transparent_for=())
         write = mem["acc"].write_port()
         m.d.comb += [read.addr.eq(head.addr), read.en.eq(1)]
+        used = Signal()     # the read's data is added (not the first partial of an address)
+        m.d.comb += used.eq(enter & ~head.first)
+        self.collisions.append(("acc", mem["acc"], used))
         partial_values = Signal(data.ArrayLayout(32, cols))   # beside the memory read, one cycle
         m.d.sync += partial_values.eq(acc_slice.o.payload.values)
         for j, unit in enumerate(adders):

@@ -53,22 +53,20 @@ def _weight_streams(weights, config):
 
 
 def _collision_check(dut):
-    """An observer: fails the run if an issued step reads a ``no_rw_check`` buffer at an address written in the
-    same cycle (the block RAMs would return don't-care there; see :attr:`GemmEngine.collisions`)."""
+    """An observer: fails the run if a memory of the engine marked ``no_rw_check`` reads, for data that is used, an
+    address written in the same cycle (the block RAMs would return don't-care there; see
+    :attr:`GemmEngine.collisions`)."""
     async def watch(ctx):
-        issue, memories = dut.collisions
-        pairs = [(name, write, read) for name, memory in memories
-                 for write in memory.write_ports for read in memory.read_ports]
-        signals = [signal for _, write, read in pairs for signal in (write.en, write.addr, read.en, read.addr)]
+        checks = [(name, write, read, used) for name, memory, used in dut.collisions
+                  for write in memory.write_ports for read in memory.read_ports]
+        signals = [signal for _, write, read, used in checks for signal in (used, write.en, write.addr, read.addr)]
         cycle = 0
-        async for _, _, issued, *values in ctx.tick().sample(issue, *signals):
+        async for _, _, *values in ctx.tick().sample(*signals):
             cycle += 1
-            if not issued:
-                continue
-            for i, (name, write, read) in enumerate(pairs):
-                write_en, write_addr, read_en, read_addr = values[4 * i:4 * i + 4]
-                if write_en and read_en and write_addr == read_addr:
-                    raise RuntimeError(f"GEMM engine: buffer {name} read and written at address {read_addr} in "
+            for i, (name, *_) in enumerate(checks):
+                used, write_en, write_addr, read_addr = values[4 * i:4 * i + 4]
+                if used and write_en and write_addr == read_addr:
+                    raise RuntimeError(f"GEMM engine: memory {name} read and written at address {read_addr} in "
                                        f"cycle {cycle}")
     return watch
 
