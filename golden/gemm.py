@@ -247,6 +247,7 @@ class CycleModel:
 # fixed latencies of the RTL, in cycles (rtl/gemm.py and the units it instantiates)
 START_LATENCY = 2          # job beat accepted -> writers and sequencer running
 FLAG_LATENCY = 1           # last write of a tile -> the sequencer sees the half full
+WRITE_LATENCY = 1          # A or W beat taken -> written (the buffers' write ports are registered)
 ALIGNER_LATENCY = 3        # flat beat in -> row beat written
 DEQUANT_LATENCY = 29       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
 ISSUE_TO_ARRAY = 6         # sequencer issue -> step taken by the PE array (read, register, select, align x3)
@@ -298,7 +299,7 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     for i in range(a_tiles):
         start = max(START_LATENCY, a_load_end[-1] if a_load_end else 0, a_release[i - 2] if i >= 2 else 0)
         a_load_end.append(start + q_len)
-        a_ready.append(a_load_end[-1] + FLAG_LATENCY)
+        a_ready.append(a_load_end[-1] + WRITE_LATENCY + FLAG_LATENCY)
         for j, (load, work) in enumerate(zip(loads, compute)):
             previous = w_load_end[-1] if w_load_end else source
             if j == 0 and i > 0:
@@ -307,7 +308,7 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
                 previous += pass_extra
             free = compute_end[tile_index - 2] if tile_index >= 2 else 0
             w_load_end.append(max(previous, free) + load)
-            begin = max(t_compute, w_load_end[-1] + FLAG_LATENCY, a_ready[i])
+            begin = max(t_compute, w_load_end[-1] + WRITE_LATENCY + FLAG_LATENCY, a_ready[i])
             t_compute = begin + work
             compute_end.append(t_compute)
             steps += work

@@ -309,7 +309,10 @@ class GemmEngine(wiring.Component):
         fields = [exponent_field(self.a.payload[i]) for i in range(rows)]
         higher = [fields[i] > running_biased[i] for i in range(rows)]
         peaks = [Mux(higher[i], bf16_exponent(self.a.payload[i]), running[i]) for i in range(rows)]
-        m.d.comb += [
+        # the buffer writes are registered: `take` stays off the routes to the block RAMs, which sit all over the die
+        # (the 8x8 engine's longest path ran from `a_full` through `ready` to a block RAM's write enable and back
+        # to `a_full`); the half goes to the sequencer a cycle after its last take, once that write has landed
+        m.d.sync += [
             write.addr.eq(Mux(half, cfg.max_q, 0) + q),
             write.data.eq(self.a.payload),
             write.en.eq(take),
@@ -317,7 +320,8 @@ class GemmEngine(wiring.Component):
             exp_write.en.eq(take & chunk_end),
         ]
         for i in range(rows):
-            m.d.comb += exp_write.data[i].eq(peaks[i])
+            m.d.sync += exp_write.data[i].eq(peaks[i])
+        m.d.sync += a_filled.eq(0)
         with m.If(take):
             m.d.sync += [q.eq(q + 1), in_chunk.eq(Mux(chunk_end, 0, in_chunk + 1)),
                          q_last.eq(Mux(q_last, q_length == 1, q + 2 == q_length))]
@@ -328,8 +332,8 @@ class GemmEngine(wiring.Component):
             with m.If(chunk_end):
                 m.d.sync += chunk_index.eq(chunk_index + 1)
             with m.If(q_last):
-                # the tile is in: hand the half to the sequencer
-                m.d.comb += a_filled.bit_select(half, 1).eq(1)
+                # the tile is in: hand the half to the sequencer (`a_filled` is a register, see above)
+                m.d.sync += a_filled.bit_select(half, 1).eq(1)
                 m.d.sync += [half.eq(~half), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
                              m_left.eq(m_left - rows), m_last.eq(m_left <= 2 * rows)]
                 with m.If(m_last):
@@ -451,21 +455,22 @@ class GemmEngine(wiring.Component):
         slot = Signal(range(slots + 1))     # row // cols and row % cols, as counters
         bank = Signal(range(cols))
         address = Mux(half, slots * words, 0) + slot * words + word
-        ports = []
+        # registered writes, as in the A writer: `take` stays off the routes to the banks; a tile goes to the
+        # sequencer a cycle after its last take
         for b in range(cols):
             port = mem[f"w{b}"].write_port()
-            m.d.comb += [port.addr.eq(address), port.data.eq(beat.payload.data), port.en.eq(take & (bank == b))]
-            ports.append(port)
+            m.d.sync += [port.addr.eq(address), port.data.eq(beat.payload.data), port.en.eq(take & (bank == b))]
 
         exp_port = mem["ew"].write_port(granularity=1)  # one element (a row's exponent) at a time
         chunk_end = (word_in_chunk == words_in_chunk - 1) | row_end
-        m.d.comb += [
+        m.d.sync += [
             exp_port.addr.eq(Mux(half, mem["chunks_k"], 0) + chunk_index),
             exp_port.en.eq(Mux(take & chunk_end & ~job.transposed, Const(1, cols) << bank, 0)),
         ]
         for j in range(cols):
-            m.d.comb += exp_port.data[j].eq(new_row_peak)
+            m.d.sync += exp_port.data[j].eq(new_row_peak)
 
+        m.d.sync += w_filled.eq(0)
         with m.If(take):
             m.d.sync += [
                 word.eq(Mux(row_end, 0, word + 1)),
@@ -478,7 +483,7 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [row.eq(row + 1), bank.eq(Mux(bank == cols - 1, 0, bank + 1)),
                              slot.eq(Mux(bank == cols - 1, slot + 1, slot))]
             with m.If(tile_end):
-                m.d.comb += w_filled.bit_select(half, 1).eq(1)
+                m.d.sync += w_filled.bit_select(half, 1).eq(1)
                 m.d.sync += [half.eq(~half), row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
                              tile_exponent[half].eq(new_tile_peak)]
             with m.If(pass_end):
