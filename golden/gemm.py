@@ -249,6 +249,7 @@ START_LATENCY = 2          # job beat accepted -> writers and sequencer running
 FLAG_LATENCY = 1           # last write of a tile -> the sequencer sees the half full
 WRITE_LATENCY = 1          # A or W beat taken -> written (the buffers' write ports are registered)
 ALIGNER_LATENCY = 3        # flat beat in -> row beat written
+SHAPE_LATENCY = 1          # bf16 W: the row aligner takes its shape beat a cycle after it is offered
 DEQUANT_LATENCY = 29       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
 ISSUE_TO_ARRAY = 6         # sequencer issue -> step taken by the PE array (read, register, select, align x3)
 # a partial leaving the array -> its output beat taken: array output register 1, partials FIFO 2, operand register
@@ -290,7 +291,9 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
 
     source = START_LATENCY + ALIGNER_LATENCY
     if weights == "nf4":
-        source += DEQUANT_LATENCY + dequant_rounds(cols, blocksize)
+        source += DEQUANT_LATENCY + dequant_rounds(cols, blocksize)   # (hides SHAPE_LATENCY)
+    else:
+        source += SHAPE_LATENCY
     a_ready, a_load_end, a_release = [], [], []
     w_load_end, compute_end = [], []
     steps = 0

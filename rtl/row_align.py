@@ -38,7 +38,8 @@ class RowAligner(wiring.Component):
     A matrix is announced by one ``shape`` beat, then arrives as ``ceil(rows * row_length / lanes)`` flat beats
     (the final one padded) and leaves as ``rows * ceil(row_length / lanes)`` row beats. At most one row boundary
     is handled per cycle, so with ``row_length >= lanes`` the output keeps up with the input except for one extra
-    beat per row whose length is not a multiple of ``lanes``.
+    beat per row whose length is not a multiple of ``lanes``. A shape beat is taken a cycle after it is first
+    offered, once the previous matrix has left.
 
     Parameters
     ----------
@@ -127,10 +128,25 @@ class RowAligner(wiring.Component):
             ``less_one`` (``(length - lanes) % 32``)."""
             return Mux(row_ends, first, Mux(at_least_two, lanes, less_one))
 
+        # the first beat's plan from the shape beat, worked out a cycle before the beat is taken: its comparisons
+        # and the negation behind them stay off `surplus` (the 8x8 engine's longest path ran from the shape's row
+        # length through them). A beat is taken only once it has been offered for a cycle (`shape_seen`; its payload
+        # is held while it waits), which costs a cycle only when a shape beat finds the aligner idle
+        payload = self.shape.payload
+        shape_seen = Signal()
+        planned_need, planned_row_end = Signal.like(need), Signal()
+        planned_surplus, planned_after = Signal.like(surplus), Signal.like(after_need)
+        first_need_in, first_row_end_in = first_beat(payload.row_length)
+        m.d.sync += [
+            shape_seen.eq(self.shape.valid & ~self.shape.ready),
+            planned_need.eq(first_need_in), planned_row_end.eq(first_row_end_in),
+            planned_surplus.eq(Mux(at_least(payload.row_length, lanes), -lanes, -payload.row_length[:5])),
+            planned_after.eq(second_beat(first_row_end_in, first_need_in, at_least(payload.row_length, 2 * lanes),
+                                         low(payload.row_length, lanes))),
+        ]
         with m.If(~active):
-            m.d.comb += self.shape.ready.eq(1)
-            with m.If(self.shape.valid):
-                payload = self.shape.payload
+            m.d.comb += self.shape.ready.eq(shape_seen)
+            with m.If(self.shape.valid & shape_seen):
                 m.d.sync += [
                     active.eq(payload.rows != 0),
                     row_length.eq(payload.row_length),
@@ -145,11 +161,8 @@ class RowAligner(wiring.Component):
                     read_offset.eq(0),
                     write_bank.eq(1),
                 ]
-                first_need, first_row_end = first_beat(payload.row_length)
-                m.d.sync += [need.eq(first_need), row_end.eq(first_row_end), surplus.eq(-first_need),
-                             after_need.eq(second_beat(first_row_end, first_need,
-                                                       at_least(payload.row_length, 2 * lanes),
-                                                       low(payload.row_length, lanes)))]
+                m.d.sync += [need.eq(planned_need), row_end.eq(planned_row_end), surplus.eq(planned_surplus),
+                             after_need.eq(planned_after)]
 
         # buffer[read_at + lane], in two steps: the window of the read bank and the one after it (a 3:1 choice per
         # slot), then `lanes` elements of it from the offset on (a `lanes`:1 choice per lane), not a 3 * lanes:1 one
