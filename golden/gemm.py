@@ -267,6 +267,8 @@ def dequant_rounds(lanes, blocksize=64):
 def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", out_dtype="bf16", blocksize=64):
     """Cycles of one GEMM job on the engine; see :class:`CycleModel`.
 
+    ``weights``: ``"bf16"`` (the ``w`` stream), ``"nf4"`` (the dequantizer) or ``"rows"`` (bf16 rows on the
+    ``rows_in`` stream, as the LoRA step feeds its rank-r operands: no row aligner, so no shape beat to wait for).
     With NF4 weights, a pass of W also cannot be faster than the dequantizer's table builder: one table of
     ``dequant_rounds`` cycles per block, which shows when a short final block ends a pass.
     """
@@ -292,7 +294,7 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     source = START_LATENCY + ALIGNER_LATENCY
     if weights == "nf4":
         source += DEQUANT_LATENCY + dequant_rounds(cols, blocksize)   # (hides SHAPE_LATENCY)
-    else:
+    elif weights == "bf16":
         source += SHAPE_LATENCY
     a_ready, a_load_end, a_release = [], [], []
     w_load_end, compute_end = [], []

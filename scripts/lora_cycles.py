@@ -32,7 +32,7 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
     for name in GEMM_ORDER:
         (m, n, k), transposed, nf4 = PHASES[name][:3]
         phases[name] = gemm_cycles(dims[m], dims[n], dims[k], rows, cols, chunk, transposed,
-                                   "nf4" if nf4 else "bf16", "fp32").cycles
+                                   "nf4" if nf4 else "rows", "fp32").cycles
     latency = LoRAOptimizer(OptimConfig(kind=optimizer)).latency
     phases["update"] = r * d_in + d_out * r + 2 * latency
     return phases
