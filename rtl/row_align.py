@@ -140,7 +140,7 @@ class RowAligner(wiring.Component):
         m.d.sync += [
             shape_seen.eq(self.shape.valid & ~self.shape.ready),
             planned_need.eq(first_need_in), planned_row_end.eq(first_row_end_in),
-            planned_surplus.eq(Mux(at_least(payload.row_length, lanes), -lanes, -payload.row_length[:5])),
+            planned_surplus.eq(-first_need_in),
             planned_after.eq(second_beat(first_row_end_in, first_need_in, at_least(payload.row_length, 2 * lanes),
                                          low(payload.row_length, lanes))),
         ]
