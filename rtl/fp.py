@@ -357,8 +357,11 @@ class _Rounder:
         state["offset"] = _wire(m, Value.cast(offset)[:self._offset_width], "round_offset")
         if self.has_sticky:
             # bits of ``sig`` below the window are those below ``first + offset``; taking ``first`` off the
-            # trailing zero count here, in parallel with the leading zero count, leaves one comparison for later
-            trailing_zeros = _count_leading_zeros(m, sig[::-1], "round_tz")
+            # trailing zero count here, in parallel with the leading zero count, leaves one comparison for later.
+            # A unit that can count ``sig``'s trailing zeros a stage earlier gives them as ``sig_trailing_zeros``
+            trailing_zeros = state.pop("sig_trailing_zeros", None)
+            if trailing_zeros is None:
+                trailing_zeros = _count_leading_zeros(m, sig[::-1], "round_tz")
             state["trailing_zeros"] = _wire(m, trailing_zeros - self.first, "round_tz_past_first")
         return state
 
@@ -1016,11 +1019,17 @@ class FixedToFloat(wiring.Component):
         offset = width - 1 + fmt.bias
         exp_lo, exp_hi = self.exp_range[0] + offset, self.exp_range[1] + offset
         rounder = _Rounder(fmt, width, (exp_lo, exp_hi), max_lz=width - 1)
-        state = pipe.cut("magnitude", rounder.prepare(pipe.m, {
+        prepared = rounder.prepare(pipe.m, {
             "sign": negative,
             "exp": _exponent(state["exponent"] + offset, exp_lo, exp_hi),
             "sig": magnitude,
-        }))
+        })
+        if rounder.shifts and rounder.has_sticky:
+            # a negation keeps the trailing zeros, so they are counted on ``value`` beside the negation rather than
+            # on the magnitude in the count stage (that count and the subtraction after it were the 4x4 engine's
+            # longest path)
+            prepared["sig_trailing_zeros"] = _count_leading_zeros(pipe.m, value[::-1], "value_tz")
+        state = pipe.cut("magnitude", prepared)
         state = pipe.cut("count", rounder.count(pipe.m, state))
         state = pipe.cut("window", rounder.align(pipe.m, state))
         state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
