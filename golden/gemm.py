@@ -253,9 +253,9 @@ SHAPE_LATENCY = 1          # bf16 W: the row aligner takes its shape beat a cycl
 DEQUANT_LATENCY = 29       # NF4 dequantizer, first inputs -> first weights, besides one table build (double quant)
 ISSUE_TO_ARRAY = 6         # sequencer issue -> step taken by the PE array (read, register, select, align x3)
 # a partial leaving the array -> its output beat taken: array output register 1, partials FIFO 2, operand register
-# 1, FixedToFloat 5, register slice 1, hand-off 1, memory read 1, FPAdd 7, rounding to bf16 1, output FIFO 2
+# 1, FixedToFloat 5, register slice 1, hand-off 1, memory read 1, FPAdd 8, rounding to bf16 1, output FIFO 2
 # (measured on the RTL, tests/test_gemm.py)
-ACCUMULATE_LATENCY = 1 + 2 + 1 + 5 + 1 + 1 + 1 + 7 + 1 + 2
+ACCUMULATE_LATENCY = 1 + 2 + 1 + 5 + 1 + 1 + 1 + 8 + 1 + 2
 
 
 def dequant_rounds(lanes, blocksize=64):

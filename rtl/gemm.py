@@ -116,7 +116,7 @@ class GemmConfig:
     def min_steps(self):
         """Fewest steps a chunk is padded to: the PE array's drain spacing (``2 * rows - 1``), and 12 so that the
         same output's partials of consecutive chunks reach the accumulator further apart than its
-        read-add-write latency (9 cycles)."""
+        read-add-write latency (10 cycles)."""
         return max(2 * self.rows - 1, 12)
 
     @property
@@ -591,7 +591,11 @@ class GemmEngine(wiring.Component):
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
             "bwd_row_real": 1, "chunk_start": 1,
         }), name="seq", platform=platform)
-        room = fifo.level < info_depth - 4   # a chunk start may be in each of the 3 stages before the FIFO
+        # a chunk start may be in each of the 3 stages before the FIFO. `room` is a register (the FIFO's level is
+        # an adder, which led the 8x8 engine's `issue` and every register it enables): the level a cycle ago, which
+        # has grown by one at most since
+        room = Signal()
+        m.d.sync += room.eq(fifo.level < info_depth - 5)
         issue = Signal()
         m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
@@ -867,8 +871,9 @@ class GemmEngine(wiring.Component):
 
         # back: read-add-write on the accumulator memory, free-running; an item enters only if no item in flight
         # will still write its address and the output FIFO has a place for it
-        # stages=7 registers the operands: the accumulator memory's read data goes straight into a register
-        adders = [FPAdd(FP32, stages=7) for _ in range(cols)]
+        # stages=8 registers every cut: the operands (the accumulator memory's read data goes straight into a
+        # register) and the magnitude comparison apart from the swap it steers
+        adders = [FPAdd(FP32, stages=8) for _ in range(cols)]
         out_fmt = BF16 if cfg.out_dtype == "bf16" else FP32
         rounders = [FPConvert(FP32, BF16) if out_fmt == BF16 else None for _ in range(cols)]
         back_latency = 1 + adders[0].latency
