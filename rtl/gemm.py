@@ -570,8 +570,12 @@ class GemmEngine(wiring.Component):
             m.d.sync += cur["steps_m1"].eq(steps_m1_of(cur["length"]))
 
         length = cur["length"]
-        last_step = step == cur["steps_m1"]
-        real = step < length
+        # per-step flags as registers, each set a step ahead (`issue`, which enables most of the sequencer, was the
+        # end of a comparison with the chunk's length): `step == 0`, `step == steps_m1`, `step < length`. A chunk
+        # has at least `min_steps` (12) steps and at least one real one
+        step_zero, last_step, real = Signal(init=1), Signal(), Signal(init=1)
+        with m.If(start):
+            m.d.sync += [step_zero.eq(1), last_step.eq(0), real.eq(1)]
         fwd_last_chunk, fwd_last_tile = cur["fwd_last_chunk"], cur["fwd_last_tile"]
         bwd_last_ktile, bwd_last_chunk = cur["bwd_last_ktile"], cur["bwd_last_chunk"]
         last_m_tile = cur["last_m_tile"]
@@ -597,7 +601,7 @@ class GemmEngine(wiring.Component):
         room = Signal()
         m.d.sync += room.eq(fifo.level < info_depth - 5)
         issue = Signal()
-        m.d.comb += issue.eq(active & have_data & pipe.advance & ((step != 0) | room))
+        m.d.comb += issue.eq(active & have_data & pipe.advance & (~step_zero | room))
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
         self.collisions = [(name, mem[name], issue) for name in ("a", "ea", "ew", *(f"w{b}" for b in range(cols)))]
 
@@ -647,13 +651,13 @@ class GemmEngine(wiring.Component):
             pipe.in_tag.bank.eq(bwd_bank),
             pipe.in_tag.transposed.eq(job.transposed),
             pipe.in_tag.fwd_cols.eq(fwd_cols),
-            pipe.in_tag.chunk_start.eq(issue & (step == 0)),
+            pipe.in_tag.chunk_start.eq(issue & step_zero),
         ]
 
         # chunk info: pushed when the chunk's first step reaches stage 1 (its exponents are then read)
         info_in = data.View(info_layout, fifo.w_data)
         pending = Signal(info_layout)   # the fields known at issue
-        with m.If(issue & (step == 0)):
+        with m.If(issue & step_zero):
             m.d.sync += [
                 pending.base.eq(Mux(job.transposed, kt * rows, 0)),
                 pending.first.eq(chunk_first),
@@ -695,7 +699,9 @@ class GemmEngine(wiring.Component):
 
         # advance the counters
         with m.If(issue):
-            m.d.sync += [step.eq(Mux(last_step, 0, step + 1)), a_address.eq(a_address + 1)]
+            m.d.sync += [step.eq(Mux(last_step, 0, step + 1)), a_address.eq(a_address + 1), step_zero.eq(last_step),
+                         last_step.eq(~last_step & (step + 1 == cur["steps_m1"])),
+                         real.eq(last_step | (step + 1 < length))]
             with m.If(real & ~job.transposed):
                 m.d.sync += fwd_lane.eq(Mux(fwd_lane == cols - 1, 0, fwd_lane + 1))
                 with m.If(fwd_lane == cols - 1):
