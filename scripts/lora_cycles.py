@@ -33,7 +33,9 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
         (m, n, k), transposed, nf4 = PHASES[name][:3]
         phases[name] = gemm_cycles(dims[m], dims[n], dims[k], rows, cols, chunk, transposed,
                                    "nf4" if nf4 else "rows", "fp32").cycles
-    latency = LoRAOptimizer(OptimConfig(kind=optimizer)).latency
+    unit = LoRAOptimizer(OptimConfig(kind=optimizer))
+    unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
+    latency = unit.latency
     phases["update"] = r * d_in + d_out * r + 2 * latency
     return phases
 
