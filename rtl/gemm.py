@@ -538,12 +538,19 @@ class GemmEngine(wiring.Component):
             # k_left = K - q0, n_left = N - outer, kb_left = K - k0: all positive
             fwd_len = Mux(k_left < chunk, k_left[:16], chunk)
             bwd_len = Mux(n_left < chunk, n_left[:16], chunk)
+            fwd_last_chunk_, fwd_last_tile_ = k_left <= chunk, n_left <= cols
+            bwd_last_ktile_, bwd_last_chunk_ = kb_left <= cols, n_left <= chunk
             return {
                 "length": Mux(job.transposed, bwd_len, fwd_len),
-                "fwd_last_chunk": k_left <= chunk,
-                "fwd_last_tile": n_left <= cols,
-                "bwd_last_ktile": kb_left <= cols,
-                "bwd_last_chunk": n_left <= chunk,
+                "fwd_last_chunk": fwd_last_chunk_,
+                "fwd_last_tile": fwd_last_tile_,
+                "bwd_last_ktile": bwd_last_ktile_,
+                "bwd_last_chunk": bwd_last_chunk_,
+                # the chunk's last step hands back its W tile / A tile (a register each: the release drives the
+                # halves' full flags and the writers' handshakes behind them)
+                "w_tile_done": Mux(job.transposed, bwd_last_ktile_, fwd_last_chunk_),
+                "a_tile_done": Mux(job.transposed, bwd_last_chunk_ & bwd_last_ktile_,
+                                   fwd_last_chunk_ & fwd_last_tile_),
                 "last_m_tile": m_left_ <= rows,
                 "first": first_,
                 "fwd_cols": Mux(n_left < cols, n_left[:5], cols),
@@ -684,8 +691,7 @@ class GemmEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += [n_kt.eq(kt + 1), n_k0.eq(k0 + cols), n_q0.eq(q0), n_outer.eq(outer),
                                  n_chunk_index.eq(chunk_index), n_m_left.eq(m_left)]
-        w_tile_done = Mux(job.transposed, bwd_last_ktile, fwd_last_chunk)
-        a_tile_done = Mux(job.transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)
+        w_tile_done, a_tile_done = cur["w_tile_done"], cur["a_tile_done"]
         with m.If(issue & (step == 2)):
             m.d.sync += [n_k_left.eq(job.k - n_q0), n_n_left.eq(job.n - n_outer), n_kb_left.eq(job.k - n_k0)]
             m.d.sync += [n_bases[name].eq(value) for name, value in bases_of(
