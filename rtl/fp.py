@@ -320,6 +320,8 @@ class _Rounder:
         self.first = width - self.kept - self.left_max
         self.shifts = bool(self.left_max or self.right_max)
         self.has_sticky = self.first + self.left_max + self.right_max > 0
+        # :meth:`count` counts ``sig``'s trailing zeros (or takes them as ``sig_trailing_zeros``)
+        self.counts_trailing_zeros = self.shifts and self.has_sticky
         self.overflows = self.exp_hi >= fmt.exp_max
 
     @property
@@ -355,7 +357,7 @@ class _Rounder:
         if self.right_max:
             offset = Mux(state.pop("denormal"), state.pop("right_offset"), offset)
         state["offset"] = _wire(m, Value.cast(offset)[:self._offset_width], "round_offset")
-        if self.has_sticky:
+        if self.counts_trailing_zeros:
             # bits of ``sig`` below the window are those below ``first + offset``; taking ``first`` off the
             # trailing zero count here, in parallel with the leading zero count, leaves one comparison for later.
             # A unit that can count ``sig``'s trailing zeros a stage earlier gives them as ``sig_trailing_zeros``
@@ -1024,7 +1026,7 @@ class FixedToFloat(wiring.Component):
             "exp": _exponent(state["exponent"] + offset, exp_lo, exp_hi),
             "sig": magnitude,
         })
-        if rounder.shifts and rounder.has_sticky:
+        if rounder.counts_trailing_zeros:
             # a negation keeps the trailing zeros, so they are counted on ``value`` beside the negation rather than
             # on the magnitude in the count stage (that count and the subtraction after it were the 4x4 engine's
             # longest path)
