@@ -132,7 +132,7 @@ def main(argv=None):
     try:
         with open(args.netlist) as f:
             netlist = json.load(f)
-        netlist["modules"]["top"]["cells"]
+        netlist["modules"]["top"]["cells"], netlist["modules"]["top"]["netnames"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         sys.exit(f"error: {args.netlist} is not a Yosys JSON netlist with a module 'top' ({error})")
     ends, label, path = analyse(netlist)

@@ -48,7 +48,7 @@ def test_cli(tmp_path, capsys):
     assert "`deep DI`" in out and "src [TRELLIS_FF] -> mid [LUT4] -> d [LUT4]" in out
 
 
-@pytest.mark.parametrize("content", [None, "not json", "{}"])
+@pytest.mark.parametrize("content", [None, "not json", "{}", '{"modules": {"top": {"cells": {}}}}'])
 def test_bad_netlist_is_one_line_error(tmp_path, content):
     netlist = tmp_path / "top.json"
     if content is not None:
