@@ -298,23 +298,29 @@ class GemmEngine(wiring.Component):
                          q_last.eq(q_length == 1), m_last.eq(job.m <= rows)]
         m.d.comb += a_done.eq(~active)
 
+        # a register slice at the engine's boundary: the writer's `ready` (from `a_full`) stops at the slice, and
+        # the producer sees a registered `ready` (the 8x8 engine's longest path ran from `a_full` through `ready`
+        # to the producer's logic across the die and back)
+        m.submodules.a_slice = a_slice = SkidBuffer(a_layout(rows))
+        wiring.connect(m, wiring.flipped(self.a), a_slice.i)
+        a_in = a_slice.o
         ready = active & ~a_full.bit_select(half, 1)
-        m.d.comb += self.a.ready.eq(ready)
-        take = self.a.valid & ready
+        m.d.comb += a_in.ready.eq(ready)
+        take = a_in.valid & ready
         chunk_end = (in_chunk == chunk - 1) | q_last
         # the running maxima are kept biased too: the comparison needs no subtraction in front of it, and the
         # unbiased exponent (for the memory) is computed beside the comparison, not behind it
         running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + BF16_BIAS) for i in range(rows)]
         # raw fields: a zero's 0 never beats a running maximum, which starts at 1
-        fields = [exponent_field(self.a.payload[i]) for i in range(rows)]
+        fields = [exponent_field(a_in.payload[i]) for i in range(rows)]
         higher = [fields[i] > running_biased[i] for i in range(rows)]
-        peaks = [Mux(higher[i], bf16_exponent(self.a.payload[i]), running[i]) for i in range(rows)]
+        peaks = [Mux(higher[i], bf16_exponent(a_in.payload[i]), running[i]) for i in range(rows)]
         # the buffer writes are registered: `take` stays off the routes to the block RAMs, which sit all over the die
         # (the 8x8 engine's longest path ran from `a_full` through `ready` to a block RAM's write enable and back
         # to `a_full`); the half goes to the sequencer a cycle after its last take, once that write has landed
         m.d.sync += [
             write.addr.eq(Mux(half, cfg.max_q, 0) + q),
-            write.data.eq(self.a.payload),
+            write.data.eq(a_in.payload),
             write.en.eq(take),
             exp_write.addr.eq(Mux(half, mem["chunks_q"], 0) + chunk_index),
             exp_write.en.eq(take & chunk_end),
