@@ -932,9 +932,12 @@ class GemmEngine(wiring.Component):
         hazard_if_next = (pending(incoming.addr)
                           | (acc_slice.o.valid & ~head.last & (head.addr == incoming.addr)))
         # outputs admitted and not yet read from the output FIFO (in flight or queued): a counter rather than the
-        # FIFO level plus a count over the pipeline slots, which was the engine's longest path into `admit`
+        # FIFO level plus a count over the pipeline slots, which was the engine's longest path into `admit`. `room`
+        # is a register too (the 8x8 engine's longest path ran from `reserved` through the compare and `admit` back
+        # into `hazard`): the count a cycle ago against a threshold one lower, safe as it grows by one a cycle at most
         reserved = Signal(range(depth + 1))
-        room = reserved < depth - 1
+        room = Signal(init=1)
+        m.d.sync += room.eq(reserved < depth - 2)
         admit = ~(hazard & ~head.first) & room
         m.d.comb += acc_slice.o.ready.eq(admit)
         m.d.sync += hazard.eq(Mux(~acc_slice.o.valid | admit, hazard_if_next, hazard_if_stay))
