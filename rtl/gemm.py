@@ -231,7 +231,10 @@ class GemmEngine(wiring.Component):
         w_full = Signal(2)
         a_release, w_release = Signal(2), Signal(2)
         a_filled, w_filled = Signal(2), Signal(2)
-        m.d.sync += [a_full.eq((a_full | a_filled) & ~a_release), w_full.eq((w_full | w_filled) & ~w_release)]
+        # (their next values go to the sequencer too, which works out from them whether it may issue a cycle ahead)
+        a_full_next, w_full_next = Signal(2), Signal(2)
+        m.d.comb += [a_full_next.eq((a_full | a_filled) & ~a_release), w_full_next.eq((w_full | w_filled) & ~w_release)]
+        m.d.sync += [a_full.eq(a_full_next), w_full.eq(w_full_next)]
 
         a_done, w_done, seq_done, acc_done = Signal(), Signal(), Signal(), Signal()
         m.d.comb += parts_done.eq(a_done & w_done & seq_done & acc_done)
@@ -239,8 +242,8 @@ class GemmEngine(wiring.Component):
         mem = self._memories(m)
         self._a_writer(m, mem, job, start, q_length, a_full, a_filled, a_done)
         self._w_writer(m, mem, job, start, w_full, w_filled, w_done)
-        chunk_info = self._sequencer(m, platform, mem, job, start, q_length, a_full, w_full, a_release, w_release,
-                                     seq_done)
+        chunk_info = self._sequencer(m, platform, mem, job, start, q_length, a_full_next, w_full_next, a_release,
+                                     w_release, seq_done)
         self._accumulator(m, platform, mem, job, start, chunk_info, acc_done)
         return m
 
@@ -497,7 +500,8 @@ class GemmEngine(wiring.Component):
 
     # --- sequencer --------------------------------------------------------------------------------------------------
 
-    def _sequencer(self, m, platform, mem, job, start, q_length, a_full, w_full, a_release, w_release, seq_done):
+    def _sequencer(self, m, platform, mem, job, start, q_length, a_full_next, w_full_next, a_release, w_release,
+                   seq_done):
         """Walk the tiles, read the buffers, align operands to 18-bit integers, feed the PE array.
 
         Returns the chunk-info stream (one entry per chunk: exponents, accumulator base, first/last flags).
@@ -597,8 +601,6 @@ class GemmEngine(wiring.Component):
         job_last = last_m_tile & Mux(job.transposed, bwd_last_chunk & bwd_last_ktile,
                                      fwd_last_chunk & fwd_last_tile)
 
-        # a step may start when its buffers are full and, on a chunk's first step, the chunk FIFO has room
-        have_data = a_full.bit_select(a_half, 1) & w_full.bit_select(w_half, 1)
         # memory read; a register on the raw read data (block RAM clock-to-out is slow on ECP5); selection and
         # exponents, registered; the alignment's distance, shift and rounding, each registered
         align_stages = 3
@@ -608,13 +610,15 @@ class GemmEngine(wiring.Component):
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
             "bwd_row_real": 1, "chunk_start": 1,
         }), name="seq", platform=platform)
-        # a chunk start may be in each of the 3 stages before the FIFO. `room` is a register (the FIFO's level is
-        # an adder, which led the 8x8 engine's `issue` and every register it enables): the level a cycle ago, which
-        # has grown by one at most since
-        room = Signal()
-        m.d.sync += room.eq(fifo.level < info_depth - 5)
+        # A step may start when the sequencer is active, its buffers' halves are full and, on a chunk's first step,
+        # the chunk FIFO has room (a chunk start may be in each of the 3 stages before the FIFO). All of that is
+        # `gate`, a register worked out a cycle ahead from the next values of what it reads (below), so that `issue`,
+        # which enables most of the sequencer, is one gate behind the stall chain (the 8x8 engine's longest paths
+        # ran from the halves' full flags and the FIFO's level through `issue`). Its room test uses the FIFO's level
+        # a cycle early, which grows by one at most in between.
+        gate = Signal()
         issue = Signal()
-        m.d.comb += issue.eq(active & have_data & pipe.advance & (~step_zero | room))
+        m.d.comb += issue.eq(gate & pipe.advance)
         m.d.comb += [pipe.in_valid.eq(issue | (flushing != 0))]
         self.collisions = [(name, mem[name], issue) for name in ("a", "ea", "ew", *(f"w{b}" for b in range(cols)))]
 
@@ -745,6 +749,16 @@ class GemmEngine(wiring.Component):
                         m.d.sync += [active.eq(0), flushing.eq(array.flush_steps)]
         with m.If(pipe.advance & (flushing != 0) & ~issue):
             m.d.sync += flushing.eq(flushing - 1)
+
+        # `gate` from the next values of the registers it stands for (as the blocks above set them)
+        chunk_end = issue & last_step
+        a_half_next = a_half ^ (chunk_end & a_tile_done)
+        w_half_next = w_half ^ (chunk_end & w_tile_done)
+        active_next = Mux(start, 1, active & ~(chunk_end & a_tile_done & last_m_tile))
+        step_zero_next = Mux(start, 1, Mux(issue, last_step, step_zero))
+        room_next = fifo.level < info_depth - 5
+        m.d.sync += gate.eq(active_next & a_full_next.bit_select(a_half_next, 1)
+                            & w_full_next.bit_select(w_half_next, 1) & (~step_zero_next | room_next))
         m.d.comb += seq_done.eq(~active & (flushing == 0))
 
         # --- stage 1: memory data, registered raw; stage 2: select, mask, exponents; stage 3: their register;
