@@ -156,6 +156,12 @@ def c_layout(config):
     return data.StructLayout({"data": data.ArrayLayout(width, config.cols), "last": 1})
 
 
+def _writer_ready_next(open_next, full_next, half, flip):
+    """A writer's next ``ready``: it will still be open and the half it writes next (``half``, flipped when this
+    cycle ends a tile) will not be full. Loaded into a register every cycle, it equals ``open & ~full[half]``."""
+    return open_next & ~full_next.bit_select(half ^ flip, 1)
+
+
 class GemmEngine(wiring.Component):
     """Tiled streaming GEMM: ``y = x @ W.T`` or, transposed, ``dx = dy @ W``, W from the NF4 dequantizer.
 
@@ -231,7 +237,8 @@ class GemmEngine(wiring.Component):
         w_full = Signal(2)
         a_release, w_release = Signal(2), Signal(2)
         a_filled, w_filled = Signal(2), Signal(2)
-        # (their next values go to the sequencer too, which works out from them whether it may issue a cycle ahead)
+        # (the writers and the sequencer read their next values, from which they work out a cycle ahead whether they
+        # may take a beat or issue a step)
         a_full_next, w_full_next = Signal(2), Signal(2)
         m.d.comb += [a_full_next.eq((a_full | a_filled) & ~a_release), w_full_next.eq((w_full | w_filled) & ~w_release)]
         m.d.sync += [a_full.eq(a_full_next), w_full.eq(w_full_next)]
@@ -240,8 +247,8 @@ class GemmEngine(wiring.Component):
         m.d.comb += parts_done.eq(a_done & w_done & seq_done & acc_done)
 
         mem = self._memories(m)
-        self._a_writer(m, mem, job, start, q_length, a_full, a_filled, a_done)
-        self._w_writer(m, mem, job, start, w_full, w_filled, w_done)
+        self._a_writer(m, mem, job, start, q_length, a_full_next, a_filled, a_done)
+        self._w_writer(m, mem, job, start, w_full_next, w_filled, w_done)
         chunk_info = self._sequencer(m, platform, mem, job, start, q_length, a_full_next, w_full_next, a_release,
                                      w_release, seq_done)
         self._accumulator(m, platform, mem, job, start, chunk_info, acc_done)
@@ -277,7 +284,7 @@ class GemmEngine(wiring.Component):
 
     # --- A writer ---------------------------------------------------------------------------------------------------
 
-    def _a_writer(self, m, mem, job, start, q_length, a_full, a_filled, a_done):
+    def _a_writer(self, m, mem, job, start, q_length, a_full_next, a_filled, a_done):
         """Tiles of A into the A buffer, with each chunk's shared exponent per row."""
         cfg = self.config
         rows, chunk = cfg.rows, cfg.chunk_steps
@@ -301,13 +308,13 @@ class GemmEngine(wiring.Component):
                          q_last.eq(q_length == 1), m_last.eq(job.m <= rows)]
         m.d.comb += a_done.eq(~active)
 
-        # a register slice at the engine's boundary: the writer's `ready` (from `a_full`) stops at the slice, and
-        # the producer sees a registered `ready` (the 8x8 engine's longest path ran from `a_full` through `ready`
-        # to the producer's logic across the die and back)
+        # a register slice at the engine's boundary: the writer's `ready` stops at the slice, and the producer sees
+        # a registered `ready` (the 8x8 engine's longest path ran from `a_full` through `ready` to the producer's
+        # logic across the die and back)
         m.submodules.a_slice = a_slice = SkidBuffer(a_layout(rows))
         wiring.connect(m, wiring.flipped(self.a), a_slice.i)
         a_in = a_slice.o
-        ready = active & ~a_full.bit_select(half, 1)
+        ready = Signal()    # `active & ~a_full[half]`, a register (see the end)
         m.d.comb += a_in.ready.eq(ready)
         take = a_in.valid & ready
         chunk_end = (in_chunk == chunk - 1) | q_last
@@ -347,10 +354,16 @@ class GemmEngine(wiring.Component):
                              m_left.eq(m_left - rows), m_last.eq(m_left <= 2 * rows)]
                 with m.If(m_last):
                     m.d.sync += active.eq(0)
+        # `ready` from the next values of `active`, `half` and the halves' full flags: the handshake starts at two
+        # registers (the slice's valid and this), not behind a mux of the full flags (the 8x8 engine's longest path
+        # ran from `active` through `ready` to the slice and back to the writer's state)
+        tile_in = take & q_last
+        active_next = Mux(start, 1, active & ~(tile_in & m_last))
+        m.d.sync += ready.eq(_writer_ready_next(active_next, a_full_next, half, tile_in))
 
     # --- W writer ---------------------------------------------------------------------------------------------------
 
-    def _w_writer(self, m, mem, job, start, w_full, w_filled, w_done):
+    def _w_writer(self, m, mem, job, start, w_full_next, w_filled, w_done):
         """Passes of W, re-cut into rows, into tiles of the W buffer, with their shared exponents."""
         cfg = self.config
         rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
@@ -448,7 +461,7 @@ class GemmEngine(wiring.Component):
                          rows_seen.eq(0)]
         m.d.comb += w_done.eq(~pass_open)
 
-        ready = pass_open & ~w_full.bit_select(half, 1)
+        ready = Signal()    # `pass_open & ~w_full[half]`, a register (as in the A writer; see the end)
         m.d.comb += beat.ready.eq(ready)
         take = beat.valid & ready
         row_end = beat.payload.row_end
@@ -497,6 +510,9 @@ class GemmEngine(wiring.Component):
                              tile_exponent[half].eq(new_tile_peak)]
             with m.If(pass_end):
                 m.d.sync += [m_left.eq(Mux(m_left <= rows, 0, m_left - rows)), pass_open.eq(m_left > rows)]
+        tile_in = take & tile_end
+        pass_open_next = Mux(start, job.m != 0, Mux(take & pass_end, m_left > rows, pass_open))
+        m.d.sync += ready.eq(_writer_ready_next(pass_open_next, w_full_next, half, tile_in))
 
     # --- sequencer --------------------------------------------------------------------------------------------------
 
