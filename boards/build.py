@@ -237,8 +237,7 @@ def _prepare_build(design, board, out_dir, target_mhz, seed):
         raise BuildError(str(error)) from None
     env = toolchain_env()
     try:
-        # last: once it exists, it must be elaborated
-        top = KeepAlive(design, input_stages=platform.keepalive_input_stages)
+        top = KeepAlive(design)  # last: once it exists, it must be elaborated
     except (TypeError, ValueError) as error:
         raise BuildError(str(error)) from None
     return out_dir, platform, top, env

@@ -73,11 +73,6 @@ class KeepAlive(Elaboratable):
         (1 without a platform).
     seed : int
         Non-zero initial value of the 64-bit LFSR core.
-    input_stages : int
-        Registers between an LFSR stage and the input port bit it drives (1 or more). The register on the port
-        has the design as its only load, but it is pulled towards its LFSR stage too; with two, the one on the
-        port sits by the design and the chain's pull ends at the register before it (on a large die, a port
-        register between the chain and the design has stretched the design's own input handshakes).
 
     Attributes
     ----------
@@ -92,9 +87,9 @@ class KeepAlive(Elaboratable):
         Created by :meth:`elaborate`: register stages from the outputs to the digest.
     """
 
-    def __init__(self, design, *, digest_width=None, seed=1, input_stages=1):
+    def __init__(self, design, *, digest_width=None, seed=1):
         try:
-            self.inputs, self.outputs = self._check(design, digest_width, seed, input_stages)
+            self.inputs, self.outputs = self._check(design, digest_width, seed)
         except (TypeError, ValueError):
             # Neither this wrapper nor the rejected design will be elaborated: the error says why,
             # Amaranth's "created but never used" warnings on both would only add noise.
@@ -105,18 +100,15 @@ class KeepAlive(Elaboratable):
         self.design = design
         self._digest_width = digest_width
         self._seed = seed
-        self._input_stages = input_stages
 
     @staticmethod
-    def _check(design, digest_width, seed, input_stages):
+    def _check(design, digest_width, seed):
         if not isinstance(design, wiring.Component):
             raise TypeError(f"design must be a wiring.Component, not {design!r}")
         if digest_width is not None and (not isinstance(digest_width, int) or digest_width < 1):
             raise ValueError(f"digest_width must be a positive integer, not {digest_width!r}")
         if not isinstance(seed, int) or not 0 < seed < 2 ** _LFSR_CORE:
             raise ValueError(f"seed must be an integer in [1, 2**{_LFSR_CORE}), not {seed!r}")
-        if not isinstance(input_stages, int) or isinstance(input_stages, bool) or input_stages < 1:
-            raise ValueError(f"input_stages must be a positive integer, not {input_stages!r}")
         inputs, outputs = split_ports(design)
         if not outputs:
             raise ValueError(f"{type(design).__qualname__} has no output ports: synthesis would "
@@ -145,14 +137,9 @@ class KeepAlive(Elaboratable):
             feedback ^= lfsr[tap]
         m.d.sync += lfsr.eq(Cat(feedback, lfsr[:-1]))
         if len(input_bits):
-            # through registers of their own per bit (`input_stages`): the shift chain's registers sit in a line
-            # across the die, a register with the design as its only load is placed by the design
-            stimulus = lfsr[:len(input_bits)]
-            for stage in range(self._input_stages - 1):
-                held = Signal(len(input_bits), name=f"stimulus_{stage}", reset_less=True)
-                m.d.sync += held.eq(stimulus)
-                stimulus = held
-            m.d.sync += input_bits.eq(stimulus)
+            # through a register of its own per bit: the shift chain's registers sit in a line across the die,
+            # a register with the design as its only load is placed by the design
+            m.d.sync += input_bits.eq(lfsr[:len(input_bits)])
 
         # Response: every output bit captured in a register of its own (placed beside its source, whatever the
         # fold below groups it with), then XOR groups of four, registered, until the digest is narrow enough.

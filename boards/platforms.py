@@ -187,8 +187,6 @@ class _TargetClockMixin:
     bitstream_suffix = None
     #: Options the build passes to the Yosys ``synth_*`` command.
     synth_opts = ""
-    #: Registers between the build wrapper's stimulus chain and each input port bit (``KeepAlive``).
-    keepalive_input_stages = 1
 
     def _init_target(self, target_mhz):
         if target_mhz is None:
@@ -293,9 +291,6 @@ class ULX3S85FPlatform(_TargetClockMixin, _ULX3S85FBase):
     default_target_mhz = 100.0
     bitstream_suffix = "bit"
     synth_opts = ""
-    # a large die: the port registers sit by the design, a register before them takes the chain's pull (the
-    # iCE40's one-register wrapper keeps the UP5K's logic cells for the design)
-    keepalive_input_stages = 2
     _pll_search = staticmethod(ecp5_pll_params)
 
     def __init__(self, *, target_mhz=None, toolchain="Trellis"):
