@@ -304,7 +304,7 @@ class GemmEngine(wiring.Component):
         # and whether this is the last tile of A rows: a register too, not a 32-bit compare behind the handshake
         m_last = Signal()
         with m.If(start):
-            m.d.sync += [active.eq(1), m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
+            m.d.sync += [m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
                          q_last.eq(q_length == 1), m_last.eq(job.m <= rows)]
         m.d.comb += a_done.eq(~active)
 
@@ -350,16 +350,16 @@ class GemmEngine(wiring.Component):
             with m.If(q_last):
                 # the tile is in: hand the half to the sequencer (`a_filled` is a register, see above)
                 m.d.sync += a_filled.bit_select(half, 1).eq(1)
-                m.d.sync += [half.eq(~half), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
+                m.d.sync += [q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
                              m_left.eq(m_left - rows), m_last.eq(m_left <= 2 * rows)]
-                with m.If(m_last):
-                    m.d.sync += active.eq(0)
-        # `ready` from the next values of `active`, `half` and the halves' full flags: the handshake starts at two
-        # registers (the slice's valid and this), not behind a mux of the full flags (the 8x8 engine's longest path
-        # ran from `active` through `ready` to the slice and back to the writer's state)
+        # `active` (set at `start`, cleared after the last tile) and `half` (flipped after each tile) load their next
+        # values, from which `ready` is worked out too: the handshake starts at two registers (the slice's valid and
+        # this), not behind a mux of the full flags (the 8x8 engine's longest path ran from `active` through `ready`
+        # to the slice and back to the writer's state)
         tile_in = take & q_last
         active_next = Mux(start, 1, active & ~(tile_in & m_last))
-        m.d.sync += ready.eq(_writer_ready_next(active_next, a_full_next, half, tile_in))
+        m.d.sync += [active.eq(active_next), half.eq(half ^ tile_in),
+                     ready.eq(_writer_ready_next(active_next, a_full_next, half, tile_in))]
 
     # --- W writer ---------------------------------------------------------------------------------------------------
 
@@ -456,7 +456,7 @@ class GemmEngine(wiring.Component):
         pass_open = Signal()                # a pass of W is still expected (m_left != 0, kept as a register)
         m_left = Signal(32)
         with m.If(start):
-            m.d.sync += [m_left.eq(job.m), pass_open.eq(job.m != 0), row.eq(0), word.eq(0), word_in_chunk.eq(0),
+            m.d.sync += [m_left.eq(job.m), row.eq(0), word.eq(0), word_in_chunk.eq(0),
                          chunk_index.eq(0),
                          rows_seen.eq(0)]
         m.d.comb += w_done.eq(~pass_open)
@@ -506,13 +506,16 @@ class GemmEngine(wiring.Component):
                              slot.eq(Mux(bank == cols - 1, slot + 1, slot))]
             with m.If(tile_end):
                 m.d.sync += w_filled.bit_select(half, 1).eq(1)
-                m.d.sync += [half.eq(~half), row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
+                m.d.sync += [row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
                              tile_exponent[half].eq(new_tile_peak)]
             with m.If(pass_end):
-                m.d.sync += [m_left.eq(Mux(m_left <= rows, 0, m_left - rows)), pass_open.eq(m_left > rows)]
+                m.d.sync += m_left.eq(Mux(m_left <= rows, 0, m_left - rows))
+        # `pass_open` (set at `start`, then whether passes are left after each) and `half` load their next values,
+        # from which `ready` is worked out too (as in the A writer)
         tile_in = take & tile_end
         pass_open_next = Mux(start, job.m != 0, Mux(take & pass_end, m_left > rows, pass_open))
-        m.d.sync += ready.eq(_writer_ready_next(pass_open_next, w_full_next, half, tile_in))
+        m.d.sync += [pass_open.eq(pass_open_next), half.eq(half ^ tile_in),
+                     ready.eq(_writer_ready_next(pass_open_next, w_full_next, half, tile_in))]
 
     # --- sequencer --------------------------------------------------------------------------------------------------
 
@@ -552,7 +555,7 @@ class GemmEngine(wiring.Component):
         fwd_lane = Signal(range(cols))        # forward: q % cols, the lane of the W word read
         bwd_bank = Signal(range(cols))        # transposed: the bank of row `step` of the W tile
         with m.If(start):
-            m.d.sync += [active.eq(1), m_left.eq(job.m), outer.eq(0), kt.eq(0), k0.eq(0), q0.eq(0),
+            m.d.sync += [m_left.eq(job.m), outer.eq(0), kt.eq(0), k0.eq(0), q0.eq(0),
                          chunk_index.eq(0), step.eq(0), fwd_lane.eq(0), bwd_bank.eq(0)]
 
         # Loop control. Every flag the issue logic needs is a register for the current chunk; the next chunk's
@@ -608,7 +611,7 @@ class GemmEngine(wiring.Component):
         # has at least `min_steps` (12) steps and at least one real one
         step_zero, last_step, real = Signal(init=1), Signal(), Signal(init=1)
         with m.If(start):
-            m.d.sync += [step_zero.eq(1), last_step.eq(0), real.eq(1)]
+            m.d.sync += [last_step.eq(0), real.eq(1)]
         fwd_last_chunk, fwd_last_tile = cur["fwd_last_chunk"], cur["fwd_last_tile"]
         bwd_last_ktile, bwd_last_chunk = cur["bwd_last_ktile"], cur["bwd_last_chunk"]
         last_m_tile = cur["last_m_tile"]
@@ -731,7 +734,7 @@ class GemmEngine(wiring.Component):
 
         # advance the counters
         with m.If(issue):
-            m.d.sync += [step.eq(Mux(last_step, 0, step + 1)), a_address.eq(a_address + 1), step_zero.eq(last_step),
+            m.d.sync += [step.eq(Mux(last_step, 0, step + 1)), a_address.eq(a_address + 1),
                          last_step.eq(~last_step & (step + 1 == cur["steps_m1"])),
                          real.eq(last_step | (step + 1 < length))]
             with m.If(real & ~job.transposed):
@@ -754,25 +757,26 @@ class GemmEngine(wiring.Component):
                 with m.If(w_tile_done):
                     # the W tile is done
                     m.d.comb += w_release.bit_select(w_half, 1).eq(1)
-                    m.d.sync += w_half.eq(~w_half)
                     with m.If(~job.transposed):
                         m.d.sync += fwd_lane.eq(0)
                 with m.If(a_tile_done):
                     # the A tile is done
                     m.d.comb += a_release.bit_select(a_half, 1).eq(1)
-                    m.d.sync += a_half.eq(~a_half)
                     with m.If(last_m_tile):
-                        m.d.sync += [active.eq(0), flushing.eq(array.flush_steps)]
+                        m.d.sync += flushing.eq(array.flush_steps)
         with m.If(pipe.advance & (flushing != 0) & ~issue):
             m.d.sync += flushing.eq(flushing - 1)
 
-        # `gate` from the next values of the registers it stands for (as the blocks above set them)
+        # `active` (set at `start`, cleared after the last A tile), the halves (flipped when a chunk hands its tile
+        # back) and `step_zero` load their next values, and `gate` is worked out from them
         chunk_end = issue & last_step
         a_half_next = a_half ^ (chunk_end & a_tile_done)
         w_half_next = w_half ^ (chunk_end & w_tile_done)
         active_next = Mux(start, 1, active & ~(chunk_end & a_tile_done & last_m_tile))
         step_zero_next = Mux(start, 1, Mux(issue, last_step, step_zero))
         room_next = fifo.level < info_depth - 5
+        m.d.sync += [active.eq(active_next), a_half.eq(a_half_next), w_half.eq(w_half_next),
+                     step_zero.eq(step_zero_next)]
         m.d.sync += gate.eq(active_next & a_full_next.bit_select(a_half_next, 1)
                             & w_full_next.bit_select(w_half_next, 1) & (~step_zero_next | room_next))
         m.d.comb += seq_done.eq(~active & (flushing == 0))
