@@ -414,8 +414,7 @@ class GemmEngine(wiring.Component):
         # two register slices in front of the writer, which find the beat's largest exponent ahead of it (the lane
         # maximum and the running maxima in one cycle were the engine's longest path, then the lane maximum alone).
         # The first slice takes the maxima of the tree's first levels with the beat; the second finishes the tree
-        # in a free-running register, so the handshake never gates it: the beat loaded into the second slice is the
-        # one whose maximum `lane_peak` holds in the next cycle.
+        # into `peak`, loaded with the beat, so the row and tile maxima compare a register with a register.
         levels = (cols - 1).bit_length()
         first = stream.Signature(row_layout(cols, 16)).create(path=("w_beat_first",))
         # raw exponent fields (no zero test in front of the tree): a beat of zeros gives -127, below the running
@@ -431,14 +430,9 @@ class GemmEngine(wiring.Component):
 
         source = first
         beat = stream.Signature(row_layout(cols, 16)).create(path=("w_beat",))
-        lane_peak = Signal(EXP)
-        held_peak = Signal(EXP)
-        loaded = Signal()
-        m.d.sync += [lane_peak.eq(max_of_partials(m, partial_held, "w_beat_peak")),
-                     loaded.eq(source.valid & source.ready)]
-        with m.If(loaded):
-            m.d.sync += held_peak.eq(lane_peak)
-        peak = Mux(loaded, lane_peak, held_peak)
+        peak = Signal(EXP)      # the largest exponent of the beat in `beat.payload`
+        with m.If(source.valid & source.ready):
+            m.d.sync += peak.eq(max_of_partials(m, partial_held, "w_beat_peak"))
         m.d.comb += source.ready.eq(~beat.valid | beat.ready)
         with m.If(source.valid & source.ready):
             m.d.sync += [beat.valid.eq(1), beat.payload.eq(source.payload)]
