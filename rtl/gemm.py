@@ -318,33 +318,39 @@ class GemmEngine(wiring.Component):
         m.d.comb += a_in.ready.eq(ready)
         take = a_in.valid & ready
         chunk_end = (in_chunk == chunk - 1) | q_last
-        # the running maxima are kept biased too: the comparison needs no subtraction in front of it, and the
-        # unbiased exponent (for the memory) is computed beside the comparison, not behind it
-        running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + BF16_BIAS) for i in range(rows)]
-        # raw fields: a zero's 0 never beats a running maximum, which starts at 1
-        fields = [exponent_field(a_in.payload[i]) for i in range(rows)]
-        higher = [fields[i] > running_biased[i] for i in range(rows)]
-        peaks = [Mux(higher[i], bf16_exponent(a_in.payload[i]), running[i]) for i in range(rows)]
         # the buffer writes are registered: `take` stays off the routes to the block RAMs, which sit all over the die
         # (the 8x8 engine's longest path ran from `a_full` through `ready` to a block RAM's write enable and back
-        # to `a_full`); the half goes to the sequencer a cycle after its last take, once that write has landed
+        # to `a_full`); the half goes to the sequencer a cycle after its last take, once that write has landed.
+        # The chunk maxima work from those registers too, a cycle behind `take` (the beat in `write.data`, taken
+        # if `write.en`), so `take` does not fan out to them either: the maxima's registers pulled the writer's
+        # handshake apart (the 8x8 engine's longest path ran from `ready` to logic 31 columns away and back)
+        exp_en = Signal()   # the beat in `write.data` ends its chunk
         m.d.sync += [
             write.addr.eq(Mux(half, cfg.max_q, 0) + q),
             write.data.eq(a_in.payload),
             write.en.eq(take),
             exp_write.addr.eq(Mux(half, mem["chunks_q"], 0) + chunk_index),
-            exp_write.en.eq(take & chunk_end),
+            exp_en.eq(take & chunk_end),
         ]
+        # the running maxima are kept biased too: the comparison needs no subtraction in front of it, and the
+        # unbiased exponent (for the memory) is computed beside the comparison, not behind it
+        running_biased = [Signal(8, name=f"a_exp_biased_{i}", init=EXP_MIN + BF16_BIAS) for i in range(rows)]
+        # raw fields: a zero's 0 never beats a running maximum, which starts at 1
+        fields = [exponent_field(write.data[i]) for i in range(rows)]
+        higher = [fields[i] > running_biased[i] for i in range(rows)]
+        peaks = [Mux(higher[i], bf16_exponent(write.data[i]), running[i]) for i in range(rows)]
+        m.d.comb += exp_write.en.eq(exp_en)
         for i in range(rows):
-            m.d.sync += exp_write.data[i].eq(peaks[i])
+            m.d.comb += exp_write.data[i].eq(peaks[i])
+        with m.If(write.en):
+            m.d.sync += [running[i].eq(Mux(exp_en, EXP_MIN, peaks[i])) for i in range(rows)]
+            m.d.sync += [running_biased[i].eq(Mux(exp_en, running_biased[i].init,
+                                                  Mux(higher[i], fields[i], running_biased[i])))
+                         for i in range(rows)]
         m.d.sync += a_filled.eq(0)
         with m.If(take):
             m.d.sync += [q.eq(q + 1), in_chunk.eq(Mux(chunk_end, 0, in_chunk + 1)),
                          q_last.eq(Mux(q_last, q_length == 1, q + 2 == q_length))]
-            m.d.sync += [running[i].eq(Mux(chunk_end, EXP_MIN, peaks[i])) for i in range(rows)]
-            m.d.sync += [running_biased[i].eq(Mux(chunk_end, running_biased[i].init,
-                                                  Mux(higher[i], fields[i], running_biased[i])))
-                         for i in range(rows)]
             with m.If(chunk_end):
                 m.d.sync += chunk_index.eq(chunk_index + 1)
             with m.If(q_last):
