@@ -971,24 +971,31 @@ class FixedToFloat(wiring.Component):
         Format of the result.
     stages : int
         Pipeline register stages, 0 to 5.
+    biased : bool
+        ``exponent`` arrives with ``exponent_offset`` added, so that a caller which sums the exponent anyway folds
+        the constant into its own sum (otherwise the addition and the subnormal check behind it share a cycle;
+        they were the 8x8 GEMM engine's longest path).
 
     Attributes
     ----------
     value : In(signed(width))
         The integer.
     exponent : In(signed(exponent_width))
-        The power of two it is worth.
+        The power of two it is worth (plus ``exponent_offset`` if ``biased``).
     result : Out(fmt.width)
         Packed ``value * 2 ** exponent`` of the operands presented ``latency`` cycles earlier.
     latency : int
         Cycles from operands to result, equal to ``stages``.
     exponent_width : int
-        Width of the ``exponent`` port: just enough for ``exp_range``.
+        Width of the ``exponent`` port: just enough for ``exp_range`` (shifted by ``exponent_offset`` if
+        ``biased``).
+    exponent_offset : int
+        ``width - 1 + fmt.bias``: the biased exponent of the magnitude's top bit is ``exponent + exponent_offset``.
     """
 
     CUTS = ("output", "magnitude", "window", "count", "input")
 
-    def __init__(self, width=44, exp_range=(-284, 222), fmt=FP32, stages=4):
+    def __init__(self, width=44, exp_range=(-284, 222), fmt=FP32, stages=4, *, biased=False):
         if not isinstance(width, int) or isinstance(width, bool) or not 2 <= width <= 64:
             raise ValueError(f"FixedToFloat width must be an integer from 2 to 64, not {width!r}")
         if (not isinstance(exp_range, tuple) or len(exp_range) != 2
@@ -1000,7 +1007,10 @@ class FixedToFloat(wiring.Component):
         self.width, self.exp_range, self.fmt = width, exp_range, fmt
         self._registered = _registered_cuts("FixedToFloat", stages, self.CUTS)
         self.latency = stages
-        self.exponent_width = max(abs(exp_range[0]).bit_length(), abs(exp_range[1]).bit_length()) + 1
+        self.biased = bool(biased)
+        self.exponent_offset = width - 1 + fmt.bias
+        port_range = [e + self.exponent_offset * self.biased for e in exp_range]
+        self.exponent_width = max(abs(port_range[0]).bit_length(), abs(port_range[1]).bit_length()) + 1
         super().__init__({
             "value": In(signed(width)),
             "exponent": In(signed(self.exponent_width)),
@@ -1018,12 +1028,12 @@ class FixedToFloat(wiring.Component):
         # the magnitude of the most negative value, 2 ** (width - 1), still fits ``width`` unsigned bits
         magnitude = _wire(pipe.m, Mux(negative, -value, value)[:width], "magnitude")
         # the magnitude's top bit is worth 2 ** (width - 1 + exponent)
-        offset = width - 1 + fmt.bias
+        offset = self.exponent_offset
         exp_lo, exp_hi = self.exp_range[0] + offset, self.exp_range[1] + offset
         rounder = _Rounder(fmt, width, (exp_lo, exp_hi), max_lz=width - 1)
         prepared = rounder.prepare(pipe.m, {
             "sign": negative,
-            "exp": _exponent(state["exponent"] + offset, exp_lo, exp_hi),
+            "exp": _exponent(state["exponent"] + (0 if self.biased else offset), exp_lo, exp_hi),
             "sig": magnitude,
         })
         if rounder.counts_trailing_zeros:

@@ -886,7 +886,7 @@ class GemmEngine(wiring.Component):
                      partials_fifo.r_en.eq(partials.ready)]
 
         # front: integer chunk sums to float32 (stalls with its consumer); stages=5 registers the operands
-        converters = [FixedToFloat(ACC_BITS, stages=5) for _ in range(cols)]
+        converters = [FixedToFloat(ACC_BITS, stages=5, biased=True) for _ in range(cols)]
         tag = data.StructLayout({"addr": range(max(1, rows * cfg.words_per_row)), "first": 1, "last": 1,
                                  "job_last": 1})
         # a register slice between the converters and the accumulator: the hazard check below decides whether an
@@ -902,10 +902,13 @@ class GemmEngine(wiring.Component):
             m.d.sync += row_ea.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row])
         for j, unit in enumerate(converters):
             m.submodules[f"to_float_{j}"] = front.stall(unit)
-            value, col_eb = Signal(signed(ACC_BITS), name=f"partial_{j}"), Signal(EXP, name=f"partial_eb_{j}")
+            # the converter takes its exponent biased: the constant goes into the column's register, so the
+            # converter's input register gets one sum (the chunk sum is worth 2 ** (Ea + Eb - 32))
+            value = Signal(signed(ACC_BITS), name=f"partial_{j}")
+            col_eb = Signal(signed(10), name=f"partial_eb_{j}")
             with m.If(front.enable):
-                m.d.sync += [value.eq(partials.payload.data[j]), col_eb.eq(info.eb[j])]
-            m.d.comb += [unit.value.eq(value), unit.exponent.eq(row_ea + col_eb - 32)]
+                m.d.sync += [value.eq(partials.payload.data[j]), col_eb.eq(info.eb[j] + (unit.exponent_offset - 32))]
+            m.d.comb += [unit.value.eq(value), unit.exponent.eq(row_ea + col_eb)]
         last_row = partials.payload.row == rows - 1
         m.d.comb += [
             partials.ready.eq(front.advance & fifo.r_rdy),

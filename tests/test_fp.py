@@ -518,6 +518,16 @@ def test_fixed_to_float_stages(stages):
     _assert_same(got, golden.fixed_to_float(values, exponents, FP32), FP32, value=values, exponent=exponents)
 
 
+def test_fixed_to_float_biased():
+    """``biased=True``: the same results from the exponent with the offset added by the caller."""
+    values, exponents = _fixed_operands(44, (-284, 222), FP32, np.random.default_rng(19), STALL_VECTORS)
+    dut = FixedToFloat(stages=5, biased=True)
+    assert dut.exponent_offset == 43 + 127 and dut.exponent_width == 10
+    got = _simulate(dut, {"value": values, "exponent": [e + dut.exponent_offset for e in exponents]},
+                    enable_seed=20)
+    _assert_same(got, golden.fixed_to_float(values, exponents, FP32), FP32, value=values, exponent=exponents)
+
+
 def test_fixed_to_float_default_stalled():
     values, exponents = _fixed_operands(44, (-284, 222), FP32, np.random.default_rng(17), STALL_VECTORS)
     dut = FixedToFloat()
