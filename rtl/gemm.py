@@ -437,11 +437,10 @@ class GemmEngine(wiring.Component):
         source = first
         beat = stream.Signature(row_layout(cols, 16)).create(path=("w_beat",))
         peak = Signal(EXP)      # the largest exponent of the beat in `beat.payload`
-        with m.If(source.valid & source.ready):
-            m.d.sync += peak.eq(max_of_partials(m, partial_held, "w_beat_peak"))
         m.d.comb += source.ready.eq(~beat.valid | beat.ready)
         with m.If(source.valid & source.ready):
-            m.d.sync += [beat.valid.eq(1), beat.payload.eq(source.payload)]
+            m.d.sync += [beat.valid.eq(1), beat.payload.eq(source.payload),
+                         peak.eq(max_of_partials(m, partial_held, "w_beat_peak"))]
         with m.Elif(beat.ready):
             m.d.sync += beat.valid.eq(0)
 
@@ -905,7 +904,7 @@ class GemmEngine(wiring.Component):
             # the converter takes its exponent biased: the constant goes into the column's register, so the
             # converter's input register gets one sum (the chunk sum is worth 2 ** (Ea + Eb - 32))
             value = Signal(signed(ACC_BITS), name=f"partial_{j}")
-            col_eb = Signal(signed(10), name=f"partial_eb_{j}")
+            col_eb = Signal(signed(unit.exponent_width), name=f"partial_eb_{j}")
             with m.If(front.enable):
                 m.d.sync += [value.eq(partials.payload.data[j]), col_eb.eq(info.eb[j] + (unit.exponent_offset - 32))]
             m.d.comb += [unit.value.eq(value), unit.exponent.eq(row_ea + col_eb)]
