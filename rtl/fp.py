@@ -94,10 +94,15 @@ def _exponent(value, lo, hi):
 
 
 def at_least(value, bound):
-    """``value >= bound`` for an unsigned ``value`` and a constant ``bound``, as plain gates: a comparison with a
-    constant needs no carry chain (synthesis would build one for ``>=``)."""
-    value = Value.cast(value).as_unsigned()
+    """``value >= bound`` for a constant ``bound``, as plain gates: a comparison with a constant needs no carry chain
+    (synthesis would build one for ``>=``). A signed ``value`` is compared in offset binary (its sign bit flipped,
+    ``2 ** (width - 1)`` added to ``bound``)."""
+    value = Value.cast(value)
     width = len(value)
+    if value.shape().signed:
+        bound += 1 << (width - 1)
+        value = Cat(value[:width - 1], ~value[width - 1])
+    value = value.as_unsigned()
     if bound <= 0:
         return C(1, 1)
     if bound >= 1 << width:
@@ -335,12 +340,12 @@ class _Rounder:
             # a marker at ``sig`` bit ``width - exp`` caps the leading zero count at ``exp - 1``; for ``exp`` below 1
             # it sits at the top bit, so that nothing shifts left (bit ``i`` here is ``sig`` bit
             # ``width - counted + i``)
-            state["marker"] = Cat(*((exp == self.counted - i) | ((exp < 1) if i == self.counted - 1 else 0)
+            state["marker"] = Cat(*((exp == self.counted - i) | (~at_least(exp, 1) if i == self.counted - 1 else 0)
                                     for i in range(self.counted)))
         if self.right_max:
-            state["denormal"] = exp < 1
+            state["denormal"] = ~at_least(exp, 1)
             # the funnel offset of a right shift ``1 - exp`` is ``left_max + 1 - exp``: one subtraction
-            offset = Mux(exp < 1 - self.right_max, self.left_max + self.right_max, self.left_max + 1 - exp)
+            offset = Mux(~at_least(exp, 1 - self.right_max), self.left_max + self.right_max, self.left_max + 1 - exp)
             state["right_offset"] = offset[:self._offset_width]
         return state
 
@@ -400,7 +405,7 @@ class _Rounder:
         magnitude = _wire(m, (Cat(window[2:-1], field) + round_up)[:fmt.width - 1], "round_magnitude")
         inf = state.get("inf", C(0, 1))
         if self.overflows:
-            inf = inf | (hidden & (exp >= fmt.exp_max))
+            inf = inf | (hidden & at_least(exp, fmt.exp_max))
         result = Cat(magnitude, sign)
         result = Mux(state.get("zero", C(0, 1)), Cat(C(0, fmt.width - 1), sign), result)
         result = Mux(inf, Cat(C(fmt.inf_bits, fmt.width - 1), sign), result)
@@ -612,7 +617,7 @@ class FPAdd(wiring.Component):
         b_sign, subtract, swap = state["b_sign"], state["subtract"], state["swap"]
         # the clamp after the cut, so that a cycle holds one carry chain (a difference is only picked when it is not
         # negative; as unsigned, a negative one is clamped too)
-        distance = {name: Mux(at_least(state[f"difference_{name}"], aligned_width + 1), aligned_width,
+        distance = {name: Mux(at_least(state[f"difference_{name}"].as_unsigned(), aligned_width + 1), aligned_width,
                               state[f"difference_{name}"])[:aligned_width.bit_length()] for name in ("a", "b")}
         state = pipe.cut("swap", {
             # the larger operand's sign, except that an exact cancellation is +0
