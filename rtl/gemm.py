@@ -628,12 +628,12 @@ class GemmEngine(wiring.Component):
             "real": 1, "last": 1, "lane": range(cols), "bank": range(cols), "transposed": 1, "fwd_cols": 5,
             "bwd_row_real": 1, "chunk_start": 1,
         }), name="seq", platform=platform)
-        # A step may start when the sequencer is active, its buffers' halves are full and, on a chunk's first step,
-        # the chunk FIFO has room (a chunk start may be in each of the 3 stages before the FIFO). All of that is
-        # `gate`, a register worked out a cycle ahead from the next values of what it reads (below), so that `issue`,
-        # which enables most of the sequencer, is one gate behind the stall chain (the 8x8 engine's longest paths
-        # ran from the halves' full flags and the FIFO's level through `issue`). Its room test uses the FIFO's level
-        # a cycle early, which grows by one at most in between.
+        # A step may start when the sequencer is active, its buffers' halves are full and, on a chunk's first step, the
+        # chunk FIFO has room (a chunk start may be in each of the 3 stages and the push register before the FIFO). All
+        # of that is `gate`, a register worked out a cycle ahead from the next values of what it reads (below), so that
+        # `issue`, which enables most of the sequencer, is one gate behind the stall chain (the 8x8 engine's longest
+        # paths ran from the halves' full flags and the FIFO's level through `issue`). Its room test uses the FIFO's
+        # level a cycle early, which grows by one at most in between.
         gate = Signal()
         issue = Signal()
         m.d.comb += issue.eq(gate & pipe.advance)
@@ -838,16 +838,18 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [value.eq(b_values[j]), shared.eq(b_exps[j])]
             m.d.comb += [unit.values[0].eq(value), unit.shared.eq(shared)]
 
-        # chunk info to the FIFO at stage 2 of a chunk's first step
-        m.d.comb += [
-            fifo.w_en.eq(pipe.advance & chunk_start),
-            info_in.base.eq(pending.base), info_in.first.eq(pending.first),
-            info_in.last.eq(pending.last), info_in.job_last.eq(pending.job_last),
-        ]
-        for i in range(rows):
-            m.d.comb += info_in.ea[i].eq(ea_now[i])
-        for j in range(cols):
-            m.d.comb += info_in.eb[j].eq(b_exps[j])
+        # chunk info to the FIFO a cycle after stage 2 of a chunk's first step, through a register: `advance`
+        # (from the array's ready) must not reach the FIFO's level logic in the same cycle (the longest path of the
+        # 8x8 netlist). The entry is read only when the chunk's sums leave the array, many cycles later, and the
+        # room check's margin covers the one entry in the register
+        push = Signal()
+        m.d.sync += push.eq(pipe.advance & chunk_start)
+        with m.If(pipe.advance & chunk_start):
+            m.d.sync += [info_in.base.eq(pending.base), info_in.first.eq(pending.first),
+                         info_in.last.eq(pending.last), info_in.job_last.eq(pending.job_last)]
+            m.d.sync += [info_in.ea[i].eq(ea_now[i]) for i in range(rows)]
+            m.d.sync += [info_in.eb[j].eq(b_exps[j]) for j in range(cols)]
+        m.d.comb += fifo.w_en.eq(push)
 
         # stage 6 -> the array
         m.d.comb += [
