@@ -965,10 +965,14 @@ class GemmEngine(wiring.Component):
                 found = found | (valid[s] & ~tags[s].last & (tags[s].addr == addr))
             return found
 
-        incoming = acc_slice.next_payload.tag
+        def hazard_if_head(tag_):  # `tag_` becomes the head; the present head (if any) moves into stage 0
+            return pending(tag_.addr) | (acc_slice.o.valid & ~head.last & (head.addr == tag_.addr))
         hazard_if_stay = pending(head.addr)
-        hazard_if_next = (pending(incoming.addr)
-                          | (acc_slice.o.valid & ~head.last & (head.addr == incoming.addr)))
+        # the next head is the slice's spare item if it holds one, else its input: both checks, then the pick, so
+        # that the slice's `spare_valid` is one mux from `hazard` (in front of the address compares, it was a
+        # deep path of the 8x8 netlist)
+        hazard_if_next = Mux(acc_slice.spare_valid, hazard_if_head(acc_slice.spare.tag),
+                             hazard_if_head(acc_slice.i.payload.tag))
         # outputs admitted and not yet read from the output FIFO (in flight or queued): a counter rather than the
         # FIFO level plus a count over the pipeline slots, which was the engine's longest path into `admit`. `room`
         # is a register too (the 8x8 engine's longest path ran from `reserved` through the compare and `admit` back

@@ -89,18 +89,21 @@ class SkidBuffer(wiring.Component):
     next_payload, next_valid : Signal
         What ``o`` takes when it is free (``~o.valid | o.ready``): for a consumer that works out a decision about
         the next item a cycle ahead. Driven by the buffer.
+    spare, spare_valid : Signal
+        The item accepted while the output was held, if any (registers): ``next_payload`` is ``spare`` when
+        ``spare_valid``, else ``i.payload``. A consumer can decide for both and pick late. Driven by the buffer.
     """
 
     def __init__(self, shape):
         super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
         self.next_payload = Signal(shape)
         self.next_valid = Signal()
+        self.spare = Signal(shape)
+        self.spare_valid = Signal()
 
     def elaborate(self, platform):
         m = Module()
-        shape = self.i.payload.shape()
-        spare = Signal(shape)         # an item accepted while the output was held
-        spare_valid = Signal()
+        spare, spare_valid = self.spare, self.spare_valid
         m.d.comb += [
             self.i.ready.eq(~spare_valid),
             self.next_payload.eq(Mux(spare_valid, spare, self.i.payload)),
