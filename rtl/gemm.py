@@ -894,31 +894,41 @@ class GemmEngine(wiring.Component):
         # item enters the accumulator; it must not also decide whether the whole front pipeline advances
         m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
             "tag": tag, "values": data.ArrayLayout(32, cols)}))
-        # a register stage in front of the converters: the row's A exponent is selected once for all columns, and
-        # that selection, fanned out across the die, must not share a cycle with the exponent adders behind it
-        front = StallPipeline(m, 1 + converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front",
+        # the converters' first register stage is a register slice (`acc_in`): the row's A exponent is selected once
+        # for all columns, and that selection, fanned out across the die, must not share a cycle with the exponent
+        # adders behind it; and the two FIFOs are read on the slice's `ready`, a register, not on the front's
+        # `advance` (from the accumulator slice's ready through both FIFOs' level logic, a deep path of the 8x8
+        # netlist). The slice's output register is the stage, so the latency is as before
+        exp_width = converters[0].exponent_width
+        m.submodules.acc_in = acc_in = SkidBuffer(data.StructLayout({
+            "tag": tag, "row_ea": EXP, "values": data.ArrayLayout(signed(ACC_BITS), cols),
+            "col_eb": data.ArrayLayout(signed(exp_width), cols)}))
+        front = StallPipeline(m, converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front",
                               platform=platform)
-        row_ea = Signal(EXP)
-        with m.If(front.enable):
-            m.d.sync += row_ea.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row])
+        staged = acc_in.o.payload
         for j, unit in enumerate(converters):
             m.submodules[f"to_float_{j}"] = front.stall(unit)
             # the converter takes its exponent biased: the constant goes into the column's register, so the
             # converter's input register gets one sum (the chunk sum is worth 2 ** (Ea + Eb - 32))
-            value = Signal(signed(ACC_BITS), name=f"partial_{j}")
-            col_eb = Signal(signed(unit.exponent_width), name=f"partial_eb_{j}")
-            with m.If(front.enable):
-                m.d.sync += [value.eq(partials.payload.data[j]), col_eb.eq(info.eb[j] + (unit.exponent_offset - 32))]
-            m.d.comb += [unit.value.eq(value), unit.exponent.eq(row_ea + col_eb)]
+            m.d.comb += [
+                acc_in.i.payload.values[j].eq(partials.payload.data[j]),
+                acc_in.i.payload.col_eb[j].eq(info.eb[j] + (unit.exponent_offset - 32)),
+                unit.value.eq(staged.values[j]),
+                unit.exponent.eq(staged.row_ea + staged.col_eb[j]),
+            ]
         last_row = partials.payload.row == rows - 1
         m.d.comb += [
-            partials.ready.eq(front.advance & fifo.r_rdy),
-            front.in_valid.eq(partials.valid & fifo.r_rdy),
-            front.in_tag.addr.eq(info.base + partials.payload.row),
-            front.in_tag.first.eq(info.first),
-            front.in_tag.last.eq(info.last),
-            front.in_tag.job_last.eq(info.job_last & last_row),
+            partials.ready.eq(acc_in.i.ready & fifo.r_rdy),
+            acc_in.i.valid.eq(partials.valid & fifo.r_rdy),
+            acc_in.i.payload.row_ea.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row]),
+            acc_in.i.payload.tag.addr.eq(info.base + partials.payload.row),
+            acc_in.i.payload.tag.first.eq(info.first),
+            acc_in.i.payload.tag.last.eq(info.last),
+            acc_in.i.payload.tag.job_last.eq(info.job_last & last_row),
             fifo.r_en.eq(partials.valid & partials.ready & last_row),
+            front.in_valid.eq(acc_in.o.valid),
+            front.in_tag.eq(staged.tag),
+            acc_in.o.ready.eq(front.advance),
             acc_slice.i.valid.eq(front.out_valid),
             acc_slice.i.payload.tag.eq(front.out_tag),
         ]
@@ -1021,5 +1031,5 @@ class GemmEngine(wiring.Component):
             m.d.comb += out_in.data[j].eq(result)
 
         # done when nothing is left anywhere
-        idle = ~front.out_valid & ~acc_slice.o.valid & ~Cat(*valid).any() & ~fifo.r_rdy & ~out_fifo.r_rdy
+        idle = ~acc_in.spare_valid & ~front.out_valid & ~acc_slice.o.valid & ~Cat(*valid).any() & ~fifo.r_rdy & ~out_fifo.r_rdy
         m.d.comb += acc_done.eq(idle)
