@@ -113,7 +113,11 @@ class SkidBuffer(wiring.Component):
             m.d.sync += [self.o.payload.eq(self.next_payload), self.o.valid.eq(self.next_valid),
                          spare_valid.eq(0)]
         with m.Elif(self.i.valid & ~spare_valid):
-            m.d.sync += [spare.eq(self.i.payload), spare_valid.eq(1)]
+            m.d.sync += spare_valid.eq(1)
+        # the spare register follows the input while it is empty: its (wide) enable is one register, not the
+        # handshake above; what it holds counts only once `spare_valid` is set
+        with m.If(~spare_valid):
+            m.d.sync += spare.eq(self.i.payload)
         return m
 
 
