@@ -1031,5 +1031,6 @@ class GemmEngine(wiring.Component):
             m.d.comb += out_in.data[j].eq(result)
 
         # done when nothing is left anywhere
-        idle = ~acc_in.spare_valid & ~front.out_valid & ~acc_slice.o.valid & ~Cat(*valid).any() & ~fifo.r_rdy & ~out_fifo.r_rdy
+        idle = (~acc_in.spare_valid & ~front.out_valid & ~acc_slice.o.valid & ~Cat(*valid).any() & ~fifo.r_rdy
+                & ~out_fifo.r_rdy)
         m.d.comb += acc_done.eq(idle)
