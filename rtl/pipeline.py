@@ -86,32 +86,24 @@ class SkidBuffer(wiring.Component):
         Items in.
     o : Out(stream.Signature(shape))
         The same items, in order, one cycle later at the earliest.
-    next_payload, next_valid : Signal
-        What ``o`` takes when it is free (``~o.valid | o.ready``): for a consumer that works out a decision about
-        the next item a cycle ahead. Driven by the buffer.
     spare, spare_valid : Signal
-        The item accepted while the output was held, if any (registers): ``next_payload`` is ``spare`` when
-        ``spare_valid``, else ``i.payload``. A consumer can decide for both and pick late. Driven by the buffer.
+        The item accepted while the output was held, if any (registers). ``o`` takes ``spare`` next when
+        ``spare_valid``, else ``i.payload``: a consumer that works out a decision about the next item a cycle
+        ahead can decide for both and pick late. Driven by the buffer.
     """
 
     def __init__(self, shape):
         super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
-        self.next_payload = Signal(shape)
-        self.next_valid = Signal()
         self.spare = Signal(shape)
         self.spare_valid = Signal()
 
     def elaborate(self, platform):
         m = Module()
         spare, spare_valid = self.spare, self.spare_valid
-        m.d.comb += [
-            self.i.ready.eq(~spare_valid),
-            self.next_payload.eq(Mux(spare_valid, spare, self.i.payload)),
-            self.next_valid.eq(spare_valid | self.i.valid),
-        ]
+        m.d.comb += self.i.ready.eq(~spare_valid)
         with m.If(~self.o.valid | self.o.ready):
-            m.d.sync += [self.o.payload.eq(self.next_payload), self.o.valid.eq(self.next_valid),
-                         spare_valid.eq(0)]
+            m.d.sync += [self.o.payload.eq(Mux(spare_valid, spare, self.i.payload)),
+                         self.o.valid.eq(spare_valid | self.i.valid), spare_valid.eq(0)]
         with m.Elif(self.i.valid & ~spare_valid):
             m.d.sync += spare_valid.eq(1)
         # the spare register follows the input while it is empty: its (wide) enable is one register, not the
