@@ -336,14 +336,15 @@ class _Rounder:
     def prepare(self, m, state):
         state = dict(state)
         exp = state["exp"]
+        below_one = ~at_least(exp, 1)
         if self.counted:
             # a marker at ``sig`` bit ``width - exp`` caps the leading zero count at ``exp - 1``; for ``exp`` below 1
             # it sits at the top bit, so that nothing shifts left (bit ``i`` here is ``sig`` bit
             # ``width - counted + i``)
-            state["marker"] = Cat(*((exp == self.counted - i) | (~at_least(exp, 1) if i == self.counted - 1 else 0)
+            state["marker"] = Cat(*((exp == self.counted - i) | (below_one if i == self.counted - 1 else 0)
                                     for i in range(self.counted)))
         if self.right_max:
-            state["denormal"] = ~at_least(exp, 1)
+            state["denormal"] = below_one
             # the funnel offset of a right shift ``1 - exp`` is ``left_max + 1 - exp``: one subtraction
             offset = Mux(~at_least(exp, 1 - self.right_max), self.left_max + self.right_max, self.left_max + 1 - exp)
             state["right_offset"] = offset[:self._offset_width]

@@ -843,8 +843,9 @@ class GemmEngine(wiring.Component):
         # 8x8 netlist). The entry is read only when the chunk's sums leave the array, many cycles later, and the
         # room check's margin covers the one entry in the register
         push = Signal()
-        m.d.sync += push.eq(pipe.advance & chunk_start)
-        with m.If(pipe.advance & chunk_start):
+        entry = pipe.advance & chunk_start
+        m.d.sync += push.eq(entry)
+        with m.If(entry):
             m.d.sync += [info_in.base.eq(pending.base), info_in.first.eq(pending.first),
                          info_in.last.eq(pending.last), info_in.job_last.eq(pending.job_last)]
             m.d.sync += [info_in.ea[i].eq(ea_now[i]) for i in range(rows)]
