@@ -26,6 +26,8 @@ sums -> :class:`~.fp.FixedToFloat` -> float32 accumulation (:class:`~.fp.FPAdd` 
 output rounding -> ``c``.
 """
 
+import functools
+import operator
 from dataclasses import dataclass
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
@@ -801,15 +803,24 @@ class GemmEngine(wiring.Component):
         ea_now = data.View(data.ArrayLayout(EXP, rows), ea_now)
         ew_now = data.View(data.ArrayLayout(EXP, cols), ew_now)
 
-        # B operands and exponents per column
+        # B operands and exponents per column. Column j takes lane `lane` of bank j (forward) or lane j of bank
+        # `bank` (transposed), or zero; the choice is registered one-hot next to the raw data (`bwd_hot`, shared,
+        # and one `fwd_hot` per column with its keep mask folded in), so the select is an AND-OR of registers
+        # rather than a binary mux tree behind the widely fanned-out tag fields
+        bwd_hot = Signal(cols)
+        fwd_hot = [Signal(cols, name=f"fwd_hot_{j}") for j in range(cols)]
+        with m.If(pipe.enable):
+            bwd_on = tag1.real & tag1.transposed
+            m.d.sync += bwd_hot.eq(Cat(bwd_on & (tag1.bank == b) for b in range(cols)))
+            for j in range(cols):
+                fwd_on = tag1.real & ~tag1.transposed & (j < tag1.fwd_cols)
+                m.d.sync += fwd_hot[j].eq(Cat(fwd_on & (tag1.lane == l) for l in range(cols)))
         b_values = []
         b_exps = []
-        bwd_word = Array(raw_w[b] for b in range(cols))[tag2.bank]
         for j in range(cols):
-            fwd_value = Array(raw_w[j][l] for l in range(cols))[tag2.lane]
-            value = Mux(tag2.transposed, bwd_word[j], fwd_value)
-            keep = tag2.real & (tag2.transposed | (j < tag2.fwd_cols))
-            b_values.append(Mux(keep, value, 0))
+            terms = [raw_w[b][j] & bwd_hot[b].replicate(16) for b in range(cols)]
+            terms += [raw_w[j][l] & fwd_hot[j][l].replicate(16) for l in range(cols)]
+            b_values.append(functools.reduce(operator.or_, terms))
         a_values = [Mux(tag2.real, raw_a[i], 0) for i in range(rows)]
 
         # transposed chunks use the tile's single exponent; it belongs to the half being read
