@@ -456,8 +456,9 @@ class GemmEngine(wiring.Component):
         rows_seen = Signal(32)              # rows of this pass already written
         pass_open = Signal()                # a pass of W is still expected (m_left != 0, kept as a register)
         m_left = Signal(32)
+        m_more = Signal()                   # m_left > rows: a pass is left after this one (a register)
         with m.If(start):
-            m.d.sync += [m_left.eq(job.m), row.eq(0), word.eq(0), word_in_chunk.eq(0),
+            m.d.sync += [m_left.eq(job.m), m_more.eq(job.m > rows), row.eq(0), word.eq(0), word_in_chunk.eq(0),
                          chunk_index.eq(0),
                          rows_seen.eq(0)]
         m.d.comb += w_done.eq(~pass_open)
@@ -510,11 +511,11 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
                              tile_exponent[half].eq(new_tile_peak)]
             with m.If(pass_end):
-                m.d.sync += m_left.eq(Mux(m_left <= rows, 0, m_left - rows))
+                m.d.sync += [m_left.eq(Mux(m_more, m_left - rows, 0)), m_more.eq(m_left > 2 * rows)]
         # `pass_open` (set at `start`, then whether passes are left after each) and `half` load their next values,
         # from which `ready` is worked out too (as in the A writer)
         tile_in = take & tile_end
-        pass_open_next = Mux(start, job.m != 0, Mux(take & pass_end, m_left > rows, pass_open))
+        pass_open_next = Mux(start, job.m != 0, Mux(take & pass_end, m_more, pass_open))
         m.d.sync += [pass_open.eq(pass_open_next), half.eq(half ^ tile_in),
                      ready.eq(_writer_ready_next(pass_open_next, w_full_next, half, tile_in))]
 
