@@ -49,7 +49,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .fp import ecp5_registered_product
-from .pipeline import global_fanout, is_ecp5
+from .pipeline import global_fanout, is_ecp5, private_register
 
 __all__ = ["PEArray", "steps_layout", "partials_layout", "OPERAND_BITS", "ACC_BITS"]
 
@@ -211,9 +211,11 @@ class PEArray(wiring.Component):
                     pe.product2.eq(pe.product),
                     pe.product2_last.eq(pe.product_last),
                     pe.acc.eq(Mux(pe.done, 0, pe.acc) + pe.product2),
-                    pe.done.eq(pe.product2_last),
                     pe.shadow.eq(Mux(pe.done, pe.acc, below.shadow if below else 0)),
                 ]
+                # each PE's own `done`: the PEs of an anti-diagonal share a `last` delay line, and one merged flag
+                # would drive the accumulator and shadow selects of all of them (663 loads at 8 x 8)
+                private_register(m, platform, pe.done, pe.product2_last, step_enable, f"pe_{r}_{c}_done")
                 # registered on both sides, the DSP has a whole cycle; the accumulator adder has the next one
                 if hard_registers:
                     # (reset with sync, so that the first products after a reset are 0 as in simulation)

@@ -7,11 +7,11 @@ the last stage is empty or being drained, so nothing is dropped and the datapath
 have filled.
 """
 
-from amaranth.hdl import Const, EnableInserter, Instance, Module, Mux, Signal
+from amaranth.hdl import ClockSignal, Const, EnableInserter, Instance, Module, Mux, ResetSignal, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["StallPipeline", "SkidBuffer", "global_fanout", "is_ecp5"]
+__all__ = ["StallPipeline", "SkidBuffer", "global_fanout", "is_ecp5", "private_register"]
 
 
 class StallPipeline:
@@ -140,3 +140,39 @@ def global_fanout(m, platform, signal, name):
     buffered = Signal(name=name)
     m.submodules[f"{name}_buffer"] = Instance("DCCA", i_CLKI=signal, i_CE=Const(1), o_CLKO=buffered)
     return buffered
+
+
+def private_register(m, platform, q, d, enable, name):
+    """``q`` takes ``d`` on every ``sync`` cycle with ``enable`` set, in a register synthesis keeps of its own.
+
+    Yosys merges registers with the same input and enable into one (``opt_merge``), so copies made to keep a
+    widely used value local to each of its users (a select per column, a flag per PE) fold back into one net that
+    spans them all. On ECP5 each bit is a ``TRELLIS_FF`` instance, which it leaves alone; in simulation and on
+    other families it is an ordinary register. Either way ``q`` resets to its ``init`` with the domain, whatever
+    ``enable`` is, unless it is ``reset_less``.
+
+    Parameters
+    ----------
+    m : Module
+    platform : Platform or None
+        The platform being elaborated for.
+    q : Signal
+        The register.
+    d : Value
+        Its next value (``len(q)`` bits are taken).
+    enable : Value
+        One bit: the register loads on cycles where it is set.
+    name : str
+        Prefix of the instances' names.
+    """
+    if not is_ecp5(platform):
+        with m.If(enable):
+            m.d.sync += q.eq(d)
+        return
+    d = Value.cast(d)
+    reset = Const(0) if q.reset_less else ResetSignal("sync")
+    for k in range(len(q)):
+        m.submodules[f"{name}_{k}"] = Instance(
+            "TRELLIS_FF", p_GSR="DISABLED", p_CEMUX="CE", p_CLKMUX="CLK", p_LSRMUX="LSR",
+            p_REGSET="SET" if (q.init >> k) & 1 else "RESET", p_SRMODE="LSR_OVER_CE",
+            i_CLK=ClockSignal("sync"), i_LSR=reset, i_CE=enable, i_DI=d[k], o_Q=q[k])
