@@ -26,8 +26,6 @@ sums -> :class:`~.fp.FixedToFloat` -> float32 accumulation (:class:`~.fp.FPAdd` 
 output rounding -> ``c``.
 """
 
-import functools
-import operator
 from dataclasses import dataclass
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
@@ -41,7 +39,7 @@ from .bfp import BF16_BIAS, EXP_MIN, AlignLanes, bf16_exponent, exponent_field, 
 from .fp import BF16, FP32, FPAdd, FPConvert, FixedToFloat
 from .nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .pe_array import ACC_BITS, PEArray
-from .pipeline import SkidBuffer, StallPipeline
+from .pipeline import SkidBuffer, StallPipeline, private_register
 from .row_align import RowAligner, row_layout
 
 __all__ = ["GemmConfig", "GemmEngine", "job_layout", "a_layout", "c_layout"]
@@ -805,23 +803,22 @@ class GemmEngine(wiring.Component):
         ew_now = data.View(data.ArrayLayout(EXP, cols), ew_now)
 
         # B operands and exponents per column. Column j takes lane `lane` of bank j (forward) or lane j of bank
-        # `bank` (transposed), or zero; the choice is registered one-hot next to the raw data (`bwd_hot`, shared,
-        # and one `fwd_hot` per column with its keep mask folded in), so the select is an AND-OR of registers
-        # rather than a binary mux tree behind the widely fanned-out tag fields
-        bwd_hot = Signal(cols)
-        fwd_hot = [Signal(cols, name=f"fwd_hot_{j}") for j in range(cols)]
-        with m.If(pipe.enable):
-            bwd_on = tag1.real & tag1.transposed
-            m.d.sync += bwd_hot.eq(Cat(bwd_on & (tag1.bank == b) for b in range(cols)))
-            for j in range(cols):
-                fwd_on = tag1.real & ~tag1.transposed & (j < tag1.fwd_cols)
-                m.d.sync += fwd_hot[j].eq(Cat(fwd_on & (tag1.lane == l) for l in range(cols)))
+        # `bank` (transposed), or zero. Each column loads its own copy of the select (bank, lane, direction and its
+        # keep mask) beside `tag2`, in registers synthesis does not merge (:func:`~.pipeline.private_register`), so
+        # that the select lines of a column's 8:1 muxes stay within the column instead of one tag field fanning out
+        # to all of them (the `5a802ea` critical path)
+        bank_bits, lane_bits = len(tag1.bank), len(tag1.lane)
         b_values = []
         b_exps = []
         for j in range(cols):
-            terms = [raw_w[b][j] & bwd_hot[b].replicate(16) for b in range(cols)]
-            terms += [raw_w[j][l] & fwd_hot[j][l].replicate(16) for l in range(cols)]
-            b_values.append(functools.reduce(operator.or_, terms))
+            select = Signal(bank_bits + lane_bits + 2, name=f"b_select_{j}")
+            keep = tag1.real & (tag1.transposed | (j < tag1.fwd_cols))
+            private_register(m, platform, select, Cat(tag1.bank, tag1.lane, tag1.transposed, keep), pipe.enable,
+                             f"b_select_{j}")
+            bank, lane = select[:bank_bits], select[bank_bits:bank_bits + lane_bits]
+            bwd_value = Array(raw_w[b][j] for b in range(cols))[bank]
+            fwd_value = Array(raw_w[j][l] for l in range(cols))[lane]
+            b_values.append(Mux(select[-1], Mux(select[-2], bwd_value, fwd_value), 0))
         a_values = [Mux(tag2.real, raw_a[i], 0) for i in range(rows)]
 
         # transposed chunks use the tile's single exponent; it belongs to the half being read
