@@ -42,6 +42,9 @@ registers an 8 x 8 array alone reached 87 MHz on the ULX3S-85F, the critical pat
 far from its DSP site. The one global net is the step enable (``steps.valid`` and ``partials.ready`` through two
 LUT levels to every register's clock enable: 17k of them at 8 x 8); on ECP5 it rides the clock network through a
 ``DCCA`` buffer (:func:`~.pipeline.global_fanout`), and for the best Fmax the user drives both from registers.
+The PEs of one anti-diagonal have identical ``last`` delay lines, which synthesis merges into one; each PE's
+``done`` flag, which drives its accumulator and shadow selects (88 loads), is still its own register
+(:func:`~.pipeline.private_register`), so no flag spans the array.
 """
 
 from amaranth.hdl import Cat, Module, Mux, ResetSignal, Signal, signed
