@@ -1,5 +1,6 @@
 # amaranth: UnusedElaboratable=no
-"""Pipeline helpers: the skid buffer under random stalls (nothing lost, duplicated or reordered; full throughput)."""
+"""Pipeline helpers: the skid buffer under random stalls (nothing lost, duplicated or reordered; full throughput);
+private registers (an enabled register in simulation, unmerged TRELLIS_FFs on ECP5)."""
 
 import random
 import re
@@ -37,7 +38,6 @@ def test_random_stalls(idle_in, idle_out):
 
 def test_full_throughput():
     assert run(200, 0.0, 0.0, seed=3) <= 200 + 3
-
 
 
 class _Copies(wiring.Component):
