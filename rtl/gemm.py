@@ -807,18 +807,18 @@ class GemmEngine(wiring.Component):
         # keep mask) beside `tag2`, in registers synthesis does not merge (:func:`~.pipeline.private_register`), so
         # that the select lines of a column's 8:1 muxes stay within the column instead of one tag field fanning out
         # to all of them (the `5a802ea` critical path)
-        bank_bits, lane_bits = len(tag1.bank), len(tag1.lane)
+        select_layout = data.StructLayout({"bank": range(cols), "lane": range(cols), "transposed": 1, "keep": 1})
         b_values = []
         b_exps = []
         for j in range(cols):
-            select = Signal(bank_bits + lane_bits + 2, name=f"b_select_{j}")
+            select = Signal(select_layout, name=f"b_select_{j}")
             keep = tag1.real & (tag1.transposed | (j < tag1.fwd_cols))
-            private_register(m, platform, select, Cat(tag1.bank, tag1.lane, tag1.transposed, keep), pipe.enable,
-                             f"b_select_{j}")
-            bank, lane = select[:bank_bits], select[bank_bits:bank_bits + lane_bits]
-            bwd_value = Array(raw_w[b][j] for b in range(cols))[bank]
-            fwd_value = Array(raw_w[j][l] for l in range(cols))[lane]
-            b_values.append(Mux(select[-1], Mux(select[-2], bwd_value, fwd_value), 0))
+            # (the fields in the layout's order)
+            private_register(m, platform, select.as_value(), Cat(tag1.bank, tag1.lane, tag1.transposed, keep),
+                             pipe.enable, f"b_select_{j}")
+            bwd_value = Array(raw_w[b][j] for b in range(cols))[select.bank]
+            fwd_value = Array(raw_w[j][l] for l in range(cols))[select.lane]
+            b_values.append(Mux(select.keep, Mux(select.transposed, bwd_value, fwd_value), 0))
         a_values = [Mux(tag2.real, raw_a[i], 0) for i in range(rows)]
 
         # transposed chunks use the tile's single exponent; it belongs to the half being read
