@@ -35,7 +35,8 @@ def test_floorplan_sites(rows, cols):
     for (r, c), match in parsed.items():
         x, y = int(match[1]), int(match[2])
         assert y in congestion.DSP_ROWS
-        assert any(x == block + offset for block in congestion.DSP_BLOCKS for offset, _ in congestion.DSP_SITES)
+        block = max(b for b in congestion.DSP_BLOCKS if b <= x)
+        assert (x - block, match[3]) in congestion.DSP_SITES             # a real site, its bel named to match
         if c:                                                          # columns run left to right
             assert x > int(parsed[r, c - 1][1])
         if r:                                                          # rows run down the DSP rows
