@@ -8,7 +8,7 @@ import torch
 from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
-from .nf4 import _simulate, pack_lanes, producer, unpack_lanes
+from .harness import pack_lanes, simulate, producer, unpack_lanes
 from .streams import NO_STALLS, get
 
 __all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "bf16_bits"]
@@ -126,7 +126,7 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS),
                          max_cycles=50 * (count + len(a_beats)) + 40 * longest + 5000, progress=progress)
 
-    beats, cycles = _simulate(dut, producers, consumer, vcd_path, processes=[_collision_check(dut)])
+    beats, cycles = simulate(dut, producers, consumer, vcd_path, processes=[_collision_check(dut)])
     if len(beats) != count:
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32

@@ -9,7 +9,7 @@ from edge_qlora.golden.lora_optim import HYPER_FIELDS
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.lora import GEMM_ORDER, LoraConfig, LoraStep
 from .gemm import _collision_check
-from .nf4 import _simulate, pack_lanes, producer, unpack_lanes
+from .harness import pack_lanes, simulate, producer, unpack_lanes
 from .streams import NO_STALLS
 
 __all__ = ["StepRun", "run_step", "PHASE_NAMES"]
@@ -145,7 +145,7 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
                     beats[key].append(payload)
         return beats
 
-    beats, total = _simulate(dut, producers, consumer, vcd_path, processes=[watch, _collision_check(dut.engine)])
+    beats, total = simulate(dut, producers, consumer, vcd_path, processes=[watch, _collision_check(dut.engine)])
     for key, count in (("y", y_count), ("dx", dx_count), ("updates", update_count)):
         if len(beats[key]) != count:
             raise RuntimeError(f"LoRA step produced {len(beats[key])} of {count} '{key}' beats "

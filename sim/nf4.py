@@ -8,15 +8,13 @@ tests use them; tests pass random :class:`~.streams.Stalls`, the CLI none (to me
 from dataclasses import dataclass
 
 import numpy as np
-from amaranth.sim import Simulator
 
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
-from .streams import NO_STALLS, get, put
+from .harness import pack_lanes, producer, simulate, unpack_lanes
+from .streams import NO_STALLS, get
 
-__all__ = ["RunResult", "pack_lanes", "unpack_lanes", "run_dequantizer"]
-
-CLOCK_PERIOD = 1e-8  # 100 MHz, the ULX3S target; only the VCD time axis depends on it
+__all__ = ["RunResult", "run_dequantizer"]
 
 
 @dataclass
@@ -36,68 +34,6 @@ class RunResult:
     values: np.ndarray
     cycles: int
     beats: int
-
-
-def pack_lanes(values, lanes, width):
-    """Group ``values`` into beats of ``lanes`` elements of ``width`` bits (element 0 in the low bits), zero-padding
-    the final beat; returns a list of Python ints, one per beat."""
-    values = np.asarray(values, dtype=np.uint64)
-    beats = -(-values.size // lanes)
-    padded = np.zeros(beats * lanes, np.uint64)
-    padded[:values.size] = values
-    padded = padded.reshape(beats, lanes)
-    return [sum(int(v) << (width * j) for j, v in enumerate(row)) for row in padded]
-
-
-def unpack_lanes(beats, lanes, width, count):
-    """Inverse of :func:`pack_lanes`: the first ``count`` elements of ``width`` bits from ``lanes``-wide beats."""
-    mask = (1 << width) - 1
-    out = np.array([(beat >> (width * j)) & mask for beat in beats for j in range(lanes)], dtype=np.uint64)
-    return out[:count]
-
-
-class _Clock:
-    """Counts cycles from the first input offered to the last output taken."""
-
-    def __init__(self):
-        self.cycle = 0
-
-    async def run(self, ctx):
-        async for _ in ctx.tick():
-            self.cycle += 1
-
-
-def producer(stream, payloads, stalls):
-    """A testbench that feeds ``payloads`` into ``stream``."""
-    async def feed(ctx):
-        await put(ctx, stream, payloads, stalls)
-    return feed
-
-
-def _simulate(dut, producers, consumer, vcd_path, processes=()):
-    """Run ``producers`` (background testbenches) and ``processes`` (observers) until ``consumer`` returns;
-    returns its result and the cycles taken."""
-    sim = Simulator(dut)
-    sim.add_clock(CLOCK_PERIOD)
-    clock = _Clock()
-    sim.add_process(clock.run)
-    for process in processes:
-        sim.add_process(process)
-    for producer in producers:
-        sim.add_testbench(producer, background=True)
-    result = {}
-
-    async def main(ctx):
-        result["out"] = await consumer(ctx)
-        result["cycles"] = clock.cycle
-
-    sim.add_testbench(main)
-    if vcd_path:
-        with sim.write_vcd(str(vcd_path)):
-            sim.run()
-    else:
-        sim.run()
-    return result["out"], result["cycles"]
 
 
 def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progress=None):
@@ -158,7 +94,7 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
         return await get(ctx, dut.weights, len(codes), stalls.get("weights", NO_STALLS),
                          max_cycles=40 * len(codes) + 1000, progress=progress)
 
-    beats, cycles = _simulate(dut, producers, consumer, vcd_path)
+    beats, cycles = simulate(dut, producers, consumer, vcd_path)
     data_width = fmt.width * lanes
     last_flags = [(beat >> data_width) & 1 for beat in beats]
     expected_last = []

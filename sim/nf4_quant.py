@@ -19,7 +19,7 @@ from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import NF4Quantized, check_finite, pack_nibbles
 from edge_qlora.rtl.absmax_quant import AbsmaxQuantizer
 from edge_qlora.rtl.nf4_quant import NF4QuantConfig, NF4Quantizer
-from .nf4 import _simulate, pack_lanes, unpack_lanes
+from .harness import pack_lanes, simulate, unpack_lanes
 from .streams import NO_STALLS, get, put
 
 __all__ = ["QuantRun", "AbsmaxRun", "run_quantizer", "run_absmax_quantizer", "quantize_rtl"]
@@ -160,7 +160,7 @@ def run_quantizer(weight, config, *, stalls=None, vcd_path=None, progress=None):
 
     producers = [feed, _collector(dut.absmax, total_blocks, stalls.get("absmax", NO_STALLS), absmax_beats,
                                   max_cycles)]
-    code_beats, cycles = _simulate(dut, producers, consumer, vcd_path)
+    code_beats, cycles = simulate(dut, producers, consumer, vcd_path)
     _check_beats("quantizer", "codes", code_beats, np.cumsum([len(b) for b in beats]).tolist(), 4 * lanes)
     if len(absmax_beats) != total_blocks:
         raise RuntimeError(f"quantizer gave {len(absmax_beats)} of {total_blocks} absmax values")
@@ -227,7 +227,7 @@ def run_absmax_quantizer(absmax, offset, *, stalls=None, vcd_path=None):
 
     producers = [feed, _collector(dut.absmax2, total_groups, stalls.get("absmax2", NO_STALLS), absmax2_beats,
                                   max_cycles)]
-    code_beats, cycles = _simulate(dut, producers, consumer, vcd_path)
+    code_beats, cycles = simulate(dut, producers, consumer, vcd_path)
     _check_beats("absmax quantizer", "codes", code_beats, np.cumsum([v.size for v in values]).tolist(), 8)
     if len(absmax2_beats) != total_groups:
         raise RuntimeError(f"absmax quantizer gave {len(absmax2_beats)} of {total_groups} absmax2 values")

@@ -16,7 +16,7 @@ from amaranth.sim import Simulator
 
 from edge_qlora.golden import gemm
 from edge_qlora.rtl.bfp import EXPONENT_SHAPE, AlignLanes, ExponentMax, bf16_exponent, max_exponent
-from edge_qlora.sim.nf4 import pack_lanes, unpack_lanes
+from edge_qlora.sim.harness import pack_lanes, unpack_lanes
 
 ALL_PATTERNS = np.arange(1 << 16, dtype=np.uint32)
 FINITE = ALL_PATTERNS[((ALL_PATTERNS >> 7) & 0xFF) != 0xFF]

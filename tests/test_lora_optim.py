@@ -18,7 +18,7 @@ from amaranth.hdl import Value
 
 from edge_qlora.golden import lora_optim as golden
 from edge_qlora.rtl.lora_optim import HYPER_FIELDS, KINDS, LoRAOptimizer, OptimConfig, hyper_layout
-from edge_qlora.sim.nf4 import _simulate, pack_lanes, unpack_lanes
+from edge_qlora.sim.harness import pack_lanes, simulate, unpack_lanes
 from edge_qlora.sim.streams import Stalls, get, put
 
 ELEMENTS = 240
@@ -126,7 +126,7 @@ def _run_steps(kind, param, grads, m, v, hypers, seed):
             _, _, valid = await ctx.tick().sample(dut.updated.valid)
             assert not valid, "an update came out after the last element's"
 
-    _simulate(dut, [feed], collect, None)
+    simulate(dut, [feed], collect, None)
     return steps
 
 

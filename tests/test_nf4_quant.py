@@ -81,7 +81,7 @@ def test_golden_refuses_bad_arguments():
 from amaranth.sim import Simulator  # noqa: E402
 
 from edge_qlora.rtl.nf4_quant import NF4QuantConfig, NF4Quantizer  # noqa: E402
-from edge_qlora.sim.nf4 import pack_lanes  # noqa: E402
+from edge_qlora.sim.harness import pack_lanes  # noqa: E402
 from edge_qlora.sim.nf4_quant import quantize_rtl, run_quantizer  # noqa: E402
 from edge_qlora.sim.streams import Stalls, get, put  # noqa: E402
 

@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from edge_qlora.rtl.pipeline import SkidBuffer, private_register
-from edge_qlora.sim.nf4 import _simulate, producer
+from edge_qlora.sim.harness import producer, simulate
 from edge_qlora.sim.streams import Stalls, get
 
 
@@ -26,7 +26,7 @@ def run(count, idle_in, idle_out, seed):
     async def consumer(ctx):
         return await get(ctx, dut.o, count, Stalls(idle_out, seed + 1), max_cycles=50 * count + 10)
 
-    beats, cycles = _simulate(dut, [producer(dut.i, items, Stalls(idle_in, seed))], consumer, None)
+    beats, cycles = simulate(dut, [producer(dut.i, items, Stalls(idle_in, seed))], consumer, None)
     assert beats == items
     return cycles
 

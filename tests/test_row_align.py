@@ -6,7 +6,7 @@ import pytest
 
 from edge_qlora.golden.row_align import row_beats
 from edge_qlora.rtl.row_align import RowAligner
-from edge_qlora.sim.nf4 import _simulate, pack_lanes, producer, unpack_lanes
+from edge_qlora.sim.harness import pack_lanes, simulate, producer, unpack_lanes
 from edge_qlora.sim.streams import Stalls, get
 
 
@@ -30,7 +30,7 @@ def run(lanes, shapes, seed, idle=0.3):
         return await get(ctx, dut.rows, beats_expected, Stalls(idle, seed + 2), max_cycles=20 * beats_expected + 500)
 
     producers = [producer(dut.shape, headers, Stalls(idle, seed)), producer(dut.flat, flat, Stalls(idle, seed + 1))]
-    beats, cycles = _simulate(dut, producers, consumer, None)
+    beats, cycles = simulate(dut, producers, consumer, None)
     assert len(beats) == beats_expected
     width = 16 * lanes
     got = unpack_lanes([b & ((1 << width) - 1) for b in beats], lanes, 16, beats_expected * lanes)
