@@ -44,7 +44,7 @@ def _side(name):
 
 
 def _blocksize(text):
-    from .golden.codebooks import BLOCKSIZES
+    from .constants import BLOCKSIZES
     try:
         value = int(text)
     except ValueError:
@@ -152,12 +152,15 @@ def _parser():
         description="Elaborate a design behind a board wrapper, run YoWASP Yosys, nextpnr and the bitstream "
                     "packer, and write the bitstream and report.json (Fmax per clock, target, utilization) to "
                     "the output folder. The design is the NF4 dequantizer, or with --rows/--cols the GEMM engine "
-                    "(with its dequantizer).")
+                    "(with its dequantizer), or with --lora the whole step accelerator. The GEMM engine on the "
+                    "ulx3s-85f builds as its 8x8 array routed at 107.71 MHz: classic ABC LUT mapping, seed 5 and "
+                    "the PE multipliers pinned to a DSP floorplan between Yosys and nextpnr (--floorplan).")
     build.add_argument("--board", choices=BOARDS, required=True, help="target board")
     build.add_argument("--rows", type=_side("rows"), default=None, help="build the GEMM engine with this many rows")
     build.add_argument("--cols", type=_side("cols"), default=None, help="... and this many columns")
-    build.add_argument("--max-k", type=int, default=1024,
-                       help="GEMM engine buffers: longest W row and most W rows transposed (default 1024)")
+    build.add_argument("--max-k", type=int, default=512,
+                       help="GEMM engine buffers: longest W row and most W rows transposed (default 512, as in the "
+                            "synthesis table)")
     build.add_argument("--lora", action="store_true",
                        help="build the full step accelerator (dequantizer, GEMM engine, LoRA datapath, optimizer, "
                             "controller) on a --rows x --cols array")
@@ -178,12 +181,20 @@ def _parser():
     build.add_argument("--target-mhz", type=float, default=None,
                        help="clock target (default: 100 MHz on ulx3s-85f through the PLL; 12 MHz on icebreaker, "
                             "its oscillator)")
-    build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    build.add_argument("--seed", type=int, default=None,
+                       help="nextpnr placement seed (default: 5 for the GEMM engine on ulx3s-85f, the seed its "
+                            "floorplanned 8x8 routed with; 1 otherwise)")
     build.add_argument("--router", choices=("router1", "router2"), default=None,
                        help="nextpnr router (default: nextpnr's, router1)")
-    build.add_argument("--lut-mapper", choices=("abc9", "abc"), default="abc9",
-                       help="Yosys LUT mapping: abc9 (default; fewer LUTs) or classic abc (more LUTs, but the 8x8 "
-                            "GEMM engine routes with it, not with abc9)")
+    build.add_argument("--lut-mapper", choices=("abc9", "abc"), default=None,
+                       help="Yosys LUT mapping: abc9 (fewer LUTs) or classic abc (about 6%% more LUTs, but the 8x8 "
+                            "GEMM engine routes with it, not with abc9) (default: abc for the GEMM engine on "
+                            "ulx3s-85f, abc9 otherwise)")
+    build.add_argument("--floorplan", action=argparse.BooleanOptionalAction, default=None,
+                       help="pin the PE multipliers of the GEMM engine to a DSP floorplan of the LFE5U-85F (nextpnr "
+                            "BEL attributes written into the netlist between Yosys and nextpnr); ulx3s-85f only, "
+                            "arrays up to 12x11 (default: on for the GEMM engine on ulx3s-85f, off for the "
+                            "dequantizer, the step accelerator and the icebreaker)")
     build.add_argument("--place-only", action="store_true",
                        help="stop after placement (no routing, no bitstream): a quick check that a large design "
                             "fits; Fmax is nextpnr's estimate before routing")
@@ -281,12 +292,43 @@ def _dequant(args):
               f"{seconds:.1f} s simulated")
 
 
+def _build_settings(args):
+    """``(seed, lut_mapper, floorplan)``: the user's, or the board's defaults for the design.
+
+    The GEMM engine on the ulx3s-85f gets what routed its 8x8 array at 107.71 MHz: classic ABC LUT mapping, seed 5
+    and the PE multipliers pinned to the DSP floorplan (router1, nextpnr's default router).
+    """
+    from .boards.build import BuildError
+    from .boards.floorplan import check_array
+
+    engine_on_85f = args.board == "ulx3s-85f" and args.rows is not None and not args.lora
+    seed = args.seed if args.seed is not None else 5 if engine_on_85f else 1
+    lut_mapper = args.lut_mapper or ("abc" if engine_on_85f else "abc9")
+    floorplan = args.floorplan
+    if floorplan is None:
+        try:
+            check_array(args.rows, args.cols) if engine_on_85f else None
+        except ValueError:
+            engine_on_85f = False  # an array larger than the floorplan is placed by nextpnr alone
+        floorplan = engine_on_85f
+    elif floorplan:
+        if args.board != "ulx3s-85f" or args.rows is None:
+            raise BuildError("--floorplan places the GEMM engine's PE multipliers (--rows, --cols) on the "
+                             "ulx3s-85f's DSP sites; it does not apply to this build")
+        try:
+            check_array(args.rows, args.cols)
+        except ValueError as error:
+            raise BuildError(f"--floorplan: {error}") from None
+    return seed, lut_mapper, floorplan
+
+
 def _build(args):
     from .boards.build import BuildError, build, format_report
 
     out = args.out or os.path.join("build", args.board)
     if (args.rows is None) != (args.cols is None):
         raise BuildError("--rows and --cols go together (they select the GEMM engine)")
+    seed, lut_mapper, floorplan = _build_settings(args)
     if args.lora:
         from .rtl.lora import LoraConfig, LoraStep
         if args.rows is None:
@@ -316,12 +358,15 @@ def _build(args):
                                                  double_quant=args.double_quant, compact=compact))
         what = (f"NF4Dequantizer(lanes={args.lanes}, blocksize={args.blocksize}, out={args.dtype}, "
                 f"double_quant={args.double_quant}, compact={compact})")
-    print(f"building {what} for {args.board} in {out}", flush=True)
+    settings = [f"seed {seed}", f"LUT mapper {lut_mapper}"]
+    if floorplan:
+        settings.append("PE multipliers on the DSP floorplan")
+    print(f"building {what} for {args.board} in {out} ({', '.join(settings)})", flush=True)
     target_mhz = args.target_mhz
     if target_mhz is None and args.board == "icebreaker":
         target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
-    report = build(design, args.board, out, target_mhz=target_mhz, seed=args.seed, router=args.router,
-                   lut_mapper=args.lut_mapper, place_only=args.place_only,
+    report = build(design, args.board, out, target_mhz=target_mhz, seed=seed, router=args.router,
+                   lut_mapper=lut_mapper, place_only=args.place_only, floorplan=floorplan,
                    progress=lambda step: print(f"  {step}", flush=True))
     print(format_report(report))
 

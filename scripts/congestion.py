@@ -10,9 +10,10 @@ the most congested tiles and the row and column totals, and draws the map; ``net
 indices folded (``pe_3_4_product[7]`` counts as ``pe_#_#_product``).
 
 ``floorplan`` pins each PE multiplier of a Yosys ``top.json`` (cells ``design.array.pe_R_C_mult``) to a DSP site of
-the LFE5U-85F with nextpnr's ``BEL`` attribute: array rows split over the three DSP rows (Y10, Y34, Y58), the PEs of
-one array column side by side in one DSP block, the columns spread over the eleven blocks from X4 to X96. Place and
-route the result with the build folder's nextpnr command (``build_top.sh``), ``--json`` pointing at it.
+the LFE5U-85F with nextpnr's ``BEL`` attribute (``edge_qlora.boards.floorplan``, which ``edge-qlora build`` applies
+to GEMM engine builds on the ulx3s-85f by itself): array rows split over the three DSP rows (Y10, Y34, Y58), the PEs
+of one array column side by side in one DSP block, the columns spread over the eleven blocks from X4 to X96. Place
+and route the result with the build folder's nextpnr command (``build_top.sh``), ``--json`` pointing at it.
 """
 
 import argparse
@@ -22,54 +23,10 @@ import json
 import re
 import sys
 
-#: DSP rows of the LFE5U-85F and the first column of each DSP block in them (sites seen in placed 8x8 builds)
-DSP_ROWS = (10, 34, 58)
-DSP_BLOCKS = (4, 13, 22, 31, 40, 49, 58, 69, 78, 87, 96)
-#: the four MULT18X18D sites of a block: (column offset, bel name)
-DSP_SITES = ((0, "MULT18_0"), (1, "MULT18_1"), (4, "MULT18_4"), (5, "MULT18_5"))
-_PE_MULT = re.compile(r"design\.array\.pe_(\d+)_(\d+)_mult")
+from edge_qlora.boards.floorplan import DSP_BLOCKS, DSP_ROWS, DSP_SITES, floorplan, floorplan_file, pe_sites
+from edge_qlora.outputs import OutputError
 
-
-def pe_sites(rows, cols):
-    """``{(row, col): bel}`` for a ``rows`` x ``cols`` array; raises ``ValueError`` if it cannot be laid out."""
-    per_dsp_row = -(-rows // len(DSP_ROWS))
-    if per_dsp_row > len(DSP_SITES) or cols > len(DSP_BLOCKS) or rows < 1 or cols < 1:
-        raise ValueError(f"a {rows}x{cols} array does not fit the floorplan (at most "
-                         f"{len(DSP_ROWS) * len(DSP_SITES)}x{len(DSP_BLOCKS)})")
-    # split the rows as evenly as possible, the first DSP rows taking the extra ones
-    counts = [rows // len(DSP_ROWS) + (i < rows % len(DSP_ROWS)) for i in range(len(DSP_ROWS))]
-    sites = {}
-    row = 0
-    for y, count in zip(DSP_ROWS, counts):
-        for slot in range(count):
-            offset, bel = DSP_SITES[slot]
-            for col in range(cols):
-                block = round(col * (len(DSP_BLOCKS) - 1) / (cols - 1)) if cols > 1 else 0
-                sites[row, col] = f"X{DSP_BLOCKS[block] + offset}/Y{y}/{bel}"
-            row += 1
-    return sites
-
-
-def floorplan(netlist):
-    """Adds a ``BEL`` attribute to every PE multiplier of ``netlist`` (a Yosys JSON dict, changed in place).
-
-    Returns the number of cells pinned; raises ``ValueError`` when there are none or the array does not fit.
-    """
-    cells = netlist["modules"]["top"]["cells"]
-    found = {}
-    for name, cell in cells.items():
-        match = _PE_MULT.fullmatch(name)
-        if match and cell["type"] == "MULT18X18D":
-            found[int(match[1]), int(match[2])] = cell
-    if not found:
-        raise ValueError("no PE multipliers (MULT18X18D cells named design.array.pe_R_C_mult) in the netlist")
-    rows = 1 + max(r for r, _ in found)
-    cols = 1 + max(c for _, c in found)
-    sites = pe_sites(rows, cols)
-    for key, cell in found.items():
-        cell.setdefault("attributes", {})["BEL"] = sites[key]
-    return len(found)
-
+__all__ = ["DSP_BLOCKS", "DSP_ROWS", "DSP_SITES", "floorplan", "pe_sites", "read_grid", "net_totals", "main"]
 
 def read_grid(path):
     """The coordinate heatmap as a list of rows (outer index x, inner index y)."""
@@ -140,15 +97,13 @@ def main(argv=None):
             for name, count in totals[:args.top]:
                 print(f"{count:8d}  {name}")
         else:
-            with open(args.netlist) as f:
-                netlist = json.load(f)
-            count = floorplan(netlist)
-            with open(args.out, "w") as f:
-                json.dump(netlist, f)
+            count = floorplan_file(args.netlist, args.out)
             print(f"pinned {count} PE multipliers; wrote {args.out}")
     except KeyError as error:
         sys.exit(f"error: {args.netlist}: not a Yosys netlist (no {error} entry)")
-    except (OSError, ValueError) as error:
+    except json.JSONDecodeError as error:
+        sys.exit(f"error: {args.netlist}: not a Yosys netlist (not JSON: {error})")
+    except (OSError, ValueError, OutputError) as error:
         sys.exit(f"error: {error}")
 
 

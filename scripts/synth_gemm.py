@@ -3,6 +3,7 @@
 
     python scripts/synth_gemm.py --out build/synth                      # the README's table (long: minutes per build)
     python scripts/synth_gemm.py --out build/synth --only ulx3s-85f:8x8
+    python scripts/synth_gemm.py --out build/synth --only ulx3s-85f:8x8 --lut-mapper abc --seed 5 --floorplan
 
 Writes ``synth_gemm.json`` and ``synth_gemm.md`` to ``--out`` and prints the table. A configuration that does not
 fit its device is reported as such (the build's one-line reason), not as an error.
@@ -13,6 +14,7 @@ import json
 import os
 
 from edge_qlora.boards.build import BuildError, build
+from edge_qlora.boards.floorplan import check_array
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 
 # (board, rows, cols, max_k): the README's rows
@@ -41,6 +43,9 @@ def main():
     parser.add_argument("--lut-mapper", choices=("abc9", "abc"), default="abc9", help="Yosys LUT mapping")
     parser.add_argument("--place-only", action="store_true",
                         help="stop after placement: final resource use, Fmax estimated before routing")
+    parser.add_argument("--floorplan", action="store_true",
+                        help="pin the PE multipliers to the DSP floorplan (edge_qlora.boards.floorplan) on ulx3s-85f "
+                             "arrays that fit it, as 'edge-qlora build' does by default")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     configs = CONFIGS
@@ -66,8 +71,13 @@ def main():
         print(f"{board} {rows}x{cols} (max K {max_k}, chunk {config.chunk_steps}) ...", flush=True)
         row = {"board": board, "rows": rows, "cols": cols, "max_k": max_k}
         try:
+            try:
+                check_array(rows, cols)
+                pinned = args.floorplan and board == "ulx3s-85f"
+            except ValueError:
+                pinned = False
             report = build(GemmEngine(config), board, out, seed=args.seed, router=args.router,
-                           lut_mapper=args.lut_mapper, place_only=args.place_only)
+                           lut_mapper=args.lut_mapper, place_only=args.place_only, floorplan=pinned)
             row.update(fmax_mhz=min(report["fmax_mhz"].values(), default=0.0), target_mhz=report["target_mhz"],
                        utilization=report["utilization"], seconds=report["seconds"], notes=report.get("notes", []),
                        placed_only=report.get("placed_only", False))

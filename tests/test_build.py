@@ -2,6 +2,7 @@
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from edge_qlora.boards.build import BuildError, build, format_report, toolchain_env, undefined_collisions
+from edge_qlora.boards.floorplan import pe_sites
 from edge_qlora.boards.keepalive import KeepAlive, split_ports
 from edge_qlora.boards.platforms import (
     BOARDS, ICEBreakerPlatform, ULX3S85FPlatform, ecp5_pll_params, ice40_pll_params, make_platform)
@@ -257,3 +259,63 @@ def test_toolchain_failure(tmp_path):
     with pytest.raises(BuildError, match=r"^yosys \(synthesis\) failed: Module `\\no_such_cell' "
                                          r"referenced .* is not part of the design"):
         build(MissingCell(), "icebreaker", tmp_path / "missing_cell")
+
+
+# --- the DSP floorplan inside the build, with stand-ins for the tools ----------------------------
+
+_FAKE_TOOLS = {
+    # Yosys: a netlist holding a 2x3 PE array and one other DSP
+    "YOSYS": """
+cells = {f"design.array.pe_{r}_{c}_mult": {"type": "MULT18X18D", "attributes": {}} for r in range(2) for c in range(3)}
+cells["design.dequantizer.scale_mul"] = {"type": "MULT18X18D", "attributes": {}}
+json.dump({"modules": {"top": {"cells": cells}}}, open("top.json", "w"))
+""",
+    # nextpnr: records the BEL attributes it was given, reports a routed 100 MHz clock
+    "NEXTPNR_ECP5": """
+cells = json.load(open(sys.argv[sys.argv.index("--json") + 1]))["modules"]["top"]["cells"]
+json.dump({name: cell["attributes"].get("BEL") for name, cell in cells.items()}, open("bels.json", "w"))
+json.dump({"fmax": {"$glbnet$cd_sync.clk": {"achieved": 101.5, "constraint": 100.0}},
+           "utilization": {"MULT18X18D": {"used": 7, "available": 156}}}, open("nextpnr-report.json", "w"))
+open("top.tim", "w").write("Info: done\\n")
+""",
+    "ECPPACK": 'open("top.bit", "wb").write(b"bits")\n',
+}
+
+
+@pytest.fixture
+def fake_toolchain(tmp_path, monkeypatch):
+    import edge_qlora.boards.build as build_module
+    env = dict(toolchain_env())
+    for var, body in _FAKE_TOOLS.items():
+        script = tmp_path / f"fake_{var.lower()}.py"
+        script.write_text(f"#!{sys.executable}\nimport json, sys\n{body}")
+        script.chmod(0o755)
+        env[var] = str(script)
+    monkeypatch.setattr(build_module, "toolchain_env", lambda: env)
+    return env
+
+
+def test_floorplan_between_yosys_and_nextpnr(tmp_path, fake_toolchain):
+    steps = []
+    report = build(MultiplyAccumulate(8), "ulx3s-85f", tmp_path / "fp", floorplan=True, progress=steps.append)
+    assert [step.split(":")[0] for step in steps] == ["elaborate", "yosys", "floorplan", "nextpnr-ecp5", "ecppack",
+                                                       "done"]
+    bels = json.loads((tmp_path / "fp" / "bels.json").read_text())
+    assert bels.pop("design.dequantizer.scale_mul") is None
+    assert bels == {f"design.array.pe_{r}_{c}_mult": site for (r, c), site in pe_sites(2, 3).items()}
+    assert report["floorplan"] == 6 and report["fmax_mhz"] == {"sync": 101.5}
+    assert report["notes"] == ["6 PE multipliers pinned to the DSP floorplan"]
+
+    report = build(MultiplyAccumulate(8), "ulx3s-85f", tmp_path / "plain")
+    assert set(json.loads((tmp_path / "plain" / "bels.json").read_text()).values()) == {None}
+    assert "floorplan" not in report and "notes" not in report
+
+
+def test_floorplan_refused_where_it_does_not_apply(tmp_path, fake_toolchain):
+    with pytest.raises(BuildError, match=r"^the DSP floorplan is for the LFE5U-85F \(ulx3s-85f\), not the "
+                                         r"iCE40UP5K of icebreaker$"):
+        build(MultiplyAccumulate(8), "icebreaker", tmp_path / "ice", floorplan=True)
+    yosys = Path(fake_toolchain["YOSYS"])
+    yosys.write_text(yosys.read_text().replace("range(2)", "range(0)"))
+    with pytest.raises(BuildError, match=r"^floorplan: no PE multipliers"):
+        build(MultiplyAccumulate(8), "ulx3s-85f", tmp_path / "none", floorplan=True)

@@ -339,3 +339,51 @@ def test_make_case_feeds_step(tmp_path, capsys):
     assert tuple(result["y"].shape) == (3, 12) and tuple(result["lora_A"].shape) == (2, 20)
     assert run_cli("make-case", tmp_path / "c.safetensors", "--rank", 0) == 2
     assert "--rank" in capsys.readouterr().err
+
+
+@pytest.fixture
+def captured_build(monkeypatch):
+    """Replaces the toolchain run of ``build`` with a stub recording the design and its settings."""
+    import edge_qlora.boards.build as build_module
+    calls = []
+
+    def fake_build(design, board, out, **settings):
+        design._MustUse__silence = True
+        calls.append({"design": type(design).__name__, "board": board, "out": str(out), **settings})
+        return {"board": board, "device": "d", "target_mhz": 100.0, "fmax_mhz": {"sync": 101.0},
+                "timing_met": True, "utilization": {}, "bitstream": "x.bit", "seed": settings["seed"],
+                "seconds": 1.0}
+    monkeypatch.setattr(build_module, "build", fake_build)
+    return calls
+
+
+def test_build_gemm_defaults_to_the_floorplanned_settings(tmp_path, captured_build, capsys):
+    assert run_cli("build", "--board", "ulx3s-85f", "--rows", 8, "--cols", 8, "--out", tmp_path / "b") == 0
+    call = captured_build.pop()
+    assert call["design"] == "GemmEngine"
+    assert (call["seed"], call["lut_mapper"], call["floorplan"], call["router"]) == (5, "abc", True, None)
+    assert "PE multipliers on the DSP floorplan" in capsys.readouterr().out
+    # explicit choices win; the dequantizer and arrays beyond the floorplan get no floorplan
+    assert run_cli("build", "--board", "ulx3s-85f", "--rows", 8, "--cols", 8, "--no-floorplan", "--seed", 7,
+                   "--lut-mapper", "abc9", "--out", tmp_path / "b") == 0
+    call = captured_build.pop()
+    assert (call["seed"], call["lut_mapper"], call["floorplan"]) == (7, "abc9", False)
+    assert run_cli("build", "--board", "ulx3s-85f", "--rows", 16, "--cols", 8, "--out", tmp_path / "b",
+                   "--place-only") == 0
+    assert captured_build.pop()["floorplan"] is False
+    assert run_cli("build", "--board", "ulx3s-85f", "--lanes", 4, "--out", tmp_path / "b") == 0
+    call = captured_build.pop()
+    assert (call["design"], call["seed"], call["lut_mapper"], call["floorplan"]) == \
+        ("NF4Dequantizer", 1, "abc9", False)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--board", "icebreaker", "--floorplan"], "does not apply"),
+    (["--board", "ulx3s-85f", "--floorplan"], "does not apply"),
+    (["--board", "ulx3s-85f", "--rows", 16, "--cols", 8, "--floorplan"], "does not fit the DSP floorplan"),
+])
+def test_build_floorplan_errors(tmp_path, captured_build, capsys, argv, fragment):
+    assert run_cli("build", *argv, "--out", tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+    assert not captured_build

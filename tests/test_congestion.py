@@ -52,6 +52,19 @@ def test_floorplan_8x8_layout():
     assert collections.Counter(bel.split("/")[1] for bel in sites.values()) == {"Y10": 24, "Y34": 24, "Y58": 16}
 
 
+def test_one_implementation():
+    from edge_qlora.boards import floorplan
+    assert congestion.floorplan is floorplan.floorplan and congestion.pe_sites is floorplan.pe_sites
+
+
+def test_floorplan_of_the_step_accelerator():
+    netlist = _netlist(2, 2)
+    cells = netlist["modules"]["top"]["cells"]
+    netlist["modules"]["top"]["cells"] = {name.replace("design.", "design.engine."): cell
+                                          for name, cell in cells.items()}
+    assert congestion.floorplan(netlist) == 4
+
+
 def test_floorplan_errors():
     with pytest.raises(ValueError, match="does not fit"):
         congestion.pe_sites(13, 4)
