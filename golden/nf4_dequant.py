@@ -4,6 +4,12 @@
 Per block, in float32: the absmax is either stored, or rebuilt from double quantization as
 ``fl(fl(code8[q] * absmax2) + offset)``; each weight is ``fl(NF4[code] * absmax)``, then rounded once to the output
 dtype (round to nearest even). The model does not call bitsandbytes.
+
+It follows bitsandbytes' portable kernel (``bitsandbytes.backends.default.ops._dequantize_4bit_compute``, the same on
+every CPU), with subnormal results correctly rounded like torch's own casts. Where the native CPU kernel differs, the
+native kernel is wrong, and the model does not copy it: on AVX-512 CPUs it reads the wrong absmax when a row is not a
+whole number of blocks, and on AVX512-BF16 CPUs it flushes subnormal bf16 results to zero (docs/nf4.md,
+tests/test_nf4_bnb_cpu.py).
 """
 
 import numpy as np
