@@ -11,15 +11,15 @@ bitsandbytes 0.50 quantizes ``d = absmax - offset`` with its signed 8-bit dynami
   midpoints strictly below it.
 
 That is not the nearest level: near zero, where levels are closer than the grid, several codes are unreachable.
-The composition is monotone in ``normed``, so it is a staircase with 255 float32 steps (:data:`THRESHOLDS`), which
+The composition is monotone in ``normed``, so it is a staircase with 255 float32 steps (:data:`~edge_qlora.constants.ABSMAX_THRESHOLDS`), which
 is what the hardware implements. Dequantization is ``code[q] * absmax2 + offset`` in float32.
 """
 
 import numpy as np
 
-from .codebooks import DYNAMIC_BLOCKSIZE, DYNAMIC_CODE
+from ..constants import ABSMAX_THRESHOLDS, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE
 
-__all__ = ["quantize", "dequantize", "grid_index", "GRID_CODE", "THRESHOLDS", "staircase_code"]
+__all__ = ["quantize", "dequantize", "grid_index", "GRID_CODE", "derive_thresholds", "staircase_code"]
 
 _F = np.float32
 GRID_POINTS = 65536
@@ -51,8 +51,10 @@ def grid_index(normed):
     return np.trunc(u).astype(np.int64)
 
 
-def _thresholds():
-    # Smallest float32 at which the code first reaches k + 1, by bisection over ordered float32 bit patterns.
+def derive_thresholds():
+    """The staircase of :func:`grid_index` and :data:`GRID_CODE`: for each code k + 1, the smallest float32 at which
+    the code first reaches it, by bisection over ordered float32 bit patterns. The hardware and :func:`staircase_code`
+    use the same table as a constant (:data:`edge_qlora.constants.ABSMAX_THRESHOLDS`); the tests check the two equal."""
     def key_to_float(key):
         key = np.asarray(key, dtype=np.int64)
         return np.where(key >= 0, key, (-key) | 0x80000000).astype(np.uint32).view(_F)
@@ -68,15 +70,11 @@ def _thresholds():
     return key_to_float(hi)
 
 
-#: 255 ascending float32 steps: the code of ``normed`` in [-1, 1] is the number of thresholds ``<= normed``.
-THRESHOLDS = _thresholds()
-
-
 def staircase_code(normed):
-    """Code of float32 ``normed`` values from :data:`THRESHOLDS`: the number of thresholds ``<= normed``, so NaN
+    """Code of float32 ``normed`` values from :data:`~edge_qlora.constants.ABSMAX_THRESHOLDS`: the number of thresholds ``<= normed``, so NaN
     gets 0 and +-inf the end codes, as the grid lookup does."""
     normed = np.asarray(normed, dtype=_F)
-    codes = np.searchsorted(THRESHOLDS, normed, side="right")
+    codes = np.searchsorted(ABSMAX_THRESHOLDS, normed, side="right")
     return np.where(np.isnan(normed), 0, codes).astype(np.uint8)
 
 

@@ -11,96 +11,14 @@ rounded to a format of at most 24 significant bits are correctly rounded too: fl
 1995). That is why the golden ops are a few lines of float64 arithmetic followed by one explicit rounding.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from ..constants import FloatFormat
+
 __all__ = [
-    "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "to_bits", "from_bits", "round_to", "is_nan",
     "mul", "add", "div", "sqrt", "convert", "fixed_to_float",
 ]
-
-
-@dataclass(frozen=True)
-class FloatFormat:
-    """An IEEE-754 style binary floating-point format: sign, biased exponent, fraction with a hidden bit.
-
-    Parameters
-    ----------
-    name : str
-        Short name, as used in :data:`FORMATS`.
-    exp_bits : int
-        Width of the exponent field, 2 to 8.
-    frac_bits : int
-        Width of the fraction field (the stored significand bits, without the hidden bit), 1 to 23.
-    """
-
-    name: str
-    exp_bits: int
-    frac_bits: int
-
-    def __post_init__(self):
-        if not isinstance(self.exp_bits, int) or not 2 <= self.exp_bits <= 8:
-            raise ValueError(f"exp_bits must be an integer from 2 to 8 (a subset of fp32), not {self.exp_bits!r}")
-        if not isinstance(self.frac_bits, int) or not 1 <= self.frac_bits <= 23:
-            raise ValueError(f"frac_bits must be an integer from 1 to 23 (a subset of fp32), not {self.frac_bits!r}")
-
-    @property
-    def width(self):
-        """Total width in bits: sign, exponent, fraction."""
-        return 1 + self.exp_bits + self.frac_bits
-
-    @property
-    def bias(self):
-        """Exponent bias: a normal value is ``1.fraction * 2 ** (exponent - bias)``."""
-        return (1 << (self.exp_bits - 1)) - 1
-
-    @property
-    def precision(self):
-        """Significant bits of a normal value, hidden bit included."""
-        return self.frac_bits + 1
-
-    @property
-    def exp_max(self):
-        """The all-ones exponent field, which encodes infinities and NaNs."""
-        return (1 << self.exp_bits) - 1
-
-    @property
-    def inf_bits(self):
-        """Bit pattern of positive infinity."""
-        return self.exp_max << self.frac_bits
-
-    @property
-    def nan_bits(self):
-        """Bit pattern of the canonical quiet NaN that every NaN result takes."""
-        return self.inf_bits | (1 << (self.frac_bits - 1))
-
-    @property
-    def max_finite_bits(self):
-        """Bit pattern of the largest finite value."""
-        return self.inf_bits - 1
-
-    @property
-    def min_normal_bits(self):
-        """Bit pattern of the smallest positive normal value."""
-        return 1 << self.frac_bits
-
-    @property
-    def sign_bit(self):
-        """Mask of the sign bit."""
-        return 1 << (self.width - 1)
-
-    @property
-    def dtype(self):
-        """The numpy unsigned integer type that holds a bit pattern of this format."""
-        return np.dtype(np.uint16) if self.width <= 16 else np.dtype(np.uint32)
-
-
-FP32 = FloatFormat("fp32", 8, 23)
-BF16 = FloatFormat("bf16", 8, 7)
-FP16 = FloatFormat("fp16", 5, 10)
-FORMATS = {"fp32": FP32, "bf16": BF16, "fp16": FP16}
 
 
 def _check_format(fmt):

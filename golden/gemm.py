@@ -26,38 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..constants import EXP_MIN, OPERAND_FRAC, GemmNumerics
 from . import nf4_dequant, nf4_quant
 
 __all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
            "ACTIVATION_KINDS", "CONTRACT_SHAPES", "random_activations", "random_nf4_weight"]
-
-OPERAND_BITS = 18          # signed fixed-point operand width (one ECP5 MULT18X18D per MAC)
-OPERAND_FRAC = OPERAND_BITS - 2   # the chunk's largest element lands in [2**16, 2**17)
-ACC_BITS = 44              # chunk sums: 2 * 17 magnitude bits + log2(512) + sign
-EXP_MIN = -126             # bf16 subnormals share the exponent of the smallest normal
-
-
-@dataclass(frozen=True)
-class GemmNumerics:
-    """Parameters of the arithmetic.
-
-    Parameters
-    ----------
-    chunk : int
-        Elements of the reduction dimension that share one alignment exponent and one integer chunk sum, 8 to 512.
-    out_dtype : str
-        ``"bf16"`` or ``"fp32"``.
-    """
-
-    chunk: int = 64
-    out_dtype: str = "bf16"
-
-    def __post_init__(self):
-        if not isinstance(self.chunk, int) or not 8 <= self.chunk <= 512:
-            raise ValueError(f"chunk must be an integer from 8 to 512, not {self.chunk!r}")
-        if self.out_dtype not in ("bf16", "fp32"):
-            raise ValueError(f"out_dtype must be 'bf16' or 'fp32', not {self.out_dtype!r}")
-
 
 def _bf16_values(t):
     """float32 numpy array holding exactly the values of a bf16 tensor/array."""

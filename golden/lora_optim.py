@@ -25,11 +25,9 @@ result is the canonical float32 NaN, as the hardware outputs it.
 
 import numpy as np
 
-__all__ = ["HYPER_FIELDS", "hyper_from", "adamw", "sgd"]
+from ..constants import HYPER_FIELDS
 
-#: The host-computed constants of one step, as :func:`hyper_from` returns them (and the core's ``hyper`` port).
-HYPER_FIELDS = ("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size",
-                "inv_bc2_sqrt", "decay")
+__all__ = ["hyper_from", "adamw", "sgd"]
 
 _CANONICAL_NAN = np.uint32(0x7FC00000).view(np.float32)
 

@@ -15,7 +15,7 @@ tests/test_nf4_bnb_cpu.py).
 import numpy as np
 import torch
 
-from .codebooks import NF4_CODE
+from ..constants import NF4_CODE
 from . import absmax_quant
 from .nf4_quant import unpack_nibbles
 

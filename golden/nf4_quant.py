@@ -15,14 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codebooks import BLOCKSIZES, NF4_BOUNDS
+from ..constants import ABSMAX_FLOOR, BLOCKSIZES, NF4_BOUNDS
 from . import absmax_quant
 
 __all__ = ["NF4Quantized", "ABSMAX_FLOOR", "quantize", "block_absmax", "encode", "pack_nibbles", "unpack_nibbles"]
-
-#: bitsandbytes clamps the absmax it divides by to 1e-38 (a float32 subnormal) so all-zero blocks do not divide by 0.
-ABSMAX_FLOOR = np.float32(1e-38)
-
 
 @dataclass
 class NF4Quantized:

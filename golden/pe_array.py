@@ -9,7 +9,7 @@ every array column ``j``, and a ``last`` flag that closes a chunk. After each ch
 
 import numpy as np
 
-from .gemm import ACC_BITS, OPERAND_BITS
+from ..constants import ACC_BITS, OPERAND_BITS
 
 __all__ = ["chunk_sums", "gemm_steps", "chunk_lengths"]
 

@@ -2,7 +2,7 @@
 
 Every absmax ``a`` becomes ``d = fl(a - offset)``; per group of 256, ``absmax2 = max|d|`` and each ``d`` gets the
 8-bit code of ``normed = fl(d * fl(1 / absmax2))`` on the staircase of
-:data:`~edge_qlora.golden.absmax_quant.THRESHOLDS` (the number of thresholds ``<= normed``); a group whose
+:data:`~edge_qlora.constants.ABSMAX_THRESHOLDS` (the number of thresholds ``<= normed``); a group whose
 ``absmax2`` is zero gets code 0 throughout.
 
 A code needs its group's ``absmax2``, so the differences are buffered while the group's maximum is found, as the
@@ -24,8 +24,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from edge_qlora.golden.absmax_quant import THRESHOLDS
-from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
+from ..constants import ABSMAX_THRESHOLDS, DYNAMIC_BLOCKSIZE
 from .fp import FP32, FPAdd, FPDiv, FPMul, fp_abs_key, fp_is_nan, fp_order_key
 from .pipeline import StallPipeline
 
@@ -43,8 +42,8 @@ def _order_key_const(bits):
 
 
 #: Order keys of the thresholds. None is a zero, so -0 and +0 (which the keys tell apart) get the same code.
-_THRESHOLD_KEYS = [_order_key_const(int(t)) for t in THRESHOLDS.view(np.uint32)]
-assert not any(t == 0 for t in THRESHOLDS)
+_THRESHOLD_KEYS = [_order_key_const(int(t)) for t in ABSMAX_THRESHOLDS.view(np.uint32)]
+assert not any(t == 0 for t in ABSMAX_THRESHOLDS)
 
 
 def codes_out_layout():

@@ -19,7 +19,7 @@ from amaranth.hdl import C, Cat, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from edge_qlora.golden.gemm import EXP_MIN, OPERAND_BITS, OPERAND_FRAC
+from ..constants import BF16, EXP_MIN, OPERAND_BITS, OPERAND_FRAC
 
 from .fp import at_least
 
@@ -181,7 +181,7 @@ class ExponentMax(wiring.Component):
     The lane maximum is a tree of ``ceil(log2(lanes))`` levels of 8-bit comparisons of exponent fields, one carry
     chain and one multiplexer each; the running maximum is one more. ``stages`` registers are spread evenly over
     the tree (the last one after it), each delaying ``done`` by one cycle; the default, one register every two
-    levels, closes timing at 100 MHz on an ECP5 for 16 lanes. All registers are in ``sync``, so
+    levels, meets the ECP5 clock target for 16 lanes. All registers are in ``sync``, so
     ``EnableInserter`` stalls the unit as a whole (the simplest use, though, is to hold ``valid`` low).
 
     Parameters
@@ -193,7 +193,7 @@ class ExponentMax(wiring.Component):
 
     Attributes
     ----------
-    values : In(ArrayLayout(16, lanes))
+    values : In(ArrayLayout(BF16.width, lanes))
         Packed bf16 values of one beat; ignored unless ``valid``.
     valid : In(1)
         The beat belongs to the current chunk.
@@ -218,7 +218,7 @@ class ExponentMax(wiring.Component):
         self._registered_levels = [-(-levels * (s + 1) // stages) for s in range(stages)]
         self.latency = stages + 1
         super().__init__({
-            "values": In(data.ArrayLayout(16, lanes)),
+            "values": In(data.ArrayLayout(BF16.width, lanes)),
             "valid": In(1),
             "last": In(1),
             "exponent": Out(EXPONENT_SHAPE, init=EXP_MIN),
@@ -275,7 +275,7 @@ class AlignLanes(wiring.Component):
     2. ``shift``: after the alignment shift, before rounding.
     3. ``distance``: after the distance adder (its low bits and the clear flag), before the shifter.
 
-    The first two are needed for 100 MHz on an ECP5: the distance subtraction, the shifter, and the rounding adder
+    The first two are needed for the ECP5 clock target: the distance subtraction, the shifter, and the rounding adder
     do not fit one cycle together; the third keeps the adder and the shifter apart where the placer spreads them.
     Fixed latency, registers only in ``sync`` and no enable of their own: wrap the unit in ``EnableInserter(advance)``
     to stall it with the rest of a pipeline (see :mod:`edge_qlora.rtl.pipeline`).
@@ -289,7 +289,7 @@ class AlignLanes(wiring.Component):
 
     Attributes
     ----------
-    values : In(ArrayLayout(16, lanes))
+    values : In(ArrayLayout(BF16.width, lanes))
         Packed bf16 values.
     shared : In(signed(9))
         The chunk exponent ``E``, at least every lane's :func:`bf16_exponent`.
@@ -308,7 +308,7 @@ class AlignLanes(wiring.Component):
         self._registered = frozenset(self.CUTS[:stages])
         self.latency = stages
         super().__init__({
-            "values": In(data.ArrayLayout(16, lanes)),
+            "values": In(data.ArrayLayout(BF16.width, lanes)),
             "shared": In(EXPONENT_SHAPE),
             "q": Out(data.ArrayLayout(signed(OPERAND_BITS), lanes)),
         })

@@ -12,9 +12,9 @@ Where the registers go
 A unit's datapath is a chain of combinational steps; between two steps is a *cut* where a register stage may go.
 Each unit names its cuts in a priority order (in its docstring); ``stages=n`` registers the first ``n`` of them, so
 ``latency == stages`` and a user trades Fmax for latency without touching the arithmetic. Pipeline registers carry
-no reset: a pipeline's contents mean nothing until ``latency`` cycles after its first input. The defaults were
-chosen so that fp32 units close timing at 100 MHz on an ECP5 (LFE5U-85F, speed grade 6, out of context) with
-registered inputs: ``FPMul`` 5 stages, ``FPAdd`` 6, ``FPDiv`` 30 and ``FPSqrt`` 27 (one recurrence step per cycle);
+no reset: a pipeline's contents mean nothing until ``latency`` cycles after its first input. The defaults are
+the fewest stages with which fp32 units meet the project's ECP5 clock target with registered inputs (measured
+figures: ``docs/timing-closure.md``): ``FPMul`` 5 stages, ``FPAdd`` 6, ``FPDiv`` 30 and ``FPSqrt`` 27 (one recurrence step per cycle);
 ``FPConvert`` needs 2 for fp32 to fp16 and 1 otherwise; ``FixedToFloat`` 4 for a 44-bit value to fp32.
 
 Every arithmetic unit ends in the same normalise-round-pack datapath (:class:`_Rounder`), written once and
@@ -26,7 +26,7 @@ from amaranth.hdl import C, Cat, ClockSignal, Const, Instance, Module, Mux, Sign
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from edge_qlora.golden.fp import BF16, FORMATS, FP16, FP32, FloatFormat
+from ..constants import BF16, FORMATS, FP16, FP32, FloatFormat
 
 from .pipeline import is_ecp5
 
@@ -979,8 +979,8 @@ class FixedToFloat(wiring.Component):
         Pipeline register stages, 0 to 5.
     biased : bool
         ``exponent`` arrives with ``exponent_offset`` added, so that a caller which sums the exponent anyway folds
-        the constant into its own sum (otherwise the addition and the subnormal check behind it share a cycle;
-        they were the 8x8 GEMM engine's longest path).
+        the constant into its own sum (otherwise the addition and the subnormal check behind it share a cycle, a long
+        path in the GEMM engine).
 
     Attributes
     ----------
@@ -1044,8 +1044,7 @@ class FixedToFloat(wiring.Component):
         })
         if rounder.counts_trailing_zeros:
             # a negation keeps the trailing zeros, so they are counted on ``value`` beside the negation rather than
-            # on the magnitude in the count stage (that count and the subtraction after it were the 4x4 engine's
-            # longest path)
+            # on the magnitude in the count stage (where that count and the subtraction after it would share a cycle)
             prepared["sig_trailing_zeros"] = _count_leading_zeros(pipe.m, value[::-1], "value_tz")
         state = pipe.cut("magnitude", prepared)
         state = pipe.cut("count", rounder.count(pipe.m, state))

@@ -25,21 +25,19 @@ ring buffer in a :class:`~amaranth.lib.memory.Memory` (block or distributed RAM)
 the AdamW core delays three float32 values by about 85 cycles each, which as registers would cost some 8000
 flip-flops.
 
-Out of context on the ULX3S-85F (LFE5U-85F-6, nextpnr seed 1), the AdamW core runs at 103 MHz in 13 900 LUT4s,
-10 000 flip-flops, 31 multipliers, 2 block RAMs and 48 distributed RAM write ports.
+Its size and Fmax on the ECP5 are in ``docs/results.md``.
 """
 
 from dataclasses import dataclass
 from functools import partial
 
-from amaranth.hdl import C, Module, Mux, Signal, Value
+from amaranth.hdl import C, Module, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from edge_qlora.golden.lora_optim import HYPER_FIELDS
-from .fp import FP32, FPAdd, FPDiv, FPMul, FPSqrt
-from .pipeline import StallPipeline
+from ..constants import FP32, HYPER_FIELDS
+from .fp import FPAdd, FPDiv, FPMul, FPSqrt
+from .pipeline import StallPipeline, delay_line
 
 __all__ = ["KINDS", "HYPER_FIELDS", "OptimConfig", "LoRAOptimizer", "element_layout", "update_layout",
            "hyper_layout"]
@@ -126,7 +124,8 @@ class _Schedule:
             # delay from the latest tap not after ``time``, so that a value needed twice is delayed once
             begin = max(t for t in lines if t <= time)
             if begin != time:
-                lines[time] = _delay(m, pipe.advance, lines[begin], time - begin, f"{source}_at_{time}")
+                lines[time] = delay_line(m, pipe.advance, lines[begin], time - begin, f"{source}_at_{time}",
+                                         ring_from=_REGISTER_DELAY_MAX + 1)
             return lines[time]
 
         for name in ("param", "grad", "m", "v"):
@@ -143,44 +142,10 @@ class _Schedule:
         return at
 
 
-def _delay(m, advance, value, cycles, name):
-    """``value`` delayed by ``cycles`` advances of the stall domain."""
-    value = Value.cast(value)
-    if cycles <= _REGISTER_DELAY_MAX:
-        for stage in range(cycles):
-            delayed = Signal(len(value), name=f"{name}_{stage}")
-            with m.If(advance):
-                m.d.sync += delayed.eq(value)
-            value = delayed
-        return value
-    # A ring of ``cycles - 1`` words read one place ahead of the write: each word is read just before it is
-    # overwritten, ``cycles - 2`` advances after it was written, and the read port's register and one more (block
-    # RAM clock-to-out is slow on ECP5) make up the rest. Read and write never share an address, so the RAM needs
-    # no read-during-write behaviour.
-    depth = cycles - 1
-    m.submodules[name] = ring = Memory(shape=len(value), depth=depth, init=[])
-    write, read = ring.write_port(), ring.read_port(domain="sync", transparent_for=())
-    write_addr = Signal(range(depth), name=f"{name}_write_addr")
-    read_addr = Signal(range(depth), init=1, name=f"{name}_read_addr")
-    delayed = Signal(len(value), name=f"{name}_out")
-    with m.If(advance):
-        m.d.sync += [
-            write_addr.eq(Mux(write_addr == depth - 1, 0, write_addr + 1)),
-            read_addr.eq(Mux(read_addr == depth - 1, 0, read_addr + 1)),
-            delayed.eq(read.data),
-        ]
-    m.d.comb += [
-        write.addr.eq(write_addr), write.data.eq(value), write.en.eq(advance),
-        read.addr.eq(read_addr), read.en.eq(advance),
-    ]
-    return delayed
-
-
 # Every unit registers its operands as they arrive (the ``input`` cut; the square root and the divider do by
 # default): with fourteen units and their delay lines spread over the chip, the wires from one unit's output to the
 # next unit's DSP blocks or exponent compare are long, and an ECP5 DSP is combinational, so they get a cycle of their
-# own. With every unit at its default stages the AdamW core reached 77 MHz on the ECP5, with registered operands
-# 88 MHz, and 103 MHz once the multipliers found their hidden bits ahead of that register (see ``FPMul``).
+# own; the multipliers find their operands' hidden bits ahead of that register (see ``FPMul``).
 _MUL_STAGES, _ADD_STAGES = 6, 7
 _SQRT_STAGES, _DIV_STAGES = FP32.precision + 3, FP32.precision + 6
 

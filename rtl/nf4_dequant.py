@@ -24,9 +24,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from edge_qlora.golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
+from ..constants import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, MAX_LANES, NF4_CODE
 from .fp import FORMATS, FP32, FPAdd, FPConvert, FPMul, at_least
-from .pipeline import SkidBuffer, StallPipeline
+from .pipeline import SkidBuffer, StallPipeline, delay_line
 
 __all__ = ["NF4DequantConfig", "NF4Dequantizer", "codes_layout", "weights_layout"]
 
@@ -53,8 +53,8 @@ class NF4DequantConfig:
         cycle.
     compact : bool
         Fewer pipeline registers in the float units (2 per multiplier and adder, 1 per rounding instead of 7, 8
-        and 2) and no register slice after the scale: for small FPGAs at a low clock, such as the iCE40 UP5K at
-        24 MHz, where flip-flops are scarce.
+        and 2) and no register slice after the scale: for small FPGAs at a low clock, such as the iCE40 UP5K,
+        where flip-flops are scarce.
         Same results and throughput; the latency per block is shorter.
     """
 
@@ -66,8 +66,8 @@ class NF4DequantConfig:
     compact: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.lanes, int) or not 1 <= self.lanes <= 16:
-            raise ValueError(f"lanes must be an integer from 1 to 16, not {self.lanes!r}")
+        if not isinstance(self.lanes, int) or not 1 <= self.lanes <= MAX_LANES:
+            raise ValueError(f"lanes must be an integer from 1 to {MAX_LANES}, not {self.lanes!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {self.blocksize!r}")
         if self.out_dtype not in FORMATS:
@@ -259,13 +259,7 @@ class NF4Dequantizer(wiring.Component):
             add.b.eq(offset_late),
             scale.payload.value.eq(add.result),
         ]
-        delayed = offset_reg
-        for stage in range(multiply.latency):
-            step = Signal(32, name=f"offset_{stage}")
-            with m.If(pipe.enable):
-                m.d.sync += step.eq(delayed)
-            delayed = step
-        m.d.comb += offset_late.eq(delayed)
+        m.d.comb += offset_late.eq(delay_line(m, pipe.enable, offset_reg, multiply.latency, "offset"))
 
     def _elaborate_builder(self, m, platform, scale, table):
         """16 output-format values per block, ``multipliers`` products per cycle."""
@@ -273,10 +267,10 @@ class NF4Dequantizer(wiring.Component):
         mults = self.config.table_multipliers
         rounds = 16 // mults
         # stages=6 registers the operands too: the level mux must not sit in front of the DSPs; stages=7 adds a
-        # fabric register behind each DSP block, whose route to the adders took 6.4-6.7 ns on the ECP5-85F
+        # fabric register behind each DSP block, whose route to the adders would otherwise take most of a cycle
         mul_stages, _, round_stages = self.config.fp_stages
         multipliers = [FPMul(FP32, FP32, FP32, stages=mul_stages) for _ in range(mults)]
-        # two stages: fp32 -> fp16 rounding (subnormal shifts) misses 100 MHz on ECP5 in one
+        # two stages: fp32 -> fp16 rounding (subnormal shifts) is too long for one cycle on the ECP5
         converters = [FPConvert(FP32, fmt, stages=round_stages) if fmt != FP32 else None for _ in range(mults)]
         latency = multipliers[0].latency + (converters[0].latency if converters[0] else 0)
 
@@ -358,9 +352,9 @@ class NF4Dequantizer(wiring.Component):
         left_next = left - lanes
         offset_next = Mux(crossed, offset + lanes - blocksize, offset + lanes)
         # left_next <= lanes, as a comparison of `left` with a constant: gates, not a second carry chain behind the
-        # subtraction (the 8x8 engine's longest path)
+        # subtraction
         last_next = ~at_least(left, 2 * lanes + 1)
-        filled_next = Mux(last_next, left_next[:5], lanes)  # weights of the next beat that belong to the tensor
+        filled_next = Mux(last_next, left_next[:lanes.bit_length()], lanes)  # weights of the next beat that belong to the tensor
         update = [
             remaining.eq(left_next),
             offset.eq(offset_next),

@@ -34,11 +34,10 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from edge_qlora.golden.codebooks import BLOCKSIZES, NF4_BOUNDS
-from edge_qlora.golden.nf4_quant import ABSMAX_FLOOR
+from ..constants import ABSMAX_FLOOR, BLOCKSIZES, MAX_LANES, NF4_BOUNDS
 from .fp import FORMATS, FP32, FPConvert, FPDiv, FPMul, float_layout, fp_abs_key, fp_is_nan
 from .nf4_dequant import codes_layout
-from .pipeline import StallPipeline
+from .pipeline import StallPipeline, delay_line
 
 __all__ = ["NF4QuantConfig", "NF4Quantizer", "weights_in_layout", "codes_out_layout"]
 
@@ -72,8 +71,8 @@ class NF4QuantConfig:
     in_dtype: str = "bf16"
 
     def __post_init__(self):
-        if not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or not 1 <= self.lanes <= 16:
-            raise ValueError(f"lanes must be an integer from 1 to 16, not {self.lanes!r}")
+        if not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or not 1 <= self.lanes <= MAX_LANES:
+            raise ValueError(f"lanes must be an integer from 1 to {MAX_LANES}, not {self.lanes!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {self.blocksize!r}")
         if self.in_dtype not in FORMATS:
@@ -472,12 +471,11 @@ class NF4Quantizer(wiring.Component):
         ]
         code = Signal(4)
         m.d.sync += code.eq(_nf4_code(m, divide.result, "tail_encode"))
-        code_valid, code_lane, code_ends = pipe.out_valid & ~done.record, done.lane, done.beat_end
-        for stage in range(_NF4Encode.LATENCY + 1):
-            delayed = Signal(name=f"code_valid_{stage}"), Signal(range(lanes), name=f"code_lane_{stage}"), \
-                Signal(name=f"code_ends_{stage}")
-            m.d.sync += [delayed[0].eq(code_valid), delayed[1].eq(code_lane), delayed[2].eq(code_ends)]
-            code_valid, code_lane, code_ends = delayed
+        # the code's lane and flags, delayed to meet it (the encoder does not stall)
+        lane_bits = len(Signal(range(lanes)))
+        delayed = delay_line(m, Const(1), Cat(pipe.out_valid & ~done.record, done.lane[:lane_bits], done.beat_end),
+                             _NF4Encode.LATENCY + 1, "code")
+        code_valid, code_lane, code_ends = delayed[0], delayed[1:1 + lane_bits], delayed[-1]
         assembling = Signal(codes_layout(lanes))
         assembled = Cat(*(Mux(code_lane == lane, code, assembling[lane]) for lane in range(lanes)))
         m.d.comb += [

@@ -38,8 +38,7 @@ registered twice (once beside the multiplier, once beside the accumulator), so t
 cycle of its own. On ECP5 the operand and first product registers are the ``MULT18X18D``'s own input and output
 registers (an instance; elsewhere, and in simulation, fabric registers around ``*``): the routing from the fabric to
 a DSP site, several nanoseconds, then has a whole cycle instead of sharing one with the multiplier. With fabric
-registers an 8 x 8 array alone reached 87 MHz on the ULX3S-85F, the critical path being an operand register placed
-far from its DSP site. The one global net is the step enable (``steps.valid`` and ``partials.ready`` through two
+registers the critical path is an operand register placed far from its DSP site. The one global net is the step enable (``steps.valid`` and ``partials.ready`` through two
 LUT levels to every register's clock enable: 17k of them at 8 x 8); on ECP5 it rides the clock network through a
 ``DCCA`` buffer (:func:`~.pipeline.global_fanout`), and for the best Fmax the user drives both from registers.
 The PEs of one anti-diagonal have identical ``last`` delay lines, which synthesis merges into one; each PE's
@@ -51,14 +50,12 @@ from amaranth.hdl import Cat, Module, Mux, ResetSignal, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..constants import ACC_BITS, MAX_LANES, OPERAND_BITS
 from .fp import ecp5_registered_product
 from .pipeline import global_fanout, is_ecp5, private_register
 
 __all__ = ["PEArray", "steps_layout", "partials_layout", "OPERAND_BITS", "ACC_BITS"]
 
-OPERAND_BITS = 18      # one ECP5 MULT18X18D operand, the aligner's output (golden.gemm.OPERAND_BITS)
-ACC_BITS = 44          # an exact chunk sum of up to 512 products of 17-bit magnitudes (golden.gemm.ACC_BITS)
-MAX_SIDE = 16
 
 
 def steps_layout(rows, cols):
@@ -149,8 +146,8 @@ class PEArray(wiring.Component):
         for name, value in (("rows", rows), ("cols", cols)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"PEArray {name} must be an integer, not {value!r}")
-            if not 1 <= value <= MAX_SIDE:
-                raise ValueError(f"PEArray {name} must be from 1 to {MAX_SIDE}, not {value}")
+            if not 1 <= value <= MAX_LANES:
+                raise ValueError(f"PEArray {name} must be from 1 to {MAX_LANES}, not {value}")
         self.rows, self.cols = rows, cols
         # systolic, multiplier operand and two product registers, accumulator: a PE's shadow loads 5 steps after its
         # systolic registers take the chunk's last operands

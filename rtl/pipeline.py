@@ -9,9 +9,10 @@ have filled.
 
 from amaranth.hdl import ClockSignal, Const, EnableInserter, Instance, Module, Mux, ResetSignal, Signal, Value
 from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["StallPipeline", "SkidBuffer", "global_fanout", "is_ecp5", "private_register"]
+__all__ = ["StallPipeline", "SkidBuffer", "delay_line", "global_fanout", "is_ecp5", "private_register"]
 
 
 class StallPipeline:
@@ -111,6 +112,44 @@ class SkidBuffer(wiring.Component):
         with m.If(~spare_valid):
             m.d.sync += spare.eq(self.i.payload)
         return m
+
+
+def delay_line(m, enable, value, cycles, name, *, ring_from=None):
+    """``value`` delayed by ``cycles`` cycles in which ``enable`` is high (the advances of a stall domain).
+
+    A chain of registers named ``{name}_{stage}``; from ``ring_from`` cycles on (``None``: never), a block-RAM ring
+    instead, which spends one RAM where a long wide delay would spend hundreds of flip-flops. Returns the delayed
+    value (``value`` itself for 0 cycles).
+    """
+    value = Value.cast(value)
+    if ring_from is None or cycles < ring_from:
+        for stage in range(cycles):
+            delayed = Signal(len(value), name=f"{name}_{stage}")
+            with m.If(enable):
+                m.d.sync += delayed.eq(value)
+            value = delayed
+        return value
+    # A ring of ``cycles - 1`` words read one place ahead of the write: each word is read just before it is
+    # overwritten, ``cycles - 2`` advances after it was written, and the read port's register and one more (block
+    # RAM clock-to-out is slow on ECP5) make up the rest. Read and write never share an address, so the RAM needs
+    # no read-during-write behaviour.
+    depth = cycles - 1
+    m.submodules[name] = ring = Memory(shape=len(value), depth=depth, init=[])
+    write, read = ring.write_port(), ring.read_port(domain="sync", transparent_for=())
+    write_addr = Signal(range(depth), name=f"{name}_write_addr")
+    read_addr = Signal(range(depth), init=1, name=f"{name}_read_addr")
+    delayed = Signal(len(value), name=f"{name}_out")
+    with m.If(enable):
+        m.d.sync += [
+            write_addr.eq(Mux(write_addr == depth - 1, 0, write_addr + 1)),
+            read_addr.eq(Mux(read_addr == depth - 1, 0, read_addr + 1)),
+            delayed.eq(read.data),
+        ]
+    m.d.comb += [
+        write.addr.eq(write_addr), write.data.eq(value), write.en.eq(enable),
+        read.addr.eq(read_addr), read.en.eq(enable),
+    ]
+    return delayed
 
 
 def is_ecp5(platform):

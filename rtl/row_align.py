@@ -11,6 +11,7 @@ from amaranth.hdl import C, Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..constants import BF16, MAX_LANES
 from .fp import at_least
 
 __all__ = ["RowAligner", "shape_layout", "flat_layout", "row_layout"]
@@ -55,9 +56,9 @@ class RowAligner(wiring.Component):
     rows : Out(stream of :func:`row_layout`)
     """
 
-    def __init__(self, lanes, width=16):
-        if not isinstance(lanes, int) or not 1 <= lanes <= 16:
-            raise ValueError(f"lanes must be an integer from 1 to 16, not {lanes!r}")
+    def __init__(self, lanes, width=BF16.width):
+        if not isinstance(lanes, int) or not 1 <= lanes <= MAX_LANES:
+            raise ValueError(f"lanes must be an integer from 1 to {MAX_LANES}, not {lanes!r}")
         self.lanes, self.width = lanes, width
         super().__init__({
             "shape": In(stream.Signature(shape_layout())),
@@ -68,6 +69,7 @@ class RowAligner(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         lanes, width = self.lanes, self.width
+        count_bits = lanes.bit_length()   # a count of elements, 0 to `lanes`
         slots = 3 * lanes   # room for a beat whatever this cycle emits, so `flat.ready` comes from registers
 
         active = Signal()
@@ -77,7 +79,7 @@ class RowAligner(wiring.Component):
         held = Signal(range(slots + 1))  # elements in the holding buffer
         # the holding buffer is circular: elements are read from slot `read_at` on and written from `read_at + held`
         # (modulo `slots`) on, so which slot takes which element depends on registers only, never on this cycle's
-        # handshake (a shift by the emitted count was the 8x8 engine's longest path). Every input beat of a matrix
+        # handshake (a shift by the emitted count would be a long path behind `ready`). Every input beat of a matrix
         # but its final one carries `lanes` elements, so the write position is always a multiple of `lanes`: the
         # buffer is three banks of `lanes` slots, and a beat fills one bank whole. The read position is kept as a
         # bank and an offset in it (`read_at = lanes * read_bank + read_offset`)
@@ -101,7 +103,7 @@ class RowAligner(wiring.Component):
 
         def one_beat(length):
             """``min(length, lanes)``, by a comparison with a constant."""
-            return Mux(at_least(length, lanes), lanes, length[:5])
+            return Mux(at_least(length, lanes), lanes, length[:count_bits])
 
         def first_beat(length):
             """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
@@ -119,18 +121,18 @@ class RowAligner(wiring.Component):
             return ((a ^ b ^ c) + carries)[:width].as_signed()
 
         def low(value, less):
-            """``(value - less) % 32`` for a constant ``less``: five bits, no long carry chain."""
-            return (value[:5] - less)[:5]
+            """``(value - less) % 2 ** count_bits`` for a constant ``less``: a short subtraction, no long carry chain
+            (every use wants a result from 0 to ``lanes``)."""
+            return (value[:count_bits] - less)[:count_bits]
 
         def second_beat(row_ends, first, at_least_two, less_one):
             """``need`` of the beat after one: ``first`` (a row's first beat) if that one ends its row, else the
             row's ``length`` left at that beat less one beat, from ``at_least_two`` (``length >= 2 * lanes``) and
-            ``less_one`` (``(length - lanes) % 32``)."""
+            ``less_one`` (``low(length, lanes)``)."""
             return Mux(row_ends, first, Mux(at_least_two, lanes, less_one))
 
         # the first beat's plan from the shape beat, worked out a cycle before the beat is taken: its comparisons
-        # and the negation behind them stay off `surplus` (the 8x8 engine's longest path ran from the shape's row
-        # length through them). A beat is taken only once it has been offered for a cycle (`shape_seen`; its payload
+        # and the negation behind them stay off `surplus` (a long path from the shape's row length otherwise). A beat is taken only once it has been offered for a cycle (`shape_seen`; its payload
         # is held while it waits), which costs a cycle only when a shape beat finds the aligner idle
         payload = self.shape.payload
         shape_seen = Signal()
@@ -227,14 +229,14 @@ class RowAligner(wiring.Component):
         with m.If(accept):
             # every beat but the final one carries `lanes` elements, so the count falls by a constant and the next
             # beat's size comes from comparing the register with constants: `incoming` is not on a carry chain
-            # back into itself (`to_read - incoming` then `left < lanes` was the 8x8 engine's longest path)
+            # back into itself (`to_read - incoming` then `left < lanes` would be two chains in series)
             left_over = at_least(to_read, lanes + 1)   # this beat is not the final one
             left = to_read - lanes
             # (held - need + incoming is surplus + incoming; after an emitted beat, `need` becomes `after_need`)
             m.d.sync += [held.eq(Mux(emit, surplus + incoming, held + incoming)),
                          surplus.eq(Mux(emit, add3(surplus, incoming, after_need), surplus + incoming)),
                          to_read.eq(Mux(left_over, left, 0)),
-                         incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:5])), more.eq(left_over),
+                         incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:count_bits])), more.eq(left_over),
                          write_bank.eq(write_bank.rotate_left(1))]
         with m.Elif(active):   # (not while idle: the shape beat sets `held` and `surplus`)
             m.d.sync += [held.eq(Mux(emit, surplus, held)), surplus.eq(Mux(emit, surplus - after_need, surplus))]

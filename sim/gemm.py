@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
+from edge_qlora.constants import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 from .harness import pack_lanes, simulate, producer, unpack_lanes

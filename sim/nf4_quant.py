@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edge_qlora.golden import nf4_quant
-from edge_qlora.golden.codebooks import DYNAMIC_BLOCKSIZE
+from edge_qlora.constants import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import NF4Quantized, check_finite, pack_nibbles
 from edge_qlora.rtl.absmax_quant import AbsmaxQuantizer
 from edge_qlora.rtl.nf4_quant import NF4QuantConfig, NF4Quantizer

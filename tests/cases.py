@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from edge_qlora.golden.codebooks import NF4_BOUNDS, NF4_CODE
+from edge_qlora.constants import NF4_BOUNDS, NF4_CODE
 
 __all__ = ["DTYPES", "adversarial", "random_weights"]
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_qlora.constants import ABSMAX_THRESHOLDS
 from edge_qlora.golden import absmax_quant, nf4_quant
 
 from reference import mismatches
@@ -18,7 +19,7 @@ def bnb_blockwise(values):
 
 def staircase_probe():
     """Each threshold, its float32 neighbours, and the code-book levels, in blocks whose absmax is exactly 1."""
-    t = absmax_quant.THRESHOLDS
+    t = ABSMAX_THRESHOLDS
     values = np.concatenate([t, np.nextafter(t, np.float32(-2)), np.nextafter(t, np.float32(2)),
                              bnbf.create_dynamic_map().numpy(), np.float32([-1, 1, 0, -0.0])]).astype(np.float32)
     blocks = [np.append(values[i:i + 255], np.float32(1)) for i in range(0, values.size, 255)]
@@ -29,12 +30,12 @@ def test_thresholds_are_the_staircase_of_bitsandbytes():
     values = staircase_probe()
     codes, _ = bnb_blockwise(values)
     assert mismatches(codes, absmax_quant.staircase_code(values)) == 0
-    assert np.all(np.diff(absmax_quant.THRESHOLDS) >= 0)  # equal steps: codes the grid never reaches
+    assert np.all(np.diff(ABSMAX_THRESHOLDS) >= 0)  # equal steps: codes the grid never reaches
 
 
 def test_staircase_equals_grid_lookup():
     values = np.random.default_rng(0).uniform(-1, 1, 200_000).astype(np.float32)
-    values = np.concatenate([values, absmax_quant.THRESHOLDS, np.float32([np.nan, np.inf, -np.inf])])
+    values = np.concatenate([values, ABSMAX_THRESHOLDS, np.float32([np.nan, np.inf, -np.inf])])
     grid = absmax_quant.GRID_CODE[absmax_quant.grid_index(values)]
     assert mismatches(grid, absmax_quant.staircase_code(values)) == 0
 

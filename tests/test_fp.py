@@ -18,7 +18,7 @@ from amaranth.hdl import Elaboratable, EnableInserter, Module, Signal
 from amaranth.sim import Simulator
 
 from edge_qlora.golden import fp as golden
-from edge_qlora.golden.fp import BF16, FP16, FP32
+from edge_qlora.constants import BF16, FORMATS, FP16, FP32, FloatFormat
 from edge_qlora.golden.gemm import partial_to_fp32
 from edge_qlora.rtl.fp import (FixedToFloat, FPAdd, FPConvert, FPDiv, FPMul, FPSqrt, fp_abs_key, fp_is_inf,
                                fp_is_nan, fp_is_zero, fp_order_key, _count_leading_zeros)
@@ -377,7 +377,7 @@ def test_arguments_checked():
     with pytest.raises(ValueError, match="stages must be from 0 to 30"):
         FPDiv(FP32, stages=31)
     with pytest.raises(ValueError, match="exp_bits"):
-        golden.FloatFormat("fp64", 11, 52)
+        FloatFormat("fp64", 11, 52)
 
 
 # -- the golden twin against numpy and torch --------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def _torch_bits(tensor):
 def test_golden_formats():
     assert (FP32.width, FP32.bias, BF16.width, BF16.bias, FP16.width, FP16.bias) == (32, 127, 16, 127, 16, 15)
     assert (FP32.nan_bits, BF16.nan_bits, FP16.nan_bits) == (0x7FC00000, 0x7FC0, 0x7E00)
-    assert golden.FORMATS == {"fp32": FP32, "bf16": BF16, "fp16": FP16}
+    assert FORMATS == {"fp32": FP32, "bf16": BF16, "fp16": FP16}
 
 
 def test_golden_rounding_matches_torch_and_numpy():

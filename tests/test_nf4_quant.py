@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edge_qlora.golden import nf4_quant
-from edge_qlora.golden.codebooks import DYNAMIC_CODE, NF4_CODE
+from edge_qlora.constants import DYNAMIC_CODE, NF4_CODE
 
 from cases import DTYPES, adversarial, random_weights
 from reference import bnb_quantize, mismatches
@@ -260,7 +260,7 @@ def test_rtl_encoder_ties_and_specials():
     # the per-lane bound comparison on its own: every bound, its float32 neighbours, both signs, the levels,
     # random values, zeros, subnormals, infinities and NaN, against the golden model's searchsorted
     from edge_qlora.rtl.nf4_quant import _NF4Encode
-    from edge_qlora.golden.codebooks import NF4_BOUNDS
+    from edge_qlora.constants import NF4_BOUNDS
 
     bounds = np.concatenate([NF4_BOUNDS, -NF4_BOUNDS])
     values = np.concatenate([
