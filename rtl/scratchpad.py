@@ -14,7 +14,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["MatrixStore", "segment_layout"]
+__all__ = ["MatrixStore", "ReadPort", "WritePort", "segment_layout"]
 
 
 def segment_layout(banks, address_width):
@@ -25,6 +25,38 @@ def segment_layout(banks, address_width):
         "row_address": address_width, "row_words": address_width, "row": 16, "col": 16,
         "column": 1, "count": range(banks + 1),
     })
+
+
+class ReadPort(wiring.Signature):
+    """A segment read, from the reader's side: ``request`` and ``en`` out, ``data`` (the segment, in order) in.
+
+    The read is a two-stage pipeline that moves on cycles with ``en``: a request's data is in ``data`` after the
+    second ``en`` cycle counting its own. Elements past ``count`` read as zero.
+
+    Parameters
+    ----------
+    banks, width, address_width : int
+        Elements per segment, bits per element, bits of a word address.
+    """
+
+    def __init__(self, banks, width, address_width):
+        super().__init__({
+            "request": Out(segment_layout(banks, address_width)),
+            "en": Out(1),
+            "data": In(data.ArrayLayout(width, banks)),
+        })
+
+
+class WritePort(wiring.Signature):
+    """A row segment write, from the writer's side: ``request`` (``column`` clear), ``en`` and ``data`` out;
+    ``data[e]`` is element ``col + e``."""
+
+    def __init__(self, banks, width, address_width):
+        super().__init__({
+            "request": Out(segment_layout(banks, address_width)),
+            "en": Out(1),
+            "data": Out(data.ArrayLayout(width, banks)),
+        })
 
 
 class MatrixStore(wiring.Component):
@@ -43,12 +75,10 @@ class MatrixStore(wiring.Component):
 
     Attributes
     ----------
-    read_{i} : In(StructLayout {"request": segment_layout, "en": 1}), Out(data)
-        ``read_{i}_request`` / ``read_{i}_en`` in; ``read_{i}_data`` (ArrayLayout(width, banks)) out. The read is
-        a two-stage pipeline that moves on cycles with ``en``: a request's data is out after the second ``en``
-        cycle counting its own. Elements past ``count`` read as zero.
-    write_request : In(segment_layout), write_en : In(1), write_data : In(ArrayLayout(width, banks))
-        Row segment writes (``column`` must be clear); ``write_data[e]`` is element ``col + e``.
+    read : In(:class:`ReadPort`), an array of ``read_ports``
+        Independent segment reads: ``read[i].request``, ``read[i].en`` in, ``read[i].data`` out.
+    write : In(:class:`WritePort`)
+        Row segment writes.
     latency : int
         2: the memory read, then the rotation into order (registered).
     """
@@ -56,22 +86,19 @@ class MatrixStore(wiring.Component):
     def __init__(self, banks, width, depth, read_ports=1):
         if banks not in (1, 2, 4, 8, 16):
             raise ValueError(f"banks must be a power of two from 1 to 16, not {banks!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, not {width!r}")
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive integer, not {depth!r}")
+        if not isinstance(read_ports, int) or read_ports < 1:
+            raise ValueError(f"read_ports must be a positive integer, not {read_ports!r}")
         self.banks, self.width, self.depth, self.read_ports = banks, width, depth, read_ports
         self.address_width = max(1, (depth - 1).bit_length())
         self.latency = 2
-        layout = segment_layout(banks, self.address_width)
-        members = {
-            "write_request": In(layout),
-            "write_en": In(1),
-            "write_data": In(data.ArrayLayout(width, banks)),
-        }
-        for i in range(read_ports):
-            members[f"read_{i}_request"] = In(layout)
-            members[f"read_{i}_en"] = In(1)
-            members[f"read_{i}_data"] = Out(data.ArrayLayout(width, banks))
-        super().__init__(members)
+        super().__init__({
+            "read": In(ReadPort(banks, width, self.address_width)).array(read_ports),
+            "write": In(WritePort(banks, width, self.address_width)),
+        })
 
     def _placement(self, m, request, name):
         """Per bank: which element of the segment it holds (``index``), whether it holds one, and its word."""
@@ -102,19 +129,17 @@ class MatrixStore(wiring.Component):
             m.submodules[f"bank_{bank}"] = memory
 
         # writes: element index e of the segment goes to bank (row + col + e) % banks
-        writes = self._placement(m, self.write_request, "write")
-        for bank, (index, live, address) in enumerate(writes):
+        write = self.write
+        for bank, (index, live, address) in enumerate(self._placement(m, write.request, "write")):
             port = memories[bank].write_port()
             m.d.comb += [
                 port.addr.eq(address),
-                port.data.eq(self.write_data[index] if banks > 1 else self.write_data[0]),
-                port.en.eq(self.write_en & live),
+                port.data.eq(write.data[index] if banks > 1 else write.data[0]),
+                port.en.eq(write.en & live),
             ]
 
-        for i in range(self.read_ports):
-            request = getattr(self, f"read_{i}_request")
-            enable = getattr(self, f"read_{i}_en")
-            out = getattr(self, f"read_{i}_data")
+        for i, read in enumerate(self.read):
+            request, enable, out = read.request, read.en, read.data
             placement = self._placement(m, request, f"read_{i}")
             ports = [memory.read_port(domain="sync") for memory in memories]
             indices = [Signal(range(banks), name=f"read_{i}_held_index_{b}") for b in range(banks)]

@@ -4,7 +4,7 @@
     python scripts/lora_cycles.py                     # TinyLlama projections, model only (seconds)
     python scripts/lora_cycles.py --rtl               # also simulate a small step and compare per phase (minutes)
 
-Each GEMM phase of ``rtl/lora.py`` is costed with the engine's validated cycle model (``golden.gemm.gemm_cycles``,
+Each GEMM phase of ``rtl/lora/`` is costed with the engine's validated cycle model (``golden.gemm.gemm_cycles``,
 NF4 weights for F2 and B4, bf16 from the scratchpads otherwise); the loads stream ``banks`` elements per cycle and
 the optimizer takes one element per cycle plus its latency. The table answers the issue's question "reuse the
 GEMM engine, or a small dedicated array for the rank-r products?": a dedicated array can at best remove the
@@ -29,10 +29,9 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
     banks, chunk = config.banks, config.chunk
     phases = {"load": sum(-(-dims[a] // banks) * dims[b] for a, b in (("in", "t"), ("out", "t"),
                                                                        ("in", "r"), ("r", "out")))}
-    for name in GEMM_ORDER:
-        (m, n, k), transposed, nf4 = PHASES[name][:3]
-        phases[name] = gemm_cycles(dims[m], dims[n], dims[k], rows, cols, chunk, transposed,
-                                   "nf4" if nf4 else "rows", "fp32").cycles
+    for phase, row in PHASES.items():
+        phases[phase.name] = gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
+                                         "nf4" if row.nf4 else "rows", "fp32").cycles
     unit = LoRAOptimizer(OptimConfig(kind=optimizer))
     unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
     latency = unit.latency
@@ -57,7 +56,7 @@ def main():
                 p = step_cycles(t, d_in, d_out, r, args.rows, args.cols)
                 total = sum(p.values())
                 base = p["F2"] + p["B4"]
-                lora = sum(p[k] for k in GEMM_ORDER if k not in ("F2", "B4"))
+                lora = sum(p[phase.name] for phase, row in PHASES.items() if not row.nf4)
                 # useful MACs of the step: the two base products and the six rank-r products
                 macs = 2 * t * d_in * d_out + 3 * t * r * (d_in + d_out)
                 print(f"| {name} ({d_in} -> {d_out}) | {t} | {r} | {total:,} | {base:,} | {lora:,} | "
@@ -76,8 +75,8 @@ def main():
         print("|---|---:|---:|")
         loads = sum(v for k, v in run.phase_cycles.items() if k.startswith("LOAD"))
         print(f"| load | {loads} | {model['load']} |")
-        for name in GEMM_ORDER:
-            print(f"| {name} | {run.phase_cycles.get(name, 0)} | {model[name]} |")
+        for phase in GEMM_ORDER:
+            print(f"| {phase.name} | {run.phase_cycles.get(phase.name, 0)} | {model[phase.name]} |")
         upd = run.phase_cycles.get("UPD_A", 0) + run.phase_cycles.get("UPD_B", 0)
         print(f"| update | {upd} | {model['update']} |")
         print(f"| total | {run.cycles} | {sum(model.values())} |")

@@ -7,14 +7,14 @@ import torch
 
 from edge_qlora.golden.lora_optim import HYPER_FIELDS
 from edge_qlora.golden.nf4_quant import unpack_nibbles
-from edge_qlora.rtl.lora import GEMM_ORDER, LoraConfig, LoraStep
+from edge_qlora.rtl.lora import LoraConfig, LoraStep, Phase
 from .gemm import _collision_check
 from .harness import pack_lanes, simulate, producer, unpack_lanes
 from .streams import NO_STALLS
 
 __all__ = ["StepRun", "run_step", "PHASE_NAMES"]
 
-PHASE_NAMES = ["IDLE", "LOAD_X", "LOAD_DY", "LOAD_A", "LOAD_B", *GEMM_ORDER, "UPD_A", "UPD_B"]
+PHASE_NAMES = [phase.name for phase in Phase]
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
         async for _, _, value in ctx.tick().sample(dut.phase):
             cycle += 1
             if value != previous:
-                phase_log.append((cycle, PHASE_NAMES[value]))
+                phase_log.append((cycle, Phase(value).name))
                 previous = value
 
     async def consumer(ctx):

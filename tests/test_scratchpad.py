@@ -30,31 +30,31 @@ def test_segments_round_trip(banks, rows, cols):
         for r in range(rows):
             for c in range(0, cols, banks):
                 count = min(banks, cols - c)
-                ctx.set(dut.write_request, request(None, r, c, 0, count))
-                ctx.set(dut.write_data, [int(v) for v in matrix[r, c:c + count]] + [0] * (banks - count))
-                ctx.set(dut.write_en, 1)
+                ctx.set(dut.write.request, request(None, r, c, 0, count))
+                ctx.set(dut.write.data, [int(v) for v in matrix[r, c:c + count]] + [0] * (banks - count))
+                ctx.set(dut.write.en, 1)
                 await ctx.tick()
-        ctx.set(dut.write_en, 0)
+        ctx.set(dut.write.en, 0)
         # read rows on port 0 and columns on port 1, one segment per cycle, results 2 cycles later
         reads = [(0, r, c, 0, min(banks, cols - c)) for r in range(rows) for c in range(0, cols, banks)]
         reads += [(1, r, c, 1, min(banks, rows - r)) for c in range(cols) for r in range(0, rows, banks)]
         pending = []
         for cycle in range(len(reads) + dut.latency + 1):
             for port in (0, 1):
-                ctx.set(getattr(dut, f"read_{port}_en"), 1)   # the read pipeline moves every cycle
-                ctx.set(getattr(dut, f"read_{port}_request"), request(port, 0, 0, 0, 0))
+                ctx.set(dut.read[port].en, 1)   # the read pipeline moves every cycle
+                ctx.set(dut.read[port].request, request(port, 0, 0, 0, 0))
             issued = reads[cycle] if cycle < len(reads) else None
             if issued:
                 port, r, c, column, count = issued
-                ctx.set(getattr(dut, f"read_{port}_request"), request(port, r, c, column, count))
-                ctx.set(getattr(dut, f"read_{port}_en"), 1)
+                ctx.set(dut.read[port].request, request(port, r, c, column, count))
+                ctx.set(dut.read[port].en, 1)
             await ctx.tick()
             pending.append(issued)
             if len(pending) >= dut.latency:  # request set, then `latency` clock edges
                 done = pending.pop(0)
                 if done:
                     port, r, c, column, count = done
-                    got[done] = [int(v) for v in ctx.get(getattr(dut, f"read_{port}_data"))]
+                    got[done] = [int(v) for v in ctx.get(dut.read[port].data)]
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
@@ -70,3 +70,9 @@ def test_segments_round_trip(banks, rows, cols):
 def test_rejects_bad_banks():
     with pytest.raises(ValueError, match="banks"):
         MatrixStore(3, 16, 8)
+
+
+@pytest.mark.parametrize("args,name", [((4, 0, 8), "width"), ((4, 16, 0), "depth"), ((4, 16, 8, 0), "read_ports")])
+def test_rejects_bad_arguments(args, name):
+    with pytest.raises(ValueError, match=name):
+        MatrixStore(*args)
