@@ -1,11 +1,12 @@
-"""Run the QLoRA step (``rtl/lora.py``) in Amaranth's simulator on a :class:`~edge_qlora.golden.lora.LoraCase`."""
+"""Run the QLoRA step (``rtl/lora/``) in Amaranth's simulator on a :class:`~edge_qlora.golden.lora.LoraCase`."""
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from amaranth.hdl import Value
 
-from edge_qlora.golden.lora_optim import HYPER_FIELDS
+from edge_qlora.constants import BF16, FP32, HYPER_FIELDS
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.lora import LoraConfig, LoraStep, Phase
 from .gemm import _collision_check
@@ -57,6 +58,99 @@ def _unpack_tiles(beats, rows, cols, m, p, width):
     return values[:m, :p]
 
 
+def _header(case, t, i, o, r):
+    """The ``header`` beat of a step, as raw bits of :func:`~edge_qlora.rtl.lora.header_layout`."""
+    q, hyper = case.weight, case.hyper
+    as_bits = lambda value: int(np.float32(value).view(np.uint32))  # noqa: E731
+    fields = [("t", t, 16), ("in", i, 16), ("out", o, 16), ("r", r, 16),
+              ("scaling", as_bits(case.scaling), FP32.width), ("n_weights", o * i, 32),
+              ("offset", as_bits(q.offset if q.double_quant else 0), FP32.width)]
+    fields += [(name, as_bits(hyper[name]), FP32.width) for name in HYPER_FIELDS]
+    header, position = 0, 0
+    for _, value, width in fields:
+        header |= value << position
+        position += width
+    return header
+
+
+def _weight_streams(q, cols, passes):
+    """The dequantizer's streams for ``passes`` passes of the NF4 base weight: {port name: beats}."""
+    n = q.shape[0] * q.shape[1]
+    streams = {"codes": pack_lanes(unpack_nibbles(q.packed, n), cols, 4) * passes}
+    tensor = n | (int(np.float32(q.offset).view(np.uint32)) << 32) if q.double_quant else n
+    streams["tensor"] = [tensor] * passes
+    if q.double_quant:
+        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.uint8)] * passes
+        streams["absmax2"] = [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)] * passes
+    else:
+        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)] * passes
+    return streams
+
+
+def _state_beats(case):
+    """``state_in``: the moments of A, then B, element by element (``m`` in the low word)."""
+    states = case.states()
+    beats = []
+    for name in "AB":
+        m_bits = _bits32(states[f"exp_avg_{name}"]).reshape(-1)
+        v_bits = _bits32(states[f"exp_avg_sq_{name}"]).reshape(-1)
+        beats += [int(a) | (int(b) << FP32.width) for a, b in zip(m_bits, v_bits)]
+    return beats
+
+
+def _collector(ports, wanted, stalls, max_cycles):
+    """A consumer for the output streams ``ports`` ({name: stream}), which leave in different phases: takes
+    ``wanted[name]`` beats of each in one loop, withholding ``ready`` at random."""
+    async def consumer(ctx):
+        beats = {name: [] for name in ports}
+        raws = {name: Value.cast(port.payload) for name, port in ports.items()}
+        for _ in range(max_cycles):
+            if all(len(beats[name]) == wanted[name] for name in beats):
+                break
+            for name, port in ports.items():
+                ctx.set(port.ready, 0 if stalls.get(name, NO_STALLS).stall() else 1)
+            sample = await ctx.tick().sample(*[x for name in ports
+                                               for x in (ports[name].valid, ports[name].ready, raws[name])])
+            values = sample[2:]
+            for index, name in enumerate(ports):
+                valid, ready, payload = values[3 * index:3 * index + 3]
+                if valid and ready:
+                    beats[name].append(payload)
+        return beats
+    return consumer
+
+
+def _phase_watch(phase, log):
+    """An observer that logs ``(cycle, phase name)`` at every change of the step's phase."""
+    async def watch(ctx):
+        previous, cycle = None, 0
+        async for _, _, value in ctx.tick().sample(phase):
+            cycle += 1
+            if value != previous:
+                log.append((cycle, Phase(value).name))
+                previous = value
+    return watch
+
+
+def _outputs(beats, config, t, i, o, r):
+    """The step's outputs (named as ``golden.lora.OUTPUT_NAMES``) from the collected beats."""
+    rows, cols = config.rows, config.cols
+    as16 = lambda a: torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)  # noqa
+    outputs = {"y": as16(_unpack_tiles(beats["y"], rows, cols, t, o, BF16.width)),
+               "dx": as16(_unpack_tiles(beats["dx"], rows, cols, t, i, BF16.width))}
+    updates = np.array(beats["updates"], dtype=object)
+    mask = (1 << FP32.width) - 1
+    fields = {name: np.array([(int(b) >> (FP32.width * k)) & mask for b in updates], np.uint32).view(np.float32)
+              for k, name in enumerate(("grad", "param", "m", "v"))}
+    split = r * i
+    for name, sl, shape in (("A", slice(0, split), (r, i)), ("B", slice(split, None), (o, r))):
+        outputs[f"grad_{name}"] = torch.from_numpy(fields["grad"][sl].reshape(shape).copy())
+        outputs[f"lora_{name}"] = torch.from_numpy(fields["param"][sl].reshape(shape).copy())
+        outputs[f"exp_avg_{name}"] = torch.from_numpy(fields["m"][sl].reshape(shape).copy())
+        outputs[f"exp_avg_sq_{name}"] = torch.from_numpy(fields["v"][sl].reshape(shape).copy())
+    return outputs
+
+
 def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_000):
     """One step on :class:`~edge_qlora.rtl.lora.LoraStep`; returns a :class:`StepRun`."""
     stalls = dict(stalls or {})
@@ -68,103 +162,34 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
                             blocksize=case.weight.blocksize, double_quant=case.weight.double_quant)
     dut = LoraStep(config)
     banks, rows, cols = config.banks, config.rows, config.cols
-    q = case.weight
-    hyper = case.hyper
-    header = 0
-    fields = [("t", t, 16), ("in", i, 16), ("out", o, 16), ("r", r, 16),
-              ("scaling", int(np.float32(case.scaling).view(np.uint32)), 32), ("n_weights", o * i, 32),
-              ("offset", int(np.float32(q.offset if q.double_quant else 0).view(np.uint32)), 32)]
-    fields += [(name, int(np.float32(hyper[name]).view(np.uint32)), 32) for name in HYPER_FIELDS]
-    position = 0
-    for _, value, width in fields:
-        header |= value << position
-        position += width
-
-    n = o * i
-    codes = pack_lanes(unpack_nibbles(q.packed, n), cols, 4)
-    tensor = n | (int(np.float32(q.offset).view(np.uint32)) << 32) if q.double_quant else n
-    if q.double_quant:
-        absmax = [int(v) for v in np.asarray(q.absmax, np.uint8)]
-        absmax2 = [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
-    else:
-        absmax = [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
     passes = 2 * -(-t // rows)    # F2 and B4, one pass per tile of x / dy rows
+    inputs = {
+        "header": [_header(case, t, i, o, r)],
+        "x_in": _segments(_bits16(case.x), banks, BF16.width),
+        "dy_in": _segments(_bits16(case.dy), banks, BF16.width),
+        "a_in": _segments(_bits32(case.lora_A), banks, FP32.width),
+        "b_in": _segments(_bits32(case.lora_B), banks, FP32.width),
+        **_weight_streams(case.weight, cols, passes),
+        "state_in": _state_beats(case),
+    }
+    port = {"header": dut.header, "x_in": dut.x_in, "dy_in": dut.dy_in, "a_in": dut.a_in, "b_in": dut.b_in,
+            "state_in": dut.state_in, "tensor": dut.tensor, "codes": dut.codes, "absmax": dut.absmax}
+    if case.weight.double_quant:
+        port["absmax2"] = dut.absmax2
+    producers = [producer(port[name], beats, stalls.get(name, NO_STALLS)) for name, beats in inputs.items()]
 
-    states = case.states()
-    state_beats = []
-    for name in "AB":
-        m_bits = _bits32(states[f"exp_avg_{name}"]).reshape(-1)
-        v_bits = _bits32(states[f"exp_avg_sq_{name}"]).reshape(-1)
-        state_beats += [int(a) | (int(b) << 32) for a, b in zip(m_bits, v_bits)]
-
-    producers = [
-        producer(dut.header, [header], stalls.get("header", NO_STALLS)),
-        producer(dut.x_in, _segments(_bits16(case.x), banks, 16), stalls.get("x_in", NO_STALLS)),
-        producer(dut.dy_in, _segments(_bits16(case.dy), banks, 16), stalls.get("dy_in", NO_STALLS)),
-        producer(dut.a_in, _segments(_bits32(case.lora_A), banks, 32), stalls.get("a_in", NO_STALLS)),
-        producer(dut.b_in, _segments(_bits32(case.lora_B), banks, 32), stalls.get("b_in", NO_STALLS)),
-        producer(dut.tensor, [tensor] * passes, stalls.get("tensor", NO_STALLS)),
-        producer(dut.codes, codes * passes, stalls.get("codes", NO_STALLS)),
-        producer(dut.absmax, absmax * passes, stalls.get("absmax", NO_STALLS)),
-        producer(dut.state_in, state_beats, stalls.get("state_in", NO_STALLS)),
-    ]
-    if q.double_quant:
-        producers.append(producer(dut.absmax2, absmax2 * passes, stalls.get("absmax2", NO_STALLS)))
-
-    y_count = -(-t // rows) * -(-o // cols) * rows
-    dx_count = -(-t // rows) * -(-i // cols) * rows
-    update_count = r * i + o * r
+    wanted = {"y": -(-t // rows) * -(-o // cols) * rows, "dx": -(-t // rows) * -(-i // cols) * rows,
+              "updates": r * i + o * r}
     phase_log = []
-
-    async def watch(ctx):
-        previous = None
-        cycle = 0
-        async for _, _, value in ctx.tick().sample(dut.phase):
-            cycle += 1
-            if value != previous:
-                phase_log.append((cycle, Phase(value).name))
-                previous = value
-
-    async def consumer(ctx):
-        # y, dx and the updates leave in different phases: take them all in one loop
-        beats = {"y": [], "dx": [], "updates": []}
-        wanted = {"y": y_count, "dx": dx_count, "updates": update_count}
-        ports = {"y": dut.y, "dx": dut.dx, "updates": dut.updates}
-        from amaranth.hdl import Value
-        raws = {k: Value.cast(p.payload) for k, p in ports.items()}
-        for cycle in range(max_cycles):
-            if all(len(beats[k]) == wanted[k] for k in beats):
-                break
-            for key, port in ports.items():
-                ctx.set(port.ready, 0 if stalls.get(key, NO_STALLS).stall() else 1)
-            sample = await ctx.tick().sample(*[x for k in ports for x in (ports[k].valid, ports[k].ready, raws[k])])
-            values = sample[2:]
-            for index, key in enumerate(ports):
-                valid, ready, payload = values[3 * index:3 * index + 3]
-                if valid and ready:
-                    beats[key].append(payload)
-        return beats
-
-    beats, total = simulate(dut, producers, consumer, vcd_path, processes=[watch, _collision_check(dut.engine)])
-    for key, count in (("y", y_count), ("dx", dx_count), ("updates", update_count)):
+    consumer = _collector({"y": dut.y, "dx": dut.dx, "updates": dut.updates}, wanted, stalls, max_cycles)
+    beats, total = simulate(dut, producers, consumer, vcd_path,
+                            processes=[_phase_watch(dut.phase, phase_log), _collision_check(dut.engine)])
+    for key, count in wanted.items():
         if len(beats[key]) != count:
             raise RuntimeError(f"LoRA step produced {len(beats[key])} of {count} '{key}' beats "
                                f"(phases: {phase_log})")
-    y = _unpack_tiles(beats["y"], rows, cols, t, o, 16)
-    dx = _unpack_tiles(beats["dx"], rows, cols, t, i, 16)
-    as16 = lambda a: torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)  # noqa
-    updates = np.array(beats["updates"], dtype=object)
-    fields = {name: np.array([(int(b) >> (32 * k)) & 0xFFFFFFFF for b in updates], np.uint32).view(np.float32)
-              for k, name in enumerate(("grad", "param", "m", "v"))}
-    split = r * i
-    outputs = {"y": as16(y), "dx": as16(dx)}
-    for name, sl, shape in (("A", slice(0, split), (r, i)), ("B", slice(split, None), (o, r))):
-        outputs[f"grad_{name}"] = torch.from_numpy(fields["grad"][sl].reshape(shape).copy())
-        outputs[f"lora_{name}"] = torch.from_numpy(fields["param"][sl].reshape(shape).copy())
-        outputs[f"exp_avg_{name}"] = torch.from_numpy(fields["m"][sl].reshape(shape).copy())
-        outputs[f"exp_avg_sq_{name}"] = torch.from_numpy(fields["v"][sl].reshape(shape).copy())
     phase_cycles = {}
     for (start, name), (end, _) in zip(phase_log, phase_log[1:] + [(total, None)]):
         if name != "IDLE":
             phase_cycles[name] = phase_cycles.get(name, 0) + end - start
-    return StepRun(outputs, total, phase_cycles)
+    return StepRun(_outputs(beats, config, t, i, o, r), total, phase_cycles)

@@ -6,9 +6,9 @@ small models of what each part must produce."""
 import numpy as np
 import pytest
 from amaranth.hdl import Module, Value
-from amaranth.lib import data, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
-from amaranth.lib.wiring import In
+from amaranth.lib.wiring import In, Out
 
 from edge_qlora.constants import BF16, FP32
 from edge_qlora.golden import fp as fp_model
@@ -129,20 +129,22 @@ def test_controller_walks_the_phases():
             ready = phase in PHASES and not stalls.stall()
             ctx.set(dut.job.ready, ready)
             if ready and ctx.get(dut.job.valid):
-                jobs.append((phase, Value.cast(dut.job.payload), dut.job.payload.shape().from_bits(
-                    ctx.get(Value.cast(dut.job.payload))), ctx.get(Value.cast(dut.gemm.dims))))
+                jobs.append((phase, dut.job.payload.shape().from_bits(ctx.get(Value.cast(dut.job.payload))),
+                             ctx.get(Value.cast(dut.gemm.dims))))
                 job_taken = True
             await ctx.tick()
             for task in (*tasks.values(), dut.gemm_task):
                 ctx.set(task.done, 0)
-        return log, jobs, first_cycles
+        params = dut.params.shape().from_bits(ctx.get(Value.cast(dut.params)))
+        return log, jobs, first_cycles, params
 
-    (log, jobs, first_cycles), _ = simulate(dut, [producer(dut.header, [header], stalls)], parts, None)
+    (log, jobs, first_cycles, params), _ = simulate(dut, [producer(dut.header, [header], stalls)], parts, None)
+    assert {name: int(params[name]) for name in header} == header
     assert log == [*list(Phase)[1:], Phase.IDLE]
     assert [phase for phase, *_ in jobs] == list(GEMM_ORDER)
     assert all(not active for _, active in first_cycles)
     dims_layout = dut.gemm.dims.shape()
-    for phase, _, job, dims_bits in jobs:
+    for phase, job, dims_bits in jobs:
         expected = gemm_dims(phase, SIZES)
         assert (job.m, job.n, job.k) == (expected["m"], expected["n"], expected["k"]), phase
         assert (job.transposed, job.rows_in, job.weights) == (expected["transposed"], 1 - expected["nf4"],
@@ -194,7 +196,7 @@ def test_loader_writes_row_segments(banks, width, rows, cols):
 
 # --- operand movers -------------------------------------------------------------------------------------------
 
-def a_operand_beats(act, rows, width=16):
+def a_operand_beats(act, rows, width=BF16.width):
     """The engine's ``a`` stream for A operand ``act`` [M, Q]: per tile of ``rows`` rows, one beat per column."""
     m_size, q_size = act.shape
     return [sum(int(act[m0 + i, q]) << (width * i) for i in range(rows) if m0 + i < m_size)
@@ -206,7 +208,7 @@ def test_a_mover_streams_the_operand(phase):
     rows, banks = 3, 4
     row = PHASES[phase]
     spec = STORES[row.a_store]
-    matrix = np.random.default_rng(phase.value).integers(0, 1 << 16, size=(SIZES[spec.rows], SIZES[spec.cols]))
+    matrix = np.random.default_rng(phase.value).integers(0, 1 << BF16.width, size=(SIZES[spec.rows], SIZES[spec.cols]))
     act = matrix.T if row.a_transposed else matrix
     expected = a_operand_beats(act, rows)
     store = store_for(matrix, banks, BF16.width)
@@ -233,8 +235,9 @@ def w_operand_beats(w, cols, passes):
             for k0 in range(0, k_size, cols):
                 chunk = [int(v) for v in w[n, k0:k0 + cols]] + [0] * (cols - min(cols, k_size - k0))
                 row_end = k0 + cols >= k_size
-                beats.append(sum(v << (16 * j) for j, v in enumerate(chunk)) | row_end << (16 * cols)
-                             | (row_end and n == n_size - 1) << (16 * cols + 1))
+                width = BF16.width
+                beats.append(sum(v << (width * j) for j, v in enumerate(chunk)) | row_end << (width * cols)
+                             | (row_end and n == n_size - 1) << (width * cols + 1))
     return beats
 
 
@@ -278,8 +281,8 @@ def test_w_mover_idles_in_nf4_phases():
 # --- C writer -------------------------------------------------------------------------------------------------
 
 def c_beats(product, rows, cols):
-    """The engine's ``c`` stream for a float32 product [M, P] (bits): tile order, rows past M and columns past P
-    padded with the values given in ``product``'s padding."""
+    """The engine's ``c`` stream for a float32 product [M, P] (bits), in tile order, zeros past M and P:
+    ``(row, p0, values, last)`` per beat."""
     m_size, p_size = product.shape
     tiles_m, tiles_p = -(-m_size // rows), -(-p_size // cols)
     padded = np.zeros((tiles_m * rows, tiles_p * cols), np.int64)
@@ -293,7 +296,8 @@ def c_beats(product, rows, cols):
 
 
 def pack_c(values, last, cols):
-    return sum(v << (32 * j) for j, v in enumerate(values)) | int(last) << (32 * cols)
+    """A ``c`` beat: ``cols`` float32 values and ``last``."""
+    return sum(v << (FP32.width * j) for j, v in enumerate(values)) | int(last) << (FP32.width * cols)
 
 
 def test_c_writer_stores_rounded_products():
@@ -319,7 +323,8 @@ def test_c_writer_stores_rounded_products():
             if en:
                 req = request_layout.from_bits(request)
                 got.append((req.row, req.col, req.count, req.row_address, req.row_words, req.column,
-                            [(values >> (32 * j)) & 0xFFFFFFFF for j in range(config.cols)]))
+                            [(values >> (FP32.width * j)) & ((1 << FP32.width) - 1)
+                             for j in range(config.cols)]))
             if done:
                 dones += 1
                 break
@@ -372,13 +377,14 @@ def test_c_writer_combines_with_the_partner(phase):
                                None)
     assert len(got) == len(beats)
     for beat, (r, p0, values, last) in zip(got, beats):
-        assert beat >> (16 * config.cols) == int(last)
+        assert beat >> (BF16.width * config.cols) == int(last)
         if r >= dims["m"]:
             continue                                    # rows past M are don't-care
         lanes = min(config.cols, dims["p"] - p0)
         s_partner = fp_model.mul(partner[r, p0:p0 + lanes], FP32, np.full(lanes, scaling), FP32, FP32)
         want = fp_model.convert(fp_model.add(np.array(values[:lanes]), s_partner, FP32), FP32, BF16)
-        assert [(beat >> (16 * j)) & 0xFFFF for j in range(lanes)] == [int(v) for v in want], (r, p0)
+        got_lanes = [(beat >> (BF16.width * j)) & ((1 << BF16.width) - 1) for j in range(lanes)]
+        assert got_lanes == [int(v) for v in want], (r, p0)
     assert dones == 1
 
 
@@ -390,9 +396,8 @@ class EchoOptimizer(wiring.Component):
     latency = 2
 
     def __init__(self):
-        from amaranth.lib import stream
         super().__init__({"elements": In(stream.Signature(element_layout)),
-                          "updated": wiring.Out(stream.Signature(update_layout))})
+                          "updated": Out(stream.Signature(update_layout))})
 
     def elaborate(self, platform):
         m = Module()
@@ -448,7 +453,8 @@ def test_updater_feeds_the_optimizer():
     dut = UpdaterRig(banks, depth)
     updater = dut.updater
     scaling = int(fp_model.to_bits(np.float32(0.75), FP32))
-    moments = [int(m) | int(v) << 32 for _, _, ms, vs in tensors for m, v in zip(ms.reshape(-1), vs.reshape(-1))]
+    moments = [int(m) | int(v) << FP32.width
+               for _, _, ms, vs in tensors for m, v in zip(ms.reshape(-1), vs.reshape(-1))]
 
     async def consumer(ctx):
         set_dims(ctx, updater.dims, SIZES)
@@ -477,7 +483,8 @@ def test_updater_feeds_the_optimizer():
     for param, grad, ms, vs in tensors:
         grads = fp_model.mul(grad.reshape(-1), FP32, np.full(grad.size, scaling), FP32, FP32)
         for p, g, m_, v in zip(param.reshape(-1), grads, ms.reshape(-1), vs.reshape(-1)):
-            expected.append(int(g) | int(p) << 32 | int(m_) << 64 | int(v) << 96)
+            fields = (int(g), int(p), int(m_), int(v))   # updates_layout: grad, param, m, v
+            expected.append(sum(value << (FP32.width * k) for k, value in enumerate(fields)))
     assert got == expected
     sizes = [t[0].size for t in tensors]
     assert dones == [(0, sizes[0]), (1, sizes[0] + sizes[1])]

@@ -4,7 +4,6 @@ parts share."""
 from dataclasses import dataclass
 from typing import Optional
 
-from amaranth.hdl import unsigned
 from amaranth.lib import data, enum, wiring
 from amaranth.lib.wiring import In, Out
 
