@@ -89,20 +89,22 @@ def draw(path):
     upd_out = box(ax, 17.9, 0.9, 2.0, 1.1, "updates", "grads, new A, B,\nnew moments", EXT)
 
     # ---- the LoRA step (rtl/lora.py) and the GEMM engine inside it (rtl/gemm.py)
-    frame(ax, 2.35, 0.35, 15.35, 10.45, "LoraStep  (rtl/lora.py)", "#2e7d32")
+    frame(ax, 2.35, 0.35, 15.35, 10.45, "LoraStep  (rtl/lora/)", "#2e7d32")
     frame(ax, 9.05, 3.7, 8.45, 6.85, "GemmEngine  (rtl/gemm/)", "#1f5fa8")
 
-    ctrl = box(ax, 2.6, 6.85, 2.15, 1.05, "Controller", "phase FSM, one GEMM\njob per phase", LORA)
-    load = box(ax, 2.6, 4.9, 2.15, 1.1, "Loaders", "one row segment\nper cycle", LORA)
+    ctrl = box(ax, 2.6, 6.85, 2.15, 1.05, "PhaseController", "the phases, one\nGEMM job per phase", LORA,
+               title_size=FONT)
+    load = box(ax, 2.6, 4.9, 2.15, 1.1, "SegmentLoader x4", "x, dy, A, B: a row\nsegment per cycle", LORA,
+               title_size=FONT)
     pads = box(ax, 5.15, 2.7, 2.05, 5.2, "Scratchpads",
                "MatrixStore,\ndiagonal banks:\na row or a column\nsegment per cycle\n\nx, dy\nA, B (fp32 masters)\n"
                "hb, gb\nyl, dxl\ngA, gB", MEM)
-    a_mov = box(ax, 7.55, 6.55, 1.3, 0.95, "A mover", "a operand", LORA, title_size=FONT)
-    w_mov = box(ax, 7.55, 8.15, 1.3, 0.95, "W mover", "rank-r W\n(rows_in)", LORA, title_size=FONT)
-    c_wr = box(ax, 7.45, 4.0, 1.5, 1.6, "C writer", "store (hb, gb, yl,\ndxl, gA, gB) or\ncombine\nc + s*yl", LORA,
+    a_mov = box(ax, 7.55, 6.55, 1.3, 0.95, "AMover", "a operand", LORA, title_size=FONT)
+    w_mov = box(ax, 7.55, 8.15, 1.3, 0.95, "WMover", "rank-r W\n(rows_in)", LORA, title_size=FONT)
+    c_wr = box(ax, 7.45, 4.0, 1.5, 1.6, "CWriter", "store (hb, gb, yl,\ndxl, gA, gB) or\ncombine\nc + s*yl", LORA,
                title_size=FONT)
-    updr = box(ax, 7.55, 0.75, 2.6, 1.35, "Updater", "gradient s*g, moments\nin, one element/cycle", LORA)
-    opt = box(ax, 11.0, 0.75, 3.3, 1.35, "LoRAOptimizer", "AdamW or SGD, float32,\nrtl/lora_optim.py", LORA)
+    updr = box(ax, 7.55, 0.75, 2.6, 1.35, "Updater", "s*g, parameter,\nmoments: one element\na cycle", LORA)
+    opt = box(ax, 11.3, 0.8, 3.3, 1.3, "LoRAOptimizer", "AdamW or SGD, float32,\nrtl/lora_optim.py", LORA)
 
     # GEMM engine: the W path (top row), the A path (middle row), the compute path (bottom row, right to left);
     # dashed groups are the writer components, which own their buffers
@@ -165,16 +167,16 @@ def draw(path):
     # the update phases
     arrow(ax, [(pads["t"][0], pads["y"]), (pads["t"][0], 1.75), (updr["x"], 1.75)], "A, B, gA, gB",
           label_at=0, label_offset=(-0.55, -0.35))
-    arrow(ax, [updr["r"], opt["l"]])
-    arrow(ax, [opt["r"], upd_out["l"]], "updates")
-    arrow(ax, [(opt["r"][0] + 0.6, opt["r"][1]), (opt["r"][0] + 0.6, 2.4), (pads["x"] + 1.7, 2.4),
-               (pads["x"] + 1.7, pads["y"])], "new A, B (fp32)", dashed=False, label_at=1, label_offset=(0, 0.02))
+    arrow(ax, [(updr["r"][0], 1.7), (opt["x"], 1.7)], "elements", label_offset=(0, 0.05))
+    arrow(ax, [(opt["x"], 1.05), (updr["r"][0], 1.05)], "updated", label_offset=(0, 0.05))
+    arrow(ax, [updr["b"], (updr["b"][0], 0.55), (16.9, 0.55), (16.9, 1.2), (upd_out["x"], 1.2)], "updates",
+          label_at=1, label_offset=(3.5, 0.03))
 
     # control
     arrow(ax, [(8.95, jobc["l"][1]), jobc["l"]], dashed=True)
     ax.text(8.9, jobc["l"][1] + 0.05, "job", ha="right", va="bottom", fontsize=FONT - 1.5, style="italic")
     ax.text(ctrl["x"] + ctrl["w"] / 2, ctrl["y"] - 0.1,
-            "drives the loaders, movers,\nC writer, updater and the\nengine's job stream",
+            "drives the loaders, movers,\nCWriter, Updater and the\nengine's job stream",
             ha="center", va="top", fontsize=FONT - 2.5, style="italic")
 
     # phase order and a legend
