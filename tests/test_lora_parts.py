@@ -5,7 +5,7 @@ small models of what each part must produce."""
 
 import numpy as np
 import pytest
-from amaranth.hdl import Module, Value
+from amaranth.hdl import Module, Signal, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -13,8 +13,9 @@ from amaranth.lib.wiring import In, Out
 from edge_qlora.constants import BF16, FP32
 from edge_qlora.golden import fp as fp_model
 from edge_qlora.golden.scratchpad import row_words
-from edge_qlora.rtl.lora import (GEMM_ORDER, PHASES, STORES, AMover, CWriter, LoraConfig, Phase, PhaseController,
-                                 SegmentLoader, Updater, WMover)
+from edge_qlora.rtl.lora import (GEMM_ORDER, PHASES, STORES, AMover, Combiner, CWriter, LoraConfig, Phase,
+                                 PhaseController, SegmentLoader, Updater, WMover)
+from edge_qlora.rtl.lora.writer import combine_layout
 from edge_qlora.rtl.lora.config import LOAD_ORDER, UPDATE_ORDER
 from edge_qlora.rtl.lora_optim import element_layout, update_layout
 from edge_qlora.rtl.scratchpad import MatrixStore, WritePort, segment_layout
@@ -386,6 +387,55 @@ def test_c_writer_combines_with_the_partner(phase):
         got_lanes = [(beat >> (BF16.width * j)) & ((1 << BF16.width) - 1) for j in range(lanes)]
         assert got_lanes == [int(v) for v in want], (r, p0)
     assert dones == 1
+
+
+def test_combiner_alone_routes_y_and_dx():
+    """Beats for y and dx interleaved, each at its own partner segment; both outputs stall at random."""
+    config = LoraConfig(rows=2, cols=3, max_t=4, max_in=9, max_out=9, max_rank=2)
+    cols, banks = config.cols, config.banks
+    rng = np.random.default_rng(21)
+    partner = random_bits(rng, (4, 9), FP32)
+    words = row_words(9, banks)
+    scaling = int(fp_model.to_bits(np.float32(-1.5), FP32))
+    layout = combine_layout(config)
+    beats, expected = [], {"y": [], "dx": []}
+    for k in range(30):
+        r, p0, to_y = int(rng.integers(0, 4)), 3 * int(rng.integers(0, 3)), bool(rng.integers(0, 2))
+        values = random_bits(rng, cols, FP32)
+        last = k == 29
+        beats.append(layout.const({"data": [int(v) for v in values], "last": last, "y": to_y, "at": {
+            "row_address": r * words, "row_words": words, "row": r, "col": p0, "column": 0, "count": cols}}
+        ).as_bits())
+        s_partner = fp_model.mul(partner[r, p0:p0 + cols], FP32, np.full(cols, scaling), FP32, FP32)
+        want = fp_model.convert(fp_model.add(values, s_partner, FP32), FP32, BF16)
+        expected["y" if to_y else "dx"].append(
+            sum(int(v) << (BF16.width * j) for j, v in enumerate(want)) | int(last) << (BF16.width * cols))
+    combiner = Combiner(config)
+    dut = StoreRig(combiner, combiner.partner, MatrixStore(banks, FP32.width, 4 * words))
+    ports = {"y": combiner.y, "dx": combiner.dx}
+    preloaded = Signal()     # the beats wait for the partner store
+
+    async def consumer(ctx):
+        await preload(ctx, dut.preload, partner, banks)
+        ctx.set(combiner.scaling, scaling)
+        ctx.set(preloaded, 1)
+        stalls = {name: Stalls(0.4, 30 + k) for k, name in enumerate(ports)}
+        got = {name: [] for name in ports}
+        for _ in range(40 * len(beats)):
+            if sum(map(len, got.values())) == len(beats):
+                break
+            for name, port in ports.items():
+                ctx.set(port.ready, 0 if stalls[name].stall() else 1)
+            sample = await ctx.tick().sample(*[x for port in ports.values()
+                                               for x in (port.valid, port.ready, Value.cast(port.payload))])
+            for index, name in enumerate(ports):
+                valid, ready, payload = sample[2 + 3 * index:5 + 3 * index]
+                if valid and ready:
+                    got[name].append(payload)
+        return got
+
+    got, _ = simulate(dut, [after(preloaded, combiner.i, beats, Stalls(0.3, 22))], consumer, None)
+    assert got == expected
 
 
 # --- updater --------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ The parts, each a component of its own, joined by :class:`~.step.LoraStep`:
 - :class:`~.movers.SegmentLoader` (one per input matrix) fills a scratchpad from its input stream;
 - :class:`~.movers.AMover` and :class:`~.movers.WMover` read the scratchpads into the engine's ``a`` and
   ``rows_in`` streams;
-- :class:`~.writer.CWriter` drains the engine's ``c`` stream into a scratchpad or, combined with the stored LoRA
-  term, out on ``y`` and ``dx``;
+- :class:`~.writer.CWriter` drains the engine's ``c`` stream into a scratchpad or, through its
+  :class:`~.writer.Combiner` (``c + s * partner``, rounded to bf16), out on ``y`` and ``dx``;
 - :class:`~.updater.Updater` feeds the optimizer and sends the updates out.
 """
 
@@ -34,8 +34,8 @@ from .controller import PhaseController
 from .movers import AMover, SegmentLoader, WMover
 from .step import LoraStep
 from .updater import Updater
-from .writer import CWriter
+from .writer import Combiner, CWriter
 
 __all__ = ["LoraConfig", "LoraStep", "Phase", "GemmPhase", "PHASES", "GEMM_ORDER", "STORES", "StoreSpec",
            "header_layout", "segment_in_layout", "updates_layout", "PhaseController", "SegmentLoader", "AMover",
-           "WMover", "CWriter", "Updater"]
+           "WMover", "CWriter", "Combiner", "Updater"]

@@ -116,8 +116,8 @@ class LoraStep(wiring.Component):
                      c_writer.scaling.eq(params.scaling)]
 
         # the update phases
-        wiring.connect(m, controller.update[0], updater.tensors[0])
-        wiring.connect(m, controller.update[1], updater.tensors[1])
+        for task, tensor in zip(controller.update, updater.tensors):
+            wiring.connect(m, task, tensor)
         wiring.connect(m, wiring.flipped(self.state_in), updater.state_in)
         wiring.connect(m, updater.elements, optimizer.elements)
         wiring.connect(m, optimizer.updated, updater.updated)

@@ -1,5 +1,5 @@
 """The LoRA step's C writer: the GEMM engine's output into a scratchpad, or combined with a stored LoRA term and
-sent out."""
+sent out (:class:`Combiner`)."""
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
@@ -9,19 +9,93 @@ from ...constants import BF16, FP32
 from ..fp import FPAdd, FPConvert, FPMul
 from ..gemm import c_layout
 from ..pipeline import StallPipeline, delay_line
-from ..scratchpad import ReadPort, WritePort
+from ..scratchpad import ReadPort, WritePort, segment_layout
 from .config import PHASES, STORES, GemmRun, Phase, Task, dims_layout, out_layout, row_words
 
-__all__ = ["CWriter"]
+__all__ = ["CWriter", "Combiner", "combine_layout"]
+
+
+def combine_layout(config):
+    """Payload of the :class:`Combiner`'s input: one engine output beat (float32 lanes, ``last``), whether it
+    belongs to ``y`` (else ``dx``), and ``at``, the partner segment to read beside it."""
+    return data.StructLayout({
+        "data": data.ArrayLayout(FP32.width, config.cols), "last": 1, "y": 1,
+        "at": segment_layout(config.banks, config.address_width),
+    })
+
+
+class Combiner(wiring.Component):
+    """``c + scaling * partner``, rounded to bf16, one beat of ``cols`` lanes per cycle, out on ``y`` or ``dx``.
+
+    A beat's partner segment is read as it enters (two cycles), multiplied by ``scaling`` while the beat waits,
+    and added to it in float32. The whole pipeline stalls with the output stream the beat goes to.
+
+    Parameters
+    ----------
+    config : LoraConfig
+
+    Attributes
+    ----------
+    i : In(stream of :func:`combine_layout`)
+    scaling : In(32)
+        The LoRA scaling ``s``, float32.
+    partner : Out(:class:`~..scratchpad.ReadPort`), float32 lanes
+    y, dx : Out(stream of :func:`~.config.out_layout`)
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({
+            "i": In(stream.Signature(combine_layout(config))),
+            "scaling": In(FP32.width),
+            "partner": Out(ReadPort(config.banks, FP32.width, config.address_width)),
+            "y": Out(stream.Signature(out_layout(config))),
+            "dx": Out(stream.Signature(out_layout(config))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cols, beat = self.config.cols, self.i.payload
+        # stages=6 registers the multipliers' operands: the partner read is chosen by the phase
+        muls = [FPMul(FP32, FP32, FP32, stages=6) for _ in range(cols)]
+        adds = [FPAdd(FP32) for _ in range(cols)]
+        rounders = [FPConvert(FP32, BF16, stages=1) for _ in range(cols)]
+        read_latency = 2
+        latency = read_latency + muls[0].latency + adds[0].latency + rounders[0].latency
+        out_ready = Signal()
+        pipe = StallPipeline(m, latency, out_ready, tag_shape=data.StructLayout({"last": 1, "y": 1}), name="comb")
+        m.d.comb += [
+            self.i.ready.eq(pipe.advance),
+            pipe.in_valid.eq(self.i.valid), pipe.in_tag.last.eq(beat.last), pipe.in_tag.y.eq(beat.y),
+            self.partner.request.eq(beat.at), self.partner.en.eq(pipe.advance),
+        ]
+        # c rides beside the partner read and the multiply
+        c_late = data.View(data.ArrayLayout(FP32.width, cols),
+                           delay_line(m, pipe.advance, beat.data, read_latency + muls[0].latency, "c_delay"))
+        for j in range(cols):
+            m.submodules[f"mul_{j}"] = pipe.stall(muls[j])
+            m.submodules[f"add_{j}"] = pipe.stall(adds[j])
+            m.submodules[f"round_{j}"] = pipe.stall(rounders[j])
+            m.d.comb += [
+                muls[j].a.eq(self.partner.data[j]), muls[j].b.eq(self.scaling),
+                adds[j].a.eq(c_late[j]), adds[j].b.eq(muls[j].result),
+                rounders[j].a.eq(adds[j].result),
+            ]
+        for port, flag in ((self.y, 1), (self.dx, 0)):
+            m.d.comb += [port.valid.eq(pipe.out_valid & (pipe.out_tag.y == flag)),
+                         port.payload.last.eq(pipe.out_tag.last)]
+            for j in range(cols):
+                m.d.comb += port.payload.data[j].eq(rounders[j].result)
+        m.d.comb += out_ready.eq(Mux(pipe.out_tag.y, self.y.ready, self.dx.ready))
+        return m
 
 
 class CWriter(wiring.Component):
     """Drains the engine's ``c`` stream, one beat per output row of a tile, in the engine's tile order.
 
     In a phase with a store destination each beat is written to the store (rounded to bf16 where the phase says
-    so), rows past M dropped. In F2 and B4 the beat goes through the combining pipeline: the partner store is read
-    at the same place (two cycles), ``c + scaling * partner`` is computed in float32, rounded to bf16 and sent
-    out on ``y`` (F2) or ``dx`` (B4); that pipeline stalls with the output streams.
+    so), rows past M dropped. In F2 and B4 the beat goes through the :class:`Combiner`, with the place of its
+    partner segment, and out on ``y`` (F2) or ``dx`` (B4).
 
     Parameters
     ----------
@@ -79,29 +153,24 @@ class CWriter(wiring.Component):
         row = m0 + i
         count = Mux(dims.p - p0 < cols, (dims.p - p0)[:cols.bit_length()], cols)
 
-        # the combining pipeline: the partner read (2 cycles), s * partner, + c, rounding to bf16
-        # (stages=6 registers the multipliers' operands: the partner read is chosen by the phase)
-        out_ready = Signal()
-        muls = [FPMul(FP32, FP32, FP32, stages=6) for _ in range(cols)]
-        adds = [FPAdd(FP32) for _ in range(cols)]
-        rounders = [FPConvert(FP32, BF16, stages=1) for _ in range(cols)]
-        read_latency = 2
-        latency = read_latency + muls[0].latency + adds[0].latency + rounders[0].latency
-        pipe = StallPipeline(m, latency, out_ready, tag_shape=data.StructLayout({"last": 1, "y": 1}), name="comb")
+        # a beat goes into the store, or through the combiner, which reads the partner at the same place
+        m.submodules.combiner = combiner = Combiner(self.config)
+        wiring.connect(m, combiner.partner, wiring.flipped(self.partner))
+        wiring.connect(m, combiner.y, wiring.flipped(self.y))
+        wiring.connect(m, combiner.dx, wiring.flipped(self.dx))
+        at = combiner.i.payload.at
         accept = Signal()
         m.d.comb += [
-            c.ready.eq(Mux(combining, pipe.advance, 1)),
+            at.row_address.eq(row_address), at.row_words.eq(words), at.row.eq(row), at.col.eq(p0),
+            at.column.eq(0), at.count.eq(count),
+            self.write.request.eq(at),
+            combiner.scaling.eq(self.scaling),
+            combiner.i.valid.eq(c.valid & combining),
+            combiner.i.payload.data.eq(c.payload.data), combiner.i.payload.last.eq(c.payload.last),
+            combiner.i.payload.y.eq(run.phase == Phase.F2),
+            c.ready.eq(Mux(combining, combiner.i.ready, 1)),
             accept.eq(c.valid & c.ready),
-            pipe.in_valid.eq(c.valid & combining),
-            pipe.in_tag.last.eq(c.payload.last),
-            pipe.in_tag.y.eq(run.phase == Phase.F2),
         ]
-        for request in (self.write.request, self.partner.request):
-            m.d.comb += [
-                request.row_address.eq(row_address), request.row_words.eq(words), request.row.eq(row),
-                request.col.eq(p0), request.column.eq(0), request.count.eq(count),
-            ]
-        m.d.comb += self.partner.en.eq(pipe.advance)
 
         # store destinations take the beat directly, rounded to bf16 combinationally for hb and gb
         m.d.comb += self.write.en.eq(accept & (row < dims.m))
@@ -109,25 +178,6 @@ class CWriter(wiring.Component):
             m.submodules[f"store_round_{j}"] = unit = FPConvert(FP32, BF16, stages=0)
             m.d.comb += [unit.a.eq(c.payload.data[j]),
                          self.write.data[j].eq(Mux(rounding, unit.result, c.payload.data[j]))]
-
-        # c rides beside the partner read and the multiply
-        c_late = data.View(data.ArrayLayout(FP32.width, cols),
-                           delay_line(m, pipe.advance, c.payload.data, read_latency + muls[0].latency, "c_delay"))
-        for j in range(cols):
-            m.submodules[f"comb_mul_{j}"] = pipe.stall(muls[j])
-            m.submodules[f"comb_add_{j}"] = pipe.stall(adds[j])
-            m.submodules[f"comb_round_{j}"] = pipe.stall(rounders[j])
-            m.d.comb += [
-                muls[j].a.eq(self.partner.data[j]), muls[j].b.eq(self.scaling),
-                adds[j].a.eq(c_late[j]), adds[j].b.eq(muls[j].result),
-                rounders[j].a.eq(adds[j].result),
-            ]
-        for port, flag in ((self.y, 1), (self.dx, 0)):
-            m.d.comb += [port.valid.eq(pipe.out_valid & (pipe.out_tag.y == flag)),
-                         port.payload.last.eq(pipe.out_tag.last)]
-            for j in range(cols):
-                m.d.comb += port.payload.data[j].eq(rounders[j].result)
-        m.d.comb += out_ready.eq(Mux(pipe.out_tag.y, self.y.ready, self.dx.ready))
 
         # beat bookkeeping: tile order, rows within a tile
         last_i = i == rows - 1
@@ -141,12 +191,13 @@ class CWriter(wiring.Component):
             with m.If(c.payload.last):
                 m.d.sync += [i.eq(0), p0.eq(0), m0.eq(0), tile_address.eq(0), row_address.eq(0)]
 
-        # done: the last beat taken and, when combining, out of the pipeline
+        # done: the last beat taken and, when combining, out of the combiner
         finished = Signal()
         with m.If(accept & c.payload.last & ~combining):
             m.d.sync += finished.eq(1)
-        with m.If(pipe.out_valid & pipe.out_tag.last & out_ready):
-            m.d.sync += finished.eq(1)
+        for port in (self.y, self.dx):
+            with m.If(port.valid & port.ready & port.payload.last):
+                m.d.sync += finished.eq(1)
         with m.If(finished):
             m.d.sync += finished.eq(0)
         m.d.comb += self.task.done.eq(finished)
