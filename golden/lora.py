@@ -211,7 +211,7 @@ def step_peft_bf16(case):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from ..formats import quant_state_dict
+    from .bnb_state import quant_state_dict
 
     out_features, in_features = case.weight.shape
     rank = case.lora_A.shape[0]
