@@ -223,6 +223,102 @@ def _parse_nextpnr_report(path, target_mhz, log=None):
     return fmax, timing_met, utilization
 
 
+# Where a tool's phase shows in its log: (log line pattern, status text with the match's groups).
+_YOSYS_PHASES = [(re.compile(r"^\d+(?:\.\d+)?\. Executing (\w+) pass"), "{0} pass")]
+_NEXTPNR_PHASES = [
+    (re.compile(r"^Info: Packing"), "packing"),
+    (re.compile(r"^Info: (?:Creating initial analytic placement|Running main analytical placer)"),
+     "placing (analytic)"),
+    (re.compile(r"^Info:\s+at (?:initial placer iter|iteration #)(\d+)[, ].*type ALL"),
+     "placing (analytic, iteration {0})"),
+    (re.compile(r"^Info: Running simulated annealing placer"), "placing (annealing)"),
+    (re.compile(r"^Info:\s+at iteration #(\d+): temp"), "placing (annealing, iteration {0})"),
+    (re.compile(r"^Info: (?:Routing\.\.|Setting up routing|Running router2)"), "routing"),
+    (re.compile(r"^Info:\s+(\d+)\s*\|[^|]*\|[^|]*\|\s*(\d+)\s*\|"), "routing (router1, {1} arcs left)"),
+    (re.compile(r"^Info:\s+iter=(\d+).*overused=(\d+)"), "routing (router2 iteration {0}, {1} overused wires)"),
+    (re.compile(r"^Info: (?:Routing complete|Critical path report)"), "timing analysis"),
+]
+
+
+# PLL cell types of the board platforms and their output port that clocks ``sync``
+_PLL_OUTPUTS = {"EHXPLLL": "CLKOP", "SB_PLL40_PAD": "PLLOUTGLOBAL"}
+# clock constraints by net name: ECP5 .lpf and iCE40 .pcf
+_NET_CONSTRAINTS = (re.compile(r'^(FREQUENCY NET ")([^"]+)(".*)$'), re.compile(r"^(set_frequency )(\S+)( .*)$"))
+
+
+def _retarget_clock_constraints(out_dir):
+    """Point the constraint on the PLL output at the name its net kept through synthesis.
+
+    Amaranth constrains the PLL output by the signal's name (``cd_sync.clk``), but the net has several names
+    (``clk``, the ``por`` domain's clock, ...) and Yosys keeps only some; when ``cd_sync.clk`` is not among them,
+    nextpnr warns ``net 'cd_sync.clk' does not exist in design, ignoring clock constraint`` and times the clock only
+    by the frequency it derives from the PLL's input constraint and dividers. This renames the constrained net in
+    the constraint file to a name the netlist has, so the target is the net's own constraint. Returns
+    ``[(old name, new name)]``.
+    """
+    module = json.loads((out_dir / f"{_NAME}.json").read_text())["modules"][_NAME]
+    names = module.get("netnames", {})
+    outputs = [cell["connections"][_PLL_OUTPUTS[cell["type"]]] for cell in module.get("cells", {}).values()
+               if cell.get("type") in _PLL_OUTPUTS]
+    if len(outputs) != 1:
+        return []
+    kept = [name for name, net in names.items() if net.get("bits") == outputs[0]]
+    if not kept:
+        return []
+    # a name the user would recognise: public, short
+    new = min(kept, key=lambda name: (names[name].get("hide_name", 0), name.count("$"), len(name), name))
+    changes = []
+    for path in (out_dir / f"{_NAME}.lpf", out_dir / f"{_NAME}.pcf"):
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            for pattern in _NET_CONSTRAINTS:
+                match = pattern.match(line)
+                if match and match[2] not in names and match[2].endswith(".clk"):
+                    lines[i] = f"{match[1]}{new}{match[3]}" + ("\n" if line.endswith("\n") else "")
+                    changes.append((match[2], new))
+        if changes:
+            with atomic_output(path, "w") as f:
+                f.write("".join(lines))
+    return changes
+
+
+def _tool_log(tool, out_dir):
+    """The log a tool writes as it runs and the phases to find in it (``None`` for the bitstream packers)."""
+    if tool == "yosys":
+        return out_dir / f"{_NAME}.rpt", _YOSYS_PHASES
+    if tool.startswith("nextpnr"):
+        return out_dir / f"{_NAME}.tim", _NEXTPNR_PHASES
+    return None, []
+
+
+def _watch(process, tool, out_dir, status, interval=1.0):
+    """Wait for ``process``, calling ``status`` with the phase its log shows about every ``interval`` seconds."""
+    log, phases = _tool_log(tool, out_dir)
+    phase, offset, pending = _STEP[tool], 0, ""
+    while True:
+        try:
+            return process.wait(timeout=interval)
+        except subprocess.TimeoutExpired:
+            pass
+        if status is None:
+            continue
+        if log is not None and log.exists():
+            with open(log, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset += len(chunk)
+            lines = (pending + chunk.decode(errors="replace")).split("\n")
+            pending = lines.pop()
+            for line in lines:
+                for pattern, text in phases:
+                    match = pattern.match(line)
+                    if match:
+                        phase = text.format(*match.groups())
+        status(f"{tool}: {phase}")
+
+
 def _prepare_build(design, board, out_dir, target_mhz, seed):
     """Check every argument and the toolchain before anything is elaborated or written."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -246,7 +342,7 @@ def _prepare_build(design, board, out_dir, target_mhz, seed):
 
 
 def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, lut_mapper="abc9", place_only=False,
-          floorplan=False, progress=None):
+          floorplan=False, progress=None, status=None):
     """Build a bitstream of ``design`` for ``board`` and report its Fmax and resource use.
 
     The design runs in ``sync`` at ``target_mhz`` (generated by the board PLL, see
@@ -282,6 +378,9 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, lut_m
         must hold the engine's PE array (the engine itself or the step accelerator).
     progress : callable, optional
         Called with a short line (``"yosys: synthesis"``) as each step starts.
+    status : callable, optional
+        Called about once a second while a tool runs, with its phase read from its log (``"nextpnr-ecp5: routing
+        (router1, 12345 arcs left)"``, ``"yosys: ABC9 pass"``): for a live status line.
 
     Returns
     -------
@@ -349,8 +448,15 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, lut_m
 
     def run(tool, args):
         with open(out_dir / f"{tool}.log", "w") as output:
-            return subprocess.run([env[_env_var(tool)], *args], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=output, stderr=subprocess.STDOUT).returncode
+            process = subprocess.Popen([env[_env_var(tool)], *args], cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=output, stderr=subprocess.STDOUT)
+            try:
+                return _watch(process, tool, out_dir, status)
+            except BaseException:
+                # Ctrl-C (or any failure here): do not leave the tool running
+                process.terminate()
+                process.wait()
+                raise
 
     def map_luts_with_abc():
         # the LUT mapping step of synth_* with classic ABC, the rest of synth_* unchanged
@@ -376,6 +482,12 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, lut_m
             returncode = run(tool, args)
         if returncode != 0:
             raise BuildError(_diagnose(tool, returncode, out_dir, device))
+        if tool == "yosys":
+            try:
+                _retarget_clock_constraints(out_dir)
+            except (OSError, ValueError, KeyError, TypeError, OutputError) as error:
+                raise BuildError(f"clock constraint: cannot read the netlist {out_dir / f'{_NAME}.json'} "
+                                 f"({error})") from None
         if tool == "yosys" and floorplan:
             say("floorplan: pinning the PE multipliers to DSP sites")
             try:

@@ -1,10 +1,16 @@
 """The ``edge-qlora`` command line.
 
-Every error the user can cause ends in one line on stderr (``edge-qlora: error: ...``) and exit status 2; a bug
-in the tool itself still shows its traceback.
+Every error the user can cause (a bad input file or option, an output that cannot be written, a design that does not
+fit its board, a write that fails) ends in one line on stderr (``edge-qlora: error: ...``) and exit status 2;
+Ctrl-C ends in ``edge-qlora: interrupted`` and exit status 130. Output paths are checked before any long work, and
+every output is written to a temporary file beside it and renamed when complete, so an interrupted run leaves
+neither a truncated file nor a destroyed older one. Runs longer than a few seconds show progress on stderr when it
+is a terminal (``--quiet`` turns it off). A bug in the tool itself still shows its traceback.
 """
 
 import argparse
+import contextlib
+import inspect
 import os
 import sys
 import time
@@ -19,6 +25,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # one line instead of argparse's usage dump
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is none to show (flags, board-dependent defaults, which
+    their help spells out)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or any(action.default is none
+                                                                 for none in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
 
 
 def _lanes(text):
@@ -56,46 +74,52 @@ def _blocksize(text):
 
 def _parser():
     parser = _Parser(
-        prog="edge-qlora",
+        prog="edge-qlora", formatter_class=_HelpFormatter,
         description="Edge-QLoRA: FPGA IP cores for QLoRA, bit-exact with bitsandbytes. Each command runs the RTL in "
                     "Amaranth's simulator (--backend pysim, the default) or the bit-accurate Python model "
                     "(--backend golden).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (they appear on stderr only when it is a terminal)")
 
-    demo = commands.add_parser(
+    def command(name, **kwargs):
+        return commands.add_parser(name, formatter_class=_HelpFormatter, parents=[common], **kwargs)
+
+    demo = command(
         "demo", help="quantize and dequantize a TinyLlama-shaped weight on the RTL, checked against bitsandbytes",
         description="The main job in one command: a random bf16 weight of TinyLlama's hidden width is quantized to "
                     "NF4 (blocksize 64, double quantization) by the RTL quantizer and dequantized by the RTL "
                     "dequantizer, both in Amaranth's simulator, and every output is compared bit for bit with "
                     "bitsandbytes' quantize_4bit / dequantize_4bit.")
-    demo.add_argument("--rows", type=int, default=8, help="rows of the weight (default 8; TinyLlama has 2048)")
-    demo.add_argument("--cols", type=int, default=2048, help="columns of the weight (default 2048)")
-    demo.add_argument("--lanes", type=_lanes, default=16, help="RTL lanes (default 16)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--rows", type=int, default=8, help="rows of the weight (TinyLlama's projections have 2048)")
+    demo.add_argument("--cols", type=int, default=2048, help="columns of the weight")
+    demo.add_argument("--lanes", type=_lanes, default=16, help="RTL lanes (weights per cycle), 1 to 16")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weight")
 
-    quantize = commands.add_parser(
+    quantize = command(
         "quantize", help="quantize a weight to NF4 (bitsandbytes' quantize_4bit)",
         description="Quantize the tensor 'weight' of a safetensors file to NF4. OUT holds the packed weight under "
                     "'weight' and bitsandbytes' QuantState under 'weight.<key>' (QuantState.as_dict(packed=True)), "
                     "as a Linear4bit state dict does, so QuantState.from_dict loads it.")
     quantize.add_argument("input", metavar="IN", help="safetensors file with a float32/float16/bfloat16 'weight'")
-    quantize.add_argument("output", metavar="OUT", help="safetensors file to write")
-    quantize.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size (default 64)")
+    quantize.add_argument("output", metavar="OUT", help="safetensors file to write (replaced if it exists)")
+    quantize.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size")
     quantize.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                          help="quantize the absmax values again, as QLoRA does (default: on)")
+                          help="quantize the absmax values again, as QLoRA does")
     _backend_options(quantize)
 
-    dequant = commands.add_parser(
+    dequant = command(
         "dequant", help="dequantize an NF4 weight (bitsandbytes' dequantize_4bit)",
         description="Dequantize an NF4 weight stored as 'quantize' writes it (the form of a bitsandbytes Linear4bit "
                     "state dict). OUT holds 'weight' in the requested dtype and the original shape.")
     dequant.add_argument("input", metavar="IN", help="safetensors file with 'weight' and 'weight.<quant-state key>'")
-    dequant.add_argument("output", metavar="OUT", help="safetensors file to write")
-    dequant.add_argument("--dtype", choices=DTYPES, default="bf16", help="output dtype (default bf16)")
+    dequant.add_argument("output", metavar="OUT", help="safetensors file to write (replaced if it exists)")
+    dequant.add_argument("--dtype", choices=DTYPES, default="bf16", help="output dtype")
     _backend_options(dequant)
 
-    matmul = commands.add_parser(
+    matmul = command(
         "matmul", help="y = x @ W.T (or x @ W) on the GEMM engine, W in bf16 or NF4",
         description="Multiply activations by a weight on the systolic GEMM engine. Without --transpose-w: "
                     "y = x @ W.T, x [M, K], W [N, K], y [M, N] (the forward pass). With --transpose-w: y = x @ W, "
@@ -104,77 +128,87 @@ def _parser():
                     "in full precision.")
     matmul.add_argument("x", metavar="X", help="safetensors file with a bf16 tensor 'x'")
     matmul.add_argument("w", metavar="W", help="safetensors file with 'weight' (bf16, or NF4 + quant state)")
-    matmul.add_argument("output", metavar="OUT", help="safetensors file to write, with 'y'")
-    matmul.add_argument("--rows", type=_side("rows"), default=4, help="PE array rows, 1 to 16 (default 4)")
-    matmul.add_argument("--cols", type=_side("cols"), default=4, help="PE array columns, 1 to 16 (default 4)")
+    matmul.add_argument("output", metavar="OUT", help="safetensors file to write, with 'y' (replaced if it exists)")
+    matmul.add_argument("--rows", type=_side("rows"), default=4, help="PE array rows, 1 to 16")
+    matmul.add_argument("--cols", type=_side("cols"), default=4, help="PE array columns, 1 to 16")
     matmul.add_argument("--transpose-w", action="store_true", help="compute x @ W instead of x @ W.T")
-    matmul.add_argument("--out-dtype", choices=("bf16", "fp32"), default="bf16", help="y's dtype (default bf16)")
+    matmul.add_argument("--out-dtype", choices=("bf16", "fp32"), default="bf16", help="y's dtype")
     matmul.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
-                        help="pysim: the RTL in Amaranth's simulator (default); golden: the bit-accurate model")
-    matmul.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
+                        help="pysim: the RTL in Amaranth's simulator; golden: the bit-accurate model")
+    matmul.add_argument("--vcd", metavar="FILE", default=None,
+                        help="write a VCD waveform of the RTL run (pysim only; default: none)")
 
-    step = commands.add_parser(
+    step = command(
         "step", help="one QLoRA training step of a linear layer (forward, backward, update)",
         description="Run one training step of a QLoRA linear layer: y = x W^T + s (x A^T) B^T, the gradients of "
                     "A and B, dx, and the SGD or AdamW update of A and B. CASE is a safetensors file with x [T, in] "
                     "and dy [T, out] (bf16), lora_A [r, in] and lora_B [out, r] (float32 or bf16), the NF4 base "
                     "weight as base.weight + base.weight.<quant-state keys>, optionally exp_avg_A, exp_avg_sq_A, "
                     "exp_avg_B, exp_avg_sq_B (zeros when absent), and metadata strings scaling, optimizer (sgd or "
-                    "adamw), lr, beta1, beta2, eps, weight_decay, step. OUT holds y, dx, grad_A, grad_B, the new "
-                    "lora_A and lora_B (float32 master copies) and the new optimizer state.")
+                    "adamw), lr, beta1, beta2, eps, weight_decay, step. OUT is the CASE of the next step: the new "
+                    "lora_A and lora_B (float32 master copies), the new optimizer state, step + 1, the same x, dy, "
+                    "base weight and hyperparameters (replace x and dy for the next batch), and this step's "
+                    "results y, dx, grad_A and grad_B. OUT must not be CASE.")
     step.add_argument("case", metavar="CASE", help="safetensors step case")
-    step.add_argument("output", metavar="OUT", help="safetensors file to write")
+    step.add_argument("output", metavar="OUT", help="safetensors file to write: the next step's case and this "
+                                                    "step's results (replaced if it exists)")
     step.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
-                      help="pysim: the RTL controller in Amaranth's simulator (default); golden: the bit-accurate "
-                           "model")
-    step.add_argument("--rows", type=_side("rows"), default=4, help="GEMM array rows, 1 to 16 (default 4)")
-    step.add_argument("--cols", type=_side("cols"), default=4, help="GEMM array columns, 1 to 16 (default 4)")
-    step.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
+                      help="pysim: the RTL controller in Amaranth's simulator; golden: the bit-accurate model")
+    step.add_argument("--rows", type=_side("rows"), default=4, help="GEMM array rows, 1 to 16")
+    step.add_argument("--cols", type=_side("cols"), default=4, help="GEMM array columns, 1 to 16")
+    step.add_argument("--vcd", metavar="FILE", default=None,
+                      help="write a VCD waveform of the RTL run (pysim only; default: none)")
 
-    make_case = commands.add_parser(
+    make_case = command(
         "make-case", help="write a random step case for 'step' (x, dy, LoRA factors, NF4 base weight)",
         description="Write a step case with random inputs: x [T, in] ~ N(0, 1) and dy [T, out] ~ N(0, 0.01) in "
                     "bf16, a base weight ~ N(0, 0.02^2) quantized to NF4 (blocksize 64, double quantization), "
-                    "lora_A and lora_B ~ N(0, 0.05^2) in float32, and the optimizer settings as metadata.")
-    make_case.add_argument("output", metavar="OUT", help="safetensors file to write")
-    make_case.add_argument("--tokens", type=int, default=4, help="T (default 4)")
-    make_case.add_argument("--in-features", type=int, default=64, help="in (default 64)")
-    make_case.add_argument("--out-features", type=int, default=48, help="out (default 48)")
-    make_case.add_argument("--rank", type=int, default=8, help="r (default 8)")
-    make_case.add_argument("--scaling", type=float, default=2.0, help="s = lora_alpha / r (default 2.0)")
-    make_case.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    make_case.add_argument("--lr", type=float, default=1e-3)
-    make_case.add_argument("--weight-decay", type=float, default=0.01)
-    make_case.add_argument("--seed", type=int, default=0)
+                    "lora_A and lora_B ~ N(0, 0.05^2) in float32, and the optimizer settings as metadata (AdamW's "
+                    "beta1 0.9, beta2 0.999, eps 1e-8; step 1).")
+    make_case.add_argument("output", metavar="OUT", help="safetensors file to write (replaced if it exists)")
+    make_case.add_argument("--tokens", type=int, default=4, help="T, tokens in the batch")
+    make_case.add_argument("--in-features", type=int, default=64, help="in, the layer's input features")
+    make_case.add_argument("--out-features", type=int, default=48, help="out, the layer's output features")
+    make_case.add_argument("--rank", type=int, default=8, help="r, the LoRA rank")
+    make_case.add_argument("--scaling", type=float, default=2.0, help="s = lora_alpha / r")
+    make_case.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer of the step")
+    make_case.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    make_case.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (decoupled for AdamW)")
+    make_case.add_argument("--seed", type=int, default=0, help="seed of the random tensors")
 
-    build = commands.add_parser(
+    build = command(
         "build", help="build a bitstream for a board with the open toolchain",
         description="Elaborate a design behind a board wrapper, run YoWASP Yosys, nextpnr and the bitstream "
                     "packer, and write the bitstream and report.json (Fmax per clock, target, utilization) to "
                     "the output folder. The design is the NF4 dequantizer, or with --rows/--cols the GEMM engine "
                     "(with its dequantizer), or with --lora the whole step accelerator. The GEMM engine on the "
                     "ulx3s-85f builds as its 8x8 array routed at 107.71 MHz: classic ABC LUT mapping, seed 5 and "
-                    "the PE multipliers pinned to a DSP floorplan between Yosys and nextpnr (--floorplan).")
-    build.add_argument("--board", choices=BOARDS, required=True, help="target board")
-    build.add_argument("--rows", type=_side("rows"), default=None, help="build the GEMM engine with this many rows")
-    build.add_argument("--cols", type=_side("cols"), default=None, help="... and this many columns")
+                    "the PE multipliers pinned to a DSP floorplan between Yosys and nextpnr (--floorplan). A "
+                    "design known not to fit the board (measured builds, see --lanes) is refused before Yosys "
+                    "runs, naming the largest that fits.")
+    build.add_argument("--board", choices=BOARDS, required=True, help="target board (required)")
+    build.add_argument("--rows", type=_side("rows"), default=None,
+                       help="build the GEMM engine with this many rows (default: the dequantizer alone)")
+    build.add_argument("--cols", type=_side("cols"), default=None,
+                       help="... and this many columns (and dequantizer lanes) (default: none)")
     build.add_argument("--max-k", type=int, default=512,
-                       help="GEMM engine buffers: longest W row and most W rows transposed (default 512, as in the "
-                            "synthesis table)")
+                       help="GEMM engine buffers: longest W row and most W rows transposed (the synthesis table's "
+                            "and the routed 8x8's value)")
     build.add_argument("--lora", action="store_true",
                        help="build the full step accelerator (dequantizer, GEMM engine, LoRA datapath, optimizer, "
                             "controller) on a --rows x --cols array")
-    build.add_argument("--max-t", type=int, default=16, help="--lora: most tokens per step (default 16)")
-    build.add_argument("--max-in", type=int, default=64, help="--lora: largest in_features (default 64)")
-    build.add_argument("--max-out", type=int, default=64, help="--lora: largest out_features (default 64)")
-    build.add_argument("--max-rank", type=int, default=8, help="--lora: largest LoRA rank (default 8)")
-    build.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                       help="--lora: optimizer core (default adamw)")
-    build.add_argument("--lanes", type=_lanes, default=8, help="dequantizer lanes, 1 to 16 (default 8)")
-    build.add_argument("--dtype", choices=DTYPES, default="bf16", help="dequantizer output dtype (default bf16)")
-    build.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size (default 64)")
+    build.add_argument("--max-t", type=int, default=16, help="--lora: most tokens per step")
+    build.add_argument("--max-in", type=int, default=64, help="--lora: largest in_features")
+    build.add_argument("--max-out", type=int, default=64, help="--lora: largest out_features")
+    build.add_argument("--max-rank", type=int, default=8, help="--lora: largest LoRA rank")
+    build.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="--lora: optimizer core")
+    build.add_argument("--lanes", type=_lanes, default=None,
+                       help="dequantizer lanes, 1 to 16 (default: 1 on icebreaker, the most that fits its 5280 "
+                            "logic cells; 8 on ulx3s-85f, where all 16 fit)")
+    build.add_argument("--dtype", choices=DTYPES, default="bf16", help="dequantizer output dtype")
+    build.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size")
     build.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                       help="build the plain-absmax dequantizer")
+                       help="build the plain-absmax dequantizer (default: double quantization)")
     build.add_argument("--compact", action=argparse.BooleanOptionalAction, default=None,
                        help="dequantizer float units with fewer pipeline registers, for small FPGAs "
                             "(default: on for icebreaker, off for ulx3s-85f)")
@@ -198,45 +232,83 @@ def _parser():
     build.add_argument("--place-only", action="store_true",
                        help="stop after placement (no routing, no bitstream): a quick check that a large design "
                             "fits; Fmax is nextpnr's estimate before routing")
-    build.add_argument("--out", default=None, metavar="DIR", help="output folder (default build/<board>)")
+    build.add_argument("--out", default=None, metavar="DIR",
+                       help="output folder, created if missing (default: build/<board>)")
     return parser
 
 
 def _backend_options(parser):
     parser.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
-                        help="pysim: the RTL in Amaranth's simulator (default); golden: the Python model")
-    parser.add_argument("--lanes", type=_lanes, default=8, help="RTL lanes (weights per cycle), 1 to 16 (default 8)")
-    parser.add_argument("--vcd", metavar="FILE", default=None, help="write a VCD waveform of the RTL run (pysim)")
+                        help="pysim: the RTL in Amaranth's simulator; golden: the Python model")
+    parser.add_argument("--lanes", type=_lanes, default=8, help="RTL lanes (weights per cycle), 1 to 16")
+    parser.add_argument("--vcd", metavar="FILE", default=None,
+                        help="write a VCD waveform of the RTL run (pysim only; default: none)")
 
 
-def _progress_bar(total, desc):
+def _show_progress(args):
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def _progress_bar(args, total, desc, unit="beat"):
+    """A tqdm bar on stderr (shown on a terminal, without --quiet) and its ``update(done, total=None)``."""
     from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, unit="beat", file=sys.stderr, leave=False,
-               disable=not sys.stderr.isatty())
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, unit_scale=total is None,
+               disable=not _show_progress(args))
 
     def update(done, _total=None):
         bar.update(done - bar.n)
     return bar, update
 
 
-def _check_output(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        from .formats import InputError
-        raise InputError(f"{path}: output folder {folder} does not exist")
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(args, outputs, inputs=()):
+    """Refuse, before any work, an output that cannot be written or that is an input or another output.
+
+    ``outputs`` and ``inputs`` are ``(what, path)`` pairs; ``None`` paths are skipped. A ``--vcd`` needs the
+    simulator.
+    """
+    from .outputs import OutputError, check_output
+
+    if getattr(args, "vcd", None) and getattr(args, "backend", "pysim") != "pysim":
+        raise OutputError("--vcd records the RTL run: it needs --backend pysim")
+    outputs = [(what, path) for what, path in outputs if path is not None]
+    for index, (what, path) in enumerate(outputs):
+        check_output(path, what)
+        for other_what, other in [*inputs, *outputs[:index]]:
+            if _same_file(path, other):
+                raise OutputError(f"{what} {path} is the same file as {other_what} {other}; "
+                                  f"write it to another file")
+
+
+@contextlib.contextmanager
+def _vcd(args):
+    """The path the simulator writes the VCD to (a temporary file renamed to --vcd at the end), or None."""
+    if not getattr(args, "vcd", None):
+        yield None
+        return
+    from .outputs import atomic_output
+    with atomic_output(args.vcd) as temp:
+        yield temp
 
 
 def _quantize(args):
-    from .formats import load_weight, save_quantized
+    from .formats import InputError, load_weight, save_quantized
     from .golden import nf4_quant
 
-    _check_output(args.output)
+    _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("IN", args.input)])
     weight = load_weight(args.input)
     values = weight.detach().reshape(-1).float().numpy()
     try:
         nf4_quant.check_finite(values)
     except ValueError as error:
-        from .formats import InputError
         raise InputError(f"{args.input}: {error}") from None
     start = time.perf_counter()
     if args.backend == "golden":
@@ -244,10 +316,10 @@ def _quantize(args):
         report = None
     else:
         from .sim.nf4_quant import quantize_rtl
-        bar, update = _progress_bar(-(-weight.numel() // args.lanes), "quantize (pysim)")
-        with bar:
+        bar, update = _progress_bar(args, -(-weight.numel() // args.lanes), "quantize (pysim)")
+        with bar, _vcd(args) as vcd_path:
             quantized, report = quantize_rtl(weight, args.blocksize, args.double_quant, lanes=args.lanes,
-                                             vcd_path=args.vcd, progress=update)
+                                             vcd_path=vcd_path, progress=update)
     save_quantized(args.output, quantized)
     seconds = time.perf_counter() - start
     n = weight.numel()
@@ -263,7 +335,7 @@ def _dequant(args):
     from .formats import load_quantized, save_weight
     from .golden import nf4_dequant
 
-    _check_output(args.output)
+    _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("IN", args.input)])
     quantized = load_quantized(args.input)
     n = 1
     for dim in quantized.shape:
@@ -278,9 +350,9 @@ def _dequant(args):
         from .sim.nf4 import run_dequantizer
         config = NF4DequantConfig(lanes=args.lanes, blocksize=quantized.blocksize, out_dtype=args.dtype,
                                   double_quant=quantized.double_quant)
-        bar, update = _progress_bar(-(-n // args.lanes), "dequant (pysim)")
-        with bar:
-            run = run_dequantizer(quantized, config, vcd_path=args.vcd, progress=update)
+        bar, update = _progress_bar(args, -(-n // args.lanes), "dequant (pysim)")
+        with bar, _vcd(args) as vcd_path:
+            run = run_dequantizer(quantized, config, vcd_path=vcd_path, progress=update)
         weight = torch.from_numpy(run.values.view({"bf16": "int16", "fp16": "int16", "fp32": "int32"}[args.dtype]))
         weight = weight.view(nf4_dequant.DTYPES[args.dtype]).reshape(quantized.shape)
         cycles = run.cycles
@@ -322,17 +394,40 @@ def _build_settings(args):
     return seed, lut_mapper, floorplan
 
 
+def _check_build_folder(out):
+    """Refuse, before elaborating anything, a build folder that cannot be created or written."""
+    from .outputs import OutputError, check_output
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out):
+        check_output(os.path.join(out, "report.json"), "--out")
+    else:
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise OutputError(f"--out {out}: cannot create build folder: {parent} does not exist")
+        check_output(os.path.join(parent, os.path.basename(os.path.abspath(out))), "--out")
+
+
 def _build(args):
     from .boards.build import BuildError, build, format_report
+    from .boards.fits import check_fit, default_lanes, fit_hint
 
     out = args.out or os.path.join("build", args.board)
     if (args.rows is None) != (args.cols is None):
         raise BuildError("--rows and --cols go together (they select the GEMM engine)")
+    if args.lora and args.rows is None:
+        raise BuildError("--lora needs --rows and --cols (the GEMM engine's array)")
+    _check_build_folder(out)
     seed, lut_mapper, floorplan = _build_settings(args)
+    kind = "lora" if args.lora else "gemm" if args.rows is not None else "dequantizer"
+    lanes = args.lanes if args.lanes is not None else default_lanes(args.board)
+    try:
+        check_fit(args.board, kind, lanes=lanes, rows=args.rows, cols=args.cols, dtype=args.dtype)
+    except ValueError as error:
+        raise BuildError(str(error)) from None
     if args.lora:
         from .rtl.lora import LoraConfig, LoraStep
-        if args.rows is None:
-            raise BuildError("--lora needs --rows and --cols (the GEMM engine's array)")
         try:
             config = LoraConfig(rows=args.rows, cols=args.cols, max_t=args.max_t, max_in=args.max_in,
                                 max_out=args.max_out, max_rank=args.max_rank, optimizer=args.optimizer,
@@ -354,9 +449,9 @@ def _build(args):
     else:
         from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
         compact = args.board == "icebreaker" if args.compact is None else args.compact
-        design = NF4Dequantizer(NF4DequantConfig(lanes=args.lanes, blocksize=args.blocksize, out_dtype=args.dtype,
+        design = NF4Dequantizer(NF4DequantConfig(lanes=lanes, blocksize=args.blocksize, out_dtype=args.dtype,
                                                  double_quant=args.double_quant, compact=compact))
-        what = (f"NF4Dequantizer(lanes={args.lanes}, blocksize={args.blocksize}, out={args.dtype}, "
+        what = (f"NF4Dequantizer(lanes={lanes}, blocksize={args.blocksize}, out={args.dtype}, "
                 f"double_quant={args.double_quant}, compact={compact})")
     settings = [f"seed {seed}", f"LUT mapper {lut_mapper}"]
     if floorplan:
@@ -365,9 +460,28 @@ def _build(args):
     target_mhz = args.target_mhz
     if target_mhz is None and args.board == "icebreaker":
         target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
-    report = build(design, args.board, out, target_mhz=target_mhz, seed=seed, router=args.router,
-                   lut_mapper=lut_mapper, place_only=args.place_only, floorplan=floorplan,
-                   progress=lambda step: print(f"  {step}", flush=True))
+    from tqdm import tqdm
+    # the tool's phase and the time it has taken, on one line of stderr
+    bar = tqdm(total=None, bar_format="{desc} [{elapsed}]", file=sys.stderr, leave=False,
+               disable=not _show_progress(args))
+
+    def step(line):
+        tqdm.write(f"  {line}", file=sys.stdout)
+        sys.stdout.flush()
+
+    def status(text):
+        bar.set_description_str(text, refresh=False)
+        bar.refresh()
+
+    try:
+        with bar:
+            report = build(design, args.board, out, target_mhz=target_mhz, seed=seed, router=args.router,
+                           lut_mapper=lut_mapper, place_only=args.place_only, floorplan=floorplan,
+                           progress=step, status=status)
+    except BuildError as error:
+        if str(error).startswith("design needs"):
+            raise BuildError(f"{error}; {fit_hint(args.board, kind)}") from None
+        raise
     print(format_report(report))
 
 
@@ -376,7 +490,7 @@ def _matmul(args):
     from .formats import InputError, load_tensor, load_quantized_or_weight, save_tensors
     from .golden import gemm as golden
 
-    _check_output(args.output)
+    _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("X", args.x), ("W", args.w)])
     x = load_tensor(args.x, "x")
     if x.dtype != torch.bfloat16:
         raise InputError(f"{args.x}: tensor 'x' has dtype {str(x.dtype)[6:]}; expected bfloat16")
@@ -410,10 +524,10 @@ def _matmul(args):
         from .sim.gemm import run_gemm
         out_cols = k if args.transpose_w else n
         total = -(-m // args.rows) * -(-out_cols // args.cols) * args.rows
-        bar, update = _progress_bar(total, "matmul (pysim)")
-        with bar:
+        bar, update = _progress_bar(args, total, "matmul (pysim)", unit="row")
+        with bar, _vcd(args) as vcd_path:
             run = run_gemm(x, quantized if quantized is not None else weight, config,
-                           transposed=args.transpose_w, vcd_path=args.vcd, progress=update)
+                           transposed=args.transpose_w, vcd_path=vcd_path, progress=update)
         y, cycles = run.out, run.cycles
     save_tensors(args.output, {"y": y.contiguous()})
     seconds = time.perf_counter() - start
@@ -428,11 +542,40 @@ def _matmul(args):
         print(f"  cycle model: {model.cycles} cycles, PE utilization {100 * model.utilization:.1f}%")
 
 
+def _run_step(args, case, config):
+    """The RTL step with a progress bar of simulated cycles."""
+    from .sim import lora as sim_lora
+
+    bar, update = _progress_bar(args, None, f"step (pysim, {args.rows}x{args.cols})", unit="cycle")
+    with bar, _vcd(args) as vcd_path:
+        if "progress" in inspect.signature(sim_lora.run_step).parameters:
+            return sim_lora.run_step(case, config, vcd_path=vcd_path, progress=update)
+        if not _show_progress(args) or not hasattr(sim_lora, "simulate"):
+            return sim_lora.run_step(case, config, vcd_path=vcd_path)
+        # run_step takes no progress callback: count cycles with an observer process of the harness's simulate
+        simulate = sim_lora.simulate
+
+        def counted(dut, producers, consumer, vcd_path, processes=()):
+            async def count(ctx):
+                cycles = 0
+                async for _ in ctx.tick():
+                    cycles += 1
+                    if not cycles % 1024:
+                        update(cycles)
+            return simulate(dut, producers, consumer, vcd_path, processes=[*processes, count])
+
+        sim_lora.simulate = counted
+        try:
+            return sim_lora.run_step(case, config, vcd_path=vcd_path)
+        finally:
+            sim_lora.simulate = simulate
+
+
 def _step(args):
-    from .formats import load_case, save_tensors
+    from .formats import load_case, next_case, save_case
     from .golden import lora
 
-    _check_output(args.output)
+    _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("CASE", args.case)])
     case = load_case(args.case)
     tokens, in_features = case.x.shape
     out_features, rank = case.lora_B.shape
@@ -444,15 +587,14 @@ def _step(args):
     if args.backend == "golden":
         outputs, run = lora.step_model(case, config.chunk), None
     else:
-        from .sim.lora import run_step
-        print(f"simulating the step on a {args.rows}x{args.cols} array (Amaranth's simulator) ...",
-              file=sys.stderr, flush=True)
-        run = run_step(case, config, vcd_path=args.vcd)
+        run = _run_step(args, case, config)
         outputs = run.outputs
-    save_tensors(args.output, {k: v.contiguous() for k, v in outputs.items()})
+    results = {name: outputs[name].contiguous() for name in ("y", "dx", "grad_A", "grad_B")}
+    save_case(args.output, next_case(case, outputs), extra=results)
     seconds = time.perf_counter() - start
     print(f"step {case.step} ({case.optimizer}), x {tuple(case.x.shape)}, W {case.weight.shape} NF4, rank {rank}, "
-          f"scaling {case.scaling}, backend {args.backend}: {args.output}")
+          f"scaling {case.scaling}, backend {args.backend}: {args.output} (results and the case of step "
+          f"{case.step + 1})")
     if run is not None:
         macs = tokens * in_features * out_features
         print(f"  {'phase':8} {'cycles':>9}")
@@ -465,6 +607,7 @@ def _make_case(args):
     from .formats import InputError, save_case
     from .golden import lora
 
+    _check_outputs(args, [("OUT", args.output)])
     dims = {"--tokens": args.tokens, "--in-features": args.in_features, "--out-features": args.out_features,
             "--rank": args.rank}
     for name, value in dims.items():
@@ -498,7 +641,7 @@ def _demo(args):
     weight = (torch.randn(args.rows, args.cols, generator=gen) * 0.02).to(torch.bfloat16)
     n = weight.numel()
     print(f"weight [{args.rows}, {args.cols}] bf16, NF4 blocksize 64, double quantization, {args.lanes} lanes")
-    bar, update = _progress_bar(-(-n // args.lanes), "quantize (pysim)")
+    bar, update = _progress_bar(args, -(-n // args.lanes), "quantize (pysim)")
     with bar:
         quantized, cycles = quantize_rtl(weight, 64, True, lanes=args.lanes, progress=update)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -512,7 +655,7 @@ def _demo(args):
                       + differ(state.state2.absmax.numpy(), quantized.absmax2)
                       + differ(np.float32(state.offset.item()), np.float32(quantized.offset)))
     config = NF4DequantConfig(lanes=args.lanes, blocksize=64, out_dtype="bf16", double_quant=True)
-    bar, update = _progress_bar(-(-n // args.lanes), "dequant (pysim)")
+    bar, update = _progress_bar(args, -(-n // args.lanes), "dequant (pysim)")
     with bar:
         run = run_dequantizer(quantized, config, progress=update)
     state.dtype = torch.bfloat16
@@ -530,20 +673,27 @@ def _demo(args):
         return 1
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
-    from .formats import InputError
+def _run(args):
     from .boards.build import BuildError
+    from .formats import InputError
+    from .outputs import OutputError
+
+    commands = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul, "step": _step,
+                "demo": _demo, "make-case": _make_case}
     try:
-        status = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul,
-                  "step": _step, "demo": _demo, "make-case": _make_case}[args.command](args)
-    except (InputError, BuildError) as error:
+        return commands[args.command](args) or 0
+    except (InputError, BuildError, OutputError) as error:
         print(f"edge-qlora: error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv=None):
+    try:
+        return _run(_parser().parse_args(argv))
     except KeyboardInterrupt:
+        # outputs are renamed into place only when complete: an interrupted run leaves none half-written
         print("edge-qlora: interrupted", file=sys.stderr)
         return 130
-    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,28 +1,33 @@
 """File formats users already have: safetensors weights and bitsandbytes' serialized ``QuantState``.
 
-A quantized weight ``W`` is stored as bitsandbytes stores a ``Linear4bit`` weight in a state dict: the packed
-uint8 tensor under ``W`` and, for each key of ``QuantState.as_dict(packed=True)``, a tensor under ``W.<key>``
-(``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map`` and the JSON-in-uint8 tensor
-``quant_state.bitsandbytes__nf4``). ``QuantState.from_dict`` loads it. Everything the user can get wrong raises
-:class:`InputError` with a one-line message.
+A quantized weight ``W`` is stored as bitsandbytes stores a ``Linear4bit`` weight in a state dict
+(:func:`~edge_qlora.golden.bnb_state.quant_state_dict`): the packed uint8 tensor under ``W`` and, for each key of
+``QuantState.as_dict(packed=True)``, a tensor under ``W.<key>`` (``absmax``, ``quant_map``, ``nested_absmax``,
+``nested_quant_map`` and the JSON-in-uint8 tensor ``quant_state.bitsandbytes__nf4``). ``QuantState.from_dict``
+loads it. Everything the user can get wrong in a file raises :class:`InputError` with a one-line message; a file
+that cannot be written raises :class:`~edge_qlora.outputs.OutputError`. Files are written whole or not at all
+(:func:`~edge_qlora.outputs.atomic_output`).
 """
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import torch
 
-from .golden.codebooks import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
+from .constants import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
+from .golden.bnb_state import DTYPE_NAMES as _DTYPE_NAMES, QS_KEY, quant_state_dict
+from .golden.lora import STATE_NAMES, LoraCase
 from .golden.nf4_quant import NF4Quantized
+from .outputs import OutputError, atomic_output, check_output
 
-__all__ = ["InputError", "load_weight", "save_weight", "load_quantized", "save_quantized", "quant_state_dict",
-           "load_tensor", "save_tensors", "load_quantized_or_weight", "load_case", "save_case", "CASE_METADATA"]
+__all__ = ["InputError", "OutputError", "load_weight", "save_weight", "load_quantized", "save_quantized",
+           "quant_state_dict", "load_tensor", "save_tensors", "load_quantized_or_weight", "load_case", "save_case",
+           "next_case", "CASE_METADATA"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _SHORT_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
-QS_KEY = "quant_state.bitsandbytes__nf4"
 
 
 class InputError(Exception):
@@ -44,16 +49,12 @@ def _read(path):
         raise InputError(f"{path}: not a readable safetensors file ({reason})") from None
 
 
-def _write(path, tensors):
+def _write(path, tensors, metadata=None):
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-    except OSError as error:
-        raise InputError(f"{path}: cannot write ({error.strerror or error})") from None
+    check_output(path)
+    with atomic_output(path) as temp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
 
 
 def load_weight(path, name="weight"):
@@ -103,31 +104,6 @@ def load_quantized_or_weight(path, name="weight"):
         raise InputError(f"{path}: tensor '{name}' has dtype {str(weight.dtype)[6:]}; expected bfloat16 "
                          "(or an NF4 weight with its quant state)")
     return weight, None
-
-
-def quant_state_dict(q, name="weight"):
-    """Tensors of a quantized weight, keyed as bitsandbytes' ``Linear4bit`` state dict keys them."""
-    meta = {
-        "quant_type": "nf4",
-        "blocksize": q.blocksize,
-        "dtype": _DTYPE_NAMES[q.dtype],
-        "shape": list(q.shape),
-    }
-    tensors = {
-        name: torch.from_numpy(np.ascontiguousarray(q.packed, np.uint8)).reshape(-1, 1),
-        f"{name}.absmax": torch.from_numpy(np.ascontiguousarray(q.absmax)),
-        f"{name}.quant_map": torch.from_numpy(NF4_CODE.copy()),
-    }
-    if q.double_quant:
-        meta.update({
-            "nested_blocksize": DYNAMIC_BLOCKSIZE,
-            "nested_dtype": "float32",
-            "nested_offset": float(np.float32(q.offset)),
-        })
-        tensors[f"{name}.nested_absmax"] = torch.from_numpy(np.ascontiguousarray(q.absmax2, np.float32))
-        tensors[f"{name}.nested_quant_map"] = torch.from_numpy(DYNAMIC_CODE.copy())
-    tensors[f"{name}.{QS_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
-    return tensors
 
 
 def save_quantized(path, q, name="weight"):
@@ -241,8 +217,6 @@ def load_case(path):
     """A :class:`~edge_qlora.golden.lora.LoraCase` from a step-case safetensors file (see ``edge-qlora step -h``)."""
     from safetensors import safe_open
 
-    from .golden.lora import LoraCase, STATE_NAMES
-
     tensors = _read(path)
     try:
         with safe_open(path, "pt") as handle:
@@ -305,15 +279,24 @@ def load_case(path):
     return LoraCase(x=x, dy=dy, weight=weight, lora_A=lora_a, lora_B=lora_b, state=state, **values)
 
 
-def save_case(path, case):
-    """Write a :class:`~edge_qlora.golden.lora.LoraCase` as a step-case file that :func:`load_case` reads."""
-    from safetensors.torch import save_file
-
+def save_case(path, case, extra=None):
+    """Write a :class:`~edge_qlora.golden.lora.LoraCase` as a step-case file that :func:`load_case` reads, with the
+    tensors of ``extra`` (a dict, e.g. a step's outputs ``y``, ``dx``, ``grad_A``, ``grad_B``) beside it."""
     tensors = {"x": case.x, "dy": case.dy, "lora_A": case.lora_A, "lora_B": case.lora_B}
     tensors.update({f"base.{k}": v for k, v in quant_state_dict(case.weight).items()})
     tensors.update(case.state)
-    meta = {key: repr(getattr(case, key)) if key != "optimizer" else case.optimizer for key in CASE_METADATA}
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=meta)
+    for name, tensor in (extra or {}).items():
+        if name in tensors:
+            raise ValueError(f"extra tensor {name!r} would replace the case's own")
+        tensors[name] = tensor
+    meta = {key: str(getattr(case, key)) if parse is str else repr(parse(getattr(case, key)))
+            for key, parse in CASE_METADATA.items()}
+    _write(path, tensors, metadata=meta)
+
+
+def next_case(case, outputs):
+    """The case of the step after ``case``, given the ``outputs`` of ``case``'s step: the updated ``lora_A`` and
+    ``lora_B`` and optimizer state, ``step`` + 1, the same x, dy, base weight and hyperparameters."""
+    state = {name: outputs[name] for name in STATE_NAMES if name in outputs}
+    return dataclasses.replace(case, lora_A=outputs["lora_A"].float(), lora_B=outputs["lora_B"].float(),
+                               state=state, step=case.step + 1)

@@ -82,16 +82,17 @@ def atomic_output(path, mode=None):
     except OSError as error:
         raise OutputError(f"cannot write {text} ({_reason(error)})") from None
     try:
-        try:
-            mode_bits = os.stat(text).st_mode & 0o7777
-        except OSError:
-            mode_bits = 0o666 & ~_umask()
-        os.chmod(temp, mode_bits)
         if mode is None:
             yield temp
         else:
             with open(temp, mode) as f:
                 yield f
+        try:
+            mode_bits = os.stat(text).st_mode & 0o7777
+        except OSError:
+            mode_bits = 0o666 & ~_umask()
+        # after the writer: some (safetensors) replace the file they are given
+        os.chmod(temp, mode_bits)
         os.replace(temp, text)
     except BaseException as error:
         with contextlib.suppress(OSError):

@@ -24,7 +24,7 @@ import re
 import sys
 
 from edge_qlora.boards.floorplan import DSP_BLOCKS, DSP_ROWS, DSP_SITES, floorplan, floorplan_file, pe_sites
-from edge_qlora.outputs import OutputError
+from edge_qlora.outputs import OutputError, atomic_output
 
 __all__ = ["DSP_BLOCKS", "DSP_ROWS", "DSP_SITES", "floorplan", "pe_sites", "read_grid", "net_totals", "main"]
 
@@ -69,7 +69,8 @@ def _heatmap(args):
         plt.xlabel("x (tile column)")
         plt.ylabel("y (tile row)")
         plt.title(args.csv)
-        plt.savefig(args.png, dpi=80, bbox_inches="tight")
+        with atomic_output(args.png) as temp:
+            plt.savefig(temp, format="png", dpi=80, bbox_inches="tight")
         print(f"wrote {args.png}")
 
 

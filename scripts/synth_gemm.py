@@ -15,6 +15,7 @@ import os
 
 from edge_qlora.boards.build import BuildError, build
 from edge_qlora.boards.floorplan import check_array
+from edge_qlora.outputs import atomic_output
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 
 # (board, rows, cols, max_k): the README's rows
@@ -85,7 +86,7 @@ def main():
             row["error"] = str(error)
         print(f"  {row.get('fmax_mhz', row.get('error'))}", flush=True)
         results.append(row)
-        with open(os.path.join(args.out, "synth_gemm.json"), "w") as f:
+        with atomic_output(os.path.join(args.out, "synth_gemm.json"), "w") as f:
             json.dump(results, f, indent=2)
 
     lines = ["| board | array | max K | Fmax MHz (target) | LUT/LC | FF | DSP | BRAM |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -111,7 +112,7 @@ def main():
         lines.append("\\* " + "; ".join(notes))
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(args.out, "synth_gemm.md"), "w") as f:
+    with atomic_output(os.path.join(args.out, "synth_gemm.md"), "w") as f:
         f.write(table + "\n")
 
 

@@ -319,3 +319,39 @@ def test_floorplan_refused_where_it_does_not_apply(tmp_path, fake_toolchain):
     yosys.write_text(yosys.read_text().replace("range(2)", "range(0)"))
     with pytest.raises(BuildError, match=r"^floorplan: no PE multipliers"):
         build(MultiplyAccumulate(8), "ulx3s-85f", tmp_path / "none", floorplan=True)
+
+
+def test_clock_constraint_follows_the_pll_output(tmp_path, fake_toolchain):
+    # Yosys kept the PLL output under another name than the constrained cd_sync.clk
+    yosys = Path(fake_toolchain["YOSYS"])
+    yosys.write_text(yosys.read_text().replace(
+        'json.dump({"modules": {"top": {"cells": cells}}}',
+        'cells["cd_sync.pll"] = {"type": "EHXPLLL", "attributes": {}, "connections": {"CLKOP": [7]}}\n'
+        'netnames = {"cd_sync.lock_sync.por_clk": {"bits": [7], "hide_name": 0}, '
+        '"$auto$clk": {"bits": [7], "hide_name": 1}, "design.x": {"bits": [8], "hide_name": 0}}\n'
+        'json.dump({"modules": {"top": {"cells": cells, "netnames": netnames}}}'))
+    nextpnr = Path(fake_toolchain["NEXTPNR_ECP5"])
+    nextpnr.write_text(nextpnr.read_text() + 'open("constraints.txt", "w").write(open("top.lpf").read())\n')
+    build(MultiplyAccumulate(8), "ulx3s-85f", tmp_path / "b")
+    lpf = (tmp_path / "b" / "constraints.txt").read_text()
+    assert 'FREQUENCY NET "cd_sync.lock_sync.por_clk" 100000000.0 HZ;' in lpf
+    assert "cd_sync.clk" not in lpf and 'FREQUENCY PORT "clk25_0__io" 25000000.0 HZ;' in lpf
+
+
+def test_live_status_from_the_tool_logs(tmp_path, fake_toolchain):
+    nextpnr = Path(fake_toolchain["NEXTPNR_ECP5"])
+    nextpnr.write_text(nextpnr.read_text().replace('open("top.tim", "w").write("Info: done\\n")', '''
+import time
+with open("top.tim", "w") as log:
+    for line in ["Info: Packing IOs..", "Info:     at iteration #3, type ALL: wirelen solved = 1",
+                 "Info: Routing..", "Info:       1000 |        0        999 |    0   999 |    122457|  0.4  0.4|"]:
+        log.write(line + "\\n")
+        log.flush()
+        time.sleep(0.6)
+'''))
+    seen = []
+    build(MultiplyAccumulate(8), "ulx3s-85f", tmp_path / "b", status=seen.append)
+    phases = [text for i, text in enumerate(seen) if text.startswith("nextpnr") and text not in seen[:i]]
+    assert "nextpnr-ecp5: routing (router1, 122457 arcs left)" in phases
+    assert all(text.startswith(("yosys: ", "nextpnr-ecp5: ", "ecppack: ")) for text in seen)
+    assert phases.index("nextpnr-ecp5: routing (router1, 122457 arcs left)") > 0
