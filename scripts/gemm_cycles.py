@@ -3,6 +3,7 @@
 
     python scripts/gemm_cycles.py              # both tables (the RTL runs take a few minutes in pysim)
     python scripts/gemm_cycles.py --model-only
+    python scripts/gemm_cycles.py --regression # the RTL's cycle counts of test_gemm's cycle-model cases
 
 Prints markdown tables (the README's) and writes them to ``--out``.
 """
@@ -17,6 +18,7 @@ from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_quant
 from edge_qlora.rtl.gemm import GemmConfig
 from edge_qlora.sim.gemm import run_gemm
+from edge_qlora.sim.streams import Stalls
 
 # (M, N, K, rows, cols, transposed, weights): small enough for Amaranth's simulator
 VALIDATION = [
@@ -35,6 +37,19 @@ VALIDATION = [
     (8, 64, 128, 4, 4, False, "nf4"),
     (16, 32, 256, 8, 8, False, "nf4"),
 ]
+
+# tests/test_gemm.py's cycle-model cases (M, N, K, rows, cols, transposed, weights), for --regression
+REGRESSION = [
+    (4, 4, 32, 2, 2, False, "bf16"),
+    (3, 5, 40, 2, 2, False, "bf16"),
+    (8, 16, 64, 4, 4, False, "bf16"),
+    (8, 16, 64, 4, 4, True, "bf16"),
+    (5, 9, 100, 2, 4, False, "nf4"),
+    (5, 9, 100, 2, 4, True, "nf4"),
+    (16, 24, 64, 8, 8, True, "nf4"),
+    (8, 64, 128, 4, 4, False, "nf4"),
+]
+STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2")
 
 TINYLLAMA = [("q_proj / o_proj", 2048, 2048), ("k_proj / v_proj", 256, 2048), ("gate_proj / up_proj", 5632, 2048),
              ("down_proj", 2048, 5632)]
@@ -60,6 +75,30 @@ def validation_table():
     return "\n".join(lines)
 
 
+def regression_cycles(seed=2):
+    """The RTL's cycles for each :data:`REGRESSION` case, without and with random stalls on every stream (30%),
+    with the inputs of tests/test_gemm.py's ``check_rtl``: a refactoring of the engine must leave all of them
+    unchanged. Each run is checked bit for bit against the model too."""
+    counts = []
+    for m, n, k, rows, cols, transposed, weights in REGRESSION:
+        config = GemmConfig(rows=rows, cols=cols, max_k=max(k, 64), max_n=max(n, 64), weights=weights)
+        if weights == "nf4":
+            source, w = golden.random_nf4_weight((n, k), seed)
+        else:
+            w = (torch.randn((n, k), generator=torch.Generator().manual_seed(seed + 100)) * 0.05).to(torch.bfloat16)
+            source = w
+        a = golden.random_activations((m, n if transposed else k), seed)
+        expected = golden.gemm(a, w if transposed else w.T, config.numerics, transposed)
+        for stalls in (None, {name: Stalls(0.3, seed * 10 + i) for i, name in enumerate(STREAMS)}):
+            run = run_gemm(a, source, config, transposed=transposed, stalls=stalls)
+            if not torch.equal(run.out.view(torch.int16), expected.view(torch.int16)):   # (bf16 bit patterns)
+                raise SystemExit(f"RTL differs from the model on {(m, n, k, rows, cols, transposed, weights)}")
+            counts.append(run.cycles)
+            print(f"{(m, n, k, rows, cols, transposed, weights)} {'stalls' if stalls else 'no stalls'}: "
+                  f"{run.cycles} cycles", flush=True)
+    return counts
+
+
 def utilization_table():
     lines = []
     for transposed in (False, True):
@@ -82,7 +121,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="build/gemm_cycles")
     parser.add_argument("--model-only", action="store_true")
+    parser.add_argument("--regression", action="store_true",
+                        help="print the RTL's cycle counts of the test's cycle-model cases, without and with stalls")
     args = parser.parse_args()
+    if args.regression:
+        print(regression_cycles())
+        return
     os.makedirs(args.out, exist_ok=True)
     text = utilization_table()
     print(text)

@@ -59,12 +59,23 @@ class Accumulator(wiring.Component):
                              depth=config.rows * config.words_per_row, init=[], attrs=NO_RW_CHECK)
         self.used = Signal()
 
-    def elaborate(self, platform):
+    def _tag_layout(self):
+        """What travels with each output row's sums: its accumulator address and the chunk's flags."""
         cfg = self.config
-        rows, cols = cfg.rows, cfg.cols
+        return data.StructLayout({"addr": range(max(1, cfg.rows * cfg.words_per_row)), "first": 1, "last": 1,
+                                  "job_last": 1})
+
+    def elaborate(self, platform):
         m = Module()
         m.submodules.memory = self.memory
-        info = self.info.payload
+        acc_slice, front_busy = self._front(m, platform, self._partials_queue(m))
+        back_busy = self._back(m, acc_slice)
+        m.d.comb += self.control.done.eq(~front_busy & ~back_busy & ~self.info.valid)
+        return m
+
+    def _partials_queue(self, m):
+        """The PE array's partials through a FIFO; returns its output stream."""
+        rows, cols = self.config.rows, self.config.cols
         # a FIFO decouples the array's step enable from the accumulator's hazard checks. Its room is a register
         # worked out a cycle early (at most one write lands in between), so that the array's step ready, and with it
         # the sequencer's whole stall chain, starts at registers, not at the FIFO's level logic
@@ -80,11 +91,17 @@ class Accumulator(wiring.Component):
         ]
         partials = stream.Signature(partials_layout(rows, cols)).create(path=("partials_out",))
         wiring.connect(m, partials_fifo.r_stream, wiring.flipped(partials))
+        return partials
 
-        # front: integer chunk sums to float32 (stalls with its consumer); stages=5 registers the operands
+    def _front(self, m, platform, partials):
+        """Integer chunk sums to float32, stalling with the accumulator: each partial beat meets its chunk's info
+        beat. Returns the register slice that holds the float32 row for the accumulator, and whether anything is
+        in the front."""
+        rows, cols = self.config.rows, self.config.cols
+        info = self.info.payload
+        tag = self._tag_layout()
+        # stages=5 registers the operands
         converters = [FixedToFloat(ACC_BITS, stages=5, biased=True) for _ in range(cols)]
-        tag = data.StructLayout({"addr": range(max(1, rows * cfg.words_per_row)), "first": 1, "last": 1,
-                                 "job_last": 1})
         # a register slice between the converters and the accumulator: the hazard check below decides whether an
         # item enters the accumulator; it does not also decide whether the whole front pipeline advances
         m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
@@ -129,9 +146,15 @@ class Accumulator(wiring.Component):
         ]
         for j, unit in enumerate(converters):
             m.d.comb += acc_slice.i.payload.values[j].eq(unit.result)
+        return acc_slice, acc_in.spare_valid | front.out_valid
 
-        # back: read-add-write on the accumulator memory, free-running; an item enters only if no item in flight
-        # will still write its address and the output FIFO has a place for it
+    def _back(self, m, acc_slice):
+        """Read-add-write on the accumulator memory, free-running; an item enters only if no item in flight will
+        still write its address and the output FIFO has a place for it. Last chunks go to ``c``, rounded. Returns
+        whether anything is in the back or the output FIFO."""
+        cfg = self.config
+        cols = cfg.cols
+        tag = self._tag_layout()
         # stages=8 registers every cut: the operands (the accumulator memory's read data goes straight into a
         # register) and the magnitude comparison apart from the swap it steers
         adders = [FPAdd(FP32, stages=8) for _ in range(cols)]
@@ -217,9 +240,4 @@ class Accumulator(wiring.Component):
         for j in range(cols):
             result = rounders[j].result if rounders[j] is not None else adders[j].result
             m.d.comb += out_in.data[j].eq(result)
-
-        # done when nothing is left anywhere
-        idle = (~acc_in.spare_valid & ~front.out_valid & ~acc_slice.o.valid & ~Cat(*valid).any()
-                & ~self.info.valid & ~out_fifo.r_stream.valid)
-        m.d.comb += self.control.done.eq(idle)
-        return m
+        return acc_slice.o.valid | Cat(*valid).any() | out_fifo.r_stream.valid

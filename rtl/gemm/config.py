@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
 
@@ -206,8 +206,9 @@ class ABufferSignature(HalvesSignature):
 
 class WBufferSignature(HalvesSignature):
     """The W buffer as its writer offers it to the sequencer: the halves' hand-over, a read port on each of the
-    ``cols`` banks (``read_0`` ...; one member each, as a flipped interface cannot hold an array of them), one on the per-row chunk exponents (``exp_read``, forward) and each half's single
-    tile exponent (``tile_exponent``, transposed; a register of the writer).
+    ``cols`` banks (``read_0`` ...: one member each, as amaranth cannot flip an interface that holds an array of
+    them), one on the per-row chunk exponents (``exp_read``, forward) and each half's single tile exponent
+    (``tile_exponent``, transposed; a register of the writer).
     """
 
     def __init__(self, config):

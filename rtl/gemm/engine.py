@@ -122,7 +122,8 @@ class GemmEngine(wiring.Component):
         issue = self.sequencer.issue
         self.collisions = [
             ("a", self.a_writer.memory, issue), ("ea", self.a_writer.exp_memory, issue),
-            ("ew", self.w_writer.exp_memory, issue), *((f"w{b}", bank, issue) for b, bank in enumerate(self.w_writer.banks)),
+            ("ew", self.w_writer.exp_memory, issue),
+            *((f"w{b}", bank, issue) for b, bank in enumerate(self.w_writer.banks)),
             ("acc", self.accumulator.memory, self.accumulator.used),
         ]
 
