@@ -9,9 +9,10 @@ any long work starts. Both raise :class:`OutputError`, whose message is one line
 
 import contextlib
 import os
+import shutil
 import tempfile
 
-__all__ = ["OutputError", "check_output", "atomic_output"]
+__all__ = ["OutputError", "check_output", "atomic_output", "atomic_output_files"]
 
 
 class OutputError(Exception):
@@ -100,3 +101,29 @@ def atomic_output(path, mode=None):
         if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
             raise OutputError(f"cannot write {text} ({_reason(error)})") from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_output_files(folder):
+    """Like :func:`atomic_output` for a writer that fills a folder (``save_pretrained``): the block gets an empty
+    temporary folder inside ``folder`` (created if missing), and when it ends normally each file written there is
+    renamed over its namesake in ``folder``. If the block raises, ``folder`` keeps its files as they were."""
+    text = os.fspath(folder)
+    try:
+        os.makedirs(text, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix=".partial.", dir=text)
+    except OSError as error:
+        raise OutputError(f"cannot write in {text} ({_reason(error)})") from None
+    try:
+        yield temp
+        for root, _, files in os.walk(temp):
+            target = os.path.join(text, os.path.relpath(root, temp))
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+    except BaseException as error:
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write in {text} ({_reason(error)})") from None
+        raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -17,6 +17,7 @@ import torch
 from .golden import gemm as gemm_model
 from .golden.nf4_dequant import dequantize
 from .golden.nf4_quant import NF4Quantized, quantize
+from .outputs import atomic_output_files
 
 __all__ = ["QLoRALinear", "QLoRAFunction", "export_peft_adapter", "from_linear4bit"]
 
@@ -158,7 +159,8 @@ def export_peft_adapter(base_model, layers, path, rank, lora_alpha):
     layers : dict of str to QLoRALinear
         Module name in ``base_model`` -> the trained layer.
     path : str
-        Folder to write.
+        Folder to write (created if missing); its adapter files are replaced whole, through
+        :func:`~edge_qlora.outputs.atomic_output_files`.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -170,7 +172,8 @@ def export_peft_adapter(base_model, layers, path, rank, lora_alpha):
         target = modules[name]
         target.lora_A["default"].weight.data = layer.lora_A.detach().clone().to(target.lora_A["default"].weight.dtype)
         target.lora_B["default"].weight.data = layer.lora_B.detach().clone().to(target.lora_B["default"].weight.dtype)
-    peft_model.save_pretrained(path)
+    with atomic_output_files(path) as temp:
+        peft_model.save_pretrained(temp)
     return peft_model
 
 

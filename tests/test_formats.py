@@ -65,3 +65,18 @@ def test_check_output(tmp_path):
     with pytest.raises(OutputError, match="is a folder"):
         check_output(tmp_path / "link")
     assert os.listdir(tmp_path / "dir") == []
+
+
+def test_atomic_output_files(tmp_path):
+    from edge_qlora.outputs import atomic_output_files
+    adapter = tmp_path / "adapter"
+    with atomic_output_files(adapter) as temp:
+        (pathlib.Path(temp) / "adapter_model.safetensors").write_bytes(b"one")
+        (pathlib.Path(temp) / "adapter_config.json").write_text("{}")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_files(adapter) as temp:
+            (pathlib.Path(temp) / "adapter_model.safetensors").write_bytes(b"tw")
+            raise KeyboardInterrupt
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"one"
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
