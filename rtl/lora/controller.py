@@ -5,7 +5,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..gemm import job_layout
-from .config import GEMM_ORDER, LOAD_ORDER, PHASES, UPDATE_ORDER, GemmRun, Phase, Task, header_layout
+from .config import DIMENSIONS, GEMM_ORDER, LOAD_ORDER, PHASES, UPDATE_ORDER, GemmRun, Phase, Task, header_layout
 
 __all__ = ["PhaseController"]
 
@@ -51,7 +51,7 @@ class PhaseController(wiring.Component):
         advance = Signal()        # the running phase ends this cycle
         fresh = Signal()          # the first cycle of a phase: the parts restart, the GEMM dimensions settle
         m.d.sync += fresh.eq(advance)
-        with m.If(advance):
+        with m.If(advance):     # the next phase in Phase order; IDLE after the last
             m.d.sync += phase.eq(Mux(phase.as_value() == len(Phase) - 1, 0, phase.as_value() + 1))
 
         with m.If(phase == Phase.IDLE):
@@ -83,7 +83,7 @@ class PhaseController(wiring.Component):
         # the phase's dimensions and flags, registered: they settle in its first cycle (no GEMM active yet), so the
         # phase's mux tree is not in front of the movers' address and count logic
         dims = self.gemm.dims
-        size = {name: params[name] for name in ("t", "in", "out", "r")}
+        size = {name: params[name] for name in DIMENSIONS}
         next_n = select({name: size[row.n] for name, row in PHASES.items()})
         next_k = select({name: size[row.k] for name, row in PHASES.items()})
         next_transposed = select({name: int(row.transposed) for name, row in PHASES.items()})[0]
