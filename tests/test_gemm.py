@@ -2,9 +2,12 @@
 """GEMM engine: the numerics contract against bitsandbytes-style bf16 software, the RTL against its bit-accurate
 model, and the cycle model against the RTL."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from amaranth.back import rtlil
 
 from edge_qlora.golden import gemm as golden
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
@@ -221,6 +224,21 @@ def test_utilization_goal_on_tinyllama_projections():
         for n, k in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
             for m in (16, 32, 64, 128):
                 assert golden.gemm_cycles(m, n, k, rows, cols, chunk, False, "nf4").utilization >= 0.9
+
+
+def test_engine_hierarchy():
+    """The parts are submodules of the engine, one level deep; the PE multipliers stay at ``array.pe_R_C_mult``,
+    the names the DSP floorplan pins (``design.array.pe_R_C_mult`` once Yosys flattens the design)."""
+    class ECP5:
+        family = "ecp5"
+    engine = GemmEngine(GemmConfig(rows=2, cols=3, max_k=16, max_n=16, weights="nf4"))
+    text = rtlil.convert(engine, name="design", platform=ECP5())
+    modules = dict(re.findall(r"^module \\(\S+)\n(.*?)^end$", text, re.M | re.S))
+    for part in ("array", "dequantizer", "control", "a_writer", "w_writer", "sequencer", "accumulator"):
+        assert f"design.{part}" in modules
+    cells = re.findall(r"cell \\MULT18X18D \\(\S+)", modules["design.array"])
+    assert sorted(cells) == sorted(f"pe_{r}_{c}_mult" for r in range(2) for c in range(3))
+    assert [name for name, _, _ in engine.collisions] == ["a", "ea", "ew", "w0", "w1", "w2", "acc"]
 
 
 def test_config_checks():
