@@ -412,12 +412,18 @@ def _check_build_folder(out):
 def _build(args):
     from .boards.build import BuildError, build, format_report
     from .boards.fits import check_fit, default_lanes, fit_hint
+    from .outputs import OutputError
 
     out = args.out or os.path.join("build", args.board)
     if (args.rows is None) != (args.cols is None):
         raise BuildError("--rows and --cols go together (they select the GEMM engine)")
     if args.lora and args.rows is None:
         raise BuildError("--lora needs --rows and --cols (the GEMM engine's array)")
+    if args.out is None and not os.path.exists("build"):
+        try:
+            os.mkdir("build")  # the default folder's parent, in a fresh working folder
+        except OSError as error:
+            raise OutputError(f"cannot create folder build for the default --out ({error.strerror})") from None
     _check_build_folder(out)
     seed, lut_mapper, floorplan = _build_settings(args)
     kind = "lora" if args.lora else "gemm" if args.rows is not None else "dequantizer"
@@ -462,7 +468,7 @@ def _build(args):
         target_mhz = 12.0  # the float datapaths close at 13-14 MHz on the UP5K: run from the oscillator, no PLL
     from tqdm import tqdm
     # the tool's phase and the time it has taken, on one line of stderr
-    bar = tqdm(total=None, bar_format="{desc} [{elapsed}]", file=sys.stderr, leave=False,
+    bar = tqdm(total=None, desc="elaborate", bar_format="{desc} [{elapsed}]", file=sys.stderr, leave=False,
                disable=not _show_progress(args))
 
     def step(line):

@@ -397,7 +397,7 @@ def test_build_floorplan_errors(tmp_path, captured_build, capsys, argv, fragment
 
 
 
-def test_step_chains(tmp_path, capsys):
+def test_step_chains(tmp_path, capsys, monkeypatch):
     from edge_qlora.formats import load_case
     from edge_qlora.golden import lora
     first, second, third = (tmp_path / f"c{i}.safetensors" for i in range(3))
@@ -419,7 +419,7 @@ def test_step_chains(tmp_path, capsys):
     assert not torch.equal(written["lora_A"], load_file(str(second))["lora_A"])  # the second step moved on
     # OUT may not be CASE, however it is spelled
     (tmp_path / "link.safetensors").symlink_to(second)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     for out in (second, "c1.safetensors", "./c1.safetensors", tmp_path / "link.safetensors"):
         capsys.readouterr()
         assert run_cli("step", "c1.safetensors", out, "--backend", "golden") == 2, out
@@ -569,3 +569,10 @@ def test_build_board_defaults_and_fits(tmp_path, captured_build, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("edge-qlora: error: design needs 5439") and "; largest measured fit on icebreaker: the " \
         "1-lane dequantizer" in err and err.count("\n") == 1
+
+
+def test_build_default_folder_in_a_fresh_directory(tmp_path, captured_build, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("build", "--board", "icebreaker") == 0
+    assert captured_build.pop()["out"] == os.path.join("build", "icebreaker")
+    assert (tmp_path / "build").is_dir()
