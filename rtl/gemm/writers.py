@@ -213,6 +213,25 @@ class WWriter(wiring.Component):
         self.exp_memory = Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * config.chunks_k, init=[],
                                  attrs=NO_RW_CHECK)
 
+    def _aligner(self, m):
+        """The row aligner on ``w``, with one shape header per pass of W (``ceil(M / rows)`` passes a job)."""
+        job, start = self.control.job, self.control.start
+        rows = self.config.rows
+        m.submodules.row_align = aligner = RowAligner(self.config.cols)
+        wiring.connect(m, wiring.flipped(self.w), aligner.flat)
+        passes_left = Signal(32)
+        with m.If(start):
+            m.d.sync += passes_left.eq(job.m)
+        m.d.comb += [
+            aligner.shape.valid.eq((passes_left != 0) & ~job.rows_in),
+            aligner.shape.payload.rows.eq(job.n),
+            aligner.shape.payload.row_length.eq(job.k),
+            aligner.shape.payload.elements.eq(job.weights),
+        ]
+        with m.If(aligner.shape.valid & aligner.shape.ready):
+            m.d.sync += passes_left.eq(Mux(passes_left <= rows, 0, passes_left - rows))
+        return aligner
+
     def _rows(self, m, aligner):
         """The stream of row-aligned beats: the aligner's, or per job the aligner's or ``rows_in``."""
         if self.config.weights != "both":
@@ -269,22 +288,7 @@ class WWriter(wiring.Component):
         w_filled = _half_flags(m, self.buffer)
         w_full_next = self.buffer.full_next
         job, start = self.control.job, self.control.start
-
-        m.submodules.row_align = aligner = RowAligner(cols)
-        wiring.connect(m, wiring.flipped(self.w), aligner.flat)
-        # one shape header per pass of W: ceil(M / rows) passes per job
-        passes_left = Signal(32)
-        with m.If(start):
-            m.d.sync += passes_left.eq(job.m)
-        m.d.comb += [
-            aligner.shape.valid.eq((passes_left != 0) & ~job.rows_in),
-            aligner.shape.payload.rows.eq(job.n),
-            aligner.shape.payload.row_length.eq(job.k),
-            aligner.shape.payload.elements.eq(job.weights),
-        ]
-        with m.If(aligner.shape.valid & aligner.shape.ready):
-            m.d.sync += passes_left.eq(Mux(passes_left <= rows, 0, passes_left - rows))
-        beat, peak = self._with_peak(m, self._rows(m, aligner))
+        beat, peak = self._with_peak(m, self._rows(m, self._aligner(m)))
 
         half = Signal()
         row = Signal(range(cfg.tile_rows))   # row within the tile
