@@ -58,6 +58,8 @@ class Accumulator(wiring.Component):
         self.memory = Memory(shape=data.ArrayLayout(FP32.width, config.cols),
                              depth=config.rows * config.words_per_row, init=[], attrs=NO_RW_CHECK)
         self.used = Signal()
+        # (ports made once, so that elaborating the accumulator again adds none)
+        self._ports = (self.memory.read_port(domain="sync", transparent_for=()), self.memory.write_port())
 
     def _tag_layout(self):
         """What travels with each output row's sums: its accumulator address and the chunk's flags."""
@@ -211,8 +213,7 @@ class Accumulator(wiring.Component):
         for s in range(1, len(valid)):
             m.d.sync += [valid[s].eq(valid[s - 1]), tags[s].eq(tags[s - 1])]
 
-        read = self.memory.read_port(domain="sync", transparent_for=())
-        write = self.memory.write_port()
+        read, write = self._ports
         m.d.comb += [read.addr.eq(head.addr), read.en.eq(1)]
         used = self.used    # the read's data is added (not the first partial of an address)
         m.d.comb += used.eq(enter & ~head.first)

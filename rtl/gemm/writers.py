@@ -78,6 +78,9 @@ class AWriter(wiring.Component):
         self.memory = Memory(shape=a_layout(config.rows), depth=2 * config.max_q, init=[], attrs=NO_RW_CHECK)
         self.exp_memory = Memory(shape=data.ArrayLayout(EXP, config.rows), depth=2 * config.chunks_q, init=[],
                                  attrs=NO_RW_CHECK)
+        # (ports made once, so that elaborating the writer again adds none)
+        self._ports = (self.memory.write_port(), self.memory.read_port(domain="sync"),
+                       self.exp_memory.write_port(), self.exp_memory.read_port(domain="sync"))
 
     def elaborate(self, platform):
         cfg = self.config
@@ -85,10 +88,9 @@ class AWriter(wiring.Component):
         m = Module()
         m.submodules.memory = self.memory
         m.submodules.exp_memory = self.exp_memory
-        write = self.memory.write_port()
-        exp_write = self.exp_memory.write_port()
-        wiring.connect(m, wiring.flipped(self.buffer.read), self.memory.read_port(domain="sync"))
-        wiring.connect(m, wiring.flipped(self.buffer.exp_read), self.exp_memory.read_port(domain="sync"))
+        write, read, exp_write, exp_read = self._ports
+        wiring.connect(m, wiring.flipped(self.buffer.read), read)
+        wiring.connect(m, wiring.flipped(self.buffer.exp_read), exp_read)
         a_filled = _half_flags(m, self.buffer)
         a_full_next = self.buffer.full_next
         job, start = self.control.job, self.control.start
@@ -212,6 +214,10 @@ class WWriter(wiring.Component):
                              init=[], attrs=NO_RW_CHECK) for _ in range(cols)]
         self.exp_memory = Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * config.chunks_k, init=[],
                                  attrs=NO_RW_CHECK)
+        # (ports made once, so that elaborating the writer again adds none; the exponents are written one element,
+        # a row's, at a time)
+        self._bank_ports = [(bank.write_port(), bank.read_port(domain="sync")) for bank in self.banks]
+        self._exp_ports = (self.exp_memory.write_port(granularity=1), self.exp_memory.read_port(domain="sync"))
 
     def _aligner(self, m):
         """The row aligner on ``w``, with one shape header per pass of W (``ceil(M / rows)`` passes a job)."""
@@ -280,11 +286,12 @@ class WWriter(wiring.Component):
         rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
         words, slots = cfg.words_per_row, cfg.slots
         m = Module()
-        for b, bank in enumerate(self.banks):
+        for b, (bank, (_, read)) in enumerate(zip(self.banks, self._bank_ports)):
             m.submodules[f"bank_{b}"] = bank
-            wiring.connect(m, wiring.flipped(getattr(self.buffer, f"read_{b}")), bank.read_port(domain="sync"))
+            wiring.connect(m, wiring.flipped(getattr(self.buffer, f"read_{b}")), read)
         m.submodules.exp_memory = self.exp_memory
-        wiring.connect(m, wiring.flipped(self.buffer.exp_read), self.exp_memory.read_port(domain="sync"))
+        exp_port, exp_read = self._exp_ports
+        wiring.connect(m, wiring.flipped(self.buffer.exp_read), exp_read)
         w_filled = _half_flags(m, self.buffer)
         w_full_next = self.buffer.full_next
         job, start = self.control.job, self.control.start
@@ -323,11 +330,9 @@ class WWriter(wiring.Component):
         address = Mux(half, slots * words, 0) + slot * words + word
         # registered writes, as in the A writer: `take` stays off the routes to the banks; a tile goes to the
         # sequencer a cycle after its last take
-        for b, memory in enumerate(self.banks):
-            port = memory.write_port()
+        for b, (port, _) in enumerate(self._bank_ports):
             m.d.sync += [port.addr.eq(address), port.data.eq(beat.payload.data), port.en.eq(take & (bank == b))]
 
-        exp_port = self.exp_memory.write_port(granularity=1)  # one element (a row's exponent) at a time
         chunk_end = (word_in_chunk == words_in_chunk - 1) | row_end
         m.d.sync += [
             exp_port.addr.eq(Mux(half, cfg.chunks_k, 0) + chunk_index),
