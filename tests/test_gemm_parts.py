@@ -53,8 +53,8 @@ def chunk_exponents(bits, chunk):
     return np.stack([e[:, c:c + chunk].max(axis=1) for c in range(0, bits.shape[1], chunk)], axis=1)
 
 
-def job(m, n, k, transposed=False):
-    return {"m": m, "n": n, "k": k, "weights": n * k, "transposed": int(transposed), "rows_in": 0}
+def job(m, n, k, transposed=False, rows_in=False):
+    return {"m": m, "n": n, "k": k, "weights": n * k, "transposed": int(transposed), "rows_in": int(rows_in)}
 
 
 async def start_job(ctx, control, payload):
@@ -156,9 +156,23 @@ def test_a_writer(rows, cols):
         assert (exps == chunk_exponents(tile, chunk)).all()
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
-def test_w_writer(transposed):
-    config = GemmConfig(rows=2, cols=3, max_k=40, max_n=40, weights="bf16")
+def row_beats(w, cols):
+    """W [N, K] already cut into rows, as the ``rows_in`` stream carries it: data, ``row_end``, ``last``."""
+    n, k = w.shape
+    words = -(-k // cols)
+    beats = []
+    for r, row in enumerate(w):
+        for word, data in enumerate(pack_lanes(row, cols, 16)):
+            row_end = word == words - 1
+            beats.append(data | row_end << (16 * cols) | (row_end and r == n - 1) << (16 * cols + 1))
+    return beats
+
+
+@pytest.mark.parametrize("transposed,rows_in", [(False, False), (True, False), (False, True)],
+                         ids=["forward", "transposed", "rows_in"])
+def test_w_writer(transposed, rows_in):
+    # rows_in: an engine with both sources; the first job takes W through the row aligner, the second from rows_in
+    config = GemmConfig(rows=2, cols=3, max_k=40, max_n=40, weights="both" if rows_in else "bf16")
     rows, cols, chunk = config.rows, config.cols, config.chunk_steps
     words_per_row, slots = config.words_per_row, config.slots
     rng = np.random.default_rng(7 + transposed)
@@ -166,8 +180,13 @@ def test_w_writer(transposed):
     passes = [[random_bf16(rng, (n, k)) for _ in range(-(-m // rows))] for m, n, k in jobs]
     for w in passes[0]:
         w[-1, -1] = 0x4E80      # 2 ** 30, above every other value: the largest exponent in a tile's last beat
-    beats = [beat for per_job in passes for w in per_job for beat in pack_lanes(w.reshape(-1), cols, 16)]
+    flat = passes if not rows_in else passes[:1]
+    beats = [beat for per_job in flat for w in per_job for beat in pack_lanes(w.reshape(-1), cols, 16)]
     dut = WWriter(config)
+    producers = [producer(dut.w, beats, Stalls(0.3, 3))]
+    if rows_in:
+        producers.append(producer(dut.rows_in, [beat for w in passes[1] for beat in row_beats(w, cols)],
+                                  Stalls(0.3, 4)))
     tile_rows = chunk if transposed else cols
 
     def snapshot(ctx, half, n_rows, k):
@@ -186,8 +205,8 @@ def test_w_writer(transposed):
 
     async def reader(ctx):
         got, half = [], 0
-        for (m, n, k), per_job in zip(jobs, passes):
-            await start_job(ctx, dut.control, job(m, n, k, transposed))
+        for index, ((m, n, k), per_job) in enumerate(zip(jobs, passes)):
+            await start_job(ctx, dut.control, job(m, n, k, transposed, rows_in and index == 1))
             for _ in per_job:
                 for r0 in range(0, n, tile_rows):
                     n_rows = min(tile_rows, n - r0)
@@ -205,7 +224,7 @@ def test_w_writer(transposed):
             await wait_for(ctx, lambda: ctx.get(dut.control.done), "done")
         return got
 
-    got, _ = simulate(dut, [producer(dut.w, beats, Stalls(0.3, 3))], reader, None)
+    got, _ = simulate(dut, producers, reader, None)
     expected = []
     for (m, n, k), per_job in zip(jobs, passes):
         for w in per_job:
