@@ -150,33 +150,9 @@ class Accumulator(wiring.Component):
             m.d.comb += acc_slice.i.payload.values[j].eq(unit.result)
         return acc_slice, acc_in.spare_valid | front.out_valid
 
-    def _back(self, m, acc_slice):
-        """Read-add-write on the accumulator memory, free-running; an item enters only if no item in flight will
-        still write its address and the output FIFO has a place for it. Last chunks go to ``c``, rounded. Returns
-        whether anything is in the back or the output FIFO."""
-        cfg = self.config
-        cols = cfg.cols
-        tag = self._tag_layout()
-        # stages=8 registers every cut: the operands (the accumulator memory's read data goes straight into a
-        # register) and the magnitude comparison apart from the swap it steers
-        adders = [FPAdd(FP32, stages=8) for _ in range(cols)]
-        rounders = [FPConvert(FP32, BF16) if cfg.out_format == BF16 else None for _ in range(cols)]
-        back_latency = 1 + adders[0].latency
-        round_latency = rounders[0].latency if rounders[0] else 0
-        for j, unit in enumerate(adders):
-            m.submodules[f"acc_add_{j}"] = unit
-        for j, unit in enumerate(rounders):
-            if unit is not None:
-                m.submodules[f"out_round_{j}"] = unit
-
-        out_layout = c_layout(cfg)
-        depth = 4 + back_latency + round_latency
-        m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(width=out_layout.size, depth=depth)
-        wiring.connect(m, out_fifo.r_stream, wiring.flipped(self.c))
-
-        # in-flight bookkeeping: one slot per cycle of the back pipeline (and of the rounding behind it)
-        valid = [Signal(name=f"back_valid_{s}") for s in range(back_latency + round_latency)]
-        tags = [Signal(tag, name=f"back_tag_{s}") for s in range(back_latency + round_latency)]
+    def _admit(self, m, acc_slice, valid, tags, back_latency, depth):
+        """Whether the head of ``acc_slice`` enters the back pipeline this cycle (``valid``/``tags``: its slots,
+        shifted here); ``depth``: the output FIFO's."""
         head = acc_slice.o.payload.tag
         # `hazard`: an item in the back pipeline (not its last stage) still writes the head's address. A register,
         # worked out a cycle ahead for both outcomes (the head stays; the next item becomes the head), so that only
@@ -212,6 +188,37 @@ class Accumulator(wiring.Component):
         m.d.sync += [valid[0].eq(enter), tags[0].eq(head)]
         for s in range(1, len(valid)):
             m.d.sync += [valid[s].eq(valid[s - 1]), tags[s].eq(tags[s - 1])]
+        return enter
+
+    def _back(self, m, acc_slice):
+        """Read-add-write on the accumulator memory, free-running; an item enters only if no item in flight will
+        still write its address and the output FIFO has a place for it. Last chunks go to ``c``, rounded. Returns
+        whether anything is in the back or the output FIFO."""
+        cfg = self.config
+        cols = cfg.cols
+        tag = self._tag_layout()
+        # stages=8 registers every cut: the operands (the accumulator memory's read data goes straight into a
+        # register) and the magnitude comparison apart from the swap it steers
+        adders = [FPAdd(FP32, stages=8) for _ in range(cols)]
+        rounders = [FPConvert(FP32, BF16) if cfg.out_format == BF16 else None for _ in range(cols)]
+        back_latency = 1 + adders[0].latency
+        round_latency = rounders[0].latency if rounders[0] else 0
+        for j, unit in enumerate(adders):
+            m.submodules[f"acc_add_{j}"] = unit
+        for j, unit in enumerate(rounders):
+            if unit is not None:
+                m.submodules[f"out_round_{j}"] = unit
+
+        out_layout = c_layout(cfg)
+        depth = 4 + back_latency + round_latency
+        m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(width=out_layout.size, depth=depth)
+        wiring.connect(m, out_fifo.r_stream, wiring.flipped(self.c))
+
+        # in-flight bookkeeping: one slot per cycle of the back pipeline (and of the rounding behind it)
+        valid = [Signal(name=f"back_valid_{s}") for s in range(back_latency + round_latency)]
+        tags = [Signal(tag, name=f"back_tag_{s}") for s in range(back_latency + round_latency)]
+        head = acc_slice.o.payload.tag
+        enter = self._admit(m, acc_slice, valid, tags, back_latency, depth)
 
         read, write = self._ports
         m.d.comb += [read.addr.eq(head.addr), read.en.eq(1)]
