@@ -2,7 +2,7 @@
 
 :class:`QLoRALinear` replaces a PEFT-wrapped bitsandbytes ``Linear4bit``: the frozen NF4 weight, float32 master
 copies of the LoRA factors as ``nn.Parameter`` s (any torch optimizer updates them), and a forward and backward
-that compute exactly what ``rtl/lora.py`` computes, phase by phase (:mod:`edge_qlora.golden.lora`):
+that compute exactly what ``rtl/lora/`` computes, phase by phase (:mod:`edge_qlora.golden.lora`):
 
 * ``backend="golden"``: the bit-accurate model of the GEMM engine (fast, numpy);
 * ``backend="pysim"``: every product on the RTL GEMM engine in Amaranth's simulator (slow; tiny layers only).

@@ -1,4 +1,4 @@
-"""Bit-accurate model of the GEMM engine's arithmetic (twin of ``rtl/gemm.py`` and ``rtl/pe_array.py``).
+"""Bit-accurate model of the GEMM engine's arithmetic (twin of ``rtl/gemm/`` and ``rtl/pe_array.py``).
 
 The engine computes ``C = A @ B`` with A ``[M, Q]`` bf16 activations and B ``[Q, P]`` bf16 weights (dequantized
 NF4 or given in bf16). Forward: ``y = x @ W.T`` (A = x, B = W.T, Q = K). Backward: ``dx = dy @ W`` (A = dy, B = W,
@@ -189,7 +189,7 @@ def random_nf4_weight(shape, seed, double_quant=True):
 
 @dataclass(frozen=True)
 class CycleModel:
-    """Analytical cycle count of the engine (``rtl/gemm.py``) for one job, from its schedule.
+    """Analytical cycle count of the engine (``rtl/gemm/``) for one job, from its schedule.
 
     The engine overlaps three things: loading W tiles (row-aligned beats, one per cycle:
     ``rows_in_tile * ceil(K / cols)`` cycles a tile), loading A tiles (one beat per reduction index), and
@@ -217,7 +217,7 @@ class CycleModel:
     utilization: float
 
 
-# fixed latencies of the RTL, in cycles (rtl/gemm.py and the units it instantiates)
+# fixed latencies of the RTL, in cycles (rtl/gemm/ and the units it instantiates)
 START_LATENCY = 2          # job beat accepted -> writers and sequencer running
 FLAG_LATENCY = 1           # last write of a tile -> the sequencer sees the half full
 WRITE_LATENCY = 1          # A or W beat taken -> written (the buffers' write ports are registered)

@@ -1,5 +1,5 @@
 """One QLoRA training step of one linear layer: the float references and the bit-accurate model of the hardware
-(twin of ``rtl/lora.py``).
+(twin of ``rtl/lora/``).
 
 The layer has a frozen NF4 weight W ``[out, in]``, LoRA factors A ``[r, in]`` and B ``[out, r]`` and a scaling
 ``s``. One step, given activations x ``[T, in]`` and the output gradient dy ``[T, out]``:
@@ -8,7 +8,7 @@ The layer has a frozen NF4 weight W ``[out, in]``, LoRA factors A ``[r, in]`` an
 * backward: ``grad_B = s dy^T (x A^T)``, ``grad_A = s (dy B)^T x``, ``dx = dy W + s (dy B) A``
 * update: SGD, or AdamW with torch.optim.AdamW's semantics (decoupled weight decay, bias correction).
 
-The hardware (``rtl/lora.py``) runs every product on the GEMM engine (``golden/gemm.py`` numerics, float32
+The hardware (``rtl/lora/``) runs every product on the GEMM engine (``golden/gemm.py`` numerics, float32
 results) in this order, with the operand roles and engine modes below, and the element-wise steps in float32:
 
 ====  =======================  ===========  ======================  ==================

@@ -88,7 +88,7 @@ def draw(path):
     y_out = box(ax, 17.9, 2.9, 2.0, 1.1, "y, dx", "bf16, tile order", EXT)
     upd_out = box(ax, 17.9, 0.9, 2.0, 1.1, "updates", "grads, new A, B,\nnew moments", EXT)
 
-    # ---- the LoRA step (rtl/lora.py) and the GEMM engine inside it (rtl/gemm.py)
+    # ---- the LoRA step (rtl/lora/) and the GEMM engine inside it (rtl/gemm/)
     frame(ax, 2.35, 0.35, 15.35, 10.45, "LoraStep  (rtl/lora/)", "#2e7d32")
     frame(ax, 9.05, 3.7, 8.45, 6.85, "GemmEngine  (rtl/gemm/)", "#1f5fa8")
 

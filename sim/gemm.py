@@ -11,7 +11,7 @@ from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 from .harness import pack_lanes, simulate, producer, unpack_lanes
 from .streams import NO_STALLS, get
 
-__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "bf16_bits"]
+__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "bf16_bits", "collision_check"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _weight_streams(weights, config):
     return {"w": pack_lanes(bf16_bits(weights).reshape(-1), cols, 16)}
 
 
-def _collision_check(dut):
+def collision_check(dut):
     """An observer: fails the run if a memory of the engine marked ``no_rw_check`` reads, for data that is used, an
     address written in the same cycle (the block RAMs would return don't-care there; see
     :attr:`GemmEngine.collisions`)."""
@@ -126,7 +126,7 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS),
                          max_cycles=50 * (count + len(a_beats)) + 40 * longest + 5000, progress=progress)
 
-    beats, cycles = simulate(dut, producers, consumer, vcd_path, processes=[_collision_check(dut)])
+    beats, cycles = simulate(dut, producers, consumer, vcd_path, processes=[collision_check(dut)])
     if len(beats) != count:
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32

@@ -9,7 +9,7 @@ from amaranth.hdl import Value
 from edge_qlora.constants import BF16, FP32, HYPER_FIELDS
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.lora import LoraConfig, LoraStep, Phase
-from .gemm import _collision_check
+from .gemm import collision_check
 from .harness import pack_lanes, simulate, producer, unpack_lanes
 from .streams import NO_STALLS
 
@@ -183,7 +183,7 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
     phase_log = []
     consumer = _collector({"y": dut.y, "dx": dut.dx, "updates": dut.updates}, wanted, stalls, max_cycles)
     beats, total = simulate(dut, producers, consumer, vcd_path,
-                            processes=[_phase_watch(dut.phase, phase_log), _collision_check(dut.engine)])
+                            processes=[_phase_watch(dut.phase, phase_log), collision_check(dut.engine)])
     for key, count in wanted.items():
         if len(beats[key]) != count:
             raise RuntimeError(f"LoRA step produced {len(beats[key])} of {count} '{key}' beats "
