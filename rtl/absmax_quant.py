@@ -162,7 +162,13 @@ class AbsmaxQuantizer(wiring.Component):
             ]
         m.d.sync += level.eq(level + write.en - issued)
 
-        # -- reciprocal of each group's absmax2, issued against credits in the scale queue -----------------------
+        self._reciprocal(m, records, scales, record_layout, scale_layout)
+        self._coder(m, buffer, scales, scale_layout, level, issued)
+        return m
+
+    def _reciprocal(self, m, records, scales, record_layout, scale_layout):
+        """Per group record: ``absmax2`` out, and the reciprocal of it into the scale queue."""
+        # issued against credits in the scale queue
         divide = FPDiv(FP32)
         div_pipe = StallPipeline(m, divide.latency, scales.w_rdy, tag_shape=record_layout, name="divide")
         m.submodules.divide = div_pipe.stall(divide)
@@ -193,7 +199,10 @@ class AbsmaxQuantizer(wiring.Component):
             scale_in.last.eq(done.last),
         ]
 
-        # -- coder: read back each difference with its group's scale, multiply, search the thresholds ------------
+
+    def _coder(self, m, buffer, scales, scale_layout, level, issued):
+        """Read back each difference with its group's scale, multiply, and search the thresholds for its code."""
+        depth = self.BUFFER_DEPTH
         multiply = FPMul(FP32, FP32, FP32)
         # buffer read, operand registers, product, then the search: two stages per step but the last
         latency = 2 + multiply.latency + 2 * _STEPS - 1
@@ -254,7 +263,6 @@ class AbsmaxQuantizer(wiring.Component):
             self.codes.payload.data.eq(Mux(out.zero, 0, code)),
             self.codes.payload.last.eq(out.last),
         ]
-        return m
 
     @staticmethod
     def _stage(m, pipe, search_key, code, name):

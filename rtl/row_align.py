@@ -33,6 +33,18 @@ def row_layout(lanes, width):
     return data.StructLayout({"data": data.ArrayLayout(width, lanes), "row_end": 1, "last": 1})
 
 
+def _add3(x, y, z):
+    """``x + y - z`` (``x`` signed, ``y`` and ``z`` unsigned) with one carry chain: a carry-save layer (a
+    LUT per bit) makes two operands of three (``-z`` is ``~z + 1``, the 1 in the carries' free low bit)."""
+    width = max(len(x), len(y) + 1, len(z) + 1) + 2
+
+    def extend(value, signed):
+        return Cat(value, (value[-1] if signed else C(0, 1)).replicate(width - len(value)))
+    a, b, c = extend(x, True), extend(y, False), ~extend(z, False)
+    carries = Cat(C(1, 1), ((a & b) | (a & c) | (b & c))[:width - 1])
+    return ((a ^ b ^ c) + carries)[:width].as_signed()
+
+
 class RowAligner(wiring.Component):
     """Re-cut a flat row-major stream into row-aligned beats.
 
@@ -66,6 +78,27 @@ class RowAligner(wiring.Component):
             "rows": Out(stream.Signature(row_layout(lanes, width))),
         })
 
+    def _one_beat(self, length):
+        """``min(length, lanes)``, by a comparison with a constant."""
+        lanes = self.lanes
+        return Mux(at_least(length, lanes), lanes, length[:lanes.bit_length()])
+
+    def _first_beat(self, length):
+        """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
+        return self._one_beat(length), ~at_least(length, self.lanes + 1)
+
+    def _low(self, value, less):
+        """``(value - less) % 2 ** lanes.bit_length()`` for a constant ``less``: a short subtraction, no long carry
+        chain (every use wants a result from 0 to ``lanes``)."""
+        count_bits = self.lanes.bit_length()
+        return (value[:count_bits] - less)[:count_bits]
+
+    def _second_beat(self, row_ends, first, at_least_two, less_one):
+        """``need`` of the beat after one: ``first`` (a row's first beat) if that one ends its row, else the
+        row's ``length`` left at that beat less one beat, from ``at_least_two`` (``length >= 2 * lanes``) and
+        ``less_one`` (``_low(length, lanes)``)."""
+        return Mux(row_ends, first, Mux(at_least_two, self.lanes, less_one))
+
     def elaborate(self, platform):
         m = Module()
         lanes, width = self.lanes, self.width
@@ -96,55 +129,28 @@ class RowAligner(wiring.Component):
         incoming = Signal(range(lanes + 1))   # real elements in the next input beat
         more = Signal()                 # to_read != 0, kept as a register (a 32-bit test in front of `flat.ready`)
         # held - need: its sign says whether enough is held for the next beat (no compare in front of `emit`), and
-        # each of its next values is one carry chain from registers (see `add3`)
+        # each of its next values is one carry chain from registers (see `_add3`)
         surplus = Signal(range(-lanes, slots + 1))
         enough = ~surplus[-1]
         after_need = Signal(range(lanes + 1))   # `need` of the beat after the next one, planned a beat ahead
 
-        def one_beat(length):
-            """``min(length, lanes)``, by a comparison with a constant."""
-            return Mux(at_least(length, lanes), lanes, length[:count_bits])
-
-        def first_beat(length):
-            """``need`` and ``row_end`` of a row's first beat, by comparisons of its length with constants."""
-            return one_beat(length), ~at_least(length, lanes + 1)
-
-        def add3(x, y, z):
-            """``x + y - z`` (``x`` signed, ``y`` and ``z`` unsigned) with one carry chain: a carry-save layer (a
-            LUT per bit) makes two operands of three (``-z`` is ``~z + 1``, the 1 in the carries' free low bit)."""
-            width = max(len(x), len(y) + 1, len(z) + 1) + 2
-
-            def extend(value, signed):
-                return Cat(value, (value[-1] if signed else C(0, 1)).replicate(width - len(value)))
-            a, b, c = extend(x, True), extend(y, False), ~extend(z, False)
-            carries = Cat(C(1, 1), ((a & b) | (a & c) | (b & c))[:width - 1])
-            return ((a ^ b ^ c) + carries)[:width].as_signed()
-
-        def low(value, less):
-            """``(value - less) % 2 ** count_bits`` for a constant ``less``: a short subtraction, no long carry chain
-            (every use wants a result from 0 to ``lanes``)."""
-            return (value[:count_bits] - less)[:count_bits]
-
-        def second_beat(row_ends, first, at_least_two, less_one):
-            """``need`` of the beat after one: ``first`` (a row's first beat) if that one ends its row, else the
-            row's ``length`` left at that beat less one beat, from ``at_least_two`` (``length >= 2 * lanes``) and
-            ``less_one`` (``low(length, lanes)``)."""
-            return Mux(row_ends, first, Mux(at_least_two, lanes, less_one))
 
         # the first beat's plan from the shape beat, worked out a cycle before the beat is taken: its comparisons
-        # and the negation behind them stay off `surplus` (a long path from the shape's row length otherwise). A beat is taken only once it has been offered for a cycle (`shape_seen`; its payload
+        # and the negation behind them stay off `surplus` (a long path from the shape's row length otherwise). A
+        # beat is taken only once it has been offered for a cycle (`shape_seen`; its payload
         # is held while it waits), which costs a cycle only when a shape beat finds the aligner idle
         payload = self.shape.payload
         shape_seen = Signal()
         planned_need, planned_row_end = Signal.like(need), Signal()
         planned_surplus, planned_after = Signal.like(surplus), Signal.like(after_need)
-        first_need_in, first_row_end_in = first_beat(payload.row_length)
+        first_need_in, first_row_end_in = self._first_beat(payload.row_length)
         m.d.sync += [
             shape_seen.eq(self.shape.valid & ~self.shape.ready),
             planned_need.eq(first_need_in), planned_row_end.eq(first_row_end_in),
             planned_surplus.eq(-first_need_in),
-            planned_after.eq(second_beat(first_row_end_in, first_need_in, at_least(payload.row_length, 2 * lanes),
-                                         low(payload.row_length, lanes))),
+            planned_after.eq(self._second_beat(first_row_end_in, first_need_in,
+                                               at_least(payload.row_length, 2 * lanes),
+                                               self._low(payload.row_length, lanes))),
         ]
         with m.If(~active):
             m.d.comb += self.shape.ready.eq(shape_seen)
@@ -156,7 +162,7 @@ class RowAligner(wiring.Component):
                     final_row.eq(payload.rows == 1),
                     to_read.eq(payload.elements),
                     more.eq(payload.elements != 0),
-                    incoming.eq(one_beat(payload.elements)),
+                    incoming.eq(self._one_beat(payload.elements)),
                     rest.eq(payload.row_length),
                     held.eq(0),
                     read_bank.eq(1),
@@ -188,7 +194,7 @@ class RowAligner(wiring.Component):
         # comparisons of registers with constants; `after_need` is kept a beat ahead so that the next `surplus`
         # comes from registers only
         rest_less = rest - lanes
-        first_need, first_row_end = first_beat(row_length)
+        first_need, first_row_end = self._first_beat(row_length)
         next_row_end = Mux(row_end, first_row_end, ~at_least(rest, 2 * lanes + 1))
         with m.If(emit):
             m.d.sync += [
@@ -203,9 +209,10 @@ class RowAligner(wiring.Component):
                 need.eq(after_need),
                 row_end.eq(next_row_end),
                 # the row has `rest` left after this beat: row_length at a row's end, else rest - lanes
-                after_need.eq(second_beat(next_row_end, first_need,
-                                          Mux(row_end, at_least(row_length, 2 * lanes), at_least(rest, 3 * lanes)),
-                                          Mux(row_end, low(row_length, lanes), low(rest, 2 * lanes)))),
+                after_need.eq(self._second_beat(
+                    next_row_end, first_need,
+                    Mux(row_end, at_least(row_length, 2 * lanes), at_least(rest, 3 * lanes)),
+                    Mux(row_end, self._low(row_length, lanes), self._low(rest, 2 * lanes)))),
                 read_bank.eq(Mux(crossed, read_bank.rotate_left(1), read_bank)),
                 read_offset.eq(Mux(crossed, advanced - lanes, advanced)),
             ]
@@ -234,7 +241,7 @@ class RowAligner(wiring.Component):
             left = to_read - lanes
             # (held - need + incoming is surplus + incoming; after an emitted beat, `need` becomes `after_need`)
             m.d.sync += [held.eq(Mux(emit, surplus + incoming, held + incoming)),
-                         surplus.eq(Mux(emit, add3(surplus, incoming, after_need), surplus + incoming)),
+                         surplus.eq(Mux(emit, _add3(surplus, incoming, after_need), surplus + incoming)),
                          to_read.eq(Mux(left_over, left, 0)),
                          incoming.eq(Mux(at_least(to_read, 2 * lanes), lanes, left[:count_bits])), more.eq(left_over),
                          write_bank.eq(write_bank.rotate_left(1))]
