@@ -64,7 +64,8 @@ def _run(code):
 
 
 def test_elaborating_the_hardware_loads_neither_torch_nor_golden():
-    modules = sorted(p.stem for p in (ROOT / "rtl").rglob("*.py") if p.stem != "__init__")
+    modules = sorted(".".join(p.relative_to(ROOT / "rtl").with_suffix("").parts)
+                     for p in (ROOT / "rtl").rglob("*.py") if p.stem != "__init__")
     code = ("import sys\n" + "".join(f"import edge_qlora.rtl.{m}\n" for m in modules) +
             "print('torch' in sys.modules, any(n.startswith('edge_qlora.golden') for n in sys.modules))")
     assert _run(code) == ["False", "False"]
