@@ -30,7 +30,7 @@ from ..constants import EXP_MIN, OPERAND_FRAC, GemmNumerics
 from . import nf4_dequant, nf4_quant
 
 __all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
-           "ACTIVATION_KINDS", "CONTRACT_SHAPES", "random_activations", "random_nf4_weight"]
+           "ACTIVATION_KINDS", "CONTRACT_SHAPES", "CYCLE_MODEL_CASES", "random_activations", "random_nf4_weight"]
 
 def _bf16_values(t):
     """float32 numpy array holding exactly the values of a bf16 tensor/array."""
@@ -186,6 +186,20 @@ def random_nf4_weight(shape, seed, double_quant=True):
 
 
 # --- cycle model ----------------------------------------------------------------------------------------------------
+
+#: Jobs on which the cycle model is checked against the RTL, ``(M, N, K, rows, cols, transposed, weights)``
+#: (``tests/test_gemm.py``, ``scripts/gemm_cycles.py --regression``).
+CYCLE_MODEL_CASES = [
+    (4, 4, 32, 2, 2, False, "bf16"),
+    (3, 5, 40, 2, 2, False, "bf16"),
+    (8, 16, 64, 4, 4, False, "bf16"),
+    (8, 16, 64, 4, 4, True, "bf16"),
+    (5, 9, 100, 2, 4, False, "nf4"),
+    (5, 9, 100, 2, 4, True, "nf4"),
+    (16, 24, 64, 8, 8, True, "nf4"),
+    (8, 64, 128, 4, 4, False, "nf4"),
+]
+
 
 @dataclass(frozen=True)
 class CycleModel:

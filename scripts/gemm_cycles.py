@@ -38,17 +38,6 @@ VALIDATION = [
     (16, 32, 256, 8, 8, False, "nf4"),
 ]
 
-# tests/test_gemm.py's cycle-model cases (M, N, K, rows, cols, transposed, weights), for --regression
-REGRESSION = [
-    (4, 4, 32, 2, 2, False, "bf16"),
-    (3, 5, 40, 2, 2, False, "bf16"),
-    (8, 16, 64, 4, 4, False, "bf16"),
-    (8, 16, 64, 4, 4, True, "bf16"),
-    (5, 9, 100, 2, 4, False, "nf4"),
-    (5, 9, 100, 2, 4, True, "nf4"),
-    (16, 24, 64, 8, 8, True, "nf4"),
-    (8, 64, 128, 4, 4, False, "nf4"),
-]
 STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2")
 
 TINYLLAMA = [("q_proj / o_proj", 2048, 2048), ("k_proj / v_proj", 256, 2048), ("gate_proj / up_proj", 5632, 2048),
@@ -76,11 +65,11 @@ def validation_table():
 
 
 def regression_cycles(seed=2):
-    """The RTL's cycles for each :data:`REGRESSION` case, without and with random stalls on every stream (30%),
+    """The RTL's cycles for each :data:`~edge_qlora.golden.gemm.CYCLE_MODEL_CASES` case, without and with random stalls on every stream (30%),
     with the inputs of tests/test_gemm.py's ``check_rtl``: a refactoring of the engine must leave all of them
     unchanged. Each run is checked bit for bit against the model too."""
     counts = []
-    for m, n, k, rows, cols, transposed, weights in REGRESSION:
+    for m, n, k, rows, cols, transposed, weights in golden.CYCLE_MODEL_CASES:
         config = GemmConfig(rows=rows, cols=cols, max_k=max(k, 64), max_n=max(n, 64), weights=weights)
         if weights == "nf4":
             source, w = golden.random_nf4_weight((n, k), seed)

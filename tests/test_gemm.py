@@ -201,16 +201,7 @@ def test_rtl_8x8_nf4():
 
 # --- cycle model ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("m,n,k,rows,cols,transposed,weights", [
-    (4, 4, 32, 2, 2, False, "bf16"),
-    (3, 5, 40, 2, 2, False, "bf16"),
-    (8, 16, 64, 4, 4, False, "bf16"),
-    (8, 16, 64, 4, 4, True, "bf16"),
-    (5, 9, 100, 2, 4, False, "nf4"),
-    (5, 9, 100, 2, 4, True, "nf4"),
-    (16, 24, 64, 8, 8, True, "nf4"),
-    (8, 64, 128, 4, 4, False, "nf4"),
-])
+@pytest.mark.parametrize("m,n,k,rows,cols,transposed,weights", golden.CYCLE_MODEL_CASES)
 def test_cycle_model_within_2_percent(m, n, k, rows, cols, transposed, weights):
     run, config = check_rtl(m, n, k, rows, cols, transposed, weights=weights, stalls=False, seed=2)
     model = golden.gemm_cycles(m, n, k, rows, cols, config.chunk_steps, transposed, weights)
