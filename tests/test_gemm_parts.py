@@ -79,6 +79,21 @@ async def idle(ctx, rng, most):
 
 # --- job control -------------------------------------------------------------------------------------------------
 
+async def take_full_half(ctx, buffer, half, rng, read, what):
+    """Wait until the writer marks ``half`` of its buffer full, read it (``read()``), check that it stays unchanged
+    while the sequencer would use it, release it; returns what ``read`` gave."""
+    await wait_for(ctx, lambda: ctx.get(buffer.full_next) >> half & 1, f"{what} half {half}")
+    await ctx.tick()    # (the last write lands with the flag)
+    values, exps = read()
+    await idle(ctx, rng, 15)
+    later = read()
+    assert (later[0] == values).all() and np.all(later[1] == exps), "a full half was written"
+    ctx.set(buffer.release, 1 << half)
+    await ctx.tick()
+    ctx.set(buffer.release, 0)
+    return values, exps
+
+
 def test_job_control():
     dut = JobControl()
     jobs = [job(3, 4, 5), job(1, 2, 3, True), job(7, 1, 1)]
@@ -134,16 +149,8 @@ def test_a_writer(rows, cols):
             await start_job(ctx, dut.control, job(m, q_len if transposed else 5, 5 if transposed else q_len,
                                                   transposed))
             for _ in range(-(-m // rows)):
-                await wait_for(ctx, lambda: ctx.get(dut.buffer.full_next) >> half & 1, f"A half {half}")
-                await ctx.tick()    # (the last write lands with the flag)
-                values, exps = snapshot(ctx, half, q_len)
-                await idle(ctx, rng, 15)
-                later = snapshot(ctx, half, q_len)
-                assert (later[0] == values).all() and (later[1] == exps).all(), "a full half was written"
-                got.append((values, exps))
-                ctx.set(dut.buffer.release, 1 << half)
-                await ctx.tick()
-                ctx.set(dut.buffer.release, 0)
+                got.append(await take_full_half(ctx, dut.buffer, half, rng,
+                                                lambda: snapshot(ctx, half, q_len), "A"))
                 half ^= 1
             await wait_for(ctx, lambda: ctx.get(dut.control.done), "done")
         return got
@@ -210,16 +217,8 @@ def test_w_writer(transposed, rows_in):
             for _ in per_job:
                 for r0 in range(0, n, tile_rows):
                     n_rows = min(tile_rows, n - r0)
-                    await wait_for(ctx, lambda: ctx.get(dut.buffer.full_next) >> half & 1, f"W half {half}")
-                    await ctx.tick()
-                    values, exps = snapshot(ctx, half, n_rows, k)
-                    await idle(ctx, rng, 15)
-                    later = snapshot(ctx, half, n_rows, k)
-                    assert (later[0] == values).all() and np.all(later[1] == exps), "a full half was written"
-                    got.append((values, exps))
-                    ctx.set(dut.buffer.release, 1 << half)
-                    await ctx.tick()
-                    ctx.set(dut.buffer.release, 0)
+                    got.append(await take_full_half(ctx, dut.buffer, half, rng,
+                                                    lambda: snapshot(ctx, half, n_rows, k), "W"))
                     half ^= 1
             await wait_for(ctx, lambda: ctx.get(dut.control.done), "done")
         return got
