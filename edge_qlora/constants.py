@@ -15,7 +15,7 @@ __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "BLOCKSIZES", "DYNAMIC_BLOCKSIZE", "NF4_CODE", "NF4_BOUNDS", "DYNAMIC_CODE", "ABSMAX_THRESHOLDS", "ABSMAX_FLOOR",
     "OPERAND_BITS", "OPERAND_FRAC", "ACC_BITS", "EXP_MIN", "MAX_LANES", "GemmNumerics",
-    "HYPER_FIELDS",
+    "HYPER_FIELDS", "TINYLLAMA_PROJECTIONS",
 ]
 
 
@@ -241,3 +241,12 @@ MAX_LANES = 16
 #: The host-computed float32 constants of one optimizer step, in the order of the optimizer core's ``hyper`` port.
 HYPER_FIELDS = ("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size",
                 "inv_bc2_sqrt", "decay")
+
+
+# --- the target model -----------------------------------------------------------------------------------------------
+
+#: TinyLlama-1.1B's seven projections per decoder layer: (name as transformers names it, in features, out features).
+TINYLLAMA_PROJECTIONS = (
+    ("q_proj", 2048, 2048), ("k_proj", 2048, 256), ("v_proj", 2048, 256), ("o_proj", 2048, 2048),
+    ("gate_proj", 2048, 5632), ("up_proj", 2048, 5632), ("down_proj", 5632, 2048),
+)

@@ -13,30 +13,11 @@ rank-r phases' share of the step, listed in the last column.
 
 import argparse
 
-from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.rtl.lora import GEMM_ORDER, PHASES, LoraConfig
-from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
+from edge_qlora.sim.lora import step_cycles
 
 TINYLLAMA = [("q_proj / o_proj", 2048, 2048), ("k_proj / v_proj", 2048, 256), ("gate_proj / up_proj", 2048, 5632),
              ("down_proj", 5632, 2048)]
-
-
-def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
-    """Estimated cycles per phase of one step (dict, insertion order = execution order)."""
-    config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
-                        optimizer=optimizer)
-    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
-    banks, chunk = config.banks, config.chunk
-    phases = {"load": sum(-(-dims[a] // banks) * dims[b] for a, b in (("in", "t"), ("out", "t"),
-                                                                       ("in", "r"), ("r", "out")))}
-    for phase, row in PHASES.items():
-        phases[phase.name] = gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
-                                         "nf4" if row.nf4 else "rows", "fp32").cycles
-    unit = LoRAOptimizer(OptimConfig(kind=optimizer))
-    unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
-    latency = unit.latency
-    phases["update"] = r * d_in + d_out * r + 2 * latency
-    return phases
 
 
 def main():

@@ -8,12 +8,14 @@ from amaranth.hdl import Value
 
 from edge_qlora.constants import BF16, FP32, HYPER_FIELDS
 from edge_qlora.golden.nf4_quant import unpack_nibbles
-from edge_qlora.rtl.lora import LoraConfig, LoraStep, Phase
+from edge_qlora.golden.gemm import gemm_cycles
+from edge_qlora.rtl.lora import PHASES, LoraConfig, LoraStep, Phase
+from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
 from .gemm import collision_check
 from .harness import pack_lanes, simulate, producer, unpack_lanes
 from .streams import NO_STALLS
 
-__all__ = ["StepRun", "run_step", "PHASE_NAMES"]
+__all__ = ["StepRun", "run_step", "step_cycles", "PHASE_NAMES"]
 
 PHASE_NAMES = [phase.name for phase in Phase]
 
@@ -193,3 +195,26 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
         if name != "IDLE":
             phase_cycles[name] = phase_cycles.get(name, 0) + end - start
     return StepRun(_outputs(beats, config, t, i, o, r), total, phase_cycles)
+
+
+def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
+    """The cycle model of one step: estimated cycles per phase (dict in execution order: ``load``, the GEMM
+    phases by name, ``update``).
+
+    Each GEMM phase is costed with the engine's validated model (:func:`~edge_qlora.golden.gemm.gemm_cycles`, NF4
+    weights for F2 and B4, bf16 from the scratchpads otherwise); the loads stream ``banks`` elements per cycle and
+    the optimizer takes one element per cycle plus its latency.
+    """
+    config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
+                        optimizer=optimizer)
+    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
+    banks, chunk = config.banks, config.chunk
+    phases = {"load": sum(-(-dims[a] // banks) * dims[b] for a, b in (("in", "t"), ("out", "t"),
+                                                                       ("in", "r"), ("r", "out")))}
+    for phase, row in PHASES.items():
+        phases[phase.name] = gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
+                                         "nf4" if row.nf4 else "rows", "fp32").cycles
+    unit = LoRAOptimizer(OptimConfig(kind=optimizer))
+    unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
+    phases["update"] = r * d_in + d_out * r + 2 * unit.latency
+    return phases
