@@ -234,7 +234,41 @@ def _parser():
                             "fits; Fmax is nextpnr's estimate before routing")
     build.add_argument("--out", default=None, metavar="DIR",
                        help="output folder, created if missing (default: build/<board>)")
+
+    footprint = command(
+        "footprint", help="memory of QLoRA fine-tuning a model: NF4 bytes measured, LoRA, AdamW, activations",
+        description="The memory of QLoRA fine-tuning a model, counted on the model built from its published "
+                    "configuration (transformers, meta device) with every distinct linear-layer shape quantized "
+                    "by bitsandbytes (NF4, blocksize 64, double quantization) and measured: the quantized model "
+                    "as stored and its reduction against FP16, LoRA on every projection (fp32 masters and "
+                    "gradients, AdamW's two fp32 moments), the activations the backward pass keeps (bf16, batch "
+                    "1), and the working set of a device through which the decoder layers stream one at a time; "
+                    "how far the model is from 300 MB and from 75% less than FP16. See docs/footprint.md.")
+    footprint.add_argument("--model", choices=_footprint_models(), required=True, help="the model (required)")
+    footprint.add_argument("--lora-r", type=_positive("the LoRA rank"), default=16, help="LoRA rank")
+    footprint.add_argument("--seq-len", type=_positive("the sequence length"), default=128,
+                           help="tokens in the sequence (batch 1)")
+    footprint.add_argument("--embeddings", choices=("bf16", "nf4"), default="bf16",
+                           help="storage of the embeddings and lm_head")
+    footprint.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
+
+
+def _footprint_models():
+    from .footprint import MODELS
+    return tuple(MODELS)
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, not {text}")
+        return value
+    return parse
 
 
 def _backend_options(parser):
@@ -679,13 +713,31 @@ def _demo(args):
         return 1
 
 
+def _footprint(args):
+    import json
+    from .footprint import footprint, format_table
+
+    bar, update = _progress_bar(args, None, "measuring NF4 shapes (bitsandbytes)", unit="shape")
+
+    def progress(done, total):
+        bar.total = total
+        update(done)
+
+    with bar:
+        result = footprint(args.model, args.lora_r, args.seq_len, args.embeddings, progress=progress)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(format_table(result))
+
+
 def _run(args):
     from .boards.build import BuildError
     from .formats import InputError
     from .outputs import OutputError
 
     commands = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul, "step": _step,
-                "demo": _demo, "make-case": _make_case}
+                "demo": _demo, "make-case": _make_case, "footprint": _footprint}
     try:
         return commands[args.command](args) or 0
     except (InputError, BuildError, OutputError) as error:
