@@ -8,7 +8,8 @@ import torch
 from edge_qlora.constants import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
-from .harness import pack_lanes, simulate, producer, unpack_lanes
+from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
+from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get
 
 __all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "bf16_bits", "collision_check"]
@@ -71,7 +72,8 @@ def collision_check(dut):
     return watch
 
 
-def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, vcd_path=None, progress=None):
+def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, vcd_path=None, progress=None,
+             backend=None):
     """``a @ W.T`` (or ``a @ W`` when ``transposed``) on :class:`~edge_qlora.rtl.gemm.GemmEngine`.
 
     Parameters
@@ -82,14 +84,20 @@ def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, 
         ``weights`` must match the kind of ``weights`` given.
     stalls : dict of str to Stalls, optional
         Per stream: ``job``, ``a``, ``w`` or the dequantizer's streams, and ``c``.
+    backend : str, optional
+        ``"pysim"`` or ``"verilator"`` (default: ``$EDGE_QLORA_SIM_BACKEND``, else ``"pysim"``).
     """
-    runs = run_gemm_jobs([(a, weights, transposed)], config, stalls=stalls, vcd_path=vcd_path, progress=progress)
+    runs = run_gemm_jobs([(a, weights, transposed)], config, stalls=stalls, vcd_path=vcd_path, progress=progress,
+                         backend=backend)
     return runs[0]
 
 
-def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, progress=None):
+def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, progress=None, backend=None):
     """Several jobs ``(a, weights, transposed)`` back to back through one engine; a :class:`GemmRun` per job
-    (each with the total cycle count of the whole run)."""
+    (each with the total cycle count of the whole run).
+
+    ``backend``: ``"pysim"`` (with the memory-collision check of :func:`collision_check`) or ``"verilator"``.
+    """
     stalls = dict(stalls or {})
     rows, cols = config.rows, config.cols
     job_beats, a_beats, weight_beats, layout = [], [], {}, []
@@ -112,21 +120,25 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         out_cols = k if transposed else n
         layout.append((m_rows, out_cols, tiles, -(-out_cols // cols)))
 
-    dut = GemmEngine(config)
-    producers = [
-        producer(dut.job, job_beats, stalls.get("job", NO_STALLS)),
-        producer(dut.a, a_beats, stalls.get("a", NO_STALLS)),
-    ]
-    for name, beats in weight_beats.items():
-        producers.append(producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS)))
+    inputs = {"job": job_beats, "a": a_beats, **weight_beats}
     count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles in layout)
     longest = max(len(beats) for beats in weight_beats.values())
+    max_cycles = 50 * (count + len(a_beats)) + 40 * longest + 5000
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(lambda: GemmEngine(config), f"GemmEngine {config!r}", trace=bool(vcd_path))
+        outputs, cycles, _ = run_model(model, inputs, {"c": count}, stalls=stalls, max_cycles=max_cycles,
+                                       vcd_path=vcd_path, progress=progress)
+        beats = outputs["c"]
+    else:
+        dut = GemmEngine(config)
+        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
+                     for name, beats in inputs.items()]
 
-    async def consumer(ctx):
-        return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS),
-                         max_cycles=50 * (count + len(a_beats)) + 40 * longest + 5000, progress=progress)
+        async def consumer(ctx):
+            return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS), max_cycles=max_cycles,
+                             progress=progress)
 
-    beats, cycles = simulate(dut, producers, consumer, vcd_path, processes=[collision_check(dut)])
+        beats, cycles = simulate(dut, producers, consumer, vcd_path, processes=[collision_check(dut)])
     if len(beats) != count:
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32

@@ -4,14 +4,32 @@ consumer and observers, and count its cycles; pack and unpack multi-lane stream 
 Every driver in ``sim/`` (dequantizer, quantizer, GEMM engine, LoRA step) and the unit tests use it.
 """
 
+import os
+
 import numpy as np
 from amaranth.sim import Simulator
 
 from .streams import put
 
-__all__ = ["CLOCK_PERIOD", "pack_lanes", "unpack_lanes", "producer", "simulate"]
+__all__ = ["CLOCK_PERIOD", "BACKENDS", "check_backend", "resolve_backend", "pack_lanes", "unpack_lanes", "producer", "simulate"]
 
 CLOCK_PERIOD = 1e-8  # 100 MHz, the ULX3S target; only the VCD time axis depends on it
+
+#: The cycle-accurate simulators every driver runs on: Amaranth's own, and the design compiled with Verilator.
+BACKENDS = ("pysim", "verilator")
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+
+
+def resolve_backend(backend):
+    """``backend``, or when ``None`` the one named by ``$EDGE_QLORA_SIM_BACKEND`` (default ``pysim``): so that
+    ``EDGE_QLORA_SIM_BACKEND=verilator pytest ...`` runs a test suite's simulations on Verilator."""
+    backend = backend or os.environ.get("EDGE_QLORA_SIM_BACKEND") or "pysim"
+    check_backend(backend)
+    return backend
 
 
 def pack_lanes(values, lanes, width):

@@ -12,7 +12,8 @@ from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.rtl.lora import PHASES, LoraConfig, LoraStep, Phase
 from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
 from .gemm import collision_check
-from .harness import pack_lanes, simulate, producer, unpack_lanes
+from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
+from .verilator import Source, VerilatorModel, run_model
 from .streams import NO_STALLS
 
 __all__ = ["StepRun", "run_step", "step_cycles", "PHASE_NAMES"]
@@ -75,17 +76,16 @@ def _header(case, t, i, o, r):
     return header
 
 
-def _weight_streams(q, cols, passes):
-    """The dequantizer's streams for ``passes`` passes of the NF4 base weight: {port name: beats}."""
+def _weight_streams(q, cols):
+    """The dequantizer's streams for one pass of the NF4 base weight: {port name: beats}."""
     n = q.shape[0] * q.shape[1]
-    streams = {"codes": pack_lanes(unpack_nibbles(q.packed, n), cols, 4) * passes}
-    tensor = n | (int(np.float32(q.offset).view(np.uint32)) << 32) if q.double_quant else n
-    streams["tensor"] = [tensor] * passes
+    streams = {"codes": pack_lanes(unpack_nibbles(q.packed, n), cols, 4)}
+    streams["tensor"] = [n | (int(np.float32(q.offset).view(np.uint32)) << 32) if q.double_quant else n]
     if q.double_quant:
-        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.uint8)] * passes
-        streams["absmax2"] = [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)] * passes
+        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.uint8)]
+        streams["absmax2"] = [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
     else:
-        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)] * passes
+        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
     return streams
 
 
@@ -153,8 +153,14 @@ def _outputs(beats, config, t, i, o, r):
     return outputs
 
 
-def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_000):
-    """One step on :class:`~edge_qlora.rtl.lora.LoraStep`; returns a :class:`StepRun`."""
+def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=None, backend=None, progress=None,
+             status=None):
+    """One step on :class:`~edge_qlora.rtl.lora.LoraStep`; returns a :class:`StepRun`.
+
+    ``backend``: ``"pysim"`` (with the engine's memory-collision check) or ``"verilator"``. ``progress(done,
+    total)`` follows the output beats (Verilator) or the cycles against the cycle model's estimate (pysim);
+    ``status(text)`` reports a Verilator model's build.
+    """
     stalls = dict(stalls or {})
     t, i = case.x.shape
     o = case.dy.shape[1]
@@ -162,8 +168,9 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
     if config is None:
         config = LoraConfig(max_t=t, max_in=i, max_out=o, max_rank=r, optimizer=case.optimizer,
                             blocksize=case.weight.blocksize, double_quant=case.weight.double_quant)
-    dut = LoraStep(config)
     banks, rows, cols = config.banks, config.rows, config.cols
+    if max_cycles is None:
+        max_cycles = 2 * sum(step_cycles(t, i, o, r, rows, cols, config.optimizer).values()) + 100_000
     passes = 2 * -(-t // rows)    # F2 and B4, one pass per tile of x / dy rows
     inputs = {
         "header": [_header(case, t, i, o, r)],
@@ -171,21 +178,20 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
         "dy_in": _segments(_bits16(case.dy), banks, BF16.width),
         "a_in": _segments(_bits32(case.lora_A), banks, FP32.width),
         "b_in": _segments(_bits32(case.lora_B), banks, FP32.width),
-        **_weight_streams(case.weight, cols, passes),
         "state_in": _state_beats(case),
     }
-    port = {"header": dut.header, "x_in": dut.x_in, "dy_in": dut.dy_in, "a_in": dut.a_in, "b_in": dut.b_in,
-            "state_in": dut.state_in, "tensor": dut.tensor, "codes": dut.codes, "absmax": dut.absmax}
-    if case.weight.double_quant:
-        port["absmax2"] = dut.absmax2
-    producers = [producer(port[name], beats, stalls.get(name, NO_STALLS)) for name, beats in inputs.items()]
-
+    weights = _weight_streams(case.weight, cols)
     wanted = {"y": -(-t // rows) * -(-o // cols) * rows, "dx": -(-t // rows) * -(-i // cols) * rows,
               "updates": r * i + o * r}
-    phase_log = []
-    consumer = _collector({"y": dut.y, "dx": dut.dx, "updates": dut.updates}, wanted, stalls, max_cycles)
-    beats, total = simulate(dut, producers, consumer, vcd_path,
-                            processes=[_phase_watch(dut.phase, phase_log), collision_check(dut.engine)])
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(lambda: LoraStep(config), f"LoraStep {config!r}", trace=bool(vcd_path))
+        sources = {**inputs, **{name: Source(beats, passes) for name, beats in weights.items()}}
+        beats, total, watches = run_model(model, sources, wanted, stalls=stalls, max_cycles=max_cycles,
+                                          vcd_path=vcd_path, progress=progress, status=status)
+        phase_log = [(cycle, Phase(value).name) for cycle, value in watches["phase"]]
+    else:
+        inputs.update({name: beats * passes for name, beats in weights.items()})
+        beats, total, phase_log = _run_pysim(config, inputs, wanted, stalls, vcd_path, max_cycles, progress)
     for key, count in wanted.items():
         if len(beats[key]) != count:
             raise RuntimeError(f"LoRA step produced {len(beats[key])} of {count} '{key}' beats "
@@ -196,6 +202,30 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=2_000_
             phase_cycles[name] = phase_cycles.get(name, 0) + end - start
     return StepRun(_outputs(beats, config, t, i, o, r), total, phase_cycles)
 
+
+def _cycle_counter(total, progress):
+    """An observer calling ``progress(cycles, total)`` every 256 cycles."""
+    async def count(ctx):
+        cycles = 0
+        async for _ in ctx.tick():
+            cycles += 1
+            if cycles % 256 == 0:
+                progress(min(cycles, total), total)
+    return count
+
+
+def _run_pysim(config, inputs, wanted, stalls, vcd_path, max_cycles, progress):
+    dut = LoraStep(config)
+    producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS)) for name, beats in inputs.items()]
+    phase_log = []
+    consumer = _collector({"y": dut.y, "dx": dut.dx, "updates": dut.updates}, wanted, stalls, max_cycles)
+    processes = [_phase_watch(dut.phase, phase_log), collision_check(dut.engine)]
+    if progress:
+        t, i, o, r = (config.max_t, config.max_in, config.max_out, config.max_rank)
+        processes.append(_cycle_counter(sum(step_cycles(t, i, o, r, config.rows, config.cols,
+                                                        config.optimizer).values()), progress))
+    beats, total = simulate(dut, producers, consumer, vcd_path, processes=processes)
+    return beats, total, phase_log
 
 def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
     """The cycle model of one step: estimated cycles per phase (dict in execution order: ``load``, the GEMM

@@ -11,7 +11,8 @@ import numpy as np
 
 from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
-from .harness import pack_lanes, producer, simulate, unpack_lanes
+from .harness import resolve_backend, pack_lanes, producer, simulate, unpack_lanes
+from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get
 
 __all__ = ["RunResult", "run_dequantizer"]
@@ -36,7 +37,7 @@ class RunResult:
     beats: int
 
 
-def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progress=None):
+def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progress=None, backend=None):
     """Dequantize ``quantized`` with :class:`~edge_qlora.rtl.nf4_dequant.NF4Dequantizer` in simulation.
 
     Parameters
@@ -51,6 +52,9 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
         Write a VCD waveform there.
     progress : callable(done, total), optional
         Called as output beats arrive.
+    backend : str, optional
+        ``"pysim"`` (Amaranth's simulator) or ``"verilator"`` (:mod:`~.verilator`) (default:
+        ``$EDGE_QLORA_SIM_BACKEND``, else ``"pysim"``).
 
     Returns
     -------
@@ -67,7 +71,6 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
             raise ValueError("the core's blocksize and double quantization must match every tensor's")
     stalls = dict(stalls or {})
     lanes, fmt = config.lanes, config.out_format
-    dut = NF4Dequantizer(config)
 
     headers, codes, absmax, absmax2, sizes = [], [], [], [], []
     for q in tensors:
@@ -82,19 +85,25 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
             headers.append(n)
             absmax += [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
 
-    producers = [
-        producer(dut.tensor, headers, stalls.get("tensor", NO_STALLS)),
-        producer(dut.codes, codes, stalls.get("codes", NO_STALLS)),
-        producer(dut.absmax, absmax, stalls.get("absmax", NO_STALLS)),
-    ]
+    inputs = {"tensor": headers, "codes": codes, "absmax": absmax}
     if config.double_quant:
-        producers.append(producer(dut.absmax2, absmax2, stalls.get("absmax2", NO_STALLS)))
+        inputs["absmax2"] = absmax2
+    max_cycles = 40 * len(codes) + 1000
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(lambda: NF4Dequantizer(config), f"NF4Dequantizer {config!r}", trace=bool(vcd_path))
+        outputs, cycles, _ = run_model(model, inputs, {"weights": len(codes)}, stalls=stalls,
+                                       max_cycles=max_cycles, vcd_path=vcd_path, progress=progress)
+        beats = outputs["weights"]
+    else:
+        dut = NF4Dequantizer(config)
+        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
+                     for name, beats in inputs.items()]
 
-    async def consumer(ctx):
-        return await get(ctx, dut.weights, len(codes), stalls.get("weights", NO_STALLS),
-                         max_cycles=40 * len(codes) + 1000, progress=progress)
+        async def consumer(ctx):
+            return await get(ctx, dut.weights, len(codes), stalls.get("weights", NO_STALLS),
+                             max_cycles=max_cycles, progress=progress)
 
-    beats, cycles = simulate(dut, producers, consumer, vcd_path)
+        beats, cycles = simulate(dut, producers, consumer, vcd_path)
     data_width = fmt.width * lanes
     last_flags = [(beat >> data_width) & 1 for beat in beats]
     expected_last = []

@@ -19,7 +19,8 @@ from edge_qlora.constants import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.nf4_quant import NF4Quantized, check_finite, pack_nibbles
 from edge_qlora.rtl.absmax_quant import AbsmaxQuantizer
 from edge_qlora.rtl.nf4_quant import NF4QuantConfig, NF4Quantizer
-from .harness import pack_lanes, simulate, unpack_lanes
+from .harness import resolve_backend, pack_lanes, simulate, unpack_lanes
+from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get, put
 
 __all__ = ["QuantRun", "AbsmaxRun", "run_quantizer", "run_absmax_quantizer", "quantize_rtl"]
@@ -105,7 +106,27 @@ def _check_beats(unit, stream, beats, ends, data_width):
                            f"{[end - 1 for end in ends]})")
 
 
-def run_quantizer(weight, config, *, stalls=None, vcd_path=None, progress=None):
+def _quantizer_pysim(config, sizes, beats, total_beats, total_blocks, absmax_beats, stalls, max_cycles, vcd_path,
+                     progress):
+    dut = NF4Quantizer(config)
+
+    async def feed(ctx):
+        for n, tensor_beats in zip(sizes, beats):
+            ctx.set(dut.n_weights, n)
+            await put(ctx, dut.weights, tensor_beats, stalls.get("weights", NO_STALLS))
+
+    async def consumer(ctx):
+        codes = await get(ctx, dut.codes, total_beats, stalls.get("codes", NO_STALLS), max_cycles=max_cycles,
+                          progress=progress)
+        await _await_all(ctx, absmax_beats, total_blocks)
+        return codes
+
+    producers = [feed, _collector(dut.absmax, total_blocks, stalls.get("absmax", NO_STALLS), absmax_beats,
+                                  max_cycles)]
+    return simulate(dut, producers, consumer, vcd_path)
+
+
+def run_quantizer(weight, config, *, stalls=None, vcd_path=None, progress=None, backend=None):
     """Quantize ``weight`` with :class:`~edge_qlora.rtl.nf4_quant.NF4Quantizer` in simulation.
 
     Parameters
@@ -120,6 +141,8 @@ def run_quantizer(weight, config, *, stalls=None, vcd_path=None, progress=None):
         Write a VCD waveform there.
     progress : callable(done, total), optional
         Called as code beats arrive.
+    backend : str, optional
+        ``"pysim"`` or ``"verilator"`` (default: ``$EDGE_QLORA_SIM_BACKEND``, else ``"pysim"``).
 
     Returns
     -------
@@ -140,27 +163,22 @@ def run_quantizer(weight, config, *, stalls=None, vcd_path=None, progress=None):
         sizes.append(tensor.numel())
         beats.append(pack_lanes(_weight_bits(tensor), lanes, fmt.width))
         blocks.append(-(-tensor.numel() // blocksize))
-    dut = NF4Quantizer(config)
-
-    async def feed(ctx):
-        for n, tensor_beats in zip(sizes, beats):
-            ctx.set(dut.n_weights, n)
-            await put(ctx, dut.weights, tensor_beats, stalls.get("weights", NO_STALLS))
-
     absmax_beats = []
     total_beats, total_blocks = sum(map(len, beats)), sum(blocks)
     # generous: random stalls, and a tail block takes a cycle per weight
     max_cycles = 60 * total_beats + 4 * sum(sizes) + 2000
-
-    async def consumer(ctx):
-        codes = await get(ctx, dut.codes, total_beats, stalls.get("codes", NO_STALLS), max_cycles=max_cycles,
-                          progress=progress)
-        await _await_all(ctx, absmax_beats, total_blocks)
-        return codes
-
-    producers = [feed, _collector(dut.absmax, total_blocks, stalls.get("absmax", NO_STALLS), absmax_beats,
-                                  max_cycles)]
-    code_beats, cycles = simulate(dut, producers, consumer, vcd_path)
+    if resolve_backend(backend) == "verilator":
+        starts = np.cumsum([0] + [len(b) for b in beats[:-1]]).tolist()
+        outputs, cycles, _ = run_model(
+            VerilatorModel(lambda: NF4Quantizer(config), f"NF4Quantizer {config!r}", trace=bool(vcd_path)),
+            {"weights": [beat for tensor_beats in beats for beat in tensor_beats]},
+            {"codes": total_beats, "absmax": total_blocks},
+            sides={"n_weights": [("weights", start, n) for start, n in zip(starts, sizes)]},
+            stalls=stalls, max_cycles=max_cycles, vcd_path=vcd_path, progress=progress)
+        code_beats, absmax_beats = outputs["codes"], outputs["absmax"]
+    else:
+        code_beats, cycles = _quantizer_pysim(config, sizes, beats, total_beats, total_blocks, absmax_beats,
+                                              stalls, max_cycles, vcd_path, progress)
     _check_beats("quantizer", "codes", code_beats, np.cumsum([len(b) for b in beats]).tolist(), 4 * lanes)
     if len(absmax_beats) != total_blocks:
         raise RuntimeError(f"quantizer gave {len(absmax_beats)} of {total_blocks} absmax values")
@@ -182,7 +200,26 @@ def run_quantizer(weight, config, *, stalls=None, vcd_path=None, progress=None):
     return runs if isinstance(weight, (list, tuple)) else runs[0]
 
 
-def run_absmax_quantizer(absmax, offset, *, stalls=None, vcd_path=None):
+def _absmax_pysim(values, offsets, total, total_groups, absmax2_beats, stalls, max_cycles, vcd_path):
+    dut = AbsmaxQuantizer()
+
+    async def feed(ctx):
+        for tensor_values, offset in zip(values, offsets):
+            ctx.set(dut.n_blocks, tensor_values.size)
+            ctx.set(dut.offset, offset)
+            await put(ctx, dut.absmax, [int(v) for v in tensor_values], stalls.get("absmax", NO_STALLS))
+
+    async def consumer(ctx):
+        codes = await get(ctx, dut.codes, total, stalls.get("codes", NO_STALLS), max_cycles=max_cycles)
+        await _await_all(ctx, absmax2_beats, total_groups)
+        return codes
+
+    producers = [feed, _collector(dut.absmax2, total_groups, stalls.get("absmax2", NO_STALLS), absmax2_beats,
+                                  max_cycles)]
+    return simulate(dut, producers, consumer, vcd_path)
+
+
+def run_absmax_quantizer(absmax, offset, *, stalls=None, vcd_path=None, backend=None):
     """Double-quantize float32 ``absmax`` around ``offset`` with
     :class:`~edge_qlora.rtl.absmax_quant.AbsmaxQuantizer` in simulation.
 
@@ -195,6 +232,8 @@ def run_absmax_quantizer(absmax, offset, *, stalls=None, vcd_path=None):
         Random stalls per stream (``absmax``, ``codes``, ``absmax2``).
     vcd_path : path, optional
         Write a VCD waveform there.
+    backend : str, optional
+        ``"pysim"`` or ``"verilator"`` (default: ``$EDGE_QLORA_SIM_BACKEND``, else ``"pysim"``).
 
     Returns
     -------
@@ -208,26 +247,22 @@ def run_absmax_quantizer(absmax, offset, *, stalls=None, vcd_path=None):
     if any(v.size == 0 for v in values):
         raise ValueError("absmax is empty")
     groups = [-(-v.size // DYNAMIC_BLOCKSIZE) for v in values]
-    dut = AbsmaxQuantizer()
-
-    async def feed(ctx):
-        for tensor_values, offset in zip(values, offsets):
-            ctx.set(dut.n_blocks, tensor_values.size)
-            ctx.set(dut.offset, offset)
-            await put(ctx, dut.absmax, [int(v) for v in tensor_values], stalls.get("absmax", NO_STALLS))
-
     absmax2_beats = []
     total, total_groups = sum(v.size for v in values), sum(groups)
     max_cycles = 40 * total + 2000
-
-    async def consumer(ctx):
-        codes = await get(ctx, dut.codes, total, stalls.get("codes", NO_STALLS), max_cycles=max_cycles)
-        await _await_all(ctx, absmax2_beats, total_groups)
-        return codes
-
-    producers = [feed, _collector(dut.absmax2, total_groups, stalls.get("absmax2", NO_STALLS), absmax2_beats,
-                                  max_cycles)]
-    code_beats, cycles = simulate(dut, producers, consumer, vcd_path)
+    if resolve_backend(backend) == "verilator":
+        starts = np.cumsum([0] + [v.size for v in values[:-1]]).tolist()
+        outputs, cycles, _ = run_model(
+            VerilatorModel(AbsmaxQuantizer, "AbsmaxQuantizer", trace=bool(vcd_path)),
+            {"absmax": [int(v) for tensor_values in values for v in tensor_values]},
+            {"codes": total, "absmax2": total_groups},
+            sides={"n_blocks": [("absmax", start, v.size) for start, v in zip(starts, values)],
+                   "offset": [("absmax", start, offset) for start, offset in zip(starts, offsets)]},
+            stalls=stalls, max_cycles=max_cycles, vcd_path=vcd_path)
+        code_beats, absmax2_beats = outputs["codes"], outputs["absmax2"]
+    else:
+        code_beats, cycles = _absmax_pysim(values, offsets, total, total_groups, absmax2_beats, stalls,
+                                           max_cycles, vcd_path)
     _check_beats("absmax quantizer", "codes", code_beats, np.cumsum([v.size for v in values]).tolist(), 8)
     if len(absmax2_beats) != total_groups:
         raise RuntimeError(f"absmax quantizer gave {len(absmax2_beats)} of {total_groups} absmax2 values")
@@ -243,7 +278,8 @@ def run_absmax_quantizer(absmax, offset, *, stalls=None, vcd_path=None):
     return runs if several else runs[0]
 
 
-def quantize_rtl(weight, blocksize=64, double_quant=True, lanes=8, stalls=None, vcd_path=None, progress=None):
+def quantize_rtl(weight, blocksize=64, double_quant=True, lanes=8, stalls=None, vcd_path=None, progress=None,
+                 backend=None):
     """Quantize ``weight`` to NF4 with the RTL cores in simulation, as :func:`~edge_qlora.golden.nf4_quant.quantize`
     does in software.
 
@@ -262,6 +298,8 @@ def quantize_rtl(weight, blocksize=64, double_quant=True, lanes=8, stalls=None, 
         VCD of the quantizer; the absmax quantizer's goes beside it, with ``_absmax`` added to the stem.
     progress : callable(done, total), optional
         Called as the quantizer's code beats arrive.
+    backend : str, optional
+        ``"pysim"`` or ``"verilator"`` (default: ``$EDGE_QLORA_SIM_BACKEND``, else ``"pysim"``).
 
     Returns
     -------
@@ -279,12 +317,12 @@ def quantize_rtl(weight, blocksize=64, double_quant=True, lanes=8, stalls=None, 
     check_finite(weight.detach().reshape(-1).float().numpy())
     shape = tuple(weight.shape)
     config = NF4QuantConfig(lanes=lanes, blocksize=blocksize, in_dtype=dtype)
-    run = run_quantizer(weight, config, stalls=stalls, vcd_path=vcd_path, progress=progress)
+    run = run_quantizer(weight, config, stalls=stalls, vcd_path=vcd_path, progress=progress, backend=backend)
     cycles = {"quantizer": run.cycles}
     if not double_quant:
         return NF4Quantized(run.packed, run.absmax, shape, dtype, blocksize), cycles
     offset = nf4_quant.mean(run.absmax)
     absmax_vcd = None if vcd_path is None else Path(vcd_path).with_stem(Path(vcd_path).stem + "_absmax")
-    second = run_absmax_quantizer(run.absmax, offset, stalls=stalls, vcd_path=absmax_vcd)
+    second = run_absmax_quantizer(run.absmax, offset, stalls=stalls, vcd_path=absmax_vcd, backend=backend)
     cycles["absmax_quantizer"] = second.cycles
     return NF4Quantized(run.packed, second.codes, shape, dtype, blocksize, offset, second.absmax2), cycles
