@@ -13,12 +13,13 @@ empties it (or delete the folder).
 """
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -26,16 +27,20 @@ import numpy as np
 from amaranth.hdl import Value
 from amaranth.lib import stream, wiring
 
+from edge_qlora import constants
+from edge_qlora import rtl as rtl_package
+from edge_qlora.rtl.export import strip_zero_init, verilog
+
 __all__ = ["Source", "cache_dir", "available", "unavailable_reason", "VerilatorModel", "run_model",
            "memory_bits", "strip_zero_init", "VERILATOR_FLAGS"]
 
 #: Verilator options of every model: full optimisation, X values as 0 (Amaranth gives every register an initial
-#: value), lint off (the Verilog is generated). ``CFG_CXXFLAGS_PCH_I`` works around the PyPI build's empty value,
+#: value; memories whose initialisers only set zeros lose them in the export), lint off (the Verilog is generated). ``CFG_CXXFLAGS_PCH_I`` works around the PyPI build's empty value,
 #: which breaks ``--build``.
 VERILATOR_FLAGS = ["-O3", "--x-assign", "0", "--x-initial", "0", "--noassert", "-Wno-fatal", "-Wno-lint",
                    "-Wno-style", "-MAKEFLAGS", "CFG_CXXFLAGS_PCH_I=-include", "-MAKEFLAGS", "OPT_FAST=-O2",
                    "-MAKEFLAGS", "OPT_SLOW=-O1", "-MAKEFLAGS", "OPT_GLOBAL=-O2"]
-_RTL = Path(__file__).resolve().parent.parent / "rtl"
+_RTL = Path(rtl_package.__file__).parent
 
 
 def cache_dir():
@@ -153,7 +158,7 @@ def _harness(ports):
 
 def _rtl_digest():
     digest = hashlib.sha256()
-    for path in sorted(_RTL.rglob("*.py")) + [_RTL.parent / "edge_qlora" / "constants.py"]:
+    for path in sorted(_RTL.rglob("*.py")) + [Path(constants.__file__)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -197,28 +202,29 @@ class VerilatorModel:
         """The design's folder: ``top.v`` and one subfolder per binary."""
         return cache_dir() / _hash(self.key, _rtl_digest(), metadata.version("amaranth"))
 
-    @property
-    def binary(self):
-        harness = _harness(self.ports())
+    def binary(self, status=None):
+        harness = _harness(self.ports(status))
         flags = " ".join(VERILATOR_FLAGS + (["--trace"] if self.trace else []))
         return self.folder / _hash(harness, flags, metadata.version("verilator")) / "vsim"
 
-    def ports(self):
+    def ports(self, status=None):
+        """The top's ports, from the cache (the design is exported first if needed)."""
         if self._ports is None:
-            dut = self.factory()
-            dut._MustUse__silence = True    # built for its signature only
-            self._ports = _ports(dut)
+            saved = json.loads((self.verilog(status).parent / "ports.json").read_text())
+            self._ports = [_Port(**port) for port in saved]
         return self._ports
 
     def verilog(self, status=None):
         """The design's Verilog file (exported unless the cache holds it)."""
         path = self.folder / "top.v"
-        if not path.exists():
-            from amaranth.back import verilog
+        if not (self.folder / "ports.json").exists():
             if status:
                 status("exporting Verilog (once per configuration)")
-            text = strip_zero_init(verilog.convert(self.factory(), name="top", emit_src=False))
-            _publish(path, {"top.v": text, "key.txt": self.key + "\n", "memory_bits.txt": f"{memory_bits(text)}\n"})
+            dut = self.factory()
+            ports = _ports(dut)
+            text = verilog(dut, self.key)
+            _publish(self.folder / "ports.json", {"top.v": text, "key.txt": self.key + "\n", "memory_bits.txt": f"{memory_bits(text)}\n",
+                            "ports.json": json.dumps([asdict(port) for port in ports])})
         return path
 
     def memory_bits(self, status=None):
@@ -227,7 +233,7 @@ class VerilatorModel:
 
     def build(self, status=None):
         """Compile the model unless the cache holds it; ``status(text)`` reports the steps."""
-        binary = self.binary
+        binary = self.binary(status)
         if binary.exists():
             return binary
         reason = unavailable_reason()
@@ -268,37 +274,6 @@ def _publish(path, files):
             for name in files:
                 os.replace(temp / name, folder / name)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def strip_zero_init(verilog):
-    """``verilog`` without the ``initial`` blocks that set every word of a memory to zero.
-
-    Yosys writes one line per memory word; at TinyLlama's shapes that is millions of lines (of a 100 MB file),
-    which Verilator would compile for minutes. Verilator starts every variable at zero anyway (``--x-initial 0``).
-    """
-    out, block = [], None
-    for line in verilog.splitlines(keepends=True):
-        stripped = line.strip()
-        if block is None:
-            if stripped == "initial begin":
-                block = [line]
-            else:
-                out.append(line)
-            continue
-        block.append(line)
-        if stripped == "end":
-            body = block[1:-1]
-            if not body or not all(_ZERO_WORD.fullmatch(b.strip()) for b in body):
-                out.extend(block)
-            block = None
-        elif not _ZERO_WORD.fullmatch(stripped):
-            out.extend(block)
-            block = None
-    out.extend(block or [])
-    return "".join(out)
-
-
-_ZERO_WORD = re.compile(r"[\w$.]+\[\d+\] = \d+'[hd]0+;")
 
 
 def _words(beats, words):

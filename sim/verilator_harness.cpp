@@ -155,7 +155,7 @@ int main(int argc, char **argv) {
         top->clk = 0;
         top->eval();
 #if VM_TRACE
-        if (trace) trace->dump(cycle * 10000 + 5000);
+        if (trace) trace->dump((uint64_t)(cycle * 10000 + 5000));
 #endif
 /*SAMPLE*/
 /*WATCH*/
@@ -163,7 +163,7 @@ int main(int argc, char **argv) {
         top->eval();
         cycle++;
 #if VM_TRACE
-        if (trace) trace->dump(cycle * 10000);
+        if (trace) trace->dump((uint64_t)(cycle * 10000));
 #endif
 /*ADVANCE*/
         taken = 0;
