@@ -251,7 +251,54 @@ def _parser():
     footprint.add_argument("--embeddings", choices=("bf16", "nf4"), default="bf16",
                            help="storage of the embeddings and lm_head")
     footprint.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _bench_options(command)
     return parser
+
+
+def _bench_options(command):
+    from .bench import lanes_list, thread_list
+    bench = command(
+        "bench", help="the accelerator against this CPU: NF4 weights/s and the QLoRA step of each TinyLlama "
+                      "projection, measured side by side",
+        description="Measure, in one run on this machine, the RTL (simulated cycles x the Fmax of the matching "
+                    "routed build, named on every row) against the software it replaces: NF4 quantize and "
+                    "dequantize weights per second (bitsandbytes on the CPU), and one QLoRA step (forward, "
+                    "backward, AdamW) of each TinyLlama-1.1B projection at T = 16 and 128 (PEFT + bitsandbytes "
+                    "NF4 in bf16 and fp32, on one thread and on all). Step cycles come from Verilator runs where "
+                    "there are some, else from the cycle model, checked against RTL runs in the same bench. "
+                    "Prints a Markdown table (or --json) and writes bench.md, bench.json and two PNG plots to "
+                    "--out. See docs/bench.md.")
+    bench.add_argument("--small", action="store_true",
+                       help="a quick run for CI (under a minute): q_proj and k_proj, 8 lanes, 2048 simulated weights, "
+                            "one small check of the cycle model, 3 timed runs, Amaranth's simulator")
+    bench.add_argument("--out", metavar="DIR", default=os.path.join("build", "bench"),
+                       help="folder for bench.md, bench.json, bench_utilization.png, bench_step_time.png "
+                            "(created if missing)")
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON object, not the table")
+    bench.add_argument("--rows", type=_side("rows"), default=8, help="PE array rows of the step accelerator")
+    bench.add_argument("--cols", type=_side("cols"), default=8, help="PE array columns of the step accelerator")
+    bench.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    bench.add_argument("--threads", type=thread_list, default=None,
+                       help="CPU thread counts to time, comma-separated, 'all' for every thread (default: 1,all)")
+    bench.add_argument("--lanes", type=lanes_list, default=None,
+                       help="NF4 core lane counts, comma-separated, from 1, 4, 8, 16 (default: 1,4,8,16; 8 with "
+                            "--small)")
+    bench.add_argument("--warmup", type=int, default=None,
+                       help="untimed CPU runs before the timed ones (default: 2; 1 with --small)")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="timed CPU runs, of which the median is reported (default: 5; 3 with --small)")
+    bench.add_argument("--backend", choices=("auto", "pysim", "verilator"), default=None,
+                       help="simulator of the RTL runs: auto (Verilator where it works here, else Amaranth's "
+                            "simulator), pysim or verilator (default: auto; pysim with --small)")
+    bench.add_argument("--verilator-max-cycles", type=int, default=None,
+                       help="run on Verilator the TinyLlama steps that the cycle model puts at most this many "
+                            "cycles (default: 3000000; none with --small)")
+    bench.add_argument("--fmax", type=float, default=None, metavar="MHZ",
+                       help="clock of the step accelerator, instead of the routed build's (default: the routed "
+                            "build of the array, or the routed GEMM engine of the array standing in)")
+    bench.add_argument("--measured", metavar="FILE", default=None,
+                       help="JSON list of TinyLlama steps measured on Verilator (default: docs/tinyllama_steps.json "
+                            "of the repository, where it exists)")
 
 
 def _footprint_models():
@@ -731,13 +778,29 @@ def _footprint(args):
         print(format_table(result))
 
 
+def _bench(args):
+    import json
+    from .bench import markdown, options, prepare_out, run, write
+
+    opts = options(args.small, rows=args.rows, cols=args.cols, rank=args.rank, threads=args.threads,
+                   lanes=args.lanes, warmup=args.warmup, repeats=args.repeats, backend=args.backend,
+                   verilator_max_cycles=args.verilator_max_cycles, fmax_mhz=args.fmax, measured=args.measured)
+    prepare_out(args.out)
+    report = run(opts, progress=_show_progress(args))
+    text = markdown(report)
+    paths = write(report, text, args.out)
+    print(json.dumps(report, indent=2) if args.json else text, end="\n" if args.json else "")
+    print(f"written: {', '.join(paths)}", file=sys.stderr if args.json else sys.stdout)
+
+
 def _run(args):
     from .boards.build import BuildError
     from .formats import InputError
     from .outputs import OutputError
 
     commands = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul, "step": _step,
-                "demo": _demo, "make-case": _make_case, "footprint": _footprint}
+                "demo": _demo, "make-case": _make_case, "footprint": _footprint,
+                "bench": _bench}
     try:
         return commands[args.command](args) or 0
     except (InputError, BuildError, OutputError) as error:
