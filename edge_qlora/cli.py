@@ -10,10 +10,11 @@ is a terminal (``--quiet`` turns it off). A bug in the tool itself still shows i
 
 import argparse
 import contextlib
-import inspect
 import os
 import sys
 import time
+
+from .constants import TINYLLAMA_PROJECTIONS
 
 __all__ = ["main"]
 
@@ -76,8 +77,9 @@ def _parser():
     parser = _Parser(
         prog="edge-qlora", formatter_class=_HelpFormatter,
         description="Edge-QLoRA: FPGA IP cores for QLoRA, bit-exact with bitsandbytes. Each command runs the RTL in "
-                    "Amaranth's simulator (--backend pysim, the default) or the bit-accurate Python model "
-                    "(--backend golden).")
+                    "Amaranth's simulator (--backend pysim, the default), compiled with Verilator (--backend "
+                    "verilator: over 1000 times faster, built once per configuration and cached; see 'cache'), "
+                    "or the bit-accurate Python model (--backend golden).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     common = argparse.ArgumentParser(add_help=False)
@@ -97,6 +99,8 @@ def _parser():
     demo.add_argument("--cols", type=int, default=2048, help="columns of the weight")
     demo.add_argument("--lanes", type=_lanes, default=16, help="RTL lanes (weights per cycle), 1 to 16")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weight")
+    demo.add_argument("--backend", choices=BACKENDS[1:], default="pysim",
+                      help="pysim: Amaranth's simulator; verilator: the RTL compiled with Verilator (cached)")
 
     quantize = command(
         "quantize", help="quantize a weight to NF4 (bitsandbytes' quantize_4bit)",
@@ -133,10 +137,9 @@ def _parser():
     matmul.add_argument("--cols", type=_side("cols"), default=4, help="PE array columns, 1 to 16")
     matmul.add_argument("--transpose-w", action="store_true", help="compute x @ W instead of x @ W.T")
     matmul.add_argument("--out-dtype", choices=("bf16", "fp32"), default="bf16", help="y's dtype")
-    matmul.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
-                        help="pysim: the RTL in Amaranth's simulator; golden: the bit-accurate model")
+    matmul.add_argument("--backend", choices=BACKENDS, default="pysim", help=BACKEND_HELP)
     matmul.add_argument("--vcd", metavar="FILE", default=None,
-                        help="write a VCD waveform of the RTL run (pysim only; default: none)")
+                        help="write a VCD waveform of the RTL run (pysim or verilator; default: none)")
 
     step = command(
         "step", help="one QLoRA training step of a linear layer (forward, backward, update)",
@@ -152,12 +155,11 @@ def _parser():
     step.add_argument("case", metavar="CASE", help="safetensors step case")
     step.add_argument("output", metavar="OUT", help="safetensors file to write: the next step's case and this "
                                                     "step's results (replaced if it exists)")
-    step.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
-                      help="pysim: the RTL controller in Amaranth's simulator; golden: the bit-accurate model")
+    step.add_argument("--backend", choices=BACKENDS, default="pysim", help=BACKEND_HELP)
     step.add_argument("--rows", type=_side("rows"), default=4, help="GEMM array rows, 1 to 16")
     step.add_argument("--cols", type=_side("cols"), default=4, help="GEMM array columns, 1 to 16")
     step.add_argument("--vcd", metavar="FILE", default=None,
-                      help="write a VCD waveform of the RTL run (pysim only; default: none)")
+                      help="write a VCD waveform of the RTL run (pysim or verilator; default: none)")
 
     make_case = command(
         "make-case", help="write a random step case for 'step' (x, dy, LoRA factors, NF4 base weight)",
@@ -234,6 +236,61 @@ def _parser():
                             "fits; Fmax is nextpnr's estimate before routing")
     build.add_argument("--out", default=None, metavar="DIR",
                        help="output folder, created if missing (default: build/<board>)")
+
+    verilog = command(
+        "verilog", help="write the Verilog of a unit (dequantizer, quantizer, GEMM engine, step accelerator)",
+        description="Export one unit with its parameters to Verilog (top module 'top', ports clk and rst and the "
+                    "unit's streams), for integration in another design or flow. The file's header lists the "
+                    "ports, each stream's payload fields and the stream protocol. Options that do not apply to "
+                    "UNIT are ignored.")
+    verilog.add_argument("unit", metavar="UNIT", choices=VERILOG_UNITS,
+                         help=f"one of: {', '.join(VERILOG_UNITS)}")
+    verilog.add_argument("-o", "--output", metavar="FILE.v", required=True, help="Verilog file to write (required)")
+    verilog.add_argument("--lanes", type=_lanes, default=8, help="dequantizer/quantizer lanes, 1 to 16")
+    verilog.add_argument("--dtype", choices=DTYPES, default="bf16",
+                         help="dequantizer output / quantizer input dtype")
+    verilog.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size")
+    verilog.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                         help="double-quantized absmax (dequantizer, gemm, step)")
+    verilog.add_argument("--compact", action="store_true", help="dequantizer: fewer pipeline registers")
+    verilog.add_argument("--rows", type=_side("rows"), default=8, help="gemm/step: PE array rows")
+    verilog.add_argument("--cols", type=_side("cols"), default=8, help="gemm/step: PE array columns")
+    verilog.add_argument("--max-k", type=int, default=512, help="gemm: longest W row")
+    verilog.add_argument("--max-n", type=int, default=512, help="gemm: most W rows")
+    verilog.add_argument("--weights", choices=("nf4", "bf16"), default="nf4", help="gemm: weight stream")
+    verilog.add_argument("--out-dtype", choices=("bf16", "fp32"), default="bf16", help="gemm: output dtype")
+    verilog.add_argument("--max-t", type=int, default=16, help="step: most tokens")
+    verilog.add_argument("--max-in", type=int, default=64, help="step: largest in_features")
+    verilog.add_argument("--max-out", type=int, default=64, help="step: largest out_features")
+    verilog.add_argument("--max-rank", type=int, default=8, help="step: largest LoRA rank")
+    verilog.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="step: optimizer core")
+
+    cache = command(
+        "cache", help="show or clear the cache of compiled Verilator models",
+        description="The Verilator backend exports each configuration to Verilog and compiles it once; both are "
+                    "kept in $EDGE_QLORA_CACHE/verilator (default ~/.cache/edge-qlora/verilator). Without "
+                    "options: where it is, its models and size.")
+    cache.add_argument("--clear", action="store_true", help="delete every cached model (default: only list them)")
+
+    tinyllama = command(
+        "tinyllama", help="one QLoRA step of each of TinyLlama's seven projections, cycle by cycle on Verilator",
+        description="Run one QLoRA step (AdamW) of each of TinyLlama-1.1B's seven projections at its real shape "
+                    "(q and o 2048 -> 2048, k and v 2048 -> 256, gate and up 2048 -> 5632, down 5632 -> 2048) on "
+                    "the step accelerator compiled with Verilator, weights built locally. Each row: cycles "
+                    "measured and modelled, PE utilization, the accuracy contract (every output at least as "
+                    "accurate as PEFT + bitsandbytes in bf16 against float64, within 10%), the scratchpads the "
+                    "shape needs against the ECP5-85F's block RAM. The first run exports and compiles the model "
+                    "(about 8 minutes); all seven projections at T=16 and 128 take about 40 minutes.")
+    tinyllama.add_argument("--tokens", type=_positive("--tokens"), nargs="+", default=[16, 128],
+                           help="token counts T per step")
+    tinyllama.add_argument("--projections", nargs="+", default=[name for name, _, _ in TINYLLAMA_PROJECTIONS],
+                           choices=[name for name, _, _ in TINYLLAMA_PROJECTIONS], metavar="NAME",
+                           help="projections to run")
+    tinyllama.add_argument("--rank", type=_positive("--rank"), default=16, help="LoRA rank")
+    tinyllama.add_argument("--rows", type=_side("rows"), default=8, help="GEMM array rows")
+    tinyllama.add_argument("--cols", type=_side("cols"), default=8, help="GEMM array columns")
+    tinyllama.add_argument("--json", metavar="FILE", default=None,
+                           help="also write the rows as a JSON list there (default: none)")
 
     footprint = command(
         "footprint", help="memory of QLoRA fine-tuning a model: NF4 bytes measured, LoRA, AdamW, activations",
@@ -318,12 +375,18 @@ def _positive(name):
     return parse
 
 
+BACKENDS = ("golden", "pysim", "verilator")
+VERILOG_UNITS = ("dequantizer", "quantizer", "absmax-quantizer", "gemm", "step")
+
+BACKEND_HELP = ("pysim: the RTL in Amaranth's simulator; verilator: the RTL compiled with Verilator (the first run "
+                "of a configuration compiles it, seconds to minutes; cached); golden: the bit-accurate Python model")
+
+
 def _backend_options(parser):
-    parser.add_argument("--backend", choices=("golden", "pysim"), default="pysim",
-                        help="pysim: the RTL in Amaranth's simulator; golden: the Python model")
+    parser.add_argument("--backend", choices=BACKENDS, default="pysim", help=BACKEND_HELP)
     parser.add_argument("--lanes", type=_lanes, default=8, help="RTL lanes (weights per cycle), 1 to 16")
     parser.add_argument("--vcd", metavar="FILE", default=None,
-                        help="write a VCD waveform of the RTL run (pysim only; default: none)")
+                        help="write a VCD waveform of the RTL run (pysim or verilator; default: none)")
 
 
 def _show_progress(args):
@@ -358,8 +421,12 @@ def _check_outputs(args, outputs, inputs=()):
     """
     from .outputs import OutputError, check_output
 
-    if getattr(args, "vcd", None) and getattr(args, "backend", "pysim") != "pysim":
-        raise OutputError("--vcd records the RTL run: it needs --backend pysim")
+    if getattr(args, "vcd", None) and getattr(args, "backend", "pysim") == "golden":
+        raise OutputError("--vcd records the RTL run: it needs --backend pysim or verilator")
+    if getattr(args, "backend", None) == "verilator":
+        from .sim.verilator import unavailable_reason
+        if unavailable_reason():
+            raise OutputError(f"--backend verilator: {unavailable_reason()}")
     outputs = [(what, path) for what, path in outputs if path is not None]
     for index, (what, path) in enumerate(outputs):
         check_output(path, what)
@@ -397,10 +464,10 @@ def _quantize(args):
         report = None
     else:
         from .sim.nf4_quant import quantize_rtl
-        bar, update = _progress_bar(args, -(-weight.numel() // args.lanes), "quantize (pysim)")
+        bar, update = _progress_bar(args, -(-weight.numel() // args.lanes), f"quantize ({args.backend})")
         with bar, _vcd(args) as vcd_path:
             quantized, report = quantize_rtl(weight, args.blocksize, args.double_quant, lanes=args.lanes,
-                                             vcd_path=vcd_path, progress=update)
+                                             vcd_path=vcd_path, progress=update, backend=args.backend)
     save_quantized(args.output, quantized)
     seconds = time.perf_counter() - start
     n = weight.numel()
@@ -431,9 +498,9 @@ def _dequant(args):
         from .sim.nf4 import run_dequantizer
         config = NF4DequantConfig(lanes=args.lanes, blocksize=quantized.blocksize, out_dtype=args.dtype,
                                   double_quant=quantized.double_quant)
-        bar, update = _progress_bar(args, -(-n // args.lanes), "dequant (pysim)")
+        bar, update = _progress_bar(args, -(-n // args.lanes), f"dequant ({args.backend})")
         with bar, _vcd(args) as vcd_path:
-            run = run_dequantizer(quantized, config, vcd_path=vcd_path, progress=update)
+            run = run_dequantizer(quantized, config, vcd_path=vcd_path, progress=update, backend=args.backend)
         weight = torch.from_numpy(run.values.view({"bf16": "int16", "fp16": "int16", "fp32": "int32"}[args.dtype]))
         weight = weight.view(nf4_dequant.DTYPES[args.dtype]).reshape(quantized.shape)
         cycles = run.cycles
@@ -611,10 +678,10 @@ def _matmul(args):
         from .sim.gemm import run_gemm
         out_cols = k if args.transpose_w else n
         total = -(-m // args.rows) * -(-out_cols // args.cols) * args.rows
-        bar, update = _progress_bar(args, total, "matmul (pysim)", unit="row")
+        bar, update = _progress_bar(args, total, f"matmul ({args.backend})", unit="row")
         with bar, _vcd(args) as vcd_path:
             run = run_gemm(x, quantized if quantized is not None else weight, config,
-                           transposed=args.transpose_w, vcd_path=vcd_path, progress=update)
+                           transposed=args.transpose_w, vcd_path=vcd_path, progress=update, backend=args.backend)
         y, cycles = run.out, run.cycles
     save_tensors(args.output, {"y": y.contiguous()})
     seconds = time.perf_counter() - start
@@ -630,32 +697,21 @@ def _matmul(args):
 
 
 def _run_step(args, case, config):
-    """The RTL step with a progress bar of simulated cycles."""
-    from .sim import lora as sim_lora
+    """The RTL step with a progress bar: simulated cycles (pysim) or output beats (Verilator)."""
+    from .sim.lora import run_step
 
-    bar, update = _progress_bar(args, None, f"step (pysim, {args.rows}x{args.cols})", unit="cycle")
+    unit = "cycle" if args.backend == "pysim" else "beat"
+    bar, update = _progress_bar(args, None, f"step ({args.backend}, {args.rows}x{args.cols})", unit=unit)
+
+    def progress(done, total):
+        bar.total = total
+        update(done)
+
+    def status(text):
+        bar.set_description_str(f"step ({args.backend}): {text}")
+
     with bar, _vcd(args) as vcd_path:
-        if "progress" in inspect.signature(sim_lora.run_step).parameters:
-            return sim_lora.run_step(case, config, vcd_path=vcd_path, progress=update)
-        if not _show_progress(args) or not hasattr(sim_lora, "simulate"):
-            return sim_lora.run_step(case, config, vcd_path=vcd_path)
-        # run_step takes no progress callback: count cycles with an observer process of the harness's simulate
-        simulate = sim_lora.simulate
-
-        def counted(dut, producers, consumer, vcd_path, processes=()):
-            async def count(ctx):
-                cycles = 0
-                async for _ in ctx.tick():
-                    cycles += 1
-                    if not cycles % 1024:
-                        update(cycles)
-            return simulate(dut, producers, consumer, vcd_path, processes=[*processes, count])
-
-        sim_lora.simulate = counted
-        try:
-            return sim_lora.run_step(case, config, vcd_path=vcd_path)
-        finally:
-            sim_lora.simulate = simulate
+        return run_step(case, config, vcd_path=vcd_path, progress=progress, status=status, backend=args.backend)
 
 
 def _step(args):
@@ -721,6 +777,7 @@ def _demo(args):
 
     if not (1 <= args.rows <= 4096 and 1 <= args.cols <= 65536):
         raise BuildError(f"--rows and --cols must be 1..4096 and 1..65536, not {args.rows} and {args.cols}")
+    _check_outputs(args, [])     # --backend verilator: the tool and a C++ compiler
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes.functional as bnbf
 
@@ -728,9 +785,9 @@ def _demo(args):
     weight = (torch.randn(args.rows, args.cols, generator=gen) * 0.02).to(torch.bfloat16)
     n = weight.numel()
     print(f"weight [{args.rows}, {args.cols}] bf16, NF4 blocksize 64, double quantization, {args.lanes} lanes")
-    bar, update = _progress_bar(args, -(-n // args.lanes), "quantize (pysim)")
+    bar, update = _progress_bar(args, -(-n // args.lanes), f"quantize ({args.backend})")
     with bar:
-        quantized, cycles = quantize_rtl(weight, 64, True, lanes=args.lanes, progress=update)
+        quantized, cycles = quantize_rtl(weight, 64, True, lanes=args.lanes, progress=update, backend=args.backend)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
 
     def differ(a, b):
@@ -742,9 +799,9 @@ def _demo(args):
                       + differ(state.state2.absmax.numpy(), quantized.absmax2)
                       + differ(np.float32(state.offset.item()), np.float32(quantized.offset)))
     config = NF4DequantConfig(lanes=args.lanes, blocksize=64, out_dtype="bf16", double_quant=True)
-    bar, update = _progress_bar(args, -(-n // args.lanes), "dequant (pysim)")
+    bar, update = _progress_bar(args, -(-n // args.lanes), f"dequant ({args.backend})")
     with bar:
-        run = run_dequantizer(quantized, config, progress=update)
+        run = run_dequantizer(quantized, config, progress=update, backend=args.backend)
     state.dtype = torch.bfloat16
     reference = bnbf.dequantize_4bit(packed, state).reshape(-1).view(torch.int16).numpy().view(np.uint16)
     dequant_mismatch = int((reference != run.values).sum())
@@ -758,6 +815,101 @@ def _demo(args):
     print(f"dequantized weights equal to the golden model: {int((golden == run.values).sum())} of {n}")
     if quant_mismatch or dequant_mismatch:
         return 1
+
+
+def _unit(args):
+    """``(component, title)`` of ``edge-qlora verilog``'s UNIT with its options."""
+    from .boards.build import BuildError
+    try:
+        if args.unit == "dequantizer":
+            from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
+            config = NF4DequantConfig(lanes=args.lanes, blocksize=args.blocksize, out_dtype=args.dtype,
+                                      double_quant=args.double_quant, compact=args.compact)
+            return NF4Dequantizer(config), f"NF4Dequantizer {config!r}"
+        if args.unit == "quantizer":
+            from .rtl.nf4_quant import NF4QuantConfig, NF4Quantizer
+            config = NF4QuantConfig(lanes=args.lanes, blocksize=args.blocksize, in_dtype=args.dtype)
+            return NF4Quantizer(config), f"NF4Quantizer {config!r}"
+        if args.unit == "absmax-quantizer":
+            from .rtl.absmax_quant import AbsmaxQuantizer
+            return AbsmaxQuantizer(), "AbsmaxQuantizer (second quantization of the absmax values)"
+        if args.unit == "gemm":
+            from .rtl.gemm import GemmConfig, GemmEngine
+            config = GemmConfig(rows=args.rows, cols=args.cols, max_k=args.max_k, max_n=args.max_n,
+                                out_dtype=args.out_dtype, weights=args.weights, blocksize=args.blocksize,
+                                double_quant=args.double_quant)
+            return GemmEngine(config), f"GemmEngine {config!r}"
+        from .rtl.lora import LoraConfig, LoraStep
+        config = LoraConfig(rows=args.rows, cols=args.cols, max_t=args.max_t, max_in=args.max_in,
+                            max_out=args.max_out, max_rank=args.max_rank, optimizer=args.optimizer,
+                            blocksize=args.blocksize, double_quant=args.double_quant)
+        return LoraStep(config), f"LoraStep {config!r}"
+    except (ValueError, TypeError) as error:
+        raise BuildError(f"{args.unit}: {error}") from None
+
+
+def _verilog(args):
+    from .outputs import atomic_output
+    from .rtl.export import verilog
+
+    _check_outputs(args, [("-o", args.output)])
+    dut, title = _unit(args)
+    text = verilog(dut, title)
+    with atomic_output(args.output, "w") as f:
+        f.write(text)
+    print(f"{title}: {args.output} ({len(text.splitlines()):,} lines)")
+
+
+def _cache(args):
+    import shutil
+    from .sim.verilator import cache_dir
+
+    folder = cache_dir()
+    models = sorted(folder.glob("*/key.txt")) if folder.exists() else []
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+    if args.clear:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"cleared {folder}: {len(models)} models, {size / 1e6:.1f} MB")
+        return
+    print(f"{folder}: {len(models)} models, {size / 1e6:.1f} MB (clear with: edge-qlora cache --clear)")
+    for key in models:
+        binaries = len(list(key.parent.glob("*/vsim")))
+        print(f"  {key.parent.name}  {key.read_text().strip()}  ({binaries} binaries)")
+
+
+def _tinyllama(args):
+    import json
+    from .outputs import atomic_output
+    from .tinyllama import format_table, model_config, run_projection
+
+    _check_outputs(args, [("--json", args.json)])
+    args.backend = "verilator"
+    _check_outputs(args, [])
+    config = model_config(args.rows, args.cols, max(128, *args.tokens), args.rank)
+    shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
+    runs = []
+    for t in args.tokens:
+        for name in args.projections:
+            d_in, d_out = shapes[name]
+            bar, update = _progress_bar(args, None, f"{name} T={t}")
+
+            def progress(done, total):
+                bar.total = total
+                update(done)
+
+            with bar:
+                run = run_projection(name, d_in, d_out, t, args.rank, args.rows, args.cols, config=config,
+                                     progress=progress, status=lambda text: bar.set_description_str(text))
+            runs.append(run)
+            print(f"{name} T={t}: {run.cycles:,} cycles (model {run.model_cycles:,}, "
+                  f"{100 * run.model_error:+.2f}%), utilization {100 * run.utilization:.1f}%, accuracy "
+                  f"{'passed' if run.contract_passed else 'FAILED'}", flush=True)
+    print()
+    print(format_table(runs))
+    if args.json:
+        with atomic_output(args.json, "w") as f:
+            json.dump([run.to_dict() for run in runs], f, indent=1)
+    return 0 if all(run.contract_passed for run in runs) else 1
 
 
 def _footprint(args):
@@ -800,7 +952,8 @@ def _run(args):
 
     commands = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul, "step": _step,
                 "demo": _demo, "make-case": _make_case, "footprint": _footprint,
-                "bench": _bench}
+                "bench": _bench, "tinyllama": _tinyllama,
+                "verilog": _verilog, "cache": _cache}
     try:
         return commands[args.command](args) or 0
     except (InputError, BuildError, OutputError) as error:

@@ -5,7 +5,8 @@ copies of the LoRA factors as ``nn.Parameter`` s (any torch optimizer updates th
 that compute exactly what ``rtl/lora/`` computes, phase by phase (:mod:`edge_qlora.golden.lora`):
 
 * ``backend="golden"``: the bit-accurate model of the GEMM engine (fast, numpy);
-* ``backend="pysim"``: every product on the RTL GEMM engine in Amaranth's simulator (slow; tiny layers only).
+* ``backend="pysim"``: every product on the RTL GEMM engine in Amaranth's simulator (slow; tiny layers only);
+* ``backend="verilator"``: the same on the engine compiled with Verilator (each GEMM configuration compiles once).
 
 Both give the same bits. :func:`export_peft_adapter` writes the trained factors as a PEFT adapter
 (``adapter_model.safetensors`` + ``adapter_config.json``) that ``PeftModel.from_pretrained`` loads.
@@ -35,7 +36,7 @@ def _gemm(a, b, transposed, chunk, backend, weight=None, config=None):
                         weights="nf4" if weight is not None else "bf16", out_dtype="fp32",
                         blocksize=weight.blocksize if weight is not None else 64,
                         double_quant=weight.double_quant if weight is not None else True, chunk=chunk)
-    return run_gemm(a.contiguous(), source, config, transposed=transposed).out
+    return run_gemm(a.contiguous(), source, config, transposed=transposed, backend=backend).out
 
 
 def _bf16(t):
@@ -94,7 +95,7 @@ class QLoRALinear(torch.nn.Module):
     scaling : float
         ``lora_alpha / rank`` in PEFT's terms.
     backend : str
-        ``"golden"`` or ``"pysim"``.
+        ``"golden"``, ``"pysim"`` or ``"verilator"``.
     rows, cols : int
         GEMM array (the chunk length follows from it).
     lora_a, lora_b : torch.Tensor, optional
@@ -109,8 +110,8 @@ class QLoRALinear(torch.nn.Module):
         super().__init__()
         if not isinstance(weight, NF4Quantized) or len(weight.shape) != 2:
             raise TypeError("weight must be a 2-D NF4Quantized")
-        if backend not in ("golden", "pysim"):
-            raise ValueError(f"backend must be 'golden' or 'pysim', not {backend!r}")
+        if backend not in ("golden", "pysim", "verilator"):
+            raise ValueError(f"backend must be 'golden', 'pysim' or 'verilator', not {backend!r}")
         from .rtl.gemm import GemmConfig
         self.weight = weight
         self.weight_bf16 = dequantize(weight, "bf16")
