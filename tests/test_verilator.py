@@ -33,13 +33,6 @@ def stalls(names, seed, idle=0.35):
     return {name: Stalls(idle, seed * 31 + i) for i, name in enumerate(names)}
 
 
-def test_strip_zero_init_keeps_tables():
-    text = ("  reg [7:0] a [1:0];\n  initial begin\n    a[0] = 8'h00;\n    a[1] = 8'd0;\n  end\n"
-            "  reg [7:0] b [1:0];\n  initial begin\n    b[0] = 8'h00;\n    b[1] = 8'h2a;\n  end\n")
-    stripped = verilator.strip_zero_init(text)
-    assert "a[0]" not in stripped and "b[1] = 8'h2a;" in stripped and "b[0] = 8'h00;" in stripped
-
-
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_dequantizer(double_quant):
     weights = [random_weights((300,), torch.bfloat16, 3), *adversarial(torch.float32, 64).values()]
