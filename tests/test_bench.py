@@ -76,7 +76,8 @@ def test_small_mode_table_and_plots(small):
     text = (out / "bench.md").read_text()
     assert "| RTL vs CPU bf16, 1 thread | RTL vs fastest CPU |" in text
     assert "RTL vs CPU 1 thr." in text
-    step_rows = [line for line in text.splitlines() if line.startswith(("| q_proj", "| k_proj"))]
+    # the step table's rows (the model-check table below it names measured shapes as "| q_proj: ...")
+    step_rows = [line for line in text.splitlines() if line.startswith(("| q_proj |", "| k_proj |"))]
     assert len(step_rows) == 4
     for line in step_rows:
         assert "GEMM engine 8x8 stands in" in line
