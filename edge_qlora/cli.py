@@ -882,9 +882,8 @@ def _tinyllama(args):
     from .outputs import atomic_output
     from .tinyllama import format_table, model_config, run_projection
 
+    args.backend = "verilator"      # _check_outputs also checks that Verilator can run here
     _check_outputs(args, [("--json", args.json)])
-    args.backend = "verilator"
-    _check_outputs(args, [])
     config = model_config(args.rows, args.cols, max(128, *args.tokens), args.rank)
     shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
     runs = []

@@ -60,3 +60,12 @@ def mismatches(reference, result):
         both_nan = (torch.isnan(reference.reshape(-1).float()) & torch.isnan(result.reshape(-1).float())).numpy()
         return int(((ref_bits != got_bits) & ~both_nan).sum())
     return int((ref_bits != got_bits).sum())
+
+
+def run_cli(*argv):
+    """Run ``edge-qlora`` in-process with ``argv`` (anything ``str`` takes); its exit status (argparse's too)."""
+    from edge_qlora.cli import main
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code

@@ -10,14 +10,9 @@ import pytest
 
 from edge_qlora import bench
 from edge_qlora.boards import fmax
-from edge_qlora.cli import main
 
+from reference import run_cli
 
-def run_cli(*argv):
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 @pytest.fixture(scope="module")

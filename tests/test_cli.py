@@ -9,17 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edge_qlora.cli import main
 
-from reference import bnb_dequantize, bnbf, mismatches
+from reference import bnb_dequantize, bnbf, mismatches, run_cli
 
-
-def run_cli(*argv):
-    """Run the CLI in-process; returns (exit status, stdout, stderr) via capsys in the tests."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from edge_qlora.cli import main
 from edge_qlora.footprint import activation_terms, footprint, format_table, inventory, measure_nf4, model_config
 
 import reference  # noqa: F401  (quiets bitsandbytes before it loads)
+from reference import run_cli  # noqa: E402
 import bitsandbytes as bnb  # noqa: E402
 
 KEYS = ("params", "linear_params", "fp16_bytes", "nf4_linear_bytes", "total_bytes", "reduction_vs_fp16",
@@ -19,12 +19,6 @@ TINYLLAMA_PROJECTIONS = {  # (out, in) of each linear layer of one decoder layer
     "self_attn.o_proj": (2048, 2048), "mlp.gate_proj": (5632, 2048), "mlp.up_proj": (5632, 2048),
     "mlp.down_proj": (2048, 5632)}
 
-
-def run_cli(*argv):
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 @pytest.fixture(scope="module")
