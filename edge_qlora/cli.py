@@ -309,7 +309,36 @@ def _parser():
                            help="storage of the embeddings and lm_head")
     footprint.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     _bench_options(command)
+    _sweep_options(command)
     return parser
+
+
+def _sweep_options(command):
+    sweep = command(
+        "sweep", help="run many builds or TinyLlama step simulations at once on Ray (one machine or a cluster)",
+        description="Sweep a design space: SPEC (TOML) names the command (build, the default, or tinyllama), the "
+                    "board, a [design] table of fixed options and a [sweep] table of lists, both named as the "
+                    "command's long options without dashes (lanes = 1, seed = [1, 2], place_only = [true], "
+                    "lut_mapper = [\"abc\", \"abc9\"]), and optionally timeout_s (a point running longer is "
+                    "stopped and recorded) and memory_gb (what each point declares to Ray). Every combination is a "
+                    "Ray task of one CPU; a point that fails is recorded with its reason and the sweep goes on. "
+                    "Writes DIR/sweep.json after every point, then DIR/sweep.md and, for builds, DIR/pareto.png "
+                    "(Fmax against LUTs, Pareto front marked); the best bitstream of each design point is kept in "
+                    "DIR/bitstreams, the others are deleted. Needs Ray: pip install -e \".[sweep]\". See "
+                    "docs/sweep.md.")
+    sweep.add_argument("spec", metavar="SPEC", help="sweep specification, a TOML file")
+    sweep.add_argument("--address", default=None, metavar="ADDRESS",
+                       help="an existing Ray cluster: ray://HOST:PORT (Ray Client) or HOST:PORT (its GCS) (default: "
+                            "start a local Ray instance of --jobs CPUs)")
+    sweep.add_argument("--jobs", type=_positive("--jobs"), default=None,
+                       help="points running at once (default: the cores minus one here, the cluster's CPUs with "
+                            "--address)")
+    sweep.add_argument("--out", default=None, metavar="DIR",
+                       help="results folder, created if missing (default: build/sweep-<SPEC name>)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep in DIR: skip the points already done (ok or failed), run again "
+                            "those stopped (worker died, Ctrl-C) or timed out under a shorter timeout_s")
+    sweep.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
 
 
 def _bench_options(command):
@@ -944,18 +973,59 @@ def _bench(args):
     print(f"written: {', '.join(paths)}", file=sys.stderr if args.json else sys.stdout)
 
 
+def _sweep(args):
+    import json
+    from tqdm import tqdm
+    from .outputs import OutputError
+    from .sweep import load_spec, run_sweep
+
+    spec = load_spec(args.spec)
+    out = args.out or os.path.join("build", "sweep-" + os.path.splitext(os.path.basename(args.spec))[0])
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out} exists and is not a folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise OutputError(f"--out {out}: cannot create folder: {os.path.dirname(os.path.abspath(out))} "
+                          f"does not exist")
+    bar = tqdm(total=None, desc="sweep", unit="point", file=sys.stderr, disable=not _show_progress(args),
+               bar_format="{desc}: {n}/{total} points [{elapsed}] {postfix}")
+
+    def progress(done, total, running, failed, best):
+        bar.total = total
+        bar.n = done
+        shown = ""
+        if best is not None:
+            shown = (f"{best['fmax_mhz']:.2f} MHz" if spec.command == "build"
+                     else f"{100 * best['utilization']:.1f}% utilization")
+            shown = f", best {shown} ({', '.join(f'{k}={best[k]}' for k in spec.sweep) or 'the point'})"
+        bar.set_postfix_str(f"running {running}, failed {failed}{shown}", refresh=False)
+        bar.refresh()
+
+    with bar:
+        rows = run_sweep(spec, out, jobs=args.jobs, address=args.address, resume=args.resume, progress=progress)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        with open(os.path.join(out, "sweep.md")) as f:
+            print(f.read(), end="")
+    written = ["sweep.json", "sweep.md"] + (["pareto.png"] if os.path.exists(os.path.join(out, "pareto.png"))
+                                            else [])
+    print(f"written to {out}: {', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _run(args):
     from .boards.build import BuildError
     from .formats import InputError
     from .outputs import OutputError
+    from .sweep import SpecError
 
     commands = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul, "step": _step,
                 "demo": _demo, "make-case": _make_case, "footprint": _footprint,
                 "bench": _bench, "tinyllama": _tinyllama,
-                "verilog": _verilog, "cache": _cache}
+                "verilog": _verilog, "cache": _cache, "sweep": _sweep}
     try:
         return commands[args.command](args) or 0
-    except (InputError, BuildError, OutputError) as error:
+    except (InputError, BuildError, OutputError, SpecError) as error:
         print(f"edge-qlora: error: {error}", file=sys.stderr)
         return 2
 
