@@ -95,7 +95,10 @@ class Spec:
 
 def load_spec(path):
     """Read and validate a SPEC file: every option known to the command, every point's options accepted by it."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:             # Python 3.10
+        import tomli as tomllib
 
     try:
         with open(path, "rb") as f:
@@ -291,14 +294,19 @@ def _import_ray():
 def _connect(ray, address, jobs):
     """Start a local Ray instance of ``jobs`` CPUs, or join the cluster at ``address``; return its CPU count."""
     import logging
-    options = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+    # Ray's start-up chatter (token authentication is on, ...) is not the user's business; its errors are
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    options = dict(log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address is None:
             ray.init(num_cpus=jobs, include_dashboard=False, **options)
         elif address.startswith("ray://"):
             ray.init(address=address, **options)
         else:
-            ray.init(address=address, _node_ip_address=os.environ.get("RAY_NODE_IP_ADDRESS"), **options)
+            # a driver joining a cluster on the loopback must say so, or Ray reaches for the machine's address
+            host = address.rsplit(":", 1)[0]
+            ray.init(address=address, _node_ip_address="127.0.0.1" if host in ("127.0.0.1", "localhost") else None,
+                     **options)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SpecError(f"cannot connect to Ray at {address or 'a new local instance'} ({text})") from None
@@ -376,11 +384,11 @@ def run_sweep(spec, out, *, jobs=None, address=None, resume=False, progress=None
             old = {row["key"]: row for row in json.loads(results.read_text())}
         except (ValueError, KeyError, TypeError) as error:
             raise OutputError(f"{results} is not a sweep's results ({error}); choose another --out") from None
+    ray = _import_ray()
     out.mkdir(parents=True, exist_ok=True)
     rows = {point["key"]: old[point["key"]] for point in all_points
             if point["key"] in old and _done(old[point["key"]], spec)}
     todo = [point for point in all_points if point["key"] not in rows]
-    ray = _import_ray()
     cpus = max(1, (os.cpu_count() or 2) - 1)
     jobs = jobs or (cpus if address is None else None)
     cluster_cpus = _connect(ray, address, jobs)
