@@ -977,7 +977,7 @@ def _sweep(args):
     import json
     from tqdm import tqdm
     from .outputs import OutputError
-    from .sweep import load_spec, run_sweep
+    from .sweep import label, load_spec, run_sweep
 
     spec = load_spec(args.spec)
     out = args.out or os.path.join("build", "sweep-" + os.path.splitext(os.path.basename(args.spec))[0])
@@ -996,7 +996,7 @@ def _sweep(args):
         if best is not None:
             shown = (f"{best['fmax_mhz']:.2f} MHz" if spec.command == "build"
                      else f"{100 * best['utilization']:.1f}% utilization")
-            shown = f", best {shown} ({', '.join(f'{k}={best[k]}' for k in spec.sweep) or 'the point'})"
+            shown = f", best {shown} ({label(best, spec)})"
         bar.set_postfix_str(f"running {running}, failed {failed}{shown}", refresh=False)
         bar.refresh()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .outputs import OutputError, atomic_output
 
-__all__ = ["SpecError", "Spec", "load_spec", "points", "run_sweep", "markdown", "pareto_front", "plot",
+__all__ = ["SpecError", "Spec", "load_spec", "points", "run_sweep", "markdown", "pareto_front", "plot", "label",
            "COMMANDS"]
 
 COMMANDS = ("build", "tinyllama")
@@ -233,7 +233,12 @@ def run_point(command, argv, folder, timeout_s=None):
         argv = [*argv, "--out", str(folder / "build")]
     else:
         argv = [*argv, "--json", str(folder / "rows.json")]
-    result = {"host": socket.gethostname(), "status": "ok", "error": None}
+    result = {"host": socket.gethostname(), "node": None, "status": "ok", "error": None}
+    try:
+        import ray
+        result["node"] = ray.get_runtime_context().get_node_id()[:12]     # which Ray node ran the point
+    except Exception:                   # not in a Ray worker (a direct call)
+        pass
     stdout, stderr = folder / "stdout.txt", folder / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen([sys.executable, "-m", "edge_qlora.sweep", command, "-q", *argv],
@@ -301,7 +306,7 @@ def _connect(ray, address, jobs):
         if address is None:
             ray.init(num_cpus=jobs, include_dashboard=False, **options)
         elif address.startswith("ray://"):
-            ray.init(address=address, **options)
+            ray.init(address=address, log_to_driver=False)     # Ray Client passes these on to the cluster
         else:
             # a driver joining a cluster on the loopback must say so, or Ray reaches for the machine's address
             host = address.rsplit(":", 1)[0]
@@ -316,7 +321,7 @@ def _connect(ray, address, jobs):
 def _row(point, spec, result):
     row = {"key": point["key"], "design_key": point["design_key"], **point["options"],
            "status": result["status"], "error": result["error"], "seconds": result.get("seconds"),
-           "host": result.get("host"), "timeout_s": spec.timeout_s}
+           "host": result.get("host"), "node": result.get("node"), "timeout_s": spec.timeout_s}
     if spec.command == "build":
         report = result.get("report") or {}
         fmax = report.get("fmax_mhz") or {}
@@ -485,8 +490,14 @@ def pareto_front(rows):
     return front
 
 
-def _label(row, spec):
-    return ", ".join(f"{name}={row[name]}" for name in spec.sweep) or "the one point"
+def _text(value):
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def label(row, spec):
+    """The options that tell this point from the others (the swept ones with more than one value)."""
+    names = [name for name, values in spec.sweep.items() if len(values) > 1] or list(spec.sweep)
+    return ", ".join(f"{name}={_text(row[name])}" for name in names) or "the one point"
 
 
 def summary(rows, spec, ran=None, wall_s=None):
@@ -530,7 +541,7 @@ def markdown(rows, spec, ran=None, wall_s=None):
 
     def cell(value, fmt="{}"):
         if isinstance(value, bool):
-            return "true" if value else "false"   # as the SPEC spells it
+            return _text(value)     # as the SPEC spells it
         return "" if value is None else fmt.format(value)
 
     for row in rows:
@@ -554,7 +565,7 @@ def markdown(rows, spec, ran=None, wall_s=None):
         best = pareto_front(rows)
         if best:
             lines.append("- Pareto front (fewer LUTs, higher Fmax): "
-                         + "; ".join(f"{_label(row, spec)} ({_resource(row, 'LUT'):,} LUTs, {row['fmax_mhz']:.2f} MHz)"
+                         + "; ".join(f"{label(row, spec)} ({_resource(row, 'LUT'):,} LUTs, {row['fmax_mhz']:.2f} MHz)"
                                      for row in best))
     return "\n".join(lines) + "\n"
 
@@ -573,11 +584,11 @@ def plot(rows, spec, path):
     ax.plot([_resource(row, "LUT") for row in front], [row["fmax_mhz"] for row in front], color="tab:red",
             marker="o", markerfacecolor="none", markersize=11, zorder=2, label="Pareto front")
     for row in scored:
-        ax.annotate(_label(row, spec), (_resource(row, "LUT"), row["fmax_mhz"]), fontsize=7,
+        ax.annotate(label(row, spec), (_resource(row, "LUT"), row["fmax_mhz"]), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     targets = {row["target_mhz"] for row in scored if row.get("target_mhz")}
-    for target in targets:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+    for target in sorted(targets):
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:g} MHz")
     placed = all(row.get("placed_only") for row in scored)
     ax.set_xlabel("LUTs")
     ax.set_ylabel("Fmax, MHz" + (" (estimate before routing)" if placed else ""))
