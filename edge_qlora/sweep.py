@@ -304,7 +304,8 @@ def _connect(ray, address, jobs):
     options = dict(log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address is None:
-            ray.init(num_cpus=jobs, include_dashboard=False, **options)
+            # "local": a new instance even where a `ray start` cluster runs (or has run) on this machine
+            ray.init(address="local", num_cpus=jobs, include_dashboard=False, **options)
         elif address.startswith("ray://"):
             ray.init(address=address, log_to_driver=False)     # Ray Client passes these on to the cluster
         else:
