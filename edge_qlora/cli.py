@@ -979,7 +979,7 @@ def _sweep(args):
     from .outputs import OutputError
     from .sweep import label, load_spec, run_sweep
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, _parser())
     out = args.out or os.path.join("build", "sweep-" + os.path.splitext(os.path.basename(args.spec))[0])
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"--out {out} exists and is not a folder")

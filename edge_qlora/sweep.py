@@ -14,8 +14,8 @@ A SPEC (TOML) names the command, its fixed options and lists of values to sweep:
     [sweep]                    # one point per combination of these lists
     seed = [1, 2, 3, 4]
 
-Each point runs the command itself (``python -m edge_qlora.sweep``, which is ``edge-qlora`` plus a guard that takes
-the point's whole process group down when the Ray worker that started it dies) in its own folder
+Each point runs the command itself (``python -m edge_qlora.sweep_point``, which is ``edge-qlora`` plus a guard that
+takes the point's whole process group down when the Ray worker that started it dies) in its own folder
 ``DIR/points/<key>``, as a Ray task declaring one CPU and its memory. ``key`` hashes the command, board and options,
 so ``--resume`` finds the points already done. Results go to ``DIR/sweep.json`` (rewritten whole after every point),
 ``DIR/sweep.md`` and, for builds, ``DIR/pareto.png``; the best bitstream of each design point (the options other
@@ -29,7 +29,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,8 @@ class Spec:
     timeout_s: float | None = None
     memory_gb: float | None = None
     path: str = field(default="", compare=False)
+    # the edge-qlora argument parser, whose subcommand checks each point's options
+    parser: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.command not in COMMANDS:
@@ -93,8 +94,12 @@ class Spec:
         return int(gb * (1 << 30))
 
 
-def load_spec(path):
-    """Read and validate a SPEC file: every option known to the command, every point's options accepted by it."""
+def load_spec(path, parser):
+    """Read and validate a SPEC file: every option known to the command, every point's options accepted by it.
+
+    ``parser`` is ``edge-qlora``'s argument parser (``edge_qlora.cli._parser()``): the options, their types and
+    the boards come from the command they run.
+    """
     try:
         import tomllib
     except ImportError:             # Python 3.10
@@ -115,39 +120,37 @@ def load_spec(path):
             raise SpecError(f"SPEC {path}: [{table}] must be a table")
     spec = Spec(command=data.get("command", "build"), board=data.get("board"), design=dict(data.get("design", {})),
                 sweep=dict(data.get("sweep", {})), timeout_s=data.get("timeout_s"),
-                memory_gb=data.get("memory_gb"), path=str(path))
+                memory_gb=data.get("memory_gb"), path=str(path), parser=parser)
     if spec.command == "build":
-        from .cli import BOARDS
-        if spec.board not in BOARDS:
-            raise SpecError(f"SPEC {path}: board must be one of {', '.join(BOARDS)}, not {spec.board!r}")
+        boards = _options(parser, "build")["board"][1].choices
+        if spec.board not in boards:
+            raise SpecError(f"SPEC {path}: board must be one of {', '.join(boards)}, not {spec.board!r}")
     for point in points(spec):
-        _check_argv(spec.command, point["argv"], path)
+        _check_argv(parser, spec.command, point["argv"], path)
     return spec
 
 
-def _subparser(command):
-    from .cli import _parser
-    parser = _parser()
+def _subparser(parser, command):
     for action in parser._subparsers._group_actions:
         if command in action.choices:
             return action.choices[command]
     raise AssertionError(command)
 
 
-def _options(command):
+def _options(parser, command):
     """``{SPEC name: argparse action}`` for the command's long options (``--lut-mapper`` -> ``lut_mapper``)."""
     options = {}
-    for action in _subparser(command)._actions:
+    for action in _subparser(parser, command)._actions:
         for string in action.option_strings:
             if string.startswith("--"):
                 options[string[2:].replace("-", "_")] = (string, action)
     return options
 
 
-def _argv(command, options):
+def _argv(parser, command, options):
     """The command-line words of one point's options."""
     import argparse
-    known = _options(command)
+    known = _options(parser, command)
     argv = []
     for name, value in options.items():
         if name not in known or name in _RESERVED[command]:
@@ -170,14 +173,17 @@ def _argv(command, options):
     return argv
 
 
-def _check_argv(command, argv, path):
-    parser = _subparser(command)
+def _check_argv(parser, command, argv, path):
+    subparser = _subparser(parser, command)
 
     def error(message):
         raise SpecError(f"SPEC {path}: {command} {' '.join(argv)}: {message}")
 
-    parser.error = error
-    parser.parse_args(argv)
+    subparser.error = error
+    try:
+        subparser.parse_args(argv)
+    finally:
+        del subparser.error
 
 
 def point_key(spec, options):
@@ -195,7 +201,7 @@ def points(spec):
         options = {**spec.design, **swept}
         # the design point: every option but the seed, whose builds are repeats of one netlist
         design = {name: value for name, value in options.items() if name != "seed"}
-        argv = _argv(spec.command, options)
+        argv = _argv(spec.parser, spec.command, options)
         if spec.command == "build":
             argv = ["--board", spec.board, *argv]
         out.append({"key": point_key(spec, options), "options": options, "swept": swept,
@@ -204,14 +210,6 @@ def points(spec):
 
 
 # --- one point, in a Ray worker ---------------------------------------------------------------------------------
-
-def _die_with_parent():
-    # stdin is a pipe from the Ray worker that started this point: end of file means that worker is gone
-    # (killed, cancelled, its node lost); take the whole process group (this command and its tools) with it
-    while os.read(0, 4096):     # the raw descriptor: a buffered reader's lock would stall interpreter shutdown
-        pass
-    os.killpg(0, signal.SIGKILL)
-
 
 def _last_line(path, prefix=""):
     try:
@@ -241,7 +239,7 @@ def run_point(command, argv, folder, timeout_s=None):
         pass
     stdout, stderr = folder / "stdout.txt", folder / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen([sys.executable, "-m", "edge_qlora.sweep", command, "-q", *argv],
+        process = subprocess.Popen([sys.executable, "-m", "edge_qlora.sweep_point", command, "-q", *argv],
                                    stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=folder,
                                    start_new_session=True)
         (folder / "pid").write_text(f"worker {os.getpid()}\npoint {process.pid}\n")
@@ -600,17 +598,3 @@ def plot(rows, spec, path):
     with atomic_output(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
-
-
-def _point_main():
-    """``python -m edge_qlora.sweep COMMAND ARGS...``: one point, as ``edge-qlora``, dying with its Ray worker."""
-    threading.Thread(target=_die_with_parent, daemon=True).start()
-    from .cli import main
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)              # not sys.exit: the guard thread is still blocked reading stdin
-
-
-if __name__ == "__main__":
-    _point_main()

@@ -11,9 +11,14 @@ import time
 
 import pytest
 
-from edge_qlora.sweep import SpecError, load_spec, markdown, pareto_front, points, summary
+from edge_qlora.cli import _parser
+from edge_qlora.sweep import SpecError, load_spec as _load_spec, markdown, pareto_front, points, summary
 
 from reference import run_cli
+
+
+def load_spec(path):
+    return _load_spec(path, _parser())
 
 
 def spec_file(tmp_path, text, name="spec.toml"):
