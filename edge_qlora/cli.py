@@ -14,7 +14,8 @@ import os
 import sys
 import time
 
-from .constants import TINYLLAMA_PROJECTIONS
+from .constants import CODE_BITS, TINYLLAMA_PROJECTIONS
+from .progress import progress_bar as _progress_bar, show_progress as _show_progress
 
 __all__ = ["main"]
 
@@ -103,21 +104,29 @@ def _parser():
                       help="pysim: Amaranth's simulator; verilator: the RTL compiled with Verilator (cached)")
 
     quantize = command(
-        "quantize", help="quantize a weight to NF4 (bitsandbytes' quantize_4bit)",
-        description="Quantize the tensor 'weight' of a safetensors file to NF4. OUT holds the packed weight under "
-                    "'weight' and bitsandbytes' QuantState under 'weight.<key>' (QuantState.as_dict(packed=True)), "
-                    "as a Linear4bit state dict does, so QuantState.from_dict loads it.")
+        "quantize", help="quantize a weight to NF4 (bitsandbytes' quantize_4bit), NF3, NF2 or a table of yours",
+        description="Quantize the tensor 'weight' of a safetensors file to NF4 (or with --bits to NF3/NF2, or with "
+                    "--codebook to a table of 4, 8 or 16 levels). OUT holds the packed weight under 'weight' and "
+                    "the quant state under 'weight.<key>' (QuantState.as_dict(packed=True)), as a Linear4bit state "
+                    "dict does: NF4 files are exactly bitsandbytes' and QuantState.from_dict loads them; the other "
+                    "code books keep the same tensors under their own key (docs/codebooks.md).")
     quantize.add_argument("input", metavar="IN", help="safetensors file with a float32/float16/bfloat16 'weight'")
     quantize.add_argument("output", metavar="OUT", help="safetensors file to write (replaced if it exists)")
-    quantize.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size")
+    quantize.add_argument("--bits", type=int, choices=CODE_BITS, default=None,
+                          help="code width: NF2, NF3 or NF4 (default 4; with --codebook, the table's width)")
+    quantize.add_argument("--codebook", metavar="FILE", default=None,
+                          help="your own table: a JSON list, or a safetensors tensor 'levels', of 4, 8 or 16 "
+                               "increasing float32 values (code 0 the smallest)")
+    quantize.add_argument("--blocksize", type=_blocksize, default=64, help="block size")
     quantize.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                           help="quantize the absmax values again, as QLoRA does")
     _backend_options(quantize)
 
     dequant = command(
-        "dequant", help="dequantize an NF4 weight (bitsandbytes' dequantize_4bit)",
-        description="Dequantize an NF4 weight stored as 'quantize' writes it (the form of a bitsandbytes Linear4bit "
-                    "state dict). OUT holds 'weight' in the requested dtype and the original shape.")
+        "dequant", help="dequantize an NF4/NF3/NF2 or code-book weight (bitsandbytes' dequantize_4bit for NF4)",
+        description="Dequantize a weight stored as 'quantize' writes it (the form of a bitsandbytes Linear4bit "
+                    "state dict); the code width and table come from the file. OUT holds 'weight' in the requested "
+                    "dtype and the original shape.")
     dequant.add_argument("input", metavar="IN", help="safetensors file with 'weight' and 'weight.<quant-state key>'")
     dequant.add_argument("output", metavar="OUT", help="safetensors file to write (replaced if it exists)")
     dequant.add_argument("--dtype", choices=DTYPES, default="bf16", help="output dtype")
@@ -208,6 +217,10 @@ def _parser():
                        help="dequantizer lanes, 1 to 16 (default: 1 on icebreaker, the most that fits its 5280 "
                             "logic cells; 8 on ulx3s-85f, where all 16 fit)")
     build.add_argument("--dtype", choices=DTYPES, default="bf16", help="dequantizer output dtype")
+    build.add_argument("--bits", type=int, choices=CODE_BITS, default=4,
+                       help="dequantizer code width (NF4, NF3, NF2, or a loaded table of 2**bits levels)")
+    build.add_argument("--table", choices=("nf", "loaded"), default="nf",
+                       help="dequantizer code book: the NF table of --bits as constants, or loaded per tensor")
     build.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size")
     build.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                        help="build the plain-absmax dequantizer (default: double quantization)")
@@ -308,6 +321,9 @@ def _parser():
     footprint.add_argument("--embeddings", choices=("bf16", "nf4"), default="bf16",
                            help="storage of the embeddings and lm_head")
     footprint.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    from .plan import add_footprint_options, add_plan_parser
+    add_footprint_options(footprint)
+    add_plan_parser(command)
     _bench_options(command)
     _sweep_options(command)
     return parser
@@ -418,19 +434,6 @@ def _backend_options(parser):
                         help="write a VCD waveform of the RTL run (pysim or verilator; default: none)")
 
 
-def _show_progress(args):
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
-
-
-def _progress_bar(args, total, desc, unit="beat"):
-    """A tqdm bar on stderr (shown on a terminal, without --quiet) and its ``update(done, total=None)``."""
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, unit_scale=total is None,
-               disable=not _show_progress(args))
-
-    def update(done, _total=None):
-        bar.update(done - bar.n)
-    return bar, update
 
 
 def _same_file(a, b):
@@ -476,11 +479,27 @@ def _vcd(args):
         yield temp
 
 
+def _codebook_of(args):
+    """The code book the quantize options ask for: ``--codebook FILE`` or the NF table of ``--bits``."""
+    from .formats import InputError, load_codebook
+    from .golden.codebook import Codebook
+
+    if args.codebook is None:
+        return Codebook.nf(args.bits or 4)
+    book = load_codebook(args.codebook)
+    if args.bits is not None and args.bits != book.bits:
+        raise InputError(f"{args.codebook}: the table has {2 ** book.bits} levels ({book.bits} bits), "
+                         f"but --bits is {args.bits}")
+    return book
+
+
 def _quantize(args):
     from .formats import InputError, load_weight, save_quantized
-    from .golden import nf4_quant
+    from .golden import codebook, nf4_quant
 
-    _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("IN", args.input)])
+    _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)],
+                   [("IN", args.input)] + ([("--codebook", args.codebook)] if args.codebook else []))
+    book = _codebook_of(args)
     weight = load_weight(args.input)
     values = weight.detach().reshape(-1).float().numpy()
     try:
@@ -489,19 +508,22 @@ def _quantize(args):
         raise InputError(f"{args.input}: {error}") from None
     start = time.perf_counter()
     if args.backend == "golden":
-        quantized = nf4_quant.quantize(weight, args.blocksize, args.double_quant)
+        quantized = codebook.quantize(weight, codebook=book, blocksize=args.blocksize,
+                                      double_quant=args.double_quant)
         report = None
     else:
         from .sim.nf4_quant import quantize_rtl
         bar, update = _progress_bar(args, -(-weight.numel() // args.lanes), f"quantize ({args.backend})")
         with bar, _vcd(args) as vcd_path:
+            table = {} if book.name == "nf4" else {"bits": book.bits, "codebook": book}
             quantized, report = quantize_rtl(weight, args.blocksize, args.double_quant, lanes=args.lanes,
-                                             vcd_path=vcd_path, progress=update, backend=args.backend)
+                                             vcd_path=vcd_path, progress=update, backend=args.backend, **table)
     save_quantized(args.output, quantized)
     seconds = time.perf_counter() - start
     n = weight.numel()
-    print(f"quantized {tuple(weight.shape)} {quantized.dtype} -> NF4, blocksize {args.blocksize}, "
-          f"double quant {'on' if args.double_quant else 'off'}, backend {args.backend}: {args.output}")
+    print(f"quantized {tuple(weight.shape)} {quantized.dtype} -> {book.quant_type.upper()}, blocksize "
+          f"{args.blocksize}, double quant {'on' if args.double_quant else 'off'}, backend {args.backend}: "
+          f"{args.output}")
     if report:
         for unit, cycles in report.items():
             print(f"  {unit}: {cycles} cycles")
@@ -526,7 +548,8 @@ def _dequant(args):
         from .rtl.nf4_dequant import NF4DequantConfig
         from .sim.nf4 import run_dequantizer
         config = NF4DequantConfig(lanes=args.lanes, blocksize=quantized.blocksize, out_dtype=args.dtype,
-                                  double_quant=quantized.double_quant)
+                                  double_quant=quantized.double_quant, bits=quantized.bits,
+                                  table="nf" if quantized.codebook is None else "loaded")
         bar, update = _progress_bar(args, -(-n // args.lanes), f"dequant ({args.backend})")
         with bar, _vcd(args) as vcd_path:
             run = run_dequantizer(quantized, config, vcd_path=vcd_path, progress=update, backend=args.backend)
@@ -535,7 +558,9 @@ def _dequant(args):
         cycles = run.cycles
     save_weight(args.output, weight.contiguous())
     seconds = time.perf_counter() - start
-    print(f"dequantized {tuple(quantized.shape)} NF4 -> {args.dtype}, backend {args.backend}: {args.output}")
+    kind = quantized.codebook.quant_type if quantized.codebook is not None else f"nf{quantized.bits}"
+    print(f"dequantized {tuple(quantized.shape)} {kind.upper()} -> {args.dtype}, backend {args.backend}: "
+          f"{args.output}")
     if cycles:
         print(f"  {cycles} cycles for {n} weights: {n / cycles:.2f} weights/cycle ({args.lanes} lanes), "
               f"{seconds:.1f} s simulated")
@@ -604,6 +629,9 @@ def _build(args):
     _check_build_folder(out)
     seed, lut_mapper, floorplan = _build_settings(args)
     kind = "lora" if args.lora else "gemm" if args.rows is not None else "dequantizer"
+    if kind != "dequantizer" and (args.bits != 4 or args.table != "nf"):
+        raise BuildError("--bits and --table configure the dequantizer build; the GEMM engine and the step "
+                         "accelerator take NF4")
     lanes = args.lanes if args.lanes is not None else default_lanes(args.board)
     try:
         check_fit(args.board, kind, lanes=lanes, rows=args.rows, cols=args.cols, dtype=args.dtype)
@@ -633,9 +661,10 @@ def _build(args):
         from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
         compact = args.board == "icebreaker" if args.compact is None else args.compact
         design = NF4Dequantizer(NF4DequantConfig(lanes=lanes, blocksize=args.blocksize, out_dtype=args.dtype,
-                                                 double_quant=args.double_quant, compact=compact))
+                                                 double_quant=args.double_quant, compact=compact, bits=args.bits,
+                                                 table=args.table))
         what = (f"NF4Dequantizer(lanes={lanes}, blocksize={args.blocksize}, out={args.dtype}, "
-                f"double_quant={args.double_quant}, compact={compact})")
+                f"double_quant={args.double_quant}, compact={compact}, bits={args.bits}, table={args.table})")
     settings = [f"seed {seed}", f"LUT mapper {lut_mapper}"]
     if floorplan:
         settings.append("PE multipliers on the DSP floorplan")
@@ -682,6 +711,9 @@ def _matmul(args):
     if not torch.isfinite(x).all():
         raise InputError(f"{args.x}: tensor 'x' holds NaN/Inf")
     weight, quantized = load_quantized_or_weight(args.w)
+    if quantized is not None and not quantized.is_nf4:
+        raise InputError(f"{args.w}: the weight is {quantized.bits}-bit; the GEMM engine's dequantizer takes NF4 "
+                         "(dequantize it with 'dequant' and pass the bf16 weight)")
     if weight.dim() != 2:
         raise InputError(f"{args.w}: weight has shape {tuple(weight.shape)}; expected 2 dimensions [N, K]")
     n, k = weight.shape
@@ -943,7 +975,9 @@ def _tinyllama(args):
 def _footprint(args):
     import json
     from .footprint import footprint, format_table
+    from .plan import footprint_plan
 
+    plan = footprint_plan(args)
     bar, update = _progress_bar(args, None, "measuring NF4 shapes (bitsandbytes)", unit="shape")
 
     def progress(done, total):
@@ -951,7 +985,7 @@ def _footprint(args):
         update(done)
 
     with bar:
-        result = footprint(args.model, args.lora_r, args.seq_len, args.embeddings, progress=progress)
+        result = footprint(args.model, args.lora_r, args.seq_len, args.embeddings, progress=progress, plan=plan)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -1018,11 +1052,13 @@ def _run(args):
     from .formats import InputError
     from .outputs import OutputError
     from .sweep import SpecError
+    from .plan import run_plan
 
     commands = {"quantize": _quantize, "dequant": _dequant, "build": _build, "matmul": _matmul, "step": _step,
                 "demo": _demo, "make-case": _make_case, "footprint": _footprint,
                 "bench": _bench, "tinyllama": _tinyllama,
-                "verilog": _verilog, "cache": _cache, "sweep": _sweep}
+                "verilog": _verilog, "cache": _cache, "sweep": _sweep,
+                "plan": run_plan}
     try:
         return commands[args.command](args) or 0
     except (InputError, BuildError, OutputError, SpecError) as error:

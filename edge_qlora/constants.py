@@ -13,7 +13,8 @@ import numpy as np
 
 __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
-    "BLOCKSIZES", "DYNAMIC_BLOCKSIZE", "NF4_CODE", "NF4_BOUNDS", "DYNAMIC_CODE", "ABSMAX_THRESHOLDS", "ABSMAX_FLOOR",
+    "BLOCKSIZES", "DYNAMIC_BLOCKSIZE", "NF4_CODE", "NF4_BOUNDS", "NF2_CODE", "NF3_CODE", "NF_CODES", "CODE_BITS",
+    "NF_OFFSET", "DYNAMIC_CODE", "ABSMAX_THRESHOLDS", "ABSMAX_FLOOR",
     "OPERAND_BITS", "OPERAND_FRAC", "ACC_BITS", "EXP_MIN", "MAX_LANES", "GemmNumerics",
     "HYPER_FIELDS", "TINYLLAMA_PROJECTIONS",
 ]
@@ -121,6 +122,27 @@ NF4_CODE = np.array([
 #: The 15 decision bounds of NF4 quantization: float32 midpoints of neighbouring levels. A scaled weight ``s`` gets
 #: code ``#(bounds < s)``; a tie ``s == bound`` goes to the lower code (``torch.bucketize``, ``right=False``).
 NF4_BOUNDS = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
+
+#: Code widths of the codebook formats (2, 3 and 4 bits per weight).
+CODE_BITS = (2, 3, 4)
+
+#: The quantile offset of the NormalFloat construction (QLoRA; LoftQ's ``create_normal_map``).
+NF_OFFSET = 0.9677083
+
+# NF2 and NF3 by NF4's construction (LoftQ's asymmetric ``create_normal_map``): normal quantiles at
+# ``linspace(offset, 0.5, 2**(k-1) + 1)`` for the 2**(k-1) positive levels, at ``linspace(offset, 0.5, 2**(k-1))``
+# for the 2**(k-1) - 1 negative ones, an exact zero, sorted and divided by the largest (float32). The same
+# construction gives NF4_CODE bit for bit; tests/test_codebook.py derives all three again.
+
+#: NF2 levels in code order (code 1 = 0.0), as float32 bit patterns.
+NF2_CODE = np.array([0xBF800000, 0x00000000, 0x3EAD033A, 0x3F800000], dtype=np.uint32).view(np.float32)
+
+#: NF3 levels in code order (code 3 = 0.0), as float32 bit patterns.
+NF3_CODE = np.array([0xBF800000, 0xBEF50EE3, 0xBE5E5A6B, 0x00000000,
+                     0x3E24CAE3, 0x3EAD033A, 0x3F1007AB, 0x3F800000], dtype=np.uint32).view(np.float32)
+
+#: The NormalFloat table of each code width.
+NF_CODES = {2: NF2_CODE, 3: NF3_CODE, 4: NF4_CODE}
 
 #: bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), 256 sorted float32 levels, as bit patterns.
 DYNAMIC_CODE = np.array([

@@ -26,6 +26,13 @@ What is counted (bf16 is 2 bytes, fp32 4; MB means 10^6 bytes):
   ([S, hidden] each) and the largest set of intermediate gradients live at once. The other layers' weights and
   activations wait in host memory; prefetching the next layer's weights adds one more layer's NF4 bytes
   (``streamed_layer_nf4_bytes``). The lm_head and loss stage is reported on its own (``head_stage_bytes``).
+
+With a plan of :mod:`edge_qlora.plan` (``footprint(..., plan=...)``, ``edge-qlora footprint --budget 300MB`` or
+``--plan FILE.json``), the report adds the model as stored under the plan: every weight matrix, embeddings and lm_head
+included, at its planned code width (NF2, NF3 or NF4, counted by :func:`edge_qlora.golden.codebook.stored_bytes`:
+packed codes, absmax, nested absmax, offset and table; bitsandbytes' 1 kB nested code and the state dict's metadata,
+which the NF4 figures above include, are constants of the hardware and not counted there), the norms and biases in
+bf16, and the same LoRA, optimizer and activation bytes beside it (``plan`` in the JSON).
 """
 
 import functools
@@ -240,12 +247,15 @@ class Footprint:
     lora_params: int
     activations: tuple  # (per_layer, head, scratch) terms
     values: dict = field(default_factory=dict)
+    plan: object = None  # an edge_qlora.plan.Plan, or None
+    planned: dict = field(default_factory=dict)  # the figures under the plan
 
     def to_dict(self):
         inv = self.inventory
         nf4 = self.nf4.values()
         parts = {part: sum(getattr(m, part) * inv.linear_shapes[m.shape][1] for m in nf4)
                  for part in ("packed", "absmax", "nested", "other")}
+        extra = {"plan": self.planned} if self.plan is not None else {}
         return {"model": self.model, "lora_r": self.lora_r, "seq_len": self.seq_len, "batch": 1,
                 "embeddings": self.embeddings, "params": inv.params, "linear_params": inv.linear_params,
                 "layers": inv.layers, "projections": list(inv.projections), **self.values,
@@ -255,7 +265,8 @@ class Footprint:
                                   "bits_per_weight": m.bits_per_weight} for m in nf4],
                 "activation_terms": {group: [{"what": what, "elements": n, "bytes": n * size}
                                              for what, n, size in terms]
-                                     for group, terms in zip(("per_layer", "head", "scratch"), self.activations)}}
+                                     for group, terms in zip(("per_layer", "head", "scratch"), self.activations)},
+                **extra}
 
 
 def _measure_all(inv, config, embeddings, progress):
@@ -274,13 +285,17 @@ def _measure_all(inv, config, embeddings, progress):
     return linear, measured[-1] if embeddings == "nf4" else None
 
 
-def footprint(model, lora_r=16, seq_len=128, embeddings="bf16", progress=None):
+def footprint(model, lora_r=16, seq_len=128, embeddings="bf16", progress=None, plan=None):
     """The memory footprint of QLoRA fine-tuning ``model`` (a key of :data:`MODELS`); see the module's text.
 
     ``embeddings``: how the embeddings and lm_head are stored, ``"bf16"`` or ``"nf4"``. ``progress(done, total)``
-    is called as each distinct weight shape is measured with bitsandbytes.
+    is called as each distinct weight shape is measured with bitsandbytes. ``plan``: an
+    :class:`edge_qlora.plan.Plan` of this model, whose stored model the report adds (``planned``).
     """
     _check(model, lora_r, seq_len, embeddings)
+    if plan is not None and (plan.source.kind != "model" or plan.source.name != model):
+        made = plan.source.name if plan.source.kind == "model" else f"checkpoint {plan.source.name}"
+        raise ValueError(f"the plan is for {made}, not {model}")
     config, inv = model_config(model), inventory(model)
     measured, embed_nf4 = _measure_all(inv, config, embeddings, progress)
     nf4_linear = sum(measured[shape].total * count for shape, (_, count) in inv.linear_shapes.items())
@@ -293,7 +308,48 @@ def footprint(model, lora_r=16, seq_len=128, embeddings="bf16", progress=None):
     fp = Footprint(model, lora_r, seq_len, embeddings, inv, measured, nf4_linear, embed_bytes, head_bytes,
                    2 * inv.other_params, lora_params, terms)
     fp.values = _values(fp, config)
+    if plan is not None:
+        fp.plan = plan
+        fp.planned = _planned(fp, config, plan)
     return fp
+
+
+def _planned(fp, config, plan):
+    """The figures of the model as stored under ``plan``, with the training working set beside it."""
+    inv, v, (per_layer, head, scratch), s = fp.inventory, fp.values, fp.activations, fp.seq_len
+    sizes = plan.module_bytes()
+    parts = {"linear": 0, "embedding": 0, "lm_head": 0}
+    layers, linear_weights = {}, 0
+    for m in plan.source.matrices:
+        parts[m.kind] += sizes[m.name]
+        if m.kind == "linear":
+            linear_weights += m.numel
+        if m.layer is not None:
+            layers[m.layer] = layers.get(m.layer, 0) + sizes[m.name]
+    other = plan.source.other_bytes
+    total = sum(parts.values()) + other
+    assert total == plan.total_bytes and other == fp.other_bytes and plan.source.params == inv.params
+    kinds = {kind: sorted({plan.assignment[m.name] for m in plan.source.matrices if m.kind == kind})
+             for kind in parts}
+    layer_bytes = max(layers.values())
+    layer_lora = 16 * fp.lora_params // inv.layers
+    widths = plan.widths()
+    return {
+        "budget_bytes": plan.budget, "weights": plan.source.weights, "blocksize": plan.blocksize,
+        "double_quant": plan.double_quant,
+        "counts": {str(b): row["matrices"] for b, row in widths.items()},
+        "widths": {str(b): row for b, row in widths.items()},
+        "embedding_bits": kinds["embedding"], "lm_head_bits": kinds["lm_head"],
+        "linear_bytes": parts["linear"], "bits_per_linear_weight": 8 * parts["linear"] / linear_weights,
+        "embedding_bytes": parts["embedding"], "lm_head_bytes": parts["lm_head"], "norm_and_bias_bytes": other,
+        "total_bytes": total, "bits_per_weight": plan.bits_per_weight, "bits_per_param": 8 * total / inv.params,
+        "reduction_vs_fp16": 1 - total / v["fp16_bytes"], "under_target": total <= TARGET_BYTES,
+        "training_bytes": total + 16 * fp.lora_params + v["activation_bytes"],
+        "streamed_layer_bytes": layer_bytes,
+        "streamed_working_set_bytes": layer_bytes + layer_lora + _bytes(per_layer) + _bytes(scratch),
+        "head_stage_bytes": parts["lm_head"] + _bytes(head) + s * (4 * config.vocab_size + 2 * config.hidden_size),
+        **{key: value for key, value in plan.error_figures().items() if key in ("error_vs_all_nf4",)},
+    }
 
 
 def _values(fp, config):
@@ -404,8 +460,52 @@ def _target_lines(fp):
             f"{'under' if v['streamed_working_set_bytes'] < TARGET_BYTES else 'over'} 300 MB."]
 
 
+def _margin(nbytes):
+    """A distance to a budget: in MB, or in bytes below 0.1 MB."""
+    return f"{_mb(abs(nbytes))} MB" if abs(nbytes) >= MB // 10 else f"{abs(nbytes):,} bytes"
+
+
+def _widths(bits):
+    return "/".join(f"NF{b}" for b in bits)
+
+
+def _plan_lines(fp):
+    """The section of the model as stored under the plan, the training working set beside it."""
+    p, v, inv, r = fp.planned, fp.values, fp.inventory, fp.lora_r
+    counts = ", ".join(f"NF{b} x {n}" for b, n in p["counts"].items())
+    under = TARGET_BYTES - p["total_bytes"]
+    rows = [
+        ("linear layers, planned", inv.linear_params, p["linear_bytes"],
+         f"{p['bits_per_linear_weight']:.3f} bits/weight"),
+        (f"embed_tokens ({_widths(p['embedding_bits'])})", inv.embed_params, p["embedding_bytes"], ""),
+        (f"lm_head ({_widths(p['lm_head_bits'])})", inv.head_params, p["lm_head_bytes"],
+         "untied" if inv.head_params else "tied"),
+        ("norms and biases (bf16)", inv.other_params, p["norm_and_bias_bytes"], ""),
+        ("**quantized model as stored under the plan**", inv.params, p["total_bytes"],
+         f"{p['bits_per_param']:.2f} bits/parameter; **{100 * p['reduction_vs_fp16']:.1f}% less than FP16**; "
+         f"{_margin(under)} {'under' if under >= 0 else 'over'} 300 MB"),
+        (f"LoRA r={r}: masters, gradients, AdamW moments (fp32)", v["lora_params"], 16 * v["lora_params"],
+         "as above"),
+        (f"activations, S={fp.seq_len}, batch 1", None, v["activation_bytes"], "as above"),
+        ("**fine-tuning total under the plan**", None, p["training_bytes"],
+         "model + LoRA + gradients + moments + activations"),
+        ("**streamed working set under the plan**", None, p["streamed_working_set_bytes"],
+         f"the largest decoder layer's planned weights {_mb(p['streamed_layer_bytes'])} MB + LoRA state and "
+         f"activations as above"),
+        ("lm_head and loss stage under the plan", None, p["head_stage_bytes"], ""),
+    ]
+    lines = ["", f"Under the plan (edge-qlora plan, budget {_mb(p['budget_bytes'])} MB: {counts} matrices, "
+             f"blocksize {p['blocksize']}, {'double quantization' if p['double_quant'] else 'float32 absmax'}; "
+             f"bytes by golden.codebook.stored_bytes; weights {p['weights']}):", "",
+             "| part | parameters | MB | note |", "|---|---:|---:|---|"]
+    for part, params, nbytes, note in rows:
+        lines.append(f"| {part} | {'' if params is None else f'{params:,}'} | {_mb(nbytes)} | {note} |")
+    return lines
+
+
 def format_table(fp):
-    """The report as Markdown: the summary, the measured NF4 shapes, the activations per layer, the targets."""
+    """The report as Markdown: the summary, the model under a plan if any, the measured NF4 shapes, the activations
+    per layer, the targets."""
     inv = fp.inventory
     spec = MODELS[fp.model]
     context = spec.values["max_position_embeddings"]
@@ -415,6 +515,8 @@ def format_table(fp):
              "| part | parameters | MB | note |", "|---|---:|---:|---|"]
     for part, params, nbytes, note in _summary_rows(fp):
         lines.append(f"| {part} | {'' if params is None else f'{params:,}'} | {_mb(nbytes)} | {note} |")
+    if fp.plan is not None:
+        lines += _plan_lines(fp)
     lines += ["", "NF4 measured with bitsandbytes.functional.quantize_4bit (blocksize 64, double quantization), one "
               "weight per shape:", "", "| layers (in each decoder layer) | shape | in the model | bytes each "
               "| bits/weight |", "|---|---|---:|---:|---:|"]
@@ -426,4 +528,15 @@ def format_table(fp):
               "", "| tensor | elements | bytes |", "|---|---:|---:|"]
     for what, elements, size in fp.activations[0]:
         lines.append(f"| {what}{' (fp32)' if size == 4 else ''} | {elements:,} | {elements * size:,} |")
-    return "\n".join(lines + ["", *_target_lines(fp)])
+    targets = _target_lines(fp)
+    if fp.plan is not None:
+        p = fp.planned
+        over = p["total_bytes"] - TARGET_BYTES
+        targets.append(f"- under the plan: the quantized model is {p['total_bytes']:,} bytes "
+                       f"({p['total_bytes'] / MB:,.2f} MB), "
+                       f"{_margin(over)} {'over' if over > 0 else 'under'} 300 MB, "
+                       f"{100 * p['reduction_vs_fp16']:.1f}% less than FP16 (75% target "
+                       f"{'reached' if p['reduction_vs_fp16'] >= TARGET_REDUCTION else 'missed'}); fine-tuning "
+                       f"takes {_mb(p['training_bytes'])} MB in all, {_mb(p['streamed_working_set_bytes'])} MB "
+                       f"streamed.")
+    return "\n".join(lines + ["", *targets])

@@ -4,7 +4,8 @@ A quantized weight ``W`` is stored as bitsandbytes stores a ``Linear4bit`` weigh
 (:func:`~edge_qlora.golden.bnb_state.quant_state_dict`): the packed uint8 tensor under ``W`` and, for each key of
 ``QuantState.as_dict(packed=True)``, a tensor under ``W.<key>`` (``absmax``, ``quant_map``, ``nested_absmax``,
 ``nested_quant_map`` and the JSON-in-uint8 tensor ``quant_state.bitsandbytes__nf4``). ``QuantState.from_dict``
-loads it. Everything the user can get wrong in a file raises :class:`InputError` with a one-line message; a file
+loads it. Code books below four bits and user tables (:mod:`~edge_qlora.golden.codebook`) use the same
+tensors with their own quant-state key (:mod:`~edge_qlora.golden.bnb_state`). Everything the user can get wrong in a file raises :class:`InputError` with a one-line message; a file
 that cannot be written raises :class:`~edge_qlora.outputs.OutputError`. Files are written whole or not at all
 (:func:`~edge_qlora.outputs.atomic_output`).
 """
@@ -16,13 +17,14 @@ import os
 import numpy as np
 import torch
 
-from .constants import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE
-from .golden.bnb_state import DTYPE_NAMES as _DTYPE_NAMES, QS_KEY, quant_state_dict
+from .constants import BLOCKSIZES, CODE_BITS, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, NF_CODES
+from .golden.bnb_state import DTYPE_NAMES as _DTYPE_NAMES, QS_KEY, QS_PREFIX, quant_state_dict
 from .golden.lora import STATE_NAMES, LoraCase
 from .golden.nf4_quant import NF4Quantized
 from .outputs import OutputError, atomic_output, check_output
 
 __all__ = ["InputError", "OutputError", "load_weight", "save_weight", "load_quantized", "save_quantized",
+           "load_codebook", "QUANT_TYPES",
            "quant_state_dict", "load_tensor", "save_tensors", "load_quantized_or_weight", "load_case", "save_case",
            "next_case", "CASE_METADATA"]
 
@@ -90,12 +92,12 @@ def save_tensors(path, tensors):
 
 
 def load_quantized_or_weight(path, name="weight"):
-    """``(weight, quantized)``: a bf16 weight as it is (``quantized`` None), or an NF4 weight in state-dict form
-    with its bit-exact bf16 dequantization as ``weight``."""
+    """``(weight, quantized)``: a bf16 weight as it is (``quantized`` None), or a quantized weight in state-dict
+    form with its bit-exact bf16 dequantization as ``weight``."""
     tensors = _read(path)
     if name not in tensors:
         raise InputError(f"{path}: no tensor '{name}' (found: {', '.join(sorted(tensors)) or 'none'})")
-    if f"{name}.{QS_KEY}" in tensors:
+    if _state_key(tensors, name):
         from .golden.nf4_dequant import dequantize
         quantized = parse_quantized(tensors, name, where=path)
         return dequantize(quantized, "bf16"), quantized
@@ -104,6 +106,37 @@ def load_quantized_or_weight(path, name="weight"):
         raise InputError(f"{path}: tensor '{name}' has dtype {str(weight.dtype)[6:]}; expected bfloat16 "
                          "(or an NF4 weight with its quant state)")
     return weight, None
+
+
+def load_codebook(path):
+    """A user's code book: a JSON list of 4, 8 or 16 numbers, or a safetensors file with a 1-D tensor 'levels'."""
+    from .golden.codebook import Codebook
+
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: not a readable JSON file ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise InputError(f"{path}: expected a JSON list of numbers, the levels in code order")
+        levels = np.array(values, np.float64)
+        if np.any(np.abs(levels) > np.finfo(np.float32).max):
+            raise InputError(f"{path}: a level is beyond float32's range")
+        levels = levels.astype(np.float32)
+    else:
+        tensor = load_tensor(path, "levels")
+        if tensor.dim() != 1 or not tensor.is_floating_point():
+            raise InputError(f"{path}: tensor 'levels' must be 1-D floats, not {tuple(tensor.shape)} "
+                             f"{str(tensor.dtype)[6:]}")
+        levels = tensor.float().numpy()
+    try:
+        return Codebook(levels)
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
 
 
 def save_quantized(path, q, name="weight"):
@@ -127,22 +160,48 @@ def _check_dtype(tensor, key, dtype, where):
         raise InputError(f"{where}: tensor '{key}' has dtype {str(tensor.dtype)[6:]}; expected {str(dtype)[6:]}")
 
 
+#: quant types of the code books: name -> code width (``cb``: a table the user gave)
+QUANT_TYPES = {"nf4": 4, **{f"nf{b}": b for b in CODE_BITS if b != 4}, **{f"cb{b}": b for b in CODE_BITS}}
+
+
+def _state_key(tensors, name):
+    """The key of the JSON quant-state tensor of ``name`` in ``tensors``, or None."""
+    keys = [key for key in tensors if key == f"{name}.{QS_KEY}" or key.startswith(f"{name}.{QS_PREFIX}")]
+    return keys[0] if len(keys) == 1 else (keys or None)
+
+
 def parse_quantized(tensors, name="weight", where="input"):
-    """Validate and unpack the tensors of one quantized weight (see :func:`quant_state_dict`)."""
+    """Validate and unpack the tensors of one quantized weight of any code book (see :func:`quant_state_dict`)."""
+    from .golden.codebook import Codebook, packed_bytes
+
     packed = _require(tensors, name, where)
-    qs = _require(tensors, f"{name}.{QS_KEY}", where)
-    _check_dtype(qs, f"{name}.{QS_KEY}", torch.uint8, where)
+    key = _state_key(tensors, name)
+    if key is None:
+        raise InputError(f"{where}: missing tensor '{name}.{QS_KEY}' (or '{name}.{QS_PREFIX}<type>') of the quant "
+                         "state")
+    if isinstance(key, list):
+        raise InputError(f"{where}: '{name}' has {len(key)} quant states ({', '.join(key)}); expected one")
+    qs = tensors[key]
+    _check_dtype(qs, key, torch.uint8, where)
     try:
         meta = json.loads(bytes(qs.reshape(-1).numpy()).decode("utf-8"))
         if not isinstance(meta, dict):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
-        raise InputError(f"{where}: tensor '{name}.{QS_KEY}' does not hold the JSON quant-state dict") from None
-    for key in ("quant_type", "blocksize", "dtype", "shape"):
-        if key not in meta:
-            raise InputError(f"{where}: quant state lacks '{key}'")
-    if meta["quant_type"] != "nf4":
-        raise InputError(f"{where}: quant_type is {meta['quant_type']!r}; only 'nf4' is supported")
+        raise InputError(f"{where}: tensor '{key}' does not hold the JSON quant-state dict") from None
+    for field in ("quant_type", "blocksize", "dtype", "shape"):
+        if field not in meta:
+            raise InputError(f"{where}: quant state lacks '{field}'")
+    quant_type = meta["quant_type"]
+    if key.endswith(QS_KEY) and quant_type != "nf4":
+        raise InputError(f"{where}: quant_type is {quant_type!r}; bitsandbytes' quant state here must be 'nf4'")
+    if not key.endswith(QS_KEY) and (quant_type not in QUANT_TYPES or quant_type == "nf4"
+                                     or key != f"{name}.{QS_PREFIX}{quant_type}"):
+        raise InputError(f"{where}: quant_type {quant_type!r} under '{key}' is not one of "
+                         f"{', '.join(t for t in QUANT_TYPES if t != 'nf4')} (NF4 is stored as bitsandbytes does)")
+    bits = QUANT_TYPES[quant_type]
+    if quant_type != "nf4" and meta.get("bits") != bits:
+        raise InputError(f"{where}: quant state says bits={meta.get('bits')!r}; {quant_type} codes have {bits}")
     if meta["blocksize"] not in BLOCKSIZES:
         raise InputError(f"{where}: blocksize {meta['blocksize']!r} is not one of {BLOCKSIZES}")
     if meta["dtype"] not in _TORCH_DTYPES:
@@ -155,13 +214,24 @@ def parse_quantized(tensors, name="weight", where="input"):
     blocks = -(-n // blocksize)
 
     _check_dtype(packed, name, torch.uint8, where)
-    if packed.numel() != (n + 1) // 2:
+    if packed.numel() != packed_bytes(n, bits):
         raise InputError(f"{where}: '{name}' holds {packed.numel()} packed bytes; shape {tuple(shape)} "
-                         f"needs {(n + 1) // 2}")
+                         f"at {bits} bits needs {packed_bytes(n, bits)}")
     quant_map = _require(tensors, f"{name}.quant_map", where)
-    if quant_map.dtype != torch.float32 or quant_map.numel() != 16 or \
-            not np.array_equal(quant_map.numpy().view(np.uint32), NF4_CODE.view(np.uint32)):
-        raise InputError(f"{where}: '{name}.quant_map' is not the NF4 code book")
+    if quant_map.dtype != torch.float32 or quant_map.numel() != 2 ** bits:
+        raise InputError(f"{where}: '{name}.quant_map' must hold {2 ** bits} float32 levels for {quant_type}")
+    levels = quant_map.reshape(-1).numpy().copy()
+    if quant_type.startswith("nf"):
+        if not np.array_equal(levels.view(np.uint32), NF_CODES[bits].view(np.uint32)):
+            raise InputError(f"{where}: '{name}.quant_map' is not the {quant_type.upper()} code book")
+        extra = {} if bits == 4 else {"bits": bits}
+    else:
+        try:
+            extra = {"bits": bits, "codebook": Codebook(levels)}
+        except ValueError as error:
+            raise InputError(f"{where}: '{name}.quant_map': {error}") from None
+        if extra["codebook"].name != "custom":  # an NF table stored as a user table is read as the NF table
+            extra["codebook"] = None
 
     absmax = _require(tensors, f"{name}.absmax", where)
     double_quant = "nested_absmax" in meta or f"{name}.nested_absmax" in tensors or "nested_offset" in meta
@@ -173,7 +243,7 @@ def parse_quantized(tensors, name="weight", where="input"):
         absmax = absmax.reshape(-1).numpy().copy()
         _check_finite(absmax, f"{name}.absmax", where)
         return NF4Quantized(packed.reshape(-1).numpy().copy(), absmax, tuple(shape),
-                            _SHORT_NAMES[meta["dtype"]], blocksize)
+                            _SHORT_NAMES[meta["dtype"]], blocksize, **extra)
 
     _check_dtype(absmax, f"{name}.absmax", torch.uint8, where)
     for key in ("nested_blocksize", "nested_offset", "nested_dtype"):
@@ -199,7 +269,7 @@ def parse_quantized(tensors, name="weight", where="input"):
     _check_finite(absmax2, f"{name}.nested_absmax", where)
     _check_finite(np.array([offset]), "nested_offset", where)
     return NF4Quantized(packed.reshape(-1).numpy().copy(), absmax.reshape(-1).numpy().copy(), tuple(shape),
-                        _SHORT_NAMES[meta["dtype"]], blocksize, offset, absmax2)
+                        _SHORT_NAMES[meta["dtype"]], blocksize, offset, absmax2, **extra)
 
 
 def _check_finite(values, what, where):
@@ -257,6 +327,9 @@ def load_case(path):
     lora_a = need("lora_A", (torch.float32, torch.bfloat16), 2).float()
     lora_b = need("lora_B", (torch.float32, torch.bfloat16), 2).float()
     weight = parse_quantized(tensors, "base.weight", where=path)
+    if not weight.is_nf4:
+        raise InputError(f"{path}: base.weight is {weight.bits}-bit "
+                         f"{weight.codebook.name if weight.codebook else 'NF'}; the step accelerator takes NF4")
     if len(weight.shape) != 2:
         raise InputError(f"{path}: base.weight has shape {weight.shape}; expected [out, in]")
     out_features, in_features = weight.shape

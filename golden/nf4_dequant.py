@@ -15,9 +15,8 @@ tests/test_nf4_bnb_cpu.py).
 import numpy as np
 import torch
 
-from ..constants import NF4_CODE
 from . import absmax_quant
-from .nf4_quant import unpack_nibbles
+from .nf4_quant import unpack_codes
 
 __all__ = ["DTYPES", "block_scales", "dequantize"]
 
@@ -35,6 +34,8 @@ def block_scales(q):
 def dequantize(q, dtype="bf16"):
     """Dequantize an :class:`~.nf4_quant.NF4Quantized` to a torch tensor of ``dtype`` and the original shape.
 
+    Any code width and table (:mod:`.codebook`): the weight is ``fl(level[code] * absmax)``, NF4's arithmetic.
+
     Parameters
     ----------
     q : NF4Quantized
@@ -44,8 +45,8 @@ def dequantize(q, dtype="bf16"):
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     n = int(np.prod(q.shape))
-    codes = unpack_nibbles(q.packed, n)
+    codes = unpack_codes(q.packed, n, q.bits)
     scales = np.repeat(block_scales(q), q.blocksize)[:n]
     with np.errstate(over="ignore", invalid="ignore"):  # IEEE overflow to inf is part of the model
-        weights = (NF4_CODE[codes] * scales).astype(np.float32)
+        weights = (q.levels[codes] * scales).astype(np.float32)
     return torch.from_numpy(weights).to(DTYPES[dtype]).reshape(q.shape)

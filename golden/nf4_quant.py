@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..constants import ABSMAX_FLOOR, BLOCKSIZES, NF4_BOUNDS
+from ..constants import ABSMAX_FLOOR, BLOCKSIZES, NF4_BOUNDS, NF_CODES
 from . import absmax_quant
 
-__all__ = ["NF4Quantized", "ABSMAX_FLOOR", "quantize", "block_absmax", "encode", "pack_nibbles", "unpack_nibbles"]
+__all__ = ["NF4Quantized", "ABSMAX_FLOOR", "quantize", "block_absmax", "encode", "pack_nibbles", "unpack_nibbles",
+           "pack_codes", "unpack_codes", "packed_bytes"]
 
 @dataclass
 class NF4Quantized:
@@ -39,6 +40,11 @@ class NF4Quantized:
         Mean of the absmax values (double quantization only).
     absmax2 : ndarray of float32 or None
         Second-level absmax, one per 256 first-level blocks (double quantization only).
+    bits : int
+        Code width: 4 (NF4 and 4-bit tables), 3 or 2 (:mod:`.codebook`); ``packed`` holds ``ceil(n * bits / 8)``
+        bytes.
+    codebook : Codebook or None
+        The table of ``2**bits`` levels; ``None`` is the NormalFloat table of ``bits`` (NF4: bitsandbytes').
     """
 
     packed: np.ndarray
@@ -48,10 +54,22 @@ class NF4Quantized:
     blocksize: int
     offset: np.float32 = None
     absmax2: np.ndarray = None
+    bits: int = 4
+    codebook: object = None
 
     @property
     def double_quant(self):
         return self.absmax2 is not None
+
+    @property
+    def levels(self):
+        """The float32 levels of the code book, in code order."""
+        return NF_CODES[self.bits] if self.codebook is None else self.codebook.levels
+
+    @property
+    def is_nf4(self):
+        """Exactly bitsandbytes' NF4 format: 4-bit codes and the NF4 table."""
+        return self.bits == 4 and (self.codebook is None or self.codebook.name == "nf4")
 
 
 def _as_float32(weight):
@@ -71,8 +89,9 @@ def block_absmax(values, blocksize):
     return absmax.astype(np.float32)
 
 
-def encode(values, absmax, blocksize):
-    """NF4 code of every value (one uint8 per value) given the per-block absmax from :func:`block_absmax`."""
+def encode(values, absmax, blocksize, bounds=NF4_BOUNDS):
+    """Code of every value (one uint8 per value) given the per-block absmax from :func:`block_absmax` and the
+    decision bounds of the code book (NF4's by default)."""
     n = values.size
     full = n - n % blocksize
     scaled = np.empty(n, np.float32)
@@ -82,7 +101,7 @@ def encode(values, absmax, blocksize):
     if n % blocksize:
         scaled[full:] = values[full:] / absmax[-1]
     # clamp(-1, 1) in bitsandbytes never moves a value across a bound, so it is left out
-    return np.searchsorted(NF4_BOUNDS, scaled, side="left").astype(np.uint8)
+    return np.searchsorted(bounds, scaled, side="left").astype(np.uint8)
 
 
 def pack_nibbles(codes):
@@ -100,6 +119,29 @@ def unpack_nibbles(packed, n):
     codes[0::2] = packed >> 4
     codes[1::2] = packed & 0xF
     return codes[:n]
+
+
+def pack_codes(codes, bits, pad_code=0):
+    """Codes (one per uint8) as a big-endian bit string of ``ceil(n * bits / 8)`` bytes; the tail repeats
+    ``pad_code``. For 4 bits and pad 7 this is :func:`pack_nibbles`."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    n = codes.size
+    padded = np.full(-(-n // 8) * 8, pad_code, np.uint8)
+    padded[:n] = codes
+    planes = (padded[:, None] >> np.arange(bits - 1, -1, -1, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1))[:packed_bytes(n, bits)]
+
+
+def unpack_codes(packed, n, bits):
+    """Inverse of :func:`pack_codes`: the first ``n`` codes."""
+    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1))[: n * bits].reshape(n, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
+    return (stream * weights).sum(axis=1).astype(np.uint8)
+
+
+def packed_bytes(n, bits):
+    """Bytes of ``n`` packed codes of ``bits`` bits."""
+    return -(-n * bits // 8)
 
 
 def check_finite(values, what="weight"):

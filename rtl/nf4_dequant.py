@@ -1,6 +1,9 @@
-"""NF4 dequantizer IP core, bit-exact with bitsandbytes' ``dequantize_4bit`` (twin: ``golden/nf4_dequant.py``).
+"""NF4 dequantizer IP core, bit-exact with bitsandbytes' ``dequantize_4bit`` (twin: ``golden/nf4_dequant.py``),
+and its generalization to codes of 2, 3 and 4 bits with any table of ``2**bits`` levels (twin:
+``golden/codebook.py``): the NormalFloat table of the width as constants, or a table loaded with every tensor.
 
-Every weight of a block is ``round_out(fl32(NF4[code] * absmax))``: one of only 16 values per block. The core
+Every weight of a block is ``round_out(fl32(NF4[code] * absmax))``: one of only 16 values per block (4 or 8 with
+2- or 3-bit codes: below, 16 stands for the table's ``2**bits`` entries). The core
 therefore never multiplies per weight. Per block it builds a 16-entry table of output-format values (16 float32
 products, each rounded to float32 and then to the output format, exactly as bitsandbytes rounds twice), and every
 lane is a 16-way lookup into that table. Per block that costs 16 products on ``multipliers`` pipelined float32
@@ -21,16 +24,20 @@ from dataclasses import dataclass
 import numpy as np
 from amaranth.hdl import Array, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..constants import BLOCKSIZES, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, MAX_LANES, NF4_CODE
+from ..constants import BLOCKSIZES, CODE_BITS, DYNAMIC_BLOCKSIZE, DYNAMIC_CODE, MAX_LANES, NF_CODES
 from .fp import FORMATS, FP32, FPAdd, FPConvert, FPMul, at_least
 from .pipeline import SkidBuffer, StallPipeline, delay_line
 
 __all__ = ["NF4DequantConfig", "NF4Dequantizer", "codes_layout", "weights_layout"]
 
-_NF4_BITS = NF4_CODE.view(np.uint32).tolist()
+#: The tables of the "nf" cores, as float32 bit patterns.
+_NF_BITS = {bits: code.view(np.uint32).tolist() for bits, code in NF_CODES.items()}
+#: Tables a loaded-table core holds at once: the table builder's tensor and the next one taken by the scale stage.
+_TABLE_QUEUE = 2
 _DYNAMIC_BITS = DYNAMIC_CODE.view(np.uint32).tolist()
 
 
@@ -49,13 +56,18 @@ class NF4DequantConfig:
     double_quant : bool
         The absmax arrives as uint8 codes with a second-level float32 absmax per 256 blocks and an offset.
     multipliers : int or None
-        Table-builder multipliers, a divisor of 16; ``None`` picks the fewest that sustain ``lanes`` weights per
+        Table-builder multipliers, a divisor of the table's ``2**bits`` entries; ``None`` picks the fewest that sustain ``lanes`` weights per
         cycle.
     compact : bool
         Fewer pipeline registers in the float units (2 per multiplier and adder, 1 per rounding instead of 7, 8
         and 2) and no register slice after the scale: for small FPGAs at a low clock, such as the iCE40 UP5K,
         where flip-flops are scarce.
         Same results and throughput; the latency per block is shorter.
+    bits : int
+        Code width: 2, 3 or 4 bits per weight; a table has ``2**bits`` levels.
+    table : str
+        ``"nf"``: the NormalFloat table of ``bits`` as constants (NF4: bitsandbytes' format exactly). ``"loaded"``:
+        the table is data, ``2**bits`` float32 levels in every tensor's header, so each tensor may bring its own.
     """
 
     lanes: int = 8
@@ -64,6 +76,8 @@ class NF4DequantConfig:
     double_quant: bool = True
     multipliers: int = None
     compact: bool = False
+    bits: int = 4
+    table: str = "nf"
 
     def __post_init__(self):
         if not isinstance(self.lanes, int) or not 1 <= self.lanes <= MAX_LANES:
@@ -72,8 +86,19 @@ class NF4DequantConfig:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {self.blocksize!r}")
         if self.out_dtype not in FORMATS:
             raise ValueError(f"out_dtype must be one of {sorted(FORMATS)}, not {self.out_dtype!r}")
-        if self.multipliers is not None and self.multipliers not in (1, 2, 4, 8, 16):
-            raise ValueError(f"multipliers must divide 16 (1, 2, 4, 8 or 16), not {self.multipliers!r}")
+        if isinstance(self.bits, bool) or self.bits not in CODE_BITS:
+            raise ValueError(f"bits must be one of {CODE_BITS}, not {self.bits!r}")
+        if self.table not in ("nf", "loaded"):
+            raise ValueError(f"table must be 'nf' or 'loaded', not {self.table!r}")
+        divisors = [d for d in (1, 2, 4, 8, 16) if d <= self.entries]
+        if self.multipliers is not None and self.multipliers not in divisors:
+            raise ValueError(f"multipliers must divide the table's {self.entries} entries "
+                             f"({', '.join(map(str, divisors))}), not {self.multipliers!r}")
+
+    @property
+    def entries(self):
+        """Levels in the table: ``2**bits``."""
+        return 1 << self.bits
 
     @property
     def fp_stages(self):
@@ -86,16 +111,18 @@ class NF4DequantConfig:
 
     @property
     def table_multipliers(self):
-        """Multipliers in the table builder: 16 products every ``16 / multipliers`` cycles."""
+        """Multipliers in the table builder: ``entries`` products every ``entries / multipliers`` cycles."""
         if self.multipliers is not None:
             return self.multipliers
         cycles_per_block = self.blocksize // self.lanes  # floor: a block may take a fraction of a cycle more
-        return 16 // max(r for r in (1, 2, 4, 8, 16) if r <= max(1, cycles_per_block))
+        return self.entries // max(r for r in (1, 2, 4, 8, 16)
+                                   if r <= max(1, cycles_per_block) and r <= self.entries)
 
 
-def codes_layout(lanes):
-    """Payload of the ``codes`` stream: ``lanes`` NF4 codes in weight order (element 0 is the first weight)."""
-    return data.ArrayLayout(4, lanes)
+def codes_layout(lanes, bits=4):
+    """Payload of the ``codes`` stream: ``lanes`` codes of ``bits`` bits in weight order (element 0 is the first
+    weight)."""
+    return data.ArrayLayout(bits, lanes)
 
 
 def weights_layout(fmt, lanes):
@@ -104,19 +131,23 @@ def weights_layout(fmt, lanes):
     return data.StructLayout({"data": data.ArrayLayout(fmt.width, lanes), "last": 1})
 
 
-def tensor_layout(double_quant):
-    """Payload of the ``tensor`` stream: one beat per tensor, ahead of (or with) its first inputs."""
+def tensor_layout(double_quant, entries=None):
+    """Payload of the ``tensor`` stream: one beat per tensor, ahead of (or with) its first inputs; with a loaded
+    table (``entries`` levels) also the table, float32 bit patterns in code order."""
     fields = {"n_weights": 32}
     if double_quant:
         fields["offset"] = 32
+    if entries:
+        fields["levels"] = data.ArrayLayout(32, entries)
     return data.StructLayout(fields)
 
 
 class NF4Dequantizer(wiring.Component):
     """Streaming NF4 dequantizer: ``lanes`` weights per cycle, fully pipelined.
 
-    A tensor is announced by one ``tensor`` beat (its weight count ``n``, and with double quantization its
-    float32 offset), then arrives as ``ceil(n / lanes)`` beats of codes (the final beat padded) and
+    A tensor is announced by one ``tensor`` beat (its weight count ``n``, with double quantization its float32
+    offset, with a loaded table its levels), then arrives as ``ceil(n / lanes)`` beats of codes (the final beat
+    padded) and
     ``ceil(n / blocksize)`` absmax values; with double quantization also one ``absmax2`` per 256 absmax codes.
     Tensors follow each other back to back: each stage takes the next tensor's header when it is done with the
     current one, so nothing drains between tensors.
@@ -128,9 +159,10 @@ class NF4Dequantizer(wiring.Component):
     Attributes
     ----------
     tensor : In(stream of :func:`tensor_layout`)
-        Per-tensor header: ``n_weights`` (at least 1) and, with double quantization, ``offset`` (float32 bits).
+        Per-tensor header: ``n_weights`` (at least 1), with double quantization ``offset`` (float32 bits), with a
+        loaded table ``levels`` (``2**bits`` float32 bit patterns, code 0 first).
     codes : In(stream of :func:`codes_layout`)
-        NF4 codes, ``lanes`` per beat.
+        Codes of ``bits`` bits, ``lanes`` per beat.
     absmax : In(stream of unsigned(32) or unsigned(8))
         Per-block float32 absmax bits, or its uint8 code when double-quantized.
     absmax2 : In(stream of unsigned(32)), double quantization only
@@ -144,9 +176,10 @@ class NF4Dequantizer(wiring.Component):
         if not isinstance(config, NF4DequantConfig):
             raise TypeError(f"config must be an NF4DequantConfig, not {config!r}")
         self.config = config
+        self._loaded_entries = config.entries if config.table == "loaded" else None
         members = {
-            "tensor": In(stream.Signature(tensor_layout(config.double_quant))),
-            "codes": In(stream.Signature(codes_layout(config.lanes))),
+            "tensor": In(stream.Signature(tensor_layout(config.double_quant, self._loaded_entries))),
+            "codes": In(stream.Signature(codes_layout(config.lanes, config.bits))),
             "absmax": In(stream.Signature(8 if config.double_quant else 32)),
             "weights": Out(stream.Signature(weights_layout(config.out_format, config.lanes))),
         }
@@ -157,10 +190,15 @@ class NF4Dequantizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         # every block's scale and table carry the weight count of their tensor, for the lookup's beat counter
-        scale_layout = data.StructLayout({"value": 32, "count": self._count_layout})
+        scale_layout = data.StructLayout({"value": 32, "count": self._count_layout, "last_block": 1})
         scale = stream.Signature(scale_layout).create(path=("scale",))
         table = stream.Signature(self._table_layout()).create(path=("table",))
-        self._elaborate_scale(m, platform, scale)
+        levels = None
+        if self._loaded_entries:
+            # each tensor's table waits here from its header until the table builder is done with its last block
+            m.submodules.tables = tables = SyncFIFOBuffered(width=32 * self.config.entries, depth=_TABLE_QUEUE)
+            levels = tables
+        self._elaborate_scale(m, platform, scale, levels)
         if not self.config.compact:
             # a register slice between the two pipelines: the table builder's advance (its round counter, the
             # table slot) does not reach the scale pipeline's enable, its code-book read and the absmax handshake
@@ -168,7 +206,7 @@ class NF4Dequantizer(wiring.Component):
             m.submodules.scale_slice = scale_slice = SkidBuffer(scale_layout)
             wiring.connect(m, scale, scale_slice.i)
             scale = scale_slice.o
-        self._elaborate_builder(m, platform, scale, table)
+        self._elaborate_builder(m, platform, scale, table, levels)
         self._elaborate_lookup(m, table)
         return m
 
@@ -176,11 +214,12 @@ class NF4Dequantizer(wiring.Component):
     _count_layout = data.StructLayout({"n_weights": 32, "one_beat": 1})
 
     def _table_layout(self):
-        return data.StructLayout({"levels": data.ArrayLayout(self.config.out_format.width, 16),
+        return data.StructLayout({"levels": data.ArrayLayout(self.config.out_format.width, self.config.entries),
                                   "count": self._count_layout})
 
-    def _elaborate_scale(self, m, platform, scale):
-        """Per-block float32 absmax: passed through, or rebuilt from double quantization."""
+    def _elaborate_scale(self, m, platform, scale, tables):
+        """Per-block float32 absmax: passed through, or rebuilt from double quantization; a loaded table goes to
+        the ``tables`` queue as its header is taken."""
         dq = self.config.double_quant
         shift = self.config.blocksize.bit_length() - 1
         if dq:
@@ -188,10 +227,10 @@ class NF4Dequantizer(wiring.Component):
             multiply, add = FPMul(FP32, FP32, FP32, stages=mul_stages), FPAdd(FP32, stages=add_stages)
             # 2: the code-book read, then a register, because block RAM clock-to-out is slow on ECP5
             latency = 2 + multiply.latency + add.latency
-            tag = data.StructLayout({"count": self._count_layout})
+            tag = data.StructLayout({"count": self._count_layout, "last_block": 1})
         else:
             latency = 1  # a register slice, so that scale.valid does not depend on scale.ready
-            tag = data.StructLayout({"count": self._count_layout, "value": 32})
+            tag = data.StructLayout({"count": self._count_layout, "last_block": 1, "value": 32})
         pipe = StallPipeline(m, latency, scale.ready, tag_shape=tag, name="scale", platform=platform)
 
         # the current tensor: its header, and the blocks still to come
@@ -200,8 +239,8 @@ class NF4Dequantizer(wiring.Component):
         blocks_left = Signal(32)
         tensor_done = Signal()  # this block is the tensor's last: a register, to keep compares off `issue`
         with m.If(~active):
-            m.d.comb += self.tensor.ready.eq(1)
-            with m.If(self.tensor.valid):
+            m.d.comb += self.tensor.ready.eq(1 if tables is None else tables.w_stream.ready)
+            with m.If(self.tensor.valid & self.tensor.ready):
                 blocks = (self.tensor.payload.n_weights + self.config.blocksize - 1) >> shift
                 m.d.sync += [active.eq(1), header.eq(self.tensor.payload), blocks_left.eq(blocks),
                              tensor_done.eq(blocks == 1)]
@@ -216,7 +255,13 @@ class NF4Dequantizer(wiring.Component):
             pipe.in_valid.eq(issue),
             pipe.in_tag.count.n_weights.eq(header.n_weights),
             pipe.in_tag.count.one_beat.eq(header.n_weights <= self.config.lanes),
+            pipe.in_tag.last_block.eq(tensor_done),
         ]
+        if tables is not None:
+            m.d.comb += [
+                tables.w_stream.valid.eq(~active & self.tensor.valid),
+                tables.w_stream.payload.eq(self.tensor.payload.levels),
+            ]
         with m.If(issue):
             m.d.sync += [blocks_left.eq(blocks_left - 1), group_index.eq(group_index + 1),
                          tensor_done.eq(blocks_left == 2)]
@@ -225,6 +270,7 @@ class NF4Dequantizer(wiring.Component):
         m.d.comb += [
             scale.valid.eq(pipe.out_valid),
             scale.payload.count.eq(pipe.out_tag.count),
+            scale.payload.last_block.eq(pipe.out_tag.last_block),
         ]
         if not dq:
             m.d.comb += [pipe.in_tag.value.eq(self.absmax.payload), scale.payload.value.eq(pipe.out_tag.value)]
@@ -261,11 +307,13 @@ class NF4Dequantizer(wiring.Component):
         ]
         m.d.comb += offset_late.eq(delay_line(m, pipe.enable, offset_reg, multiply.latency, "offset"))
 
-    def _elaborate_builder(self, m, platform, scale, table):
-        """16 output-format values per block, ``multipliers`` products per cycle."""
+    def _elaborate_builder(self, m, platform, scale, table, tables):
+        """``entries`` output-format values per block, ``multipliers`` products per cycle; the levels are constants,
+        or the head of the ``tables`` queue, which the tensor's last block releases."""
         fmt = self.config.out_format
+        entries = self.config.entries
         mults = self.config.table_multipliers
-        rounds = 16 // mults
+        rounds = entries // mults
         # stages=6 registers the operands too: the level mux must not sit in front of the DSPs; stages=7 adds a
         # fabric register behind each DSP block, whose route to the adders would otherwise take most of a cycle
         mul_stages, _, round_stages = self.config.fp_stages
@@ -280,20 +328,31 @@ class NF4Dequantizer(wiring.Component):
         pipe = StallPipeline(m, latency, ~table_valid | table.ready, tag_shape=tag, name="build",
                              platform=platform)
         round_index = Signal(range(rounds))
+        # a block is issued only with its table present (always, for constants)
+        has_table = 1 if tables is None else tables.r_stream.valid
+        issue = Signal()
         m.d.comb += [
-            pipe.in_valid.eq(scale.valid),
+            issue.eq(scale.valid & has_table & pipe.advance),
+            pipe.in_valid.eq(scale.valid & has_table),
             pipe.in_tag.round.eq(round_index),
             pipe.in_tag.count.eq(scale.payload.count),
-            scale.ready.eq(pipe.advance & (round_index == rounds - 1)),
+            scale.ready.eq(pipe.advance & has_table & (round_index == rounds - 1)),
         ]
-        with m.If(scale.valid & pipe.advance):
+        with m.If(issue):
             m.d.sync += round_index.eq(Mux(round_index == rounds - 1, 0, round_index + 1))
+        if tables is not None:
+            # the products read the queue's head; the tensor's last block releases it with its last round
+            loaded = data.View(data.ArrayLayout(32, entries), tables.r_stream.payload)
+            m.d.comb += tables.r_stream.ready.eq(issue & (round_index == rounds - 1) & scale.payload.last_block)
 
         results = []
         for lane, (multiply, convert) in enumerate(zip(multipliers, converters)):
             m.submodules[f"level_mul_{lane}"] = pipe.stall(multiply)
             # multiplier `lane` computes entries lane, lane + mults, lane + 2 * mults, ... in successive rounds
-            levels = Array(Const(_NF4_BITS[r * mults + lane], 32) for r in range(rounds))
+            if tables is None:
+                levels = Array(Const(_NF_BITS[self.config.bits][r * mults + lane], 32) for r in range(rounds))
+            else:
+                levels = Array(loaded[r * mults + lane] for r in range(rounds))
             m.d.comb += [multiply.a.eq(levels[round_index]), multiply.b.eq(scale.payload.value)]
             if convert is None:
                 results.append(multiply.result)
@@ -303,9 +362,9 @@ class NF4Dequantizer(wiring.Component):
                 results.append(convert.result)
 
         # rounds arrive in order; the last one completes the table
-        partial = Signal(data.ArrayLayout(fmt.width, 16))
-        complete = Signal(data.ArrayLayout(fmt.width, 16))
-        for entry in range(16):
+        partial = Signal(data.ArrayLayout(fmt.width, entries))
+        complete = Signal(data.ArrayLayout(fmt.width, entries))
+        for entry in range(entries):
             r, lane = divmod(entry, mults)
             if r == rounds - 1:
                 m.d.comb += complete[entry].eq(results[lane])
@@ -322,7 +381,7 @@ class NF4Dequantizer(wiring.Component):
         m.d.comb += [table.valid.eq(table_valid), table.payload.eq(table_payload)]
 
     def _elaborate_lookup(self, m, table):
-        """A window of two tables (this block, next block) and ``lanes`` 16-way lookups."""
+        """A window of two tables (this block, next block) and ``lanes`` ``entries``-way lookups."""
         lanes, blocksize = self.config.lanes, self.config.blocksize
         straddles = blocksize % lanes != 0  # a beat may hold weights of two blocks
 
@@ -379,7 +438,7 @@ class NF4Dequantizer(wiring.Component):
             for lane in range(lanes):
                 source = slot(head ^ (offset + lane >= blocksize)).levels if straddles else current.levels
                 m.d.sync += self.weights.payload.data[lane].eq(
-                    Array(source[k] for k in range(16))[self.codes.payload[lane]])
+                    Array(source[k] for k in range(self.config.entries))[self.codes.payload[lane]])
         with m.Elif(self.weights.ready):
             m.d.sync += self.weights.valid.eq(0)
 

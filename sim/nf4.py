@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_qlora.golden.nf4_quant import unpack_nibbles
+from edge_qlora.golden.codebook import unpack_codes
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from .harness import resolve_backend, pack_lanes, producer, simulate, unpack_lanes
 from .verilator import VerilatorModel, run_model
@@ -43,9 +43,12 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
     Parameters
     ----------
     quantized : NF4Quantized, or a list of them
-        A list streams the tensors back to back through one core (same blocksize and double quantization).
+        Any code width and table (:mod:`~edge_qlora.golden.codebook`). A list streams the tensors back to back
+        through one core (same blocksize, double quantization and code width; with a loaded table, each tensor
+        brings its own).
     config : NF4DequantConfig, optional
-        Defaults to 8 lanes and the tensor's blocksize and double quantization, bf16 output.
+        Defaults to 8 lanes and the tensor's blocksize, double quantization and code width, bf16 output, and a
+        loaded table when the tensor's is not the NormalFloat table of its width.
     stalls : dict of str to Stalls, optional
         Random stalls per stream (``tensor``, ``codes``, ``absmax``, ``absmax2``, ``weights``).
     vcd_path : path, optional
@@ -65,10 +68,13 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
     tensors = quantized if isinstance(quantized, (list, tuple)) else [quantized]
     first = tensors[0]
     if config is None:
-        config = NF4DequantConfig(blocksize=first.blocksize, double_quant=first.double_quant)
+        config = NF4DequantConfig(blocksize=first.blocksize, double_quant=first.double_quant, bits=first.bits,
+                                  table="nf" if first.codebook is None else "loaded")
     for q in tensors:
-        if config.blocksize != q.blocksize or config.double_quant != q.double_quant:
-            raise ValueError("the core's blocksize and double quantization must match every tensor's")
+        if config.blocksize != q.blocksize or config.double_quant != q.double_quant or config.bits != q.bits:
+            raise ValueError("the core's blocksize, double quantization and code width must match every tensor's")
+        if config.table == "nf" and q.codebook is not None and not q.codebook.name.startswith("nf"):
+            raise ValueError(f"a {q.codebook.name} table needs a core with table='loaded'")
     stalls = dict(stalls or {})
     lanes, fmt = config.lanes, config.out_format
 
@@ -76,13 +82,17 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
     for q in tensors:
         n = int(np.prod(q.shape))
         sizes.append(n)
-        codes += pack_lanes(unpack_nibbles(q.packed, n), lanes, 4)
+        codes += pack_lanes(unpack_codes(q.packed, n, q.bits), lanes, q.bits)
+        header = n
+        if config.table == "loaded":
+            table = sum(int(v) << (32 * i) for i, v in enumerate(np.asarray(q.levels, np.float32).view(np.uint32)))
+            header |= table << (64 if q.double_quant else 32)
         if q.double_quant:
-            headers.append(n | (int(np.float32(q.offset).view(np.uint32)) << 32))
+            headers.append(header | (int(np.float32(q.offset).view(np.uint32)) << 32))
             absmax += [int(v) for v in np.asarray(q.absmax, np.uint8)]
             absmax2 += [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
         else:
-            headers.append(n)
+            headers.append(header)
             absmax += [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
 
     inputs = {"tensor": headers, "codes": codes, "absmax": absmax}

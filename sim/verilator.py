@@ -199,11 +199,15 @@ class VerilatorModel:
     key: str
     trace: bool = False
     _ports: list = field(default=None, repr=False)
+    _folder: Path = field(default=None, repr=False)
 
     @property
     def folder(self):
-        """The design's folder: ``top.v`` and one subfolder per binary."""
-        return cache_dir() / _hash(self.key, _rtl_digest(), metadata.version("amaranth"))
+        """The design's folder: ``top.v`` and one subfolder per binary. Fixed at first use, so that the model's
+        files stay together even if the RTL sources change while it runs."""
+        if self._folder is None:
+            self._folder = cache_dir() / _hash(self.key, _rtl_digest(), metadata.version("amaranth"))
+        return self._folder
 
     def binary(self, status=None):
         harness = _harness(self.ports(status))

@@ -16,21 +16,23 @@ def random_weights(shape, dtype, seed):
     return (torch.randn(shape, generator=gen) * scale * 0.02).to(dtype)
 
 
-def _ties(blocksize):
-    # Each NF4 bound, its float32 neighbours and the levels themselves, in blocks whose absmax is exactly 1.0, so
+def _ties(blocksize, bounds=NF4_BOUNDS, levels=NF4_CODE):
+    # Each bound, its float32 neighbours and the levels themselves, in blocks whose absmax is exactly 1.0, so
     # the scaled value equals the weight and the tie rule of bucketize is exercised exactly.
     values = []
-    for bound in NF4_BOUNDS:
+    for bound in bounds:
         values += [bound, np.nextafter(bound, np.float32(-2)), np.nextafter(bound, np.float32(2)), -bound]
-    values = np.array(values + list(NF4_CODE), np.float32)
+    values = np.clip(np.array(values + list(levels), np.float32), -1, 1)
     out = []
     for start in range(0, values.size, blocksize - 1):
         out += list(values[start:start + blocksize - 1]) + [1.0]
     return torch.tensor(np.array(out, np.float32))
 
 
-def adversarial(dtype, blocksize, seed=0):
-    """Adversarial weights for one dtype, each with a partial final block and an odd element count."""
+def adversarial(dtype, blocksize, seed=0, codebook=None):
+    """Adversarial weights for one dtype, each with a partial final block and an odd element count; the ties sit
+    on the bounds of ``codebook`` (a :class:`~edge_qlora.golden.codebook.Codebook`; NF4's by default)."""
+    table = {} if codebook is None else {"bounds": codebook.bounds, "levels": codebook.levels}
     gen = torch.Generator().manual_seed(seed)
     n = blocksize * 6 + blocksize // 2 + 1
     info = torch.finfo(dtype)
@@ -42,9 +44,9 @@ def adversarial(dtype, blocksize, seed=0):
     cases["outlier"] = w
     w = randn(); w[-1] = 40.0
     cases["tail_outlier"] = w
-    cases["ties"] = _ties(blocksize)
-    cases["ties_pow2_scale"] = _ties(blocksize) * 2.0 ** -7
-    cases["ties_odd_scale"] = _ties(blocksize) * 3.0
+    cases["ties"] = _ties(blocksize, **table)
+    cases["ties_pow2_scale"] = _ties(blocksize, **table) * 2.0 ** -7
+    cases["ties_odd_scale"] = _ties(blocksize, **table) * 3.0
     tiny = info.smallest_normal
     w = randn() * tiny * 4; w[:4] = torch.tensor([tiny / 2, tiny / 4, -tiny / 8, tiny * info.eps])
     cases["subnormal"] = w

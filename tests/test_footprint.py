@@ -131,3 +131,69 @@ def test_bad_input_gives_one_line_error(argv, expected, capsys):
 def test_api_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
         footprint(**{"model": "tinyllama-1.1b", **kwargs})
+
+
+@pytest.fixture(scope="module")
+def planned():
+    from edge_qlora.plan import plan
+    p = plan(300 * 10 ** 6, sample_rows=8)
+    return p, footprint("tinyllama-1.1b", plan=p)
+
+
+def test_the_model_under_a_plan(tiny, planned):
+    from edge_qlora.golden.codebook import stored_bytes
+    p, fp = planned
+    v, inv = fp.planned, fp.inventory
+    shapes = {m.name: m.numel for m in p.source.matrices}
+    assert len(shapes) == 7 * 22 + 2 and {"model.embed_tokens", "lm_head"} <= set(shapes)
+    assert v["total_bytes"] == p.total_bytes <= 300 * 10 ** 6
+    assert v["total_bytes"] == (v["linear_bytes"] + v["embedding_bytes"] + v["lm_head_bytes"]
+                                + v["norm_and_bias_bytes"])
+    assert v["embedding_bytes"] == stored_bytes(32000 * 2048, p.assignment["model.embed_tokens"])
+    assert v["lm_head_bytes"] == stored_bytes(32000 * 2048, p.assignment["lm_head"])
+    assert v["norm_and_bias_bytes"] == tiny.values["norm_and_bias_bytes"]
+    assert v["reduction_vs_fp16"] > 0.75 and v["under_target"]
+    # the training working set beside it, counted as for NF4
+    lora = tiny.values["lora_params"]
+    assert v["training_bytes"] == v["total_bytes"] + 16 * lora + tiny.values["activation_bytes"]
+    layer = max(sum(stored_bytes(shapes[f"model.layers.{i}.{name}"], p.assignment[f"model.layers.{i}.{name}"])
+                    for name in inv.projections) for i in range(22))
+    assert v["streamed_layer_bytes"] == layer
+    assert (v["streamed_working_set_bytes"] - v["streamed_layer_bytes"]
+            == tiny.values["streamed_working_set_bytes"] - tiny.values["streamed_layer_nf4_bytes"])
+    # the NF4 report is unchanged beside it
+    assert fp.values == tiny.values and "plan" not in tiny.to_dict() and fp.to_dict()["plan"] == v
+    table = format_table(fp)
+    assert table.startswith(format_table(tiny).split("\n\nNF4 measured")[0])
+    assert "**quantized model as stored under the plan**" in table and "- under the plan:" in table
+    assert "Under the plan" not in format_table(tiny)
+
+
+def test_a_plan_of_another_model_is_refused(planned):
+    with pytest.raises(ValueError, match="the plan is for tinyllama-1.1b, not phi-2"):
+        footprint("phi-2", plan=planned[0])
+
+
+def test_cli_budget_and_plan(planned, tmp_path, capsys):
+    assert run_cli("footprint", "--model", "tinyllama-1.1b", "--budget", "300MB", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"]["total_bytes"] <= 300 * 10 ** 6 and report["plan"]["budget_bytes"] == 300 * 10 ** 6
+    assert report["total_bytes"] == planned[1].values["total_bytes"]  # the NF4 figures as without a plan
+    saved = tmp_path / "plan.json"
+    assert run_cli("plan", "--budget", "0.3GB", "--sample-rows", "8", "--out", saved, "--json") == 0
+    capsys.readouterr()
+    assert run_cli("footprint", "--model", "tinyllama-1.1b", "--plan", saved) == 0
+    table = capsys.readouterr().out
+    assert table == format_table(planned[1]) + "\n"  # the same plan, read back from the file
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (("--budget", "200MB"), "edge-qlora: error: budget 200,000,000 bytes (200.0 MB) is too small"),
+    (("--budget", "lots"), "edge-qlora footprint: error: argument --budget: budget must be a positive size"),
+    (("--budget", "300MB", "--plan", "p.json"), "not allowed with argument"),
+    (("--plan", "missing.json"), "edge-qlora: error: missing.json: cannot read"),
+])
+def test_bad_plan_options(argv, expected, capsys):
+    assert run_cli("footprint", "--model", "tinyllama-1.1b", *argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and expected in captured.err
