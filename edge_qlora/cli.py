@@ -116,7 +116,7 @@ def _parser():
                           help="code width: NF2, NF3 or NF4 (default 4; with --codebook, the table's width)")
     quantize.add_argument("--codebook", metavar="FILE", default=None,
                           help="your own table: a JSON list, or a safetensors tensor 'levels', of 4, 8 or 16 "
-                               "increasing float32 values (code 0 the smallest)")
+                               "increasing float32 values (code 0 the smallest); default: the NF table of --bits")
     quantize.add_argument("--blocksize", type=_blocksize, default=64, help="block size")
     quantize.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                           help="quantize the absmax values again, as QLoRA does")
@@ -217,10 +217,14 @@ def _parser():
                        help="dequantizer lanes, 1 to 16 (default: 1 on icebreaker, the most that fits its 5280 "
                             "logic cells; 8 on ulx3s-85f, where all 16 fit)")
     build.add_argument("--dtype", choices=DTYPES, default="bf16", help="dequantizer output dtype")
+    build.add_argument("--quantizer", action="store_true",
+                       help="build the quantizer core instead of the dequantizer (--lanes, --dtype as its input, "
+                            "--bits, --table, --blocksize)")
     build.add_argument("--bits", type=int, choices=CODE_BITS, default=4,
-                       help="dequantizer code width (NF4, NF3, NF2, or a loaded table of 2**bits levels)")
+                       help="dequantizer/quantizer code width (NF4, NF3, NF2, or a loaded table of 2**bits levels)")
     build.add_argument("--table", choices=("nf", "loaded"), default="nf",
-                       help="dequantizer code book: the NF table of --bits as constants, or loaded per tensor")
+                       help="dequantizer/quantizer code book: the NF table of --bits as constants, or loaded per "
+                            "tensor")
     build.add_argument("--blocksize", type=_blocksize, default=64, help="NF4 block size")
     build.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                        help="build the plain-absmax dequantizer (default: double quantization)")
@@ -266,6 +270,9 @@ def _parser():
     verilog.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                          help="double-quantized absmax (dequantizer, gemm, step)")
     verilog.add_argument("--compact", action="store_true", help="dequantizer: fewer pipeline registers")
+    verilog.add_argument("--bits", type=int, choices=CODE_BITS, default=4, help="dequantizer/quantizer: code width")
+    verilog.add_argument("--table", choices=("nf", "loaded"), default="nf",
+                         help="dequantizer/quantizer: the NF table of --bits as constants, or loaded per tensor")
     verilog.add_argument("--rows", type=_side("rows"), default=8, help="gemm/step: PE array rows")
     verilog.add_argument("--cols", type=_side("cols"), default=8, help="gemm/step: PE array columns")
     verilog.add_argument("--max-k", type=int, default=512, help="gemm: longest W row")
@@ -630,14 +637,23 @@ def _build(args):
     seed, lut_mapper, floorplan = _build_settings(args)
     kind = "lora" if args.lora else "gemm" if args.rows is not None else "dequantizer"
     if kind != "dequantizer" and (args.bits != 4 or args.table != "nf"):
-        raise BuildError("--bits and --table configure the dequantizer build; the GEMM engine and the step "
-                         "accelerator take NF4")
+        raise BuildError("--bits and --table configure the dequantizer and quantizer builds; the GEMM engine and "
+                         "the step accelerator take NF4")
+    if args.quantizer and kind != "dequantizer":
+        raise BuildError("--quantizer builds the quantizer alone: not with --rows/--cols or --lora")
     lanes = args.lanes if args.lanes is not None else default_lanes(args.board)
     try:
-        check_fit(args.board, kind, lanes=lanes, rows=args.rows, cols=args.cols, dtype=args.dtype)
+        if not args.quantizer:  # the fit table has no quantizer builds: left to the tools
+            check_fit(args.board, kind, lanes=lanes, rows=args.rows, cols=args.cols, dtype=args.dtype)
     except ValueError as error:
         raise BuildError(str(error)) from None
-    if args.lora:
+    if args.quantizer:
+        from .rtl.nf4_quant import NF4QuantConfig, NF4Quantizer
+        design = NF4Quantizer(NF4QuantConfig(lanes=lanes, blocksize=args.blocksize, in_dtype=args.dtype,
+                                             bits=args.bits, table=args.table))
+        what = (f"NF4Quantizer(lanes={lanes}, blocksize={args.blocksize}, in={args.dtype}, bits={args.bits}, "
+                f"table={args.table})")
+    elif args.lora:
         from .rtl.lora import LoraConfig, LoraStep
         try:
             config = LoraConfig(rows=args.rows, cols=args.cols, max_t=args.max_t, max_in=args.max_in,
@@ -691,7 +707,7 @@ def _build(args):
                            lut_mapper=lut_mapper, place_only=args.place_only, floorplan=floorplan,
                            progress=step, status=status)
     except BuildError as error:
-        if str(error).startswith("design needs"):
+        if str(error).startswith("design needs") and not args.quantizer:
             raise BuildError(f"{error}; {fit_hint(args.board, kind)}") from None
         raise
     print(format_report(report))
@@ -885,11 +901,13 @@ def _unit(args):
         if args.unit == "dequantizer":
             from .rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
             config = NF4DequantConfig(lanes=args.lanes, blocksize=args.blocksize, out_dtype=args.dtype,
-                                      double_quant=args.double_quant, compact=args.compact)
+                                      double_quant=args.double_quant, compact=args.compact, bits=args.bits,
+                                      table=args.table)
             return NF4Dequantizer(config), f"NF4Dequantizer {config!r}"
         if args.unit == "quantizer":
             from .rtl.nf4_quant import NF4QuantConfig, NF4Quantizer
-            config = NF4QuantConfig(lanes=args.lanes, blocksize=args.blocksize, in_dtype=args.dtype)
+            config = NF4QuantConfig(lanes=args.lanes, blocksize=args.blocksize, in_dtype=args.dtype, bits=args.bits,
+                                    table=args.table)
             return NF4Quantizer(config), f"NF4Quantizer {config!r}"
         if args.unit == "absmax-quantizer":
             from .rtl.absmax_quant import AbsmaxQuantizer

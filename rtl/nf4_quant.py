@@ -1,11 +1,14 @@
-"""NF4 quantizer IP core, bit-exact with bitsandbytes' ``quantize_4bit`` (twin: ``golden/nf4_quant.py``).
+"""NF4 quantizer IP core, bit-exact with bitsandbytes' ``quantize_4bit`` (twin: ``golden/nf4_quant.py``), and its
+2- and 3-bit siblings with NormalFloat or loaded code books (twin: ``golden/codebook.py``).
 
 A weight's code depends on the absmax of its whole block, which is known only after the block's last weight, so the
 core is *block-buffered*: every beat is stored in a block buffer while the running absmax of its block is found,
 and read back once the block's scale is known. The scale of a full block is ``r = fl(1 / max(absmax, 1e-38))`` and
 every lane multiplies, ``fl(w * r)``; the final partial block of a tensor (the *tail*) divides instead,
 ``fl(w / am)``, one weight per cycle through the same divider that computes the reciprocals. A code is the number
-of NF4 bounds strictly below the scaled weight, found from the exponents and three fraction comparisons.
+of the code book's decision bounds strictly below the scaled weight. For a NormalFloat table (NF2, NF3, NF4) the
+bounds are constants, found from the exponents and at most three fraction comparisons; for a loaded table they are
+data, compared as order-preserving integer keys (see :class:`NF4Quantizer`).
 
 Datapath; the queues between the boxes are FIFOs::
 
@@ -22,7 +25,8 @@ so that a tail flows at one weight per cycle.
 
 Work enters the divider and the coder only with a slot reserved for its result in the queue it goes to (credits),
 so neither ever waits: both run freely, with no enable on their registers (a large fan-out saved), and results
-always drain, so the core cannot deadlock. Only the ingest stalls, when the buffer or the record queue is full.
+always drain, so the core cannot deadlock. Only the ingest stalls, when the buffer or the record queue is full
+(or, with loaded tables, when every table slot holds a tensor in flight).
 """
 
 from dataclasses import dataclass
@@ -34,22 +38,38 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..constants import ABSMAX_FLOOR, BLOCKSIZES, MAX_LANES, NF4_BOUNDS
-from .fp import FORMATS, FP32, FPConvert, FPDiv, FPMul, float_layout, fp_abs_key, fp_is_nan
+from ..constants import ABSMAX_FLOOR, BLOCKSIZES, CODE_BITS, MAX_LANES, NF4_BOUNDS, NF_CODES
+from .fp import FORMATS, FP32, FPConvert, FPDiv, FPMul, float_layout, fp_abs_key, fp_is_nan, fp_order_key
 from .nf4_dequant import codes_layout
 from .pipeline import StallPipeline, delay_line
 
-__all__ = ["NF4QuantConfig", "NF4Quantizer", "weights_in_layout", "codes_out_layout"]
+__all__ = ["NF4QuantConfig", "NF4Quantizer", "weights_in_layout", "codes_out_layout", "table_in_layout",
+           "nf_bounds", "nf_pad_code", "TABLES", "TABLE_SLOTS"]
 
 _ONE = 0x3F800000
+_NEG_ZERO = 0x80000000
 _FLOOR = int(np.float32(ABSMAX_FLOOR).view(np.uint32))
-#: code of 0.0, which bitsandbytes packs into the nibble past the end of an odd-sized tensor
-_PAD_CODE = 7
+
+#: Where the code book comes from: constants of the NormalFloat table of the code width, or data per tensor.
+TABLES = ("nf", "loaded")
+
+#: Loaded tables held at once (a power of two): the tensors between the ingest and the codes output.
+TABLE_SLOTS = 4
 
 
-#: the NF4 bounds as float32 fields; bound i sits below a value ``s`` (code ``>= i + 1``) when ``s`` is larger
-_BOUNDS = NF4_BOUNDS.view(np.uint32).astype(np.int64)
-_BOUND_SIGN, _BOUND_EXP, _BOUND_FRAC = _BOUNDS >> 31, (_BOUNDS >> 23) & 0xFF, _BOUNDS & 0x7FFFFF
+def nf_bounds(bits):
+    """The ``2**bits - 1`` decision bounds of the NormalFloat table of ``bits`` bits: float32 midpoints of
+    neighbouring levels (NF4's are :data:`~edge_qlora.constants.NF4_BOUNDS`)."""
+    if bits == 4:
+        return NF4_BOUNDS
+    levels = NF_CODES[bits]
+    return ((levels[:-1] + levels[1:]) / np.float32(2)).astype(np.float32)
+
+
+def nf_pad_code(bits):
+    """The code of 0.0 in the NormalFloat table of ``bits`` bits (NF2: 1, NF3: 3, NF4: 7): the pad of lanes past
+    a tensor's end, and the code bitsandbytes packs into the nibble past the end of an odd-sized NF4 tensor."""
+    return int(np.flatnonzero(NF_CODES[bits] == 0)[0])
 
 
 @dataclass(frozen=True)
@@ -64,11 +84,19 @@ class NF4QuantConfig:
         NF4 block size: 32, 64, ..., 4096.
     in_dtype : str
         Format of the incoming weights: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+    bits : int
+        Code width: 2, 3 or 4 (a code book of 4, 8 or 16 levels).
+    table : str
+        ``"nf"``: the NormalFloat table of ``bits`` bits, built into the hardware as constants (``bits=4`` is
+        bitsandbytes' NF4, the core this unit always was). ``"loaded"``: any table of ``2**bits`` levels, given per
+        tensor as its ``2**bits - 1`` decision bounds on the ``table`` stream.
     """
 
     lanes: int = 8
     blocksize: int = 64
     in_dtype: str = "bf16"
+    bits: int = 4
+    table: str = "nf"
 
     def __post_init__(self):
         if not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or not 1 <= self.lanes <= MAX_LANES:
@@ -77,10 +105,19 @@ class NF4QuantConfig:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {self.blocksize!r}")
         if self.in_dtype not in FORMATS:
             raise ValueError(f"in_dtype must be one of {sorted(FORMATS)}, not {self.in_dtype!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in CODE_BITS:
+            raise ValueError(f"bits must be one of {CODE_BITS}, not {self.bits!r}")
+        if self.table not in TABLES:
+            raise ValueError(f"table must be one of {TABLES}, not {self.table!r}")
 
     @property
     def in_format(self):
         return FORMATS[self.in_dtype]
+
+    @property
+    def pad_code(self):
+        """The code of lanes past a tensor's end with the NormalFloat table (a loaded table brings its own)."""
+        return nf_pad_code(self.bits)
 
     @property
     def tree_levels(self):
@@ -104,55 +141,87 @@ def weights_in_layout(fmt, lanes):
     return data.ArrayLayout(fmt.width, lanes)
 
 
-def codes_out_layout(lanes):
-    """Payload of the ``codes`` stream: ``lanes`` NF4 codes in weight order and ``last`` on a tensor's final beat.
-    Lanes past the end of the tensor carry code 7, the code of 0.0, which bitsandbytes uses as its pad nibble."""
-    return data.StructLayout({"data": codes_layout(lanes), "last": 1})
+def codes_out_layout(lanes, bits=4):
+    """Payload of the ``codes`` stream: ``lanes`` codes of ``bits`` bits in weight order and ``last`` on a tensor's
+    final beat. Lanes past the end of the tensor carry the pad code: the code of 0.0 for a NormalFloat table (7 for
+    NF4, the pad nibble of bitsandbytes), the table's own ``pad_code`` for a loaded one."""
+    return data.StructLayout({"data": codes_layout(lanes, bits), "last": 1})
 
 
-class _NF4Encode(wiring.Component):
-    """NF4 code of an fp32 value: the number of NF4 bounds strictly below it (a tie takes the lower code).
+def table_in_layout(bits):
+    """Payload of the ``table`` stream (loaded tables): one beat per tensor.
 
-    Comparing with each of the 15 bounds would take 15 full-width comparators per lane. Instead, a bound whose
-    exponent differs from the value's is decided by the 8-bit exponents alone, and only bounds with the value's
-    exponent and sign compare fractions; there are at most three of those, so three 23-bit comparators serve all
-    exponents, their constants looked up by sign and exponent. A positive value counts the 7 negative bounds plus
-    the positive bounds below it; a negative value ``-m`` counts the negative bounds ``-n`` with ``n > m``.
+    ``bounds`` are the ``2**bits - 1`` float32 decision bounds of the code book in increasing order (the midpoints
+    of neighbouring levels, :attr:`~edge_qlora.golden.codebook.Codebook.bounds`); ``pad_code`` is the code that
+    lanes past the tensor's end carry (:attr:`~edge_qlora.golden.codebook.Codebook.pad_code`: the code of the level
+    0.0 where the table has one, else 0).
+    """
+    return data.StructLayout({"bounds": data.ArrayLayout(32, 2 ** bits - 1), "pad_code": bits})
 
-    A NaN gets 15, where ``numpy.searchsorted`` (the golden model) sorts it; finite weights never make one.
-    The comparisons are registered before they are summed (no enable: the unit's users never stall).
+
+def _keys_layout(bits):
+    return data.ArrayLayout(32, 2 ** bits - 1)
+
+
+class _NFEncode(wiring.Component):
+    """Code of an fp32 value in the NormalFloat table of ``bits`` bits: the number of its bounds strictly below the
+    value (a tie takes the lower code).
+
+    Comparing with each of the 15 bounds of NF4 would take 15 full-width comparators per lane. Instead, a bound
+    whose exponent differs from the value's is decided by the 8-bit exponents alone, and only bounds with the
+    value's exponent and sign compare fractions; there are at most three of those, so three 23-bit comparators
+    serve all exponents, their constants looked up by sign and exponent. A positive value counts the negative
+    bounds plus the positive bounds below it; a negative value ``-m`` counts the negative bounds ``-n`` with
+    ``n > m`` (a bound ``-n`` with a zero fraction is never above a value of its exponent, so it needs no
+    comparator: NF2's -0.5).
+
+    A NaN gets the top code, where ``numpy.searchsorted`` (the golden model) sorts it; finite weights never make
+    one. The comparisons are registered before they are summed (no enable: the unit's users never stall).
+
+    Parameters
+    ----------
+    bits : int
+        2, 3 or 4.
 
     Attributes
     ----------
     scaled : In(32)
         float32 bits of a scaled weight.
-    code : Out(4)
+    code : Out(bits)
         The code of the value presented :attr:`LATENCY` cycles earlier.
     """
 
     LATENCY = 1
 
-    scaled: In(32)
-    code: Out(4)
+    def __init__(self, bits=4):
+        self.bits = bits
+        bounds = nf_bounds(bits).view(np.uint32).astype(np.int64)
+        self._sign, self._exp, self._frac = bounds >> 31, (bounds >> 23) & 0xFF, bounds & 0x7FFFFF
+        # the exponent trick needs normal bounds within 8 binades
+        assert (self._exp > 0).all() and self._exp.max() - self._exp.min() < 8
+        super().__init__({"scaled": In(32), "code": Out(bits)})
 
     def elaborate(self, platform):
         m = Module()
+        bits = self.bits
         value = float_layout(FP32)(self.scaled)
         negative, exponent, fraction = value.sign, value.exponent, value.fraction
 
         # bounds on the far side of the value by exponent
-        count = Signal(4)
+        count = Signal(bits)
         by_exponent = Mux(negative,
-                          sum(exponent < int(e) for s, e in zip(_BOUND_SIGN, _BOUND_EXP) if s),
-                          7 + sum(exponent > int(e) for s, e in zip(_BOUND_SIGN, _BOUND_EXP) if not s))
+                          sum(exponent < int(e) for s, e in zip(self._sign, self._exp) if s),
+                          int(self._sign.sum()) + sum(exponent > int(e) for s, e in zip(self._sign, self._exp)
+                                                      if not s))
         m.d.comb += count.eq(by_exponent)
 
         # bounds with the value's sign and exponent, compared by fraction: a positive value is above a fraction
         # ``f`` when its own is ``> f``, a negative one below ``-n`` when its fraction is ``< f``, ``not > f - 1``
-        lowest = int(_BOUND_EXP.min())
-        assert _BOUND_EXP.max() - lowest < 8 and (_BOUND_FRAC > 0).all()
+        lowest = int(self._exp.min())
         groups = {}
-        for sign, exp, frac in zip(_BOUND_SIGN.tolist(), _BOUND_EXP.tolist(), _BOUND_FRAC.tolist()):
+        for sign, exp, frac in zip(self._sign.tolist(), self._exp.tolist(), self._frac.tolist()):
+            if sign and frac == 0:
+                continue
             groups.setdefault(sign << 3 | (exp - lowest), []).append(frac - 1 if sign else frac)
         group = Signal(4)
         m.d.comb += group.eq(Cat((exponent - lowest)[:3], negative))
@@ -168,19 +237,72 @@ class _NF4Encode(wiring.Component):
             ]
             hits.append(used & ((fraction > threshold) ^ negative))
 
-        counted, found, nan = Signal(4), Signal(len(hits)), Signal()
+        counted, found, nan = Signal(bits), Signal(len(hits)), Signal()
         m.d.sync += [counted.eq(count), found.eq(Cat(*hits)), nan.eq(fp_is_nan(self.scaled, FP32))]
-        total = Signal(5)
+        total = Signal(bits + 1)
         m.d.comb += [
             total.eq(counted + sum(found)),
-            self.code.eq(Mux(nan, 15, total)),
+            self.code.eq(Mux(nan, 2 ** bits - 1, total)),
         ]
         return m
 
 
-def _nf4_code(m, scaled, name):
-    """The code of ``scaled`` from an :class:`_NF4Encode` added to ``m`` as ``name``."""
-    m.submodules[name] = encode = _NF4Encode()
+class _LoadedEncode(wiring.Component):
+    """Code of an fp32 value in a loaded table of ``bits`` bits: the number of its bounds strictly below the value.
+
+    Every bound is compared with the value as order-preserving unsigned keys (:func:`~.fp.fp_order_key`: a positive
+    float with its sign bit set, a negative one complemented), one 32-bit comparator per bound. The bounds arrive
+    as keys with -0.0 already made +0.0 (:func:`_bound_key`); then no bound key lies between the keys of -0.0 and
+    +0.0, so the value's zeros need no such step and both get the code of 0.0. A NaN gets the top code, as in the
+    golden model's ``searchsorted``. The comparisons are registered before they are counted, as in
+    :class:`_NFEncode`, with the same latency.
+
+    Parameters
+    ----------
+    bits : int
+        2, 3 or 4.
+
+    Attributes
+    ----------
+    scaled : In(32)
+        float32 bits of a scaled weight.
+    keys : In(array of 2**bits - 1 unsigned(32))
+        Keys of the table's bounds, held while the value is presented.
+    code : Out(bits)
+        The code of the value presented :attr:`LATENCY` cycles earlier.
+    """
+
+    LATENCY = 1
+
+    def __init__(self, bits):
+        self.bits = bits
+        super().__init__({"scaled": In(32), "keys": In(_keys_layout(bits)), "code": Out(bits)})
+
+    def elaborate(self, platform):
+        m = Module()
+        key = fp_order_key(self.scaled, FP32)
+        above, nan = Signal(2 ** self.bits - 1), Signal()
+        m.d.sync += [
+            above.eq(Cat(key > bound for bound in self.keys)),
+            nan.eq(fp_is_nan(self.scaled, FP32)),
+        ]
+        m.d.comb += self.code.eq(Mux(nan, 2 ** self.bits - 1, sum(above)))
+        return m
+
+
+def _bound_key(bound):
+    """The comparison key of a float32 bound, -0.0 counted as +0.0."""
+    return fp_order_key(Mux(bound == _NEG_ZERO, 0, bound), FP32)
+
+
+def _encode(m, config, scaled, keys, name):
+    """The code of ``scaled`` from an encoder of ``config``'s table added to ``m`` as ``name``; ``keys`` are the
+    bound keys of a loaded table (``None`` for a NormalFloat one)."""
+    if config.table == "nf":
+        m.submodules[name] = encode = _NFEncode(config.bits)
+    else:
+        m.submodules[name] = encode = _LoadedEncode(config.bits)
+        m.d.comb += encode.keys.eq(keys)
     m.d.comb += encode.scaled.eq(scaled)
     return encode.code
 
@@ -226,6 +348,8 @@ class _TailIssue:
         The weight's lane in its beat.
     beat_end : Signal
         It is the beat's last tail lane: its code completes the beat's tail codes.
+    slot : Signal(range(TABLE_SLOTS))
+        The table slot of its tensor (loaded tables only; unused otherwise).
     latency : int
         Cycles from the divider taking it to its result (its code is one more).
     """
@@ -237,10 +361,50 @@ class _TailIssue:
         self.divisor = Signal(32, name="tail_divisor")
         self.lane = Signal(range(lanes), name="tail_lane")
         self.beat_end = Signal(name="tail_beat_end")
+        self.slot = Signal(range(TABLE_SLOTS), name="tail_slot")
+
+
+class _TableSlots:
+    """The loaded tables of the tensors in flight, in a ring of :data:`TABLE_SLOTS` slots.
+
+    The coder lags the ingest by up to a few tensors and the tail's codes lag the coder, so a tensor's table must
+    travel with it. The ingest writes each tensor's bound keys into the next slot of a small memory (read without a
+    clock, so distributed RAM, never block RAM) and its pad code into a register; the coder and the tail encoder
+    count their tensors in the same order and read the slot they are at; a slot is freed when its tensor's final
+    code beat leaves the core, after every use. Each stage carries only a 2-bit slot number, never a table.
+
+    Attributes
+    ----------
+    keys : Memory
+        Bound keys (:func:`_bound_key`) per slot.
+    pads : Array of Signal(bits)
+        Pad code per slot.
+    write : Memory write port
+        Driven by the ingest.
+    used : Signal(range(TABLE_SLOTS + 1))
+        Slots holding a tensor in flight.
+    taken, released : Signal
+        A table enters a slot; a tensor's last code beat leaves (driven by the ingest and by the join).
+    """
+
+    def __init__(self, m, bits):
+        m.submodules.table_keys = self.keys = Memory(shape=_keys_layout(bits), depth=TABLE_SLOTS, init=[])
+        self.pads = Array(Signal(bits, name=f"pad_code_{slot}") for slot in range(TABLE_SLOTS))
+        self.write = self.keys.write_port()
+        self.used = Signal(range(TABLE_SLOTS + 1), name="table_slots_used")
+        self.taken, self.released = Signal(name="table_taken"), Signal(name="table_released")
+        m.d.sync += self.used.eq(self.used + self.taken - self.released)
+
+    def read(self, m, slot):
+        """The bound keys of ``slot``, in the same cycle."""
+        port = self.keys.read_port(domain="comb")
+        m.d.comb += port.addr.eq(slot)
+        return port.data
 
 
 class NF4Quantizer(wiring.Component):
-    """Streaming NF4 quantizer: ``lanes`` weights per cycle, block-buffered.
+    """Streaming NF4 quantizer (and NF2/NF3, or any loaded code book of 2, 3 or 4 bits): ``lanes`` weights per
+    cycle, block-buffered.
 
     A tensor of ``n_weights`` weights arrives as ``ceil(n_weights / lanes)`` beats, the final one zero-padded; it
     leaves as the same number of beats of codes and ``ceil(n_weights / blocksize)`` absmax values. ``n_weights`` is
@@ -250,6 +414,18 @@ class NF4Quantizer(wiring.Component):
     pipeline fills, full blocks flow at ``lanes`` weights per cycle with no backpressure; a tail block takes one
     cycle per weight in the divider. NaN or infinite weights give unspecified codes (the software refuses them),
     but the core keeps running.
+
+    With ``table="loaded"`` every tensor brings its code book as one beat of the ``table`` stream: the
+    ``2**bits - 1`` float32 decision bounds and the pad code, computed by software from the levels
+    (:class:`~edge_qlora.golden.codebook.Codebook`). Bounds rather than levels, because a quantizer only compares:
+    levels would need ``2**bits - 1`` float adders and halvings in the hardware for what software computes once per
+    tensor (and the golden model's bounds are exactly those float32 midpoints). The core takes a tensor's table
+    before its first weights beat, at any time after the previous tensor's last weights beat (the two streams are
+    independent: a producer may send the table first, then the weights). Tables ride with their tensors through
+    :data:`TABLE_SLOTS` slots (:class:`_TableSlots`), so tensors with different tables follow each other back to
+    back; only tensors too short to cover the core's latency wait, when every slot holds a tensor in flight. Each
+    lane compares the scaled weight with every bound as order-preserving integer keys (-0.0 counted as +0.0),
+    ``2**bits - 1`` 32-bit comparators per lane, with the same latency as the NormalFloat encoder.
 
     Parameters
     ----------
@@ -261,8 +437,10 @@ class NF4Quantizer(wiring.Component):
         Weights, ``lanes`` per beat, in the configured input format.
     n_weights : In(32)
         Number of weights in the tensor, at least 1 (0 acts as 1).
+    table : In(stream of :func:`table_in_layout`), loaded tables only
+        One beat per tensor: its decision bounds and pad code.
     codes : Out(stream of :func:`codes_out_layout`)
-        NF4 codes, one beat per weights beat.
+        Codes of ``bits`` bits, one beat per weights beat.
     absmax : Out(stream of unsigned(32))
         float32 absmax bits, one per block in block order: ``max|w|`` for a full block, ``max(max|w|, 1e-38)`` for
         a tail block, as bitsandbytes stores them.
@@ -272,12 +450,15 @@ class NF4Quantizer(wiring.Component):
         if not isinstance(config, NF4QuantConfig):
             raise TypeError(f"config must be an NF4QuantConfig, not {config!r}")
         self.config = config
-        super().__init__({
+        ports = {
             "weights": In(stream.Signature(weights_in_layout(config.in_format, config.lanes))),
             "n_weights": In(32),
-            "codes": Out(stream.Signature(codes_out_layout(config.lanes))),
-            "absmax": Out(stream.Signature(32)),
-        })
+        }
+        if config.table == "loaded":
+            ports["table"] = In(stream.Signature(table_in_layout(config.bits)))
+        ports["codes"] = Out(stream.Signature(codes_out_layout(config.lanes, config.bits)))
+        ports["absmax"] = Out(stream.Signature(32))
+        super().__init__(ports)
 
     def elaborate(self, platform):
         cfg = self.config
@@ -305,19 +486,20 @@ class NF4Quantizer(wiring.Component):
         m.submodules.buffer = buffer = Memory(shape=beat_layout, depth=depth, init=[])
         m.submodules.records = records = SyncFIFOBuffered(width=record_layout.size, depth=8)
         m.submodules.scales = scales = SyncFIFOBuffered(width=scale_layout.size, depth=scale_depth)
-        m.submodules.tail_codes = tail_codes = SyncFIFOBuffered(width=4 * lanes, depth=divide.latency + 4)
+        m.submodules.tail_codes = tail_codes = SyncFIFOBuffered(width=cfg.bits * lanes, depth=divide.latency + 4)
 
         # the ingest writes the buffer and the coder reads it; they share its fill level
         space, written = Signal(name="buffer_space"), Signal(name="buffer_written")
         tail = _TailIssue(fmt, lanes, divide.latency)
-        self._elaborate_ingest(m, buffer, space, written, records, record_layout)
-        self._elaborate_divider(m, divide, records, record_layout, scales, tail, tail_codes)
-        self._elaborate_coder(m, buffer, space, written, scales, scale_layout, tail, tail_codes)
+        tables = _TableSlots(m, cfg.bits) if cfg.table == "loaded" else None
+        self._elaborate_ingest(m, buffer, space, written, records, record_layout, tables)
+        self._elaborate_divider(m, divide, records, record_layout, scales, tail, tail_codes, tables)
+        self._elaborate_coder(m, buffer, space, written, scales, scale_layout, tail, tail_codes, tables)
         return m
 
     # -- ingest: buffer every beat, find each block's absmax ----------------------------------------------------------
 
-    def _elaborate_ingest(self, m, buffer, space, written, records, record_layout):
+    def _elaborate_ingest(self, m, buffer, space, written, records, record_layout, tables):
         cfg = self.config
         fmt, lanes, blocksize = cfg.in_format, cfg.lanes, cfg.blocksize
         write = buffer.write_port()
@@ -348,6 +530,8 @@ class NF4Quantizer(wiring.Component):
         pipe = StallPipeline(m, 1 + cfg.tree_levels, record_free, tag_shape=flags_layout, name="ingest")
         accept = self.weights.valid & self.weights.ready
         takes = space & (~fresh | primed)
+        if tables is not None:
+            takes &= ~fresh | self._elaborate_table_ingest(m, tables, fresh, accept)
         m.d.comb += [
             pipe.in_valid.eq(self.weights.valid & takes),
             self.weights.ready.eq(pipe.advance & takes),
@@ -424,12 +608,35 @@ class NF4Quantizer(wiring.Component):
                 pending_record[1].tail.eq(1),
             ]
 
+    def _elaborate_table_ingest(self, m, tables, fresh, accept):
+        """Take each tensor's table into the next free slot while the ingest waits for its first beat; returns
+        whether the table of the tensor at the ingest is in."""
+        have_table = Signal(name="have_table")            # the table of the tensor whose first beat is next is in
+        slot = Signal(range(TABLE_SLOTS), name="table_write_slot")
+        taken = self.table.valid & self.table.ready
+        table = self.table.payload
+        m.d.comb += [
+            self.table.ready.eq(fresh & ~have_table & (tables.used != TABLE_SLOTS)),
+            tables.taken.eq(taken),
+            tables.write.addr.eq(slot),
+            tables.write.en.eq(taken),
+            tables.write.data.eq(Cat(*(_bound_key(bound) for bound in table.bounds))),
+        ]
+        with m.If(taken):
+            m.d.sync += [have_table.eq(1), slot.eq(slot + 1), tables.pads[slot].eq(table.pad_code)]
+        with m.Elif(accept & fresh):
+            m.d.sync += have_table.eq(0)
+        return have_table
+
     # -- divider: reciprocals in block order, and the tail's divisions ------------------------------------------------
 
-    def _elaborate_divider(self, m, divide, records, record_layout, scales, tail, tail_codes):
+    def _elaborate_divider(self, m, divide, records, record_layout, scales, tail, tail_codes, tables):
         cfg = self.config
         fmt, lanes = cfg.in_format, cfg.lanes
-        tag_layout = data.StructLayout({"record": 1, "tail": 1, "lane": range(lanes), "beat_end": 1})
+        tag_fields = {"record": 1, "tail": 1, "lane": range(lanes), "beat_end": 1}
+        if tables is not None:
+            tag_fields["slot"] = range(TABLE_SLOTS)     # the table of a tail division's tensor
+        tag_layout = data.StructLayout(tag_fields)
         # Every operation enters with a slot reserved for its result: a record's in the scale queue (credits, here),
         # a tail beat's in the tail-code queue (reserved by the coder). The divider never waits, so it runs freely
         # and its registers need no enable.
@@ -456,6 +663,8 @@ class NF4Quantizer(wiring.Component):
             pipe.in_tag.lane.eq(tail.lane),
             pipe.in_tag.beat_end.eq(tail.beat_end),
         ]
+        if tables is not None:
+            m.d.comb += pipe.in_tag.slot.eq(tail.slot)
         with m.If(record_issue):
             m.d.sync += [self.absmax.valid.eq(1), self.absmax.payload.eq(Mux(record.tail, clamped, absmax))]
         with m.Elif(self.absmax.ready):
@@ -469,14 +678,15 @@ class NF4Quantizer(wiring.Component):
             scales.w_en.eq(pipe.out_valid & done.record),
             scales.w_data.eq(Cat(divide.result, done.tail)),
         ]
-        code = Signal(4)
-        m.d.sync += code.eq(_nf4_code(m, divide.result, "tail_encode"))
+        code = Signal(cfg.bits)
+        keys = None if tables is None else tables.read(m, done.slot)
+        m.d.sync += code.eq(_encode(m, cfg, divide.result, keys, "tail_encode"))
         # the code's lane and flags, delayed to meet it (the encoder does not stall)
         lane_bits = len(Signal(range(lanes)))
         delayed = delay_line(m, Const(1), Cat(pipe.out_valid & ~done.record, done.lane[:lane_bits], done.beat_end),
-                             _NF4Encode.LATENCY + 1, "code")
+                             _NFEncode.LATENCY + 1, "code")
         code_valid, code_lane, code_ends = delayed[0], delayed[1:1 + lane_bits], delayed[-1]
-        assembling = Signal(codes_layout(lanes))
+        assembling = Signal(codes_layout(lanes, cfg.bits))
         assembled = Cat(*(Mux(code_lane == lane, code, assembling[lane]) for lane in range(lanes)))
         m.d.comb += [
             tail_codes.w_en.eq(code_valid & code_ends),
@@ -487,7 +697,7 @@ class NF4Quantizer(wiring.Component):
 
     # -- coder: re-read each beat, scale and compare; tail lanes come back from the divider --------------------------
 
-    def _elaborate_coder(self, m, buffer, space, written, scales, scale_layout, tail, tail_codes):
+    def _elaborate_coder(self, m, buffer, space, written, scales, scale_layout, tail, tail_codes, tables):
         cfg = self.config
         fmt, lanes, depth = cfg.in_format, cfg.lanes, buffer.depth
 
@@ -552,7 +762,7 @@ class NF4Quantizer(wiring.Component):
         # with the divider's latency in the queue, a tail flows at up to one weight per cycle. A beat enters the
         # coder only with a slot reserved in that queue (and, if it has tail lanes, in the tail-code queue), so the
         # coder never waits either: it runs freely and its registers need no enable.
-        joined_layout = data.StructLayout({"codes": codes_layout(lanes), "tail": lanes, "last": 1})
+        joined_layout = data.StructLayout({"codes": codes_layout(lanes, cfg.bits), "tail": lanes, "last": 1})
         m.submodules.coded = coded = SyncFIFOBuffered(width=joined_layout.size, depth=tail.latency + 8)
         coded_reserved = Signal(range(coded.depth + 1))
         tail_reserved = Signal(range(tail_codes.depth + 1))
@@ -567,8 +777,11 @@ class NF4Quantizer(wiring.Component):
 
         # operands are registered, then multiplied, then encoded and registered
         multipliers = [FPMul(fmt, FP32, FP32) for _ in range(lanes)]
-        tag_layout = data.StructLayout({"tail": lanes, "valid": lanes, "last": 1})
-        latency = 1 + multipliers[0].latency + _NF4Encode.LATENCY + 1
+        tag_fields = {"tail": lanes, "valid": lanes, "last": 1}
+        if tables is not None:
+            tag_fields["slot"] = range(TABLE_SLOTS)
+        tag_layout = data.StructLayout(tag_fields)
+        latency = 1 + multipliers[0].latency + _NFEncode.LATENCY + 1
         pipe = StallPipeline(m, latency, Const(1), tag_shape=tag_layout, name="code")
         m.d.comb += [
             take.eq(head_valid & current_valid & (following_valid | ~head.straddles) &
@@ -591,13 +804,26 @@ class NF4Quantizer(wiring.Component):
                 single.eq(at_most_one(lane_tail)),
             ]
 
-        codes = Signal(codes_layout(lanes))
+        keys = None
+        if tables is not None:
+            # the coder counts tensors as the ingest counted their tables; the slot of a beat travels with it to
+            # the encoders (where all lanes read its keys) and, for tail lanes, through the divider
+            slot, held_slot = Signal(range(TABLE_SLOTS), name="code_slot"), Signal(range(TABLE_SLOTS))
+            m.d.comb += pipe.in_tag.slot.eq(slot)
+            m.d.sync += tail.slot.eq(held_slot)
+            with m.If(take & head.last):
+                m.d.sync += slot.eq(slot + 1)
+            with m.If(take & has_tail):
+                m.d.sync += held_slot.eq(slot)
+            keys = tables.read(m, delay_line(m, Const(1), slot, 1 + multipliers[0].latency, "encode_slot"))
+
+        codes = Signal(codes_layout(lanes, cfg.bits))
         for lane, multiply in enumerate(multipliers):
             m.submodules[f"scale_mul_{lane}"] = multiply
             m.d.sync += [
                 multiply.a.eq(head.weights[lane]),
                 multiply.b.eq(Mux(head.first[lane], current.value, following.value)),
-                codes[lane].eq(_nf4_code(m, multiply.result, f"encode_{lane}")),
+                codes[lane].eq(_encode(m, cfg, multiply.result, keys, f"encode_{lane}")),
             ]
 
         done = pipe.out_tag
@@ -607,12 +833,13 @@ class NF4Quantizer(wiring.Component):
             coded_in.tail.eq(done.tail),
             coded_in.last.eq(done.last),
         ]
+        pad_code = cfg.pad_code if tables is None else tables.pads[done.slot]
         for lane in range(lanes):
-            m.d.comb += coded_in.codes[lane].eq(Mux(done.valid[lane], codes[lane], _PAD_CODE))
+            m.d.comb += coded_in.codes[lane].eq(Mux(done.valid[lane], codes[lane], pad_code))
 
         # join: a beat with tail lanes waits for its codes from the divider, which come in beat order
         beat = data.View(joined_layout, coded.r_data)
-        divided = data.View(codes_layout(lanes), tail_codes.r_data)
+        divided = data.View(codes_layout(lanes, cfg.bits), tail_codes.r_data)
         needs_tail = beat.tail.any()
         tail_ok = ~needs_tail | tail_codes.r_rdy
         m.d.comb += [
@@ -623,6 +850,9 @@ class NF4Quantizer(wiring.Component):
         ]
         for lane in range(lanes):
             m.d.comb += self.codes.payload.data[lane].eq(Mux(beat.tail[lane], divided[lane], beat.codes[lane]))
+        if tables is not None:
+            # a tensor's table is used until its last codes leave
+            m.d.comb += tables.released.eq(self.codes.valid & self.codes.ready & beat.last)
 
         # consume the scales of the blocks this beat finished, then refill from the queue into the first free slot
         consume_two = take & head.second_ends

@@ -273,3 +273,38 @@ def test_cli_quantize_and_dequant(tmp_path, capsys):
     assert run_cli("matmul", tmp_path / "x.safetensors", tmp_path / "nf3.safetensors", tmp_path / "y.safetensors",
                    "--backend", "golden") == 2
     assert "takes NF4" in capsys.readouterr().err
+
+
+def test_cli_quantize_on_the_rtl(tmp_path):
+    weight = random_weights((6, 70), torch.bfloat16, 4)
+    save_file({"weight": weight}, tmp_path / "w.safetensors")
+    (tmp_path / "t.json").write_text(json.dumps(CUSTOM["negative2"].levels.tolist()))
+    for name, options in {"nf3": ["--bits", "3"], "negative2": ["--codebook", tmp_path / "t.json"]}.items():
+        out = tmp_path / f"{name}.safetensors"
+        assert run_cli("quantize", tmp_path / "w.safetensors", out, *options, "--lanes", "4", "-q") == 0
+        book = Codebook.nf(3) if name == "nf3" else CUSTOM[name]
+        assert same_quantized(formats.load_quantized(str(out)), codebook.quantize(weight, codebook=book))
+
+
+def test_cli_builds_and_verilog_take_the_width(tmp_path, monkeypatch, capsys):
+    import edge_qlora.boards.build as build_module
+    designs = []
+
+    def fake_build(design, board, out, **settings):
+        design._MustUse__silence = True
+        designs.append(design)
+        return {"board": board, "device": "d", "target_mhz": 100.0, "fmax_mhz": {"sync": 101.0},
+                "timing_met": True, "utilization": {}, "bitstream": "x.bit", "seed": settings["seed"], "seconds": 1.0}
+
+    monkeypatch.setattr(build_module, "build", fake_build)
+    assert run_cli("build", "--board", "ulx3s-85f", "--bits", "3", "--table", "loaded", "--out", tmp_path / "d") == 0
+    assert run_cli("build", "--board", "ulx3s-85f", "--quantizer", "--bits", "2", "--out", tmp_path / "q") == 0
+    assert [(type(d).__name__, d.config.bits, d.config.table) for d in designs] == [
+        ("NF4Dequantizer", 3, "loaded"), ("NF4Quantizer", 2, "nf")]
+    capsys.readouterr()
+    assert run_cli("build", "--board", "ulx3s-85f", "--rows", "2", "--cols", "2", "--bits", "2",
+                   "--out", tmp_path / "g") == 2
+    assert "take NF4" in capsys.readouterr().err
+    assert run_cli("verilog", "dequantizer", "--bits", "2", "--table", "loaded", "--lanes", "2",
+                   "-o", tmp_path / "d.v") == 0
+    assert "levels" in (tmp_path / "d.v").read_text()

@@ -256,20 +256,23 @@ def test_rtl_survives_non_finite_weights():
     assert np.array(absmax[3:], np.uint32).view(np.float32).tolist() == golden.absmax.tolist()
 
 
-def test_rtl_encoder_ties_and_specials():
-    # the per-lane bound comparison on its own: every bound, its float32 neighbours, both signs, the levels,
-    # random values, zeros, subnormals, infinities and NaN, against the golden model's searchsorted
-    from edge_qlora.rtl.nf4_quant import _NF4Encode
-    from edge_qlora.constants import NF4_BOUNDS
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtl_encoder_ties_and_specials(bits):
+    # the per-lane bound comparison of the NormalFloat tables on its own: every bound, its float32 neighbours, both
+    # signs, the levels, random values, zeros, subnormals, infinities and NaN, against the golden model's
+    # searchsorted
+    from edge_qlora.rtl.nf4_quant import _NFEncode, nf_bounds
+    from edge_qlora.constants import NF_CODES
 
-    bounds = np.concatenate([NF4_BOUNDS, -NF4_BOUNDS])
+    table = nf_bounds(bits)
+    bounds = np.concatenate([table, -table])
     values = np.concatenate([
-        bounds, np.nextafter(bounds, np.float32(2)), np.nextafter(bounds, np.float32(-2)), NF4_CODE, -NF4_CODE,
-        np.random.default_rng(0).uniform(-1.1, 1.1, 2000).astype(np.float32),
-        np.float32([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38, np.inf, -np.inf, np.nan]),
+        bounds, np.nextafter(bounds, np.float32(2)), np.nextafter(bounds, np.float32(-2)), NF_CODES[bits],
+        -NF_CODES[bits], np.random.default_rng(bits).uniform(-1.1, 1.1, 1000).astype(np.float32),
+        np.float32([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38, np.inf, -np.inf, np.nan, -np.nan]),
     ]).astype(np.float32)
-    expected = np.searchsorted(NF4_BOUNDS, values, side="left")
-    dut = _NF4Encode()
+    expected = np.searchsorted(table, values, side="left")
+    dut = _NFEncode(bits)
     got = []
 
     async def testbench(ctx):
@@ -295,5 +298,10 @@ def test_rtl_config_checks():
         NF4QuantConfig(blocksize=48)
     with pytest.raises(ValueError, match="in_dtype"):
         NF4QuantConfig(in_dtype="fp8")
+    for bits in (1, 5, 8, True, 4.0, "4"):
+        with pytest.raises(ValueError, match="bits"):
+            NF4QuantConfig(bits=bits)
+    with pytest.raises(ValueError, match="table"):
+        NF4QuantConfig(table="nf4")
     with pytest.raises(TypeError, match="config"):
         NF4Quantizer("bf16")
