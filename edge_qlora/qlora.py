@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .golden import gemm as gemm_model
+from .golden.codebook import quantize as quantize_any
 from .golden.nf4_dequant import dequantize
-from .golden.nf4_quant import NF4Quantized, quantize
+from .golden.nf4_quant import NF4Quantized
 from .outputs import atomic_output_files
 
 __all__ = ["QLoRALinear", "QLoRAFunction", "export_peft_adapter", "from_linear4bit"]
@@ -90,7 +91,8 @@ class QLoRALinear(torch.nn.Module):
     Parameters
     ----------
     weight : NF4Quantized [out, in]
-        The frozen base weight.
+        The frozen base weight: NF4, or with ``backend="golden"`` any code width and table
+        (:mod:`~edge_qlora.golden.codebook`; the engine multiplies by the bf16 dequantized weight either way).
     rank : int
     scaling : float
         ``lora_alpha / rank`` in PEFT's terms.
@@ -112,6 +114,9 @@ class QLoRALinear(torch.nn.Module):
             raise TypeError("weight must be a 2-D NF4Quantized")
         if backend not in ("golden", "pysim", "verilator"):
             raise ValueError(f"backend must be 'golden', 'pysim' or 'verilator', not {backend!r}")
+        if backend != "golden" and not weight.is_nf4:
+            raise ValueError(f"backend {backend!r} drives the NF4 dequantizer only; a {weight.bits}-bit "
+                             f"{'NF' if weight.codebook is None else 'code-book'} weight needs backend='golden'")
         from .rtl.gemm import GemmConfig
         self.weight = weight
         self.weight_bf16 = dequantize(weight, "bf16")
@@ -178,6 +183,8 @@ def export_peft_adapter(base_model, layers, path, rank, lora_alpha):
     return peft_model
 
 
-def quantize_linear(weight, blocksize=64, double_quant=True):
-    """NF4 form of a float weight, as bitsandbytes quantizes it."""
-    return quantize(weight, blocksize, double_quant)
+def quantize_linear(weight, blocksize=64, double_quant=True, *, bits=4, codebook=None):
+    """Quantized form of a float weight for :class:`QLoRALinear`: NF4 by default, as bitsandbytes quantizes it;
+    ``bits`` 2 or 3 (NF tables) or a ``codebook`` for the other widths (:func:`~edge_qlora.golden.codebook.quantize`).
+    """
+    return quantize_any(weight, bits, codebook, blocksize, double_quant)

@@ -147,3 +147,40 @@ def test_layer_checks():
         QLoRALinear(torch.ones(4, 4), 2)
     with pytest.raises(ValueError, match="backend"):
         QLoRALinear(quantize(torch.ones(4, 4), 64, True), 2, backend="cuda")
+
+
+def test_quantize_linear_widths():
+    from edge_qlora.golden.codebook import Codebook
+    from edge_qlora.qlora import quantize_linear
+    w = problem()[0][0]
+    old = quantize_linear(w, 64, True)          # the NF4 call as before: bitsandbytes' format
+    assert old.is_nf4 and np.array_equal(old.packed, quantize(w, 64, True).packed)
+    assert quantize_linear(w, 64, False, bits=2).bits == 2
+    table = Codebook(np.linspace(-1, 1, 8))
+    assert quantize_linear(w, codebook=table).codebook == table
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_sub4bit_weight_golden(bits):
+    """A 2- or 3-bit weight runs on the golden engine: forward and LoRA gradients as float math on its bf16
+    dequantized weight, within the engine's rounding."""
+    from edge_qlora.golden.codebook import dequantize
+    from edge_qlora.qlora import quantize_linear
+    weights, x, _ = problem(3)
+    q = quantize_linear(weights[0], bits=bits)
+    gen = torch.Generator().manual_seed(bits)
+    a, b = torch.randn(RANK, SIZES[0], generator=gen) * 0.1, torch.randn(SIZES[1], RANK, generator=gen) * 0.1
+    layer = QLoRALinear(q, RANK, ALPHA / RANK, lora_a=a, lora_b=b)
+    out = layer(x.to(torch.bfloat16))
+    out.float().square().sum().backward()
+    w = dequantize(q, "bf16").float()
+    ra, rb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    xr = x.to(torch.bfloat16).float()
+    ref = xr @ w.T + ALPHA / RANK * (xr @ ra.T) @ rb.T
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.float(), ref.detach(), rtol=0.02, atol=0.05)
+    torch.testing.assert_close(layer.lora_A.grad, ra.grad, rtol=0.03, atol=0.03 * ra.grad.abs().max().item())
+    torch.testing.assert_close(layer.lora_B.grad, rb.grad, rtol=0.03, atol=0.03 * rb.grad.abs().max().item())
+    for backend in ("pysim", "verilator"):
+        with pytest.raises(ValueError, match="NF4 dequantizer only"):
+            QLoRALinear(q, RANK, backend=backend)
