@@ -7,7 +7,8 @@ derives each one again (the code books with bitsandbytes' own float32 torch oper
 from the golden staircase model) and checks them bit for bit.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -17,6 +18,7 @@ __all__ = [
     "NF_OFFSET", "DYNAMIC_CODE", "ABSMAX_THRESHOLDS", "ABSMAX_FLOOR",
     "OPERAND_BITS", "OPERAND_FRAC", "ACC_BITS", "EXP_MIN", "MAX_LANES", "GemmNumerics",
     "HYPER_FIELDS", "TINYLLAMA_PROJECTIONS",
+    "DramTiming", "PAGE_POLICIES", "ADDRESS_MAPS", "ULX3S_SDRAM", "ECPIX5_DDR3", "DRAM_PRESETS",
 ]
 
 
@@ -272,3 +274,195 @@ TINYLLAMA_PROJECTIONS = (
     ("q_proj", 2048, 2048), ("k_proj", 2048, 256), ("v_proj", 2048, 256), ("o_proj", 2048, 2048),
     ("gate_proj", 2048, 5632), ("up_proj", 2048, 5632), ("down_proj", 5632, 2048),
 )
+
+
+# --- external memory: DRAM timing (golden/dram.py models it, rtl/dram_model.py simulates it) ----------------------
+
+PAGE_POLICIES = ("open", "closed")
+ADDRESS_MAPS = ("row-bank-col", "bank-row-col")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class DramTiming:
+    """Geometry and timing of one DRAM device (or a rank of devices on one bus) behind a controller.
+
+    All ``t*`` fields, ``cl``, ``cwl``, ``rd_to_wr`` and ``wr_to_rd`` are in controller clock cycles (use
+    :meth:`from_ns` to convert datasheet nanoseconds). ``data_rate`` is 1 for SDR and 2 for DDR; ``phy_ratio`` is
+    the number of memory clocks per controller clock (1 for an SDR PHY, 2 for a 1:2 DDR PHY, 4 for 1:4), so the
+    controller moves ``data_rate * phy_ratio`` DRAM words per cycle at peak. ``trc`` defaults to ``tras + trp``.
+    """
+    name: str
+    data_width: int            # bits of the DRAM data bus
+    clock_mhz: float           # controller clock
+    burst_length: int          # DRAM words per READ/WRITE command
+    cl: int                    # READ command to first read data
+    trcd: int
+    trp: int
+    tras: int
+    twr: int                   # end of write data to PRECHARGE
+    trfc: int
+    trefi: int
+    banks: int
+    rows: int
+    columns: int
+    trc: int = None
+    cwl: int = 0               # WRITE command to first write data (0 for SDR)
+    trtp: int = 1              # READ to PRECHARGE
+    trrd: int = 1              # ACTIVATE to ACTIVATE, different banks
+    rd_to_wr: int = None       # READ command to WRITE command; default cl + burst_cycles + 1 (one idle cycle)
+    wr_to_rd: int = None       # WRITE command to READ command; default cwl + burst_cycles
+    data_rate: int = 1
+    phy_ratio: int = 1
+    page_policy: str = "open"
+    address_map: str = "row-bank-col"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("DramTiming.name must be a non-empty string")
+        if not isinstance(self.clock_mhz, (int, float)) or isinstance(self.clock_mhz, bool) \
+                or not math.isfinite(self.clock_mhz) or self.clock_mhz <= 0:
+            raise ValueError(f"DramTiming.clock_mhz must be a positive number, not {self.clock_mhz!r}")
+        if not _is_int(self.data_width) or self.data_width < 8 or self.data_width % 8:
+            raise ValueError(f"DramTiming.data_width must be a positive multiple of 8 bits, not {self.data_width!r}")
+        if self.data_rate not in (1, 2):
+            raise ValueError(f"DramTiming.data_rate must be 1 (SDR) or 2 (DDR), not {self.data_rate!r}")
+        if self.phy_ratio not in (1, 2, 4):
+            raise ValueError(f"DramTiming.phy_ratio must be 1, 2 or 4 (memory clocks per controller clock), "
+                             f"not {self.phy_ratio!r}")
+        for f in ("banks", "rows", "columns", "burst_length"):
+            v = getattr(self, f)
+            if not _is_int(v) or v < 1 or v & (v - 1):
+                raise ValueError(f"DramTiming.{f} must be a positive power of two, not {v!r}")
+        wpc = self.data_rate * self.phy_ratio
+        if self.burst_length % wpc:
+            raise ValueError(f"DramTiming.burst_length ({self.burst_length}) must be a multiple of the words per "
+                             f"controller cycle ({wpc})")
+        if self.burst_length > self.columns:
+            raise ValueError(f"DramTiming.burst_length ({self.burst_length}) exceeds the columns ({self.columns})")
+        for f in ("cl", "trcd", "trp", "tras", "twr", "trfc", "trtp", "trrd"):
+            v = getattr(self, f)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"DramTiming.{f} must be a positive whole number of cycles, not {v!r}")
+        if not _is_int(self.cwl) or self.cwl < 0:
+            raise ValueError(f"DramTiming.cwl must be a whole number of cycles >= 0, not {self.cwl!r}")
+        if self.trc is None:
+            object.__setattr__(self, "trc", self.tras + self.trp)
+        elif not _is_int(self.trc) or self.trc < self.tras:
+            raise ValueError(f"DramTiming.trc must be a whole number of cycles >= tras ({self.tras}), "
+                             f"not {self.trc!r}")
+        if self.rd_to_wr is None:
+            object.__setattr__(self, "rd_to_wr", self.cl + self.burst_cycles + 1)
+        elif not _is_int(self.rd_to_wr) or self.rd_to_wr < 1:
+            raise ValueError(f"DramTiming.rd_to_wr must be a positive whole number of cycles, not {self.rd_to_wr!r}")
+        if self.wr_to_rd is None:
+            object.__setattr__(self, "wr_to_rd", max(1, self.cwl + self.burst_cycles))
+        elif not _is_int(self.wr_to_rd) or self.wr_to_rd < 1:
+            raise ValueError(f"DramTiming.wr_to_rd must be a positive whole number of cycles, not {self.wr_to_rd!r}")
+        refresh_cost = self.trp + self.trfc + self.trcd + 2
+        if not _is_int(self.trefi) or self.trefi <= refresh_cost:
+            raise ValueError(f"DramTiming.trefi must be a whole number of cycles > trp + trfc + trcd + 2 "
+                             f"({refresh_cost}), not {self.trefi!r}")
+        if self.page_policy not in PAGE_POLICIES:
+            raise ValueError(f"DramTiming.page_policy must be one of {', '.join(PAGE_POLICIES)}, "
+                             f"not {self.page_policy!r}")
+        if self.address_map not in ADDRESS_MAPS:
+            raise ValueError(f"DramTiming.address_map must be one of {', '.join(ADDRESS_MAPS)}, "
+                             f"not {self.address_map!r}")
+
+    # Derived quantities
+    @property
+    def word_bytes(self):
+        return self.data_width // 8
+
+    @property
+    def words_per_cycle(self):
+        return self.data_rate * self.phy_ratio
+
+    @property
+    def burst_cycles(self):
+        """Controller cycles of data bus one READ/WRITE occupies."""
+        return self.burst_length // (self.data_rate * self.phy_ratio)
+
+    @property
+    def burst_bytes(self):
+        return self.burst_length * self.word_bytes
+
+    @property
+    def row_bytes(self):
+        return self.columns * self.word_bytes
+
+    @property
+    def capacity_bytes(self):
+        return self.banks * self.rows * self.row_bytes
+
+    @property
+    def peak_bytes_per_cycle(self):
+        return self.word_bytes * self.words_per_cycle
+
+    @property
+    def peak_gbps(self):
+        """Peak bandwidth in GB/s (10**9 bytes per second)."""
+        return self.peak_bytes_per_cycle * self.clock_mhz * 1e6 / 1e9
+
+    @classmethod
+    def from_ns(cls, *, clock_mhz, trcd, trp, tras, twr, trfc, trefi, trc=None, trtp=None, trrd=None, **kw):
+        """Build from datasheet times. Each time is nanoseconds, or ``(n_ck, ns)`` meaning max(n_ck memory clocks,
+        ns). Minimum times round up to whole controller cycles; ``trefi`` (a maximum) rounds down. Everything else
+        (``cl``, ``cwl``, turnarounds, geometry, ...) passes through in controller cycles."""
+        phy_ratio = kw.get("phy_ratio", 1)
+        if not isinstance(clock_mhz, (int, float)) or isinstance(clock_mhz, bool) or not clock_mhz > 0:
+            raise ValueError(f"DramTiming.clock_mhz must be a positive number, not {clock_mhz!r}")
+
+        def cyc(name, v):
+            nck, ns = v if isinstance(v, tuple) else (0, v)
+            if not isinstance(ns, (int, float)) or isinstance(ns, bool) or not ns > 0 or not math.isfinite(ns):
+                raise ValueError(f"DramTiming.{name} must be a positive time in ns, not {ns!r}")
+            return max(-(-nck // phy_ratio), math.ceil(ns * clock_mhz / 1000 - 1e-9))
+
+        args = dict(trcd=cyc("trcd", trcd), trp=cyc("trp", trp), tras=cyc("tras", tras), twr=cyc("twr", twr),
+                    trfc=cyc("trfc", trfc))
+        if trc is not None:
+            args["trc"] = cyc("trc", trc)
+        if trtp is not None:
+            args["trtp"] = cyc("trtp", trtp)
+        if trrd is not None:
+            args["trrd"] = cyc("trrd", trrd)
+        if not isinstance(trefi, (int, float)) or isinstance(trefi, bool) or not trefi > 0:
+            raise ValueError(f"DramTiming.trefi must be a positive time in ns, not {trefi!r}")
+        args["trefi"] = math.floor(trefi * clock_mhz / 1000 + 1e-9)
+        return cls(clock_mhz=clock_mhz, **args, **kw)
+
+    def describe(self):
+        """One line per parameter: for docs and --help."""
+        return "\n".join(f"{f.name} = {getattr(self, f.name)}" for f in fields(self))
+
+
+# ULX3S: 32 MB of 16-bit SDR SDRAM, IS42S16160J-7 (ISSI) or AS4C16M16SA (Alliance) as fitted. 4 banks x 8192 rows x
+# 512 columns x 16 bit. At 100 MHz (10 ns) CAS latency 2 is allowed (both parts' CL2 minimum tCK is <= 10 ns), and
+# it is the CAS latency of LiteDRAM's GENSDRPHY. Datasheet (IS42S16160J, -7 grade): tRCD 15 ns, tRP 15 ns, tRAS 42 ns,
+# tRC 60 ns, tWR (tDPL) 14 ns, tRRD 14 ns, auto-refresh period tRFC 60 ns, 8192 refreshes per 64 ms (7.8125 us).
+# Burst length 1 with one column command per cycle (as LiteDRAM's SDR controller), so any length streams gaplessly.
+ULX3S_SDRAM = DramTiming.from_ns(
+    name="ulx3s-sdram", data_width=16, clock_mhz=100, burst_length=1, cl=2,
+    trcd=15, trp=15, tras=42, trc=60, twr=14, trrd=14, trfc=60, trefi=64e6 / 8192,
+    banks=4, rows=8192, columns=512)
+
+# ECPIX-5 (85F): one 16-bit DDR3L device, Micron MT41K256M16TW-107 (4 Gb: 8 banks x 32768 rows x 1024 columns x
+# 16 bit, 512 MB; amaranth-boards' ecpix5 has 15 address, 3 bank and 16 DQ pins), behind LiteDRAM's ECP5DDRPHY:
+# 1:2, controller 100 MHz, DDR3 clock 200 MHz, 400 MT/s, BL8 = 2 controller cycles per burst. At this clock
+# the PHY programs CL 6, CWL 5 memory clocks (3 and 3 controller cycles, rounded up). Datasheet (-107 grade,
+# DDR3L-1866): tRCD = tRP = 13.91 ns, tRAS 34 ns, tRC 47.91 ns, tWR 15 ns, tRTP = tWTR = max(4 nCK, 7.5 ns),
+# tRRD = max(4 nCK, 10 ns) (2 KB page), tRFC 260 ns (4 Gb), tREFI 7.8 us (<= 85 C). Turnarounds from the JEDEC
+# rules in memory clocks, then rounded up: READ->WRITE = CL + tCCD + 2 - CWL = 7 nCK -> 4; WRITE->READ =
+# CWL + BL/2 + tWTR = 13 nCK -> 7.
+ECPIX5_DDR3 = DramTiming.from_ns(
+    name="ecpix5-ddr3", data_width=16, clock_mhz=100, burst_length=8, data_rate=2, phy_ratio=2, cl=3, cwl=3,
+    trcd=13.91, trp=13.91, tras=34, trc=47.91, twr=15, trtp=(4, 7.5), trrd=(4, 10), trfc=260, trefi=7800,
+    rd_to_wr=4, wr_to_rd=7, banks=8, rows=32768, columns=1024)
+
+#: The DRAM presets by name.
+DRAM_PRESETS = {t.name: t for t in (ULX3S_SDRAM, ECPIX5_DDR3)}

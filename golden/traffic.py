@@ -28,15 +28,15 @@ Three dataflows (``docs/traffic.md`` explains them):
 * :func:`blocked`: an I/O-aware schedule that keeps token blocks of x (or dy) on chip and streams each weight tile
   once per block; the best block sizes, sweep order and gradient handling an on-chip buffer budget allows.
 
-Everything here is integer byte counts from the shapes (numpy only). :func:`compute_cycles` (the step's cycle
-model, ``sim.lora.step_cycles``) imports the RTL configuration lazily.
+Everything here is integer byte counts from the shapes (numpy only). The step's compute cycles (the cycle model,
+``sim.lora.step_cycles``) are the caller's: ``scripts/traffic_table.py`` takes them from there.
 """
 
 from dataclasses import dataclass, field
 
 __all__ = ["StepShape", "Traffic", "TODAY_PHASES", "DEFAULT_BUFFER_BYTES", "ULX3S_SDRAM_BYTES_PER_S",
            "ECPIX5_DDR3_BYTES_PER_S", "DEFAULT_EFFICIENCY", "CLOCK_HZ", "nf4_bytes", "today", "lower_bound",
-           "blocked", "compute_cycles", "macs", "memory_seconds", "roofline_point"]
+           "blocked", "macs", "memory_seconds", "roofline_point"]
 
 #: On-chip buffer budget of the blocked dataflow: 256 KiB of the ECP5-85F's 479,232 bytes of block RAM (114 of 208
 #: DP16KD), leaving 94 DP16KD for the GEMM engine (53 in the 8x8 build, with its weight and activation tiles), the
@@ -331,14 +331,6 @@ def blocked(shape, buffer_bytes=DEFAULT_BUFFER_BYTES):
 def macs(shape):
     """Multiply-accumulates of one step: the two base products and the six rank-r products."""
     return 2 * shape.t * shape.d_in * shape.d_out + 3 * shape.t * shape.r * (shape.d_in + shape.d_out)
-
-
-def compute_cycles(shape, cols=8):
-    """Cycles of the step on a ``rows`` x ``cols`` array from the step's validated cycle model
-    (``sim.lora.step_cycles``: the GEMM engine's model per phase, the loads and the update); memory never stalls
-    in it. Imports the RTL configuration (Amaranth) on first use."""
-    from ..sim.lora import step_cycles
-    return sum(step_cycles(shape.t, shape.d_in, shape.d_out, shape.r, shape.rows, cols, shape.optimizer).values())
 
 
 def memory_seconds(traffic_bytes, bytes_per_s=ULX3S_SDRAM_BYTES_PER_S, efficiency=DEFAULT_EFFICIENCY):

@@ -1,0 +1,345 @@
+"""The external-memory port: burst requests and their data as streams, and the two movers that use it (twin of
+the job descriptor: ``golden/memmap.py``; protocol: ``docs/memory-map.md``).
+
+The step accelerator reaches external memory (the ULX3S's 16-bit SDR SDRAM, a DDR3 controller's wider user port,
+or a testbench's memory) through one port of four streams, seen from the accelerator:
+
+* ``read_cmd`` (out): a burst read request, :func:`request_layout`: a **byte** address and a length in **beats**
+  (words of ``data_width`` bits), 1 to ``max_burst``.
+* ``read_data`` (in): the words of the read bursts, in request order, ``last`` on each burst's final beat.
+* ``write_cmd`` (out): a burst write request, the same layout.
+* ``write_data`` (out): the words of the write bursts, in request order, ``last`` on each burst's final beat. A
+  burst's data never leads its command: the memory side may take a command, then its beats.
+
+Addresses are in bytes so that a job descriptor (``golden/memmap.py``) means the same on a 16-bit and a 128-bit bus;
+a request's address is word-aligned (its low ``log2(data_width / 8)`` bits are zero). A request never crosses a
+multiple of ``boundary`` bytes (a DRAM row: one row activation per burst) and is never longer than ``max_burst``.
+Bytes are little-endian within a word: byte ``address + i`` is bits ``8 i .. 8 i + 7`` of the word.
+
+:class:`BurstReader` turns a (base, bytes) job into such requests and forwards the returned words as one stream with
+``last`` on the job's final word; :class:`BurstWriter` does the same for writes.
+"""
+
+from dataclasses import dataclass
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["MemPortConfig", "ULX3S_SDRAM_PORT", "request_layout", "beat_layout", "job_layout", "MemPortSignature",
+           "BurstReader", "BurstWriter", "split_bursts"]
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _power_of_two(value):
+    return _is_int(value) and value >= 1 and value & (value - 1) == 0
+
+
+@dataclass(frozen=True)
+class MemPortConfig:
+    """Shape of an external-memory port.
+
+    Parameters
+    ----------
+    address_width : int
+        Bits of a byte address: 25 for the ULX3S's 32 MB.
+    data_width : int
+        Bits of a data word, a power of two from 8: 16 for the ULX3S's SDRAM bus, wider for an internal bus.
+    max_burst : int
+        Most beats in one request.
+    boundary : int
+        Bytes, a power of two at least a word: no request crosses a multiple of it (a DRAM row: 1024 bytes on the
+        ULX3S, 512 columns of 16 bits). At most ``2 ** address_width``.
+    """
+
+    address_width: int = 25
+    data_width: int = 16
+    max_burst: int = 64
+    boundary: int = 1024
+
+    def __post_init__(self):
+        if not _is_int(self.address_width) or not 4 <= self.address_width <= 48:
+            raise ValueError(f"MemPortConfig.address_width must be an integer from 4 to 48, not {self.address_width!r}")
+        if not _power_of_two(self.data_width) or self.data_width < 8:
+            raise ValueError(f"MemPortConfig.data_width must be a power of two from 8 bits, not {self.data_width!r}")
+        if not _is_int(self.max_burst) or self.max_burst < 1:
+            raise ValueError(f"MemPortConfig.max_burst must be a positive integer, not {self.max_burst!r}")
+        if not _power_of_two(self.boundary) or self.boundary < self.word_bytes:
+            raise ValueError(f"MemPortConfig.boundary must be a power of two of at least one word "
+                             f"({self.word_bytes} bytes), not {self.boundary!r}")
+        if self.boundary > 1 << self.address_width:
+            raise ValueError(f"MemPortConfig.boundary ({self.boundary}) exceeds the address space "
+                             f"(2 ** {self.address_width} bytes)")
+
+    @property
+    def word_bytes(self):
+        return self.data_width // 8
+
+    @property
+    def word_shift(self):
+        """log2 of :attr:`word_bytes`: a byte address shifted right by it is a word address."""
+        return self.word_bytes.bit_length() - 1
+
+    @property
+    def capacity(self):
+        """Bytes the address reaches."""
+        return 1 << self.address_width
+
+
+#: The ULX3S's SDRAM: 32 MB, 16-bit words, rows of 1024 bytes.
+ULX3S_SDRAM_PORT = MemPortConfig()
+
+
+def request_layout(config):
+    """A burst request: ``address`` in bytes (word-aligned), ``length`` in beats (1 to ``max_burst``)."""
+    return data.StructLayout({"address": unsigned(config.address_width),
+                              "length": unsigned(config.max_burst.bit_length())})
+
+
+def beat_layout(config):
+    """A data beat: one word and ``last`` (a burst's final beat on the port; a job's final beat out of a mover)."""
+    return data.StructLayout({"data": unsigned(config.data_width), "last": 1})
+
+
+def job_layout(config):
+    """A mover's job: ``address`` in bytes (its low bits, below a word, are ignored) and ``bytes``, rounded up to
+    whole words (a job of 0 bytes moves nothing)."""
+    return data.StructLayout({"address": unsigned(config.address_width),
+                              "bytes": unsigned(config.address_width + 1)})
+
+
+class MemPortSignature(wiring.Signature):
+    """The external-memory port as seen from the accelerator (``.flip()`` for the memory side).
+
+    Members
+    -------
+    read_cmd : Out(stream of :func:`request_layout`)
+    read_data : In(stream of :func:`beat_layout`)
+    write_cmd : Out(stream of :func:`request_layout`)
+    write_data : Out(stream of :func:`beat_layout`)
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, MemPortConfig):
+            raise TypeError(f"config must be a MemPortConfig, not {config!r}")
+        self.config = config
+        super().__init__({
+            "read_cmd": Out(stream.Signature(request_layout(config))),
+            "read_data": In(stream.Signature(beat_layout(config))),
+            "write_cmd": Out(stream.Signature(request_layout(config))),
+            "write_data": Out(stream.Signature(beat_layout(config))),
+        })
+
+    def __eq__(self, other):
+        return type(other) is MemPortSignature and other.config == self.config
+
+    def __hash__(self):
+        return hash((MemPortSignature, self.config))
+
+    def __repr__(self):
+        return f"MemPortSignature({self.config!r})"
+
+
+def split_bursts(config, address, size):
+    """The requests a mover issues for a job, as ``(address, length)`` pairs: the Python statement of the split
+    (tests and the cycle model use it)."""
+    if size <= 0:
+        return []
+    address &= ~(config.word_bytes - 1)
+    words = -(-size // config.word_bytes)
+    bursts = []
+    while words:
+        to_boundary = (config.boundary - address % config.boundary) // config.word_bytes
+        length = min(words, config.max_burst, to_boundary)
+        bursts.append((address, length))
+        address += length * config.word_bytes
+        words -= length
+    return bursts
+
+
+class _Splitter:
+    """The registers and logic that cut a job into requests, shared by the reader and the writer (plain logic in
+    the mover's own module: no level of hierarchy)."""
+
+    def __init__(self, config):
+        self.config = config
+        words_bits = config.address_width + 2 - config.word_shift
+        self.address = Signal(config.address_width)
+        self.words_left = Signal(words_bits)
+        self.length = Signal(config.max_burst.bit_length())   # of the next request, from registers
+
+    def job_words(self, job):
+        shift = self.config.word_shift
+        return ((job.bytes + (self.config.word_bytes - 1)) >> shift)[:len(self.words_left)]
+
+    def elaborate(self, m):
+        config, shift = self.config, self.config.word_shift
+        boundary_words = config.boundary // config.word_bytes
+        row_bits = boundary_words.bit_length() - 1
+        to_boundary = Signal(range(boundary_words + 1))
+        m.d.comb += to_boundary.eq(boundary_words - self.address[shift:shift + row_bits] if row_bits else 1)
+        capped = Signal.like(self.length)
+        m.d.comb += capped.eq(Mux(self.words_left < config.max_burst, self.words_left, config.max_burst))
+        m.d.comb += self.length.eq(Mux(to_boundary < capped, to_boundary, capped))
+
+    def start(self, m, job, words):
+        shift = self.config.word_shift
+        m.d.sync += [self.address.eq(job.address >> shift << shift), self.words_left.eq(words)]
+
+    def advance(self, m):
+        m.d.sync += [self.address.eq(self.address + (self.length << self.config.word_shift)),
+                     self.words_left.eq(self.words_left - self.length)]
+
+
+class BurstReader(wiring.Component):
+    """Read jobs: each (address, bytes) job becomes burst read requests, and its words come out as one stream.
+
+    Requests run ahead of the data: up to ``jobs_in_flight`` jobs may have requests out whose words have not all
+    come back. The words pass through without a register (``read_data.ready`` is ``data.ready`` while a job's
+    words are expected).
+
+    Parameters
+    ----------
+    config : MemPortConfig
+    jobs_in_flight : int
+        Jobs whose word counts are queued between the request side and the data side.
+
+    Attributes
+    ----------
+    job : In(stream of :func:`job_layout`)
+    read_cmd : Out(stream of :func:`request_layout`), to the port's ``read_cmd``
+    read_data : In(stream of :func:`beat_layout`), from the port's ``read_data`` (its ``last`` is not needed)
+    data : Out(stream of :func:`beat_layout`), ``last`` on each job's final word
+    """
+
+    def __init__(self, config, jobs_in_flight=4):
+        if not isinstance(config, MemPortConfig):
+            raise TypeError(f"config must be a MemPortConfig, not {config!r}")
+        if not _is_int(jobs_in_flight) or jobs_in_flight < 1:
+            raise ValueError(f"jobs_in_flight must be a positive integer, not {jobs_in_flight!r}")
+        self.config, self.jobs_in_flight = config, jobs_in_flight
+        super().__init__({
+            "job": In(stream.Signature(job_layout(config))),
+            "read_cmd": Out(stream.Signature(request_layout(config))),
+            "read_data": In(stream.Signature(beat_layout(config))),
+            "data": Out(stream.Signature(beat_layout(config))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        split = _Splitter(self.config)
+        split.elaborate(m)
+        busy = Signal()                             # requests of the current job still to issue
+        remaining = Signal.like(split.words_left)   # words of the job being returned still to forward
+
+        # each job's word count goes to the data side through a queue, so requests may run ahead of the data
+        m.submodules.counts = counts = SyncFIFOBuffered(width=len(split.words_left), depth=self.jobs_in_flight)
+        job = self.job.payload
+        words = split.job_words(job)
+        m.d.comb += [
+            self.job.ready.eq(~busy & counts.w_stream.ready),
+            counts.w_stream.valid.eq(self.job.valid & ~busy & (words != 0)),
+            counts.w_stream.payload.eq(words),
+        ]
+        with m.If(self.job.valid & self.job.ready & (words != 0)):
+            split.start(m, job, words)
+            m.d.sync += busy.eq(1)
+
+        m.d.comb += [
+            self.read_cmd.valid.eq(busy),
+            self.read_cmd.payload.address.eq(split.address),
+            self.read_cmd.payload.length.eq(split.length),
+        ]
+        with m.If(self.read_cmd.valid & self.read_cmd.ready):
+            split.advance(m)
+            m.d.sync += busy.eq(split.words_left != split.length)
+
+        # data side: forward the words of the job at the head of the queue, `last` on its final word
+        active = remaining != 0
+        final = remaining == 1
+        beat = Signal()
+        m.d.comb += [
+            self.data.valid.eq(self.read_data.valid & active),
+            self.read_data.ready.eq(self.data.ready & active),
+            self.data.payload.data.eq(self.read_data.payload.data),
+            self.data.payload.last.eq(final),
+            beat.eq(self.data.valid & self.data.ready),
+            counts.r_stream.ready.eq(~active | (beat & final)),
+        ]
+        with m.If(beat):
+            m.d.sync += remaining.eq(remaining - 1)
+        with m.If(counts.r_stream.valid & counts.r_stream.ready):
+            m.d.sync += remaining.eq(counts.r_stream.payload)
+        return m
+
+
+class BurstWriter(wiring.Component):
+    """Write jobs: each (address, bytes) job becomes burst write requests, each followed by its words from ``data``.
+
+    The job says how many words it takes (``ceil(bytes / word_bytes)``); ``data`` carries just the words. A
+    burst's command is issued before its data, one burst at a time; the next job is taken once the previous one's
+    final word has gone out.
+
+    Parameters
+    ----------
+    config : MemPortConfig
+
+    Attributes
+    ----------
+    job : In(stream of :func:`job_layout`)
+    data : In(stream of ``unsigned(data_width)``)
+    write_cmd : Out(stream of :func:`request_layout`), to the port's ``write_cmd``
+    write_data : Out(stream of :func:`beat_layout`), to the port's ``write_data``, ``last`` on each burst's end
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, MemPortConfig):
+            raise TypeError(f"config must be a MemPortConfig, not {config!r}")
+        self.config = config
+        super().__init__({
+            "job": In(stream.Signature(job_layout(config))),
+            "data": In(stream.Signature(unsigned(config.data_width))),
+            "write_cmd": Out(stream.Signature(request_layout(config))),
+            "write_data": Out(stream.Signature(beat_layout(config))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        split = _Splitter(self.config)
+        split.elaborate(m)
+        busy = Signal()                         # the job's final word has not gone out yet
+        burst_left = Signal.like(split.length)  # words of the issued burst still to send
+
+        job = self.job.payload
+        words = split.job_words(job)
+        m.d.comb += self.job.ready.eq(~busy)
+        with m.If(self.job.valid & self.job.ready & (words != 0)):
+            split.start(m, job, words)
+            m.d.sync += busy.eq(1)
+
+        in_burst = burst_left != 0
+        m.d.comb += [
+            self.write_cmd.valid.eq(busy & ~in_burst),
+            self.write_cmd.payload.address.eq(split.address),
+            self.write_cmd.payload.length.eq(split.length),
+        ]
+        with m.If(self.write_cmd.valid & self.write_cmd.ready):
+            split.advance(m)
+            m.d.sync += burst_left.eq(split.length)
+
+        final = burst_left == 1
+        m.d.comb += [
+            self.write_data.valid.eq(self.data.valid & in_burst),
+            self.data.ready.eq(self.write_data.ready & in_burst),
+            self.write_data.payload.data.eq(self.data.payload),
+            self.write_data.payload.last.eq(final),
+        ]
+        with m.If(self.write_data.valid & self.write_data.ready):
+            m.d.sync += burst_left.eq(burst_left - 1)
+            with m.If(final & (split.words_left == 0)):
+                m.d.sync += busy.eq(0)
+        return m
