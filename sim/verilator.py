@@ -369,19 +369,19 @@ LAST_RUN = {}
 
 
 def _execute(binary, config, progress, total):
-    process = subprocess.Popen([str(binary), str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
     cycles = None
-    for line in process.stdout:
-        word = line.split()
-        if word and word[0] == "progress" and progress:
-            progress(int(word[2]), total)
-        elif word and word[0] == "cycles":
-            cycles = int(word[1])
-        elif word and word[0] == "seconds":
-            LAST_RUN["seconds"] = float(word[1])
-    error = process.stderr.read()
-    if process.wait() != 0 or cycles is None:
+    with subprocess.Popen([str(binary), str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:   # the pipes are closed on the way out, however it ends
+        for line in process.stdout:
+            word = line.split()
+            if word and word[0] == "progress" and progress:
+                progress(int(word[2]), total)
+            elif word and word[0] == "cycles":
+                cycles = int(word[1])
+            elif word and word[0] == "seconds":
+                LAST_RUN["seconds"] = float(word[1])
+        error = process.stderr.read()
+    if process.returncode != 0 or cycles is None:
         raise RuntimeError(f"Verilator model failed: {error.strip().splitlines()[-1:] or process.returncode}")
     if progress:
         progress(total, total)

@@ -184,9 +184,16 @@ def with_ray():
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e \".[sweep]\")")
 
 
+def _restore_sigint():
+    # a test run started in the background of a non-interactive shell ignores SIGINT, and a child inherits that:
+    # the sweep must see Ctrl-C as a terminal would deliver it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _sweep(spec, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "edge_qlora.cli", "sweep", str(spec), "--out", str(out), "-q",
-                             *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_restore_sigint)
 
 
 def _pids(folder, timeout=120):
