@@ -15,7 +15,7 @@ import sys
 import time
 
 from .constants import CODE_BITS, TINYLLAMA_PROJECTIONS
-from .progress import progress_bar as _progress_bar, show_progress as _show_progress
+from .cli_shared import blocksize as _blocksize, progress_bar as _progress_bar, show_progress as _show_progress
 
 __all__ = ["main"]
 
@@ -62,16 +62,6 @@ def _side(name):
         return value
     return parse
 
-
-def _blocksize(text):
-    from .constants import BLOCKSIZES
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value not in BLOCKSIZES:
-        raise argparse.ArgumentTypeError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, not {text}")
-    return value
 
 
 def _parser():

@@ -36,6 +36,7 @@ from decimal import Decimal, DecimalException
 
 import numpy as np
 
+from .cli_shared import blocksize as _blocksize_option
 from .constants import BLOCKSIZES, CODE_BITS
 
 __all__ = ["Matrix", "Source", "Plan", "parse_budget", "parse_bits", "model_source", "checkpoint_source",
@@ -643,7 +644,7 @@ def add_plan_parser(command):
                              "required)")
     parser.add_argument("--bits", type=_argtype(parse_bits), default=CODE_BITS, metavar="2,3,4",
                         help="code widths allowed, separated by commas (default: 2,3,4)")
-    parser.add_argument("--blocksize", type=_argtype(_blocksize), default=64, help="weights per absmax block")
+    parser.add_argument("--blocksize", type=_blocksize_option, default=64, help="weights per absmax block")
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                         help="quantize the absmax to 8 bits as bitsandbytes does (default: on)")
     parser.add_argument("--sample-rows", type=_argtype(_sample_rows), default="auto", metavar="N",
@@ -655,18 +656,8 @@ def add_plan_parser(command):
     return parser
 
 
-def _blocksize(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, not {text}")
-    return value
-
-
 def _with_progress(args, desc, unit, run):
-    from .progress import progress_bar
+    from .cli_shared import progress_bar
 
     bar, update = progress_bar(args, None, desc, unit=unit)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..constants import BLOCKSIZES, CODE_BITS, NF_CODES, NF_OFFSET
-from . import absmax_quant, nf4_quant
+from ..constants import CODE_BITS, NF_CODES, NF_OFFSET
+from . import nf4_quant
 from .nf4_dequant import dequantize as _dequantize
 from .nf4_quant import NF4Quantized, pack_codes, packed_bytes, unpack_codes
 
@@ -158,28 +158,8 @@ def quantize(weight, bits=4, codebook=None, blocksize=64, double_quant=True):
         codebook = Codebook.nf(bits)
     if not isinstance(codebook, Codebook):
         raise TypeError(f"codebook must be a Codebook, not {codebook!r}")
-    if codebook.name == "nf4":
-        return nf4_quant.quantize(weight, blocksize, double_quant)
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {blocksize}")
-    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
-        weight.dtype if isinstance(weight, torch.Tensor) else torch.float32)
-    if dtype is None:
-        raise ValueError(f"weight dtype must be float32, float16 or bfloat16, not {weight.dtype}")
-    shape = tuple(weight.shape)
-    values = nf4_quant._as_float32(weight)
-    if values.size == 0:
-        raise ValueError("weight is empty")
-    nf4_quant.check_finite(values)
-    absmax = nf4_quant.block_absmax(values, blocksize)
-    codes = nf4_quant.encode(values, absmax, blocksize, codebook.bounds)
-    packed = pack_codes(codes, codebook.bits, codebook.pad_code)
-    extra = {"bits": codebook.bits, "codebook": None if codebook.name.startswith("nf") else codebook}
-    if not double_quant:
-        return NF4Quantized(packed, absmax, shape, dtype, blocksize, **extra)
-    offset = nf4_quant.mean(absmax)
-    scale_codes, absmax2 = absmax_quant.quantize(absmax, offset)
-    return NF4Quantized(packed, scale_codes, shape, dtype, blocksize, offset, absmax2, **extra)
+    # NF4 is bitsandbytes' own path; the other tables take the same arithmetic with their bounds and width
+    return nf4_quant.quantize(weight, blocksize, double_quant, table=None if codebook.name == "nf4" else codebook)
 
 
 def dequantize(q, dtype="bf16"):

@@ -153,7 +153,7 @@ def check_finite(values, what="weight"):
                          "NF4 cannot represent them")
 
 
-def quantize(weight, blocksize=64, double_quant=True):
+def quantize(weight, blocksize=64, double_quant=True, *, table=None):
     """Quantize a weight to NF4 exactly as ``bitsandbytes.functional.quantize_4bit`` does on the CPU.
 
     Parameters
@@ -163,6 +163,9 @@ def quantize(weight, blocksize=64, double_quant=True):
         One of 32, 64, ..., 4096.
     double_quant : bool
         Quantize the absmax values again (``compress_statistics=True``), as QLoRA does.
+    table : Codebook, optional
+        Another code book (:mod:`.codebook`, whose ``quantize`` passes it): the same arithmetic with its bounds,
+        packed at its width. None is NF4.
 
     Returns
     -------
@@ -180,12 +183,16 @@ def quantize(weight, blocksize=64, double_quant=True):
         raise ValueError("weight is empty")
     check_finite(values)
     absmax = block_absmax(values, blocksize)
-    packed = pack_nibbles(encode(values, absmax, blocksize))
+    if table is None:
+        packed, extra = pack_nibbles(encode(values, absmax, blocksize)), {}
+    else:
+        packed = pack_codes(encode(values, absmax, blocksize, table.bounds), table.bits, table.pad_code)
+        extra = {"bits": table.bits, "codebook": None if table.name.startswith("nf") else table}
     if not double_quant:
-        return NF4Quantized(packed, absmax, shape, dtype, blocksize)
+        return NF4Quantized(packed, absmax, shape, dtype, blocksize, **extra)
     offset = mean(absmax)
     codes, absmax2 = absmax_quant.quantize(absmax, offset)
-    return NF4Quantized(packed, codes, shape, dtype, blocksize, offset, absmax2)
+    return NF4Quantized(packed, codes, shape, dtype, blocksize, offset, absmax2, **extra)
 
 
 def mean(absmax):
