@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from .constants import CODE_BITS, TINYLLAMA_PROJECTIONS
+from .constants import CODE_BITS, DRAM_PRESETS, TINYLLAMA_PROJECTIONS
 from .cli_shared import blocksize as _blocksize, progress_bar as _progress_bar, show_progress as _show_progress
 
 __all__ = ["main"]
@@ -198,6 +198,10 @@ def _parser():
     build.add_argument("--lora", action="store_true",
                        help="build the full step accelerator (dequantizer, GEMM engine, LoRA datapath, optimizer, "
                             "controller) on a --rows x --cols array")
+    build.add_argument("--memory", choices=MEMORIES, default=None,
+                       help="--lora: the step fed through an external-memory port shaped for this DRAM (driven by the "
+                            "board wrapper like every other port: no DRAM controller yet) (default: the step with "
+                            "its tensors as streams)")
     build.add_argument("--max-t", type=int, default=16, help="--lora: most tokens per step")
     build.add_argument("--max-in", type=int, default=64, help="--lora: largest in_features")
     build.add_argument("--max-out", type=int, default=64, help="--lora: largest out_features")
@@ -417,6 +421,8 @@ def _positive(name):
     return parse
 
 
+#: --memory: the DRAM presets (edge_qlora.constants).
+MEMORIES = tuple(DRAM_PRESETS)
 BACKENDS = ("golden", "pysim", "verilator")
 VERILOG_UNITS = ("dequantizer", "quantizer", "absmax-quantizer", "gemm", "step")
 
@@ -618,6 +624,8 @@ def _build(args):
         raise BuildError("--rows and --cols go together (they select the GEMM engine)")
     if args.lora and args.rows is None:
         raise BuildError("--lora needs --rows and --cols (the GEMM engine's array)")
+    if args.memory and not args.lora:
+        raise BuildError("--memory goes with --lora (it builds the step accelerator behind a memory port)")
     if args.out is None and not os.path.exists("build"):
         try:
             os.mkdir("build")  # the default folder's parent, in a fresh working folder
@@ -654,6 +662,15 @@ def _build(args):
         design = LoraStep(config)
         what = (f"LoraStep({args.rows}x{args.cols} array, T<={args.max_t}, in<={args.max_in}, "
                 f"out<={args.max_out}, rank<={args.max_rank}, {args.optimizer}, NF4 blocksize {args.blocksize})")
+        if args.memory:
+            from .rtl.lora.memstep import MemStep, MemStepConfig
+            from .rtl.memport import port_for
+            design._MustUse__silence = True     # replaced by the step behind the port: never elaborated alone
+            try:
+                design = MemStep(MemStepConfig(step=config, port=port_for(DRAM_PRESETS[args.memory])))
+            except ValueError as error:
+                raise BuildError(f"--memory: {error}") from None
+            what = f"MemStep({args.memory} port) around {what}"
     elif args.rows is not None:
         from .rtl.gemm import GemmConfig, GemmEngine
         if not 16 <= args.max_k <= 1 << 16:

@@ -27,7 +27,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["MemPortConfig", "ULX3S_SDRAM_PORT", "request_layout", "beat_layout", "job_layout", "MemPortSignature",
+__all__ = ["TaggedReader", "tagged_job_layout", "port_for", "MemPortConfig", "ULX3S_SDRAM_PORT", "request_layout", "beat_layout", "job_layout", "MemPortSignature",
            "BurstReader", "BurstWriter", "split_bursts"]
 
 
@@ -88,6 +88,14 @@ class MemPortConfig:
     def capacity(self):
         """Bytes the address reaches."""
         return 1 << self.address_width
+
+
+def port_for(timing, max_burst=64):
+    """The port a DRAM (a ``DramTiming``) gets: the data of one controller cycle a word (16 bits for the ULX3S's
+    SDR SDRAM, 64 for the ECPIX-5's DDR3 behind a 1:2 PHY), its capacity addressed, its rows the boundary."""
+    return MemPortConfig(address_width=(timing.capacity_bytes - 1).bit_length(),
+                         data_width=timing.data_width * timing.words_per_cycle, max_burst=max_burst,
+                         boundary=timing.row_bytes)
 
 
 #: The ULX3S's SDRAM: 32 MB, 16-bit words, rows of 1024 bytes.
@@ -342,4 +350,118 @@ class BurstWriter(wiring.Component):
             m.d.sync += burst_left.eq(burst_left - 1)
             with m.If(final & (split.words_left == 0)):
                 m.d.sync += busy.eq(0)
+        return m
+
+
+def tagged_job_layout(config, destinations):
+    """A :class:`TaggedReader` job: :func:`job_layout` and the index of the destination its words go to."""
+    return data.StructLayout({"address": unsigned(config.address_width),
+                              "bytes": unsigned(config.address_width + 1),
+                              "dest": unsigned(max(1, (destinations - 1).bit_length()))})
+
+
+class TaggedReader(wiring.Component):
+    """Read jobs for several destinations over one port, without head-of-line blocking.
+
+    Each job names a destination; its bursts' words go to that destination's FIFO. A burst is requested only when
+    its destination's FIFO has room for all of its words beyond what earlier requests have reserved, so the
+    port's in-order read data never waits for a consumer, and a consumer that waits for a later destination's
+    words cannot block the words it waits for. Words that cross a FIFO are counted per destination.
+
+    Parameters
+    ----------
+    config : MemPortConfig
+    depths : tuple of int
+        Words of each destination's FIFO, each at least ``config.max_burst``.
+    bursts_in_flight : int
+        Requests whose words have not all come back.
+
+    Attributes
+    ----------
+    job : In(stream of :func:`tagged_job_layout`)
+    read_cmd : Out(stream of :func:`request_layout`), to the port's ``read_cmd``
+    read_data : In(stream of :func:`beat_layout`), from the port's ``read_data`` (``last`` on each burst's end)
+    dest : Out(stream of ``unsigned(data_width)``), an array of ``len(depths)``
+    words : Out(48), an array of ``len(depths)``: words delivered to each destination so far
+    starved : Out(1)
+        A burst is ready to be requested but its destination has no room: the memory waits for the consumer.
+    idle : Out(1)
+        No job is being split and no requested word is outstanding.
+    """
+
+    def __init__(self, config, depths, bursts_in_flight=8):
+        if not isinstance(config, MemPortConfig):
+            raise TypeError(f"config must be a MemPortConfig, not {config!r}")
+        depths = tuple(depths)
+        if not depths or not all(_is_int(d) and d >= config.max_burst for d in depths):
+            raise ValueError(f"depths must be one or more FIFO depths of at least max_burst ({config.max_burst}) "
+                             f"words, not {depths!r}")
+        if not _is_int(bursts_in_flight) or bursts_in_flight < 1:
+            raise ValueError(f"bursts_in_flight must be a positive integer, not {bursts_in_flight!r}")
+        self.config, self.depths, self.bursts_in_flight = config, depths, bursts_in_flight
+        n = len(depths)
+        super().__init__({
+            "job": In(stream.Signature(tagged_job_layout(config, n))),
+            "read_cmd": Out(stream.Signature(request_layout(config))),
+            "read_data": In(stream.Signature(beat_layout(config))),
+            "dest": Out(stream.Signature(unsigned(config.data_width))).array(n),
+            "words": Out(48).array(n),
+            "starved": Out(1),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        config, n = self.config, len(self.depths)
+        split = _Splitter(config)
+        split.elaborate(m)
+        busy = Signal()
+        dest = Signal(range(max(2, n)))
+        fifos = []
+        for i, depth in enumerate(self.depths):
+            fifo = m.submodules[f"fifo_{i}"] = SyncFIFOBuffered(width=config.data_width, depth=depth)
+            wiring.connect(m, fifo.r_stream, wiring.flipped(self.dest[i]))
+            fifos.append(fifo)
+        m.submodules.tags = tags = SyncFIFOBuffered(width=len(dest), depth=self.bursts_in_flight)
+
+        job = self.job.payload
+        words = split.job_words(job)
+        m.d.comb += self.job.ready.eq(~busy)
+        with m.If(self.job.valid & self.job.ready & (words != 0)):
+            split.start(m, job, words)
+            m.d.sync += [busy.eq(1), dest.eq(job.dest)]
+
+        # room: a FIFO's free words less the words requested for it and not yet arrived
+        reserved = [Signal(range(depth + 1), name=f"reserved_{i}") for i, depth in enumerate(self.depths)]
+        room = Signal()
+        for i, fifo in enumerate(fifos):
+            with m.If(dest == i):
+                m.d.comb += room.eq(fifo.level + reserved[i] + split.length <= fifo.depth)
+        request = busy & tags.w_stream.ready
+        m.d.comb += [
+            self.read_cmd.valid.eq(request & room),
+            self.read_cmd.payload.address.eq(split.address),
+            self.read_cmd.payload.length.eq(split.length),
+            tags.w_stream.valid.eq(self.read_cmd.valid & self.read_cmd.ready),
+            tags.w_stream.payload.eq(dest),
+            self.starved.eq(request & ~room),
+        ]
+        issued = self.read_cmd.valid & self.read_cmd.ready
+        with m.If(issued):
+            split.advance(m)
+            m.d.sync += busy.eq(split.words_left != split.length)
+
+        # data: to the FIFO of the burst at the head of the tag queue
+        head = tags.r_stream.payload
+        beat = self.read_data.valid & self.read_data.ready
+        m.d.comb += [self.read_data.ready.eq(tags.r_stream.valid),
+                     tags.r_stream.ready.eq(beat & self.read_data.payload.last)]
+        for i, fifo in enumerate(fifos):
+            arrive = beat & (head == i)
+            m.d.comb += [fifo.w_stream.valid.eq(arrive), fifo.w_stream.payload.eq(self.read_data.payload.data)]
+            add = Mux(issued & (dest == i), split.length, 0)
+            m.d.sync += reserved[i].eq(reserved[i] + add - arrive)
+            with m.If(arrive):
+                m.d.sync += self.words[i].eq(self.words[i] + 1)
+        m.d.comb += self.idle.eq(~busy & ~tags.r_stream.valid)
         return m

@@ -1,0 +1,190 @@
+"""Run the memory-fed QLoRA step (``rtl/lora/memstep.py``) against the DRAM timing model, in Amaranth's simulator or
+on Verilator, on a :class:`~edge_qlora.golden.lora.LoraCase` placed in memory by ``golden/memmap.py``.
+
+The bench is the step and a :class:`~edge_qlora.rtl.dram_port.DramPort` behind its port. The read words come
+from the case's memory image in the order of ``golden/memprogram.py``'s read program (the step issues its requests
+in exactly that order), every word written comes back with its address and is stored into the image, and the
+step's outputs are read back from the image. The step's one ``report`` beat gives cycles, stall cycles and the
+words moved per tensor (the RTL's counters).
+"""
+
+from dataclasses import dataclass, field
+
+from amaranth.hdl import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.constants import DRAM_PRESETS
+from edge_qlora.golden import memprogram as mp
+from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
+from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_layout
+from edge_qlora.rtl.lora import LoraConfig, Phase
+from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, WRITES, MemStep, MemStepConfig, descriptor_layout,
+                                         report_layout)
+from edge_qlora.rtl.memport import port_for
+from .harness import producer, resolve_backend, simulate
+from .lora import _collector, _header, _phase_watch, step_cycles
+from .streams import NO_STALLS
+from .verilator import Source, VerilatorModel, run_model
+
+__all__ = ["MEMORIES", "port_for", "MemStepBench", "MemStepRun", "run_mem_step", "mem_step_config"]
+
+#: ``--memory`` names: the DRAM presets of ``edge_qlora.constants``.
+MEMORIES = tuple(DRAM_PRESETS)
+
+
+class MemStepBench(wiring.Component):
+    """The step and the DRAM model behind its port (simulation only).
+
+    Attributes
+    ----------
+    descriptor : In(stream), fill : In(stream of port words), written : Out(stream of (address, word)),
+    report : Out(stream), phase : Out(Phase)
+    """
+
+    def __init__(self, config, timing):
+        self.config, self.timing = config, timing
+        self.dut = MemStep(config)
+        self.memory = DramPort(config.port, timing)
+        super().__init__({
+            "descriptor": In(stream.Signature(descriptor_layout(config))),
+            "fill": In(stream.Signature(config.port.data_width)),
+            "written": Out(stream.Signature(self.memory.written.payload.shape())),
+            "report": Out(stream.Signature(report_layout())),
+            "phase": Out(Phase),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dut = dut = self.dut
+        m.submodules.memory = memory = self.memory
+        wiring.connect(m, dut.mem, memory.port)
+        wiring.connect(m, wiring.flipped(self.descriptor), dut.descriptor)
+        wiring.connect(m, wiring.flipped(self.fill), memory.fill)
+        wiring.connect(m, memory.written, wiring.flipped(self.written))
+        wiring.connect(m, dut.report, wiring.flipped(self.report))
+        m.d.comb += self.phase.eq(dut.phase)
+        return m
+
+
+@dataclass
+class MemStepRun:
+    """A step against memory: the outputs read back from memory (named as ``golden.lora``'s ``step_model``), the
+    report's counters, cycles per phase, and the program's bytes per tensor."""
+
+    outputs: dict
+    cycles: int
+    stall_cycles: dict
+    read_bytes: dict
+    written_bytes: dict
+    phase_cycles: dict
+    program_read_bytes: dict = field(default_factory=dict)
+    program_written_bytes: dict = field(default_factory=dict)
+
+    @property
+    def bytes_read(self):
+        return sum(self.read_bytes.values())
+
+    @property
+    def bytes_written(self):
+        return sum(self.written_bytes.values())
+
+
+def mem_step_config(case, memory="ulx3s-sdram", rows=2, cols=2):
+    """The :class:`MemStepConfig` sized for ``case`` with ``rows x cols`` engine and ``memory``'s port."""
+    if memory not in DRAM_PRESETS:
+        raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORIES)}")
+    t, d_in = case.x.shape
+    step = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=case.dy.shape[1],
+                      max_rank=case.lora_A.shape[0], optimizer=case.optimizer, blocksize=case.weight.blocksize,
+                      double_quant=case.weight.double_quant)
+    return MemStepConfig(step=step, port=port_for(DRAM_PRESETS[memory]))
+
+
+def _descriptor(case, memmap, config):
+    t, d_in = case.x.shape
+    header = _header(case, t, d_in, case.dy.shape[1], case.lora_A.shape[0])
+    names = {"codes": "nf4_codes", "absmax": "nf4_absmax", "absmax2": "nf4_absmax2", "x": "x", "dy": "dy",
+             "a": "lora_A", "b": "lora_B", "m_a": "exp_avg_A", "v_a": "exp_avg_sq_A", "m_b": "exp_avg_B",
+             "v_b": "exp_avg_sq_B", "y": "y", "dx": "dx"}
+    outputs = {"a_out": "lora_A", "b_out": "lora_B", "m_a_out": "exp_avg_A", "v_a_out": "exp_avg_sq_A",
+               "m_b_out": "exp_avg_B", "v_b_out": "exp_avg_sq_B"}
+    aw = config.port.address_width
+    header_bits = descriptor_layout(config).members["header"].size
+    value = header
+    for k, name in enumerate(ADDRESSES):
+        if name in outputs:
+            address = memmap.output_region(outputs[name]).address if outputs[name] in memmap else 0
+        else:
+            address = memmap[names[name]].address if names[name] in memmap else 0
+        value |= address << (header_bits + k * aw)
+    return value
+
+
+def _fields(value, layout):
+    out = {}
+    for name, member in layout:
+        out[name] = (value >> member.offset) & ((1 << member.width) - 1)
+    return out
+
+
+def run_mem_step(case, config=None, *, memory="ulx3s-sdram", stalls=None, backend=None, vcd_path=None,
+                 max_cycles=None, progress=None, status=None):
+    """One step of :class:`MemStep` against the DRAM model of ``memory``; returns a :class:`MemStepRun`."""
+    timing = DRAM_PRESETS[memory] if memory in DRAM_PRESETS else None
+    if timing is None:
+        raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORIES)}")
+    config = config or mem_step_config(case, memory)
+    port = mp.PortShape.of(config.port)
+    memmap = layout_for(case, align=64)
+    scfg = config.step
+    mp.check_shape(memmap, scfg.rows, scfg.cols, port)
+    if memmap.end > config.port.capacity:
+        raise ValueError(f"the step's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
+    image = pack_case(case, memmap)
+    reads = mp.requests(port, mp.read_jobs(memmap, scfg.rows), "read")
+    writes = mp.requests(port, mp.write_jobs(memmap, scfg.rows, scfg.cols), "write")
+    fill = mp.fill_words(port, image, memmap.base, reads)
+    wanted = {"written": sum(w.length for w in writes), "report": 1}
+    t, d_in = case.x.shape
+    if max_cycles is None:
+        compute = sum(step_cycles(t, d_in, case.dy.shape[1], case.lora_A.shape[0], scfg.rows, scfg.cols,
+                                  scfg.optimizer).values())
+        max_cycles = 4 * compute + 20 * (len(fill) + wanted["written"]) + 100_000
+    stalls = dict(stalls or {})
+    inputs = {"descriptor": [_descriptor(case, memmap, config)], "fill": fill}
+    written_layout = dram_written_layout(config.port)
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(lambda: MemStepBench(config, timing), f"MemStepBench {config!r} {timing!r}",
+                               trace=bool(vcd_path))
+        beats, total, watches = run_model(model, {k: Source(v) for k, v in inputs.items()}, wanted, stalls=stalls,
+                                          max_cycles=max_cycles, vcd_path=vcd_path, progress=progress,
+                                          status=status)
+        phase_log = [(cycle, Phase(value).name) for cycle, value in watches["phase"]]
+    else:
+        bench = MemStepBench(config, timing)
+        producers = [producer(getattr(bench, name), beats, stalls.get(name, NO_STALLS))
+                     for name, beats in inputs.items()]
+        phase_log = []
+        consumer = _collector({"written": bench.written, "report": bench.report}, wanted, stalls, max_cycles)
+        beats, total = simulate(bench, producers, consumer, vcd_path, processes=[_phase_watch(bench.phase,
+                                                                                              phase_log)])
+    for key, count in wanted.items():
+        if len(beats[key]) != count:
+            raise RuntimeError(f"the memory-fed step produced {len(beats[key])} of {count} '{key}' beats "
+                               f"(phases: {phase_log[-6:]})")
+    written = [_fields(b, written_layout) for b in beats["written"]]
+    mp.apply_writes(port, image, memmap.base, [(w["address"], w["data"]) for w in written])
+    report = _fields(beats["report"][0], report_layout())
+    wb = port.word_bytes
+    phase_cycles = {}
+    for (start, name), (end, _) in zip(phase_log, phase_log[1:] + [(total, None)]):
+        if name != "IDLE":
+            phase_cycles[name] = phase_cycles.get(name, 0) + end - start
+    return MemStepRun(
+        outputs=unpack_outputs(image, memmap), cycles=report["cycles"],
+        stall_cycles={"memory": report["memory"], "compute": report["compute"]},
+        read_bytes={name: report[f"read_{name}"] * wb for name in READS},
+        written_bytes={name: report[f"write_{name}"] * wb for name in WRITES},
+        phase_cycles=phase_cycles,
+        program_read_bytes=mp.bytes_by_tensor(port, reads), program_written_bytes=mp.bytes_by_tensor(port, writes))
