@@ -15,6 +15,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from edge_qlora.constants import DRAM_PRESETS
+from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
 from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_layout
@@ -188,3 +189,80 @@ def run_mem_step(case, config=None, *, memory="ulx3s-sdram", stalls=None, backen
         written_bytes={name: report[f"write_{name}"] * wb for name in WRITES},
         phase_cycles=phase_cycles,
         program_read_bytes=mp.bytes_by_tensor(port, reads), program_written_bytes=mp.bytes_by_tensor(port, writes))
+
+
+
+def _interleave(reads, writes):
+    """Reads in program order with the writes spread evenly among them (a phase writes as it computes)."""
+    out, k, n, m = [], 0, len(reads), len(writes)
+    for i, request in enumerate(reads):
+        out.append(request)
+        while k < m and (k + 1) * n <= (i + 1) * m:
+            out.append(writes[k])
+            k += 1
+    return out + list(writes[k:])
+
+
+def _dram_cycles(timing, port, reqs):
+    """Cycles the DRAM takes to serve ``reqs`` back to back (``golden/dram.py``)."""
+    if not reqs:
+        return 0
+    return dram.simulate(timing, [(q.address, q.length * port.word_bytes, q.op) for q in reqs]).cycles
+
+
+def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
+    """The cycle model of :class:`MemStep` against ``memory``.
+
+    Each part of the step takes the longer of its compute (``sim/lora.py``'s :func:`step_cycles`, the step with
+    streams that never stall) and the DRAM's time for that part's requests (``golden/dram.py`` on the requests of
+    ``golden/memprogram.py``): the loads; F2 and B4, one weight pass each per tile of token rows, with the y or dx
+    writes spread among the reads, less the words the read FIFOs prefetched during the compute-only phases before
+    them; the update's reads and writes, a read burst ahead, then read and write bursts in turn. The compute-only phases (F1, F3,
+    B1, B5, B2, B3) take their compute cycles.
+
+    Returns ``{"cycles": total, "phases": {phase or group: cycles}, "compute": cycles without memory,
+    "memory": DRAM cycles of the whole program}``.
+    """
+    from edge_qlora.golden.memmap import layout
+    scfg = config.step
+    timing = DRAM_PRESETS[memory]
+    compute = step_cycles(t, d_in, d_out, r, scfg.rows, scfg.cols, scfg.optimizer)
+    memmap = layout(d_in, d_out, t, r, scfg.optimizer, scfg.blocksize, double_quant, align=64)
+    port = mp.PortShape.of(config.port)
+    reads = mp.requests(port, mp.read_jobs(memmap, scfg.rows), "read")
+    writes = mp.requests(port, mp.write_jobs(memmap, scfg.rows, scfg.cols), "write")
+    passes = -(-t // scfg.rows)
+    loads = [q for q in reads if q.tensor in ("x", "dy", "lora_A", "lora_B")]
+    weight = [q for q in reads if q.tensor.startswith("nf4_")]
+    state = [q for q in reads if q.tensor.startswith("exp_avg")]
+    per_pass = len(weight) // (2 * passes)
+    phases = {"load": max(compute["load"], _dram_cycles(timing, port, loads))}
+    for name in ("F1", "F3"):
+        phases[name] = compute[name]
+    # the weight FIFOs fill while the compute-only phases before F2 and B4 run
+    fifo_words = config.fifo_words
+    prefetch = sum(min(fifo_words, sum(q.length for q in weight[:per_pass] if q.tensor == name))
+                   for name in ("nf4_codes", "nf4_absmax", "nf4_absmax2"))
+    for name, out in (("F2", "y"), ("B4", "dx")):
+        outs = [q for q in writes if q.tensor == out]
+        one_pass = _interleave(weight[:per_pass], outs[:len(outs) // passes])
+        memory_time = passes * _dram_cycles(timing, port, one_pass) - prefetch
+        phases[name] = max(compute[name], memory_time)
+        if name == "F2":
+            for before in ("B1", "B5"):
+                phases[before] = compute[before]
+    for name in ("B2", "B3"):
+        phases[name] = compute[name]
+    # the update: the reader a burst ahead, then a read burst and a write burst in turn
+    updates = [q for q in writes if q.tensor not in ("y", "dx")]
+    order, k = list(state[:1]), 1
+    for request in updates:
+        if k < len(state):
+            order.append(state[k])
+            k += 1
+        order.append(request)
+    order += state[k:]
+    phases["update"] = max(compute["update"], _dram_cycles(timing, port, order))
+    total = sum(phases.values())
+    return {"cycles": total, "phases": phases, "compute": sum(compute.values()),
+            "memory": _dram_cycles(timing, port, reads + writes)}
