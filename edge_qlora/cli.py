@@ -150,7 +150,12 @@ def _parser():
                     "adamw), lr, beta1, beta2, eps, weight_decay, step. OUT is the CASE of the next step: the new "
                     "lora_A and lora_B (float32 master copies), the new optimizer state, step + 1, the same x, dy, "
                     "base weight and hyperparameters (replace x and dy for the next batch), and this step's "
-                    "results y, dx, grad_A and grad_B. OUT must not be CASE.")
+                    "results y, dx, grad_A and grad_B. OUT must not be CASE. With --memory the step runs with every "
+                    "tensor in external memory (the memory-fed step against the DRAM's timing model): the new "
+                    "lora_A, lora_B and moments are read back from memory, the results are y and dx only (that "
+                    "step writes no gradients: OUT has no grad_A, grad_B), and the report adds the stall cycles, "
+                    "the bytes read and written per tensor, the bandwidth achieved against the DRAM's peak and the "
+                    "cycle model with memory.")
     step.add_argument("case", metavar="CASE", help="safetensors step case")
     step.add_argument("output", metavar="OUT", help="safetensors file to write: the next step's case and this "
                                                     "step's results (replaced if it exists)")
@@ -159,6 +164,15 @@ def _parser():
     step.add_argument("--cols", type=_side("cols"), default=4, help="GEMM array columns, 1 to 16")
     step.add_argument("--vcd", metavar="FILE", default=None,
                       help="write a VCD waveform of the RTL run (pysim or verilator; default: none)")
+    step.add_argument("--memory", choices=MEMORIES, default=None,
+                      help="run the memory-fed step, every tensor in this DRAM behind a memory port (pysim or "
+                           "verilator; T a multiple of --rows, in and out of --cols; ecpix5-ddr3's 64-bit port "
+                           "needs --cols >= 4); OUT's results are then y and dx, no grad_A/grad_B (default: the "
+                           "step with its tensors as streams)")
+    step.add_argument("--json", action="store_true",
+                      help="print one JSON object on stdout (cycles, phase_cycles, utilization, model_cycles; with "
+                           "--memory also stall_cycles, bytes_read, bytes_written, read_bytes, written_bytes, "
+                           "bandwidth_gbps) instead of the report")
 
     make_case = command(
         "make-case", help="write a random step case for 'step' (x, dy, LoRA factors, NF4 base weight)",
@@ -294,7 +308,11 @@ def _parser():
                     "measured and modelled, PE utilization, the accuracy contract (every output at least as "
                     "accurate as PEFT + bitsandbytes in bf16 against float64, within 10%), the scratchpads the "
                     "shape needs against the ECP5-85F's block RAM. The first run exports and compiles the model "
-                    "(about 8 minutes); all seven projections at T=16 and 128 take about 40 minutes.")
+                    "(about 8 minutes); all seven projections at T=16 and 128 take about 40 minutes. With --memory "
+                    "each projection runs on the memory-fed step, every tensor in that DRAM behind a memory port "
+                    "(its timing model), and the rows add the memory and compute stall cycles, the bytes read and "
+                    "written and the bandwidth achieved; that step writes no gradients, so the accuracy contract "
+                    "covers y, dx and the new factors and moments.")
     tinyllama.add_argument("--tokens", type=_positive("--tokens"), nargs="+", default=[16, 128],
                            help="token counts T per step")
     tinyllama.add_argument("--projections", nargs="+", default=[name for name, _, _ in TINYLLAMA_PROJECTIONS],
@@ -305,6 +323,9 @@ def _parser():
     tinyllama.add_argument("--cols", type=_side("cols"), default=8, help="GEMM array columns")
     tinyllama.add_argument("--json", metavar="FILE", default=None,
                            help="also write the rows as a JSON list there (default: none)")
+    tinyllama.add_argument("--memory", choices=MEMORIES, default=None,
+                           help="run each projection on the memory-fed step with every tensor in this DRAM "
+                                "(ecpix5-ddr3 needs --cols >= 4) (default: the step with its tensors on chip)")
 
     footprint = command(
         "footprint", help="memory of QLoRA fine-tuning a model: NF4 bytes measured, LoRA, AdamW, activations",
@@ -781,11 +802,16 @@ def _matmul(args):
 
 
 def _run_step(args, case, config):
-    """The RTL step with a progress bar: simulated cycles (pysim) or output beats (Verilator)."""
+    """The RTL step with a progress bar: simulated cycles (pysim) or output beats (Verilator). With --memory the
+    memory-fed step (``config`` a ``MemStepConfig``) against the DRAM model; a shape it does not take ends in one
+    line (InputError)."""
+    from .formats import InputError
     from .sim.lora import run_step
 
+    memory = getattr(args, "memory", None)
     unit = "cycle" if args.backend == "pysim" else "beat"
-    bar, update = _progress_bar(args, None, f"step ({args.backend}, {args.rows}x{args.cols})", unit=unit)
+    where = f", {memory}" if memory else ""
+    bar, update = _progress_bar(args, None, f"step ({args.backend}, {args.rows}x{args.cols}{where})", unit=unit)
 
     def progress(done, total):
         bar.total = total
@@ -795,39 +821,134 @@ def _run_step(args, case, config):
         bar.set_description_str(f"step ({args.backend}): {text}")
 
     with bar, _vcd(args) as vcd_path:
-        return run_step(case, config, vcd_path=vcd_path, progress=progress, status=status, backend=args.backend)
+        if not memory:
+            return run_step(case, config, vcd_path=vcd_path, progress=progress, status=status, backend=args.backend)
+        from .sim.memstep import run_mem_step
+        try:
+            return run_mem_step(case, config, memory=memory, vcd_path=vcd_path, progress=progress, status=status,
+                                backend=args.backend)
+        except ValueError as error:
+            raise InputError(f"{args.case} on the {args.rows}x{args.cols} array with --memory {memory}: "
+                             f"{error}") from None
+
+
+def _memory_step_config(args, case, rows, cols, memory):
+    """The memory-fed step's ``MemStepConfig`` for ``case`` with ``memory``'s port; one line for a port or array it
+    cannot have (shared with ``tinyllama --memory``, where ``case`` is None: only the port's needs)."""
+    from .formats import InputError
+    from .rtl.memport import port_for
+
+    port = port_for(DRAM_PRESETS[memory])
+    need = port.data_width // 16        # the engine's bf16 output row holds at least one port word
+    if cols < need:
+        kind = "DDR3" if "ddr3" in memory else "SDRAM"
+        raise InputError(f"--memory {memory}: the {kind} port needs --cols >= {need} (its {port.data_width}-bit "
+                         f"words take {need} bf16 outputs of an array row), not --cols {cols}")
+    try:
+        if case is None:
+            from .tinyllama import memory_config
+            return memory_config(memory, rows, cols, max(128, *args.tokens), args.rank)
+        from .sim.memstep import mem_step_config
+        return mem_step_config(case, memory, rows, cols)
+    except ValueError as error:
+        raise InputError(f"--memory {memory} on the {rows}x{cols} array: {error}") from None
 
 
 def _step(args):
+    import json
+    from .boards.build import BuildError
     from .formats import load_case, next_case, save_case
     from .golden import lora
 
+    if args.memory and args.backend == "golden":
+        raise BuildError("--memory runs the memory-fed step's RTL against the DRAM model: it needs --backend pysim "
+                         "or verilator, not golden")
     _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("CASE", args.case)])
     case = load_case(args.case)
     tokens, in_features = case.x.shape
     out_features, rank = case.lora_B.shape
     from .rtl.lora import LoraConfig
-    config = LoraConfig(rows=args.rows, cols=args.cols, max_t=tokens, max_in=in_features, max_out=out_features,
-                        max_rank=rank, optimizer=case.optimizer, blocksize=case.weight.blocksize,
-                        double_quant=case.weight.double_quant)
+    if args.memory:
+        config = _memory_step_config(args, case, args.rows, args.cols, args.memory)
+    else:
+        config = LoraConfig(rows=args.rows, cols=args.cols, max_t=tokens, max_in=in_features, max_out=out_features,
+                            max_rank=rank, optimizer=case.optimizer, blocksize=case.weight.blocksize,
+                            double_quant=case.weight.double_quant)
     start = time.perf_counter()
     if args.backend == "golden":
         outputs, run = lora.step_model(case, config.chunk), None
     else:
         run = _run_step(args, case, config)
         outputs = run.outputs
-    results = {name: outputs[name].contiguous() for name in ("y", "dx", "grad_A", "grad_B")}
+    names = ("y", "dx") if args.memory else ("y", "dx", "grad_A", "grad_B")
+    results = {name: outputs[name].contiguous() for name in names}
     save_case(args.output, next_case(case, outputs), extra=results)
     seconds = time.perf_counter() - start
-    print(f"step {case.step} ({case.optimizer}), x {tuple(case.x.shape)}, W {case.weight.shape} NF4, rank {rank}, "
-          f"scaling {case.scaling}, backend {args.backend}: {args.output} (results and the case of step "
-          f"{case.step + 1})")
+    written = "results y and dx, no gradients," if args.memory else "results"
+    memory = f", memory {args.memory}" if args.memory else ""
+    header = (f"step {case.step} ({case.optimizer}), x {tuple(case.x.shape)}, W {case.weight.shape} NF4, rank {rank}, "
+              f"scaling {case.scaling}, backend {args.backend}{memory}: {args.output} ({written} and the case of "
+              f"step {case.step + 1})")
+    report = _step_report(args, case, config, run, seconds) if args.json or args.memory else None
+    if args.json:
+        print(header, file=sys.stderr)
+        print(json.dumps(report))
+        return
+    print(header)
     if run is not None:
         macs = tokens * in_features * out_features
         print(f"  {'phase':8} {'cycles':>9}")
         for name, cycles in run.phase_cycles.items():
             print(f"  {name:8} {cycles:9d}")
         print(f"  {'total':8} {run.cycles:9d}   ({seconds:.1f} s simulated; base products {2 * macs} MACs)")
+    if args.memory:
+        _print_memory_report(args, report)
+
+
+def _step_report(args, case, config, run, seconds):
+    """The step's figures as one JSON-ready dict (``--json``; the --memory lines print from it too)."""
+    from .sim.lora import step_cycles
+
+    t, d_in = case.x.shape
+    d_out, r = case.lora_B.shape
+    macs = 2 * t * d_in * d_out + 3 * t * r * (d_in + d_out)
+    cycles = run.cycles if run is not None else None
+    report = {"step": case.step, "optimizer": case.optimizer, "t": t, "d_in": d_in, "d_out": d_out, "r": r,
+              "rows": args.rows, "cols": args.cols, "backend": args.backend, "memory": args.memory,
+              "output": args.output, "seconds": seconds, "cycles": cycles,
+              "phase_cycles": dict(run.phase_cycles) if run is not None else {}, "macs": macs,
+              "utilization": macs / (args.rows * args.cols * cycles) if cycles else None}
+    if args.memory:
+        from .sim.memstep import model_cycles
+        timing = DRAM_PRESETS[args.memory]
+        model = model_cycles(config, args.memory, t, d_in, d_out, r, double_quant=case.weight.double_quant)["cycles"]
+        moved = run.bytes_read + run.bytes_written
+        report.update({
+            "stall_cycles": dict(run.stall_cycles), "bytes_read": run.bytes_read, "bytes_written": run.bytes_written,
+            "read_bytes": dict(run.read_bytes), "written_bytes": dict(run.written_bytes),
+            "clock_mhz": timing.clock_mhz, "bandwidth_gbps": moved / run.cycles * timing.clock_mhz / 1e3,
+            "peak_gbps": timing.peak_gbps})
+    else:
+        model = sum(step_cycles(t, d_in, d_out, r, args.rows, args.cols, case.optimizer).values())
+    report["model_cycles"] = model
+    report["model_error"] = cycles / model - 1 if cycles and model else None
+    return report
+
+
+def _print_memory_report(args, report):
+    cycles, stalls = report["cycles"], report["stall_cycles"]
+    print("  stall cycles: " + ", ".join(f"{name} {stalls[name]:,} ({100 * stalls[name] / cycles:.1f}%)"
+                                         for name in ("memory", "compute")))
+    for what, total, tensors in (("read", report["bytes_read"], report["read_bytes"]),
+                                 ("written", report["bytes_written"], report["written_bytes"])):
+        print(f"  bytes {what}: {total:,} (" + ", ".join(f"{name} {n:,}" for name, n in tensors.items()) + ")")
+    moved = report["bytes_read"] + report["bytes_written"]
+    print(f"  bandwidth: {report['bandwidth_gbps']:.3f} GB/s ({moved:,} bytes in {cycles:,} cycles at "
+          f"{report['clock_mhz']:g} MHz), {100 * report['bandwidth_gbps'] / report['peak_gbps']:.1f}% of "
+          f"{args.memory}'s {report['peak_gbps']:.3f} GB/s peak")
+    print(f"  cycle model with memory: {report['model_cycles']:,} cycles, measured "
+          f"{100 * report['model_error']:+.2f}% against it; "
+          f"PE utilization {100 * report['utilization']:.1f}% ({report['macs']:,} MACs on {args.rows}x{args.cols})")
 
 
 def _make_case(args):
@@ -972,6 +1093,17 @@ def _tinyllama(args):
     _check_outputs(args, [("--json", args.json)])
     config = model_config(args.rows, args.cols, max(128, *args.tokens), args.rank)
     shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
+    if args.memory:
+        from .formats import InputError
+        from .tinyllama import check_memory_shape
+        config = _memory_step_config(args, None, args.rows, args.cols, args.memory)
+        for t in args.tokens:       # every shape checked before the first (long) run
+            for name in args.projections:
+                try:
+                    check_memory_shape(config, t, *shapes[name], args.rank)
+                except ValueError as error:
+                    raise InputError(f"--memory {args.memory}: {name} at T={t} on the {args.rows}x{args.cols} "
+                                     f"array: {error}") from None
     runs = []
     for t in args.tokens:
         for name in args.projections:
@@ -984,11 +1116,15 @@ def _tinyllama(args):
 
             with bar:
                 run = run_projection(name, d_in, d_out, t, args.rank, args.rows, args.cols, config=config,
-                                     progress=progress, status=lambda text: bar.set_description_str(text))
+                                     progress=progress, status=lambda text: bar.set_description_str(text),
+                                     memory=args.memory)
             runs.append(run)
+            through = (f", {args.memory}: memory stalls {run.stall_cycles['memory']:,} cycles, "
+                       f"{run.bytes_read + run.bytes_written:,} bytes moved at {run.bandwidth_gbps:.3f} GB/s"
+                       if args.memory else "")
             print(f"{name} T={t}: {run.cycles:,} cycles (model {run.model_cycles:,}, "
                   f"{100 * run.model_error:+.2f}%), utilization {100 * run.utilization:.1f}%, accuracy "
-                  f"{'passed' if run.contract_passed else 'FAILED'}", flush=True)
+                  f"{'passed' if run.contract_passed else 'FAILED'}{through}", flush=True)
     print()
     print(format_table(runs))
     if args.json:

@@ -9,6 +9,12 @@ bitsandbytes in bf16. All projections run on one model sized for the largest (``
 
 The accelerator keeps every tensor on chip: the scratchpads a projection needs are listed against the
 ECP5-85F's block RAM, which cannot hold them (the external-memory issue fixes that).
+
+With ``memory`` (a DRAM preset of ``constants.DRAM_PRESETS``), each projection runs on the memory-fed step
+(``rtl/lora/memstep.py``) against the DRAM timing model instead: every tensor in external memory behind the port,
+the rows also giving the memory stall cycles, the bytes read and written and the bandwidth achieved, the cycle model
+being the one with memory (``sim/memstep.py``'s ``model_cycles``). That step writes no gradients: the accuracy
+contract covers the outputs it has (y, dx, the new factors and moments).
 """
 
 import time
@@ -16,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 from .constants import TINYLLAMA_PROJECTIONS
 
-__all__ = ["ProjectionRun", "ECP5_85F_BRAM_BYTES", "model_config", "scratchpad_bytes", "run_projection",
-           "format_table", "layer_totals"]
+__all__ = ["ProjectionRun", "ECP5_85F_BRAM_BYTES", "model_config", "memory_config", "check_memory_shape",
+           "scratchpad_bytes", "run_projection", "format_table", "layer_totals"]
 
 #: The LFE5U-85F's block RAM: 208 DP16KD of 18 kbit.
 ECP5_85F_BRAM_BYTES = 208 * 18 * 1024 // 8
@@ -42,13 +48,28 @@ class ProjectionRun:
     worst_output: str
     scratchpad_bytes: int
     phase_cycles: dict
+    # the memory-fed step (``memory`` a DRAM preset's name); None on the step with its tensors on chip
+    memory: str = None
+    stall_cycles: dict = None   # {"memory": cycles, "compute": cycles}
+    bytes_read: int = None
+    bytes_written: int = None
+    bandwidth_gbps: float = None
 
     @property
     def model_error(self):
         return self.cycles / self.model_cycles - 1
 
     def to_dict(self):
-        return {**asdict(self), "model_error": self.model_error}
+        """The run as JSON: the memory fields only where the step ran through memory."""
+        values = asdict(self)
+        if self.memory is None:
+            for name in MEMORY_FIELDS:
+                del values[name]
+        return {**values, "model_error": self.model_error}
+
+
+#: The fields of a run through memory.
+MEMORY_FIELDS = ("memory", "stall_cycles", "bytes_read", "bytes_written", "bandwidth_gbps")
 
 
 def model_config(rows=8, cols=8, t=128, r=16):
@@ -56,6 +77,30 @@ def model_config(rows=8, cols=8, t=128, r=16):
     from .rtl.lora import LoraConfig
     longest = max(max(d_in, d_out) for _, d_in, d_out in TINYLLAMA_PROJECTIONS)
     return LoraConfig(rows=rows, cols=cols, max_t=t, max_in=longest, max_out=longest, max_rank=r)
+
+
+def memory_config(memory, rows=8, cols=8, t=128, r=16, step=None):
+    """The memory-fed step all seven projections run on with ``memory``: :func:`model_config` (or ``step``, a
+    ``LoraConfig``) behind the port of that DRAM preset. Raises ValueError for a shape the port does not take."""
+    from .constants import DRAM_PRESETS
+    from .rtl.lora.memstep import MemStepConfig
+    from .rtl.memport import port_for
+    if memory not in DRAM_PRESETS:
+        raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(DRAM_PRESETS)}")
+    return MemStepConfig(step=step or model_config(rows, cols, t, r), port=port_for(DRAM_PRESETS[memory]))
+
+
+def check_memory_shape(config, t, d_in, d_out, r):
+    """Raise ValueError (one line) if the memory-fed step of ``config`` (a ``MemStepConfig``) cannot run the shape:
+    the checks ``run_mem_step`` makes, before any simulation."""
+    from .golden import memprogram
+    from .golden.memmap import layout
+    step = config.step
+    memmap = layout(d_in, d_out, t, r, step.optimizer, step.blocksize, step.double_quant, align=64)
+    memprogram.check_shape(memmap, step.rows, step.cols, memprogram.PortShape.of(config.port))
+    if memmap.end > config.port.capacity:
+        raise ValueError(f"the step's tensors take {memmap.end:,} bytes: more than the port reaches "
+                         f"({config.port.capacity:,})")
 
 
 def scratchpad_bytes(t, d_in, d_out, r, rows=8, cols=8):
@@ -72,6 +117,8 @@ def _contract(case, outputs):
     peft = lora.step_peft_bf16(case)
     worst, worst_name = 0.0, None
     for name in lora.OUTPUT_NAMES:
+        if name not in outputs:
+            continue        # the memory-fed step writes no gradients
         exact = reference[name].numpy()
         ours = gemm.rel_frobenius(outputs[name], exact)
         theirs = gemm.rel_frobenius(peft[name].float(), exact)
@@ -81,22 +128,49 @@ def _contract(case, outputs):
     return worst <= CONTRACT_RATIO, worst, worst_name
 
 
-def run_projection(name, d_in, d_out, t, r=16, rows=8, cols=8, seed=0, config=None, progress=None, status=None):
-    """One step of one projection on Verilator; a :class:`ProjectionRun`."""
+def run_projection(name, d_in, d_out, t, r=16, rows=8, cols=8, seed=0, config=None, progress=None, status=None,
+                   memory=None):
+    """One step of one projection on Verilator; a :class:`ProjectionRun`. With ``memory`` (a DRAM preset's name)
+    the memory-fed step against that DRAM's timing model (``config`` then a ``MemStepConfig``, or the ``LoraConfig``
+    to put behind the port)."""
     from .golden import lora
     from .sim import verilator
     from .sim.lora import run_step, step_cycles
     case = lora.random_case(t, d_in, d_out, r, "adamw", seed=seed)
+    macs = 2 * t * d_in * d_out + 3 * t * r * (d_in + d_out)
+    if memory is not None:
+        return _run_through_memory(name, case, macs, r, rows, cols, config, memory, progress, status)
     config = config or model_config(rows, cols, max(t, 128), r)
     start = time.perf_counter()
     run = run_step(case, config, backend="verilator", progress=progress, status=status)
     seconds = verilator.LAST_RUN.get("seconds", time.perf_counter() - start)
     model = sum(step_cycles(t, d_in, d_out, r, rows, cols).values())
-    macs = 2 * t * d_in * d_out + 3 * t * r * (d_in + d_out)
     passed, worst, worst_name = _contract(case, run.outputs)
     return ProjectionRun(name, d_in, d_out, t, r, rows, cols, run.cycles, model, macs / (rows * cols * run.cycles),
                          seconds, passed, worst, worst_name, scratchpad_bytes(t, d_in, d_out, r, rows, cols),
                          run.phase_cycles)
+
+
+def _run_through_memory(name, case, macs, r, rows, cols, config, memory, progress, status):
+    from .constants import DRAM_PRESETS
+    from .rtl.lora.memstep import MemStepConfig
+    from .sim import verilator
+    from .sim.memstep import model_cycles, run_mem_step
+    t, d_in = case.x.shape
+    d_out = case.dy.shape[1]
+    if not isinstance(config, MemStepConfig):
+        config = memory_config(memory, rows, cols, max(t, 128), r, step=config)
+    start = time.perf_counter()
+    run = run_mem_step(case, config, memory=memory, backend="verilator", progress=progress, status=status)
+    seconds = verilator.LAST_RUN.get("seconds", time.perf_counter() - start)
+    model = model_cycles(config, memory, t, d_in, d_out, r, double_quant=case.weight.double_quant)["cycles"]
+    passed, worst, worst_name = _contract(case, run.outputs)
+    moved = run.bytes_read + run.bytes_written
+    bandwidth = moved / run.cycles * DRAM_PRESETS[memory].clock_mhz / 1e3
+    return ProjectionRun(name, d_in, d_out, t, r, rows, cols, run.cycles, model, macs / (rows * cols * run.cycles),
+                         seconds, passed, worst, worst_name, scratchpad_bytes(t, d_in, d_out, r, rows, cols),
+                         run.phase_cycles, memory=memory, stall_cycles=dict(run.stall_cycles),
+                         bytes_read=run.bytes_read, bytes_written=run.bytes_written, bandwidth_gbps=bandwidth)
 
 
 def layer_totals(runs):
@@ -109,16 +183,30 @@ def layer_totals(runs):
 
 
 def format_table(runs, fmax_mhz=None, memory_bytes=None):
-    """A Markdown table of the runs, the per-layer totals and the on-chip memory against the ECP5-85F."""
-    lines = ["| projection | in -> out | T | r | cycles (Verilator) | cycle model | model error | PE utilization | "
-             "accuracy (worst ratio to PEFT bf16) | scratchpads | simulated in |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    """A Markdown table of the runs, the per-layer totals and the on-chip memory against the ECP5-85F; runs through
+    memory add the memory stall cycles, the bytes read and written and the bandwidth achieved."""
+    through_memory = any(run.memory is not None for run in runs)
+    header = ("| projection | in -> out | T | r | cycles (Verilator) | cycle model | model error | PE utilization | "
+              "accuracy (worst ratio to PEFT bf16) | scratchpads | simulated in |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+    if through_memory:
+        header += " memory | memory stalls | compute stalls | bytes read | bytes written | bandwidth |"
+        rule += "---|---:|---:|---:|---:|---:|"
+    lines = [header, rule]
     for run in runs:
         verdict = "passed" if run.contract_passed else "FAILED"
-        lines.append(f"| {run.projection} | {run.d_in} -> {run.d_out} | {run.t} | {run.r} | {run.cycles:,} | "
-                     f"{run.model_cycles:,} | {100 * run.model_error:+.2f}% | {100 * run.utilization:.1f}% | "
-                     f"{verdict} ({run.worst_ratio:.3f}, {run.worst_output}) | "
-                     f"{run.scratchpad_bytes / 1e6:.2f} MB | {run.sim_seconds:.0f} s |")
+        line = (f"| {run.projection} | {run.d_in} -> {run.d_out} | {run.t} | {run.r} | {run.cycles:,} | "
+                f"{run.model_cycles:,} | {100 * run.model_error:+.2f}% | {100 * run.utilization:.1f}% | "
+                f"{verdict} ({run.worst_ratio:.3f}, {run.worst_output}) | "
+                f"{run.scratchpad_bytes / 1e6:.2f} MB | {run.sim_seconds:.0f} s |")
+        if through_memory:
+            if run.memory is None:
+                line += " - | - | - | - | - | - |"
+            else:
+                stalls = run.stall_cycles or {}
+                line += (f" {run.memory} | {stalls.get('memory', 0):,} | {stalls.get('compute', 0):,} | "
+                         f"{run.bytes_read:,} | {run.bytes_written:,} | {run.bandwidth_gbps:.3f} GB/s |")
+        lines.append(line)
     lines.append("")
     for t, (cycles, model) in sorted(layer_totals(runs).items()):
         text = f"One decoder layer (seven projections), T={t}: {cycles:,} cycles measured, {model:,} modelled"
@@ -132,5 +220,7 @@ def format_table(runs, fmax_mhz=None, memory_bytes=None):
                  f"RAM, {worst.scratchpad_bytes / ECP5_85F_BRAM_BYTES:.1f} times too little. These runs enlarge the "
                  f"buffers beyond what the chip holds" + (f" (the model's memories: {memory_bytes / 1e6:.2f} MB)"
                                                           if memory_bytes else "") + ".")
+    if through_memory:
+        lines.append("Through memory: every tensor in the DRAM behind the port (the scratchpads stay on chip); the "
+                     "step writes no gradients, so the accuracy covers y, dx and the new factors and moments.")
     return "\n".join(lines)
-
