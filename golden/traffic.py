@@ -23,6 +23,9 @@ Three dataflows (``docs/traffic.md`` explains them):
   so a job ``(M, N, K)`` reads its A operand once, its W operand ``ceil(M / rows)`` times and writes its output
   once. The scratchpads become external memory: intermediates (hb, gb, yl, dxl, the gradients) are written by the
   phase that makes them and read by each phase that uses them, in that phase's pattern.
+* :func:`resident`: the memory-fed step as built (``rtl/lora/memstep.py``): every tensor but the weight read once
+  into the on-chip scratchpads, the weight streamed once per tile of ``rows`` tokens in F2 and again in B4, the
+  outputs and the update written once (its exact requests: ``golden/memprogram.py``).
 * :func:`lower_bound`: the issue's definition: W read once for the forward and once for the backward product, x
   and dy read once, y and dx written once, A, B and the moments read and written once.
 * :func:`blocked`: an I/O-aware schedule that keeps token blocks of x (or dy) on chip and streams each weight tile
@@ -35,7 +38,7 @@ Everything here is integer byte counts from the shapes (numpy only). The step's 
 from dataclasses import dataclass, field
 
 __all__ = ["StepShape", "Traffic", "TODAY_PHASES", "DEFAULT_BUFFER_BYTES", "ULX3S_SDRAM_BYTES_PER_S",
-           "ECPIX5_DDR3_BYTES_PER_S", "DEFAULT_EFFICIENCY", "CLOCK_HZ", "nf4_bytes", "today", "lower_bound",
+           "ECPIX5_DDR3_BYTES_PER_S", "DEFAULT_EFFICIENCY", "CLOCK_HZ", "nf4_bytes", "today", "resident", "lower_bound",
            "blocked", "macs", "memory_seconds", "roofline_point"]
 
 #: On-chip buffer budget of the blocked dataflow: 256 KiB of the ECP5-85F's 479,232 bytes of block RAM (114 of 208
@@ -212,6 +215,15 @@ def today(shape):
     _add(read, "grad_B", shape.size("grad_B"))
     _update_traffic(shape, read, written)
     return Traffic("today", shape, read, written, passes, {"rows": shape.rows})
+
+
+def resident(shape):
+    """The memory-fed step as built: the scratchpads on chip, the weight streamed ``2 * ceil(T / rows)`` times."""
+    passes = 2 * _ceil(shape.t, shape.rows)
+    read = {"W": passes * shape.weight_bytes, "x": shape.size("x"), "dy": shape.size("dy")}
+    written = {"y": shape.size("y"), "dx": shape.size("dx")}
+    _update_traffic(shape, read, written)
+    return Traffic("resident", shape, read, written, passes, {"rows": shape.rows})
 
 
 def lower_bound(shape):

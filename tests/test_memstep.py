@@ -88,3 +88,29 @@ def test_config_errors():
         MemStepConfig(step=LoraConfig(rows=3, cols=2))
     with pytest.raises(ValueError, match="whole port words"):
         MemStepConfig(step=LoraConfig(rows=2, cols=2), port=MemPortConfig(data_width=64))
+
+
+@pytest.mark.parametrize("d_in,d_out,t,rows,word", [(64, 32, 4, 2, 2), (2048, 256, 128, 8, 2), (2048, 256, 128, 8, 8),
+                                                    (96, 64, 8, 4, 8)])
+def test_program_bytes_equal_the_traffic_model(d_in, d_out, t, rows, word):
+    """The memory program moves what golden/traffic.py's resident dataflow counts, but for the NF4 offset (in the
+    descriptor, not read) and absmax2 (one port word per group of 256 blocks)."""
+    from edge_qlora.golden import traffic
+    port = mp.PortShape(word, 64, 1024)
+    memmap = layout(d_in, d_out, t, 16)
+    program = {**{f"read {k}": v for k, v in mp.bytes_by_tensor(port, mp.requests(port, mp.read_jobs(memmap, rows),
+                                                                                    "read")).items()},
+               **{f"write {k}": v for k, v in mp.bytes_by_tensor(port, mp.requests(
+                   port, mp.write_jobs(memmap, rows, 8), "write")).items()}}
+    model = traffic.resident(traffic.StepShape(d_in, d_out, t, 16, rows=rows))
+    passes = model.weight_passes
+    groups = -(-(-(-d_in * d_out // 64)) // 256)
+    weight = sum(program[f"read nf4_{k}"] for k in ("codes", "absmax", "absmax2"))
+    assert weight == model.read["W"] - passes * 4 + passes * groups * (max(word, 4) - 4)
+    for name in ("x", "dy"):
+        assert program[f"read {name}"] == model.read[name]
+        assert program[f"write {'y' if name == 'x' else 'dx'}"] == model.written["y" if name == "x" else "dx"]
+    assert program["read lora_A"] + program["read lora_B"] == model.read["A"] + model.read["B"]
+    assert program["write lora_A"] + program["write lora_B"] == model.written["A"] + model.written["B"]
+    state = sum(v for k, v in program.items() if k.startswith("read exp_avg"))
+    assert state == model.read["state"] == sum(v for k, v in program.items() if k.startswith("write exp_avg"))
