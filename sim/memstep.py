@@ -210,6 +210,18 @@ def _dram_cycles(timing, port, reqs):
     return dram.simulate(timing, [(q.address, q.length * port.word_bytes, q.op) for q in reqs]).cycles
 
 
+def _write_path(timing, port, writes):
+    """Cycles the write path needs for ``writes`` one after another: the step hands the writer a job only when the
+    previous one has gone out, so each job's words are packed into the staging FIFO, then written (its own row
+    activation, from a closed row), then the next job starts."""
+    return sum(q.length + _WRITE_HANDOFF + _dram_cycles(timing, port, [q]) for q in writes)
+
+
+#: Cycles between one write job's last word and the next job's first packed word (the sequencer's and the order
+#: FIFO's handshakes).
+_WRITE_HANDOFF = 3
+
+
 def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     """The cycle model of :class:`MemStep` against ``memory``.
 
@@ -247,7 +259,7 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
         outs = [q for q in writes if q.tensor == out]
         one_pass = _interleave(weight[:per_pass], outs[:len(outs) // passes])
         memory_time = passes * _dram_cycles(timing, port, one_pass) - prefetch
-        phases[name] = max(compute[name], memory_time)
+        phases[name] = max(compute[name], memory_time, _write_path(timing, port, outs))
         if name == "F2":
             for before in ("B1", "B5"):
                 phases[before] = compute[before]
@@ -262,7 +274,12 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
             k += 1
         order.append(request)
     order += state[k:]
-    phases["update"] = max(compute["update"], _dram_cycles(timing, port, order))
+    # the moments' FIFOs fill during B2 and B3; the last group's writes go out after the optimizer's last element
+    state_prefetch = sum(min(fifo_words, sum(q.length for q in state if q.tensor == name))
+                         for name in ("exp_avg_A", "exp_avg_sq_A"))
+    last_group = updates[-(3 if scfg.optimizer == "adamw" else 1):]
+    phases["update"] = max(compute["update"] + _dram_cycles(timing, port, last_group),
+                           _dram_cycles(timing, port, order) - state_prefetch)
     total = sum(phases.values())
     return {"cycles": total, "phases": phases, "compute": sum(compute.values()),
             "memory": _dram_cycles(timing, port, reads + writes)}

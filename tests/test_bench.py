@@ -1,10 +1,12 @@
 """``edge-qlora bench``: the small mode end to end (JSON, Markdown table with its ratio columns, PNG plots), the
-clocks it names, where its RTL cycles come from, and its one-line errors. Checks structure and consistency, never
-speed: the bench measures, tests do not time."""
+clocks it names, where its RTL cycles come from (the memory-fed step by default, the on-chip one with ``--memory
+none``), and its one-line errors. Checks structure and consistency, never speed: the bench measures, tests do not
+time."""
 
 import contextlib
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +19,8 @@ from reference import run_cli
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """One small-mode run (about half a minute): its exit status, stdout (the JSON), stderr and output folder."""
+    """One small-mode run (a minute or two: the memory-fed model check on pysim): its exit status, stdout (the
+    JSON), stderr and output folder."""
     out = tmp_path_factory.mktemp("bench") / "out"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -35,12 +38,17 @@ def test_small_mode_json(small):
     assert threads[0] == "1"
     assert {(s["projection"], s["t"]) for s in report["steps"]} == {(p, t) for p in ("q_proj", "k_proj")
                                                                      for t in (16, 128)}
+    assert report["options"]["memory"] == "ulx3s-sdram"       # the memory-fed step by default
     for step in report["steps"]:
-        assert step["cycles_source"] in ("cycle model", "Verilator (this run)") or \
-            step["cycles_source"].startswith("Verilator (measured")
+        assert step["memory"] == "ulx3s-sdram"
+        assert step["cycles_source"] in ("cycle model (ulx3s-sdram)", "Verilator (this run, ulx3s-sdram)") or \
+            (step["cycles_source"].startswith("Verilator (measured") and
+             step["cycles_source"].endswith(", ulx3s-sdram)"))
         assert 0 < step["utilization"] <= 1
-        assert step["fmax_mhz"] == 107.71 and step["fmax_build"] == "GEMM engine 8x8 stands in"
-        assert step["rtl_s"] == pytest.approx(step["cycles"] / 107.71e6)
+        # the step runs at the SDRAM controller's 100 MHz, the clock the DRAM timing counts, not the engine's
+        assert step["fmax_mhz"] == 100
+        assert step["fmax_build"] == "ulx3s-sdram controller clock; GEMM engine 8x8 stands in: 107.71 MHz"
+        assert step["rtl_s"] == pytest.approx(step["cycles"] / 100e6)
         assert step["limit_device_s"] < step["limit_array_s"] <= step["rtl_s"]
         for dtype in ("bf16", "fp32"):
             assert set(step["cpu_s"][dtype]) == set(threads)
@@ -56,26 +64,33 @@ def test_small_mode_json(small):
         assert set(row["cpu_weights_per_s"]) == set(threads)
     assert {row["unit"] for row in report["nf4"]} == {"dequantize", "quantize"}
     assert report["limits"]["device_dsps"] == 156
-    assert report["limits"]["array_macs_per_s"] == pytest.approx(64 * 107.71e6)
+    assert report["limits"]["array_macs_per_s"] == pytest.approx(64 * 100e6)
 
 
 def test_small_mode_checks_the_cycle_model(small):
     report = json.loads(small[1])
     (check,) = report["validation"]
     assert check["source"] == "pysim" and (check["rows"], check["cols"]) == (8, 8)
-    assert abs(check["model_error"]) < 0.02
+    # the memory-fed step at the smallest shape it takes on 8x8 (T a multiple of rows, in and out of cols)
+    assert (check["t"], check["in"], check["out"], check["r"], check["memory"]) == (8, 16, 16, 2, "ulx3s-sdram")
+    assert check["stall_cycles"]["memory"] > 0 and check["bytes_read"] > 0 and check["bytes_written"] > 0
+    assert abs(check["model_error"]) < 0.03
 
 
 def test_small_mode_table_and_plots(small):
     _, _, stderr, out = small
     text = (out / "bench.md").read_text()
     assert "| RTL vs CPU bf16, 1 thread | RTL vs fastest CPU |" in text
+    assert "| RTL cycles | cycles from | memory stalls | PE util. |" in text
+    assert "The step is the **memory-fed** one (`MemStep`, `--memory ulx3s-sdram`)" in text
+    assert "**memory stall cycles included**" in text
+    assert "**The memory-fed QLoRA step (ulx3s-sdram) on the 8x8 array" in text
     assert "RTL vs CPU 1 thr." in text
     # the step table's rows (the model-check table below it names measured shapes as "| q_proj: ...")
     step_rows = [line for line in text.splitlines() if line.startswith(("| q_proj |", "| k_proj |"))]
     assert len(step_rows) == 4
     for line in step_rows:
-        assert "GEMM engine 8x8 stands in" in line
+        assert "GEMM engine 8x8 stands in" in line and "cycle model (ulx3s-sdram)" in line
         assert line.count("slower") + line.count("faster") == 2
     assert "the 8x8 step accelerator has never been routed" in text
     assert "`edge-qlora build --board ulx3s-85f --rows 8 --cols 8`" in text
@@ -105,13 +120,154 @@ def test_measured_steps_are_used_and_dated(tmp_path):
     path = tmp_path / "steps.json"
     path.write_text(json.dumps([{"projection": "q_proj", "t": 16, "r": 16, "rows": 8, "cols": 8,
                                  "cycles": 2_250_000, "model_cycles": 2_249_493, "date": "2026-01-02"}]))
-    opts = bench.options(small=True, measured=str(path))
+    opts = bench.options(small=True, measured=str(path), memory="none")
     measured = bench.load_measured(opts.measured)
     sim = bench.Simulation("pysim")
     row = bench.step_rtl("q_proj", 2048, 2048, 16, opts, measured, sim)
     assert row == {"cycles": 2_250_000, "model_cycles": bench.model_cycles(16, 2048, 2048, 16, opts),
                    "source": "Verilator (measured 2026-01-02)"}
     assert bench.step_rtl("k_proj", 2048, 256, 16, opts, measured, sim)["source"] == "cycle model"
+
+
+def test_measured_steps_match_on_memory(tmp_path, monkeypatch):
+    """An entry of the measured file counts for a row only with the same memory; one naming none is the on-chip
+    step's; the default file follows --memory."""
+    rows = {"projection": "q_proj", "t": 16, "r": 16, "rows": 8, "cols": 8, "model_cycles": 1, "date": "2026-01-02"}
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps([
+        dict(rows, cycles=6_000_000, memory="ulx3s-sdram", stall_cycles={"memory": 500_000, "compute": 7},
+             bytes_read=9_000_000, bytes_written=40_000),
+        dict(rows, cycles=5_000_000, memory="ecpix5-ddr3"),
+        dict(rows, cycles=2_250_000)]))
+    sim = bench.Simulation("pysim")
+    sdram = bench.options(small=True, measured=str(path))
+    row = bench.step_rtl("q_proj", 2048, 2048, 16, sdram, bench.load_measured(path, "ulx3s-sdram"), sim)
+    assert row == {"cycles": 6_000_000, "model_cycles": bench.model_cycles(16, 2048, 2048, 16, sdram),
+                   "source": "Verilator (measured 2026-01-02, ulx3s-sdram)",
+                   "stall_cycles": {"memory": 500_000, "compute": 7}, "bytes_read": 9_000_000, "bytes_written": 40_000}
+    ddr3 = bench.options(small=True, measured=str(path), memory="ecpix5-ddr3")
+    row = bench.step_rtl("q_proj", 2048, 2048, 16, ddr3, bench.load_measured(path, "ecpix5-ddr3"), sim)
+    assert (row["cycles"], row["source"]) == (5_000_000, "Verilator (measured 2026-01-02, ecpix5-ddr3)")
+    assert row["stall_cycles"] is None
+    on_chip = bench.options(small=True, measured=str(path), memory="none")
+    row = bench.step_rtl("q_proj", 2048, 2048, 16, on_chip, bench.load_measured(path), sim)
+    assert (row["cycles"], row["source"]) == (2_250_000, "Verilator (measured 2026-01-02)")
+    # k_proj was measured on none of them: the memory model, naming its memory
+    row = bench.step_rtl("k_proj", 2048, 256, 16, ddr3, bench.load_measured(path, "ecpix5-ddr3"), sim)
+    assert row["source"] == "cycle model (ecpix5-ddr3)" and row["cycles"] == row["model_cycles"]
+    # the default files: the memory-fed step's with a memory, the on-chip step's with none
+    monkeypatch.setattr(bench, "MEASURED_MEMORY_STEPS", path)
+    monkeypatch.setattr(bench, "MEASURED_STEPS", tmp_path / "absent.json")
+    assert set(bench.load_measured(None, "ulx3s-sdram")) == {("q_proj", 16, 16, 8, 8, m)
+                                                             for m in ("ulx3s-sdram", "ecpix5-ddr3", "none")}
+    assert bench.load_measured(None) == {} and bench.load_measured(None, "none") == {}
+
+
+def test_memory_step_runs_on_verilator_within_the_limit(monkeypatch):
+    """Under --verilator-max-cycles, a row is a Verilator run of the memory-fed step on the one model of the seven
+    projections (as `edge-qlora tinyllama --memory` builds it), its stalls and bytes on the row."""
+    calls = []
+
+    def run_mem_step(case, config=None, *, memory=None, backend=None, max_cycles=None, **kwargs):
+        calls.append((tuple(case.x.shape) + (case.dy.shape[1],), config, memory, backend, max_cycles))
+        return SimpleNamespace(cycles=1_300_000, stall_cycles={"memory": 90_000, "compute": 5}, bytes_read=7,
+                               bytes_written=3)
+
+    monkeypatch.setattr("edge_qlora.sim.memstep.run_mem_step", run_mem_step)
+    monkeypatch.setattr(bench.Simulation, "unavailable", staticmethod(lambda: None))
+    opts = bench.options(small=True, backend="auto", verilator_max_cycles=2_000_000)
+    sim = bench.Simulation(opts.backend)
+    row = bench.step_rtl("k_proj", 2048, 256, 16, opts, {}, sim)
+    model = bench.model_cycles(16, 2048, 256, 16, opts)
+    assert model <= 2_000_000
+    assert row == {"cycles": 1_300_000, "model_cycles": model, "source": "Verilator (this run, ulx3s-sdram)",
+                   "stall_cycles": {"memory": 90_000, "compute": 5}, "bytes_read": 7, "bytes_written": 3}
+    assert calls == [((16, 2048, 256), bench.memory_step_config(opts), "ulx3s-sdram", "verilator",
+                      2 * model + 100_000)]
+    # over the limit: the model, no run
+    assert bench.step_rtl("q_proj", 2048, 2048, 16, opts, {}, sim)["source"] == "cycle model (ulx3s-sdram)"
+    assert len(calls) == 1
+
+
+@pytest.fixture
+def quick_bench(monkeypatch, tmp_path):
+    """The small bench with its slow parts replaced (CPU timings, NF4 runs, the machine's description) and the
+    two step simulators recorded: returns ``run(*argv) -> (report, bench.md, calls)``. No measured file."""
+    calls = []
+
+    def run_step(case, config, backend=None, **kwargs):
+        calls.append(("run_step", tuple(case.x.shape) + (case.dy.shape[1], case.lora_A.shape[0]), backend, None))
+        return SimpleNamespace(cycles=1000)
+
+    def run_mem_step(case, config=None, *, memory="ulx3s-sdram", backend=None, **kwargs):
+        calls.append(("run_mem_step", tuple(case.x.shape) + (case.dy.shape[1], case.lora_A.shape[0]), backend,
+                      memory))
+        return SimpleNamespace(cycles=2000, stall_cycles={"memory": 300, "compute": 4}, bytes_read=5000,
+                               bytes_written=600)
+
+    def step_cpu(d_in, d_out, opts):
+        one = {"median_s": 0.5, "samples_s": [0.5] * opts.repeats}
+        return {t: {d: {str(n): one for n in opts.thread_counts()} for d in bench.DTYPES} for t in opts.tokens}
+
+    monkeypatch.setattr("edge_qlora.sim.lora.run_step", run_step)
+    monkeypatch.setattr("edge_qlora.sim.memstep.run_mem_step", run_mem_step)
+    monkeypatch.setattr(bench, "step_cpu", step_cpu)
+    monkeypatch.setattr(bench, "nf4_cpu", lambda opts: {str(n): {"dequantize": 1e8, "quantize": 1e7}
+                                                        for n in opts.thread_counts()})
+    monkeypatch.setattr(bench, "nf4_rtl", lambda unit, lanes, weight, sim: (
+        {"dequantizer": 300} if unit == "dequantize" else {"quantizer": 400, "absmax pass": 50}, "pysim"))
+    monkeypatch.setattr(bench, "_machine", lambda: {
+        "cpu": "test", "threads": 2, "load_average_at_start": None, "python": "3", "torch": "t",
+        "bitsandbytes": "b", "peft": "p", "date": "2026-01-01"})
+    monkeypatch.setattr(bench, "MEASURED_STEPS", tmp_path / "no_steps.json")
+    monkeypatch.setattr(bench, "MEASURED_MEMORY_STEPS", tmp_path / "no_memory_steps.json")
+
+    def run(*argv):
+        out = tmp_path / f"out{len(calls)}"
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+            assert run_cli("bench", "--small", "--json", "-q", "--threads", "1", "--out", out, *argv) == 0
+        return json.loads(stdout.getvalue()), (out / "bench.md").read_text(), calls
+    return run
+
+
+def test_default_memory_runs_the_memory_fed_step(quick_bench):
+    from edge_qlora.sim.memstep import model_cycles
+    from edge_qlora.tinyllama import memory_config
+    report, text, calls = quick_bench()
+    # the model check: one memory-fed step on pysim at a shape it takes; the on-chip step never runs
+    assert calls == [("run_mem_step", (8, 16, 16, 2), "pysim", "ulx3s-sdram")]
+    assert report["options"]["memory"] == "ulx3s-sdram"
+    (check,) = report["validation"]
+    assert (check["cycles"], check["memory"], check["stall_cycles"], check["source"]) == \
+        (2000, "ulx3s-sdram", {"memory": 300, "compute": 4}, "pysim")
+    config = memory_config("ulx3s-sdram", 8, 8, 128, 16)       # the one `edge-qlora tinyllama --memory` runs
+    for step in report["steps"]:
+        model = model_cycles(config, "ulx3s-sdram", step["t"], step["in"], step["out"], 16)["cycles"]
+        assert step["cycles"] == step["model_cycles"] == model
+        assert step["cycles_source"] == "cycle model (ulx3s-sdram)" and step["memory"] == "ulx3s-sdram"
+        assert step["stall_cycles"] is None and step["fmax_mhz"] == 100
+    assert "**memory stall cycles included**" in text and "| cycles from | memory stalls |" in text
+    assert "| 8x8, ulx3s-sdram | 2,000 | pysim |" in text
+
+
+def test_memory_none_is_the_on_chip_step(quick_bench):
+    from edge_qlora.sim.lora import step_cycles
+    report, text, calls = quick_bench("--memory", "none")
+    assert calls == [("run_step", (2, 16, 16, 2), "pysim", None)]       # the old model check, on the old step
+    assert report["options"]["memory"] == "none" and report["options"]["validation"] == [[2, 16, 16, 2]]
+    assert report["simulator"]["measured_file"] is None
+    for step in report["steps"]:
+        model = sum(step_cycles(step["t"], step["in"], step["out"], 16, 8, 8, optimizer="adamw").values())
+        assert step["cycles"] == step["model_cycles"] == model
+        assert step["cycles_source"] == "cycle model" and step["memory"] == "none"
+        assert "stall_cycles" not in step
+        assert step["fmax_mhz"] == 107.71 and step["fmax_build"] == "GEMM engine 8x8 stands in"
+    assert report["clocks"][0]["mhz"] == 107.71
+    # the table as before: no memory column, no memory line
+    assert "| projection | in -> out | T | RTL cycles | cycles from | PE util. | Fmax MHz (build) | RTL ms |" in text
+    assert "memory-fed" not in text and "memory stall" not in text and "sdram" not in text
+    assert "**The QLoRA step on the 8x8 array" in text and "| 8x8 | 1,000 | pysim |" in text
 
 
 def test_simulation_falls_back_and_labels_truly(monkeypatch):
@@ -145,6 +301,9 @@ def test_simulation_falls_back_and_labels_truly(monkeypatch):
     (["--measured", "{bad}"], "every entry needs projection, t, r, rows, cols and cycles"),
     (["--out", "{file}"], "exists and is not a folder"),
     (["--out", "{missing}/deeper"], "does not exist"),
+    (["--memory", "hbm"], "invalid choice: 'hbm'"),
+    (["--memory", "ecpix5-ddr3", "--rows", "2", "--cols", "2"], "--memory ecpix5-ddr3 on the 2x2 array"),
+    (["--memory", "ulx3s-sdram", "--rows", "3", "--cols", "4", "--fmax", "50"], "rows (3) must be a power of two"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, fragment):
     (tmp_path / "file").write_text("")
