@@ -9,7 +9,12 @@ Two jobs, each timed both ways on this machine:
   The RTL's time is its cycles times the clock of the step accelerator's routed build, or of the build that
   stands in for it (named on every row). The cycles come, per row, from a Verilator run (a file of measured runs,
   or a run this bench makes where it is short enough) or from the cycle model
-  (:func:`edge_qlora.sim.lora.step_cycles`), which the bench checks against RTL runs of its own. The CPU's time is
+  (:func:`edge_qlora.sim.lora.step_cycles`), which the bench checks against RTL runs of its own. With a memory
+  (``memory``, ``--memory``; ``ulx3s-sdram`` by default) the step is the memory-fed one (``rtl/lora/memstep.py``):
+  every tensor in that DRAM behind a memory port, the cycles (memory stalls included) from a file of measured runs
+  (:data:`MEASURED_MEMORY_STEPS`), a Verilator run of :func:`edge_qlora.sim.memstep.run_mem_step`, or its cycle
+  model (:func:`edge_qlora.sim.memstep.model_cycles`), and the clock at most the memory controller's, whose cycles
+  the DRAM timing counts; ``none`` is the step with every tensor on chip. The CPU's time is
   PEFT LoRA on a bitsandbytes NF4 ``Linear4bit``, the same shapes, in bf16 and in fp32, on one thread and on all,
   the median of several runs after warm-up. Beside them: the physical limit, the time the step's useful
   multiply-accumulates take at one per DSP per cycle, on the array and on all of the device's DSPs.
@@ -20,6 +25,7 @@ Two jobs, each timed both ways on this machine:
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -33,14 +39,21 @@ from datetime import date
 from pathlib import Path
 
 from .boards import fmax as clocks
-from .constants import TINYLLAMA_PROJECTIONS
+from .constants import DRAM_PRESETS, TINYLLAMA_PROJECTIONS
 
 __all__ = ["BenchOptions", "options", "Simulation", "run", "markdown", "write", "prepare_out", "load_measured",
-           "model_cycles", "step_rtl", "thread_list", "lanes_list", "OUTPUT_FILES", "MEASURED_STEPS"]
+           "model_cycles", "step_rtl", "thread_list", "lanes_list", "OUTPUT_FILES", "MEASURED_STEPS",
+           "MEASURED_MEMORY_STEPS", "MEMORY_CHOICES"]
 
 #: where another tool writes TinyLlama steps measured on Verilator: a list of objects with the keys projection,
 #: t, r, rows, cols, cycles, model_cycles (and optionally date)
 MEASURED_STEPS = Path(__file__).resolve().parent.parent / "docs" / "tinyllama_steps.json"
+#: the same for the memory-fed step (``edge-qlora tinyllama --memory M --json``): each entry also names its memory
+#: (and gives stall_cycles, bytes_read, bytes_written)
+MEASURED_MEMORY_STEPS = Path(__file__).resolve().parent.parent / "docs" / "tinyllama_memory_steps.json"
+#: ``--memory``: a DRAM preset (``constants.DRAM_PRESETS``) the step is fed from, or ``none`` (every tensor on chip)
+NO_MEMORY = "none"
+MEMORY_CHOICES = tuple(DRAM_PRESETS) + (NO_MEMORY,)
 OUTPUT_FILES = ("bench.md", "bench.json", "bench_utilization.png", "bench_step_time.png")
 DTYPES = ("bf16", "fp32")
 CPU_SHAPE = (2048, 2048)
@@ -75,13 +88,19 @@ class BenchOptions:
     nf4_weights: int = 16384              # simulated weights per NF4 run (TinyLlama rows of 2048)
     warmup: int = 2
     repeats: int = 5
-    #: small steps simulated on the RTL to check the cycle model: (T, in, out, rank)
+    #: small steps simulated on the RTL to check the cycle model: (T, in, out, rank); with a memory, the default
+    #: ones are rounded up to the shapes the memory-fed step takes (T to a multiple of rows, in and out of cols)
     validation: tuple = ((2, 16, 16, 2), (8, 64, 64, 8), (16, 64, 64, 16))
     backend: str = "auto"                 # auto, pysim or verilator
     fmax_mhz: float = None                # the user's clock for the step rows, instead of a routed build's
     measured: str = None                  # a file of measured steps; None: MEASURED_STEPS where it exists
     verilator_max_cycles: int = 3_000_000  # TinyLlama steps the bench runs on Verilator (by the model's count)
     seed: int = 0
+    memory: str = "ulx3s-sdram"           # the DRAM the memory-fed step reads and writes; "none": the on-chip step
+
+    @property
+    def through_memory(self):
+        return self.memory != NO_MEMORY
 
     def thread_counts(self):
         return tuple(dict.fromkeys(all_threads() if n is None else n for n in self.threads))
@@ -97,8 +116,17 @@ def options(small=False, **given):
                        repeats=3, validation=((2, 16, 16, 2),), verilator_max_cycles=0, backend="pysim")
     given = {key: value for key, value in given.items() if value is not None}
     opts = replace(base, **given)
+    if opts.through_memory and "validation" not in given and opts.memory in DRAM_PRESETS:
+        opts = replace(opts, validation=tuple(dict.fromkeys(_fit(case, opts.rows, opts.cols)
+                                                            for case in opts.validation)))
     _check(opts)
     return opts
+
+
+def _fit(case, rows, cols):
+    """A validation step rounded up to a shape of the memory-fed step: T a multiple of rows, in and out of cols."""
+    t, d_in, d_out, r = case
+    return (-(-t // rows) * rows, -(-d_in // cols) * cols, -(-d_out // cols) * cols, r)
 
 
 def _check(opts):
@@ -124,9 +152,68 @@ def _check(opts):
             except ValueError as error:
                 raise _input_error(f"--lanes: {error}") from None
     _step_clock(opts)
+    if opts.memory not in MEMORY_CHOICES:
+        raise _input_error(f"--memory must be one of {', '.join(MEMORY_CHOICES)}, not {opts.memory!r}")
+    if opts.through_memory:
+        _check_memory_shapes(opts)
+
+
+def _check_memory_shapes(opts):
+    """Every shape the bench would run on the memory-fed step, checked before any work: one line for the first
+    the step (its array, its port) cannot take."""
+    from .tinyllama import check_memory_shape
+    where = f"--memory {opts.memory} on the {opts.rows}x{opts.cols} array"
+    try:
+        config = memory_step_config(opts)
+    except ValueError as error:
+        raise _input_error(f"{where}: {error}") from None
+    shapes = [(config, (t, d_in, d_out, opts.rank), f"{name} T={t}")
+              for name, d_in, d_out in opts.projections for t in opts.tokens]
+    if opts.validation:
+        checks = memory_step_config(opts, opts.validation)
+        shapes += [(checks, case, f"the model check T={case[0]} {case[1]}->{case[2]} r={case[3]}")
+                   for case in opts.validation]
+    for config, (t, d_in, d_out, r), what in shapes:
+        try:
+            check_memory_shape(config, t, d_in, d_out, r)
+        except ValueError as error:
+            raise _input_error(f"{where}: {what}: {error}") from None
 
 
 def _step_clock(opts):
+    """The step's clock; with a memory, at most the memory controller's (the DRAM timing counts its cycles, and
+    the step and the controller share them)."""
+    choice = _routed_step_clock(opts)
+    if opts.through_memory and opts.memory in DRAM_PRESETS:
+        memory_mhz = DRAM_PRESETS[opts.memory].clock_mhz
+        if memory_mhz < choice.mhz:
+            return MemoryClock(memory_mhz, choice, opts.memory)
+    return choice
+
+
+@dataclass(frozen=True)
+class MemoryClock:
+    """The memory controller's clock, slower than the step's own: the memory-fed step's cycles are the DRAM timing
+    model's, counted at the controller's clock, so the step runs no faster."""
+
+    mhz: float
+    step: object          # the step's own clock (a ClockChoice)
+    memory: str
+
+    @property
+    def build(self):
+        return self.step.build
+
+    @property
+    def same_config(self):
+        return self.step.same_config
+
+    @property
+    def label(self):
+        return f"{self.memory} controller clock; {self.step.label}: {self.step.mhz} MHz"
+
+
+def _routed_step_clock(opts):
     if opts.fmax_mhz is not None:
         return clocks.ClockChoice(opts.fmax_mhz)
     try:
@@ -338,13 +425,20 @@ def _file_date(path):
     return out or date.fromtimestamp(os.path.getmtime(path)).isoformat()
 
 
-def load_measured(path):
-    """Steps measured on Verilator (:data:`MEASURED_STEPS` when ``path`` is None, and only if it exists):
-    ``{(projection, t, r, rows, cols): {"cycles", "model_cycles", "date"}}``."""
+def measured_default(memory=NO_MEMORY):
+    """The file of measured steps of the on-chip step (``none``) or of the memory-fed step."""
+    return MEASURED_STEPS if memory == NO_MEMORY else MEASURED_MEMORY_STEPS
+
+
+def load_measured(path, memory=NO_MEMORY):
+    """Steps measured on Verilator (when ``path`` is None, :data:`MEASURED_STEPS`, or with a ``memory``
+    :data:`MEASURED_MEMORY_STEPS`, and only if it exists): ``{(projection, t, r, rows, cols, memory): {"cycles",
+    "model_cycles", "date", "stall_cycles", "bytes_read", "bytes_written"}}``, ``memory`` being ``none`` for an
+    entry that names none (the on-chip step)."""
     if path is None:
-        if not MEASURED_STEPS.exists():
+        path = measured_default(memory)
+        if not path.exists():
             return {}
-        path = MEASURED_STEPS
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -357,18 +451,39 @@ def load_measured(path):
     for entry in entries:
         try:
             key = (str(entry["projection"]), int(entry["t"]), int(entry["r"]), int(entry["rows"]),
-                   int(entry["cols"]))
+                   int(entry["cols"]), str(entry.get("memory") or NO_MEMORY))
             table[key] = {"cycles": int(entry["cycles"]), "model_cycles": entry.get("model_cycles"),
-                          "date": str(entry.get("date") or when)}
+                          "date": str(entry.get("date") or when), "stall_cycles": entry.get("stall_cycles"),
+                          "bytes_read": entry.get("bytes_read"), "bytes_written": entry.get("bytes_written")}
         except (KeyError, TypeError, ValueError):
             raise _input_error(f"--measured {path}: every entry needs projection, t, r, rows, cols and cycles, "
                                f"not {entry!r:.80}") from None
     return table
 
 
-def model_cycles(t, d_in, d_out, r, opts):
+def model_cycles(t, d_in, d_out, r, opts, config=None):
+    """The cycle model of the step: the on-chip step's, or with a memory the memory-fed step's (``config`` its
+    ``MemStepConfig``, by default :func:`memory_step_config`)."""
+    if opts.through_memory:
+        return _memory_model(config or memory_step_config(opts), opts.memory, t, d_in, d_out, r)
     from .sim.lora import step_cycles
     return sum(step_cycles(t, d_in, d_out, r, opts.rows, opts.cols, optimizer="adamw").values())
+
+
+@functools.lru_cache(maxsize=None)
+def _memory_model(config, memory, t, d_in, d_out, r):
+    """The memory-fed step's cycle model (seconds at TinyLlama's shapes: k_proj and v_proj share theirs)."""
+    from .sim.memstep import model_cycles as memory_model
+    return memory_model(config, memory, t, d_in, d_out, r)["cycles"]
+
+
+def memory_step_config(opts, shapes=None):
+    """The memory-fed step behind ``opts.memory``'s port: for the TinyLlama rows (``shapes`` None) the one
+    ``edge-qlora tinyllama --memory`` runs (so a compiled model is shared), else sized for ``shapes``."""
+    from .tinyllama import memory_config
+    if shapes is None:
+        return memory_config(opts.memory, opts.rows, opts.cols, max(128, *opts.tokens), opts.rank)
+    return memory_config(opts.memory, step=step_config(opts, shapes))
 
 
 def step_config(opts, shapes):
@@ -393,12 +508,51 @@ def _simulate_step(t, d_in, d_out, r, opts, sim, pysim, config):
     return sim.run(run_step, case, config, pysim=pysim, **extra)
 
 
+def _simulate_mem_step(t, d_in, d_out, r, opts, sim, pysim, config):
+    """One memory-fed step of a random case against ``opts.memory``'s DRAM model: ``(MemStepRun or None,
+    source)``."""
+    from .golden.lora import random_case
+    from .sim.memstep import run_mem_step
+    case = random_case(t, d_in, d_out, r, "adamw", seed=opts.seed)
+    limit = 2 * model_cycles(t, d_in, d_out, r, opts, config) + 100_000
+    return sim.run(run_mem_step, case, config, memory=opts.memory, max_cycles=limit, pysim=pysim)
+
+
+def _memory_fields(run):
+    """What a run through memory adds to its row (None where the cycles are the model's)."""
+    if run is None:
+        return {"stall_cycles": None, "bytes_read": None, "bytes_written": None}
+    if isinstance(run, dict):
+        return {key: run.get(key) for key in ("stall_cycles", "bytes_read", "bytes_written")}
+    return {"stall_cycles": dict(run.stall_cycles), "bytes_read": run.bytes_read, "bytes_written": run.bytes_written}
+
+
+def _step_rtl_memory(name, d_in, d_out, t, opts, measured, sim):
+    from .sim.memstep import run_mem_step
+    config = memory_step_config(opts)
+    model = model_cycles(t, d_in, d_out, opts.rank, opts, config)
+    entry = measured.get((name, t, opts.rank, opts.rows, opts.cols, opts.memory))
+    if entry is not None:
+        return {"cycles": entry["cycles"], "model_cycles": model,
+                "source": f"Verilator (measured {entry['date']}, {opts.memory})", **_memory_fields(entry)}
+    if model <= opts.verilator_max_cycles and sim.verilator(run_mem_step):
+        run, _ = _simulate_mem_step(t, d_in, d_out, opts.rank, opts, sim, False, config)
+        if run is not None:
+            return {"cycles": run.cycles, "model_cycles": model, "source": f"Verilator (this run, {opts.memory})",
+                    **_memory_fields(run)}
+    return {"cycles": model, "model_cycles": model, "source": f"cycle model ({opts.memory})",
+            **_memory_fields(None)}
+
+
 def step_rtl(name, d_in, d_out, t, opts, measured, sim):
     """A TinyLlama step's RTL cycles: measured on Verilator (the file), run on Verilator here (when it is
-    available and the model predicts at most ``verilator_max_cycles``), or the cycle model."""
+    available and the model predicts at most ``verilator_max_cycles``), or the cycle model; with a memory, of the
+    memory-fed step (a measured entry must name the same memory), the source naming the memory."""
+    if opts.through_memory:
+        return _step_rtl_memory(name, d_in, d_out, t, opts, measured, sim)
     from .sim.lora import run_step
     model = model_cycles(t, d_in, d_out, opts.rank, opts)
-    entry = measured.get((name, t, opts.rank, opts.rows, opts.cols))
+    entry = measured.get((name, t, opts.rank, opts.rows, opts.cols, NO_MEMORY))
     if entry is not None:
         return {"cycles": entry["cycles"], "model_cycles": model, "source": f"Verilator (measured {entry['date']})"}
     if model <= opts.verilator_max_cycles and sim.verilator(run_step):
@@ -412,10 +566,18 @@ def step_rtl(name, d_in, d_out, t, opts, measured, sim):
 def validate(case, opts, sim):
     """A small step on the RTL (Verilator or pysim) against the cycle model."""
     t, d_in, d_out, r = case
-    run, source = _simulate_step(t, d_in, d_out, r, opts, sim, True, step_config(opts, opts.validation))
-    model = model_cycles(t, d_in, d_out, r, opts)
+    if opts.through_memory:
+        config = memory_step_config(opts, opts.validation)
+        run, source = _simulate_mem_step(t, d_in, d_out, r, opts, sim, True, config)
+        model = model_cycles(t, d_in, d_out, r, opts, config)
+        extra = _memory_fields(run)
+    else:
+        run, source = _simulate_step(t, d_in, d_out, r, opts, sim, True, step_config(opts, opts.validation))
+        model = model_cycles(t, d_in, d_out, r, opts)
+        extra = {}
     return {"t": t, "in": d_in, "out": d_out, "r": r, "rows": opts.rows, "cols": opts.cols, "cycles": run.cycles,
-            "model_cycles": model, "model_error": (model - run.cycles) / run.cycles, "source": source}
+            "model_cycles": model, "model_error": (model - run.cycles) / run.cycles, "source": source,
+            "memory": opts.memory, **extra}
 
 
 # --- the rows ------------------------------------------------------------------------------------------------------
@@ -453,6 +615,8 @@ def step_row(name, d_in, d_out, t, rtl, cpu, opts, clock):
         "cpu_gmac_per_s": {dtype: {n: macs / s / 1e9 for n, s in by.items()} for dtype, by in cpu_s.items()},
         "rtl_over_cpu": {dtype: {n: rtl_s / s for n, s in by.items()} for dtype, by in cpu_s.items()},
         "fastest_cpu": {"dtype": best[1], "threads": best[2], "s": best[0]}, "rtl_over_fastest_cpu": rtl_s / best[0],
+        "memory": opts.memory, **({key: rtl.get(key) for key in ("stall_cycles", "bytes_read", "bytes_written")}
+                                  if opts.through_memory else {}),
     }
 
 
@@ -505,7 +669,7 @@ def run(opts, progress=False):
     """Run the bench; returns the report (a JSON-ready dict)."""
     from tqdm import tqdm
     sim, clock = Simulation(opts.backend), _step_clock(opts)
-    measured = load_measured(opts.measured)
+    measured = load_measured(opts.measured, opts.memory)
     report = {"mode": "small" if opts.small else "full", "machine": _machine(),
               "options": {k: v for k, v in asdict(opts).items() if k != "threads"},
               "threads": list(opts.thread_counts())}
@@ -534,7 +698,8 @@ def run(opts, progress=False):
 def _measured_name(opts):
     if opts.measured is not None:
         return str(opts.measured)
-    return str(MEASURED_STEPS) if MEASURED_STEPS.exists() else None
+    default = measured_default(opts.memory)
+    return str(default) if default.exists() else None
 
 
 def _clocks(opts, clock):
@@ -583,20 +748,34 @@ def _nf4_table(report):
     return lines
 
 
+def _through_memory(report):
+    """The memory the report's steps were fed from, or None (the on-chip step)."""
+    memory = report["options"].get("memory", NO_MEMORY)
+    return None if memory in (None, NO_MEMORY) else memory
+
+
+def _stalls(row):
+    stalls = row.get("stall_cycles")
+    return "-" if not stalls else f"{stalls.get('memory', 0):,}"
+
+
 def _step_table(report):
     threads = report["threads"]
     per = " / ".join(str(n) for n in threads)
-    lines = [f"| projection | in -> out | T | RTL cycles | cycles from | PE util. | Fmax MHz (build) | RTL ms | "
-             f"limit ms: array / {clocks.DEVICE_DSPS} DSPs | CPU bf16 ms ({per} thr.) | CPU fp32 ms ({per} thr.) | "
-             f"RTL vs CPU bf16, 1 thread | RTL vs fastest CPU |",
-             "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    memory = _through_memory(report)
+    stall_head, stall_rule = (" memory stalls |", "---:|") if memory else ("", "")
+    lines = [f"| projection | in -> out | T | RTL cycles | cycles from |{stall_head} PE util. | Fmax MHz (build) | "
+             f"RTL ms | limit ms: array / {clocks.DEVICE_DSPS} DSPs | CPU bf16 ms ({per} thr.) | CPU fp32 ms ({per} "
+             f"thr.) | RTL vs CPU bf16, 1 thread | RTL vs fastest CPU |",
+             f"|---|---|---:|---:|---|{stall_rule}---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["steps"]:
         cpu = {dtype: " / ".join(_ms(row["cpu_s"][dtype][str(n)]) for n in threads) for dtype in DTYPES}
         one = row["rtl_over_cpu"]["bf16"].get("1")
         fastest = row["fastest_cpu"]
+        stalls = f" {_stalls(row)} |" if memory else ""
         lines.append(
             f"| {row['projection']} | {row['in']} -> {row['out']} | {row['t']} | {row['cycles']:,} | "
-            f"{row['cycles_source']} | {row['utilization']:.1%} | {row['fmax_mhz']} ({row['fmax_build']}) | "
+            f"{row['cycles_source']} |{stalls} {row['utilization']:.1%} | {row['fmax_mhz']} ({row['fmax_build']}) | "
             f"{_ms(row['rtl_s'])} | {_ms(row['limit_array_s'])} / {_ms(row['limit_device_s'])} | {cpu['bf16']} | "
             f"{cpu['fp32']} | {'-' if one is None else _versus(one)} | {_versus(row['rtl_over_fastest_cpu'])} "
             f"({fastest['dtype']}, {fastest['threads']} thr.) |")
@@ -611,16 +790,18 @@ def _validation_table(report):
     for v in report["validation"]:
         checks[(v["t"], v["in"], v["out"], v["r"], v["source"])] = dict(v, names=[])
     for s in report["steps"]:
-        if s["cycles_source"] != "cycle model":
+        if not s["cycles_source"].startswith("cycle model"):
             key = (s["t"], s["in"], s["out"], s["r"], s["cycles_source"])
             checks.setdefault(key, {"t": s["t"], "in": s["in"], "out": s["out"], "r": s["r"], "rows": s["rows"],
                                     "cols": s["cols"], "cycles": s["cycles"], "model_cycles": s["model_cycles"],
                                     "source": s["cycles_source"], "names": [],
                                     "model_error": (s["model_cycles"] - s["cycles"]) / s["cycles"]})
             checks[key]["names"].append(s["projection"])
+    memory = _through_memory(report)
     for v in checks.values():
         names = f"{', '.join(v['names'])}: " if v["names"] else ""
-        lines.append(f"| {names}T={v['t']}, {v['in']} -> {v['out']}, r={v['r']} | {v['rows']}x{v['cols']} | "
+        array = f"{v['rows']}x{v['cols']}" + (f", {memory}" if memory else "")
+        lines.append(f"| {names}T={v['t']}, {v['in']} -> {v['out']}, r={v['r']} | {array} | "
                      f"{v['cycles']:,} | {v['source']} | {v['model_cycles']:,} | {v['model_error']:+.2%} |")
     return lines, list(checks.values())
 
@@ -654,7 +835,9 @@ def _summary(report, checks):
     if steps:
         ratios = [s["rtl_over_cpu"]["bf16"]["1"] for s in steps]
         verdict = " (slower on every row)" if min(ratios) > 1 else " (faster on every row)" if max(ratios) < 1 else ""
-        lines.append(f"**The QLoRA step on the {steps[0]['rows']}x{steps[0]['cols']} array, in multiples of one "
+        memory = _through_memory(report)
+        step = f"memory-fed QLoRA step ({memory})" if memory else "QLoRA step"
+        lines.append(f"**The {step} on the {steps[0]['rows']}x{steps[0]['cols']} array, in multiples of one "
                      f"CPU thread's time in bf16{verdict}: {_ranges(steps, lambda s: s['rtl_over_cpu']['bf16']['1'])};"
                      f" of the fastest CPU setting measured here: {_ranges(steps, lambda s: s['rtl_over_fastest_cpu'])}"
                      f".** At its physical limit (each of the device's {clocks.DEVICE_DSPS} DSPs doing a useful "
@@ -665,6 +848,17 @@ def _summary(report, checks):
         lines.append(f"The cycle model is within {abs(worst['model_error']):.2%} of every RTL run above "
                      f"(worst: T={worst['t']}, {worst['in']} -> {worst['out']}, r={worst['r']}).")
     return lines
+
+
+def _memory_line(report, memory):
+    """The line under the step table's heading: which step, which memory, stalls included, which clock."""
+    timing = DRAM_PRESETS.get(memory)
+    clock = "" if timing is None else \
+        (f" The clock is at most the memory controller's {timing.clock_mhz:g} MHz, whose cycles the DRAM timing "
+         f"counts.")
+    return (f"The step is the **memory-fed** one (`MemStep`, `--memory {memory}`): every tensor in the {memory} "
+            f"DRAM behind one memory port, its cycles against the DRAM's timing model, **memory stall cycles "
+            f"included** (the cycle model with memory where no RTL run gives them).{clock}")
 
 
 def markdown(report):
@@ -686,6 +880,9 @@ def markdown(report):
               f"RTL: cycles x Fmax. Limit: the step's useful multiply-accumulates (2 T in out + 3 T r (in + out)) "
               f"at one per PE per cycle, and at one per DSP of the {clocks.DEVICE} per cycle, at the same clock. "
               f"CPU: PEFT LoRA on a bitsandbytes NF4 `Linear4bit` (double quantization), AdamW, same shapes.", ""]
+    memory = _through_memory(report)
+    if memory:
+        lines += [_memory_line(report, memory), ""]
     lines += _step_table(report)
     lines += [""] + _contention(report)
     table, checks = _validation_table(report)
@@ -721,8 +918,9 @@ def plot_utilization(report, file):
     ax.set_xticks(np.arange(len(names)) + width * (len(tokens) - 1) / 2, names)
     ax.set_ylim(0, 110)
     ax.set_ylabel("PE utilization, %")
-    ax.set_title(f"QLoRA step on the {steps[0]['rows']}x{steps[0]['cols']} array, r={steps[0]['r']}: "
-                 "useful MACs / (PEs x cycles)")
+    memory = _through_memory(report)
+    ax.set_title(f"{'memory-fed ' if memory else ''}QLoRA step on the {steps[0]['rows']}x{steps[0]['cols']} array"
+                 f"{f' ({memory})' if memory else ''}, r={steps[0]['r']}: useful MACs / (PEs x cycles)")
     ax.legend(loc="lower right")
     sources = sorted({s["cycles_source"] for s in steps})
     ax.set_xlabel(f"cycles from: {', '.join(sources)}")

@@ -388,13 +388,15 @@ def _bench_options(command):
                     "routed build, named on every row) against the software it replaces: NF4 quantize and "
                     "dequantize weights per second (bitsandbytes on the CPU), and one QLoRA step (forward, "
                     "backward, AdamW) of each TinyLlama-1.1B projection at T = 16 and 128 (PEFT + bitsandbytes "
-                    "NF4 in bf16 and fp32, on one thread and on all). Step cycles come from Verilator runs where "
+                    "NF4 in bf16 and fp32, on one thread and on all). The step is the memory-fed one, every tensor "
+                    "in --memory's DRAM behind a memory port (stalls included), or with --memory none the step "
+                    "with every tensor on chip. Step cycles come from Verilator runs where "
                     "there are some, else from the cycle model, checked against RTL runs in the same bench. "
                     "Prints a Markdown table (or --json) and writes bench.md, bench.json and two PNG plots to "
                     "--out. See docs/bench.md.")
     bench.add_argument("--small", action="store_true",
-                       help="a quick run for CI (under a minute): q_proj and k_proj, 8 lanes, 2048 simulated weights, "
-                            "one small check of the cycle model, 3 timed runs, Amaranth's simulator")
+                       help="a quick run for CI (one to two minutes): q_proj and k_proj, 8 lanes, 2048 simulated "
+                            "weights, one small check of the cycle model, 3 timed runs, Amaranth's simulator")
     bench.add_argument("--out", metavar="DIR", default=os.path.join("build", "bench"),
                        help="folder for bench.md, bench.json, bench_utilization.png, bench_step_time.png "
                             "(created if missing)")
@@ -420,9 +422,14 @@ def _bench_options(command):
     bench.add_argument("--fmax", type=float, default=None, metavar="MHZ",
                        help="clock of the step accelerator, instead of the routed build's (default: the routed "
                             "build of the array, or the routed GEMM engine of the array standing in)")
+    bench.add_argument("--memory", choices=MEMORIES + ("none",), default="ulx3s-sdram",
+                       help="the DRAM the step is fed from: the memory-fed step, every tensor in that DRAM behind a "
+                            "memory port, against its timing model (clock at most the memory controller's); none: "
+                            "the step with every tensor on chip")
     bench.add_argument("--measured", metavar="FILE", default=None,
-                       help="JSON list of TinyLlama steps measured on Verilator (default: docs/tinyllama_steps.json "
-                            "of the repository, where it exists)")
+                       help="JSON list of TinyLlama steps measured on Verilator, of the step --memory selects "
+                            "(default: docs/tinyllama_memory_steps.json with a memory, docs/tinyllama_steps.json "
+                            "with --memory none, where it exists)")
 
 
 def _footprint_models():
@@ -680,18 +687,18 @@ def _build(args):
                                 blocksize=args.blocksize, double_quant=args.double_quant)
         except ValueError as error:
             raise BuildError(f"--lora: {error}") from None
-        design = LoraStep(config)
         what = (f"LoraStep({args.rows}x{args.cols} array, T<={args.max_t}, in<={args.max_in}, "
                 f"out<={args.max_out}, rank<={args.max_rank}, {args.optimizer}, NF4 blocksize {args.blocksize})")
         if args.memory:
             from .rtl.lora.memstep import MemStep, MemStepConfig
             from .rtl.memport import port_for
-            design._MustUse__silence = True     # replaced by the step behind the port: never elaborated alone
             try:
                 design = MemStep(MemStepConfig(step=config, port=port_for(DRAM_PRESETS[args.memory])))
             except ValueError as error:
                 raise BuildError(f"--memory: {error}") from None
             what = f"MemStep({args.memory} port) around {what}"
+        else:
+            design = LoraStep(config)
     elif args.rows is not None:
         from .rtl.gemm import GemmConfig, GemmEngine
         if not 16 <= args.max_k <= 1 << 16:
@@ -1159,7 +1166,8 @@ def _bench(args):
 
     opts = options(args.small, rows=args.rows, cols=args.cols, rank=args.rank, threads=args.threads,
                    lanes=args.lanes, warmup=args.warmup, repeats=args.repeats, backend=args.backend,
-                   verilator_max_cycles=args.verilator_max_cycles, fmax_mhz=args.fmax, measured=args.measured)
+                   verilator_max_cycles=args.verilator_max_cycles, fmax_mhz=args.fmax, measured=args.measured,
+                   memory=args.memory)
     prepare_out(args.out)
     report = run(opts, progress=_show_progress(args))
     text = markdown(report)
