@@ -17,6 +17,7 @@ is the next step.
 """
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, enum, stream, wiring
@@ -437,20 +438,16 @@ class MemStep(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg, port = self.config, self.config.port
+        cfg = self.config
         scfg = cfg.step
-        W, wb = port.data_width, port.word_bytes
-        dq = scfg.double_quant
         m.submodules.step = step = self.step
         m.submodules.read_sequencer = rseq = ReadSequencer(cfg)
         m.submodules.write_sequencer = wseq = WriteSequencer(cfg)
-        reads, writes = rseq.reads, wseq.writes
         m.d.comb += self.phase.eq(step.phase)
 
         # --- the descriptor, held for the step; the sizes, registered once (a few multipliers off every fast path)
         held = Signal(descriptor_layout(cfg))
-        running, header_sent, reported, finished = Signal(), Signal(), Signal(), Signal()
-        start, sized = Signal(), Signal()
+        running, header_sent, start, sized = Signal(), Signal(), Signal(), Signal()
         m.d.comb += [self.descriptor.ready.eq(~running), start.eq(self.descriptor.valid & ~running)]
         with m.If(start):
             m.d.sync += [held.eq(self.descriptor.payload), running.eq(1), header_sent.eq(0)]
@@ -467,10 +464,21 @@ class MemStep(wiring.Component):
             sized.eq(start),
         ]
         for seq in (rseq, wseq):
-            m.d.comb += [seq.start.eq(sized), seq.clear.eq(self.report.valid & self.report.ready),
-                         seq.sizes.eq(sizes), seq.address.eq(held.address)]
+            m.d.comb += [seq.start.eq(sized), seq.sizes.eq(sizes), seq.address.eq(held.address)]
 
-        # --- reads: the sequencer's jobs through the tagged reader, each destination through an unpacker
+        ctl = SimpleNamespace(start=start, running=running, header_sent=header_sent, head=head, sizes=sizes)
+        reader = self._reads(m, step, rseq, ctl)
+        writes = self._writes(m, step, wseq, ctl)
+        self._report(m, step, rseq, wseq, reader, writes, ctl)
+        return m
+
+    def _reads(self, m, step, rseq, ctl):
+        """The read sequencer's jobs through the tagged reader, each destination through an unpacker into the
+        step's input streams; returns the reader."""
+        cfg, port = self.config, self.config.port
+        scfg, W, wb, dq = cfg.step, port.data_width, port.word_bytes, cfg.step.double_quant
+        reads, sizes, head, n = rseq.reads, ctl.sizes, ctl.head, ctl.head.n_weights
+        start, running, header_sent = ctl.start, ctl.running, ctl.header_sent
         m.submodules.reader = reader = TaggedReader(port, [cfg.fifo_words] * len(reads))
         wiring.connect(m, rseq.job, reader.job)
         wiring.connect(m, reader.read_cmd, wiring.flipped(self.mem.read_cmd))
@@ -536,7 +544,14 @@ class MemStep(wiring.Component):
         else:
             m.d.comb += step.state_in.valid.eq(1)     # SGD keeps no moments: zeros, one per element
 
-        # --- writes: packers, their words in request order through a staging FIFO, the burst writer
+        return reader
+
+    def _writes(self, m, step, wseq, ctl):
+        """Packers, their words in request order through a staging FIFO, the burst writer; returns the parts the
+        report watches."""
+        cfg, port = self.config, self.config.port
+        scfg, W = cfg.step, port.data_width
+        writes, sizes, start, running, header_sent = wseq.writes, ctl.sizes, ctl.start, ctl.running, ctl.header_sent
         m.submodules.writer = writer = BurstWriter(port)
         wiring.connect(m, wseq.job, writer.job)
         # a burst's command goes out only when all its words wait in the staging FIFO, so the memory, which takes
@@ -594,7 +609,15 @@ class MemStep(wiring.Component):
         with m.If(moving):
             m.d.sync += taken.eq(Mux(last_word, 0, taken + 1))
 
-        # --- counters and the report
+        return SimpleNamespace(writer=writer, staging=staging, order=order, source=head_order.source, moving=moving)
+
+    def _report(self, m, step, rseq, wseq, reader, w, ctl):
+        """Cycles, stall cycles and words moved, and the report beat once the last word is written."""
+        reads, writes = rseq.reads, wseq.writes
+        start, running, header_sent = ctl.start, ctl.running, ctl.header_sent
+        reported, finished = Signal(), Signal()
+        m.d.comb += [rseq.clear.eq(self.report.valid & self.report.ready),
+                     wseq.clear.eq(self.report.valid & self.report.ready)]
         report = self.report.payload
         cycles, mem_stall, compute_stall = Signal(40), Signal(40), Signal(40)
         # the step waits for memory: an input it takes in this phase is empty, or an output it gives is not taken
@@ -606,8 +629,8 @@ class MemStep(wiring.Component):
         starving += [update_phase & step.state_in.ready & ~step.state_in.valid]
         blocked = [s.valid & ~s.ready for s in (step.y, step.dx, step.updates)]
         waiting = Cat(*starving, *blocked).any()
-        m.d.comb += finished.eq(wseq.done & rseq.done & ~order.r_stream.valid & writer.job.ready &
-                                ~staging.r_stream.valid & reader.idle & (step.phase == Phase.IDLE) & header_sent)
+        m.d.comb += finished.eq(wseq.done & rseq.done & ~w.order.r_stream.valid & w.writer.job.ready &
+                                ~w.staging.r_stream.valid & reader.idle & (step.phase == Phase.IDLE) & header_sent)
         with m.If(start):
             m.d.sync += [cycles.eq(0), mem_stall.eq(0), compute_stall.eq(0), reported.eq(0)]
         with m.Elif(running & ~finished):
@@ -620,7 +643,7 @@ class MemStep(wiring.Component):
         for i, count in enumerate(written):
             with m.If(start):
                 m.d.sync += count.eq(0)
-            with m.Elif(moving & (head_order.source == i)):
+            with m.Elif(w.moving & (w.source == i)):
                 m.d.sync += count.eq(count + 1)
         m.d.comb += [report.cycles.eq(cycles), report.memory.eq(mem_stall), report.compute.eq(compute_stall)]
         for i, name in enumerate(reads):
@@ -630,4 +653,3 @@ class MemStep(wiring.Component):
         m.d.comb += self.report.valid.eq(running & finished & ~reported)
         with m.If(self.report.valid & self.report.ready):
             m.d.sync += [reported.eq(1), running.eq(0)]
-        return m
