@@ -35,7 +35,7 @@ def rows(ts, rank, buffer_bytes):
             key = (d_in, d_out, t)
             if key not in cycles:
                 cycles[key] = compute_cycles(shape)
-            out.append({"name": name, "shape": shape, "today": tr.today(shape),
+            out.append({"name": name, "shape": shape, "today": tr.today(shape), "resident": tr.resident(shape),
                         "blocked": tr.blocked(shape, buffer_bytes), "lower": tr.lower_bound(shape),
                         "cycles": cycles[key]})
     return out
@@ -84,7 +84,11 @@ def time_table(results, efficiency):
     return "\n".join(lines)
 
 
-def plot(results, t, efficiency, path):
+#: Peak bytes/s of each ``--memory`` preset, where its measured points go.
+PRESET_BYTES_PER_S = {"ulx3s-sdram": tr.ULX3S_SDRAM_BYTES_PER_S, "ecpix5-ddr3": tr.ECPIX5_DDR3_BYTES_PER_S}
+
+
+def plot(results, t, efficiency, path, measured=()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,7 +96,7 @@ def plot(results, t, efficiency, path):
 
     bandwidth = np.logspace(np.log10(0.02e9), np.log10(10e9), 200)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    seen = set()
+    seen, colour_of = set(), {}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row in (r for r in results if r["shape"].t == t):
         s = row["shape"]
@@ -104,19 +108,29 @@ def plot(results, t, efficiency, path):
         seen.add(key)
         color = colors[len(seen) - 1]
         compute = row["cycles"] / tr.CLOCK_HZ
-        for kind, style in (("blocked", "-"), ("today", ":")):
+        colour_of[key] = color
+        for kind, style in (("blocked", "-"), ("resident", "-."), ("today", ":")):
             memory = row[kind].total / (bandwidth * efficiency)
             ax.loglog(bandwidth / 1e9, 1e3 * np.maximum(memory, compute), style, color=color,
                       label=f"{names} ({key[0]}x{key[1]}), {kind}")
         lower = row["lower"].total / (bandwidth * efficiency)
         ax.loglog(bandwidth / 1e9, 1e3 * np.maximum(lower, compute), "--", color=color, alpha=0.4, linewidth=1)
+    marked = set()
+    for entry in measured:      # the memory-fed step on Verilator: cycles at 100 MHz, at its DRAM's peak
+        key = tuple(sorted((entry["d_in"], entry["d_out"])))
+        if entry["t"] != t or key not in colour_of or (key, entry["memory"]) in marked:
+            continue
+        marked.add((key, entry["memory"]))
+        ax.loglog(PRESET_BYTES_PER_S[entry["memory"]] / 1e9, 1e3 * entry["cycles"] / tr.CLOCK_HZ, "o",
+                  color=colour_of[key], markeredgecolor="black",
+                  label="memory-fed step as built, measured (Verilator)" if len(marked) == 1 else None)
     for label, bw in BOARDS:
         ax.axvline(bw / 1e9, color="black", linewidth=0.8)
         ax.text(bw / 1e9 * 1.05, 0.97, label, rotation=90, va="top", fontsize=8, transform=ax.get_xaxis_transform())
     ax.set_xlabel(f"DRAM peak bandwidth, GB/s (sustained: {efficiency:.0%} of it, assumed)")
     ax.set_ylabel("time per step, ms: max(memory, compute)")
     ax.set_title(f"One QLoRA step per TinyLlama projection, T={t}, 8x8 array at 100 MHz\n"
-                 f"(dashed, faint: the traffic lower bound)")
+                 f"(dashed, faint: the traffic lower bound; dash-dot: the memory-fed step as built)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -135,6 +149,9 @@ def main(argv=None):
     parser.add_argument("--plot", default="docs/traffic_roofline.png", help="roofline PNG (at T=128, or the "
                         "middle --t)")
     parser.add_argument("--no-plot", action="store_true", help="print the tables only")
+    parser.add_argument("--measured", default=None, metavar="FILE",
+                        help="JSON list of memory-fed steps measured on Verilator (edge-qlora tinyllama --memory M "
+                             "--json FILE), drawn as points on the roofline (default: none)")
     args = parser.parse_args(argv)
     try:
         if any(t < 1 for t in args.t) or args.rank < 1 or args.buffer_kib < 1:
@@ -152,7 +169,12 @@ def main(argv=None):
     print(time_table(results, args.efficiency))
     if not args.no_plot:
         t = 128 if 128 in args.t else sorted(args.t)[len(args.t) // 2]
-        plot(results, t, args.efficiency, args.plot)
+        measured = []
+        if args.measured:
+            import json
+            with open(args.measured) as f:
+                measured = [e for e in json.load(f) if e.get("memory") in PRESET_BYTES_PER_S]
+        plot(results, t, args.efficiency, args.plot, measured)
         print(f"\nRoofline (T={t}): {args.plot}")
     return 0
 
