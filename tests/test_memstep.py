@@ -4,6 +4,7 @@ the RTL's word counters equal the memory program's bytes per tensor, under rando
 presets, and on Verilator."""
 
 import pytest
+from amaranth.hdl import Value
 
 from edge_qlora.golden import lora
 from edge_qlora.golden import memprogram as mp
@@ -12,7 +13,7 @@ from edge_qlora.rtl.lora import LoraConfig
 from edge_qlora.rtl.lora.memstep import MemStepConfig
 from edge_qlora.rtl.memport import MemPortConfig
 from edge_qlora.sim import verilator
-from edge_qlora.sim.memstep import mem_step_config, run_mem_step
+from edge_qlora.sim.memstep import _fields, mem_step_config, run_mem_step
 from edge_qlora.sim.streams import Stalls
 
 from reference import mismatches
@@ -114,3 +115,100 @@ def test_program_bytes_equal_the_traffic_model(d_in, d_out, t, rows, word):
     assert program["write lora_A"] + program["write lora_B"] == model.written["A"] + model.written["B"]
     state = sum(v for k, v in program.items() if k.startswith("read exp_avg"))
     assert state == model.read["state"] == sum(v for k, v in program.items() if k.startswith("write exp_avg"))
+
+
+def _sizes(memmap, config):
+    """The sequencers' sizes for ``memmap`` (what the top registers from the descriptor)."""
+    t, d_in, d_out, r = memmap.t, memmap.d_in, memmap.d_out, memmap.r
+    n = d_in * d_out
+    sizes = {"t": t, "d_in": d_in, "d_out": d_out, "r": r, "x": t * d_in, "dy": t * d_out, "a": r * d_in,
+             "b": d_out * r, "n": n, "blocks": -(-n // memmap.blocksize), "passes": -(-t // config.step.rows)}
+    return sizes
+
+
+def _sequencer_bench(sequencer, config, memmap, case, outputs, wanted, stalls):
+    """Run a sequencer alone: start it with the step's sizes and addresses, collect ``outputs`` with random
+    stalls until ``wanted`` beats of each arrived; returns the raw beats."""
+    from amaranth.sim import Simulator
+    from edge_qlora.sim.memstep import _descriptor
+    from edge_qlora.rtl.lora.memstep import descriptor_layout
+    sizes = _sizes(memmap, config)
+    descriptor = _descriptor(case, memmap, config)
+    header_bits = descriptor_layout(config).members["header"].size
+    sim = Simulator(sequencer)
+    sim.add_clock(1e-8)
+    result = {}
+
+    async def bench(ctx):
+        for name, value in sizes.items():
+            ctx.set(sequencer.sizes[name], value)
+        ctx.set(Value.cast(sequencer.address), descriptor >> header_bits)
+        ctx.set(sequencer.start, 1)
+        await ctx.tick()
+        ctx.set(sequencer.start, 0)
+        beats = {name: [] for name in outputs}
+        raws = {name: Value.cast(getattr(sequencer, name).payload) for name in outputs}
+        for _ in range(200_000):
+            if all(len(beats[name]) == wanted[name] for name in outputs):
+                break
+            for name in outputs:
+                ctx.set(getattr(sequencer, name).ready, 0 if stalls[name].stall() else 1)
+            args = [x for name in outputs for x in (getattr(sequencer, name).valid, getattr(sequencer, name).ready,
+                                                    raws[name])]
+            sample = (await ctx.tick().sample(*args))[2:]
+            for k, name in enumerate(outputs):
+                if sample[3 * k] and sample[3 * k + 1]:
+                    beats[name].append(sample[3 * k + 2])
+        result["beats"] = beats
+        result["done"] = ctx.get(sequencer.done)
+
+    sim.add_testbench(bench)
+    sim.run()
+    return result
+
+
+@pytest.mark.parametrize("memory,rows,cols,optimizer", [("ulx3s-sdram", 2, 2, "adamw"), ("ecpix5-ddr3", 2, 4, "sgd")])
+def test_sequencers_alone(memory, rows, cols, optimizer):
+    """Each sequencer alone, random stalls on its outputs: its jobs, split into bursts, are the golden program's
+    requests in order, each read to its destination; as many unpacker jobs as tensors and passes; the write order
+    names each request's source and words."""
+    from edge_qlora.rtl.lora.memstep import READS, WRITES, ReadSequencer, WriteSequencer
+    case = lora.random_case(4, 32, 16, 2, optimizer, seed=7, states=optimizer == "adamw")
+    config = mem_step_config(case, memory, rows, cols)
+    memmap = layout(32, 16, 4, 2, optimizer)
+    port = mp.PortShape.of(config.port)
+    aw = config.port.address_width
+    reads = mp.requests(port, mp.read_jobs(memmap, rows), "read")
+    writes = mp.requests(port, mp.write_jobs(memmap, rows, cols), "write")
+
+    seq = ReadSequencer(config)
+    read_jobs = mp.read_jobs(memmap, rows)
+    unpack_jobs = 4 + 2 * 2 * -(-4 // rows) + sum(1 for j in read_jobs if j.tensor == "nf4_absmax2") + \
+        (4 if optimizer == "adamw" else 0)
+    run = _sequencer_bench(seq, config, memmap, case, ("job", "unpack"),
+                           {"job": len(read_jobs), "unpack": unpack_jobs},
+                           {"job": Stalls(0.3, 1), "unpack": Stalls(0.3, 2)})
+    assert run["done"]
+    bursts = []
+    for beat in run["beats"]["job"]:
+        job = _fields(beat, seq.job.payload.shape())
+        bursts += [(address, length, READS[job["dest"]])
+                   for address, length in mp.split_bursts(port, job["address"], job["bytes"])]
+    tags = {"x": "x", "dy": "dy", "lora_A": "a", "lora_B": "b", "nf4_absmax2": "absmax2", "nf4_absmax": "absmax",
+            "nf4_codes": "codes", "exp_avg_A": "m", "exp_avg_B": "m", "exp_avg_sq_A": "v", "exp_avg_sq_B": "v"}
+    assert bursts == [(q.address, q.length, tags[q.tensor]) for q in reads]
+
+    seq = WriteSequencer(config)
+    wjobs = mp.write_jobs(memmap, rows, cols)
+    run = _sequencer_bench(seq, config, memmap, case, ("job", "order"), {"job": len(wjobs), "order": len(wjobs)},
+                           {"job": Stalls(0.3, 3), "order": Stalls(0.3, 4)})
+    assert run["done"]
+    got = [(b & ((1 << aw) - 1), b >> aw) for b in run["beats"]["job"]]
+    assert got == [(j.address, j.bytes) for j in wjobs]
+    order = [_fields(b, seq.order.payload.shape()) for b in run["beats"]["order"]]
+    sources = [WRITES[o["source"]] for o in order]
+    expect = ["y" if j.tensor == "y" else "dx" if j.tensor == "dx" else "param" if j.tensor.startswith("lora")
+              else "m" if j.tensor.startswith("exp_avg_") and "sq" not in j.tensor else "v" for j in wjobs]
+    assert sources == expect
+    assert [o["words"] for o in order] == [-(-j.bytes // port.word_bytes) for j in wjobs]
+    assert sum(q.length for q in writes) == sum(o["words"] for o in order)
