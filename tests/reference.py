@@ -69,3 +69,12 @@ def run_cli(*argv):
         return main([str(a) for a in argv])
     except SystemExit as exit_:
         return exit_.code
+
+
+def fields(value, *widths):
+    """Split the raw bits of a payload into fields of ``widths`` bits, the lowest first."""
+    out = []
+    for width in widths:
+        out.append(value & ((1 << width) - 1))
+        value >>= width
+    return out

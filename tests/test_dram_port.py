@@ -19,19 +19,13 @@ from edge_qlora.rtl.memport import BurstReader, BurstWriter, MemPortConfig, MemP
 from edge_qlora.sim.harness import CLOCK_PERIOD, producer
 from edge_qlora.sim.streams import NO_STALLS, Stalls, get, put
 
+from reference import fields
+
 #: Each preset with a port whose word is the DRAM model's word and whose boundary is one DRAM row.
 PORTS = {
     "sdram": (ULX3S_SDRAM, MemPortConfig()),
     "ddr3": (ECPIX5_DDR3, MemPortConfig(address_width=29, data_width=64, max_burst=16, boundary=2048)),
 }
-
-
-def fields(value, *widths):
-    out = []
-    for width in widths:
-        out.append(value & ((1 << width) - 1))
-        value >>= width
-    return out
 
 
 def request_word(config, address, length):

@@ -13,20 +13,14 @@ from edge_qlora.rtl.memport import (BurstReader, BurstWriter, MemPortConfig, Mem
 from edge_qlora.sim.harness import producer, simulate
 from edge_qlora.sim.streams import Stalls, get, put
 
+from reference import fields
+
 CONFIGS = {
     "sdram16": MemPortConfig(address_width=12, data_width=16, max_burst=5, boundary=32),
     "wide64": MemPortConfig(address_width=12, data_width=64, max_burst=3, boundary=64),
     "row_is_word": MemPortConfig(address_width=10, data_width=32, max_burst=4, boundary=4),
     "long_burst": MemPortConfig(address_width=12, data_width=16, max_burst=40, boundary=64),
 }
-
-
-def fields(value, *widths):
-    out = []
-    for width in widths:
-        out.append(value & ((1 << width) - 1))
-        value >>= width
-    return out
 
 
 def job_word(config, address, size):
