@@ -91,15 +91,21 @@ class MemStepRun:
         return sum(self.written_bytes.values())
 
 
-def mem_step_config(case, memory="ulx3s-sdram", rows=2, cols=2):
-    """The :class:`MemStepConfig` sized for ``case`` with ``rows x cols`` engine and ``memory``'s port."""
+def _timing(memory):
+    """The ``DramTiming`` of a ``--memory`` name; ValueError naming the choices otherwise."""
     if memory not in DRAM_PRESETS:
         raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORIES)}")
+    return DRAM_PRESETS[memory]
+
+
+def mem_step_config(case, memory="ulx3s-sdram", rows=2, cols=2):
+    """The :class:`MemStepConfig` sized for ``case`` with ``rows x cols`` engine and ``memory``'s port."""
+    timing = _timing(memory)
     t, d_in = case.x.shape
     step = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=case.dy.shape[1],
                       max_rank=case.lora_A.shape[0], optimizer=case.optimizer, blocksize=case.weight.blocksize,
                       double_quant=case.weight.double_quant)
-    return MemStepConfig(step=step, port=port_for(DRAM_PRESETS[memory]))
+    return MemStepConfig(step=step, port=port_for(timing))
 
 
 def _descriptor(case, memmap, config):
@@ -132,9 +138,7 @@ def _fields(value, layout):
 def run_mem_step(case, config=None, *, memory="ulx3s-sdram", stalls=None, backend=None, vcd_path=None,
                  max_cycles=None, progress=None, status=None):
     """One step of :class:`MemStep` against the DRAM model of ``memory``; returns a :class:`MemStepRun`."""
-    timing = DRAM_PRESETS[memory] if memory in DRAM_PRESETS else None
-    if timing is None:
-        raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORIES)}")
+    timing = _timing(memory)
     config = config or mem_step_config(case, memory)
     port = mp.PortShape.of(config.port)
     memmap = layout_for(case, align=64)
@@ -237,7 +241,7 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     """
     from edge_qlora.golden.memmap import layout
     scfg = config.step
-    timing = DRAM_PRESETS[memory]
+    timing = _timing(memory)
     compute = step_cycles(t, d_in, d_out, r, scfg.rows, scfg.cols, scfg.optimizer)
     memmap = layout(d_in, d_out, t, r, scfg.optimizer, scfg.blocksize, double_quant, align=64)
     port = mp.PortShape.of(config.port)
