@@ -142,18 +142,24 @@ class MatrixStore(wiring.Component):
             request, enable, out = read.request, read.en, read.data
             placement = self._placement(m, request, f"read_{i}")
             ports = [memory.read_port(domain="sync") for memory in memories]
-            indices = [Signal(range(banks), name=f"read_{i}_held_index_{b}") for b in range(banks)]
-            lives = [Signal(name=f"read_{i}_held_live_{b}") for b in range(banks)]
-            for bank, ((index, live, address), port) in enumerate(zip(placement, ports)):
+            for (_, _, address), port in zip(placement, ports):
                 m.d.comb += [port.addr.eq(address), port.en.eq(enable)]
-                with m.If(enable):
-                    m.d.sync += [indices[bank].eq(index), lives[bank].eq(live)]
-            # rotate back into segment order: element e comes from the bank whose index is e; registered on `en`
-            # too, so that a stalled user (en low) finds its data where it left it
+            # element e of the segment is in bank (row + col + e) % banks, and only e < count is live: hold the
+            # rotation and the count beside the memory read, then rotate back into segment order with a barrel
+            # rotator (log2(banks) levels of two-way multiplexers) and zero the tail; registered on `en` too, so
+            # that a stalled user (en low) finds its data where it left it
+            shift = banks.bit_length() - 1
+            rotation = Signal(range(banks), name=f"read_{i}_rotation")
+            count = Signal(range(banks + 1), name=f"read_{i}_count")
+            with m.If(enable):
+                m.d.sync += count.eq(request.count)
+                if shift:
+                    m.d.sync += rotation.eq((request.row + request.col)[:shift])
+            lanes = [port.data for port in ports]
+            for level in range(shift):
+                step = 1 << level
+                lanes = [Mux(rotation[level], lanes[(e + step) % banks], lanes[e]) for e in range(banks)]
             for e in range(banks):
-                value = 0
-                for bank in range(banks):
-                    value = Mux(lives[bank] & (indices[bank] == e), ports[bank].data, value)
                 with m.If(enable):
-                    m.d.sync += out[e].eq(value)
+                    m.d.sync += out[e].eq(Mux(e < count, lanes[e], 0))
         return m

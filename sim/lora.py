@@ -227,13 +227,18 @@ def _run_pysim(config, inputs, wanted, stalls, vcd_path, max_cycles, progress):
     beats, total = simulate(dut, producers, consumer, vcd_path, processes=processes)
     return beats, total, phase_log
 
+#: Cycles from a beat's acceptance by the combiner to its output: the partner read, then one lane's multiply, add
+#: and rounding (:class:`~edge_qlora.rtl.lora.writer.Combiner`).
+COMBINE_LATENCY = 16
+
+
 def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
     """The cycle model of one step: estimated cycles per phase (dict in execution order: ``load``, the GEMM
     phases by name, ``update``).
 
     Each GEMM phase is costed with the engine's validated model (:func:`~edge_qlora.golden.gemm.gemm_cycles`, NF4
-    weights for F2 and B4, bf16 from the scratchpads otherwise); the loads stream ``banks`` elements per cycle and
-    the optimizer takes one element per cycle plus its latency.
+    weights for F2 and B4, bf16 from the scratchpads otherwise), F2 and B4 with their combiner's pace; the loads
+    stream ``banks`` elements per cycle and the optimizer takes one element per cycle plus its latency.
     """
     config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
                         optimizer=optimizer)
@@ -242,8 +247,14 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
     phases = {"load": sum(-(-dims[a] // banks) * dims[b] for a, b in (("in", "t"), ("out", "t"),
                                                                        ("in", "r"), ("r", "out")))}
     for phase, row in PHASES.items():
-        phases[phase.name] = gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
-                                         "nf4" if row.nf4 else "rows", "fp32").cycles
+        cycles = gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
+                             "nf4" if row.nf4 else "rows", "fp32").cycles
+        if row.combining:
+            # the combiner's one lane takes cols + 2 cycles a beat: the last tile's beats drain after the engine,
+            # and where tiles are short (a small reduction) the combiner, not the engine, sets the pace
+            beats = -(-dims[row.m] // rows) * -(-dims[row.out_columns] // cols) * rows
+            cycles = max(cycles + rows * (cols + 1), beats * (cols + 2) + COMBINE_LATENCY)
+        phases[phase.name] = cycles
     unit = LoRAOptimizer(OptimConfig(kind=optimizer))
     unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
     phases["update"] = r * d_in + d_out * r + 2 * unit.latency

@@ -25,10 +25,14 @@ def combine_layout(config):
 
 
 class Combiner(wiring.Component):
-    """``c + scaling * partner``, rounded to bf16, one beat of ``cols`` lanes per cycle, out on ``y`` or ``dx``.
+    """``c + scaling * partner``, rounded to bf16, for one beat of ``cols`` lanes, out on ``y`` or ``dx``.
 
-    A beat's partner segment is read as it enters (two cycles), multiplied by ``scaling`` while the beat waits,
-    and added to it in float32. The whole pipeline stalls with the output stream the beat goes to.
+    One float32 multiplier, adder and rounder serve the lanes in turn: a beat is taken and its partner segment
+    read (two cycles), then its lanes enter the arithmetic one per cycle, and the beat leaves when its last lane
+    is rounded. A beat takes ``cols + 2`` cycles, which F2 and B4 hide: the engine gives a tile's ``rows`` beats
+    once per pass over the reduction (the layer's input or output features), so one lane instead of ``cols``
+    saves ``cols - 1`` float32 multipliers (four DSPs each), adders and rounders at no cost to the step at the
+    model's shapes. The arithmetic stalls with the output stream the beat goes to.
 
     Parameters
     ----------
@@ -56,37 +60,56 @@ class Combiner(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cols, beat = self.config.cols, self.i.payload
-        # stages=6 registers the multipliers' operands: the partner read is chosen by the phase
-        muls = [FPMul(FP32, FP32, FP32, stages=6) for _ in range(cols)]
-        adds = [FPAdd(FP32) for _ in range(cols)]
-        rounders = [FPConvert(FP32, BF16, stages=1) for _ in range(cols)]
-        read_latency = 2
-        latency = read_latency + muls[0].latency + adds[0].latency + rounders[0].latency
-        out_ready = Signal()
-        pipe = StallPipeline(m, latency, out_ready, tag_shape=data.StructLayout({"last": 1, "y": 1}), name="comb")
-        m.d.comb += [
-            self.i.ready.eq(pipe.advance),
-            pipe.in_valid.eq(self.i.valid), pipe.in_tag.last.eq(beat.last), pipe.in_tag.y.eq(beat.y),
-            self.partner.request.eq(beat.at), self.partner.en.eq(pipe.advance),
-        ]
-        # c rides beside the partner read and the multiply
-        c_late = data.View(data.ArrayLayout(FP32.width, cols),
-                           delay_line(m, pipe.advance, beat.data, read_latency + muls[0].latency, "c_delay"))
-        for j in range(cols):
-            m.submodules[f"mul_{j}"] = pipe.stall(muls[j])
-            m.submodules[f"add_{j}"] = pipe.stall(adds[j])
-            m.submodules[f"round_{j}"] = pipe.stall(rounders[j])
-            m.d.comb += [
-                muls[j].a.eq(self.partner.data[j]), muls[j].b.eq(self.scaling),
-                adds[j].a.eq(c_late[j]), adds[j].b.eq(muls[j].result),
-                rounders[j].a.eq(adds[j].result),
-            ]
+        mul, add = FPMul(FP32, FP32, FP32, stages=6), FPAdd(FP32)
+        rounder = FPConvert(FP32, BF16, stages=1)
+        latency = mul.latency + add.latency + rounder.latency
+        tag = data.StructLayout({"lane": range(cols), "last": 1, "y": 1})
+        out_full, out_ready = Signal(), Signal()
+        pipe = StallPipeline(m, latency, out_ready, tag_shape=tag, name="comb")
+        for name, unit in (("mul", mul), ("add", add), ("round", rounder)):
+            m.submodules[name] = pipe.stall(unit)
+
+        # the beat waits in registers while its lanes go through one at a time
+        held = Signal(data.ArrayLayout(FP32.width, cols))
+        held_last, held_y = Signal(), Signal()
+        lane = Signal(range(cols))
+        m.d.comb += self.partner.request.eq(beat.at)
+        with m.FSM(name="combine"):
+            with m.State("TAKE"):
+                m.d.comb += [self.i.ready.eq(1), self.partner.en.eq(self.i.valid)]
+                with m.If(self.i.valid):
+                    m.d.sync += [held.eq(beat.data), held_last.eq(beat.last), held_y.eq(beat.y)]
+                    m.next = "READ"
+            with m.State("READ"):
+                m.d.comb += self.partner.en.eq(1)       # the read's second cycle: the segment then holds still
+                m.next = "FEED"
+            with m.State("FEED"):
+                m.d.comb += [pipe.in_valid.eq(1), pipe.in_tag.lane.eq(lane), pipe.in_tag.y.eq(held_y),
+                             pipe.in_tag.last.eq(held_last & (lane == cols - 1))]
+                with m.If(pipe.advance):
+                    m.d.sync += lane.eq(lane + 1)
+                    with m.If(lane == cols - 1):
+                        m.d.sync += lane.eq(0)
+                        m.next = "TAKE"
+        # c waits for the product beside the multiplier
+        c_late = delay_line(m, pipe.advance, held[lane], mul.latency, "c_delay")
+        m.d.comb += [mul.a.eq(self.partner.data[lane]), mul.b.eq(self.scaling),
+                     add.a.eq(c_late), add.b.eq(mul.result), rounder.a.eq(add.result)]
+
+        # rounded lanes gather into the output beat, which leaves when its last lane is in
+        gathered = Signal(data.ArrayLayout(BF16.width, cols))
+        out_last, out_y = Signal(), Signal()
+        port_ready = Mux(out_y, self.y.ready, self.dx.ready)
+        m.d.comb += out_ready.eq(~out_full | port_ready)
+        with m.If(out_full & port_ready):
+            m.d.sync += out_full.eq(0)
+        with m.If(pipe.out_valid & out_ready):
+            m.d.sync += gathered[pipe.out_tag.lane].eq(rounder.result)
+            with m.If(pipe.out_tag.lane == cols - 1):
+                m.d.sync += [out_full.eq(1), out_last.eq(pipe.out_tag.last), out_y.eq(pipe.out_tag.y)]
         for port, flag in ((self.y, 1), (self.dx, 0)):
-            m.d.comb += [port.valid.eq(pipe.out_valid & (pipe.out_tag.y == flag)),
-                         port.payload.last.eq(pipe.out_tag.last)]
-            for j in range(cols):
-                m.d.comb += port.payload.data[j].eq(rounders[j].result)
-        m.d.comb += out_ready.eq(Mux(pipe.out_tag.y, self.y.ready, self.dx.ready))
+            m.d.comb += [port.valid.eq(out_full & (out_y == flag)), port.payload.last.eq(out_last),
+                         port.payload.data.eq(gathered)]
         return m
 
 
