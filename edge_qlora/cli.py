@@ -690,13 +690,14 @@ def _build(args):
         what = (f"LoraStep({args.rows}x{args.cols} array, T<={args.max_t}, in<={args.max_in}, "
                 f"out<={args.max_out}, rank<={args.max_rank}, {args.optimizer}, NF4 blocksize {args.blocksize})")
         if args.memory:
-            from .rtl.lora.memstep import MemStep, MemStepConfig
+            from .rtl.lora.memstep import MemStep, for_memory
             from .rtl.memport import port_for
             try:
-                design = MemStep(MemStepConfig(step=config, port=port_for(DRAM_PRESETS[args.memory])))
+                design = MemStep(for_memory(config, port_for(DRAM_PRESETS[args.memory])))
             except ValueError as error:
                 raise BuildError(f"--memory: {error}") from None
-            what = f"MemStep({args.memory} port) around {what}"
+            what = (f"MemStep({args.memory} port) around {what[:-1]}, optimizer one element per "
+                    f"{design.config.step.optimizer_interval} cycles)")
         else:
             design = LoraStep(config)
     elif args.rows is not None:

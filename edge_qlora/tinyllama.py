@@ -83,11 +83,11 @@ def memory_config(memory, rows=8, cols=8, t=128, r=16, step=None):
     """The memory-fed step all seven projections run on with ``memory``: :func:`model_config` (or ``step``, a
     ``LoraConfig``) behind the port of that DRAM preset. Raises ValueError for a shape the port does not take."""
     from .constants import DRAM_PRESETS
-    from .rtl.lora.memstep import MemStepConfig
+    from .rtl.lora.memstep import for_memory
     from .rtl.memport import port_for
     if memory not in DRAM_PRESETS:
         raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(DRAM_PRESETS)}")
-    return MemStepConfig(step=step or model_config(rows, cols, t, r), port=port_for(DRAM_PRESETS[memory]))
+    return for_memory(step or model_config(rows, cols, t, r), port_for(DRAM_PRESETS[memory]))
 
 
 def check_memory_shape(config, t, d_in, d_out, r):

@@ -170,7 +170,8 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=None, 
                             blocksize=case.weight.blocksize, double_quant=case.weight.double_quant)
     banks, rows, cols = config.banks, config.rows, config.cols
     if max_cycles is None:
-        max_cycles = 2 * sum(step_cycles(t, i, o, r, rows, cols, config.optimizer).values()) + 100_000
+        max_cycles = 2 * sum(step_cycles(t, i, o, r, rows, cols, config.optimizer,
+                                         config.optimizer_interval).values()) + 100_000
     passes = 2 * -(-t // rows)    # F2 and B4, one pass per tile of x / dy rows
     inputs = {
         "header": [_header(case, t, i, o, r)],
@@ -222,8 +223,8 @@ def _run_pysim(config, inputs, wanted, stalls, vcd_path, max_cycles, progress):
     processes = [_phase_watch(dut.phase, phase_log), collision_check(dut.engine)]
     if progress:
         t, i, o, r = (config.max_t, config.max_in, config.max_out, config.max_rank)
-        processes.append(_cycle_counter(sum(step_cycles(t, i, o, r, config.rows, config.cols,
-                                                        config.optimizer).values()), progress))
+        processes.append(_cycle_counter(sum(step_cycles(t, i, o, r, config.rows, config.cols, config.optimizer,
+                                                        config.optimizer_interval).values()), progress))
     beats, total = simulate(dut, producers, consumer, vcd_path, processes=processes)
     return beats, total, phase_log
 
@@ -232,13 +233,14 @@ def _run_pysim(config, inputs, wanted, stalls, vcd_path, max_cycles, progress):
 COMBINE_LATENCY = 16
 
 
-def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
+def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw", optimizer_interval=1):
     """The cycle model of one step: estimated cycles per phase (dict in execution order: ``load``, the GEMM
     phases by name, ``update``).
 
     Each GEMM phase is costed with the engine's validated model (:func:`~edge_qlora.golden.gemm.gemm_cycles`, NF4
     weights for F2 and B4, bf16 from the scratchpads otherwise), F2 and B4 with their combiner's pace; the loads
-    stream ``banks`` elements per cycle and the optimizer takes one element per cycle plus its latency.
+    stream ``banks`` elements per cycle and the optimizer takes one element every ``optimizer_interval`` cycles
+    plus its latency.
     """
     config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
                         optimizer=optimizer)
@@ -255,7 +257,7 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw"):
             beats = -(-dims[row.m] // rows) * -(-dims[row.out_columns] // cols) * rows
             cycles = max(cycles + rows * (cols + 1), beats * (cols + 2) + COMBINE_LATENCY)
         phases[phase.name] = cycles
-    unit = LoRAOptimizer(OptimConfig(kind=optimizer))
+    unit = LoRAOptimizer(OptimConfig(kind=optimizer, interval=optimizer_interval))
     unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
-    phases["update"] = r * d_in + d_out * r + 2 * unit.latency
+    phases["update"] = (r * d_in + d_out * r) * optimizer_interval + 2 * unit.latency
     return phases

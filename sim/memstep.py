@@ -20,7 +20,7 @@ from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
 from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_layout
 from edge_qlora.rtl.lora import LoraConfig, Phase
-from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, WRITES, MemStep, MemStepConfig, descriptor_layout,
+from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, WRITES, MemStep, descriptor_layout, for_memory,
                                          report_layout)
 from edge_qlora.rtl.memport import port_for
 from .harness import producer, resolve_backend, simulate
@@ -99,13 +99,14 @@ def _timing(memory):
 
 
 def mem_step_config(case, memory="ulx3s-sdram", rows=2, cols=2):
-    """The :class:`MemStepConfig` sized for ``case`` with ``rows x cols`` engine and ``memory``'s port."""
+    """The :class:`MemStepConfig` sized for ``case`` with ``rows x cols`` engine behind ``memory``'s port (see
+    :func:`~edge_qlora.rtl.lora.memstep.for_memory`)."""
     timing = _timing(memory)
     t, d_in = case.x.shape
     step = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=case.dy.shape[1],
                       max_rank=case.lora_A.shape[0], optimizer=case.optimizer, blocksize=case.weight.blocksize,
                       double_quant=case.weight.double_quant)
-    return MemStepConfig(step=step, port=port_for(timing))
+    return for_memory(step, port_for(timing))
 
 
 def _descriptor(case, memmap, config):
@@ -154,7 +155,7 @@ def run_mem_step(case, config=None, *, memory="ulx3s-sdram", stalls=None, backen
     t, d_in = case.x.shape
     if max_cycles is None:
         compute = sum(step_cycles(t, d_in, case.dy.shape[1], case.lora_A.shape[0], scfg.rows, scfg.cols,
-                                  scfg.optimizer).values())
+                                  scfg.optimizer, scfg.optimizer_interval).values())
         max_cycles = 4 * compute + 20 * (len(fill) + wanted["written"]) + 100_000
     stalls = dict(stalls or {})
     inputs = {"descriptor": [_descriptor(case, memmap, config)], "fill": fill}
@@ -242,7 +243,7 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     from edge_qlora.golden.memmap import layout
     scfg = config.step
     timing = _timing(memory)
-    compute = step_cycles(t, d_in, d_out, r, scfg.rows, scfg.cols, scfg.optimizer)
+    compute = step_cycles(t, d_in, d_out, r, scfg.rows, scfg.cols, scfg.optimizer, scfg.optimizer_interval)
     memmap = layout(d_in, d_out, t, r, scfg.optimizer, scfg.blocksize, double_quant, align=64)
     port = mp.PortShape.of(config.port)
     reads = mp.requests(port, mp.read_jobs(memmap, scfg.rows), "read")

@@ -2,10 +2,11 @@
 """LoRA optimizer core: the RTL bit for bit against the golden twin over several steps, and the golden twin against
 torch.optim.AdamW and torch.optim.SGD.
 
-The RTL runs one simulation per optimizer for several steps: each step streams the whole tensor through the core
-with random stalls on both streams, and the next step feeds the core's own outputs (parameters and moments) back
-in, with the next step's constants, once every update has come back. Every step's updates must equal the golden
-twin's on the same inputs, in order, with nothing lost or duplicated.
+The RTL runs one simulation per optimizer and interval (cycles between elements) for several steps: each step
+streams the whole tensor through the core with random stalls on both streams, and the next step feeds the core's own
+outputs (parameters and moments) back in, with the next step's constants, once every update has come back. Every
+step's updates must equal the golden twin's on the same inputs, in order, with nothing lost or duplicated. Without
+stalls, the core must take an element every ``interval`` cycles and return its update ``latency`` cycles later.
 
 The golden twin rounds every operation to float32 in its own fixed order; torch, here in float64, uses another order
 (and no rounding to speak of), so the two agree to about 1e-7 of the terms each step adds up, not bit for bit.
@@ -23,6 +24,7 @@ from edge_qlora.sim.streams import Stalls, get, put
 
 ELEMENTS = 240
 STEPS = 3
+INTERVALS = (1, 2, 4, 8)
 # AdamW settings of a LoRA fine-tune, a high learning rate so that the parameters move visibly
 ADAMW = {"lr": 2e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
 SGD = {"lr": 0.05, "weight_decay": 0.01}
@@ -88,13 +90,13 @@ def _pack_hyper(hyper):
     return sum(int(_bits(hyper[name])) << hyper_layout[name].offset for name in HYPER_FIELDS)
 
 
-def _run_steps(kind, param, grads, m, v, hypers, seed):
+def _run_steps(kind, param, grads, m, v, hypers, seed, interval=1):
     """The core's updates for ``len(grads)`` steps, each step's inputs being the previous step's outputs.
 
     Returns a list, per step, of the ``(param, m, v, grad)`` bit patterns that went in and the ``(param, m, v)``
     that came out.
     """
-    dut = LoRAOptimizer(OptimConfig(kind))
+    dut = LoRAOptimizer(OptimConfig(kind, interval))
     n = len(param)
     carried = {"param": _bits(param), "m": _bits(m), "v": _bits(v)}
     steps = []
@@ -114,7 +116,7 @@ def _run_steps(kind, param, grads, m, v, hypers, seed):
 
     async def collect(ctx):
         for step in range(len(grads)):
-            beats = await get(ctx, dut.updated, n, out_stalls, max_cycles=4 * n + 4 * dut.latency)
+            beats = await get(ctx, dut.updated, n, out_stalls, max_cycles=4 * interval * n + 4 * dut.latency)
             assert len(beats) == n, f"step {step}: {len(beats)} updates for {n} elements"
             out = unpack_lanes(beats, 3, 32, 3 * n).reshape(n, 3).astype(np.uint32)
             steps[step]["out"] = {"param": out[:, 0], "m": out[:, 1], "v": out[:, 2]}
@@ -139,15 +141,17 @@ def _assert_same(got, expected, what):
 
 # -- RTL against the golden twin --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("interval", INTERVALS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_rtl_matches_golden(kind):
+def test_rtl_matches_golden(kind, interval):
     rng = np.random.default_rng(KINDS.index(kind))
     param, grads, m, v = _tensors(ELEMENTS, rng)
     extremes = _extremes()
     param, m, v = (np.concatenate([x, e]) for x, e in zip((param, m, v), (extremes[0], extremes[2], extremes[3])))
     grads = [np.concatenate([g, extremes[1]]) for g in grads]
     hypers = _hypers(kind)
-    steps = _run_steps(kind, param, grads, m, v, hypers, seed=10 + KINDS.index(kind))
+    seed = 10 + KINDS.index(kind) + 2 * INTERVALS.index(interval)
+    steps = _run_steps(kind, param, grads, m, v, hypers, seed, interval)
     for step, (record, hyper) in enumerate(zip(steps, hypers)):
         inputs = {name: _floats(bits) for name, bits in record["in"].items()}
         if kind == "adamw":
@@ -162,9 +166,43 @@ def test_rtl_matches_golden(kind):
     assert moved.mean() > 0.8
 
 
+def _handshake_cycles(dut, n):
+    """Cycles, counted from the first, in which each of ``n`` elements was accepted and each update was taken, when
+    the host offers an element whenever it can and always takes the updates."""
+    async def bench(ctx):
+        accepted, taken = [], []
+        ctx.set(dut.elements.valid, 1)
+        ctx.set(dut.updated.ready, 1)
+        for cycle in range(dut.interval * n + dut.latency + 8):
+            _, _, ready, valid = await ctx.tick().sample(dut.elements.ready, dut.updated.valid)
+            if ready and len(accepted) < n:
+                accepted.append(cycle)
+                ctx.set(dut.elements.valid, len(accepted) < n)
+            if valid:
+                taken.append(cycle)
+        return accepted, taken
+
+    return simulate(dut, [], bench, None)[0]
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_throughput(kind, interval):
+    """Without stalls an element enters every ``interval`` cycles and its update leaves ``latency`` cycles later."""
+    dut = LoRAOptimizer(OptimConfig(kind, interval))
+    assert dut.interval == interval
+    accepted, taken = _handshake_cycles(dut, 10)
+    assert accepted == [interval * k for k in range(10)]
+    assert taken == [cycle + dut.latency for cycle in accepted]
+
+
 def test_latency_and_ports():
     adamw, sgd = LoRAOptimizer(), LoRAOptimizer(OptimConfig("sgd"))
     assert (adamw.latency, sgd.latency) == (103, 27)
+    assert (adamw.interval, sgd.interval) == (1, 1)
+    # sharing a unit makes an operation wait for its slot at most a few cycles
+    assert all(103 <= LoRAOptimizer(OptimConfig("adamw", k)).latency <= 110 for k in INTERVALS)
+    assert all(LoRAOptimizer(OptimConfig("sgd", k)).latency == 27 for k in INTERVALS)
     assert len(adamw.elements.payload.as_value()) == 128 and len(adamw.updated.payload.as_value()) == 96
     assert len(Value.cast(adamw.hyper)) == 32 * len(HYPER_FIELDS)
 
@@ -172,6 +210,9 @@ def test_latency_and_ports():
 def test_arguments_checked():
     with pytest.raises(ValueError, match="kind must be one of \\('adamw', 'sgd'\\), not 'adam'"):
         OptimConfig("adam")
+    for interval in (0, 17, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=f"interval must be an integer from 1 to 16, not {interval!r}"):
+            OptimConfig("adamw", interval)
     with pytest.raises(TypeError, match="config must be an OptimConfig, not 'sgd'"):
         LoRAOptimizer("sgd")
     with pytest.raises(ValueError, match="step must be an integer of at least 1, not 0"):

@@ -149,6 +149,10 @@ class LoraConfig:
     optimizer : str
         ``"adamw"`` or ``"sgd"``.
     blocksize, double_quant : NF4 format of the base weight.
+    optimizer_interval : int
+        Cycles per element of the optimizer core (1 to 16): it shares its float units among the element's
+        operations (:class:`~..lora_optim.OptimConfig`); the memory-fed step chooses it from its port
+        (:func:`~.memstep.for_memory`).
     """
 
     rows: int = 4
@@ -160,6 +164,7 @@ class LoraConfig:
     optimizer: str = "adamw"
     blocksize: int = 64
     double_quant: bool = True
+    optimizer_interval: int = 1
 
     def __post_init__(self):
         for name in ("max_t", "max_in", "max_out", "max_rank"):
@@ -168,6 +173,8 @@ class LoraConfig:
                 raise ValueError(f"{name} must be an integer from 1 to 32768, not {value!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
+        if not isinstance(self.optimizer_interval, int) or not 1 <= self.optimizer_interval <= 16:
+            raise ValueError(f"optimizer_interval must be an integer from 1 to 16, not {self.optimizer_interval!r}")
         self.gemm  # checks rows, cols
 
     @property

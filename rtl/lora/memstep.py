@@ -16,7 +16,7 @@ The scratchpads stay on chip (every tensor but the weight crosses the port once)
 is the next step.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Module, Mux, Signal
@@ -30,8 +30,9 @@ from ..memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader
 from .config import LoraConfig, Phase, header_layout
 from .step import LoraStep
 
-__all__ = ["MemStepConfig", "MemStep", "ReadSequencer", "WriteSequencer", "ADDRESSES", "READS", "WRITES",
-           "WEIGHT_GROUP", "STATE_GROUP", "address_layout", "descriptor_layout", "sizes_layout", "report_layout"]
+__all__ = ["MemStepConfig", "for_memory", "MemStep", "ReadSequencer", "WriteSequencer", "ADDRESSES", "READS",
+           "WRITES", "WEIGHT_GROUP", "STATE_GROUP", "UPDATE_BYTES", "address_layout", "descriptor_layout",
+           "sizes_layout", "report_layout"]
 
 #: Blocks per group of the weight stream (one absmax2 value) and elements per group of the update's transfers
 #: (``golden/memprogram.py`` has the same).
@@ -110,6 +111,22 @@ class MemStepConfig:
     @property
     def adamw(self):
         return self.step.optimizer == "adamw"
+
+
+#: Bytes of external memory each element's update moves: AdamW reads the two moments and writes the parameter and
+#: both moments (float32); SGD writes the parameter.
+UPDATE_BYTES = {"adamw": 20, "sgd": 4}
+
+
+def for_memory(step, port):
+    """The :class:`MemStepConfig` of ``step`` (a :class:`LoraConfig`) behind ``port``, its optimizer taking one
+    element every as many cycles as the port needs for the element's traffic at one word a cycle (a power of two,
+    at most 8): the update is memory-bound at that pace anyway, and the slower core shares its float units among
+    more of an element's operations (on the ULX3S's 16-bit SDRAM an AdamW element moves 10 words: one multiplier
+    and one adder instead of eight and four)."""
+    words = max(1, UPDATE_BYTES[step.optimizer] // port.word_bytes)
+    interval = min(8, 1 << (words.bit_length() - 1))
+    return MemStepConfig(step=replace(step, optimizer_interval=interval), port=port)
 
 
 def address_layout(config):

@@ -78,7 +78,8 @@ class LoraStep(wiring.Component):
         m.submodules.a_mover = a_mover = AMover(cfg.rows, banks, address_width)
         m.submodules.w_mover = w_mover = WMover(cfg.rows, cfg.cols, banks, address_width)
         m.submodules.c_writer = c_writer = CWriter(cfg)
-        m.submodules.optimizer = optimizer = LoRAOptimizer(OptimConfig(kind=cfg.optimizer))
+        optim_config = OptimConfig(kind=cfg.optimizer, interval=cfg.optimizer_interval)
+        m.submodules.optimizer = optimizer = LoRAOptimizer(optim_config)
         m.submodules.updater = updater = Updater(banks, address_width, optimizer.latency)
         stores = {}
         for name, spec in STORES.items():
