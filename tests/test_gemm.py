@@ -232,6 +232,15 @@ def test_engine_hierarchy():
     assert [name for name, _, _ in engine.collisions] == ["a", "ea", "ew", "w0", "w1", "w2", "acc"]
 
 
+def test_w_buffer_ram_marks_the_banks():
+    """``w_buffer_ram="block"`` asks Yosys for block RAM (``ram_style``) for each bank of the W writer."""
+    from amaranth.back import rtlil
+    from edge_qlora.rtl.gemm.writers import WWriter
+    for ram, marked in (("auto", 0), ("block", 2)):
+        text = rtlil.convert(WWriter(GemmConfig(rows=2, cols=2, weights="bf16", w_buffer_ram=ram)), name="top")
+        assert text.count('attribute \\ram_style "block"') == marked
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="rows"):
         GemmConfig(rows=17)
@@ -241,6 +250,8 @@ def test_config_checks():
         GemmConfig(rows=8, cols=8, chunk=12)
     with pytest.raises(ValueError, match="weights"):
         GemmConfig(weights="int8")
+    with pytest.raises(ValueError, match="w_buffer_ram must be 'auto' or 'block'"):
+        GemmConfig(w_buffer_ram="lut")
     with pytest.raises(TypeError, match="config"):
         GemmEngine("8x8")
     with pytest.raises(ValueError, match="inner dimensions"):

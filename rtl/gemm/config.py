@@ -42,6 +42,10 @@ class GemmConfig:
         in row-addressable scratchpads.
     blocksize, double_quant : int, bool
         NF4 format, with ``weights="nf4"``.
+    w_buffer_ram : str
+        Where the W writer's double buffer goes: ``"auto"`` (Yosys picks: distributed RAM when it is shallow) or
+        ``"block"`` (block RAM, ``ram_style``): a design short of LUTs and not of block RAM, as the LoRA step at
+        small buffer sizes, keeps the buffer's ``cols`` wide banks out of the LUTs.
     """
 
     rows: int = 8
@@ -53,6 +57,7 @@ class GemmConfig:
     weights: str = "nf4"
     blocksize: int = 64
     double_quant: bool = True
+    w_buffer_ram: str = "auto"
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -72,6 +77,8 @@ class GemmConfig:
             raise ValueError(f"out_dtype must be 'bf16' or 'fp32', not {self.out_dtype!r}")
         if self.weights not in ("nf4", "bf16", "both"):
             raise ValueError(f"weights must be 'nf4', 'bf16' or 'both', not {self.weights!r}")
+        if self.w_buffer_ram not in ("auto", "block"):
+            raise ValueError(f"w_buffer_ram must be 'auto' or 'block', not {self.w_buffer_ram!r}")
         if self.weights in ("nf4", "both"):
             NF4DequantConfig(lanes=self.cols, blocksize=self.blocksize, double_quant=self.double_quant)
 

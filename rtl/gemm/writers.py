@@ -210,8 +210,9 @@ class WWriter(wiring.Component):
         if config.weights == "both":
             members["rows_in"] = In(stream.Signature(row_layout(cols, BF16.width)))
         super().__init__(members)
+        attrs = NO_RW_CHECK | ({"ram_style": "block"} if config.w_buffer_ram == "block" else {})
         self.banks = [Memory(shape=data.ArrayLayout(BF16.width, cols), depth=2 * config.slots * config.words_per_row,
-                             init=[], attrs=NO_RW_CHECK) for _ in range(cols)]
+                             init=[], attrs=attrs) for _ in range(cols)]
         self.exp_memory = Memory(shape=data.ArrayLayout(EXP, cols), depth=2 * config.chunks_k, init=[],
                                  attrs=NO_RW_CHECK)
         # (ports made once, so that elaborating the writer again adds none; the exponents are written one element,
