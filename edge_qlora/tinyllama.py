@@ -105,9 +105,10 @@ def check_memory_shape(config, t, d_in, d_out, r):
 
 def scratchpad_bytes(t, d_in, d_out, r, rows=8, cols=8):
     """Bytes of the step's scratchpads sized for one shape (the GEMM engine's buffers come on top)."""
-    from .rtl.lora import STORES, LoraConfig
+    from .rtl.lora import SCRATCHPADS, STORES, LoraConfig
     config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r)
-    return sum(config.banks * config.store_depth(name) * spec.width for name, spec in STORES.items()) // 8
+    return sum(config.banks * config.scratchpad_depth(name) * STORES[matrices[0]].width
+               for name, matrices in SCRATCHPADS.items()) // 8
 
 
 def _contract(case, outputs):

@@ -28,7 +28,7 @@ The parts, each a component of its own, joined by :class:`~.step.LoraStep`:
 - :class:`~.updater.Updater` feeds the optimizer and sends the updates out.
 """
 
-from .config import (GEMM_ORDER, PHASES, STORES, GemmPhase, LoraConfig, Phase, StoreSpec, header_layout,
+from .config import (GEMM_ORDER, PHASES, SCRATCHPADS, STORES, GemmPhase, LoraConfig, Phase, StoreSpec, header_layout,
                      segment_in_layout, updates_layout)
 from .controller import PhaseController
 from .movers import AMover, SegmentLoader, WMover
@@ -36,6 +36,6 @@ from .step import LoraStep
 from .updater import Updater
 from .writer import Combiner, CWriter
 
-__all__ = ["LoraConfig", "LoraStep", "Phase", "GemmPhase", "PHASES", "GEMM_ORDER", "STORES", "StoreSpec",
+__all__ = ["LoraConfig", "LoraStep", "Phase", "GemmPhase", "PHASES", "GEMM_ORDER", "STORES", "SCRATCHPADS", "StoreSpec",
            "header_layout", "segment_in_layout", "updates_layout", "PhaseController", "SegmentLoader", "AMover",
            "WMover", "CWriter", "Combiner", "Updater"]

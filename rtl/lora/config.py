@@ -13,6 +13,7 @@ from ..lora_optim import hyper_layout
 
 __all__ = [
     "LoraConfig", "Phase", "GemmPhase", "PHASES", "GEMM_ORDER", "LOAD_ORDER", "UPDATE_ORDER", "StoreSpec", "STORES",
+    "SCRATCHPADS",
     "DIMENSIONS", "header_layout", "dims_layout", "gemm_dims_layout", "segment_in_layout", "updates_layout",
     "moments_layout", "out_layout", "row_words", "Task", "GemmRun",
 ]
@@ -135,6 +136,11 @@ STORES = {
     "ga": StoreSpec("r", "in", FP32.width), "gbs": StoreSpec("out", "r", FP32.width),
 }
 
+#: The scratchpads the step builds, each holding the matrices of :data:`STORES` named here, one at a time: yl lives
+#: from F3 to F2 and dxl from B5 to B4, so they share one store (both float32, both from address 0).
+SCRATCHPADS = {name: (name,) for name in STORES if name not in ("yl", "dxl")}
+SCRATCHPADS["yl_dxl"] = ("yl", "dxl")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -198,9 +204,13 @@ class LoraConfig:
         return self.gemm.chunk_steps
 
     def store_depth(self, name):
-        """Words per bank of scratchpad ``name``: its largest matrix, rows of ``ceil(cols / banks)`` words."""
+        """Words per bank of matrix ``name``: its largest size, rows of ``ceil(cols / banks)`` words."""
         spec, dims = STORES[name], self.dims()
         return dims[spec.rows] * -(-dims[spec.cols] // self.banks)
+
+    def scratchpad_depth(self, name):
+        """Words per bank of scratchpad ``name`` (of :data:`SCRATCHPADS`): its largest matrix's."""
+        return max(self.store_depth(matrix) for matrix in SCRATCHPADS[name])
 
     @property
     def address_width(self):

@@ -8,7 +8,7 @@ from ...constants import BF16, FP32
 from ..gemm import GemmEngine
 from ..lora_optim import LoRAOptimizer, OptimConfig
 from ..scratchpad import MatrixStore
-from .config import (DIMENSIONS, LOAD_ORDER, PHASES, STORES, UPDATE_ORDER, LoraConfig, Phase, dims_layout,
+from .config import (DIMENSIONS, LOAD_ORDER, PHASES, SCRATCHPADS, STORES, UPDATE_ORDER, LoraConfig, Phase, dims_layout,
                      header_layout, moments_layout, out_layout, segment_in_layout, updates_layout)
 from .controller import PhaseController
 from .movers import AMover, SegmentLoader, WMover
@@ -81,9 +81,11 @@ class LoraStep(wiring.Component):
         optim_config = OptimConfig(kind=cfg.optimizer, interval=cfg.optimizer_interval)
         m.submodules.optimizer = optimizer = LoRAOptimizer(optim_config)
         m.submodules.updater = updater = Updater(banks, address_width, optimizer.latency)
-        stores = {}
-        for name, spec in STORES.items():
-            stores[name] = m.submodules[f"store_{name}"] = MatrixStore(banks, spec.width, cfg.store_depth(name))
+        stores = {}     # matrix name -> the scratchpad that holds it
+        for name, matrices in SCRATCHPADS.items():
+            store = m.submodules[f"store_{name}"] = MatrixStore(banks, STORES[matrices[0]].width,
+                                                                 cfg.scratchpad_depth(name))
+            stores.update(dict.fromkeys(matrices, store))
 
         params = controller.params
         dims = data.View(dims_layout, Cat(*(params[name] for name in DIMENSIONS)))
