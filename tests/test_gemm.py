@@ -70,10 +70,10 @@ def random_stalls(seed):
 
 
 def check_rtl(m, n, k, rows, cols, transposed, weights="bf16", out_dtype="bf16", stalls=True, kind="normal",
-              seed=0, double_quant=True, weight=None):
+              seed=0, double_quant=True, weight=None, convert_interval=1):
     """Run one job on the RTL and compare with the model; ``weight`` (bf16, [N, K]) replaces the random one."""
     config = GemmConfig(rows=rows, cols=cols, max_k=max(k, 64), max_n=max(n, 64), weights=weights,
-                        out_dtype=out_dtype, double_quant=double_quant)
+                        out_dtype=out_dtype, double_quant=double_quant, convert_interval=convert_interval)
     if weight is not None:
         source = w = weight
     elif weights == "nf4":
@@ -195,6 +195,19 @@ def test_rtl_fp32_output():
     check_rtl(3, 5, 24, 2, 2, True, out_dtype="fp32", seed=10)
 
 
+@pytest.mark.parametrize("m,n,k,rows,cols,transposed,out_dtype", [
+    (5, 7, 40, 2, 2, False, "bf16"), (6, 33, 20, 4, 4, True, "fp32"), (3, 12, 70, 3, 6, False, "fp32"),
+])
+def test_rtl_converters_shared(m, n, k, rows, cols, transposed, out_dtype):
+    """``convert_interval=2``: each converter takes two columns in turn; bit-exact under random stalls, and no
+    slower than the one-converter-per-column front on a job whose chunks are short."""
+    shared, _ = check_rtl(m, n, k, rows, cols, transposed, out_dtype=out_dtype, seed=31, convert_interval=2)
+    whole, _ = check_rtl(m, n, k, rows, cols, transposed, out_dtype=out_dtype, seed=31, stalls=False)
+    alone, _ = check_rtl(m, n, k, rows, cols, transposed, out_dtype=out_dtype, seed=31, stalls=False,
+                         convert_interval=2)
+    assert alone.cycles <= whole.cycles * 1.05, (alone.cycles, whole.cycles)
+
+
 def test_rtl_8x8_nf4():
     check_rtl(8, 16, 128, 8, 8, False, weights="nf4", stalls=False, seed=11)
 
@@ -250,6 +263,8 @@ def test_config_checks():
         GemmConfig(rows=8, cols=8, chunk=12)
     with pytest.raises(ValueError, match="weights"):
         GemmConfig(weights="int8")
+    with pytest.raises(ValueError, match="convert_interval must be 1 or 2"):
+        GemmConfig(cols=3, convert_interval=2)
     with pytest.raises(ValueError, match="w_buffer_ram must be 'auto' or 'block'"):
         GemmConfig(w_buffer_ram="lut")
     with pytest.raises(TypeError, match="config"):

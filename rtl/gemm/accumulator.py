@@ -98,12 +98,15 @@ class Accumulator(wiring.Component):
     def _front(self, m, platform, partials):
         """Integer chunk sums to float32, stalling with the accumulator: each partial beat meets its chunk's info
         beat. Returns the register slice that holds the float32 row for the accumulator, and whether anything is
-        in the front."""
+        in the front. With ``convert_interval`` 2 a row goes through the converters in two halves, the first
+        held in a register until the second comes out."""
         rows, cols = self.config.rows, self.config.cols
+        share = self.config.convert_interval
+        lanes = cols // share
         info = self.info.payload
         tag = self._tag_layout()
         # stages=5 registers the operands
-        converters = [FixedToFloat(ACC_BITS, stages=5, biased=True) for _ in range(cols)]
+        converters = [FixedToFloat(ACC_BITS, stages=5, biased=True) for _ in range(lanes)]
         # a register slice between the converters and the accumulator: the hazard check below decides whether an
         # item enters the accumulator; it does not also decide whether the whole front pipeline advances
         m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
@@ -117,18 +120,27 @@ class Accumulator(wiring.Component):
         m.submodules.acc_in = acc_in = SkidBuffer(data.StructLayout({
             "tag": tag, "row_ea": EXP, "values": data.ArrayLayout(signed(ACC_BITS), cols),
             "col_eb": data.ArrayLayout(signed(exp_width), cols)}))
-        front = StallPipeline(m, converters[0].latency, acc_slice.i.ready, tag_shape=tag, name="acc_front",
+        front_tag = data.StructLayout({"tag": tag, "half": range(share)})
+        front_ready = Signal()
+        front = StallPipeline(m, converters[0].latency, front_ready, tag_shape=front_tag, name="acc_front",
                               platform=platform)
         staged = acc_in.o.payload
-        for j, unit in enumerate(converters):
-            m.submodules[f"to_float_{j}"] = front.stall(unit)
+        half = Signal(range(share))             # which part of the row enters the converters
+        last_half = half == share - 1
+        with m.If(front.advance & acc_in.o.valid):
+            m.d.sync += half.eq(Mux(last_half, 0, half + 1))
+        for j in range(cols):
             # the converter takes its exponent biased: the constant goes into the column's register, so the
             # converter's input register gets one sum (the chunk sum is worth 2 ** (Ea + Eb - 2 * OPERAND_FRAC))
+            m.d.comb += [acc_in.i.payload.values[j].eq(partials.payload.data[j]),
+                         acc_in.i.payload.col_eb[j].eq(info.eb[j] + (converters[0].exponent_offset
+                                                                      - 2 * OPERAND_FRAC))]
+        for k, unit in enumerate(converters):
+            m.submodules[f"to_float_{k}"] = front.stall(unit)
+            column = [k + h * lanes for h in range(share)]
             m.d.comb += [
-                acc_in.i.payload.values[j].eq(partials.payload.data[j]),
-                acc_in.i.payload.col_eb[j].eq(info.eb[j] + (unit.exponent_offset - 2 * OPERAND_FRAC)),
-                unit.value.eq(staged.values[j]),
-                unit.exponent.eq(staged.row_ea + staged.col_eb[j]),
+                unit.value.eq(Array(staged.values[j] for j in column)[half]),
+                unit.exponent.eq(staged.row_ea + Array(staged.col_eb[j] for j in column)[half]),
             ]
         last_row = partials.payload.row == rows - 1
         m.d.comb += [
@@ -141,13 +153,25 @@ class Accumulator(wiring.Component):
             acc_in.i.payload.tag.job_last.eq(info.job_last & last_row),
             self.info.ready.eq(partials.valid & partials.ready & last_row),
             front.in_valid.eq(acc_in.o.valid),
-            front.in_tag.eq(staged.tag),
-            acc_in.o.ready.eq(front.advance),
-            acc_slice.i.valid.eq(front.out_valid),
-            acc_slice.i.payload.tag.eq(front.out_tag),
+            front.in_tag.tag.eq(staged.tag),
+            front.in_tag.half.eq(half),
+            acc_in.o.ready.eq(front.advance & last_half),
         ]
-        for j, unit in enumerate(converters):
-            m.d.comb += acc_slice.i.payload.values[j].eq(unit.result)
+        # the row leaves with its last part; the earlier parts wait in `held`
+        out_last = front.out_tag.half == share - 1
+        held = Signal(data.ArrayLayout(FP32.width, cols - lanes))
+        m.d.comb += [
+            front_ready.eq(~out_last | acc_slice.i.ready),
+            acc_slice.i.valid.eq(front.out_valid & out_last),
+            acc_slice.i.payload.tag.eq(front.out_tag.tag),
+        ]
+        for k, unit in enumerate(converters):
+            for h in range(share - 1):
+                with m.If(front.out_valid & (front.out_tag.half == h)):
+                    m.d.sync += held[k + h * lanes].eq(unit.result)
+            m.d.comb += acc_slice.i.payload.values[k + (share - 1) * lanes].eq(unit.result)
+        for j in range(cols - lanes):
+            m.d.comb += acc_slice.i.payload.values[j].eq(held[j])
         return acc_slice, acc_in.spare_valid | front.out_valid
 
     def _admit(self, m, acc_slice, valid, tags, back_latency, depth):

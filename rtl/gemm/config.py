@@ -42,6 +42,10 @@ class GemmConfig:
         in row-addressable scratchpads.
     blocksize, double_quant : int, bool
         NF4 format, with ``weights="nf4"``.
+    convert_interval : int
+        Cycles the accumulator's integer-to-float converters take per row of chunk sums: 1 (a converter per column)
+        or 2 (``cols / 2`` converters, each taking two columns in turn; ``cols`` even). The PE array gives at most
+        a row every two steps, so 2 keeps pace with it and saves half the converters.
     w_buffer_ram : str
         Where the W writer's double buffer goes: ``"auto"`` (Yosys picks: distributed RAM when it is shallow) or
         ``"block"`` (block RAM, ``ram_style``): a design short of LUTs and not of block RAM, as the LoRA step at
@@ -57,6 +61,7 @@ class GemmConfig:
     weights: str = "nf4"
     blocksize: int = 64
     double_quant: bool = True
+    convert_interval: int = 1
     w_buffer_ram: str = "auto"
 
     def __post_init__(self):
@@ -77,6 +82,9 @@ class GemmConfig:
             raise ValueError(f"out_dtype must be 'bf16' or 'fp32', not {self.out_dtype!r}")
         if self.weights not in ("nf4", "bf16", "both"):
             raise ValueError(f"weights must be 'nf4', 'bf16' or 'both', not {self.weights!r}")
+        if self.convert_interval not in (1, 2) or isinstance(self.convert_interval, bool) \
+                or self.cols % self.convert_interval:
+            raise ValueError(f"convert_interval must be 1 or 2 (2 with an even cols), not {self.convert_interval!r}")
         if self.w_buffer_ram not in ("auto", "block"):
             raise ValueError(f"w_buffer_ram must be 'auto' or 'block', not {self.w_buffer_ram!r}")
         if self.weights in ("nf4", "both"):

@@ -194,7 +194,8 @@ class LoraConfig:
         longest = max(self.max_t, self.max_in, self.max_out, self.max_rank)
         return GemmConfig(rows=self.rows, cols=self.cols, max_k=max(self.max_in, self.max_t, self.max_rank),
                           max_n=longest, out_dtype="fp32", weights="both", blocksize=self.blocksize,
-                          double_quant=self.double_quant, w_buffer_ram="block")
+                          double_quant=self.double_quant, w_buffer_ram="block",
+                          convert_interval=2 if self.cols % 2 == 0 else 1)
 
     def dims(self):
         return {"t": self.max_t, "in": self.max_in, "out": self.max_out, "r": self.max_rank}
