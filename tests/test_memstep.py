@@ -91,6 +91,17 @@ def test_config_errors():
         MemStepConfig(step=LoraConfig(rows=2, cols=2), port=MemPortConfig(data_width=64))
 
 
+@pytest.mark.parametrize("memory,optimizer,interval", [("ulx3s-sdram", "adamw", 4), ("ulx3s-sdram", "sgd", 1),
+                                                       ("ecpix5-ddr3", "adamw", 1)])
+def test_optimizer_interval_from_the_port(memory, optimizer, interval):
+    """Half the port cycles an element's update moves: AdamW's 20 bytes are 10 SDRAM words (4), 2.5 DDR3 words (1)."""
+    from edge_qlora.constants import DRAM_PRESETS
+    from edge_qlora.rtl.lora.memstep import for_memory
+    from edge_qlora.rtl.memport import port_for
+    config = for_memory(LoraConfig(rows=2, cols=4, optimizer=optimizer), port_for(DRAM_PRESETS[memory]))
+    assert config.step.optimizer_interval == interval and config.step.optimizer == optimizer
+
+
 @pytest.mark.parametrize("d_in,d_out,t,rows,word", [(64, 32, 4, 2, 2), (2048, 256, 128, 8, 2), (2048, 256, 128, 8, 8),
                                                     (96, 64, 8, 4, 8)])
 def test_program_bytes_equal_the_traffic_model(d_in, d_out, t, rows, word):
