@@ -91,10 +91,10 @@ def test_config_errors():
         MemStepConfig(step=LoraConfig(rows=2, cols=2), port=MemPortConfig(data_width=64))
 
 
-@pytest.mark.parametrize("memory,optimizer,interval", [("ulx3s-sdram", "adamw", 4), ("ulx3s-sdram", "sgd", 1),
-                                                       ("ecpix5-ddr3", "adamw", 1)])
+@pytest.mark.parametrize("memory,optimizer,interval", [("ulx3s-sdram", "adamw", 8), ("ulx3s-sdram", "sgd", 2),
+                                                       ("ecpix5-ddr3", "adamw", 2)])
 def test_optimizer_interval_from_the_port(memory, optimizer, interval):
-    """Half the port cycles an element's update moves: AdamW's 20 bytes are 10 SDRAM words (4), 2.5 DDR3 words (1)."""
+    """The port cycles an element's update moves: AdamW's 20 bytes are 10 SDRAM words (8), 2.5 DDR3 words (2)."""
     from edge_qlora.constants import DRAM_PRESETS
     from edge_qlora.rtl.lora.memstep import for_memory
     from edge_qlora.rtl.memport import port_for

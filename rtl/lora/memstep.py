@@ -120,12 +120,11 @@ UPDATE_BYTES = {"adamw": 20, "sgd": 4}
 
 def for_memory(step, port):
     """The :class:`MemStepConfig` of ``step`` (a :class:`LoraConfig`) behind ``port``, its optimizer taking one
-    element every half as many cycles as the port needs for the element's traffic at one word a cycle (a power of
-    two, at most 8): the update stays memory-bound with room to spare (a pace close to the memory's would let the
-    two wait for each other), and the slower core shares its float units among more of an element's operations.
-    On the ULX3S's 16-bit SDRAM an AdamW element moves 10 words: 4 cycles, two multipliers and one adder instead of
-    eight and four."""
-    words = max(1, UPDATE_BYTES[step.optimizer] // port.word_bytes // 2)
+    element every as many cycles as the port needs for the element's traffic at one word a cycle (a power of two,
+    at most 8): the update is memory-bound at that pace anyway, and the slower core shares its float units among
+    more of an element's operations (on the ULX3S's 16-bit SDRAM an AdamW element moves 10 words: 8 cycles, one
+    multiplier and one adder instead of eight and four)."""
+    words = max(1, UPDATE_BYTES[step.optimizer] // port.word_bytes)
     interval = min(8, 1 << (words.bit_length() - 1))
     return MemStepConfig(step=replace(step, optimizer_interval=interval), port=port)
 
