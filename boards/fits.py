@@ -4,9 +4,9 @@ The table holds the largest configuration of each design that was built (placed)
 that was seen not to fit. :func:`check_fit` refuses a configuration known not to fit (larger than one that did not
 fit, or needing more DSP blocks than the device has) with a one-line message naming the largest that fits;
 everything else is left to the build, and :func:`fit_hint` gives the same name to append to nextpnr's "design
-needs N cells" error. Numbers come from place-only builds (``edge-qlora build ... --place-only``): the dequantizer's of the current RTL,
-the GEMM engine's and the step accelerator's of earlier releases (marked so); rebuild and update them when a
-design's size changes.
+needs N cells" error. Numbers come from place-only builds (``edge-qlora build ... --place-only``): the dequantizer's
+and the memory-fed step accelerator's of the current RTL, the GEMM engine's of an earlier release (marked so);
+rebuild and update them when a design's size changes.
 """
 
 from dataclasses import dataclass
@@ -45,8 +45,8 @@ GEMM_NONE = {"icebreaker": "its 1x1 array needs 13298 of the UP5K's 5280 logic c
 #: the step accelerator: (rows, cols, bounds, what it used) of the largest placed, or None
 LORA = {
     "icebreaker": None,
-    "ulx3s-85f": (4, 4, "T<=16, in/out<=64, rank<=8, adamw",
-                  "54258 of 83640 LUT4, 75 of 156 DSP, placed in an earlier release"),
+    "ulx3s-85f": (8, 8, "T<=16, in/out<=64, rank<=8, adamw, behind the ulx3s-sdram memory port (--memory)",
+                  "76200 of 83640 LUT4, 92 of 156 DSP"),
 }
 
 #: MULT18X18D / SB_MAC16 blocks of each board's FPGA
