@@ -20,8 +20,9 @@ from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
 from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_layout
 from edge_qlora.rtl.lora import LoraConfig, Phase
-from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, WRITES, MemStep, descriptor_layout, for_memory,
-                                         report_layout)
+from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, STATE_GROUP, WRITES, MemStep, descriptor_layout,
+                                         for_memory, report_layout)
+from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
 from edge_qlora.rtl.memport import port_for
 from .harness import producer, resolve_backend, simulate
 from .lora import _collector, _header, _phase_watch, step_cycles
@@ -227,6 +228,27 @@ def _write_path(timing, port, writes):
 _WRITE_HANDOFF = 3
 
 
+def _update_startup(config, timing, port, state, elements):
+    """Cycles at the start of the update in which the memory waits for the optimizer: the first write burst goes
+    out once its last element is out of the core, and until then the memory can only read ahead as far as the
+    moments' FIFOs have room (a FIFO-full of each, beyond what B2 and B3 prefetched)."""
+    scfg = config.step
+    core = LoRAOptimizer(OptimConfig(kind=scfg.optimizer, interval=scfg.optimizer_interval))
+    core._MustUse__silence = True   # only its latency is wanted
+    burst = min(STATE_GROUP, elements, port.max_burst * port.word_bytes // 4)
+    first = burst * scfg.optimizer_interval + core.latency
+    ahead = []
+    for name in ("exp_avg_A", "exp_avg_sq_A"):
+        prefetched = taken = 0
+        for q in (q for q in state if q.tensor == name):
+            if prefetched < config.fifo_words:
+                prefetched += q.length
+            elif taken < config.fifo_words:
+                ahead.append(q)
+                taken += q.length
+    return max(0, first - _dram_cycles(timing, port, ahead))
+
+
 def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     """The cycle model of :class:`MemStep` against ``memory``.
 
@@ -284,7 +306,8 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
                          for name in ("exp_avg_A", "exp_avg_sq_A"))
     last_group = updates[-(3 if scfg.optimizer == "adamw" else 1):]
     phases["update"] = max(compute["update"] + _dram_cycles(timing, port, last_group),
-                           _dram_cycles(timing, port, order) - state_prefetch)
+                           _dram_cycles(timing, port, order) - state_prefetch
+                           + _update_startup(config, timing, port, state, d_in * r + d_out * r))
     total = sum(phases.values())
     return {"cycles": total, "phases": phases, "compute": sum(compute.values()),
             "memory": _dram_cycles(timing, port, reads + writes)}
