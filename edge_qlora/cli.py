@@ -687,8 +687,8 @@ def _build(args):
                                 blocksize=args.blocksize, double_quant=args.double_quant)
         except ValueError as error:
             raise BuildError(f"--lora: {error}") from None
-        what = (f"LoraStep({args.rows}x{args.cols} array, T<={args.max_t}, in<={args.max_in}, "
-                f"out<={args.max_out}, rank<={args.max_rank}, {args.optimizer}, NF4 blocksize {args.blocksize})")
+        what = (f"{args.rows}x{args.cols} array, T<={args.max_t}, in<={args.max_in}, out<={args.max_out}, "
+                f"rank<={args.max_rank}, {args.optimizer}, NF4 blocksize {args.blocksize}")
         if args.memory:
             from .rtl.lora.memstep import MemStep, for_memory
             from .rtl.memport import port_for
@@ -696,10 +696,11 @@ def _build(args):
                 design = MemStep(for_memory(config, port_for(DRAM_PRESETS[args.memory])))
             except ValueError as error:
                 raise BuildError(f"--memory: {error}") from None
-            what = (f"MemStep({args.memory} port) around {what[:-1]}, optimizer one element per "
+            what = (f"MemStep({args.memory} port) around LoraStep({what}, optimizer one element per "
                     f"{design.config.step.optimizer_interval} cycles)")
         else:
             design = LoraStep(config)
+            what = f"LoraStep({what})"
     elif args.rows is not None:
         from .rtl.gemm import GemmConfig, GemmEngine
         if not 16 <= args.max_k <= 1 << 16:

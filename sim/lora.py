@@ -228,6 +228,13 @@ def _run_pysim(config, inputs, wanted, stalls, vcd_path, max_cycles, progress):
     beats, total = simulate(dut, producers, consumer, vcd_path, processes=processes)
     return beats, total, phase_log
 
+def optimizer_latency(kind="adamw", interval=1):
+    """Cycles from an element's acceptance by the optimizer core to its update (:class:`LoRAOptimizer`)."""
+    unit = LoRAOptimizer(OptimConfig(kind=kind, interval=interval))
+    unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
+    return unit.latency
+
+
 #: Cycles from a beat's acceptance by the combiner to its output: the partner read, then one lane's multiply, add
 #: and rounding (:class:`~edge_qlora.rtl.lora.writer.Combiner`).
 COMBINE_LATENCY = 16
@@ -257,7 +264,6 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw", optimizer_inte
             beats = -(-dims[row.m] // rows) * -(-dims[row.out_columns] // cols) * rows
             cycles = max(cycles + rows * (cols + 1), beats * (cols + 2) + COMBINE_LATENCY)
         phases[phase.name] = cycles
-    unit = LoRAOptimizer(OptimConfig(kind=optimizer, interval=optimizer_interval))
-    unit._MustUse__silence = True   # only its latency is wanted: no "created but never used" warning
-    phases["update"] = (r * d_in + d_out * r) * optimizer_interval + 2 * unit.latency
+    phases["update"] = (r * d_in + d_out * r) * optimizer_interval + 2 * optimizer_latency(optimizer,
+                                                                                        optimizer_interval)
     return phases

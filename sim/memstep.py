@@ -22,10 +22,9 @@ from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_la
 from edge_qlora.rtl.lora import LoraConfig, Phase
 from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, STATE_GROUP, WRITES, MemStep, descriptor_layout,
                                          for_memory, report_layout)
-from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
 from edge_qlora.rtl.memport import port_for
 from .harness import producer, resolve_backend, simulate
-from .lora import _collector, _header, _phase_watch, step_cycles
+from .lora import _collector, _header, _phase_watch, optimizer_latency, step_cycles
 from .streams import NO_STALLS
 from .verilator import Source, VerilatorModel, run_model
 
@@ -233,10 +232,8 @@ def _update_startup(config, timing, port, state, elements):
     out once its last element is out of the core, and until then the memory can only read ahead as far as the
     moments' FIFOs have room (a FIFO-full of each, beyond what B2 and B3 prefetched)."""
     scfg = config.step
-    core = LoRAOptimizer(OptimConfig(kind=scfg.optimizer, interval=scfg.optimizer_interval))
-    core._MustUse__silence = True   # only its latency is wanted
     burst = min(STATE_GROUP, elements, port.max_burst * port.word_bytes // 4)
-    first = burst * scfg.optimizer_interval + core.latency
+    first = burst * scfg.optimizer_interval + optimizer_latency(scfg.optimizer, scfg.optimizer_interval)
     ahead = []
     for name in ("exp_avg_A", "exp_avg_sq_A"):
         prefetched = taken = 0
