@@ -9,7 +9,7 @@ from amaranth.lib.wiring import In, Out
 
 from ...constants import BF16, FP32
 from ..gemm import GemmConfig
-from ..lora_optim import hyper_layout
+from ..lora_optim import OptimConfig, hyper_layout
 
 __all__ = [
     "LoraConfig", "Phase", "GemmPhase", "PHASES", "GEMM_ORDER", "LOAD_ORDER", "UPDATE_ORDER", "StoreSpec", "STORES",
@@ -179,8 +179,7 @@ class LoraConfig:
                 raise ValueError(f"{name} must be an integer from 1 to 32768, not {value!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
-        if not isinstance(self.optimizer_interval, int) or not 1 <= self.optimizer_interval <= 16:
-            raise ValueError(f"optimizer_interval must be an integer from 1 to 16, not {self.optimizer_interval!r}")
+        self.optim  # checks optimizer_interval
         self.gemm  # checks rows, cols
 
     @property
@@ -188,6 +187,11 @@ class LoraConfig:
         """Scratchpad banks: the next power of two of the longest segment any mover reads."""
         side = max(self.rows, self.cols)
         return 1 << (side - 1).bit_length()
+
+    @property
+    def optim(self):
+        """The optimizer core's configuration."""
+        return OptimConfig(kind=self.optimizer, interval=self.optimizer_interval)
 
     @property
     def gemm(self):

@@ -6,7 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from ...constants import BF16, FP32
 from ..gemm import GemmEngine
-from ..lora_optim import LoRAOptimizer, OptimConfig
+from ..lora_optim import LoRAOptimizer
 from ..scratchpad import MatrixStore
 from .config import (DIMENSIONS, LOAD_ORDER, PHASES, SCRATCHPADS, STORES, UPDATE_ORDER, LoraConfig, Phase, dims_layout,
                      header_layout, moments_layout, out_layout, segment_in_layout, updates_layout)
@@ -78,8 +78,7 @@ class LoraStep(wiring.Component):
         m.submodules.a_mover = a_mover = AMover(cfg.rows, banks, address_width)
         m.submodules.w_mover = w_mover = WMover(cfg.rows, cfg.cols, banks, address_width)
         m.submodules.c_writer = c_writer = CWriter(cfg)
-        optim_config = OptimConfig(kind=cfg.optimizer, interval=cfg.optimizer_interval)
-        m.submodules.optimizer = optimizer = LoRAOptimizer(optim_config)
+        m.submodules.optimizer = optimizer = LoRAOptimizer(cfg.optim)
         m.submodules.updater = updater = Updater(banks, address_width, optimizer.latency)
         stores = {}     # matrix name -> the scratchpad that holds it
         for name, matrices in SCRATCHPADS.items():
