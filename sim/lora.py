@@ -16,7 +16,7 @@ from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lan
 from .verilator import Source, VerilatorModel, run_model
 from .streams import NO_STALLS
 
-__all__ = ["StepRun", "run_step", "step_cycles", "PHASE_NAMES"]
+__all__ = ["StepRun", "run_step", "step_cycles", "engine_cycles", "PHASE_NAMES"]
 
 PHASE_NAMES = [phase.name for phase in Phase]
 
@@ -240,6 +240,17 @@ def optimizer_latency(kind="adamw", interval=1):
 COMBINE_LATENCY = 16
 
 
+def engine_cycles(phase, t, d_in, d_out, r, rows, cols):
+    """The GEMM engine's cycles for ``phase`` (a :class:`~edge_qlora.rtl.lora.Phase` of ``PHASES``) alone, without
+    the combiner (:func:`~edge_qlora.golden.gemm.gemm_cycles`: NF4 weights for F2 and B4, bf16 from the
+    scratchpads otherwise)."""
+    row = PHASES[phase]
+    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
+    chunk = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r).chunk
+    return gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
+                       "nf4" if row.nf4 else "rows", "fp32").cycles
+
+
 def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw", optimizer_interval=1):
     """The cycle model of one step: estimated cycles per phase (dict in execution order: ``load``, the GEMM
     phases by name, ``update``).
@@ -252,12 +263,11 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw", optimizer_inte
     config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
                         optimizer=optimizer)
     dims = {"t": t, "in": d_in, "out": d_out, "r": r}
-    banks, chunk = config.banks, config.chunk
+    banks = config.banks
     phases = {"load": sum(-(-dims[a] // banks) * dims[b] for a, b in (("in", "t"), ("out", "t"),
                                                                        ("in", "r"), ("r", "out")))}
     for phase, row in PHASES.items():
-        cycles = gemm_cycles(dims[row.m], dims[row.n], dims[row.k], rows, cols, chunk, row.transposed,
-                             "nf4" if row.nf4 else "rows", "fp32").cycles
+        cycles = engine_cycles(phase, t, d_in, d_out, r, rows, cols)
         if row.combining:
             # the combiner's one lane takes cols + 2 cycles a beat: the last tile's beats drain after the engine,
             # and where tiles are short (a small reduction) the combiner, not the engine, sets the pace

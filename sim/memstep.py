@@ -8,6 +8,7 @@ step's outputs are read back from the image. The step's one ``report`` beat give
 words moved per tensor (the RTL's counters).
 """
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from amaranth.hdl import Module
@@ -22,9 +23,11 @@ from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_la
 from edge_qlora.rtl.lora import LoraConfig, Phase
 from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, STATE_GROUP, WRITES, MemStep, descriptor_layout,
                                          for_memory, report_layout)
+from edge_qlora.rtl.lora.updater import pipeline_depth
 from edge_qlora.rtl.memport import port_for
 from .harness import producer, resolve_backend, simulate
-from .lora import _collector, _header, _phase_watch, optimizer_latency, step_cycles
+from .lora import (COMBINE_LATENCY, _collector, _header, _phase_watch, engine_cycles, optimizer_latency,
+                   step_cycles)
 from .streams import NO_STALLS
 from .verilator import Source, VerilatorModel, run_model
 
@@ -216,45 +219,157 @@ def _dram_cycles(timing, port, reqs):
 
 
 def _write_path(timing, port, writes):
-    """Cycles the write path needs for ``writes`` one after another: the step hands the writer a job only when the
-    previous one has gone out, so each job's words are packed into the staging FIFO, then written (its own row
-    activation, from a closed row), then the next job starts."""
-    return sum(q.length + _WRITE_HANDOFF + _dram_cycles(timing, port, [q]) for q in writes)
+    """Cycles the write path needs for ``writes``: one request at a time, each with its own row activation (the
+    next request's words are packed while one is written)."""
+    costs = {}
+    for q in writes:
+        if q.length not in costs:
+            costs[q.length] = _dram_cycles(timing, port, [q])
+    return sum(costs[q.length] for q in writes)
 
 
-#: Cycles between one write job's last word and the next job's first packed word (the sequencer's and the order
-#: FIFO's handshakes).
-_WRITE_HANDOFF = 3
+def _update_cycles(config, timing, port, state, updates, elements_a, elements_b):
+    """Cycles of the update, from its first element to its last write, burst by burst.
 
-
-def _update_startup(config, timing, port, state, elements):
-    """Cycles at the start of the update in which the memory waits for the optimizer: the first write burst goes
-    out once its last element is out of the core, and until then the memory can only read ahead as far as the
-    moments' FIFOs have room (a FIFO-full of each, beyond what B2 and B3 prefetched)."""
+    The parts and the rules are the RTL's: the updater takes an element's moments from their FIFOs
+    (``fifo_words`` each, a FIFO-full read ahead during B2 and B3) :func:`~edge_qlora.rtl.lora.updater.
+    pipeline_depth` elements before the optimizer core, which takes one every ``optimizer_interval`` cycles and
+    gives its update ``optimizer_latency`` cycles later (B's first element after A's last update); each update's
+    master and moments wait in queues of ``2 * STATE_GROUP`` elements, are packed at a word a cycle into the
+    staging FIFO in write order, and a write burst goes once all its words are staged. The port serves one burst
+    at a time, a read when its FIFO has room for all its words (it wins a tie: its command is taken while a write
+    burst's data is still moving), else the next write; each burst takes the DRAM's cycles for it alone
+    (``golden/dram.py``).
+    """
     scfg = config.step
-    burst = min(STATE_GROUP, elements, port.max_burst * port.word_bytes // 4)
-    first = burst * scfg.optimizer_interval + optimizer_latency(scfg.optimizer, scfg.optimizer_interval)
-    ahead = []
-    for name in ("exp_avg_A", "exp_avg_sq_A"):
-        prefetched = taken = 0
-        for q in (q for q in state if q.tensor == name):
-            if prefetched < config.fifo_words:
-                prefetched += q.length
-            elif taken < config.fifo_words:
-                ahead.append(q)
-                taken += q.length
-    return max(0, first - _dram_cycles(timing, port, ahead))
+    interval, depth = scfg.optimizer_interval, pipeline_depth()
+    latency = optimizer_latency(scfg.optimizer, interval)
+    wb, fifo, staging = port.word_bytes, config.fifo_words, max(config.fifo_words, port.max_burst)
+    n = elements_a + elements_b
+    queue = 2 * STATE_GROUP
+    costs = {}
+
+    def cost(q):
+        if (q.op, q.length) not in costs:
+            costs[q.op, q.length] = _dram_cycles(timing, port, [q])
+        return costs[q.op, q.length]
+
+    def kind(q):
+        return "v" if "_sq_" in q.tensor else "m" if q.tensor.startswith("exp_avg") else "p"
+
+    # each burst with the elements complete once its words have come (reads) or that it needs (writes)
+    words = {"p": 0, "m": 0, "v": 0}
+    reads, writes = [], []
+    for q in state:
+        words[kind(q)] += q.length
+        reads.append((kind(q), q, min(n, words[kind(q)] * wb // 4)))
+    words = {"p": 0, "m": 0, "v": 0}
+    for q in updates:
+        words[kind(q)] += q.length
+        writes.append((kind(q), q, min(n, -(-words[kind(q)] * wb // 4))))
+    # per FIFO or queue, in burst order: the elements complete (read) or written, and the cycle
+    arrived = {k: ([], []) for k in ("m", "v")}
+    left = {k: ([], []) for k in ("p", "m", "v")}
+    filled = {"m": 0, "v": 0}               # words requested into each FIFO
+    ri = wi = 0
+    while ri < len(reads) and filled[reads[ri][0]] + reads[ri][1].length <= fifo:    # read during B2 and B3
+        k, q, done = reads[ri]
+        filled[k] += q.length
+        arrived[k][0].append(done)
+        arrived[k][1].append(0)
+        ri += 1
+    moments = ("m", "v") if state else ()
+    start = []                              # the core's cycle for each element
+
+    def when(log, element):
+        """The cycle of the first burst in ``log`` that covers ``element``, None if none does yet."""
+        i = bisect_right(log[0], element)
+        return log[1][i] if i < len(log[0]) else None
+
+    def run_core():
+        while len(start) < n:
+            e = len(start)
+            t = start[-1] + interval if start else depth
+            if e == elements_a and e:
+                t = max(t, start[-1] + latency + depth)
+            for k in moments:
+                come = when(arrived[k], e)
+                if come is None:
+                    return
+                t = max(t, come + depth)
+            if e >= queue:
+                for k in ("p",) + moments:
+                    gone = when(left[k], e - queue)
+                    if gone is None:
+                        return
+                    t = max(t, gone)
+            start.append(t)
+
+    firsts, data_at = [], []                # per write burst sent: its first word, the cycle its data starts
+    packed = 0                              # the cycle the last staged word was packed
+    base = 0                                # words of the write stream before the next burst
+
+    def staged(q, need):
+        """The cycle the next write burst's last word is staged: packed after the one before, each word once
+        its element is out of the core and the word ``staging`` places ahead has left."""
+        def gone(w):
+            if w < 0:
+                return 0
+            i = bisect_right(firsts, w) - 1
+            return data_at[i] + w - firsts[i]
+        first_element = max(0, need - q.length * wb // 4)
+        begin = max(packed + 1, start[first_element] + latency, gone(base - staging))
+        return max(begin + q.length - 1, start[need - 1] + latency, gone(base + q.length - 1 - staging)) + 1
+
+    port_free = 0
+    while ri < len(reads) or wi < len(writes):
+        run_core()
+        t_write = t_read = None
+        if wi < len(writes) and len(start) >= writes[wi][2]:
+            ready = staged(writes[wi][1], writes[wi][2])
+            t_write = max(port_free, ready)
+        if ri < len(reads):
+            k, q, _ = reads[ri]
+            # room once the updater has taken the element that frees enough words
+            element = -(-(filled[k] + q.length - fifo) * wb // 4) - 1
+            if element < depth:
+                t_read = port_free
+            elif element - depth < len(start):
+                t_read = max(port_free, start[element - depth])
+        if t_read is not None and (t_write is None or t_read <= t_write):
+            k, q, done = reads[ri]
+            port_free = t_read + cost(q)
+            filled[k] += q.length
+            arrived[k][0].append(done)
+            arrived[k][1].append(port_free)
+            ri += 1
+        elif t_write is not None:
+            k, q, need = writes[wi]
+            packed = ready - 1
+            firsts.append(base)
+            data_at.append(t_write + 2)
+            left[k][0].append(need)
+            left[k][1].append(t_write)
+            base += q.length
+            port_free = t_write + cost(q)
+            wi += 1
+        else:
+            raise RuntimeError("the update's cycle model found no burst to serve")
+    run_core()
+    return max(port_free, start[-1] + latency if start else 0)
 
 
 def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     """The cycle model of :class:`MemStep` against ``memory``.
 
-    Each part of the step takes the longer of its compute (``sim/lora.py``'s :func:`step_cycles`, the step with
+    Each part of the step takes the longest of its compute (``sim/lora.py``'s :func:`step_cycles`, the step with
     streams that never stall) and the DRAM's time for that part's requests (``golden/dram.py`` on the requests of
     ``golden/memprogram.py``): the loads; F2 and B4, one weight pass each per tile of token rows, with the y or dx
     writes spread among the reads, less the words the read FIFOs prefetched during the compute-only phases before
-    them; the update's reads and writes, a read burst ahead, then read and write bursts in turn. The compute-only phases (F1, F3,
-    B1, B5, B2, B3) take their compute cycles.
+    them, and no faster than their last pass (its outputs leave tile by tile at the combiner's or the writes' pace,
+    after the reads) or their writes one request at a time; the update burst by burst (:func:`_update_cycles`),
+    including its last writes after the step's last phase. The compute-only phases (F1, F3, B1, B5, B2, B3) take
+    their compute cycles.
 
     Returns ``{"cycles": total, "phases": {phase or group: cycles}, "compute": cycles without memory,
     "memory": DRAM cycles of the whole program}``.
@@ -279,32 +394,30 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     fifo_words = config.fifo_words
     prefetch = sum(min(fifo_words, sum(q.length for q in weight[:per_pass] if q.tensor == name))
                    for name in ("nf4_codes", "nf4_absmax", "nf4_absmax2"))
+    # words read ahead during F2 for B4 and during B4 for the update
+    state_prefetch = sum(min(fifo_words, sum(q.length for q in state if q.tensor == name))
+                         for name in ("exp_avg_A", "exp_avg_sq_A"))
+    ahead = {"F2": prefetch, "B4": state_prefetch}
     for name, out in (("F2", "y"), ("B4", "dx")):
         outs = [q for q in writes if q.tensor == out]
         one_pass = _interleave(weight[:per_pass], outs[:len(outs) // passes])
         memory_time = passes * _dram_cycles(timing, port, one_pass) - prefetch
-        phases[name] = max(compute[name], memory_time, _write_path(timing, port, outs))
+        # the last pass's outputs leave once the engine is through it and its reads are in (with the next
+        # phase's prefetch, which goes first and stands in for the words this phase had prefetched), at the
+        # combiner's pace or the writes'
+        last = outs[len(outs) - len(outs) // passes:]
+        drain = max(len(last) * (scfg.cols + 2) + COMBINE_LATENCY, _write_path(timing, port, last))
+        engine = engine_cycles(Phase[name], t, d_in, d_out, r, scfg.rows, scfg.cols) // passes
+        last_pass = max(engine, _dram_cycles(timing, port, weight[:per_pass]) - prefetch + ahead[name]) + drain
+        phases[name] = max(compute[name], memory_time, last_pass, _write_path(timing, port, outs))
         if name == "F2":
             for before in ("B1", "B5"):
                 phases[before] = compute[before]
     for name in ("B2", "B3"):
         phases[name] = compute[name]
-    # the update: the reader a burst ahead, then a read burst and a write burst in turn
-    updates = [q for q in writes if q.tensor not in ("y", "dx")]
-    order, k = list(state[:1]), 1
-    for request in updates:
-        if k < len(state):
-            order.append(state[k])
-            k += 1
-        order.append(request)
-    order += state[k:]
-    # the moments' FIFOs fill during B2 and B3; the last group's writes go out after the optimizer's last element
-    state_prefetch = sum(min(fifo_words, sum(q.length for q in state if q.tensor == name))
-                         for name in ("exp_avg_A", "exp_avg_sq_A"))
-    last_group = updates[-(3 if scfg.optimizer == "adamw" else 1):]
-    phases["update"] = max(compute["update"] + _dram_cycles(timing, port, last_group),
-                           _dram_cycles(timing, port, order) - state_prefetch
-                           + _update_startup(config, timing, port, state, d_in * r + d_out * r))
+    # the update, burst by burst (its last writes go out after the step's last phase)
+    phases["update"] = _update_cycles(config, timing, port, state, [q for q in writes if q.tensor not in ("y", "dx")],
+                                      d_in * r, d_out * r)
     total = sum(phases.values())
     return {"cycles": total, "phases": phases, "compute": sum(compute.values()),
             "memory": _dram_cycles(timing, port, reads + writes)}

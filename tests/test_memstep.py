@@ -13,7 +13,7 @@ from edge_qlora.rtl.lora import LoraConfig
 from edge_qlora.rtl.lora.memstep import MemStepConfig
 from edge_qlora.rtl.memport import MemPortConfig
 from edge_qlora.sim import verilator
-from edge_qlora.sim.memstep import _fields, mem_step_config, run_mem_step
+from edge_qlora.sim.memstep import _fields, mem_step_config, model_cycles, run_mem_step
 from edge_qlora.sim.streams import Stalls
 
 from reference import mismatches
@@ -41,9 +41,19 @@ def check(case, memory="ulx3s-sdram", rows=2, cols=2, stalls=None, backend="pysi
     return run
 
 
+def model_error(case, run, memory="ulx3s-sdram", rows=2, cols=2):
+    """The cycle model with memory against the RTL's cycles on ``case``."""
+    t, d_in = case.x.shape
+    config = mem_step_config(case, memory, rows, cols)
+    return model_cycles(config, memory, t, d_in, case.dy.shape[1], case.lora_A.shape[0],
+                        double_quant=case.weight.double_quant)["cycles"] / run.cycles - 1
+
+
 def test_step_through_memory():
-    run = check(lora.random_case(4, 64, 32, 4, seed=1, states=True))
+    case = lora.random_case(4, 64, 32, 4, seed=1, states=True)
+    run = check(case)
     assert run.bytes_read > 0 and run.bytes_written > 0
+    assert abs(model_error(case, run)) < 0.03
 
 
 def test_step_through_memory_random_stalls():
@@ -52,11 +62,16 @@ def test_step_through_memory_random_stalls():
 
 
 def test_step_through_memory_sgd_plain_absmax():
-    check(lora.random_case(2, 32, 16, 3, "sgd", seed=3, double_quant=False))
+    case = lora.random_case(2, 32, 16, 3, "sgd", seed=3, double_quant=False)
+    # the model over-predicts this shape (docs/memstep.md): on a 2x2 array F2's and B4's outputs leave tile by tile
+    # during the pass, not all after it as on the 8x8 shapes the model follows
+    assert 0 < model_error(case, check(case)) < 0.07
 
 
 def test_step_through_ddr3():
-    check(lora.random_case(4, 32, 16, 2, seed=4, states=True), "ecpix5-ddr3", rows=2, cols=4)
+    case = lora.random_case(4, 32, 16, 2, seed=4, states=True)
+    run = check(case, "ecpix5-ddr3", rows=2, cols=4)
+    assert abs(model_error(case, run, "ecpix5-ddr3", 2, 4)) < 0.03
 
 
 @pytest.mark.skipif(not verilator.available(), reason=verilator.unavailable_reason() or "")

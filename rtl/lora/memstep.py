@@ -38,6 +38,8 @@ __all__ = ["MemStepConfig", "for_memory", "MemStep", "ReadSequencer", "WriteSequ
 #: (``golden/memprogram.py`` has the same).
 WEIGHT_GROUP = 256
 STATE_GROUP = 64
+#: Write jobs the write sequencer may run ahead of the burst writer.
+_JOBS_AHEAD = 4
 
 #: Byte addresses in the descriptor: the tensors read, then the tensors written (``*_out``; equal to the inputs'
 #: when the update is in place).
@@ -570,7 +572,12 @@ class MemStep(wiring.Component):
         scfg, W = cfg.step, port.data_width
         writes, sizes, start, running, header_sent = wseq.writes, ctl.sizes, ctl.start, ctl.running, ctl.header_sent
         m.submodules.writer = writer = BurstWriter(port)
-        wiring.connect(m, wseq.job, writer.job)
+        # the sequencer runs a few jobs ahead of the writer (jobs and their word orders queued alike), so the next
+        # job's words are staged while the current one's are written
+        m.submodules.jobs = jobs = SyncFIFOBuffered(width=wseq.job.payload.shape().size, depth=_JOBS_AHEAD)
+        wiring.connect(m, wseq.job, jobs.w_stream)
+        m.d.comb += [writer.job.valid.eq(jobs.r_stream.valid), jobs.r_stream.ready.eq(writer.job.ready),
+                     writer.job.payload.eq(jobs.r_stream.payload)]
         # a burst's command goes out only when all its words wait in the staging FIFO, so the memory, which takes
         # a write's words at the pace of its own schedule, never waits for the step in the middle of a burst
         m.submodules.staging = staging = SyncFIFOBuffered(width=W, depth=max(cfg.fifo_words, port.max_burst))
@@ -611,7 +618,7 @@ class MemStep(wiring.Component):
             with m.If(start):
                 m.d.sync += [flag.eq(0) for flag in sent]
         # the words of each request from the source the write sequencer names
-        m.submodules.order = order = SyncFIFOBuffered(width=wseq.order.payload.shape().size, depth=4)
+        m.submodules.order = order = SyncFIFOBuffered(width=wseq.order.payload.shape().size, depth=_JOBS_AHEAD)
         wiring.connect(m, wseq.order, order.w_stream)
         head_order = data.View(wseq.order.payload.shape(), order.r_stream.payload)
         taken = Signal.like(head_order.words)
@@ -626,7 +633,8 @@ class MemStep(wiring.Component):
         with m.If(moving):
             m.d.sync += taken.eq(Mux(last_word, 0, taken + 1))
 
-        return SimpleNamespace(writer=writer, staging=staging, order=order, source=head_order.source, moving=moving)
+        return SimpleNamespace(writer=writer, jobs=jobs, staging=staging, order=order, source=head_order.source,
+                               moving=moving)
 
     def _report(self, m, step, rseq, wseq, reader, w, ctl):
         """Cycles, stall cycles and words moved, and the report beat once the last word is written."""
@@ -646,8 +654,9 @@ class MemStep(wiring.Component):
         starving += [update_phase & step.state_in.ready & ~step.state_in.valid]
         blocked = [s.valid & ~s.ready for s in (step.y, step.dx, step.updates)]
         waiting = Cat(*starving, *blocked).any()
-        m.d.comb += finished.eq(wseq.done & rseq.done & ~w.order.r_stream.valid & w.writer.job.ready &
-                                ~w.staging.r_stream.valid & reader.idle & (step.phase == Phase.IDLE) & header_sent)
+        m.d.comb += finished.eq(wseq.done & rseq.done & ~w.jobs.r_stream.valid & ~w.order.r_stream.valid &
+                                w.writer.job.ready & ~w.staging.r_stream.valid & reader.idle &
+                                (step.phase == Phase.IDLE) & header_sent)
         with m.If(start):
             m.d.sync += [cycles.eq(0), mem_stall.eq(0), compute_stall.eq(0), reported.eq(0)]
         with m.Elif(running & ~finished):

@@ -12,7 +12,24 @@ from ..pipeline import StallPipeline, delay_line
 from ..scratchpad import ReadPort
 from .config import UPDATE_ORDER, STORES, Task, dims_layout, moments_layout, row_words, updates_layout
 
-__all__ = ["Updater"]
+__all__ = ["Updater", "READ_LATENCY", "pipeline_depth"]
+
+#: Cycles of the scratchpads' parameter and gradient reads.
+READ_LATENCY = 2
+
+
+def _scale_unit():
+    """The gradient's scaling multiplier (operands registered ahead of the DSP blocks)."""
+    return FPMul(FP32, FP32, FP32, stages=6)
+
+
+def pipeline_depth():
+    """Elements the updater holds between taking an element's moments and handing it to the optimizer core: the
+    reads and the scaling multiply (the memory-fed step's cycle model frees the moments' FIFO room this far ahead
+    of the core)."""
+    unit = _scale_unit()
+    unit._MustUse__silence = True   # only its latency is wanted
+    return READ_LATENCY + unit.latency
 
 
 class Updater(wiring.Component):
@@ -60,8 +77,8 @@ class Updater(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         banks = self.banks
-        scale = FPMul(FP32, FP32, FP32, stages=6)   # operands registered ahead of the DSP blocks
-        read_latency = 2
+        scale = _scale_unit()
+        read_latency = READ_LATENCY
         pipe = StallPipeline(m, read_latency + scale.latency, self.elements.ready, name="upd")
         m.submodules.scale = pipe.stall(scale)
 
