@@ -238,8 +238,10 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
     master and moments wait in queues of ``2 * STATE_GROUP`` elements, are packed at a word a cycle into the
     staging FIFO in write order, and a write burst goes once all its words are staged. The port serves one burst
     at a time, a read when its FIFO has room for all its words (it wins a tie: its command is taken while a write
-    burst's data is still moving), else the next write; each burst takes the DRAM's cycles for it alone
-    (``golden/dram.py``).
+    burst's data is still moving), else the next write; each burst takes the DRAM's cycles (``golden/dram.py``)
+    for it alone or after the burst before it, whichever is more (the port does not overlap one burst's row
+    activation with another's data, but pays a row change in the same bank), and a refresh's when one falls due
+    during it.
     """
     scfg = config.step
     interval, depth = scfg.optimizer_interval, pipeline_depth()
@@ -247,12 +249,15 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
     wb, fifo, staging = port.word_bytes, config.fifo_words, max(config.fifo_words, port.max_burst)
     n = elements_a + elements_b
     queue = 2 * STATE_GROUP
-    costs = {}
+    costs, served = {}, []
 
     def cost(q):
         if (q.op, q.length) not in costs:
             costs[q.op, q.length] = _dram_cycles(timing, port, [q])
-        return costs[q.op, q.length]
+        alone = costs[q.op, q.length]
+        after = _dram_cycles(timing, port, served[-1:] + [q]) - _dram_cycles(timing, port, served[-1:])
+        served[:] = [q]
+        return max(alone, after)
 
     def kind(q):
         return "v" if "_sq_" in q.tensor else "m" if q.tensor.startswith("exp_avg") else "p"
@@ -321,6 +326,18 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
         begin = max(packed + 1, start[first_element] + latency, gone(base - staging))
         return max(begin + q.length - 1, start[need - 1] + latency, gone(base + q.length - 1 - staging)) + 1
 
+    refresh = {"due": timing.trefi, "cost": timing.trp + timing.trfc + timing.trcd + 2}
+
+    def serve(begin, q):
+        """The cycle a burst begun at ``begin`` is done: its cost, and a refresh's if one falls due meanwhile (one
+        due while the port idles costs nothing)."""
+        end = begin + cost(q)
+        while refresh["due"] <= end:
+            if refresh["due"] >= begin:
+                end += refresh["cost"]
+            refresh["due"] += timing.trefi
+        return end
+
     port_free = 0
     while ri < len(reads) or wi < len(writes):
         run_core()
@@ -338,7 +355,7 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
                 t_read = max(port_free, start[element - depth])
         if t_read is not None and (t_write is None or t_read <= t_write):
             k, q, done = reads[ri]
-            port_free = t_read + cost(q)
+            port_free = serve(t_read, q)
             filled[k] += q.length
             arrived[k][0].append(done)
             arrived[k][1].append(port_free)
@@ -351,7 +368,7 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
             left[k][0].append(need)
             left[k][1].append(t_write)
             base += q.length
-            port_free = t_write + cost(q)
+            port_free = serve(t_write, q)
             wi += 1
         else:
             raise RuntimeError("the update's cycle model found no burst to serve")
