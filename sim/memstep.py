@@ -10,6 +10,7 @@ words moved per tensor (the RTL's counters).
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
@@ -218,14 +219,16 @@ def _dram_cycles(timing, port, reqs):
     return dram.simulate(timing, [(q.address, q.length * port.word_bytes, q.op) for q in reqs]).cycles
 
 
+@lru_cache(maxsize=None)
+def _burst_alone(timing, port, op, length):
+    """Cycles of one burst of ``length`` words on an idle DRAM (``golden/dram.py``; a burst never crosses a row)."""
+    return dram.simulate(timing, [(0, length * port.word_bytes, op)]).cycles
+
+
 def _write_path(timing, port, writes):
     """Cycles the write path needs for ``writes``: one request at a time, each with its own row activation (the
     next request's words are packed while one is written)."""
-    costs = {}
-    for q in writes:
-        if q.length not in costs:
-            costs[q.length] = _dram_cycles(timing, port, [q])
-    return sum(costs[q.length] for q in writes)
+    return sum(_burst_alone(timing, port, q.op, q.length) for q in writes)
 
 
 def _update_cycles(config, timing, port, state, updates, elements_a, elements_b):
@@ -249,15 +252,12 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
     wb, fifo, staging = port.word_bytes, config.fifo_words, max(config.fifo_words, port.max_burst)
     n = elements_a + elements_b
     queue = 2 * STATE_GROUP
-    costs, served = {}, []
+    served = []
 
     def cost(q):
-        if (q.op, q.length) not in costs:
-            costs[q.op, q.length] = _dram_cycles(timing, port, [q])
-        alone = costs[q.op, q.length]
         after = _dram_cycles(timing, port, served[-1:] + [q]) - _dram_cycles(timing, port, served[-1:])
         served[:] = [q]
-        return max(alone, after)
+        return max(_burst_alone(timing, port, q.op, q.length), after)
 
     def kind(q):
         return "v" if "_sq_" in q.tensor else "m" if q.tensor.startswith("exp_avg") else "p"
