@@ -377,22 +377,21 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
     return max(port_free, start[-1] + latency if start else 0)
 
 
-def _combiner_bound(name, scfg, t, d_in, d_out, r):
+def _combiner_bound(name, scfg, t, d_in, d_out, r, engine):
     """B4 with the engine waiting for the combiner (0 for F2, whose tiles drain as they finish): a tile's outputs
     all come at its end and drain at ``rows * (cols + 2)`` cycles a column tile, while the next tile's first chunk
     sweeps the column tiles at ``chunk`` steps each; each tile boundary stalls by what the drain is slower, and the
-    last tile's drain follows the engine."""
+    last tile's drain follows the engine (``engine``: its cycles for the whole phase)."""
     row = PHASES[Phase[name]]
     if not row.transposed:
         return 0
     dims = {"t": t, "in": d_in, "out": d_out, "r": r}
     rows, cols = scfg.rows, scfg.cols
     col_tiles, tiles = -(-dims[row.out_columns] // cols), -(-dims[row.m] // rows)
-    steps = max(min(scfg.chunk, dims[row.k]), 2 * rows - 1, 12)
+    steps = max(min(scfg.chunk, dims[row.k]), scfg.gemm.min_steps)
     stall = col_tiles * max(0, rows * (cols + 2) - steps)
     last = col_tiles * rows * (cols + 2) - (col_tiles - 1) * steps
-    return (engine_cycles(Phase[name], t, d_in, d_out, r, rows, cols) + (tiles - 1) * stall + max(0, last)
-            + COMBINE_LATENCY)
+    return engine + (tiles - 1) * stall + max(0, last) + COMBINE_LATENCY
 
 
 def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
@@ -443,10 +442,11 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
         # combiner's pace or the writes'
         last = outs[len(outs) - len(outs) // passes:]
         drain = max(len(last) * (scfg.cols + 2) + COMBINE_LATENCY, _write_path(timing, port, last))
-        engine = engine_cycles(Phase[name], t, d_in, d_out, r, scfg.rows, scfg.cols) // passes
-        last_pass = max(engine, _dram_cycles(timing, port, weight[:per_pass]) - prefetch + ahead[name]) + drain
+        engine = engine_cycles(Phase[name], t, d_in, d_out, r, scfg.rows, scfg.cols)
+        pass_reads = _dram_cycles(timing, port, weight[:per_pass]) - prefetch + ahead[name]
+        last_pass = max(engine // passes, pass_reads) + drain
         phases[name] = max(compute[name], memory_time, last_pass, _write_path(timing, port, outs),
-                           _combiner_bound(name, scfg, t, d_in, d_out, r))
+                           _combiner_bound(name, scfg, t, d_in, d_out, r, engine))
         if name == "F2":
             for before in ("B1", "B5"):
                 phases[before] = compute[before]
