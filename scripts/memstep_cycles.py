@@ -21,6 +21,9 @@ SHAPES = (
     (8, 32, 32, 4, 8, 8, "ulx3s-sdram"),
     (4, 32, 16, 2, 2, 4, "ecpix5-ddr3"),
     (8, 128, 64, 8, 2, 4, "ecpix5-ddr3"),
+    (8, 64, 64, 8, 8, 8, "ulx3s-sdram"),
+    (16, 64, 64, 16, 8, 8, "ulx3s-sdram"),
+    (16, 512, 64, 8, 8, 8, "ecpix5-ddr3"),
 )
 
 def measure(shape, backend):

@@ -251,14 +251,56 @@ def engine_cycles(phase, t, d_in, d_out, r, rows, cols):
                        "nf4" if row.nf4 else "rows", "fp32").cycles
 
 
+def _b4_shape(phase, t, d_in, d_out, r, rows, cols):
+    """A transposed combining phase's column tiles, tiles, output beats and the cycles of its last sweep over the
+    reduction (one column tile every ``steps``: the chunk, padded)."""
+    row = PHASES[phase]
+    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
+    col_tiles, tiles = -(-dims[row.out_columns] // cols), -(-dims[row.m] // rows)
+    config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r)
+    steps = max(min(config.chunk, dims[row.k]), config.gemm.min_steps)
+    return col_tiles, tiles, tiles * col_tiles * rows, col_tiles * steps, steps
+
+
+def first_output(phase, t, d_in, d_out, r, rows, cols):
+    """Cycles from the start of B4 (a transposed combining ``phase``) to its first output beat: the engine
+    through its first tile (its start-up included) less that tile's last sweep."""
+    row = PHASES[phase]
+    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
+    dims[row.m] = min(dims[row.m], rows)
+    return (engine_cycles(phase, dims["t"], dims["in"], dims["out"], r, rows, cols)
+            - _b4_shape(phase, t, d_in, d_out, r, rows, cols)[3])
+
+
+def combine_cycles(phase, engine, t, d_in, d_out, r, rows, cols):
+    """Cycles of F2 or B4 (``phase``) with the combiner draining the engine's outputs (``engine``: the engine's
+    cycles alone, :func:`engine_cycles`).
+
+    The combiner's one lane takes ``cols + 2`` cycles a beat and the engine's outputs queue for it
+    (``LoraConfig.c_queue_depth``: one B4 tile's). F2 gives a tile's beats as each of its output tiles finishes,
+    so only the last tile's drain follows the engine. B4 gives each tile's beats in its last sweep over the
+    reduction; the last tile's drain follows the engine by what it is slower than that sweep. Where tiles are
+    short the combiner sets the pace from the first beat on (:func:`first_output`).
+    """
+    row = PHASES[phase]
+    if not row.transposed:
+        dims = {"t": t, "in": d_in, "out": d_out, "r": r}
+        beats = -(-dims[row.m] // rows) * -(-dims[row.out_columns] // cols) * rows
+        return max(engine + rows * (cols + 1), beats * (cols + 2) + COMBINE_LATENCY)
+    col_tiles, _, beats, sweep, steps = _b4_shape(phase, t, d_in, d_out, r, rows, cols)
+    tail = max(0, col_tiles * rows * (cols + 2) - sweep + steps)
+    first = first_output(phase, t, d_in, d_out, r, rows, cols)
+    return max(engine + tail, first + beats * (cols + 2)) + COMBINE_LATENCY
+
+
 def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw", optimizer_interval=1):
     """The cycle model of one step: estimated cycles per phase (dict in execution order: ``load``, the GEMM
     phases by name, ``update``).
 
     Each GEMM phase is costed with the engine's validated model (:func:`~edge_qlora.golden.gemm.gemm_cycles`, NF4
-    weights for F2 and B4, bf16 from the scratchpads otherwise), F2 and B4 with their combiner's pace; the loads
-    stream ``banks`` elements per cycle and the optimizer takes one element every ``optimizer_interval`` cycles
-    plus its latency.
+    weights for F2 and B4, bf16 from the scratchpads otherwise), F2 and B4 with their combiner's pace
+    (:func:`combine_cycles`); the loads stream ``banks`` elements per cycle and the optimizer takes one element
+    every ``optimizer_interval`` cycles plus its latency.
     """
     config = LoraConfig(rows=rows, cols=cols, max_t=t, max_in=d_in, max_out=d_out, max_rank=r,
                         optimizer=optimizer)
@@ -269,10 +311,7 @@ def step_cycles(t, d_in, d_out, r, rows, cols, optimizer="adamw", optimizer_inte
     for phase, row in PHASES.items():
         cycles = engine_cycles(phase, t, d_in, d_out, r, rows, cols)
         if row.combining:
-            # the combiner's one lane takes cols + 2 cycles a beat: the last tile's beats drain after the engine,
-            # and where tiles are short (a small reduction) the combiner, not the engine, sets the pace
-            beats = -(-dims[row.m] // rows) * -(-dims[row.out_columns] // cols) * rows
-            cycles = max(cycles + rows * (cols + 1), beats * (cols + 2) + COMBINE_LATENCY)
+            cycles = combine_cycles(phase, cycles, t, d_in, d_out, r, rows, cols)
         phases[phase.name] = cycles
     phases["update"] = (r * d_in + d_out * r) * optimizer_interval + 2 * optimizer_latency(optimizer,
                                                                                         optimizer_interval)

@@ -22,14 +22,13 @@ from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
 from edge_qlora.rtl.dram_port import DramPort, written_layout as dram_written_layout
 from edge_qlora.rtl.lora import LoraConfig, Phase
-from edge_qlora.rtl.lora.config import PHASES
 from edge_qlora.rtl.lora.memstep import (ADDRESSES, READS, STATE_GROUP, WRITES, MemStep, descriptor_layout,
                                          for_memory, report_layout)
 from edge_qlora.rtl.lora.updater import pipeline_depth
 from edge_qlora.rtl.memport import port_for
 from .harness import producer, resolve_backend, simulate
-from .lora import (COMBINE_LATENCY, _collector, _header, _phase_watch, engine_cycles, optimizer_latency,
-                   step_cycles)
+from .lora import (COMBINE_LATENCY, _collector, _header, _phase_watch, engine_cycles, first_output,
+                   optimizer_latency, step_cycles)
 from .streams import NO_STALLS
 from .verilator import Source, VerilatorModel, run_model
 
@@ -226,6 +225,20 @@ def _burst_alone(timing, port, op, length):
     return dram.simulate(timing, [(0, length * port.word_bytes, op)]).cycles
 
 
+def _b4_tiles(timing, port, scfg, shape, outs, one_pass, tiles):
+    """B4 tile by tile: a tile's outputs queue at its end and leave through the combiner while the next tile
+    computes, so each later tile takes the longest of its engine, its predecessor's drain at the combiner's pace
+    and, on the port, that drain's writes with its own weight pass; the last tile's drain follows."""
+    rows, cols = scfg.rows, scfg.cols
+    first = first_output(Phase.B4, *shape, rows, cols)
+    beats = len(outs) // tiles
+    write = _write_path(timing, port, outs) / len(outs)
+    engine = engine_cycles(Phase.B4, *shape, rows, cols)
+    drain = beats * max(cols + 2, write)
+    tile = max(engine / tiles, drain, beats * write + _dram_cycles(timing, port, one_pass))
+    return round(first + (tiles - 1) * tile + drain) + COMBINE_LATENCY
+
+
 def _write_path(timing, port, writes):
     """Cycles the write path needs for ``writes``: one request at a time, each with its own row activation (the
     next request's words are packed while one is written)."""
@@ -377,23 +390,6 @@ def _update_cycles(config, timing, port, state, updates, elements_a, elements_b)
     return max(port_free, start[-1] + latency if start else 0)
 
 
-def _combiner_bound(name, scfg, t, d_in, d_out, r, engine):
-    """B4 with the engine waiting for the combiner (0 for F2, whose tiles drain as they finish): a tile's outputs
-    all come at its end and drain at ``rows * (cols + 2)`` cycles a column tile, while the next tile's first chunk
-    sweeps the column tiles at ``chunk`` steps each; each tile boundary stalls by what the drain is slower, and the
-    last tile's drain follows the engine (``engine``: its cycles for the whole phase)."""
-    row = PHASES[Phase[name]]
-    if not row.transposed:
-        return 0
-    dims = {"t": t, "in": d_in, "out": d_out, "r": r}
-    rows, cols = scfg.rows, scfg.cols
-    col_tiles, tiles = -(-dims[row.out_columns] // cols), -(-dims[row.m] // rows)
-    steps = max(min(scfg.chunk, dims[row.k]), scfg.gemm.min_steps)
-    stall = col_tiles * max(0, rows * (cols + 2) - steps)
-    last = col_tiles * rows * (cols + 2) - (col_tiles - 1) * steps
-    return engine + (tiles - 1) * stall + max(0, last) + COMBINE_LATENCY
-
-
 def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
     """The cycle model of :class:`MemStep` against ``memory``.
 
@@ -445,8 +441,10 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
         engine = engine_cycles(Phase[name], t, d_in, d_out, r, scfg.rows, scfg.cols)
         pass_reads = _dram_cycles(timing, port, weight[:per_pass]) - prefetch + ahead[name]
         last_pass = max(engine // passes, pass_reads) + drain
-        phases[name] = max(compute[name], memory_time, last_pass, _write_path(timing, port, outs),
-                           _combiner_bound(name, scfg, t, d_in, d_out, r, engine))
+        phases[name] = max(compute[name], memory_time, last_pass, _write_path(timing, port, outs))
+        if name == "B4":
+            phases[name] = max(phases[name], _b4_tiles(timing, port, scfg, (t, d_in, d_out, r), outs,
+                                                       weight[passes * per_pass:(passes + 1) * per_pass], passes))
         if name == "F2":
             for before in ("B1", "B5"):
                 phases[before] = compute[before]

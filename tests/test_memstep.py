@@ -83,8 +83,9 @@ def test_step_through_memory_verilator():
 
 
 @pytest.mark.skipif(not verilator.available(), reason=verilator.unavailable_reason() or "")
-def test_model_has_b4_waiting_for_the_combiner():
-    # 8x8 against the DDR3 with a wide dx: B4's engine waits for the one-lane combiner at each tile boundary
+def test_model_has_b4_draining_through_the_combiner():
+    # 8x8 against the DDR3 with a wide dx: B4's tiles' outputs queue for the one-lane combiner, and the last tile's
+    # drain follows the engine
     case = lora.random_case(16, 512, 64, 8, seed=1, states=True)
     run = check(case, "ecpix5-ddr3", rows=8, cols=8, backend="verilator")
     assert abs(model_error(case, run, "ecpix5-ddr3", 8, 8)) < 0.03

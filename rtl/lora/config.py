@@ -218,6 +218,14 @@ class LoraConfig:
         return max(self.store_depth(matrix) for matrix in SCRATCHPADS[name])
 
     @property
+    def c_queue_depth(self):
+        """Engine output beats queued for the C writer: one B4 tile's, ``rows * ceil(max_in / cols)``. B4's
+        outputs all come in its last sweep over the reduction, one beat every two steps or so, and the combiner
+        takes ``cols + 2`` cycles a beat; with a tile's beats queued the engine goes on to the next tile while
+        they drain."""
+        return self.rows * -(-self.max_in // self.cols)
+
+    @property
     def address_width(self):
         """Bits of a word address in the largest scratchpad (the movers' request ports)."""
         return max(max(1, (self.store_depth(name) - 1).bit_length()) for name in STORES)

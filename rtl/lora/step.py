@@ -2,6 +2,7 @@
 
 from amaranth.hdl import Cat, Module
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ...constants import BF16, FP32
@@ -108,7 +109,11 @@ class LoraStep(wiring.Component):
         wiring.connect(m, controller.gemm_task, c_writer.task)
         wiring.connect(m, a_mover.a, engine.a)
         wiring.connect(m, w_mover.rows_in, engine.rows_in)
-        wiring.connect(m, engine.c, c_writer.c)
+        # the engine's outputs queue for the C writer (see LoraConfig.c_queue_depth)
+        m.submodules.c_queue = c_queue = SyncFIFOBuffered(width=engine.c.payload.shape().size,
+                                                          depth=cfg.c_queue_depth)
+        wiring.connect(m, engine.c, c_queue.w_stream)
+        wiring.connect(m, c_queue.r_stream, c_writer.c)
         wiring.connect(m, c_writer.y, wiring.flipped(self.y))
         wiring.connect(m, c_writer.dx, wiring.flipped(self.dx))
         for name in WEIGHT_STREAMS:
