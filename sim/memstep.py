@@ -225,15 +225,15 @@ def _burst_alone(timing, port, op, length):
     return dram.simulate(timing, [(0, length * port.word_bytes, op)]).cycles
 
 
-def _b4_tiles(timing, port, scfg, shape, outs, one_pass, tiles):
+def _b4_tiles(timing, port, scfg, shape, engine, outs, write_path, one_pass, tiles):
     """B4 tile by tile: a tile's outputs queue at its end and leave through the combiner while the next tile
     computes, so each later tile takes the longest of its engine, its predecessor's drain at the combiner's pace
-    and, on the port, that drain's writes with its own weight pass; the last tile's drain follows."""
+    and, on the port, that drain's writes with its own weight pass; the last tile's drain follows. ``engine``:
+    the engine's cycles for the phase; ``write_path``: the writes' (:func:`_write_path`)."""
     rows, cols = scfg.rows, scfg.cols
     first = first_output(Phase.B4, *shape, rows, cols)
     beats = len(outs) // tiles
-    write = _write_path(timing, port, outs) / len(outs)
-    engine = engine_cycles(Phase.B4, *shape, rows, cols)
+    write = write_path / len(outs)
     drain = beats * max(cols + 2, write)
     tile = max(engine / tiles, drain, beats * write + _dram_cycles(timing, port, one_pass))
     return round(first + (tiles - 1) * tile + drain) + COMBINE_LATENCY
@@ -441,10 +441,12 @@ def model_cycles(config, memory, t, d_in, d_out, r, double_quant=True):
         engine = engine_cycles(Phase[name], t, d_in, d_out, r, scfg.rows, scfg.cols)
         pass_reads = _dram_cycles(timing, port, weight[:per_pass]) - prefetch + ahead[name]
         last_pass = max(engine // passes, pass_reads) + drain
-        phases[name] = max(compute[name], memory_time, last_pass, _write_path(timing, port, outs))
+        write_path = _write_path(timing, port, outs)
+        phases[name] = max(compute[name], memory_time, last_pass, write_path)
         if name == "B4":
-            phases[name] = max(phases[name], _b4_tiles(timing, port, scfg, (t, d_in, d_out, r), outs,
-                                                       weight[passes * per_pass:(passes + 1) * per_pass], passes))
+            phases[name] = max(phases[name], _b4_tiles(timing, port, scfg, (t, d_in, d_out, r), engine, outs,
+                                                       write_path, weight[passes * per_pass:(passes + 1) * per_pass],
+                                                       passes))
         if name == "F2":
             for before in ("B1", "B5"):
                 phases[before] = compute[before]
