@@ -11,6 +11,7 @@ while the store holds a few thousand words. Simulation only: never built for a b
 """
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from amaranth.hdl import Array, C, Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
@@ -238,10 +239,6 @@ class DramModel(wiring.Component):
         ]
 
         # --- next state
-        def at_least(target, value):
-            """``target = max(target, value)``."""
-            return target.eq(Mux(value > target, value, target))
-
         issue_col = do_col & run
         with m.If(~cur_valid & offered):
             m.d.sync += [cur_valid.eq(~(issue_col & done)), cur_word.eq(Mux(issue_col, next_word, word)),
@@ -249,50 +246,66 @@ class DramModel(wiring.Component):
         with m.Elif(cur_valid & issue_col):
             m.d.sync += [cur_word.eq(next_word), cur_valid.eq(~done)]
 
+        banks = SimpleNamespace(is_open=is_open, open_row=open_row, act_ok=act_ok, col_ok=col_ok, pre_ok=pre_ok,
+                                rrd_ok=rrd_ok, rd_ok=rd_ok, wr_ok=wr_ok, due=due, line=line)
+        commands = SimpleNamespace(pre_all=do_pre_all, ref=do_ref, pre=do_pre, act=do_act, col=do_col)
+        self._advance(m, run, banks, commands, bank, row, write, leaving_row, burst)
+        return m
+
+    def _advance(self, m, run, st, cmd, bank, row, write, leaving_row, burst):
+        """The model's clock, the scheduled bus words and every bank's timing after this cycle's command (``cmd``),
+        when the bus runs."""
+        T, now = self.config.timing, self.now
+        bc, nb = T.burst_cycles, T.banks
+        depth_line = len(st.line)
+
+        def at_least(target, value):
+            """``target = max(target, value)``."""
+            return target.eq(Mux(value > target, value, target))
+
         with m.If(run):
             m.d.sync += now.eq(now + 1)
             for i in range(depth_line):
-                m.d.sync += line[i].eq(line[i + 1] if i + 1 < depth_line else 0)
-            with m.If(do_pre_all):
+                m.d.sync += st.line[i].eq(st.line[i + 1] if i + 1 < depth_line else 0)
+            with m.If(cmd.pre_all):
                 for b in range(nb):
-                    with m.If(is_open[b]):
-                        m.d.sync += [is_open[b].eq(0), at_least(act_ok[b], now + T.trp)]
-            with m.If(do_ref):
-                m.d.sync += due.eq(due + T.trefi)
+                    with m.If(st.is_open[b]):
+                        m.d.sync += [st.is_open[b].eq(0), at_least(st.act_ok[b], now + T.trp)]
+            with m.If(cmd.ref):
+                m.d.sync += st.due.eq(st.due + T.trefi)
                 for b in range(nb):
-                    m.d.sync += at_least(act_ok[b], now + T.trfc)
+                    m.d.sync += at_least(st.act_ok[b], now + T.trfc)
             for b in range(nb):
                 with m.If(bank == b):
-                    with m.If(do_pre):
-                        m.d.sync += [is_open[b].eq(0), at_least(act_ok[b], now + T.trp)]
-                    with m.If(do_act):
-                        m.d.sync += [is_open[b].eq(1), open_row[b].eq(row), act_ok[b].eq(now + T.trc),
-                                     col_ok[b].eq(now + T.trcd), pre_ok[b].eq(now + T.tras)]
-                    with m.If(do_col):
+                    with m.If(cmd.pre):
+                        m.d.sync += [st.is_open[b].eq(0), at_least(st.act_ok[b], now + T.trp)]
+                    with m.If(cmd.act):
+                        m.d.sync += [st.is_open[b].eq(1), st.open_row[b].eq(row), st.act_ok[b].eq(now + T.trc),
+                                     st.col_ok[b].eq(now + T.trcd), st.pre_ok[b].eq(now + T.tras)]
+                    with m.If(cmd.col):
                         # PRECHARGE waits tRTP after a READ, the write data and tWR after a WRITE
                         new_pre_ok = Signal(TIME_BITS, name=f"new_pre_ok_{b}")
                         after = Mux(write, now + (T.cwl + bc + T.twr), now + T.trtp)
-                        m.d.comb += new_pre_ok.eq(Mux(after > pre_ok[b], after, pre_ok[b]))
-                        m.d.sync += pre_ok[b].eq(new_pre_ok)
+                        m.d.comb += new_pre_ok.eq(Mux(after > st.pre_ok[b], after, st.pre_ok[b]))
+                        m.d.sync += st.pre_ok[b].eq(new_pre_ok)
                         if T.page_policy == "closed":
                             # auto-precharge as the request leaves the row: no command slot
                             with m.If(leaving_row):
-                                m.d.sync += [is_open[b].eq(0), at_least(act_ok[b], new_pre_ok + T.trp)]
-            with m.If(do_act):
-                m.d.sync += rrd_ok.eq(now + T.trrd)
-            with m.If(do_col):
+                                m.d.sync += [st.is_open[b].eq(0), at_least(st.act_ok[b], new_pre_ok + T.trp)]
+            with m.If(cmd.act):
+                m.d.sync += st.rrd_ok.eq(now + T.trrd)
+            with m.If(cmd.col):
                 with m.If(write):
-                    m.d.sync += [wr_ok.eq(now + bc), rd_ok.eq(now + T.wr_to_rd)]
+                    m.d.sync += [st.wr_ok.eq(now + bc), st.rd_ok.eq(now + T.wr_to_rd)]
                 with m.Else():
-                    m.d.sync += [rd_ok.eq(now + bc), wr_ok.eq(now + T.rd_to_wr)]
+                    m.d.sync += [st.rd_ok.eq(now + bc), st.wr_ok.eq(now + T.rd_to_wr)]
                 # the burst's words go on the bus `cl` (reads) or `cwl` (writes) cycles from now
                 for j in range(bc):
                     for latency, op in ((T.cl, 0), (T.cwl, 1)):
                         slot = latency + j - 1          # place in next cycle's line
                         if slot >= 0:
                             with m.If(write == op):
-                                m.d.sync += line[slot].eq(burst[j])
-        return m
+                                m.d.sync += st.line[slot].eq(burst[j])
 
 
 def all_of(terms):

@@ -697,12 +697,12 @@ class NF4Quantizer(wiring.Component):
 
     # -- coder: re-read each beat, scale and compare; tail lanes come back from the divider --------------------------
 
-    def _elaborate_coder(self, m, buffer, space, written, scales, scale_layout, tail, tail_codes, tables):
-        cfg = self.config
-        fmt, lanes, depth = cfg.in_format, cfg.lanes, buffer.depth
-
-        # the buffer as a first-word-fall-through queue of two registers: the read port's (slow to leave a block
-        # RAM), then the head beat, which the issue logic looks at
+    @staticmethod
+    def _buffer_head(m, buffer, space, written):
+        """The buffer as a first-word-fall-through queue of two registers: the read port's (slow to leave a block
+        RAM), then the head beat, which the issue logic looks at. Returns the head, its valid and the ``take``
+        signal that the issue logic drives."""
+        depth = buffer.depth
         read = buffer.read_port(domain="sync")
         read_index = Signal(range(depth))
         level = Signal(range(depth + 1))          # beats written and not yet read out
@@ -723,6 +723,33 @@ class NF4Quantizer(wiring.Component):
         m.d.sync += level.eq(level + written - load)
         with m.If(~head_valid | take):
             m.d.sync += [head_valid.eq(read_valid), head.eq(read.data)]
+        return head, head_valid, take
+
+    def _join(self, m, coded, joined_layout, tail_codes, tables):
+        """The codes stream: a coded beat with tail lanes waits for its codes from the divider, which come in beat
+        order."""
+        lanes, bits = self.config.lanes, self.config.bits
+        beat = data.View(joined_layout, coded.r_data)
+        divided = data.View(codes_layout(lanes, bits), tail_codes.r_data)
+        needs_tail = beat.tail.any()
+        tail_ok = ~needs_tail | tail_codes.r_rdy
+        m.d.comb += [
+            self.codes.valid.eq(coded.r_rdy & tail_ok),
+            self.codes.payload.last.eq(beat.last),
+            coded.r_en.eq(self.codes.ready & tail_ok),
+            tail_codes.r_en.eq(coded.r_rdy & needs_tail & self.codes.ready),
+        ]
+        for lane in range(lanes):
+            m.d.comb += self.codes.payload.data[lane].eq(Mux(beat.tail[lane], divided[lane], beat.codes[lane]))
+        if tables is not None:
+            # a tensor's table is used until its last codes leave
+            m.d.comb += tables.released.eq(self.codes.valid & self.codes.ready & beat.last)
+
+    def _elaborate_coder(self, m, buffer, space, written, scales, scale_layout, tail, tail_codes, tables):
+        cfg = self.config
+        fmt, lanes = cfg.in_format, cfg.lanes
+
+        head, head_valid, take = self._buffer_head(m, buffer, space, written)
 
         # scales of lane 0's block and of the next; a beat uses the second when it straddles a block boundary
         current, following = Signal(scale_layout), Signal(scale_layout)
@@ -837,22 +864,7 @@ class NF4Quantizer(wiring.Component):
         for lane in range(lanes):
             m.d.comb += coded_in.codes[lane].eq(Mux(done.valid[lane], codes[lane], pad_code))
 
-        # join: a beat with tail lanes waits for its codes from the divider, which come in beat order
-        beat = data.View(joined_layout, coded.r_data)
-        divided = data.View(codes_layout(lanes, cfg.bits), tail_codes.r_data)
-        needs_tail = beat.tail.any()
-        tail_ok = ~needs_tail | tail_codes.r_rdy
-        m.d.comb += [
-            self.codes.valid.eq(coded.r_rdy & tail_ok),
-            self.codes.payload.last.eq(beat.last),
-            coded.r_en.eq(self.codes.ready & tail_ok),
-            tail_codes.r_en.eq(coded.r_rdy & needs_tail & self.codes.ready),
-        ]
-        for lane in range(lanes):
-            m.d.comb += self.codes.payload.data[lane].eq(Mux(beat.tail[lane], divided[lane], beat.codes[lane]))
-        if tables is not None:
-            # a tensor's table is used until its last codes leave
-            m.d.comb += tables.released.eq(self.codes.valid & self.codes.ready & beat.last)
+        self._join(m, coded, joined_layout, tail_codes, tables)
 
         # consume the scales of the blocks this beat finished, then refill from the queue into the first free slot
         consume_two = take & head.second_ends

@@ -262,14 +262,16 @@ def _b4_shape(phase, t, d_in, d_out, r, rows, cols):
     return col_tiles, tiles, tiles * col_tiles * rows, col_tiles * steps, steps
 
 
-def first_output(phase, t, d_in, d_out, r, rows, cols):
+def first_output(phase, t, d_in, d_out, r, rows, cols, sweep=None):
     """Cycles from the start of B4 (a transposed combining ``phase``) to its first output beat: the engine
-    through its first tile (its start-up included) less that tile's last sweep."""
+    through its first tile (its start-up included) less that tile's last sweep (``sweep``, worked out here when
+    the caller has not)."""
     row = PHASES[phase]
     dims = {"t": t, "in": d_in, "out": d_out, "r": r}
     dims[row.m] = min(dims[row.m], rows)
-    return (engine_cycles(phase, dims["t"], dims["in"], dims["out"], r, rows, cols)
-            - _b4_shape(phase, t, d_in, d_out, r, rows, cols)[3])
+    if sweep is None:
+        sweep = _b4_shape(phase, t, d_in, d_out, r, rows, cols)[3]
+    return engine_cycles(phase, dims["t"], dims["in"], dims["out"], r, rows, cols) - sweep
 
 
 def combine_cycles(phase, engine, t, d_in, d_out, r, rows, cols):
@@ -289,7 +291,7 @@ def combine_cycles(phase, engine, t, d_in, d_out, r, rows, cols):
         return max(engine + rows * (cols + 1), beats * (cols + 2) + COMBINE_LATENCY)
     col_tiles, _, beats, sweep, steps = _b4_shape(phase, t, d_in, d_out, r, rows, cols)
     tail = max(0, col_tiles * rows * (cols + 2) - sweep + steps)
-    first = first_output(phase, t, d_in, d_out, r, rows, cols)
+    first = first_output(phase, t, d_in, d_out, r, rows, cols, sweep)
     return max(engine + tail, first + beats * (cols + 2)) + COMBINE_LATENCY
 
 
