@@ -1,0 +1,269 @@
+"""The memory program of the blocked step: every burst its block controller would issue, in order, for the schedule
+that ``golden/traffic.py``'s :func:`~edge_qlora.golden.traffic.blocked` chooses, so that its bytes per tensor check
+the traffic model and the DRAM model (``golden/dram.py``) times its access pattern.
+
+The blocked step is a design, not built (``docs/memstep.md``, "Next: the blocked step"); this program is its third
+part (the block controller's programs) ahead of the RTL. Each sweep runs its base product in the schedule's loop
+order over the memory map of ``golden/memmap.py`` (row-major tensors, bitsandbytes' flat NF4 codes and absmax):
+
+- **token-stationary** (``tokens``): per block of tokens the activation's rows (one job), then the weight streamed
+  once in groups of :data:`GROUP` W rows (their absmax codes, then their codes); forward, each group's outputs are
+  written as it finishes, backward the block's rows of dx at the end;
+- **weight-stationary** (``features``): per tile of output features the tile's weight (forward: whole W rows;
+  backward: W's columns, a piece of every row), then the activation whole, then the tile's columns of the output;
+- **output-stationary** (``tokens`` x ``features``): per block of tokens, per block of features, the block's
+  absmax codes (forward) and then, per span of :data:`SPAN` reduction elements (one NF4 block), the activation's
+  piece of each token row and the weight's piece of each feature (backward: the span's W rows, the block's columns,
+  with their absmax codes); then the block's outputs.
+
+Backward, feature blocks and tiles (W's columns) are whole NF4 blocks, rounded up from the traffic model's size
+where needed (with the same number of passes, so the same bytes; the partial sums may then need more than the
+model's buffer, which :func:`program` reports). The double quantization's ``absmax2`` (one float32 per 256 blocks)
+is read whole at the start of every weight pass and the offset travels in the descriptor, as in the memory-fed
+step. A and B (float32 masters) are read at the start (``rank_resident``) or at the start of every weight pass;
+the gradient that needs x and dy together re-reads ``x`` (``x-first``) or ``dy`` after the backward sweep (both
+when the other gradient is re-read too); the update reads the masters and moments and writes them, 64 elements at
+a time, as ``golden/memprogram.py`` does.
+"""
+
+from dataclasses import dataclass
+
+from . import dram, traffic
+from .memmap import layout
+from .memprogram import STATE_GROUP, Job, PortShape, Request, split_bursts
+
+__all__ = ["SPAN", "GROUP", "Program", "program", "port_for", "requests", "bytes_by_tensor", "traffic_bytes",
+           "dram_time", "blocked_for"]
+
+#: Reduction elements per span of the output-stationary loops: one NF4 block.
+SPAN = 64
+#: W rows per group of the token-stationary loops' weight stream.
+GROUP = 64
+
+_W_PARTS = ("nf4_codes", "nf4_absmax", "nf4_absmax2")
+_TRAFFIC_NAME = {"nf4_codes": "W", "nf4_absmax": "W", "nf4_absmax2": "W", "lora_A": "A", "lora_B": "B",
+                 "exp_avg_A": "state", "exp_avg_sq_A": "state", "exp_avg_B": "state", "exp_avg_sq_B": "state"}
+
+
+@dataclass(frozen=True)
+class Program:
+    """``ops``: ``(op, Job)`` in program order (``op`` is ``"read"`` or ``"write"``); ``weight_passes``; ``notes``:
+    where the program departs from the schedule (block sizes rounded to whole NF4 blocks) and what it needs."""
+
+    ops: tuple
+    weight_passes: int
+    notes: tuple
+
+
+def port_for(timing, max_burst=64):
+    """The port a DRAM preset's memory-fed step has (``rtl/memport.py``'s ``port_for``, without importing it)."""
+    return PortShape(timing.peak_bytes_per_cycle, max_burst, timing.row_bytes)
+
+
+class _Writer:
+    """Collects jobs; sub-matrices of row-major tensors become one job per row, or one job for whole rows."""
+
+    def __init__(self, memmap):
+        self.memmap, self.ops = memmap, []
+
+    def add(self, op, tensor, offset, size):
+        if size > 0:
+            self.ops.append((op, Job(tensor, self.memmap[tensor].address + offset, size)))
+
+    def rows(self, op, tensor, width, item, row0, nrows, col0, ncols):
+        """Rows ``row0..`` and columns ``col0..`` of a row-major ``[*, width]`` tensor of ``item``-byte elements."""
+        if col0 == 0 and ncols == width:
+            self.add(op, tensor, row0 * width * item, nrows * width * item)
+            return
+        for row in range(row0, row0 + nrows):
+            self.add(op, tensor, (row * width + col0) * item, ncols * item)
+
+    def weight(self, rows, row0, nrows, col0, ncols, absmax=True, codes=True):
+        """W rows ``row0..`` and columns ``col0..`` (whole NF4 blocks): the absmax codes, then the codes."""
+        mm = self.memmap
+        item = 1 if mm.double_quant else 4
+        if absmax:
+            self.rows("read", "nf4_absmax", rows // mm.blocksize, item, row0, nrows, col0 // mm.blocksize,
+                      -(-ncols // mm.blocksize))
+        if codes:
+            self.rows("read", "nf4_codes", rows // 2, 1, row0, nrows, col0 // 2, ncols // 2)
+
+    def pass_start(self, rank_resident):
+        """The start of a weight pass: absmax2 whole and, unless kept on chip, A and B."""
+        if self.memmap.double_quant:
+            self.add("read", "nf4_absmax2", 0, self.memmap["nf4_absmax2"].size)
+        if not rank_resident:
+            self.add("read", "lora_A", 0, self.memmap["lora_A"].size)
+            self.add("read", "lora_B", 0, self.memmap["lora_B"].size)
+
+
+def _blocks(total, size):
+    return [(start, min(size, total - start)) for start in range(0, total, size)]
+
+
+def _forward(w, choice, rank_resident):
+    """F: y = x W^T over the memory map ``w.memmap``; returns the weight passes."""
+    mm = w.memmap
+    t, d_in, d_out = mm.t, mm.d_in, mm.d_out
+    loop = choice["loop"]
+    if loop == "weight-stationary":
+        w.pass_start(rank_resident)
+        for f0, nf in _blocks(d_out, choice["features"]):
+            w.weight(d_in, f0, nf, 0, d_in)
+            w.rows("read", "x", d_in, 2, 0, t, 0, d_in)
+            w.rows("write", "y", d_out, 2, 0, t, f0, nf)
+        return 1
+    blocks = _blocks(t, choice["tokens"])
+    for t0, nt in blocks:
+        w.pass_start(rank_resident)
+        if loop == "token-stationary":
+            w.rows("read", "x", d_in, 2, t0, nt, 0, d_in)
+            for f0, nf in _blocks(d_out, GROUP):
+                w.weight(d_in, f0, nf, 0, d_in)
+                w.rows("write", "y", d_out, 2, t0, nt, f0, nf)
+            continue
+        for f0, nf in _blocks(d_out, choice["features"]):
+            w.weight(d_in, f0, nf, 0, d_in, codes=False)
+            for k0, nk in _blocks(d_in, SPAN):
+                w.rows("read", "x", d_in, 2, t0, nt, k0, nk)
+                w.weight(d_in, f0, nf, k0, nk, absmax=False)
+            w.rows("write", "y", d_out, 2, t0, nt, f0, nf)
+    return len(blocks)
+
+
+def _backward(w, choice, rank_resident, features):
+    """B: dx = dy W over ``w.memmap`` (``features``: W's columns per tile or block, whole NF4 blocks); returns the
+    weight passes."""
+    mm = w.memmap
+    t, d_in, d_out = mm.t, mm.d_in, mm.d_out
+    loop = choice["loop"]
+    if loop == "weight-stationary":
+        w.pass_start(rank_resident)
+        for c0, nc in _blocks(d_in, features):
+            w.weight(d_in, 0, d_out, c0, nc)
+            w.rows("read", "dy", d_out, 2, 0, t, 0, d_out)
+            w.rows("write", "dx", d_in, 2, 0, t, c0, nc)
+        return 1
+    blocks = _blocks(t, choice["tokens"])
+    for t0, nt in blocks:
+        w.pass_start(rank_resident)
+        if loop == "token-stationary":
+            w.rows("read", "dy", d_out, 2, t0, nt, 0, d_out)
+            for r0, nr in _blocks(d_out, GROUP):
+                w.weight(d_in, r0, nr, 0, d_in)
+            w.rows("write", "dx", d_in, 2, t0, nt, 0, d_in)
+            continue
+        for c0, nc in _blocks(d_in, features):
+            for r0, nr in _blocks(d_out, SPAN):
+                w.rows("read", "dy", d_out, 2, t0, nt, r0, nr)
+                w.weight(d_in, r0, nr, c0, nc)
+            w.rows("write", "dx", d_in, 2, t0, nt, c0, nc)
+    return len(blocks)
+
+
+def _whole_blocks(choice, d_in, d_out, blocksize, budget):
+    """W's columns per backward tile or block, whole NF4 blocks: the traffic model's size rounded up to them where
+    the on-chip bytes stay within ``budget`` (as many tiles or fewer), else rounded down (one tile more, perhaps);
+    and the on-chip bytes that needs."""
+    per_feature = (4 * choice["tokens"] if choice["loop"] == "output-stationary"
+                   else traffic._per_feature_bytes(d_out, blocksize))
+    fixed = choice["footprint"] - choice["features"] * per_feature
+    up = -(-choice["features"] // blocksize) * blocksize
+    if fixed + up * per_feature <= budget:
+        return up, fixed + up * per_feature
+    down = max(blocksize, choice["features"] // blocksize * blocksize)
+    return down, fixed + down * per_feature
+
+
+def program(memmap, schedule):
+    """The blocked step's :class:`Program` for ``memmap`` (``golden/memmap.py``) and ``schedule`` (the ``schedule``
+    of :func:`~edge_qlora.golden.traffic.blocked`'s result). Raises ValueError for a map the program does not serve
+    (a W row not a whole number of NF4 blocks, gradients out)."""
+    mm = memmap
+    if mm.d_in % mm.blocksize:
+        raise ValueError(f"d_in = {mm.d_in} must be a multiple of the NF4 blocksize ({mm.blocksize}): the blocked "
+                         f"step reads W rows in whole blocks")
+    if mm.gradients_out:
+        raise ValueError("the blocked step does not write the gradients (gradients_out must be False)")
+    w = _Writer(mm)
+    rank_resident = schedule["rank_resident"]
+    if rank_resident:
+        w.add("read", "lora_A", 0, mm["lora_A"].size)
+        w.add("read", "lora_B", 0, mm["lora_B"].size)
+    notes = []
+    passes = _forward(w, schedule["forward"], rank_resident)
+    back = schedule["backward"]
+    features = mm.d_in
+    if back["loop"] != "token-stationary":
+        features, footprint = _whole_blocks(back, mm.d_in, mm.d_out, mm.blocksize, schedule["buffer_bytes"])
+        if features != back["features"]:
+            notes.append(f"backward {back['loop']}: {-(-mm.d_in // features)} blocks of {features} W columns (whole "
+                         f"NF4 blocks) instead of {-(-mm.d_in // back['features'])} of {back['features']}; "
+                         f"{footprint:,} bytes on chip")
+    passes += _backward(w, back, rank_resident, features)
+    reread = "x" if schedule["order"] == "x-first" else "dy"
+    other = "dy" if reread == "x" else "x"
+    if schedule["accumulate"] == "reread":
+        w.add("read", other, 0, mm[other].size)
+    w.add("read", reread, 0, mm[reread].size)
+    _update(w)
+    return Program(tuple(w.ops), passes, tuple(notes))
+
+
+def _update(w):
+    """The update: per 64 elements of A, then of B, the master and moments read, then written."""
+    mm = w.memmap
+    states = mm.optimizer == "adamw"
+    for which, elements in (("A", mm.r * mm.d_in), ("B", mm.d_out * mm.r)):
+        names = [f"lora_{which}"] + ([f"exp_avg_{which}", f"exp_avg_sq_{which}"] if states else [])
+        for e in range(0, elements, STATE_GROUP):
+            size = 4 * min(STATE_GROUP, elements - e)
+            for name in names:
+                w.add("read", name, 4 * e, size)
+            for name in names:
+                region = mm.output_region(name)
+                w.ops.append(("write", Job(region.name, region.address + 4 * e, size)))
+
+
+def requests(port, prog):
+    """The burst requests of a :class:`Program` (:class:`~edge_qlora.golden.memprogram.Request`), in order."""
+    wb = port.word_bytes
+    out = []
+    for op, job in prog.ops:
+        start = job.address - job.address % wb                  # the words that hold the job's bytes
+        end = -(-(job.address + job.bytes) // wb) * wb
+        out += [Request(op, job.tensor, address, length) for address, length in split_bursts(port, start, end - start)]
+    return out
+
+
+def bytes_by_tensor(prog):
+    """``{(op, tensor): bytes}`` of a program's jobs (exact bytes, before the port rounds them to words)."""
+    out = {}
+    for op, job in prog.ops:
+        out[op, job.tensor] = out.get((op, job.tensor), 0) + job.bytes
+    return out
+
+
+def traffic_bytes(prog):
+    """A program's bytes in ``golden/traffic.py``'s terms: ``(read, written)``, each ``{tensor: bytes}`` (W: codes,
+    absmax and absmax2; A, B: the masters; state: the moments)."""
+    read, written = {}, {}
+    for (op, tensor), size in bytes_by_tensor(prog).items():
+        name = _TRAFFIC_NAME.get(tensor, tensor)
+        table = read if op == "read" else written
+        table[name] = table.get(name, 0) + size
+    return read, written
+
+
+def dram_time(timing, port, prog):
+    """The DRAM model's time for a program's bursts served in order: the :class:`~edge_qlora.golden.dram.Result`
+    (its ``efficiency``: requested bytes against the peak over the whole time)."""
+    wb = port.word_bytes
+    return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in requests(port, prog)])
+
+
+def blocked_for(d_in, d_out, t, r=16, buffer_bytes=traffic.DEFAULT_BUFFER_BYTES, **layout_kwargs):
+    """The traffic model's blocked dataflow for one step and the :class:`Program` that runs it."""
+    model = traffic.blocked(traffic.StepShape(d_in, d_out, t, r), buffer_bytes)
+    memmap = layout(d_in, d_out, t, r, **layout_kwargs)
+    return model, memmap, program(memmap, model.schedule)

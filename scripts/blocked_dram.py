@@ -1,0 +1,106 @@
+"""The blocked step's memory program (``golden/blockprogram.py``) on the DRAM model: for each TinyLlama projection
+shape, its bytes against the traffic model, the DRAM model's time for its bursts in order, and that time against the
+step's compute (``docs/traffic.md``, "The blocked program on the DRAM model").
+
+    python scripts/blocked_dram.py [--t 16 128] [--buffer-kib 256] [--json FILE]
+
+Prints a Markdown table on stdout; progress on stderr. q/o, k/v and gate/up share their shapes, so each shape runs
+once. Compute: ``sim.lora.step_cycles`` on the 8x8 array with the optimizer at one element every 8 cycles (the
+memory-fed build's), memory never stalling, 100 MHz; the blocked step is assumed to take the same compute cycles.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from edge_qlora.constants import DRAM_PRESETS, TINYLLAMA_PROJECTIONS
+from edge_qlora.golden import blockprogram as bp
+from edge_qlora.golden import traffic as tr
+
+ROWS = COLS = 8
+OPTIMIZER_INTERVAL = 8
+
+
+def compute_cycles(t, d_in, d_out, r):
+    from edge_qlora.sim.lora import step_cycles
+    return sum(step_cycles(t, d_in, d_out, r, ROWS, COLS, optimizer_interval=OPTIMIZER_INTERVAL).values())
+
+
+def shapes():
+    """``(names, d_in, d_out)`` per distinct projection shape, in the model's order."""
+    out = {}
+    for name, d_in, d_out in TINYLLAMA_PROJECTIONS:
+        out.setdefault((d_in, d_out), []).append(name)
+    return [("/".join(n.removesuffix("_proj") for n in names) + "_proj", d_in, d_out)
+            for (d_in, d_out), names in out.items()]
+
+
+def measure(name, d_in, d_out, t, r, buffer_bytes, memory):
+    timing = DRAM_PRESETS[memory]
+    port = bp.port_for(timing)
+    model, memmap, prog = bp.blocked_for(d_in, d_out, t, r, buffer_bytes)
+    read, written = bp.traffic_bytes(prog)
+    program_bytes = sum(read.values()) + sum(written.values())
+    result = bp.dram_time(timing, port, prog)
+    compute = compute_cycles(t, d_in, d_out, r)
+    memory_cycles = round(result.cycles * 100 / timing.clock_mhz)       # in cycles of the step's 100 MHz clock
+    step = max(compute, memory_cycles)
+    lower = tr.lower_bound(tr.StepShape(d_in, d_out, t, r)).total
+    return {"projection": name, "d_in": d_in, "d_out": d_out, "t": t, "memory": memory,
+            "program_bytes": program_bytes, "model_bytes": model.total - 4 * model.weight_passes,
+            "lower_bound_bytes": lower, "requests": len(bp.requests(port, prog)), "dram_cycles": result.cycles,
+            "efficiency": result.efficiency, "row_misses": result.row_misses, "memory_cycles": memory_cycles,
+            "compute_cycles": compute, "step_cycles": step,
+            "utilization": tr.macs(tr.StepShape(d_in, d_out, t, r)) / (ROWS * COLS * step),
+            "notes": list(prog.notes)}
+
+
+def table(rows):
+    lines = ["| projection | T | memory | program MB | / traffic model | / lower bound | bursts | DRAM efficiency | "
+             "memory ms | compute ms | bound by | PE utilization |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        bound = ("memory" if row["memory_cycles"] > row["compute_cycles"] else "compute") + \
+            f" ({max(row['memory_cycles'], row['compute_cycles']) / min(row['memory_cycles'], row['compute_cycles']):.1f}x)"
+        lines.append(f"| {row['projection']} | {row['t']} | {row['memory']} | {row['program_bytes'] / 1e6:.2f} | "
+                     f"{row['program_bytes'] / row['model_bytes']:.3f} | "
+                     f"{row['program_bytes'] / row['lower_bound_bytes']:.2f} | {row['requests']:,} | "
+                     f"{100 * row['efficiency']:.1f}% | {row['memory_cycles'] / 1e5:.1f} | "
+                     f"{row['compute_cycles'] / 1e5:.1f} | {bound} | {100 * row['utilization']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--t", type=int, nargs="+", default=[16, 128], help="tokens per step (default: 16 128)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--buffer-kib", type=int, default=tr.DEFAULT_BUFFER_BYTES // 1024,
+                        help="the blocked dataflow's on-chip buffer (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows there")
+    args = parser.parse_args(argv)
+    for name, value in (("--t", min(args.t)), ("--rank", args.rank), ("--buffer-kib", args.buffer_kib)):
+        if value < 1:
+            parser.error(f"{name} must be a positive integer, not {value}")
+    rows = []
+    for t in args.t:
+        for name, d_in, d_out in shapes():
+            for memory in DRAM_PRESETS:
+                start = time.perf_counter()
+                rows.append(measure(name, d_in, d_out, t, args.rank, args.buffer_kib * 1024, memory))
+                print(f"{name} T={t} {memory}: {rows[-1]['dram_cycles']:,} DRAM cycles, "
+                      f"{100 * rows[-1]['efficiency']:.1f}% ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                      flush=True)
+    print(table(rows))
+    notes = dict.fromkeys(f"{row['projection']} at T = {row['t']}: {note}" for row in rows for note in row["notes"])
+    if notes:
+        print()
+    for note in notes:
+        print(f"- {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

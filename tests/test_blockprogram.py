@@ -1,0 +1,110 @@
+"""The blocked step's memory program (golden/blockprogram.py): its bytes equal the traffic model's, every byte of
+every tensor is moved as often as its loop order says, and the DRAM model times it."""
+
+import numpy as np
+import pytest
+
+from edge_qlora.constants import DRAM_PRESETS, TINYLLAMA_PROJECTIONS
+from edge_qlora.golden import blockprogram as bp
+from edge_qlora.golden import dram
+from edge_qlora.golden import traffic as tr
+from edge_qlora.golden.memmap import layout
+
+LOOPS = {
+    "TS": {"loop": "token-stationary", "tokens": 8},
+    "WS": {"loop": "weight-stationary", "features": 128},
+    "OS": {"loop": "output-stationary", "tokens": 8, "features": 128},
+}
+
+
+def _schedule(forward, backward, order="x-first", accumulate="resident", rank_resident=True):
+    return {"order": order, "forward": dict(LOOPS[forward], footprint=0),
+            "backward": dict(LOOPS[backward], footprint=0), "accumulate": accumulate,
+            "rank_resident": rank_resident, "buffer_bytes": 1 << 30}
+
+
+def _coverage(memmap, prog):
+    """``{(op, region): per-byte counts}``; asserts that every job lies inside its region."""
+    counts = {}
+    for op, job in prog.ops:
+        region = memmap[job.tensor]
+        start = job.address - region.address
+        assert 0 <= start and start + job.bytes <= region.size, (op, job)
+        assert op == "read" and region.access != "write" or op == "write" and region.access != "read", (op, job)
+        c = counts.setdefault((op, job.tensor), np.zeros(region.size, np.int64))
+        c[start:start + job.bytes] += 1
+    return counts
+
+
+@pytest.mark.parametrize("forward", sorted(LOOPS))
+@pytest.mark.parametrize("backward", sorted(LOOPS))
+def test_every_byte_moves_as_its_loop_says(forward, backward):
+    # T = 16 in blocks of 8 tokens, 256 -> 384 features in tiles of 128: two token blocks, two or three tiles
+    t, d_in, d_out, r = 16, 256, 384, 4
+    memmap = layout(d_in, d_out, t, r)
+    for order, accumulate, rank_resident in (("x-first", "resident", True), ("dy-first", "reread", False)):
+        prog = bp.program(memmap, _schedule(forward, backward, order, accumulate, rank_resident))
+        counts = _coverage(memmap, prog)
+        w_fwd = 1 if forward == "WS" else 2
+        w_bwd = 1 if backward == "WS" else 2
+        assert prog.weight_passes == w_fwd + w_bwd
+        for part in ("nf4_codes", "nf4_absmax", "nf4_absmax2"):
+            assert (counts["read", part] == w_fwd + w_bwd).all(), part
+        x_reads = (1 if forward == "TS" else -(-d_out // 128)) + (order == "x-first" or accumulate == "reread")
+        dy_reads = (1 if backward == "TS" else -(-d_in // 128)) + (order == "dy-first" or accumulate == "reread")
+        assert (counts["read", "x"] == x_reads).all()
+        assert (counts["read", "dy"] == dy_reads).all()
+        for out in ("y", "dx"):
+            assert (counts["write", out] == 1).all(), out
+        rank = 2 if rank_resident else prog.weight_passes + 1
+        for name in ("lora_A", "lora_B"):
+            assert (counts["read", name] == rank).all() and (counts["write", name] == 1).all()
+        for name in ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"):
+            assert (counts["read", name] == 1).all() and (counts["write", name] == 1).all()
+
+
+@pytest.mark.parametrize("t", [16, 128])
+def test_bytes_equal_the_traffic_model_on_tinyllama(t):
+    """The program of the traffic model's schedule moves the model's bytes (but for the NF4 offset, in the
+    descriptor), or, where the backward blocks cut to whole NF4 blocks are one more, one more pass of dy, said in
+    its notes. (Each TinyLlama projection shape once; T = 512 is scripts/blocked_dram.py's.)"""
+    for d_in, d_out in dict.fromkeys((d_in, d_out) for _name, d_in, d_out in TINYLLAMA_PROJECTIONS):
+        model, memmap, prog = bp.blocked_for(d_in, d_out, t)
+        read, written = bp.traffic_bytes(prog)
+        expected = dict(model.read, W=model.read["W"] - 4 * model.weight_passes)
+        assert written == model.written and prog.weight_passes == model.weight_passes
+        if read != expected:
+            # only the activation of the backward sweep can be read once more, and then a note says so
+            assert prog.notes and {k for k in read if read[k] != expected[k]} == {"dy"}
+            assert read["dy"] == expected["dy"] + memmap["dy"].size
+        else:
+            assert read == expected
+
+
+def test_rejects_rows_of_partial_blocks():
+    with pytest.raises(ValueError, match="multiple of the NF4 blocksize"):
+        bp.program(layout(96, 64, 8, 4), _schedule("TS", "TS"))
+
+
+def test_dram_time_serves_the_bursts_in_order():
+    memmap = layout(256, 384, 16, 4)
+    prog = bp.program(memmap, _schedule("OS", "OS"))
+    timing = DRAM_PRESETS["ulx3s-sdram"]
+    port = bp.port_for(timing)
+    reqs = bp.requests(port, prog)
+    assert all(r.length <= port.max_burst and r.address // port.boundary == (r.address + r.length * 2 - 1)
+               // port.boundary for r in reqs)
+    result = bp.dram_time(timing, port, prog)
+    assert result == dram.simulate(timing, [(r.address, 2 * r.length, r.op) for r in reqs])
+    assert result.bytes == 2 * sum(r.length for r in reqs) >= sum(job.bytes for _, job in prog.ops)
+    assert 0.5 < result.efficiency <= 1
+
+
+def test_the_blocked_schedule_is_what_the_program_follows():
+    # q_proj at T = 128: output-stationary both ways, 128 tokens by 410 features forward
+    model, _memmap, prog = bp.blocked_for(2048, 2048, 128)
+    assert model.schedule["forward"] == {"loop": "output-stationary", "tokens": 128, "features": 410,
+                                         "footprint": model.schedule["forward"]["footprint"]}
+    assert tr.blocked(tr.StepShape(2048, 2048, 128)).total == model.total
+    assert prog.notes == ("backward output-stationary: 5 blocks of 448 W columns (whole NF4 blocks) instead of 5 of "
+                          "410; 237,568 bytes on chip",)
