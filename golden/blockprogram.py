@@ -48,11 +48,20 @@ _TRAFFIC_NAME = {"nf4_codes": "W", "nf4_absmax": "W", "nf4_absmax2": "W", "lora_
 @dataclass(frozen=True)
 class Program:
     """``ops``: ``(op, Job)`` in program order (``op`` is ``"read"`` or ``"write"``); ``weight_passes``; ``notes``:
-    where the program departs from the schedule (block sizes rounded to whole NF4 blocks) and what it needs."""
+    where the program departs from the schedule (block sizes rounded to whole NF4 blocks) and what it needs;
+    ``update``: the index in ``ops`` where the update begins (it needs every gradient, so it follows the products
+    and its traffic cannot hide behind theirs)."""
 
     ops: tuple
     weight_passes: int
     notes: tuple
+    update: int
+
+    def part(self, which):
+        """The sub-program of the products (``"products"``) or of the update (``"update"``)."""
+        ops = self.ops[:self.update] if which == "products" else self.ops[self.update:]
+        return Program(ops, self.weight_passes if which == "products" else 0, self.notes,
+                       len(ops) if which == "products" else 0)
 
 
 def port_for(timing, max_burst=64):
@@ -206,8 +215,9 @@ def program(memmap, schedule):
     if schedule["accumulate"] == "reread":
         w.add("read", other, 0, mm[other].size)
     w.add("read", reread, 0, mm[reread].size)
+    update = len(w.ops)
     _update(w)
-    return Program(tuple(w.ops), passes, tuple(notes))
+    return Program(tuple(w.ops), passes, tuple(notes), update)
 
 
 def _update(w):

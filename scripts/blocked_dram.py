@@ -6,7 +6,9 @@ step's compute (``docs/traffic.md``, "The blocked program on the DRAM model").
 
 Prints a Markdown table on stdout; progress on stderr. q/o, k/v and gate/up share their shapes, so each shape runs
 once. Compute: ``sim.lora.step_cycles`` on the 8x8 array with the optimizer at one element every 8 cycles (the
-memory-fed build's), memory never stalling, 100 MHz; the blocked step is assumed to take the same compute cycles.
+memory-fed build's), 100 MHz; the blocked step is assumed to take the same compute cycles. The products' traffic
+overlaps their compute; the update's follows them (it needs every gradient): the step takes
+``max(products' memory, compute) + max(update's memory, compute)``.
 """
 
 import argparse
@@ -23,8 +25,10 @@ OPTIMIZER_INTERVAL = 8
 
 
 def compute_cycles(t, d_in, d_out, r):
+    """``(products, update)``: the step's cycle model without and with only its update."""
     from edge_qlora.sim.lora import step_cycles
-    return sum(step_cycles(t, d_in, d_out, r, ROWS, COLS, optimizer_interval=OPTIMIZER_INTERVAL).values())
+    phases = step_cycles(t, d_in, d_out, r, ROWS, COLS, optimizer_interval=OPTIMIZER_INTERVAL)
+    return sum(phases.values()) - phases["update"], phases["update"]
 
 
 def shapes():
@@ -36,38 +40,42 @@ def shapes():
             for (d_in, d_out), names in out.items()]
 
 
-def measure(name, d_in, d_out, t, r, buffer_bytes, memory):
-    timing = DRAM_PRESETS[memory]
+def measure(name, d_in, d_out, t, r, buffer_bytes, memory_name):
+    timing = DRAM_PRESETS[memory_name]
     port = bp.port_for(timing)
     model, memmap, prog = bp.blocked_for(d_in, d_out, t, r, buffer_bytes)
     read, written = bp.traffic_bytes(prog)
     program_bytes = sum(read.values()) + sum(written.values())
-    result = bp.dram_time(timing, port, prog)
-    compute = compute_cycles(t, d_in, d_out, r)
-    memory_cycles = round(result.cycles * 100 / timing.clock_mhz)       # in cycles of the step's 100 MHz clock
-    step = max(compute, memory_cycles)
+    scale = 100 / timing.clock_mhz                    # DRAM cycles to cycles of the step's 100 MHz clock
+    parts = {which: bp.dram_time(timing, port, prog.part(which)) for which in ("products", "update")}
+    memory = {which: round(result.cycles * scale) for which, result in parts.items()}
+    compute = dict(zip(("products", "update"), compute_cycles(t, d_in, d_out, r)))
+    # the products' traffic overlaps their compute; the update follows them (it needs every gradient)
+    step = sum(max(compute[which], memory[which]) for which in ("products", "update"))
+    moved = sum(result.bytes for result in parts.values())
+    busy = sum(result.cycles for result in parts.values())
     lower = tr.lower_bound(tr.StepShape(d_in, d_out, t, r)).total
-    return {"projection": name, "d_in": d_in, "d_out": d_out, "t": t, "memory": memory,
+    return {"projection": name, "d_in": d_in, "d_out": d_out, "t": t, "memory": memory_name,
             "program_bytes": program_bytes, "model_bytes": model.total - 4 * model.weight_passes,
-            "lower_bound_bytes": lower, "requests": len(bp.requests(port, prog)), "dram_cycles": result.cycles,
-            "efficiency": result.efficiency, "row_misses": result.row_misses, "memory_cycles": memory_cycles,
-            "compute_cycles": compute, "step_cycles": step,
+            "lower_bound_bytes": lower, "requests": len(bp.requests(port, prog)), "dram_cycles": busy,
+            "efficiency": moved / (busy * timing.peak_bytes_per_cycle),
+            "memory_cycles": memory, "compute_cycles": compute, "step_cycles": step,
             "utilization": tr.macs(tr.StepShape(d_in, d_out, t, r)) / (ROWS * COLS * step),
             "notes": list(prog.notes)}
 
 
 def table(rows):
     lines = ["| projection | T | memory | program MB | / traffic model | / lower bound | bursts | DRAM efficiency | "
-             "memory ms | compute ms | bound by | PE utilization |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "products: memory / compute ms | update: memory / compute ms | step ms | PE utilization |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        bound = ("memory" if row["memory_cycles"] > row["compute_cycles"] else "compute") + \
-            f" ({max(row['memory_cycles'], row['compute_cycles']) / min(row['memory_cycles'], row['compute_cycles']):.1f}x)"
+        mem, comp = row["memory_cycles"], row["compute_cycles"]
         lines.append(f"| {row['projection']} | {row['t']} | {row['memory']} | {row['program_bytes'] / 1e6:.2f} | "
                      f"{row['program_bytes'] / row['model_bytes']:.3f} | "
                      f"{row['program_bytes'] / row['lower_bound_bytes']:.2f} | {row['requests']:,} | "
-                     f"{100 * row['efficiency']:.1f}% | {row['memory_cycles'] / 1e5:.1f} | "
-                     f"{row['compute_cycles'] / 1e5:.1f} | {bound} | {100 * row['utilization']:.1f}% |")
+                     f"{100 * row['efficiency']:.1f}% | {mem['products'] / 1e5:.1f} / {comp['products'] / 1e5:.1f} | "
+                     f"{mem['update'] / 1e5:.1f} / {comp['update'] / 1e5:.1f} | {row['step_cycles'] / 1e5:.1f} | "
+                     f"{100 * row['utilization']:.1f}% |")
     return "\n".join(lines)
 
 

@@ -108,3 +108,12 @@ def test_the_blocked_schedule_is_what_the_program_follows():
     assert tr.blocked(tr.StepShape(2048, 2048, 128)).total == model.total
     assert prog.notes == ("backward output-stationary: 5 blocks of 448 W columns (whole NF4 blocks) instead of 5 of "
                           "410; 237,568 bytes on chip",)
+
+
+def test_the_update_follows_the_products():
+    prog = bp.program(layout(256, 384, 16, 4), _schedule("OS", "WS"))
+    products, update = prog.part("products"), prog.part("update")
+    assert products.ops + update.ops == prog.ops and update.ops
+    assert {job.tensor for _, job in update.ops} == {"lora_A", "lora_B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B",
+                                                     "exp_avg_sq_B"}
+    assert {op for op, job in products.ops if job.tensor.startswith("exp_avg")} == set()
