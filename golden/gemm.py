@@ -29,7 +29,7 @@ import torch
 from ..constants import EXP_MIN, OPERAND_FRAC, GemmNumerics
 from . import nf4_dequant, nf4_quant
 
-__all__ = ["GemmNumerics", "align", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
+__all__ = ["GemmNumerics", "align", "row_chunk_exponents", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
            "ACTIVATION_KINDS", "CONTRACT_SHAPES", "CYCLE_MODEL_CASES", "random_activations", "random_nf4_weight"]
 
 def _bf16_values(t):
@@ -71,7 +71,13 @@ def align(values, chunk, axis):
     return np.moveaxis(q, -1, axis), np.moveaxis(shared, -1, axis) if shared.ndim > 1 else shared
 
 
-def chunk_partials(a, b, chunk, transposed=False):
+def row_chunk_exponents(b, chunk):
+    """The backward mode's shared exponent of each chunk of ``chunk`` rows of B (W itself) over all its columns."""
+    b = np.asarray(b, dtype=np.float32)
+    return np.array([exponents(b[g * chunk:(g + 1) * chunk]).max() for g in range(-(-b.shape[0] // chunk))])
+
+
+def chunk_partials(a, b, chunk, transposed=False, row_exponents=None):
     """Exact chunk sums and their exponents.
 
     Parameters
@@ -82,17 +88,24 @@ def chunk_partials(a, b, chunk, transposed=False):
         B is W itself (backward): one shared exponent per chunk of B's rows for *all* its columns (the engine's
         W buffer holds a chunk of W rows and finds one maximum while loading them). Forward, B is ``W.T``: one
         exponent per column (a W row) and chunk.
+    row_exponents : array [groups] of int, optional
+        Backward only: the chunks' shared exponents, as :func:`row_chunk_exponents` gives them for the whole W, so
+        that a block of W's columns is computed as the engine computes it with all of them.
 
     Returns
     -------
     sums : int64 array [groups, M, P]
     exps : int64 array [groups, M, P]   (the partial is ``sums * 2**(exps - 32)``)
     """
+    if row_exponents is not None and not transposed:
+        raise ValueError("row_exponents applies to the backward mode (transposed=True) only")
     qa, ea = align(a, chunk, axis=1)      # ea [M, groups]
     if transposed:
         b = np.asarray(b, dtype=np.float32)
-        groups = -(-b.shape[0] // chunk)
-        eb = np.array([exponents(b[g * chunk:(g + 1) * chunk]).max() for g in range(groups)])
+        eb = row_chunk_exponents(b, chunk) if row_exponents is None else np.asarray(row_exponents, np.int64)
+        if eb.shape != (-(-b.shape[0] // chunk),):
+            raise ValueError(f"row_exponents must hold one exponent per chunk of B's rows ({-(-b.shape[0] // chunk)}), "
+                             f"not shape {eb.shape}")
         eb = np.repeat(eb[:, None], b.shape[1], axis=1)   # [groups, P]
         scale = np.ldexp(1.0, OPERAND_FRAC - np.repeat(eb, chunk, axis=0)[:b.shape[0]])
         qb = np.rint(b.astype(np.float64) * scale).astype(np.int64)
@@ -114,15 +127,16 @@ def partial_to_fp32(sums, exps):
         return np.ldexp(sums.astype(np.float64), exps - 2 * OPERAND_FRAC).astype(np.float32)
 
 
-def gemm(a, b, numerics=GemmNumerics(), transposed=False):
+def gemm(a, b, numerics=GemmNumerics(), transposed=False, row_exponents=None):
     """The engine's ``a @ b`` for bf16 ``a`` [M, Q] and ``b`` [Q, P]; returns a torch tensor (bf16 or fp32).
 
-    ``transposed``: the backward mode, ``b`` is W itself (see :func:`chunk_partials`); forward, ``b`` is ``W.T``.
+    ``transposed``: the backward mode, ``b`` is W itself (see :func:`chunk_partials`, also for ``row_exponents``);
+    forward, ``b`` is ``W.T``.
     """
     a, b = _bf16_values(a), _bf16_values(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"shapes {a.shape} and {b.shape} cannot be multiplied")
-    sums, exps = chunk_partials(a, b, numerics.chunk, transposed)
+    sums, exps = chunk_partials(a, b, numerics.chunk, transposed, row_exponents)
     partials = partial_to_fp32(sums, exps)
     acc = partials[0]
     with np.errstate(over="ignore", invalid="ignore"):

@@ -7,7 +7,8 @@ against the engine's golden model over whole rows (``docs/memstep.md``, "Next: t
 The engine's backward mode shares one exponent per chunk of W rows across all the columns it holds; in blocks of
 columns each block would take its own maximum, which differs from the whole row's where an outlier column sets it.
 Prints the fraction of float32 outputs that differ, for a N(0, 0.02) weight and for the same weight with one
-input feature 50 times larger, NF4-quantized as bitsandbytes does.
+input feature 50 times larger, NF4-quantized as bitsandbytes does, with each block's own exponents and with the
+whole rows' (``golden.gemm.row_chunk_exponents``, the table the blocked step would keep with the weight).
 """
 
 import argparse
@@ -19,10 +20,13 @@ from edge_qlora.golden import gemm as g
 from edge_qlora.golden import nf4_dequant, nf4_quant
 
 
-def differing(dy, w, block):
+def differing(dy, w, block, table):
+    """Fraction of float32 outputs that differ between the whole product and blocks of ``block`` columns (each
+    with the whole rows' chunk exponents if ``table``, else with its own)."""
     numerics = g.GemmNumerics(out_dtype="fp32")
     whole = g.gemm(dy, w, numerics, transposed=True).numpy()
-    blocked = np.concatenate([g.gemm(dy, w[:, c:c + block], numerics, transposed=True).numpy()
+    exps = g.row_chunk_exponents(g._bf16_values(w), numerics.chunk) if table else None
+    blocked = np.concatenate([g.gemm(dy, w[:, c:c + block], numerics, transposed=True, row_exponents=exps).numpy()
                               for c in range(0, w.shape[1], block)], axis=1)
     return float((whole.view(np.int32) != blocked.view(np.int32)).mean())
 
@@ -45,8 +49,9 @@ def main(argv=None):
     outlier[:, min(100, args.in_features - 1)] *= 50
     for label, weight in (("N(0, 0.02)", base), ("one input feature x50", outlier)):
         w = nf4_dequant.dequantize(nf4_quant.quantize(weight, 64, True), "bf16")
-        print(f"{label}: {100 * differing(dy, w, args.block):.1f}% of the float32 outputs differ in blocks of "
-              f"{args.block} columns")
+        for table, how in ((False, "each block's own chunk exponents"), (True, "the whole rows' chunk exponents")):
+            print(f"{label}, blocks of {args.block} columns with {how}: {100 * differing(dy, w, args.block, table):.1f}% "
+                  f"of the float32 outputs differ")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,29 @@ def test_config_checks():
     with pytest.raises(ValueError, match="inner dimensions"):
         run_gemm(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 5, dtype=torch.bfloat16),
                  GemmConfig(rows=2, cols=2, weights="bf16"))
+
+
+def test_backward_in_column_blocks_needs_the_whole_rows_exponents():
+    """The blocked step's transposed product over blocks of W's columns equals the engine's over all of them, bit
+    for bit, when each block takes the chunks' exponents of the whole W rows (``row_chunk_exponents``); with each
+    block's own, an outlier column moves the others' results."""
+    from edge_qlora.golden import gemm as g
+    numerics = g.GemmNumerics(out_dtype="fp32")
+    dy = g.random_activations((8, 64), seed=1)
+    weight = torch.randn((64, 256), generator=torch.Generator().manual_seed(2)) * 0.02
+    weight[:, 5] *= 50
+    w = g.nf4_dequant.dequantize(g.nf4_quant.quantize(weight, 64, True), "bf16")
+    whole = g.gemm(dy, w, numerics, transposed=True).numpy().view(np.int32)
+    exps = g.row_chunk_exponents(g._bf16_values(w), numerics.chunk)
+
+    def blocked(row_exponents):
+        return np.concatenate([g.gemm(dy, w[:, c:c + 64], numerics, transposed=True,
+                                      row_exponents=row_exponents).numpy() for c in range(0, 256, 64)],
+                              axis=1).view(np.int32)
+
+    assert (blocked(exps) == whole).all()
+    assert (blocked(None) != whole).mean() > 0.5
+    with pytest.raises(ValueError, match="backward mode"):
+        g.gemm(dy, w, numerics, row_exponents=exps)
+    with pytest.raises(ValueError, match="one exponent per chunk"):
+        g.gemm(dy, w, numerics, transposed=True, row_exponents=exps[:-1])
