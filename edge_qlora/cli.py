@@ -940,7 +940,7 @@ def _step_report(args, case, config, run, seconds):
     else:
         model = sum(step_cycles(t, d_in, d_out, r, args.rows, args.cols, case.optimizer).values())
     report["model_cycles"] = model
-    report["model_error"] = cycles / model - 1 if cycles and model else None
+    report["model_error"] = model / cycles - 1 if cycles and model else None    # < 0: the model is short
     return report
 
 
@@ -955,8 +955,8 @@ def _print_memory_report(args, report):
     print(f"  bandwidth: {report['bandwidth_gbps']:.3f} GB/s ({moved:,} bytes in {cycles:,} cycles at "
           f"{report['clock_mhz']:g} MHz), {100 * report['bandwidth_gbps'] / report['peak_gbps']:.1f}% of "
           f"{args.memory}'s {report['peak_gbps']:.3f} GB/s peak")
-    print(f"  cycle model with memory: {report['model_cycles']:,} cycles, measured "
-          f"{100 * report['model_error']:+.2f}% against it; "
+    print(f"  cycle model with memory: {report['model_cycles']:,} cycles, "
+          f"{100 * report['model_error']:+.2f}% against the measured; "
           f"PE utilization {100 * report['utilization']:.1f}% ({report['macs']:,} MACs on {args.rows}x{args.cols})")
 
 

@@ -57,7 +57,8 @@ class ProjectionRun:
 
     @property
     def model_error(self):
-        return self.cycles / self.model_cycles - 1
+        """The cycle model against the measured cycles (negative: the model is short), as every table has it."""
+        return self.model_cycles / self.cycles - 1
 
     def to_dict(self):
         """The run as JSON: the memory fields only where the step ran through memory."""
