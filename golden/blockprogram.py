@@ -87,15 +87,16 @@ class _Writer:
         for row in range(row0, row0 + nrows):
             self.add(op, tensor, (row * width + col0) * item, ncols * item)
 
-    def weight(self, rows, row0, nrows, col0, ncols, absmax=True, codes=True):
-        """W rows ``row0..`` and columns ``col0..`` (whole NF4 blocks): the absmax codes, then the codes."""
+    def weight(self, row_length, row0, nrows, col0, ncols, absmax=True, codes=True):
+        """W rows ``row0..`` (``row_length`` weights each) and columns ``col0..`` (whole NF4 blocks): the absmax
+        codes, then the codes."""
         mm = self.memmap
         item = 1 if mm.double_quant else 4
         if absmax:
-            self.rows("read", "nf4_absmax", rows // mm.blocksize, item, row0, nrows, col0 // mm.blocksize,
+            self.rows("read", "nf4_absmax", row_length // mm.blocksize, item, row0, nrows, col0 // mm.blocksize,
                       -(-ncols // mm.blocksize))
         if codes:
-            self.rows("read", "nf4_codes", rows // 2, 1, row0, nrows, col0 // 2, ncols // 2)
+            self.rows("read", "nf4_codes", row_length // 2, 1, row0, nrows, col0 // 2, ncols // 2)
 
     def pass_start(self, rank_resident):
         """The start of a weight pass: absmax2 whole and, unless kept on chip, A and B."""
