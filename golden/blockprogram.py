@@ -171,7 +171,7 @@ def _backward(w, choice, rank_resident, features):
     return len(blocks)
 
 
-def _whole_blocks(choice, d_in, d_out, blocksize, budget):
+def _whole_blocks(choice, d_out, blocksize, budget):
     """W's columns per backward tile or block, whole NF4 blocks: the traffic model's size rounded up to them where
     the on-chip bytes stay within ``budget`` (as many tiles or fewer), else rounded down (one tile more, perhaps);
     and the on-chip bytes that needs."""
@@ -205,7 +205,7 @@ def program(memmap, schedule):
     back = schedule["backward"]
     features = mm.d_in
     if back["loop"] != "token-stationary":
-        features, footprint = _whole_blocks(back, mm.d_in, mm.d_out, mm.blocksize, schedule["buffer_bytes"])
+        features, footprint = _whole_blocks(back, mm.d_out, mm.blocksize, schedule["buffer_bytes"])
         if features != back["features"]:
             notes.append(f"backward {back['loop']}: {-(-mm.d_in // features)} blocks of {features} W columns (whole "
                          f"NF4 blocks) instead of {-(-mm.d_in // back['features'])} of {back['features']}; "
