@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from . import dram, traffic
 from .memmap import layout
-from .memprogram import STATE_GROUP, Job, PortShape, Request, split_bursts
+from .memprogram import Job, PortShape, Request, split_bursts, state_groups
 
 __all__ = ["SPAN", "GROUP", "Program", "program", "port_for", "requests", "bytes_by_tensor", "traffic_bytes",
            "dram_time", "blocked_for"]
@@ -223,17 +223,12 @@ def program(memmap, schedule):
 
 def _update(w):
     """The update: per 64 elements of A, then of B, the master and moments read, then written."""
-    mm = w.memmap
-    states = mm.optimizer == "adamw"
-    for which, elements in (("A", mm.r * mm.d_in), ("B", mm.d_out * mm.r)):
-        names = [f"lora_{which}"] + ([f"exp_avg_{which}", f"exp_avg_sq_{which}"] if states else [])
-        for e in range(0, elements, STATE_GROUP):
-            size = 4 * min(STATE_GROUP, elements - e)
-            for name in names:
-                w.add("read", name, 4 * e, size)
-            for name in names:
-                region = mm.output_region(name)
-                w.ops.append(("write", Job(region.name, region.address + 4 * e, size)))
+    for offset, size, names in state_groups(w.memmap):
+        for name in names:
+            w.add("read", name, offset, size)
+        for name in names:
+            region = w.memmap.output_region(name)
+            w.ops.append(("write", Job(region.name, region.address + offset, size)))
 
 
 def requests(port, prog):

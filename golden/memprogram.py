@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["WEIGHT_GROUP", "STATE_GROUP", "PortShape", "Job", "Request", "split_bursts", "read_jobs", "write_jobs",
-           "requests", "bytes_by_tensor", "fill_words", "apply_writes", "check_shape"]
+           "requests", "bytes_by_tensor", "fill_words", "apply_writes", "check_shape", "state_groups"]
 
 #: NF4 blocks per group of the weight stream: one ``absmax2`` value covers 256 blocks.
 WEIGHT_GROUP = 256
@@ -137,15 +137,21 @@ def write_jobs(memmap, rows, cols):
             for p0 in range(0, features, cols):
                 for token in range(m0, min(m0 + rows, t)):
                     jobs.append(Job(name, base + 2 * (token * features + p0), 2 * cols))
+    for offset, size, names in state_groups(memmap):
+        for name in names:
+            region = memmap.output_region(name)
+            jobs.append(Job(region.name, region.address + offset, size))
+    return jobs
+
+
+def state_groups(memmap):
+    """The update's groups, in order: per :data:`STATE_GROUP` elements of A, then of B, ``(byte offset, bytes,
+    names)`` with the region names of the master and (AdamW) its two moments."""
     states = memmap.optimizer == "adamw"
     for which, elements in (("A", memmap.r * memmap.d_in), ("B", memmap.d_out * memmap.r)):
         names = [f"lora_{which}"] + ([f"exp_avg_{which}", f"exp_avg_sq_{which}"] if states else [])
         for e in range(0, elements, STATE_GROUP):
-            size = 4 * min(STATE_GROUP, elements - e)
-            for name in names:
-                region = memmap.output_region(name)
-                jobs.append(Job(region.name, region.address + 4 * e, size))
-    return jobs
+            yield 4 * e, 4 * min(STATE_GROUP, elements - e), names
 
 
 def requests(port, jobs, op):
