@@ -261,11 +261,12 @@ def traffic_bytes(prog):
     return read, written
 
 
-def dram_time(timing, port, prog):
-    """The DRAM model's time for a program's bursts served in order: the :class:`~edge_qlora.golden.dram.Result`
-    (its ``efficiency``: requested bytes against the peak over the whole time)."""
+def dram_time(timing, port, reqs):
+    """The DRAM model's time for a program's bursts (``reqs``, from :func:`requests`) served in order: the
+    :class:`~edge_qlora.golden.dram.Result` (its ``efficiency``: requested bytes against the peak over the whole
+    time)."""
     wb = port.word_bytes
-    return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in requests(port, prog)])
+    return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in reqs])
 
 
 def blocked_for(d_in, d_out, t, r=16, buffer_bytes=traffic.DEFAULT_BUFFER_BYTES, **layout_kwargs):

@@ -29,8 +29,9 @@ import torch
 from ..constants import EXP_MIN, OPERAND_FRAC, GemmNumerics
 from . import nf4_dequant, nf4_quant
 
-__all__ = ["GemmNumerics", "align", "row_chunk_exponents", "chunk_partials", "gemm", "reference_fp64", "bnb_style", "rel_frobenius",
-           "ACTIVATION_KINDS", "CONTRACT_SHAPES", "CYCLE_MODEL_CASES", "random_activations", "random_nf4_weight"]
+__all__ = ["GemmNumerics", "align", "row_chunk_exponents", "chunk_partials", "gemm", "reference_fp64", "bnb_style",
+           "rel_frobenius", "ACTIVATION_KINDS", "CONTRACT_SHAPES", "CYCLE_MODEL_CASES", "random_activations",
+           "random_nf4_weight"]
 
 def _bf16_values(t):
     """float32 numpy array holding exactly the values of a bf16 tensor/array."""

@@ -47,7 +47,8 @@ def measure(name, d_in, d_out, t, r, buffer_bytes, memory_name):
     read, written = bp.traffic_bytes(prog)
     program_bytes = sum(read.values()) + sum(written.values())
     scale = 100 / timing.clock_mhz                    # DRAM cycles to cycles of the step's 100 MHz clock
-    parts = {which: bp.dram_time(timing, port, prog.part(which)) for which in ("products", "update")}
+    reqs = {which: bp.requests(port, prog.part(which)) for which in ("products", "update")}
+    parts = {which: bp.dram_time(timing, port, part) for which, part in reqs.items()}
     memory = {which: round(result.cycles * scale) for which, result in parts.items()}
     compute = dict(zip(("products", "update"), compute_cycles(t, d_in, d_out, r)))
     # the products' traffic overlaps their compute; the update follows them (it needs every gradient)
@@ -57,7 +58,7 @@ def measure(name, d_in, d_out, t, r, buffer_bytes, memory_name):
     lower = tr.lower_bound(tr.StepShape(d_in, d_out, t, r)).total
     return {"projection": name, "d_in": d_in, "d_out": d_out, "t": t, "memory": memory_name,
             "program_bytes": program_bytes, "model_bytes": model.total - 4 * model.weight_passes,
-            "lower_bound_bytes": lower, "requests": len(bp.requests(port, prog)), "dram_cycles": busy,
+            "lower_bound_bytes": lower, "requests": sum(map(len, reqs.values())), "dram_cycles": busy,
             "efficiency": moved / (busy * timing.peak_bytes_per_cycle),
             "memory_cycles": memory, "compute_cycles": compute, "step_cycles": step,
             "utilization": tr.macs(tr.StepShape(d_in, d_out, t, r)) / (ROWS * COLS * step),

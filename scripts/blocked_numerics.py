@@ -50,8 +50,9 @@ def main(argv=None):
     for label, weight in (("N(0, 0.02)", base), ("one input feature x50", outlier)):
         w = nf4_dequant.dequantize(nf4_quant.quantize(weight, 64, True), "bf16")
         for table, how in ((False, "each block's own chunk exponents"), (True, "the whole rows' chunk exponents")):
-            print(f"{label}, blocks of {args.block} columns with {how}: {100 * differing(dy, w, args.block, table):.1f}% "
-                  f"of the float32 outputs differ")
+            share = differing(dy, w, args.block, table)
+            print(f"{label}, blocks of {args.block} columns with {how}: {100 * share:.1f}% of the float32 outputs "
+                  f"differ")
 
 
 if __name__ == "__main__":

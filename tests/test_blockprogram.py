@@ -94,7 +94,7 @@ def test_dram_time_serves_the_bursts_in_order():
     reqs = bp.requests(port, prog)
     assert all(r.length <= port.max_burst and r.address // port.boundary == (r.address + r.length * 2 - 1)
                // port.boundary for r in reqs)
-    result = bp.dram_time(timing, port, prog)
+    result = bp.dram_time(timing, port, reqs)
     assert result == dram.simulate(timing, [(r.address, 2 * r.length, r.op) for r in reqs])
     assert result.bytes == 2 * sum(r.length for r in reqs) >= sum(job.bytes for _, job in prog.ops)
     assert 0.5 < result.efficiency <= 1
