@@ -266,13 +266,18 @@ def dequant_rounds(lanes, blocksize=64):
     return max(r for r in (1, 2, 4, 8, 16) if r <= max(1, blocksize // lanes))
 
 
-def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", out_dtype="bf16", blocksize=64):
+def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", out_dtype="bf16", blocksize=64,
+                block=False):
     """Cycles of one GEMM job on the engine; see :class:`CycleModel`.
 
     ``weights``: ``"bf16"`` (the ``w`` stream), ``"nf4"`` (the dequantizer) or ``"rows"`` (bf16 rows on the
     ``rows_in`` stream, as the LoRA step feeds its rank-r operands: no row aligner, so no shape beat to wait for).
     With NF4 weights, a pass of W also cannot be faster than the dequantizer's table builder: one table of
     ``dequant_rounds`` cycles per block, which shows when a short final block ends a pass.
+
+    ``block``: a forward block job (``rtl/gemm/config.py: job_layout``): all A tiles load into one half before the
+    first step, W comes in one pass and each W tile computes for every A tile (a held job's end, the last partial
+    written, is counted like an output's).
     """
     min_steps = max(2 * rows - 1, 12)          # GemmConfig.min_steps
     flush_steps = 2 * rows + cols + 2           # PEArray.flush_steps
@@ -303,6 +308,17 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     steps = 0
     t_compute = 0
     tile_index = 0
+    if block:
+        if transposed:
+            raise ValueError("block jobs are forward only")
+        block_ready = START_LATENCY + a_tiles * q_len + WRITE_LATENCY + FLAG_LATENCY
+        for j, (load, work) in enumerate(zip(loads, compute)):
+            w_load_end.append(max(w_load_end[-1] if w_load_end else source,
+                                  compute_end[j - 2] if j >= 2 else 0) + load)
+            t_compute = max(t_compute, w_load_end[-1] + WRITE_LATENCY + FLAG_LATENCY, block_ready) + a_tiles * work
+            compute_end.append(t_compute)
+            steps += a_tiles * work
+        a_tiles = 0     # (no tile by tile loop below)
     for i in range(a_tiles):
         start = max(START_LATENCY, a_load_end[-1] if a_load_end else 0, a_release[i - 2] if i >= 2 else 0)
         a_load_end.append(start + q_len)

@@ -12,7 +12,11 @@ from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lan
 from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get
 
-__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "bf16_bits", "collision_check"]
+__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "run_blocked_gemm", "block_jobs", "bf16_bits",
+           "collision_check"]
+
+#: what a job of :func:`run_gemm_jobs` may ask for beyond its operands (see :func:`~edge_qlora.rtl.gemm.job_layout`)
+JOB_FLAGS = frozenset({"block", "hold", "resume"})
 
 
 @dataclass
@@ -92,21 +96,45 @@ def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, 
     return runs[0]
 
 
+def _check_flags(flags, config, m_rows, n, k, transposed):
+    """A job's flags (a subset of :data:`JOB_FLAGS`) against its shape and the engine's buffers."""
+    flags = frozenset(flags)
+    if not flags <= JOB_FLAGS:
+        raise ValueError(f"unknown job flags {sorted(flags - JOB_FLAGS)}; known: {sorted(JOB_FLAGS)}")
+    if not flags:
+        return flags
+    tiles, chunk = -(-m_rows // config.rows), config.chunk_steps
+    if "block" not in flags or transposed:
+        raise ValueError("hold and resume need a block job, and block jobs are forward only")
+    if tiles * k > config.max_q or tiles * -(-k // chunk) > config.chunks_q:
+        raise ValueError(f"a block job of {m_rows} rows and K = {k} needs {tiles * k} A words and "
+                         f"{tiles * -(-k // chunk)} exponent entries; the buffer half holds {config.max_q} and "
+                         f"{config.chunks_q}")
+    if flags & {"hold", "resume"} and tiles * -(-n // config.cols) > max(config.words_per_row, config.held_tiles):
+        raise ValueError(f"{tiles * -(-n // config.cols)} output tiles to hold; the accumulator keeps "
+                         f"{max(config.words_per_row, config.held_tiles)}")
+    if "hold" in flags and k % chunk:
+        raise ValueError(f"a held job's K ({k}) must be a multiple of the chunk ({chunk})")
+    return flags
+
+
 def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, progress=None, backend=None):
-    """Several jobs ``(a, weights, transposed)`` back to back through one engine; a :class:`GemmRun` per job
-    (each with the total cycle count of the whole run).
+    """Several jobs ``(a, weights, transposed)`` or ``(a, weights, transposed, flags)`` back to back through one
+    engine; a :class:`GemmRun` per job (each with the total cycle count of the whole run; ``out`` is None for a
+    ``hold`` job). ``flags``: a subset of :data:`JOB_FLAGS` (see :func:`block_jobs`).
 
     ``backend``: ``"pysim"`` (with the memory-collision check of :func:`collision_check`) or ``"verilator"``.
     """
     stalls = dict(stalls or {})
     rows, cols = config.rows, config.cols
     job_beats, a_beats, weight_beats, layout = [], [], {}, []
-    for a, weights, transposed in jobs:
+    for a, weights, transposed, *rest in jobs:
         n, k = tuple(weights.shape)
         m_rows, q_len = a.shape
         if q_len != (n if transposed else k):
             raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, W is {(n, k)}"
                              f"{' (transposed: a @ W)' if transposed else ' (a @ W.T)'}")
+        flags = _check_flags(rest[0] if rest else (), config, m_rows, n, k, transposed)
         tiles = -(-m_rows // rows)
         a_bits = bf16_bits(a.to(torch.bfloat16))
         for t in range(tiles):
@@ -114,14 +142,16 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
             part = a_bits[t * rows:(t + 1) * rows]
             tile[:part.shape[0]] = part
             a_beats += pack_lanes(tile.T.reshape(-1), rows, 16)
-        job_beats.append(m_rows | (n << 32) | (k << 64) | ((n * k) << 96) | (int(transposed) << 128))
+        job_beats.append(m_rows | (n << 32) | (k << 64) | ((n * k) << 96) | (int(transposed) << 128)
+                         | (int("block" in flags) << 130) | (int("resume" in flags) << 131)
+                         | (int("hold" in flags) << 132))
         for name, beats in _weight_streams(weights, config).items():
-            weight_beats.setdefault(name, []).extend(beats * tiles)
+            weight_beats.setdefault(name, []).extend(beats * (1 if "block" in flags else tiles))
         out_cols = k if transposed else n
-        layout.append((m_rows, out_cols, tiles, -(-out_cols // cols)))
+        layout.append((m_rows, out_cols, tiles, -(-out_cols // cols), flags))
 
     inputs = {"job": job_beats, "a": a_beats, **weight_beats}
-    count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles in layout)
+    count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles, flags in layout if "hold" not in flags)
     longest = max(len(beats) for beats in weight_beats.values())
     max_cycles = 50 * (count + len(a_beats)) + 40 * longest + 5000
     if resolve_backend(backend) == "verilator":
@@ -143,16 +173,21 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32
     runs, start = [], 0
-    for m_rows, out_cols, tiles, col_tiles in layout:
+    for m_rows, out_cols, tiles, col_tiles, flags in layout:
+        if "hold" in flags:
+            runs.append(GemmRun(None, cycles))
+            continue
         part = beats[start:start + tiles * col_tiles * rows]
         start += len(part)
         lasts = [(beat >> (width * cols)) & 1 for beat in part]
         if lasts != [0] * (len(part) - 1) + [1]:
             raise RuntimeError(f"GEMM engine marked beats {[i for i, f in enumerate(lasts) if f]} of a job last")
         values = unpack_lanes([beat & ((1 << (width * cols)) - 1) for beat in part], cols, width, len(part) * cols)
-        # beats come tile by tile of output columns, rows in order within a tile
-        values = values.reshape(tiles, col_tiles, rows, cols).transpose(0, 2, 1, 3).reshape(tiles * rows,
-                                                                                            col_tiles * cols)
+        # beats come tile by tile of output columns, rows in order within a tile (a block job: A tile by A tile
+        # within each tile of output columns)
+        values = values.reshape(tiles, col_tiles, rows, cols) if "block" not in flags else \
+            values.reshape(col_tiles, tiles, rows, cols).transpose(1, 0, 2, 3)
+        values = values.transpose(0, 2, 1, 3).reshape(tiles * rows, col_tiles * cols)
         values = values[:m_rows, :out_cols]
         if width == 16:
             out = torch.from_numpy(values.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
@@ -160,3 +195,33 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
             out = torch.from_numpy(values.astype(np.uint32).view(np.float32).copy())
         runs.append(GemmRun(out, cycles))
     return runs
+
+
+def block_jobs(a, weights, token_block, feature_block, span):
+    """The output-stationary schedule of ``a @ W.T`` as block jobs: for each block of ``token_block`` rows of
+    ``a`` and ``feature_block`` rows of W (bf16), one job per span of the reduction, all but the last held and all
+    but the first resumed. Returns the jobs and, per job, the output block it gives (``(rows, features)`` slices,
+    None for a held job)."""
+    m_rows, k = a.shape
+    n = weights.shape[0]
+    jobs, places = [], []
+    for t0 in range(0, m_rows, token_block):
+        for f0 in range(0, n, feature_block):
+            tokens, features = slice(t0, t0 + token_block), slice(f0, f0 + feature_block)
+            for s0 in range(0, k, span):
+                flags = {"block"} | ({"resume"} if s0 else set()) | ({"hold"} if s0 + span < k else set())
+                jobs.append((a[tokens, s0:s0 + span], weights[features, s0:s0 + span], False, frozenset(flags)))
+                places.append(None if "hold" in flags else (tokens, features))
+    return jobs, places
+
+
+def run_blocked_gemm(a, weights, config, token_block, feature_block, span, *, stalls=None, backend=None):
+    """``a @ W.T`` on the engine in the output-stationary schedule of :func:`block_jobs`: a :class:`GemmRun`."""
+    jobs, places = block_jobs(a, weights, token_block, feature_block, span)
+    runs = run_gemm_jobs(jobs, config, stalls=stalls, backend=backend)
+    out = torch.zeros((a.shape[0], weights.shape[0]),
+                      dtype=torch.bfloat16 if config.out_dtype == "bf16" else torch.float32)
+    for run, place in zip(runs, places):
+        if place is not None:
+            out[place] = run.out
+    return GemmRun(out, runs[-1].cycles)

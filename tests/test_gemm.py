@@ -11,7 +11,7 @@ from amaranth.back import rtlil
 
 from edge_qlora.golden import gemm as golden
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
-from edge_qlora.sim.gemm import run_gemm, run_gemm_jobs
+from edge_qlora.sim.gemm import block_jobs, run_blocked_gemm, run_gemm, run_gemm_jobs
 from edge_qlora.sim.streams import Stalls
 
 from reference import mismatches
@@ -160,6 +160,78 @@ def test_rtl_jobs_back_to_back(weights):
     runs = run_gemm_jobs(jobs, config, stalls=random_stalls(4))
     for run, reference in zip(runs, expected):
         assert mismatches(reference, run.out) == 0
+
+
+# --- block jobs: the output-stationary mode -------------------------------------------------------------------------
+
+def block_config(**kw):
+    return GemmConfig(**{"rows": 2, "cols": 3, "max_k": 64, "max_n": 256, "held_tiles": 40, "weights": "bf16",
+                         **kw})
+
+
+@pytest.mark.parametrize("kind", ["normal", "outliers", "tiny"])
+@pytest.mark.parametrize("out_dtype", ["bf16", "fp32"])
+def test_rtl_block_jobs_over_spans_equal_one_job(kind, out_dtype):
+    # blocks of 5 tokens x 7 features (partial A and W tiles), spans of 32 with a short last one (K = 88): every
+    # output's chunks still add up in reduction order, so the whole is the one-job model's to the bit
+    config = block_config(out_dtype=out_dtype)
+    a = activations((11, 88), 21, kind)
+    w = (torch.randn((10, 88), generator=torch.Generator().manual_seed(22)) * 0.05).to(torch.bfloat16)
+    run = run_blocked_gemm(a, w, config, token_block=5, feature_block=7, span=2 * config.chunk_steps,
+                           stalls=random_stalls(2))
+    assert mismatches(golden.gemm(a, w.T, config.numerics, False), run.out) == 0
+
+
+@pytest.mark.parametrize("weights", ["bf16", "nf4"])
+def test_rtl_block_jobs_between_other_jobs(weights):
+    # a token-stationary block job (whole K, W in one pass for 3 A tiles) after a transposed job and before a forward
+    # one, and (bf16 W: spans of a sub-block need no NF4 blocks) three held/resumed spans between them: the modes
+    # hand the buffers and the accumulator over cleanly
+    config = block_config(weights=weights, out_dtype="fp32")
+    if weights == "nf4":
+        source, w = nf4_weight((7, 40), 8)
+    else:
+        w = source = (torch.randn((7, 40), generator=torch.Generator().manual_seed(8)) * 0.1).to(torch.bfloat16)
+    x, dy = activations((6, 40), 9), activations((3, 7), 10)
+    spans = block_jobs(x, w, 6, 7, config.chunk_steps)[0] if weights == "bf16" else []
+    jobs = [(dy, source, True), (x, source, False, {"block"}), *spans, (x[:5], source, False)]
+    runs = run_gemm_jobs(jobs, config, stalls=random_stalls(3))
+    forward = golden.gemm(x, w.T, config.numerics, False)
+    assert mismatches(golden.gemm(dy, w, config.numerics, True), runs[0].out) == 0
+    assert mismatches(forward, runs[1].out) == 0
+    if spans:
+        assert [run.out is None for run in runs[2:-1]] == [True, True, False]
+        assert mismatches(forward, runs[-2].out) == 0
+    assert mismatches(forward[:5], runs[-1].out) == 0
+
+
+@pytest.mark.parametrize("m,n,k,rows,cols,weights", [(16, 24, 128, 8, 8, "bf16"), (12, 9, 100, 2, 4, "nf4")])
+def test_block_job_cycle_model_within_2_percent(m, n, k, rows, cols, weights):
+    config = block_config(rows=rows, cols=cols, max_k=128, max_n=1024, weights=weights, out_dtype="bf16")
+    source, w = nf4_weight((n, k), 4) if weights == "nf4" else (None, None)
+    if w is None:
+        source = w = (torch.randn((n, k), generator=torch.Generator().manual_seed(4)) * 0.05).to(torch.bfloat16)
+    a = activations((m, k), 4)
+    run = run_gemm_jobs([(a, source, False, {"block"})], config)[0]
+    assert mismatches(golden.gemm(a, w.T, config.numerics, False), run.out) == 0
+    model = golden.gemm_cycles(m, n, k, rows, cols, config.chunk_steps, weights=weights, block=True)
+    assert abs(model.cycles - run.cycles) <= 0.02 * run.cycles, (model.cycles, run.cycles)
+
+
+def test_block_job_checks():
+    config = block_config()
+    x, w = torch.ones((6, 40), dtype=torch.bfloat16), torch.ones((7, 40), dtype=torch.bfloat16)
+    for flags, match in [({"hold"}, "need a block job"), ({"block", "sideways"}, "unknown job flags"),
+                         ({"block", "hold"}, "multiple of the chunk")]:
+        with pytest.raises(ValueError, match=match):
+            run_gemm_jobs([(x, w, False, flags)], config)
+    with pytest.raises(ValueError, match="buffer half holds"):
+        run_gemm_jobs([(torch.ones((20, 64), dtype=torch.bfloat16), torch.ones((7, 64), dtype=torch.bfloat16),
+                        False, {"block"})], config)
+    with pytest.raises(ValueError, match="accumulator keeps"):
+        run_gemm_jobs([(x[:, :32], torch.ones((90, 32), dtype=torch.bfloat16), False, {"block", "hold"})], config)
+    with pytest.raises(ValueError, match="forward only"):
+        run_gemm_jobs([(torch.ones((6, 7), dtype=torch.bfloat16), w, True, {"block"})], config)
 
 
 class BurstStalls(Stalls):

@@ -53,8 +53,9 @@ def chunk_exponents(bits, chunk):
     return np.stack([e[:, c:c + chunk].max(axis=1) for c in range(0, bits.shape[1], chunk)], axis=1)
 
 
-def job(m, n, k, transposed=False, rows_in=False):
-    return {"m": m, "n": n, "k": k, "weights": n * k, "transposed": int(transposed), "rows_in": int(rows_in)}
+def job(m, n, k, transposed=False, rows_in=False, flags=()):
+    return {"m": m, "n": n, "k": k, "weights": n * k, "transposed": int(transposed), "rows_in": int(rows_in),
+            **{flag: int(flag in flags) for flag in ("block", "resume", "hold")}}
 
 
 async def start_job(ctx, control, payload):
@@ -161,6 +162,38 @@ def test_a_writer(rows, cols):
     for (values, exps), tile in zip(got, expected):
         assert (values == tile).all()
         assert (exps == chunk_exponents(tile, chunk)).all()
+
+
+def test_a_writer_block_job():
+    # a block job's three tiles go into one half, one after another, with their chunk exponents after each other's;
+    # the half goes to the sequencer once the last is in, and the next (ordinary) job's tile into the other half
+    config = GemmConfig(rows=2, cols=3, max_k=40, max_n=80, weights="bf16")
+    chunk = config.chunk_steps
+    rng = np.random.default_rng(7)
+    jobs = [(5, 22, False), (2, 30, False)]
+    tiles = a_tiles(rng, config, jobs)
+    beats = [beat for per_job in tiles for tile in per_job for beat in pack_lanes(tile.T.reshape(-1), 2, 16)]
+    dut = AWriter(config)
+
+    def snapshot(ctx, half, words, entries):
+        values = [[ctx.get(dut.memory.data[half * config.max_q + q])[i] for q in range(words)] for i in range(2)]
+        exps = [[ctx.get(dut.exp_memory.data[half * config.chunks_q + c])[i] for c in range(entries)]
+                for i in range(2)]
+        return np.array(values), np.array(exps)
+
+    async def reader(ctx):
+        await start_job(ctx, dut.control, job(5, 4, 22, flags=("block",)))
+        block = await take_full_half(ctx, dut.buffer, 0, rng, lambda: snapshot(ctx, 0, 3 * 22, 3 * 2), "A")
+        await wait_for(ctx, lambda: ctx.get(dut.control.done), "done")
+        await start_job(ctx, dut.control, job(2, 4, 30))
+        after = await take_full_half(ctx, dut.buffer, 1, rng, lambda: snapshot(ctx, 1, 30, 2), "A")
+        await wait_for(ctx, lambda: ctx.get(dut.control.done), "done")
+        return block, after
+
+    (block, after), _ = simulate(dut, [producer(dut.a, beats, Stalls(0.3, 3))], reader, None)
+    assert (block[0] == np.concatenate(tiles[0], axis=1)).all()
+    assert (block[1] == np.concatenate([chunk_exponents(tile, chunk) for tile in tiles[0]], axis=1)).all()
+    assert (after[0] == tiles[1][0]).all() and (after[1] == chunk_exponents(tiles[1][0], chunk)).all()
 
 
 def row_beats(w, cols):
@@ -273,10 +306,11 @@ class SequencerBench(Elaboratable):
         return m
 
 
-def sequencer_case(config, m, n, k, transposed, rng):
+def sequencer_case(config, m, n, k, transposed, rng, flags=()):
     """Random A and W, the buffer images holding them and the golden schedule: steps, chunk infos and the number of
-    A and W tiles (at most two each, one per half)."""
+    A and W halves filled (at most two each; a block job's A tiles all in one half)."""
     rows, cols, chunk, min_steps = config.rows, config.cols, config.chunk_steps, config.min_steps
+    block = "block" in flags
     q_len = n if transposed else k
     a = random_bf16(rng, (-(-m // rows) * rows, q_len))
     a[m:] = 0
@@ -284,20 +318,23 @@ def sequencer_case(config, m, n, k, transposed, rng):
     w_tile_rows = chunk if transposed else cols
     w_tiles = [w[r0:r0 + w_tile_rows] for r0 in range(0, n, w_tile_rows)]
     a_tiles = [a[r0:r0 + rows] for r0 in range(0, len(a), rows)]
-    assert len(a_tiles) * len(w_tiles) <= 2
+    assert len(w_tiles) <= 2 if block else len(a_tiles) * len(w_tiles) <= 2
+    n_chunks = -(-k // chunk)
 
     words, slots, wpr = -(-k // cols), config.slots, config.words_per_row
     images = {"a": [[0] * rows for _ in range(2 * config.max_q)],
               "ea": [[EXP_MIN] * rows for _ in range(2 * config.chunks_q)],
               "ew": [[EXP_MIN] * cols for _ in range(2 * config.chunks_k)],
               "w": [[[0] * cols for _ in range(2 * slots * wpr)] for _ in range(cols)]}
-    for half, tile in enumerate(a_tiles):
+    for t, tile in enumerate(a_tiles):
+        # a tile per half, or a block job's tiles one after another in half 0
+        a_base, ea_base = (t * q_len, t * n_chunks) if block else (t * config.max_q, t * config.chunks_q)
         for q in range(q_len):
-            images["a"][half * config.max_q + q] = [int(v) for v in tile[:, q]]
+            images["a"][a_base + q] = [int(v) for v in tile[:, q]]
         for c, column in enumerate(chunk_exponents(tile, chunk).T):
-            images["ea"][half * config.chunks_q + c] = [int(v) for v in column]
+            images["ea"][ea_base + c] = [int(v) for v in column]
     tile_exponent = [EXP_MIN, EXP_MIN]
-    for half in range(len(a_tiles) * len(w_tiles)):
+    for half in range(len(w_tiles) if block else len(a_tiles) * len(w_tiles)):
         tile = w_tiles[half % len(w_tiles)]
         padded = np.zeros((len(tile), words * cols), np.int64)
         padded[:, :k] = tile
@@ -320,13 +357,29 @@ def sequencer_case(config, m, n, k, transposed, rng):
             real = s < length
             steps.append((a_of(s) if real else zeros_a, b_of(s) if real else zeros_b, s == padded - 1))
 
+    if block:
+        qb, eb = align(as_float(w).T, chunk, axis=0)
+        held = bool({"hold", "resume"} & set(flags))
+        for p in range(len(w_tiles)):
+            for i, tile in enumerate(a_tiles):
+                qa, ea = align(as_float(tile), chunk, axis=1)
+                columns = [p * cols + j for j in range(cols)]
+                for c in range(n_chunks):
+                    q0 = c * chunk
+                    chunk_steps(min(chunk, k - q0), lambda s: tuple(qa[:, q0 + s]),
+                                lambda s: tuple(qb[q0 + s, col] if col < n else 0 for col in columns))
+                    infos.append({"ea": list(ea[:, c]), "eb": [eb[c, col] if col < n else None for col in columns],
+                                  "base": (p * len(a_tiles) + i) * rows if held else 0,
+                                  "first": c == 0 and "resume" not in flags,
+                                  "last": c == n_chunks - 1 and "hold" not in flags,
+                                  "job_last": p == len(w_tiles) - 1 and i == len(a_tiles) - 1 and c == n_chunks - 1})
+        return images, tile_exponent, steps, infos, 1, len(w_tiles)
     for i, tile in enumerate(a_tiles):
         qa, ea = align(as_float(tile), chunk, axis=1)
         last_a = i == len(a_tiles) - 1
         if not transposed:
             qb, eb = align(as_float(w).T, chunk, axis=0)     # [K, N], [chunks, N]
             for p in range(len(w_tiles)):
-                n_chunks = -(-k // chunk)
                 for c in range(n_chunks):
                     q0 = c * chunk
                     columns = [p * cols + j for j in range(cols)]
@@ -357,16 +410,20 @@ def decode_steps(beats, rows, cols):
             for v, beat in zip(lanes, beats)]
 
 
-@pytest.mark.parametrize("m,n,k,rows,cols,transposed", [
-    (4, 3, 40, 2, 3, False),     # two A tiles, three chunks of K (the last one short, padded)
-    (3, 7, 20, 3, 4, False),     # two W tiles, the second with one row: masked columns
-    (2, 11, 7, 2, 3, True),      # one W tile shorter than a padded chunk, three column tiles
-    (5, 16, 6, 3, 2, True),      # two A tiles and a full W tile each
+@pytest.mark.parametrize("m,n,k,rows,cols,transposed,flags", [
+    (4, 3, 40, 2, 3, False, ()),     # two A tiles, three chunks of K (the last one short, padded)
+    (3, 7, 20, 3, 4, False, ()),     # two W tiles, the second with one row: masked columns
+    (2, 11, 7, 2, 3, True, ()),      # one W tile shorter than a padded chunk, three column tiles
+    (5, 16, 6, 3, 2, True, ()),      # two A tiles and a full W tile each
+    (5, 5, 20, 2, 3, False, ("block",)),                    # three A tiles in one half, each W tile for all three
+    (3, 4, 36, 2, 2, False, ("block", "hold")),             # their partial sums kept, each tile in its own place
+    (3, 4, 18, 2, 2, False, ("block", "resume")),           # and added to
 ])
-def test_sequencer(m, n, k, rows, cols, transposed):
-    config = GemmConfig(rows=rows, cols=cols, max_k=40, max_n=40, weights="bf16")
+def test_sequencer(m, n, k, rows, cols, transposed, flags):
+    config = GemmConfig(rows=rows, cols=cols, max_k=40, max_n=120, weights="bf16", held_tiles=8)
     rng = np.random.default_rng(m * 100 + n)
-    images, tile_exponent, want_steps, want_infos, n_a, n_w = sequencer_case(config, m, n, k, transposed, rng)
+    images, tile_exponent, want_steps, want_infos, n_a, n_w = sequencer_case(config, m, n, k, transposed, rng,
+                                                                            flags)
     bench = SequencerBench(config, images, tile_exponent)
     seq = bench.seq
     flush = [((0,) * rows, (0,) * cols, False)] * seq.flush_steps
@@ -389,7 +446,7 @@ def test_sequencer(m, n, k, rows, cols, transposed):
     async def writers(ctx):
         # half 0 of both buffers, the A half last (forward) or the W half last (transposed); each half 1 only
         # once its buffer's half 0 is released, so that the sequencer waits on every one of them
-        await start_job(ctx, seq.control, job(m, n, k, transposed))
+        await start_job(ctx, seq.control, job(m, n, k, transposed, flags=flags))
         order = [("w", bench.w_fill, n_w), ("a", bench.a_fill, n_a)]
         for half in range(2):
             for name, fill, tiles in order if transposed else order[::-1]:

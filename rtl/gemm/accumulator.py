@@ -37,7 +37,7 @@ class Accumulator(wiring.Component):
     info : In(stream of :func:`~.config.info_layout`)
     c : Out(stream of :func:`~.config.c_layout`)
     memory : Memory
-        The float32 partial results, ``rows * words_per_row`` deep.
+        The float32 partial results, ``acc_depth`` deep.
     used : Signal
         High when the memory's read data is added (for collision checks in simulation).
     """
@@ -56,7 +56,7 @@ class Accumulator(wiring.Component):
             "c": Out(stream.Signature(c_layout(config))),
         })
         self.memory = Memory(shape=data.ArrayLayout(FP32.width, config.cols),
-                             depth=config.rows * config.words_per_row, init=[], attrs=NO_RW_CHECK)
+                             depth=config.acc_depth, init=[], attrs=NO_RW_CHECK)
         self.used = Signal()
         # (ports made once, so that elaborating the accumulator again adds none)
         self._ports = (self.memory.read_port(domain="sync", transparent_for=()), self.memory.write_port())
@@ -64,7 +64,7 @@ class Accumulator(wiring.Component):
     def _tag_layout(self):
         """What travels with each output row's sums: its accumulator address and the chunk's flags."""
         cfg = self.config
-        return data.StructLayout({"addr": range(max(1, cfg.rows * cfg.words_per_row)), "first": 1, "last": 1,
+        return data.StructLayout({"addr": range(max(1, cfg.acc_depth)), "first": 1, "last": 1,
                                   "job_last": 1})
 
     def elaborate(self, platform):

@@ -50,6 +50,10 @@ class GemmConfig:
         Where the W writer's double buffer goes: ``"auto"`` (Yosys picks: distributed RAM when it is shallow) or
         ``"block"`` (block RAM, ``ram_style``): a design short of LUTs and not of block RAM, as the LoRA step at
         small buffer sizes, keeps the buffer's ``cols`` wide banks out of the LUTs.
+    held_tiles : int
+        Output tiles (``rows x cols``) whose float32 partial sums the accumulator keeps from a ``hold`` job for a
+        later ``resume`` job (see :func:`job_layout`): its memory is ``rows * max(words_per_row, held_tiles)``
+        deep. 0: no more than the forward and transposed jobs need.
     """
 
     rows: int = 8
@@ -63,6 +67,7 @@ class GemmConfig:
     double_quant: bool = True
     convert_interval: int = 1
     w_buffer_ram: str = "auto"
+    held_tiles: int = 0
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -87,6 +92,9 @@ class GemmConfig:
             raise ValueError(f"convert_interval must be 1 or 2 (2 with an even cols), not {self.convert_interval!r}")
         if self.w_buffer_ram not in ("auto", "block"):
             raise ValueError(f"w_buffer_ram must be 'auto' or 'block', not {self.w_buffer_ram!r}")
+        if not isinstance(self.held_tiles, int) or isinstance(self.held_tiles, bool) \
+                or not 0 <= self.held_tiles <= 1 << 16:
+            raise ValueError(f"held_tiles must be an integer from 0 to 2**16, not {self.held_tiles!r}")
         if self.weights in ("nf4", "both"):
             NF4DequantConfig(lanes=self.cols, blocksize=self.blocksize, double_quant=self.double_quant)
 
@@ -104,6 +112,11 @@ class GemmConfig:
         same output's partials of consecutive chunks reach the accumulator further apart than its
         read-add-write latency (10 cycles)."""
         return max(2 * self.rows - 1, 12)
+
+    @property
+    def acc_depth(self):
+        """Rows of ``cols`` float32 partial sums the accumulator memory holds."""
+        return self.rows * max(self.words_per_row, self.held_tiles)
 
     @property
     def numerics(self):
@@ -146,8 +159,18 @@ class GemmConfig:
 def job_layout():
     """Payload of the ``job`` stream: one beat per GEMM. ``weights`` is ``n * k`` (the W elements per pass);
     ``rows_in`` (engines with ``weights="both"``) takes this job's W from the ``rows_in`` stream, not the
-    dequantizer."""
-    return data.StructLayout({"m": 32, "n": 32, "k": 32, "weights": 32, "transposed": 1, "rows_in": 1})
+    dequantizer.
+
+    Forward jobs may be ``block`` jobs, the output-stationary mode: the A buffer holds all ``ceil(m / rows)`` tiles
+    of A at once (``ceil(m / rows) * k`` values, at most ``max_q``; as many chunks of exponents, at most
+    ``chunks_q``), W comes in one pass, and each W tile serves every A tile before the next: outputs come W tile
+    by W tile, A tile by A tile within one. A block job may continue the reduction of the one before it: with
+    ``resume`` its outputs' first chunks add to the partial sums that job left in the accumulator, and with
+    ``hold`` it gives no outputs and leaves its own there (``k`` a multiple of the chunk; at most ``held_tiles``
+    output tiles). A sequence of block jobs over spans of the reduction, all but the last held and all but the
+    first resumed, gives exactly the outputs of one job over the whole reduction."""
+    return data.StructLayout({"m": 32, "n": 32, "k": 32, "weights": 32, "transposed": 1, "rows_in": 1,
+                              "block": 1, "resume": 1, "hold": 1})
 
 
 def a_layout(rows):
@@ -166,7 +189,7 @@ def info_layout(config):
     (``base``), whether it is the first or last chunk of its outputs' reduction, and the last of the job."""
     return data.StructLayout({
         "ea": data.ArrayLayout(EXP, config.rows), "eb": data.ArrayLayout(EXP, config.cols),
-        "base": range(max(1, config.rows * config.words_per_row)), "first": 1, "last": 1, "job_last": 1,
+        "base": range(max(1, config.acc_depth)), "first": 1, "last": 1, "job_last": 1,
     })
 
 

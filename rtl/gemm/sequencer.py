@@ -20,7 +20,9 @@ class Sequencer(wiring.Component):
     """Walk the tiles, read the buffers, align operands to 18-bit integers, feed the PE array.
 
     Forward, for each A tile and each W tile (``cols`` W rows), one chunk after another along K: a chunk's steps
-    read A at reduction index ``q`` and lane ``q % cols`` of every bank. Transposed, for each A tile and each W
+    read A at reduction index ``q`` and lane ``q % cols`` of every bank; a block job swaps the two outer loops
+    (each W tile serves every A tile of the buffer's half before it is handed back) and, when it holds or resumes
+    partial sums, gives each output tile its own place in the accumulator. Transposed, for each A tile and each W
     tile (``chunk`` W rows), one chunk per ``cols`` output columns: a chunk's steps read W row ``step`` (bank
     ``step % cols``) at the word of those columns. Chunks are padded with zero steps to ``min_steps``; a step
     issues when the A and W halves it reads are full. After the job's last chunk the array gets ``flush_steps``
@@ -108,6 +110,9 @@ class Sequencer(wiring.Component):
             kt=Signal(32, name="kt"),               # transposed: column tile t (output columns t * cols ...)
             k0=Signal(32, name="k0"),               # transposed: t * cols
             q0=Signal(32, name="q0"),               # forward: first reduction index of the chunk
+            a_off=Signal(range(cfg.max_q + 1), name="a_off"),       # block: the A tile's first word in its half
+            ea_off=Signal(range(cfg.chunks_q + 1), name="ea_off"),  # block: its first chunk's exponents
+            acc_base=Signal(range(max(1, cfg.acc_depth)), name="acc_base"),  # forward: the tile's accumulator rows
             chunk_index=Signal(32, name="chunk_index"),     # chunk of the A buffer (q0 / chunk)
             step=Signal(range(max(chunk, cfg.min_steps) + 1), name="step"),
             fwd_lane=Signal(range(cols), name="fwd_lane"),  # forward: q % cols, the lane of the W word read
@@ -121,7 +126,8 @@ class Sequencer(wiring.Component):
             pending=Signal(info_layout(cfg), name="pending"),
         )
         with m.If(start):
-            m.d.sync += [s.m_left.eq(job.m), s.outer.eq(0), s.kt.eq(0), s.k0.eq(0), s.q0.eq(0),
+            m.d.sync += [s.m_left.eq(job.m), s.outer.eq(0), s.kt.eq(0), s.k0.eq(0), s.q0.eq(0), s.a_off.eq(0),
+                         s.ea_off.eq(0), s.acc_base.eq(0),
                          s.chunk_index.eq(0), s.step.eq(0), s.fwd_lane.eq(0), s.bwd_bank.eq(0),
                          s.last_step.eq(0), s.real.eq(1)]
         self._chunk_flags(m, s)
@@ -142,9 +148,10 @@ class Sequencer(wiring.Component):
         (``n_left``) and of K from its column tile (``kb_left``, transposed), all positive, and of M (``m_left``)."""
         cfg = self.config
         rows, cols, chunk = cfg.rows, cfg.cols, cfg.chunk_steps
-        transposed = self.control.job.transposed
+        transposed, block = self.control.job.transposed, self.control.job.block
         fwd_last_chunk, fwd_last_tile = k_left <= chunk, n_left <= cols
         bwd_last_ktile, bwd_last_chunk = kb_left <= cols, n_left <= chunk
+        last_m_tile = m_left <= rows
         return {
             "length": Mux(transposed, Mux(n_left < chunk, n_left, chunk), Mux(k_left < chunk, k_left, chunk)),
             "fwd_last_chunk": fwd_last_chunk,
@@ -153,9 +160,11 @@ class Sequencer(wiring.Component):
             "bwd_last_chunk": bwd_last_chunk,
             # the chunk's last step hands back its W tile / A tile (a register each: the release drives the halves'
             # full flags and the writers' handshakes behind them)
-            "w_tile_done": Mux(transposed, bwd_last_ktile, fwd_last_chunk),
-            "a_tile_done": Mux(transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile),
-            "last_m_tile": m_left <= rows,
+            # (a block job's W tile serves every A tile, and its A tiles stay for every W tile)
+            "w_tile_done": Mux(transposed, bwd_last_ktile, fwd_last_chunk & (~block | last_m_tile)),
+            "a_tile_done": Mux(transposed, bwd_last_chunk & bwd_last_ktile,
+                               fwd_last_chunk & fwd_last_tile & (~block | last_m_tile)),
+            "last_m_tile": last_m_tile,
             "first": first,
             "fwd_cols": Mux(n_left < cols, n_left, cols),
         }
@@ -185,13 +194,13 @@ class Sequencer(wiring.Component):
         with m.If(started):
             m.d.sync += s.cur["steps_m1"].eq(self._steps_m1_of(s.cur["length"]))
 
-    def _bases_of(self, a_half, w_half, q0, outer, kt, chunk_index):
+    def _bases_of(self, a_half, w_half, q0, outer, kt, chunk_index, a_off=0, ea_off=0):
         """A chunk's fixed addresses: A at its first step, its exponents, the W tile's base."""
         cfg = self.config
         transposed = self.control.job.transposed
         return {
-            "a": Mux(a_half, cfg.max_q, 0) + Mux(transposed, outer, q0),
-            "ea": Mux(a_half, cfg.chunks_q, 0) + chunk_index,
+            "a": Mux(a_half, cfg.max_q, 0) + Mux(transposed, outer, q0) + a_off,
+            "ea": Mux(a_half, cfg.chunks_q, 0) + chunk_index + ea_off,
             "ew": Mux(w_half, cfg.chunks_k, 0) + chunk_index,
             "w": Mux(w_half, cfg.slots * cfg.words_per_row, 0) + Mux(transposed, kt, 0),
         }
@@ -247,21 +256,34 @@ class Sequencer(wiring.Component):
         n_q0, n_outer, n_kt, n_k0 = (Signal(32, name=f"next_{n}") for n in ("q0", "outer", "kt", "k0"))
         n_chunk_index, n_m_left = Signal(32, name="next_chunk_index"), Signal(32, name="next_m_left")
         n_k_left, n_n_left, n_kb_left = (Signal(32, name=f"next_{n}_left") for n in ("k", "n", "kb"))
+        n_a_off, n_ea_off, n_acc_base = (Signal.like(getattr(s, n), name=f"next_{n}")
+                                         for n in ("a_off", "ea_off", "acc_base"))
         s.next = {"q0": n_q0, "outer": n_outer, "kt": n_kt, "k0": n_k0, "chunk_index": n_chunk_index,
-                  "m_left": n_m_left}
+                  "m_left": n_m_left, "a_off": n_a_off, "ea_off": n_ea_off, "acc_base": n_acc_base}
 
         with m.If(issue & s.step_zero):
             m.d.sync += [
-                s.pending.base.eq(Mux(job.transposed, s.kt * rows, 0)),
-                s.pending.first.eq(cur["first"]),
-                s.pending.last.eq(Mux(job.transposed, cur["bwd_last_chunk"], cur["fwd_last_chunk"])),
+                s.pending.base.eq(Mux(job.transposed, s.kt * rows, s.acc_base)),
+                # a resumed job adds to the partial sums a held one left; a held one keeps its own
+                s.pending.first.eq(cur["first"] & ~job.resume),
+                s.pending.last.eq(Mux(job.transposed, cur["bwd_last_chunk"], cur["fwd_last_chunk"] & ~job.hold)),
                 s.pending.job_last.eq(cur["last_m_tile"] & Mux(
                     job.transposed, cur["bwd_last_chunk"] & cur["bwd_last_ktile"],
                     cur["fwd_last_chunk"] & cur["fwd_last_tile"])),
             ]
         with m.If(issue & (s.step == 1)):
+            m.d.sync += [n_a_off.eq(s.a_off), n_ea_off.eq(s.ea_off), n_acc_base.eq(s.acc_base)]
             with m.If(~job.transposed):
-                with m.If(cur["fwd_last_chunk"]):
+                with m.If(cur["fwd_last_chunk"] & job.block):
+                    # the next A tile of the half, or after the last the next W tile with the first A tile
+                    last_a = cur["last_m_tile"]
+                    m.d.sync += [n_q0.eq(0), n_chunk_index.eq(0), n_kt.eq(0), n_k0.eq(0),
+                                 n_outer.eq(Mux(last_a, s.outer + cols, s.outer)),
+                                 n_m_left.eq(Mux(last_a, job.m, s.m_left - rows)),
+                                 n_a_off.eq(Mux(last_a, 0, s.a_off + job.k)),
+                                 n_ea_off.eq(Mux(last_a, 0, s.ea_off + s.chunk_index + 1)),
+                                 n_acc_base.eq(Mux(job.hold | job.resume, s.acc_base + rows, 0))]
+                with m.Elif(cur["fwd_last_chunk"]):
                     m.d.sync += [n_q0.eq(0), n_chunk_index.eq(0), n_kt.eq(0), n_k0.eq(0),
                                  n_outer.eq(Mux(cur["fwd_last_tile"], 0, s.outer + cols)),
                                  n_m_left.eq(Mux(cur["fwd_last_tile"], s.m_left - rows, s.m_left))]
@@ -281,7 +303,7 @@ class Sequencer(wiring.Component):
             m.d.sync += [n_k_left.eq(job.k - n_q0), n_n_left.eq(job.n - n_outer), n_kb_left.eq(job.k - n_k0)]
             m.d.sync += [s.n_bases[name].eq(value) for name, value in self._bases_of(
                 s.a_half ^ cur["a_tile_done"], s.w_half ^ cur["w_tile_done"], n_q0, n_outer, n_kt,
-                n_chunk_index).items()]
+                n_chunk_index, n_a_off, n_ea_off).items()]
         with m.If(issue & (s.step == 3)):
             n_first = Mux(job.transposed, n_outer == 0, n_q0 == 0)   # the coordinates hold from the second step
             m.d.sync += [nxt[name].eq(value)
@@ -315,13 +337,14 @@ class Sequencer(wiring.Component):
                 m.d.sync += [cur[name].eq(s.nxt[name]) for name in cur]
                 m.d.sync += [s.bases[name].eq(s.n_bases[name]) for name in s.bases]
                 m.d.sync += s.a_address.eq(s.n_bases["a"])
-                # (forward, within a W tile, the base stays and the word count goes on)
-                with m.If(job.transposed | w_tile_done):
+                # (forward, within an output tile, the base stays and the word count goes on; a block job's next
+                # A tile reads the same W tile from its base again)
+                with m.If(job.transposed | cur["fwd_last_chunk"]):
                     m.d.sync += s.w_address.eq(s.n_bases["w"])
+                with m.If(~job.transposed & cur["fwd_last_chunk"]):
+                    m.d.sync += s.fwd_lane.eq(0)
                 with m.If(w_tile_done):
                     m.d.comb += self.w_buffer.release.bit_select(s.w_half, 1).eq(1)
-                    with m.If(~job.transposed):
-                        m.d.sync += s.fwd_lane.eq(0)
                 with m.If(a_tile_done):
                     m.d.comb += self.a_buffer.release.bit_select(s.a_half, 1).eq(1)
                     with m.If(last_m_tile):

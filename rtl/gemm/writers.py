@@ -44,12 +44,18 @@ def _half_flags(m, buffer):
     return filled
 
 
+def _pass_rows(job):
+    """The A rows that the W writer counts its passes by, ``rows`` a pass: ``m``, or 1 for a block job (one pass)."""
+    return Mux(job.block, Mux(job.m != 0, 1, 0), job.m)
+
+
 class AWriter(wiring.Component):
     """Tiles of A into the A buffer, with each chunk's shared exponent per row.
 
     Per job, ``ceil(M / rows)`` tiles, each ``Q`` beats (one reduction index, ``rows`` values; Q = K forward, N
-    transposed). Tiles alternate between the two halves of the buffer; every ``chunk`` indices (and at the end of
-    a tile) the largest exponent of each row's chunk goes to the exponent memory.
+    transposed). Tiles alternate between the two halves of the buffer, but a block job's tiles go into one half,
+    one after another; every ``chunk`` indices (and at the end of a tile) the largest exponent of each row's chunk
+    goes to the exponent memory, after the earlier tiles' of the half.
 
     Parameters
     ----------
@@ -99,6 +105,7 @@ class AWriter(wiring.Component):
         half = Signal()
         m_left = Signal(32)         # A rows still to load, this tile included
         q = Signal(32)
+        offset = Signal(range(cfg.max_q + 1))   # the tile's first word in the half (a block job's tiles follow on)
         in_chunk = Signal(range(chunk))
         chunk_index = Signal(range(cfg.chunks_q))
         running = [Signal(EXP, name=f"a_exp_{i}", init=EXP_MIN) for i in range(rows)]
@@ -109,7 +116,7 @@ class AWriter(wiring.Component):
         q_last = Signal()
         m_last = Signal()
         with m.If(start):
-            m.d.sync += [m_left.eq(job.m), q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
+            m.d.sync += [m_left.eq(job.m), q.eq(0), offset.eq(0), in_chunk.eq(0), chunk_index.eq(0),
                          q_last.eq(q_length == 1), m_last.eq(job.m <= rows)]
         m.d.comb += self.control.done.eq(~active)
 
@@ -128,7 +135,7 @@ class AWriter(wiring.Component):
         # `write.en`), so that `take` does not fan out to the maxima's registers either
         exp_en = Signal()   # the beat in `write.data` ends its chunk
         m.d.sync += [
-            write.addr.eq(Mux(half, cfg.max_q, 0) + q),
+            write.addr.eq(Mux(half, cfg.max_q, 0) + offset + q),
             write.data.eq(a_in.payload),
             write.en.eq(take),
             exp_write.addr.eq(Mux(half, cfg.chunks_q, 0) + chunk_index),
@@ -157,14 +164,18 @@ class AWriter(wiring.Component):
             with m.If(chunk_end):
                 m.d.sync += chunk_index.eq(chunk_index + 1)
             with m.If(q_last):
-                # the tile is in: hand the half to the sequencer (`a_filled` is a register, see above)
-                m.d.sync += a_filled.bit_select(half, 1).eq(1)
-                m.d.sync += [q.eq(0), in_chunk.eq(0), chunk_index.eq(0),
-                             m_left.eq(m_left - rows), m_last.eq(m_left <= 2 * rows)]
-        # `active` (set at `start`, cleared after the last tile) and `half` (flipped after each tile) load their
-        # next values, from which `ready` is worked out too: the handshake starts at two registers (the slice's
-        # valid and this), not behind a mux of the full flags
-        tile_in = take & q_last
+                m.d.sync += [q.eq(0), in_chunk.eq(0), m_left.eq(m_left - rows), m_last.eq(m_left <= 2 * rows)]
+                with m.If(job.block & ~m_last):
+                    # a block job's next tile follows in the same half
+                    m.d.sync += offset.eq(offset + q_length)
+                with m.Else():
+                    # the half is in: hand it to the sequencer (`a_filled` is a register, see above)
+                    m.d.sync += a_filled.bit_select(half, 1).eq(1)
+                    m.d.sync += [offset.eq(0), chunk_index.eq(0)]
+        # `active` (set at `start`, cleared after the last tile) and `half` (flipped after each half is filled) load
+        # their next values, from which `ready` is worked out too: the handshake starts at two registers (the
+        # slice's valid and this), not behind a mux of the full flags
+        tile_in = take & q_last & (~job.block | m_last)
         active_next = Mux(start, 1, active & ~(tile_in & m_last))
         m.d.sync += [active.eq(active_next), half.eq(half ^ tile_in),
                      ready.eq(writer_ready_next(active_next, a_full_next, half, tile_in))]
@@ -174,8 +185,8 @@ class AWriter(wiring.Component):
 class WWriter(wiring.Component):
     """Passes of W, re-cut into rows, into tiles of the W buffer, with their shared exponents.
 
-    Per job, ``ceil(M / rows)`` passes of W (``N x K``, flat and row-major, ``cols`` bf16 per beat); a
-    :class:`~..row_align.RowAligner` cuts them into beats of one row each. A tile is ``cols`` W rows (forward) or
+    Per job, ``ceil(M / rows)`` passes of W (one for a block job; ``N x K``, flat and row-major, ``cols`` bf16
+    per beat); a :class:`~..row_align.RowAligner` cuts them into beats of one row each. A tile is ``cols`` W rows (forward) or
     ``chunk`` rows (transposed), row ``r`` in bank ``r % cols``; tiles alternate between the two halves. Forward,
     each row's chunk exponents go to the exponent memory; transposed, one exponent for the whole tile goes to
     ``buffer.tile_exponent``.
@@ -228,7 +239,7 @@ class WWriter(wiring.Component):
         wiring.connect(m, wiring.flipped(self.w), aligner.flat)
         passes_left = Signal(32)
         with m.If(start):
-            m.d.sync += passes_left.eq(job.m)
+            m.d.sync += passes_left.eq(_pass_rows(job))
         m.d.comb += [
             aligner.shape.valid.eq((passes_left != 0) & ~job.rows_in),
             aligner.shape.payload.rows.eq(job.n),
@@ -309,8 +320,8 @@ class WWriter(wiring.Component):
         m_left = Signal(32)
         m_more = Signal()                   # m_left > rows: a pass is left after this one (a register)
         with m.If(start):
-            m.d.sync += [m_left.eq(job.m), m_more.eq(job.m > rows), row.eq(0), word.eq(0), word_in_chunk.eq(0),
-                         chunk_index.eq(0)]
+            m.d.sync += [m_left.eq(_pass_rows(job)), m_more.eq(_pass_rows(job) > rows), row.eq(0), word.eq(0),
+                         word_in_chunk.eq(0), chunk_index.eq(0)]
         m.d.comb += self.control.done.eq(~pass_open)
 
         ready = Signal()    # `pass_open & ~w_full[half]`, a register (as in the A writer; see the end)
@@ -363,7 +374,7 @@ class WWriter(wiring.Component):
         # `pass_open` (set at `start`, then whether passes are left after each) and `half` load their next values,
         # from which `ready` is worked out too (as in the A writer)
         tile_in = take & tile_end
-        pass_open_next = Mux(start, job.m != 0, Mux(take & pass_end, m_more, pass_open))
+        pass_open_next = Mux(start, _pass_rows(job) != 0, Mux(take & pass_end, m_more, pass_open))
         m.d.sync += [pass_open.eq(pass_open_next), half.eq(half ^ tile_in),
                      ready.eq(writer_ready_next(pass_open_next, w_full_next, half, tile_in))]
         return m
