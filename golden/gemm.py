@@ -275,8 +275,8 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     With NF4 weights, a pass of W also cannot be faster than the dequantizer's table builder: one table of
     ``dequant_rounds`` cycles per block, which shows when a short final block ends a pass.
 
-    ``block``: a forward block job (``rtl/gemm/config.py: job_layout``): all A tiles load into one half before the
-    first step, W comes in one pass and each W tile computes for every A tile (a held job's end, the last partial
+    ``block``: a block job (``rtl/gemm/config.py: job_layout``): all A tiles load into one half before the first
+    step, W comes in one pass and each W tile computes for every A tile (a held job's end, the last partial
     written, is counted like an output's).
     """
     min_steps = max(2 * rows - 1, 12)          # GemmConfig.min_steps
@@ -309,8 +309,6 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     t_compute = 0
     tile_index = 0
     if block:
-        if transposed:
-            raise ValueError("block jobs are forward only")
         block_ready = START_LATENCY + a_tiles * q_len + WRITE_LATENCY + FLAG_LATENCY
         for j, (load, work) in enumerate(zip(loads, compute)):
             w_load_end.append(max(w_load_end[-1] if w_load_end else source,

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from edge_qlora.constants import DYNAMIC_BLOCKSIZE
+from edge_qlora.golden.gemm import row_chunk_exponents
 from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
@@ -96,45 +97,57 @@ def run_gemm(a, weights, config=GemmConfig(), *, transposed=False, stalls=None, 
     return runs[0]
 
 
-def _check_flags(flags, config, m_rows, n, k, transposed):
-    """A job's flags (a subset of :data:`JOB_FLAGS`) against its shape and the engine's buffers."""
+def _check_flags(flags, config, m_rows, n, k, transposed, exponents):
+    """A job's flags (a subset of :data:`JOB_FLAGS`) and tile exponents against its shape and the engine's
+    buffers."""
     flags = frozenset(flags)
     if not flags <= JOB_FLAGS:
         raise ValueError(f"unknown job flags {sorted(flags - JOB_FLAGS)}; known: {sorted(JOB_FLAGS)}")
+    chunk = config.chunk_steps
+    wants_exponents = transposed and "block" in flags
+    if wants_exponents != (exponents is not None):
+        raise ValueError("a transposed block job, and only such a job, takes tile exponents")
+    if wants_exponents and len(exponents) != -(-n // chunk):
+        raise ValueError(f"a transposed block job takes one exponent per {chunk} W rows: {-(-n // chunk)}, "
+                         f"not {len(exponents)}")
     if not flags:
         return flags
-    tiles, chunk = -(-m_rows // config.rows), config.chunk_steps
-    if "block" not in flags or transposed:
-        raise ValueError("hold and resume need a block job, and block jobs are forward only")
-    if tiles * k > config.max_q or tiles * -(-k // chunk) > config.chunks_q:
-        raise ValueError(f"a block job of {m_rows} rows and K = {k} needs {tiles * k} A words and "
-                         f"{tiles * -(-k // chunk)} exponent entries; the buffer half holds {config.max_q} and "
-                         f"{config.chunks_q}")
-    if flags & {"hold", "resume"} and tiles * -(-n // config.cols) > max(config.words_per_row, config.held_tiles):
-        raise ValueError(f"{tiles * -(-n // config.cols)} output tiles to hold; the accumulator keeps "
-                         f"{max(config.words_per_row, config.held_tiles)}")
-    if "hold" in flags and k % chunk:
-        raise ValueError(f"a held job's K ({k}) must be a multiple of the chunk ({chunk})")
+    if "block" not in flags:
+        raise ValueError("hold and resume need a block job")
+    tiles, q_len = -(-m_rows // config.rows), n if transposed else k
+    if tiles * q_len > config.max_q or tiles * -(-q_len // chunk) > config.chunks_q:
+        raise ValueError(f"a block job of {m_rows} rows and a reduction of {q_len} needs {tiles * q_len} A words "
+                         f"and {tiles * -(-q_len // chunk)} exponent entries; the buffer half holds "
+                         f"{config.max_q} and {config.chunks_q}")
+    out_tiles, keeps = tiles * -(-(k if transposed else n) // config.cols), config.acc_depth // config.rows
+    if (transposed or flags & {"hold", "resume"}) and out_tiles > keeps:
+        raise ValueError(f"{out_tiles} output tiles to hold; the accumulator keeps {keeps}")
+    if "hold" in flags and q_len % chunk:
+        raise ValueError(f"a held job's reduction ({q_len}) must be a multiple of the chunk ({chunk})")
     return flags
 
 
 def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, progress=None, backend=None):
-    """Several jobs ``(a, weights, transposed)`` or ``(a, weights, transposed, flags)`` back to back through one
-    engine; a :class:`GemmRun` per job (each with the total cycle count of the whole run; ``out`` is None for a
-    ``hold`` job). ``flags``: a subset of :data:`JOB_FLAGS` (see :func:`block_jobs`).
+    """Several jobs ``(a, weights, transposed)`` or ``(a, weights, transposed, flags[, exponents])`` back to back
+    through one engine; a :class:`GemmRun` per job (each with the total cycle count of the whole run; ``out`` is
+    None for a ``hold`` job). ``flags``: a subset of :data:`JOB_FLAGS`; ``exponents``: a transposed block job's
+    tile exponents (see :func:`block_jobs`).
 
     ``backend``: ``"pysim"`` (with the memory-collision check of :func:`collision_check`) or ``"verilator"``.
     """
     stalls = dict(stalls or {})
     rows, cols = config.rows, config.cols
-    job_beats, a_beats, weight_beats, layout = [], [], {}, []
+    job_beats, a_beats, exponent_beats, weight_beats, layout = [], [], [], {}, []
     for a, weights, transposed, *rest in jobs:
         n, k = tuple(weights.shape)
         m_rows, q_len = a.shape
         if q_len != (n if transposed else k):
             raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, W is {(n, k)}"
                              f"{' (transposed: a @ W)' if transposed else ' (a @ W.T)'}")
-        flags = _check_flags(rest[0] if rest else (), config, m_rows, n, k, transposed)
+        flags, exponents = (rest[0] if rest else ()), (rest[1] if len(rest) > 1 else None)
+        flags = _check_flags(flags, config, m_rows, n, k, transposed, exponents)
+        if exponents is not None:
+            exponent_beats += [int(e) & 0x1FF for e in exponents]
         tiles = -(-m_rows // rows)
         a_bits = bf16_bits(a.to(torch.bfloat16))
         for t in range(tiles):
@@ -148,10 +161,11 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         for name, beats in _weight_streams(weights, config).items():
             weight_beats.setdefault(name, []).extend(beats * (1 if "block" in flags else tiles))
         out_cols = k if transposed else n
-        layout.append((m_rows, out_cols, tiles, -(-out_cols // cols), flags))
+        layout.append((m_rows, out_cols, tiles, -(-out_cols // cols), flags, "block" in flags and not transposed))
 
-    inputs = {"job": job_beats, "a": a_beats, **weight_beats}
-    count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles, flags in layout if "hold" not in flags)
+    inputs = {"job": job_beats, "a": a_beats, **weight_beats, **({"exponents": exponent_beats} if exponent_beats
+                                                                  else {})}
+    count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles, flags, _ in layout if "hold" not in flags)
     longest = max(len(beats) for beats in weight_beats.values())
     max_cycles = 50 * (count + len(a_beats)) + 40 * longest + 5000
     if resolve_backend(backend) == "verilator":
@@ -173,7 +187,7 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32
     runs, start = [], 0
-    for m_rows, out_cols, tiles, col_tiles, flags in layout:
+    for m_rows, out_cols, tiles, col_tiles, flags, forward_block in layout:
         if "hold" in flags:
             runs.append(GemmRun(None, cycles))
             continue
@@ -183,10 +197,10 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
         if lasts != [0] * (len(part) - 1) + [1]:
             raise RuntimeError(f"GEMM engine marked beats {[i for i, f in enumerate(lasts) if f]} of a job last")
         values = unpack_lanes([beat & ((1 << (width * cols)) - 1) for beat in part], cols, width, len(part) * cols)
-        # beats come tile by tile of output columns, rows in order within a tile (a block job: A tile by A tile
-        # within each tile of output columns)
-        values = values.reshape(tiles, col_tiles, rows, cols) if "block" not in flags else \
-            values.reshape(col_tiles, tiles, rows, cols).transpose(1, 0, 2, 3)
+        # beats come tile by tile of output columns, rows in order within a tile (a forward block job: A tile by A
+        # tile within each tile of output columns)
+        values = values.reshape(col_tiles, tiles, rows, cols).transpose(1, 0, 2, 3) if forward_block else \
+            values.reshape(tiles, col_tiles, rows, cols)
         values = values.transpose(0, 2, 1, 3).reshape(tiles * rows, col_tiles * cols)
         values = values[:m_rows, :out_cols]
         if width == 16:
@@ -197,29 +211,44 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
     return runs
 
 
-def block_jobs(a, weights, token_block, feature_block, span):
-    """The output-stationary schedule of ``a @ W.T`` as block jobs: for each block of ``token_block`` rows of
-    ``a`` and ``feature_block`` rows of W (bf16), one job per span of the reduction, all but the last held and all
-    but the first resumed. Returns the jobs and, per job, the output block it gives (``(rows, features)`` slices,
-    None for a held job)."""
-    m_rows, k = a.shape
-    n = weights.shape[0]
+def block_jobs(a, weights, token_block, feature_block, span, transposed=False, chunk=None):
+    """The output-stationary schedule of ``a @ W.T`` (or, ``transposed``, ``a @ W``) as block jobs: for each block
+    of ``token_block`` rows of ``a`` and ``feature_block`` output features (rows of W, or transposed its columns),
+    one job per span of the reduction, all but the last held and all but the first resumed. W is bf16. A
+    transposed job also takes the exponent of each of its chunks of W rows over all of W's columns
+    (``golden.gemm.row_chunk_exponents``; ``chunk``, the engine's, divides ``span``), so that the blocks equal the
+    whole product. Returns the jobs and, per job, the output block it gives (``(rows, features)`` slices, None for
+    a held job)."""
+    m_rows, reduction = a.shape
+    features_all = weights.shape[1] if transposed else weights.shape[0]
+    if transposed:
+        if chunk is None or span % chunk:
+            raise ValueError(f"a transposed schedule needs the engine's chunk, a divisor of the span ({span})")
+        table = row_chunk_exponents(weights.float().numpy(), chunk)
     jobs, places = [], []
     for t0 in range(0, m_rows, token_block):
-        for f0 in range(0, n, feature_block):
+        for f0 in range(0, features_all, feature_block):
             tokens, features = slice(t0, t0 + token_block), slice(f0, f0 + feature_block)
-            for s0 in range(0, k, span):
-                flags = {"block"} | ({"resume"} if s0 else set()) | ({"hold"} if s0 + span < k else set())
-                jobs.append((a[tokens, s0:s0 + span], weights[features, s0:s0 + span], False, frozenset(flags)))
+            for s0 in range(0, reduction, span):
+                flags = frozenset({"block"} | ({"resume"} if s0 else set())
+                                  | ({"hold"} if s0 + span < reduction else set()))
+                part = slice(s0, s0 + span)
+                if transposed:
+                    groups = table[s0 // chunk:-(-min(s0 + span, reduction) // chunk)]
+                    jobs.append((a[tokens, part], weights[part, features], True, flags, [int(e) for e in groups]))
+                else:
+                    jobs.append((a[tokens, part], weights[features, part], False, flags))
                 places.append(None if "hold" in flags else (tokens, features))
     return jobs, places
 
 
-def run_blocked_gemm(a, weights, config, token_block, feature_block, span, *, stalls=None, backend=None):
-    """``a @ W.T`` on the engine in the output-stationary schedule of :func:`block_jobs`: a :class:`GemmRun`."""
-    jobs, places = block_jobs(a, weights, token_block, feature_block, span)
+def run_blocked_gemm(a, weights, config, token_block, feature_block, span, *, transposed=False, stalls=None,
+                     backend=None):
+    """``a @ W.T`` (``a @ W`` if ``transposed``) on the engine in the output-stationary schedule of
+    :func:`block_jobs`: a :class:`GemmRun`."""
+    jobs, places = block_jobs(a, weights, token_block, feature_block, span, transposed, config.chunk_steps)
     runs = run_gemm_jobs(jobs, config, stalls=stalls, backend=backend)
-    out = torch.zeros((a.shape[0], weights.shape[0]),
+    out = torch.zeros((a.shape[0], weights.shape[1] if transposed else weights.shape[0]),
                       dtype=torch.bfloat16 if config.out_dtype == "bf16" else torch.float32)
     for run, place in zip(runs, places):
         if place is not None:

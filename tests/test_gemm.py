@@ -16,7 +16,7 @@ from edge_qlora.sim.streams import Stalls
 
 from reference import mismatches
 
-STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2")
+STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2", "exponents")
 
 
 activations = golden.random_activations
@@ -171,15 +171,21 @@ def block_config(**kw):
 
 @pytest.mark.parametrize("kind", ["normal", "outliers", "tiny"])
 @pytest.mark.parametrize("out_dtype", ["bf16", "fp32"])
-def test_rtl_block_jobs_over_spans_equal_one_job(kind, out_dtype):
-    # blocks of 5 tokens x 7 features (partial A and W tiles), spans of 32 with a short last one (K = 88): every
-    # output's chunks still add up in reduction order, so the whole is the one-job model's to the bit
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_rtl_block_jobs_over_spans_equal_one_job(kind, out_dtype, transposed):
+    # blocks of 5 tokens x 7 features (partial A and W tiles), spans of two chunks with a short last one (a
+    # reduction of 88): every output's chunks still add up in reduction order, so the whole is the one-job model's
+    # to the bit. Transposed, the blocks are of W's columns, one of them 50 times larger: only the whole rows'
+    # chunk exponents, given with the jobs, keep the blocks equal to the whole
     config = block_config(out_dtype=out_dtype)
     a = activations((11, 88), 21, kind)
-    w = (torch.randn((10, 88), generator=torch.Generator().manual_seed(22)) * 0.05).to(torch.bfloat16)
+    w = torch.randn((88, 10) if transposed else (10, 88), generator=torch.Generator().manual_seed(22)) * 0.05
+    if transposed:
+        w[:, 8] *= 50
+    w = w.to(torch.bfloat16)
     run = run_blocked_gemm(a, w, config, token_block=5, feature_block=7, span=2 * config.chunk_steps,
-                           stalls=random_stalls(2))
-    assert mismatches(golden.gemm(a, w.T, config.numerics, False), run.out) == 0
+                           transposed=transposed, stalls=random_stalls(2))
+    assert mismatches(golden.gemm(a, w if transposed else w.T, config.numerics, transposed), run.out) == 0
 
 
 @pytest.mark.parametrize("weights", ["bf16", "nf4"])
@@ -205,16 +211,18 @@ def test_rtl_block_jobs_between_other_jobs(weights):
     assert mismatches(forward[:5], runs[-1].out) == 0
 
 
-@pytest.mark.parametrize("m,n,k,rows,cols,weights", [(16, 24, 128, 8, 8, "bf16"), (12, 9, 100, 2, 4, "nf4")])
-def test_block_job_cycle_model_within_2_percent(m, n, k, rows, cols, weights):
+@pytest.mark.parametrize("m,n,k,rows,cols,weights,transposed", [
+    (16, 24, 128, 8, 8, "bf16", False), (12, 9, 100, 2, 4, "nf4", False), (16, 48, 40, 8, 8, "bf16", True)])
+def test_block_job_cycle_model_within_2_percent(m, n, k, rows, cols, weights, transposed):
     config = block_config(rows=rows, cols=cols, max_k=128, max_n=1024, weights=weights, out_dtype="bf16")
     source, w = nf4_weight((n, k), 4) if weights == "nf4" else (None, None)
     if w is None:
         source = w = (torch.randn((n, k), generator=torch.Generator().manual_seed(4)) * 0.05).to(torch.bfloat16)
-    a = activations((m, k), 4)
-    run = run_gemm_jobs([(a, source, False, {"block"})], config)[0]
-    assert mismatches(golden.gemm(a, w.T, config.numerics, False), run.out) == 0
-    model = golden.gemm_cycles(m, n, k, rows, cols, config.chunk_steps, weights=weights, block=True)
+    a = activations((m, n if transposed else k), 4)
+    exponents = [[int(e) for e in golden.row_chunk_exponents(w.float().numpy(), config.chunk_steps)]]
+    run = run_gemm_jobs([(a, source, transposed, {"block"}, *(exponents if transposed else []))], config)[0]
+    assert mismatches(golden.gemm(a, w if transposed else w.T, config.numerics, transposed), run.out) == 0
+    model = golden.gemm_cycles(m, n, k, rows, cols, config.chunk_steps, transposed, weights, block=True)
     assert abs(model.cycles - run.cycles) <= 0.02 * run.cycles, (model.cycles, run.cycles)
 
 
@@ -225,13 +233,20 @@ def test_block_job_checks():
                          ({"block", "hold"}, "multiple of the chunk")]:
         with pytest.raises(ValueError, match=match):
             run_gemm_jobs([(x, w, False, flags)], config)
+    dy = torch.ones((6, 7), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="only such a job, takes tile exponents"):
+        run_gemm_jobs([(dy, w, True, {"block"})], config)
+    with pytest.raises(ValueError, match="one exponent per 18 W rows: 1, not 2"):
+        run_gemm_jobs([(dy, w, True, {"block"}, [0, 0])], config)
+    with pytest.raises(ValueError, match="only such a job, takes tile exponents"):
+        run_gemm_jobs([(x, w, False, {"block"}, [0])], config)
+    with pytest.raises(ValueError, match="divisor of the span"):
+        block_jobs(dy, w, 6, 7, 20, transposed=True, chunk=18)
     with pytest.raises(ValueError, match="buffer half holds"):
         run_gemm_jobs([(torch.ones((20, 64), dtype=torch.bfloat16), torch.ones((7, 64), dtype=torch.bfloat16),
                         False, {"block"})], config)
     with pytest.raises(ValueError, match="accumulator keeps"):
         run_gemm_jobs([(x[:, :32], torch.ones((90, 32), dtype=torch.bfloat16), False, {"block", "hold"})], config)
-    with pytest.raises(ValueError, match="forward only"):
-        run_gemm_jobs([(torch.ones((6, 7), dtype=torch.bfloat16), w, True, {"block"})], config)
 
 
 class BurstStalls(Stalls):

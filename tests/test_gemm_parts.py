@@ -208,22 +208,27 @@ def row_beats(w, cols):
     return beats
 
 
-@pytest.mark.parametrize("transposed,rows_in", [(False, False), (True, False), (False, True)],
-                         ids=["forward", "transposed", "rows_in"])
-def test_w_writer(transposed, rows_in):
-    # rows_in: an engine with both sources; the first job takes W through the row aligner, the second from rows_in
+@pytest.mark.parametrize("transposed,rows_in,block", [(False, False, False), (True, False, False),
+                                                     (False, True, False), (True, False, True)],
+                         ids=["forward", "transposed", "rows_in", "transposed_block"])
+def test_w_writer(transposed, rows_in, block):
+    # rows_in: an engine with both sources; the first job takes W through the row aligner, the second from rows_in.
+    # block: transposed block jobs, one pass each, every tile's exponent from the `exponents` stream
     config = GemmConfig(rows=2, cols=3, max_k=40, max_n=40, weights="both" if rows_in else "bf16")
     rows, cols, chunk = config.rows, config.cols, config.chunk_steps
     words_per_row, slots = config.words_per_row, config.slots
     rng = np.random.default_rng(7 + transposed)
     jobs = [(3, 25, 20), (1, 4, 40)]    # (M, N, K): passes of W, each a different random W
-    passes = [[random_bf16(rng, (n, k)) for _ in range(-(-m // rows))] for m, n, k in jobs]
+    passes = [[random_bf16(rng, (n, k)) for _ in range(1 if block else -(-m // rows))] for m, n, k in jobs]
+    given = [int(e) for e in rng.integers(-126, 128, sum(-(-n // chunk) for _, n, _ in jobs))]
     for w in passes[0]:
         w[-1, -1] = 0x4E80      # 2 ** 30, above every other value: the largest exponent in a tile's last beat
     flat = passes if not rows_in else passes[:1]
     beats = [beat for per_job in flat for w in per_job for beat in pack_lanes(w.reshape(-1), cols, 16)]
     dut = WWriter(config)
     producers = [producer(dut.w, beats, Stalls(0.3, 3))]
+    if block:
+        producers.append(producer(dut.exponents, [e & 0x1FF for e in given], Stalls(0.5, 5)))
     if rows_in:
         producers.append(producer(dut.rows_in, [beat for w in passes[1] for beat in row_beats(w, cols)],
                                   Stalls(0.3, 4)))
@@ -246,7 +251,8 @@ def test_w_writer(transposed, rows_in):
     async def reader(ctx):
         got, half = [], 0
         for index, ((m, n, k), per_job) in enumerate(zip(jobs, passes)):
-            await start_job(ctx, dut.control, job(m, n, k, transposed, rows_in and index == 1))
+            await start_job(ctx, dut.control, job(m, n, k, transposed, rows_in and index == 1,
+                                                  ("block",) if block else ()))
             for _ in per_job:
                 for r0 in range(0, n, tile_rows):
                     n_rows = min(tile_rows, n - r0)
@@ -266,6 +272,8 @@ def test_w_writer(transposed, rows_in):
                 padded[:, :k] = tile
                 exps = exponents(as_float(tile)).max() if transposed else chunk_exponents(tile, chunk)
                 expected.append((padded, exps))
+    if block:
+        expected = [(values, exps) for (values, _), exps in zip(expected, given, strict=True)]
     assert len(got) == len(expected)
     for (values, exps), (want_values, want_exps) in zip(got, expected):
         assert (values == want_values).all()
@@ -328,7 +336,7 @@ def sequencer_case(config, m, n, k, transposed, rng, flags=()):
               "w": [[[0] * cols for _ in range(2 * slots * wpr)] for _ in range(cols)]}
     for t, tile in enumerate(a_tiles):
         # a tile per half, or a block job's tiles one after another in half 0
-        a_base, ea_base = (t * q_len, t * n_chunks) if block else (t * config.max_q, t * config.chunks_q)
+        a_base, ea_base = (t * q_len, t * -(-q_len // chunk)) if block else (t * config.max_q, t * config.chunks_q)
         for q in range(q_len):
             images["a"][a_base + q] = [int(v) for v in tile[:, q]]
         for c, column in enumerate(chunk_exponents(tile, chunk).T):
@@ -357,9 +365,24 @@ def sequencer_case(config, m, n, k, transposed, rng, flags=()):
             real = s < length
             steps.append((a_of(s) if real else zeros_a, b_of(s) if real else zeros_b, s == padded - 1))
 
+    held = bool({"hold", "resume"} & set(flags))
+    if block and transposed:
+        for g, w_tile in enumerate(w_tiles):
+            e = int(exponents(as_float(w_tile)).max())
+            qb = np.rint(as_float(w_tile).astype(np.float64) * np.ldexp(1.0, OPERAND_FRAC - e)).astype(np.int64)
+            for i, tile in enumerate(a_tiles):
+                qa, ea = align(as_float(tile), chunk, axis=1)
+                for t in range(words):
+                    n0, columns = g * chunk, [t * cols + j for j in range(cols)]
+                    chunk_steps(len(w_tile), lambda s: tuple(qa[:, n0 + s]),
+                                lambda s: tuple(qb[s, col] if col < k else 0 for col in columns))
+                    infos.append({"ea": list(ea[:, g]), "eb": [e] * cols, "base": (i * words + t) * rows,
+                                  "first": g == 0 and "resume" not in flags,
+                                  "last": g == len(w_tiles) - 1 and "hold" not in flags,
+                                  "job_last": g == len(w_tiles) - 1 and i == len(a_tiles) - 1 and t == words - 1})
+        return images, tile_exponent, steps, infos, 1, len(w_tiles)
     if block:
         qb, eb = align(as_float(w).T, chunk, axis=0)
-        held = bool({"hold", "resume"} & set(flags))
         for p in range(len(w_tiles)):
             for i, tile in enumerate(a_tiles):
                 qa, ea = align(as_float(tile), chunk, axis=1)
@@ -418,6 +441,9 @@ def decode_steps(beats, rows, cols):
     (5, 5, 20, 2, 3, False, ("block",)),                    # three A tiles in one half, each W tile for all three
     (3, 4, 36, 2, 2, False, ("block", "hold")),             # their partial sums kept, each tile in its own place
     (3, 4, 18, 2, 2, False, ("block", "resume")),           # and added to
+    (5, 20, 5, 2, 3, True, ("block",)),                     # transposed: each W tile for three A tiles, two
+                                                            # column tiles each, every output in its own place
+    (3, 16, 4, 2, 2, True, ("block", "hold", "resume")),
 ])
 def test_sequencer(m, n, k, rows, cols, transposed, flags):
     config = GemmConfig(rows=rows, cols=cols, max_k=40, max_n=120, weights="bf16", held_tiles=8)

@@ -51,9 +51,9 @@ class GemmConfig:
         ``"block"`` (block RAM, ``ram_style``): a design short of LUTs and not of block RAM, as the LoRA step at
         small buffer sizes, keeps the buffer's ``cols`` wide banks out of the LUTs.
     held_tiles : int
-        Output tiles (``rows x cols``) whose float32 partial sums the accumulator keeps from a ``hold`` job for a
-        later ``resume`` job (see :func:`job_layout`): its memory is ``rows * max(words_per_row, held_tiles)``
-        deep. 0: no more than the forward and transposed jobs need.
+        Output tiles (``rows x cols``) whose float32 partial sums the accumulator keeps for block jobs (from a
+        ``hold`` job for a later ``resume`` job, or a transposed block job's, see :func:`job_layout`): its memory
+        is ``rows * max(words_per_row, held_tiles)`` deep. 0: no more than the ordinary jobs need.
     """
 
     rows: int = 8
@@ -161,14 +161,17 @@ def job_layout():
     ``rows_in`` (engines with ``weights="both"``) takes this job's W from the ``rows_in`` stream, not the
     dequantizer.
 
-    Forward jobs may be ``block`` jobs, the output-stationary mode: the A buffer holds all ``ceil(m / rows)`` tiles
-    of A at once (``ceil(m / rows) * k`` values, at most ``max_q``; as many chunks of exponents, at most
-    ``chunks_q``), W comes in one pass, and each W tile serves every A tile before the next: outputs come W tile
-    by W tile, A tile by A tile within one. A block job may continue the reduction of the one before it: with
-    ``resume`` its outputs' first chunks add to the partial sums that job left in the accumulator, and with
-    ``hold`` it gives no outputs and leaves its own there (``k`` a multiple of the chunk; at most ``held_tiles``
-    output tiles). A sequence of block jobs over spans of the reduction, all but the last held and all but the
-    first resumed, gives exactly the outputs of one job over the whole reduction."""
+    A ``block`` job is the output-stationary mode: the A buffer holds all ``ceil(m / rows)`` tiles of A at once
+    (``ceil(m / rows) * q`` values, q = k forward and n transposed, at most ``max_q``; as many chunks of
+    exponents, at most ``chunks_q``), W comes in one pass, and each W tile serves every A tile before the next.
+    Forward, outputs come W tile by W tile, A tile by A tile within one; transposed, every output tile has its own
+    place in the accumulator (at most ``acc_depth / rows`` tiles), outputs come as in an ordinary job, and each W
+    tile takes its exponent from the ``exponents`` stream. A block job may continue the reduction of the one
+    before it: with ``resume`` its outputs' first chunks add to the partial sums that job left in the
+    accumulator, and with ``hold`` it gives no outputs and leaves its own there (the reduction a multiple of the
+    chunk; at most ``held_tiles`` output tiles forward). A sequence of block jobs over spans of the reduction,
+    all but the last held and all but the first resumed, gives exactly the outputs of one job over the whole
+    reduction (transposed: with the whole W rows' chunk exponents)."""
     return data.StructLayout({"m": 32, "n": 32, "k": 32, "weights": 32, "transposed": 1, "rows_in": 1,
                               "block": 1, "resume": 1, "hold": 1})
 

@@ -10,7 +10,7 @@ from ..nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from ..pe_array import PEArray
 from ..row_align import row_layout
 from .accumulator import Accumulator
-from .config import ControlSignature, GemmConfig, a_layout, c_layout, job_layout
+from .config import EXP, ControlSignature, GemmConfig, a_layout, c_layout, job_layout
 from .sequencer import Sequencer
 from .writers import AWriter, WWriter
 
@@ -77,6 +77,9 @@ class GemmEngine(wiring.Component):
     ----------
     job : In(stream of :func:`~.config.job_layout`)
     a : In(stream of :func:`~.config.a_layout`)
+    exponents : In(stream of a signed exponent)
+        A transposed block job's W tile exponents, one beat per tile of ``chunk`` W rows (see
+        :class:`~.writers.WWriter`); unused by every other job.
     w : In(stream of ArrayLayout(BF16.width, cols)), bf16 weights only
         W, flat and row-major, ``cols`` bf16 per beat, final beat zero-padded.
     tensor, codes, absmax, absmax2 : NF4 weights only
@@ -98,6 +101,7 @@ class GemmEngine(wiring.Component):
         members = {
             "job": In(stream.Signature(job_layout())),
             "a": In(stream.Signature(a_layout(config.rows))),
+            "exponents": In(stream.Signature(EXP)),
             "c": Out(stream.Signature(c_layout(config))),
         }
         if config.weights in ("nf4", "both"):
@@ -139,6 +143,7 @@ class GemmEngine(wiring.Component):
             wiring.connect(m, getattr(self.control, name), getattr(self, name).control)
 
         wiring.connect(m, wiring.flipped(self.a), self.a_writer.a)
+        wiring.connect(m, wiring.flipped(self.exponents), self.w_writer.exponents)
         if self.dequantizer is not None:
             m.submodules.dequantizer = self.dequantizer
             for name in self.dequantizer.signature.members:

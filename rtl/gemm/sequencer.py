@@ -112,7 +112,8 @@ class Sequencer(wiring.Component):
             q0=Signal(32, name="q0"),               # forward: first reduction index of the chunk
             a_off=Signal(range(cfg.max_q + 1), name="a_off"),       # block: the A tile's first word in its half
             ea_off=Signal(range(cfg.chunks_q + 1), name="ea_off"),  # block: its first chunk's exponents
-            acc_base=Signal(range(max(1, cfg.acc_depth)), name="acc_base"),  # forward: the tile's accumulator rows
+            acc_base=Signal(range(max(1, cfg.acc_depth)), name="acc_base"),  # block: the A tile's accumulator rows
+            q_chunks=Signal(range(cfg.chunks_q + 1), name="q_chunks"),      # chunks of an A tile (see below)
             chunk_index=Signal(32, name="chunk_index"),     # chunk of the A buffer (q0 / chunk)
             step=Signal(range(max(chunk, cfg.min_steps) + 1), name="step"),
             fwd_lane=Signal(range(cols), name="fwd_lane"),  # forward: q % cols, the lane of the W word read
@@ -131,6 +132,13 @@ class Sequencer(wiring.Component):
                          s.chunk_index.eq(0), s.step.eq(0), s.fwd_lane.eq(0), s.bwd_bank.eq(0),
                          s.last_step.eq(0), s.real.eq(1)]
         self._chunk_flags(m, s)
+        # a transposed block job's A tiles lie ceil(N / chunk) exponent entries apart: counted up after `start`, a
+        # chunk a cycle, long before the first A tile is done (its N values take N cycles to load)
+        counted = Signal(32)
+        with m.If(start):
+            m.d.sync += [s.q_chunks.eq(0), counted.eq(0)]
+        with m.Elif(counted < job.n):
+            m.d.sync += [s.q_chunks.eq(s.q_chunks + 1), counted.eq(counted + chunk)]
 
         # A step may start when the sequencer is active, its buffers' halves are full and, on a chunk's first step,
         # the chunk FIFO has room (a chunk start may be in each of the 3 stages and the push register before the
@@ -161,9 +169,9 @@ class Sequencer(wiring.Component):
             # the chunk's last step hands back its W tile / A tile (a register each: the release drives the halves'
             # full flags and the writers' handshakes behind them)
             # (a block job's W tile serves every A tile, and its A tiles stay for every W tile)
-            "w_tile_done": Mux(transposed, bwd_last_ktile, fwd_last_chunk & (~block | last_m_tile)),
-            "a_tile_done": Mux(transposed, bwd_last_chunk & bwd_last_ktile,
-                               fwd_last_chunk & fwd_last_tile & (~block | last_m_tile)),
+            "w_tile_done": Mux(transposed, bwd_last_ktile, fwd_last_chunk) & (~block | last_m_tile),
+            "a_tile_done": Mux(transposed, bwd_last_chunk & bwd_last_ktile, fwd_last_chunk & fwd_last_tile)
+            & (~block | last_m_tile),
             "last_m_tile": last_m_tile,
             "first": first,
             "fwd_cols": Mux(n_left < cols, n_left, cols),
@@ -263,10 +271,10 @@ class Sequencer(wiring.Component):
 
         with m.If(issue & s.step_zero):
             m.d.sync += [
-                s.pending.base.eq(Mux(job.transposed, s.kt * rows, s.acc_base)),
+                s.pending.base.eq(s.acc_base + Mux(job.transposed, s.kt * rows, 0)),
                 # a resumed job adds to the partial sums a held one left; a held one keeps its own
                 s.pending.first.eq(cur["first"] & ~job.resume),
-                s.pending.last.eq(Mux(job.transposed, cur["bwd_last_chunk"], cur["fwd_last_chunk"] & ~job.hold)),
+                s.pending.last.eq(Mux(job.transposed, cur["bwd_last_chunk"], cur["fwd_last_chunk"]) & ~job.hold),
                 s.pending.job_last.eq(cur["last_m_tile"] & Mux(
                     job.transposed, cur["bwd_last_chunk"] & cur["bwd_last_ktile"],
                     cur["fwd_last_chunk"] & cur["fwd_last_tile"])),
@@ -291,7 +299,18 @@ class Sequencer(wiring.Component):
                     m.d.sync += [n_q0.eq(s.q0 + chunk), n_chunk_index.eq(s.chunk_index + 1), n_kt.eq(s.kt),
                                  n_k0.eq(s.k0), n_outer.eq(s.outer), n_m_left.eq(s.m_left)]
             with m.Else():
-                with m.If(cur["bwd_last_ktile"]):
+                with m.If(cur["bwd_last_ktile"] & job.block):
+                    # the next A tile of the half (its outputs in the accumulator after this one's), or after the
+                    # last the next W tile with the first A tile
+                    last_a = cur["last_m_tile"]
+                    m.d.sync += [n_kt.eq(0), n_k0.eq(0), n_q0.eq(s.q0),
+                                 n_outer.eq(Mux(last_a, s.outer + chunk, s.outer)),
+                                 n_chunk_index.eq(Mux(last_a, s.chunk_index + 1, s.chunk_index)),
+                                 n_m_left.eq(Mux(last_a, job.m, s.m_left - rows)),
+                                 n_a_off.eq(Mux(last_a, 0, s.a_off + job.n)),
+                                 n_ea_off.eq(Mux(last_a, 0, s.ea_off + s.q_chunks)),
+                                 n_acc_base.eq(Mux(last_a, 0, s.acc_base + s.kt * rows + rows))]
+                with m.Elif(cur["bwd_last_ktile"]):
                     m.d.sync += [n_kt.eq(0), n_k0.eq(0), n_q0.eq(s.q0),
                                  n_outer.eq(Mux(cur["bwd_last_chunk"], 0, s.outer + chunk)),
                                  n_chunk_index.eq(Mux(cur["bwd_last_chunk"], 0, s.chunk_index + 1)),

@@ -186,10 +186,10 @@ class WWriter(wiring.Component):
     """Passes of W, re-cut into rows, into tiles of the W buffer, with their shared exponents.
 
     Per job, ``ceil(M / rows)`` passes of W (one for a block job; ``N x K``, flat and row-major, ``cols`` bf16
-    per beat); a :class:`~..row_align.RowAligner` cuts them into beats of one row each. A tile is ``cols`` W rows (forward) or
-    ``chunk`` rows (transposed), row ``r`` in bank ``r % cols``; tiles alternate between the two halves. Forward,
-    each row's chunk exponents go to the exponent memory; transposed, one exponent for the whole tile goes to
-    ``buffer.tile_exponent``.
+    per beat); a :class:`~..row_align.RowAligner` cuts them into beats of one row each. A tile is ``cols`` W rows
+    (forward) or ``chunk`` rows (transposed), row ``r`` in bank ``r % cols``; tiles alternate between the two
+    halves. Forward, each row's chunk exponents go to the exponent memory; transposed, one exponent for the whole
+    tile goes to ``buffer.tile_exponent`` (a transposed block job's from ``exponents``).
 
     Parameters
     ----------
@@ -202,6 +202,11 @@ class WWriter(wiring.Component):
         W, flat and row-major, final beat of a pass zero-padded.
     rows_in : In(stream of row_layout(cols, BF16.width)), ``weights="both"`` only
         W already cut into rows, taken instead of ``w`` by jobs with ``rows_in`` set.
+    exponents : In(stream of EXP)
+        A transposed block job's tile exponents, one beat per tile, taken instead of the tile's own maximum: the
+        chunk of W rows' maximum over all of W's columns (``golden.gemm.row_chunk_exponents``), of which the job
+        holds a block, so that blocks of columns align as the whole rows would. A tile's beats wait for its
+        exponent.
     buffer : Out(:class:`~.config.WBufferSignature`)
         The W buffer, for the sequencer.
     banks, exp_memory : list of Memory, Memory
@@ -216,6 +221,7 @@ class WWriter(wiring.Component):
         members = {
             "control": In(ControlSignature()),
             "w": In(stream.Signature(data.ArrayLayout(BF16.width, cols))),
+            "exponents": In(stream.Signature(EXP)),
             "buffer": Out(WBufferSignature(config)),
         }
         if config.weights == "both":
@@ -325,8 +331,11 @@ class WWriter(wiring.Component):
         m.d.comb += self.control.done.eq(~pass_open)
 
         ready = Signal()    # `pass_open & ~w_full[half]`, a register (as in the A writer; see the end)
-        m.d.comb += beat.ready.eq(ready)
-        take = beat.valid & ready
+        # a transposed block job's tile takes its exponent from `exponents`: held in `given` until the tile ends
+        given_valid, given = Signal(), Signal(EXP)
+        given_needed = job.transposed & job.block
+        m.d.comb += beat.ready.eq(ready & (~given_needed | given_valid))
+        take = beat.valid & beat.ready
         row_end = beat.payload.row_end
         pass_end = beat.payload.last
         tile_end = row_end & ((row == tile_rows - 1) | pass_end)
@@ -368,9 +377,15 @@ class WWriter(wiring.Component):
             with m.If(tile_end):
                 m.d.sync += w_filled.bit_select(half, 1).eq(1)
                 m.d.sync += [row.eq(0), bank.eq(0), slot.eq(0), tile_peak.eq(EXP_MIN),
-                             tile_exponent[half].eq(new_tile_peak)]
+                             tile_exponent[half].eq(Mux(given_needed, given, new_tile_peak))]
             with m.If(pass_end):
                 m.d.sync += [m_left.eq(Mux(m_more, m_left - rows, 0)), m_more.eq(m_left > 2 * rows)]
+        given_used = take & tile_end & given_needed
+        m.d.comb += self.exponents.ready.eq(~given_valid | given_used)
+        with m.If(self.exponents.valid & self.exponents.ready):
+            m.d.sync += [given_valid.eq(1), given.eq(self.exponents.payload)]
+        with m.Elif(given_used):
+            m.d.sync += given_valid.eq(0)
         # `pass_open` (set at `start`, then whether passes are left after each) and `half` load their next values,
         # from which `ready` is worked out too (as in the A writer)
         tile_in = take & tile_end
