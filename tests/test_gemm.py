@@ -169,8 +169,7 @@ def block_config(**kw):
                          **kw})
 
 
-@pytest.mark.parametrize("kind", ["normal", "outliers", "tiny"])
-@pytest.mark.parametrize("out_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("kind,out_dtype", [("normal", "bf16"), ("outliers", "fp32"), ("tiny", "fp32")])
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
 def test_rtl_block_jobs_over_spans_equal_one_job(kind, out_dtype, transposed):
     # blocks of 5 tokens x 7 features (partial A and W tiles), spans of two chunks with a short last one (a
