@@ -132,12 +132,13 @@ class Sequencer(wiring.Component):
                          s.chunk_index.eq(0), s.step.eq(0), s.fwd_lane.eq(0), s.bwd_bank.eq(0),
                          s.last_step.eq(0), s.real.eq(1)]
         self._chunk_flags(m, s)
-        # a transposed block job's A tiles lie ceil(N / chunk) exponent entries apart: counted up after `start`, a
-        # chunk a cycle, long before the first A tile is done (its N values take N cycles to load)
+        # a block job's A tiles lie ceil(Q / chunk) exponent entries apart (Q = K forward, N transposed): counted
+        # up after `start`, a chunk a cycle, long before the first A tile is done (its Q values take Q cycles to
+        # load)
         counted = Signal(32)
         with m.If(start):
             m.d.sync += [s.q_chunks.eq(0), counted.eq(0)]
-        with m.Elif(counted < job.n):
+        with m.Elif(counted < Mux(job.transposed, job.n, job.k)):
             m.d.sync += [s.q_chunks.eq(s.q_chunks + 1), counted.eq(counted + chunk)]
 
         # A step may start when the sequencer is active, its buffers' halves are full and, on a chunk's first step,
@@ -289,7 +290,7 @@ class Sequencer(wiring.Component):
                                  n_outer.eq(Mux(last_a, s.outer + cols, s.outer)),
                                  n_m_left.eq(Mux(last_a, job.m, s.m_left - rows)),
                                  n_a_off.eq(Mux(last_a, 0, s.a_off + job.k)),
-                                 n_ea_off.eq(Mux(last_a, 0, s.ea_off + s.chunk_index + 1)),
+                                 n_ea_off.eq(Mux(last_a, 0, s.ea_off + s.q_chunks)),
                                  n_acc_base.eq(Mux(job.hold | job.resume, s.acc_base + rows, 0))]
                 with m.Elif(cur["fwd_last_chunk"]):
                     m.d.sync += [n_q0.eq(0), n_chunk_index.eq(0), n_kt.eq(0), n_k0.eq(0),
