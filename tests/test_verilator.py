@@ -80,16 +80,19 @@ def test_gemm_cycle_cases(m, n, k, rows, cols, transposed, weights):
 
 
 def test_gemm_jobs_with_stalls():
+    # ordinary jobs both ways, then the same products as block jobs (the transposed one with its rows' exponents)
     w1, _ = golden_gemm.random_nf4_weight((9, 100), seed=1)
-    w2, _ = golden_gemm.random_nf4_weight((12, 64), seed=2)
-    jobs = [(golden_gemm.random_activations((5, 100), seed=3), w1, False),
-            (golden_gemm.random_activations((3, 12), seed=4), w2, True)]
-    config = GemmConfig(rows=2, cols=4, max_k=128, max_n=16, weights="nf4")
-    names = ("job", "a", "tensor", "codes", "absmax", "absmax2", "c")
+    w2, dense2 = golden_gemm.random_nf4_weight((12, 64), seed=2)
+    x, dy = golden_gemm.random_activations((5, 100), seed=3), golden_gemm.random_activations((3, 12), seed=4)
+    config = GemmConfig(rows=2, cols=4, max_k=128, max_n=512, weights="nf4")
+    exponents = [int(e) for e in golden_gemm.row_chunk_exponents(dense2.float().numpy(), config.chunk_steps)]
+    jobs = [(x, w1, False), (dy, w2, True), (x, w1, False, {"block"}), (dy, w2, True, {"block"}, exponents)]
+    names = ("job", "a", "tensor", "codes", "absmax", "absmax2", "exponents", "c")
     fast = run_gemm_jobs(jobs, config, stalls=stalls(names, 3), backend="verilator")
     slow = run_gemm_jobs(jobs, config, stalls=stalls(names, 4), backend="pysim")
     for ours, theirs in zip(fast, slow):
         assert mismatches(ours.out, theirs.out) == 0
+    assert mismatches(fast[0].out, fast[2].out) == 0 and mismatches(fast[1].out, fast[3].out) == 0
 
 
 def test_step_equals_pysim_and_model():
