@@ -8,7 +8,7 @@ import torch
 from edge_qlora.constants import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.gemm import row_chunk_exponents
 from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
-from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
+from edge_qlora.rtl.gemm import GemmConfig, GemmEngine, job_layout
 from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
 from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get
@@ -155,9 +155,9 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
             part = a_bits[t * rows:(t + 1) * rows]
             tile[:part.shape[0]] = part
             a_beats += pack_lanes(tile.T.reshape(-1), rows, 16)
-        job_beats.append(m_rows | (n << 32) | (k << 64) | ((n * k) << 96) | (int(transposed) << 128)
-                         | (int("block" in flags) << 130) | (int("resume" in flags) << 131)
-                         | (int("hold" in flags) << 132))
+        job_beats.append(job_layout().const({
+            "m": m_rows, "n": n, "k": k, "weights": n * k, "transposed": int(transposed),
+            **{flag: int(flag in flags) for flag in JOB_FLAGS}}).as_bits())
         for name, beats in _weight_streams(weights, config).items():
             weight_beats.setdefault(name, []).extend(beats * (1 if "block" in flags else tiles))
         out_cols = k if transposed else n
