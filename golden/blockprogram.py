@@ -16,9 +16,7 @@ order over the memory map of ``golden/memmap.py`` (row-major tensors, bitsandbyt
   piece of each token row and the weight's piece of each feature (backward: the span's W rows, the block's columns,
   with their absmax codes); then the block's outputs.
 
-Backward, feature blocks and tiles (W's columns) are whole NF4 blocks, rounded up from the traffic model's size
-where needed (with the same number of passes, so the same bytes; the partial sums may then need more than the
-model's buffer, which :func:`program` reports). The double quantization's ``absmax2`` (one float32 per 256 blocks)
+Backward, feature blocks and tiles (W's columns) are whole NF4 blocks, as the traffic model chooses them. The double quantization's ``absmax2`` (one float32 per 256 blocks)
 is read whole at the start of every weight pass and the offset travels in the descriptor, as in the memory-fed
 step. A and B (float32 masters) are read at the start (``rank_resident``) or at the start of every weight pass;
 the gradient that needs x and dy together re-reads ``x`` (``x-first``) or ``dy`` after the backward sweep (both
@@ -47,21 +45,18 @@ _TRAFFIC_NAME = {"nf4_codes": "W", "nf4_absmax": "W", "nf4_absmax2": "W", "lora_
 
 @dataclass(frozen=True)
 class Program:
-    """``ops``: ``(op, Job)`` in program order (``op`` is ``"read"`` or ``"write"``); ``weight_passes``; ``notes``:
-    where the program departs from the schedule (block sizes rounded to whole NF4 blocks) and what it needs;
+    """``ops``: ``(op, Job)`` in program order (``op`` is ``"read"`` or ``"write"``); ``weight_passes``;
     ``update``: the index in ``ops`` where the update begins (it needs every gradient, so it follows the products
     and its traffic cannot hide behind theirs)."""
 
     ops: tuple
     weight_passes: int
-    notes: tuple
     update: int
 
     def part(self, which):
         """The sub-program of the products (``"products"``) or of the update (``"update"``)."""
         ops = self.ops[:self.update] if which == "products" else self.ops[self.update:]
-        return Program(ops, self.weight_passes if which == "products" else 0, self.notes,
-                       len(ops) if which == "products" else 0)
+        return Program(ops, self.weight_passes if which == "products" else 0, len(ops) if which == "products" else 0)
 
 
 def port_for(timing, max_burst=64):
@@ -171,20 +166,6 @@ def _backward(w, choice, rank_resident, features):
     return len(blocks)
 
 
-def _whole_blocks(choice, d_out, blocksize, budget):
-    """W's columns per backward tile or block, whole NF4 blocks: the traffic model's size rounded up to them where
-    the on-chip bytes stay within ``budget`` (as many tiles or fewer), else rounded down (one tile more, perhaps);
-    and the on-chip bytes that needs."""
-    per_feature = (4 * choice["tokens"] if choice["loop"] == "output-stationary"
-                   else traffic._per_feature_bytes(d_out, blocksize))
-    fixed = choice["footprint"] - choice["features"] * per_feature
-    up = -(-choice["features"] // blocksize) * blocksize
-    if fixed + up * per_feature <= budget:
-        return up, fixed + up * per_feature
-    down = max(blocksize, choice["features"] // blocksize * blocksize)
-    return down, fixed + down * per_feature
-
-
 def program(memmap, schedule):
     """The blocked step's :class:`Program` for ``memmap`` (``golden/memmap.py``) and ``schedule`` (the ``schedule``
     of :func:`~edge_qlora.golden.traffic.blocked`'s result). Raises ValueError for a map the program does not serve
@@ -200,16 +181,11 @@ def program(memmap, schedule):
     if rank_resident:
         w.add("read", "lora_A", 0, mm["lora_A"].size)
         w.add("read", "lora_B", 0, mm["lora_B"].size)
-    notes = []
     passes = _forward(w, schedule["forward"], rank_resident)
     back = schedule["backward"]
-    features = mm.d_in
-    if back["loop"] != "token-stationary":
-        features, footprint = _whole_blocks(back, mm.d_out, mm.blocksize, schedule["buffer_bytes"])
-        if features != back["features"]:
-            notes.append(f"backward {back['loop']}: {-(-mm.d_in // features)} blocks of {features} W columns (whole "
-                         f"NF4 blocks) instead of {-(-mm.d_in // back['features'])} of {back['features']}; "
-                         f"{footprint:,} bytes on chip")
+    features = mm.d_in if back["loop"] == "token-stationary" else back["features"]
+    if features % mm.blocksize and features != mm.d_in:
+        raise ValueError(f"backward blocks of {features} W columns are not whole NF4 blocks of {mm.blocksize}")
     passes += _backward(w, back, rank_resident, features)
     reread = "x" if schedule["order"] == "x-first" else "dy"
     other = "dy" if reread == "x" else "x"
@@ -218,7 +194,7 @@ def program(memmap, schedule):
     w.add("read", reread, 0, mm[reread].size)
     update = len(w.ops)
     _update(w)
-    return Program(tuple(w.ops), passes, tuple(notes), update)
+    return Program(tuple(w.ops), passes, update)
 
 
 def _update(w):

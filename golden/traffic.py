@@ -240,20 +240,33 @@ def _per_feature_bytes(d_red, blocksize):
     return _ceil(d_red, 2) + _ceil(d_red, blocksize)
 
 
+def _feature_tiles(d_outp, most, align):
+    """``(passes, features)``: the fewest tiles of at most ``most`` output features, made of whole groups of
+    ``align`` features and as even as that allows (the last may be shorter); None if not even one group fits."""
+    if most < d_outp:
+        most -= most % align
+    if most < 1:
+        return None
+    passes = _ceil(d_outp, most)
+    return passes, min(d_outp, _ceil(_ceil(d_outp, align), passes) * align)
+
+
 def _product_options(s, activation, d_red, d_outp, available):
     """The loop orders of one base product (forward: x, reduction ``in``; backward: dy, reduction ``out``) that fit
-    ``available`` on-chip bytes: ``(bytes moved, W passes, activation passes, choice)`` of each, cheapest first."""
+    ``available`` on-chip bytes: ``(bytes moved, W passes, activation passes, choice)`` of each, cheapest first.
+    Backward, a tile of output features is a tile of W's columns, and W streams in whole NF4 blocks along its
+    rows: such a tile is whole blocks wide."""
     act = s.size(activation)
+    align = s.blocksize if activation == "dy" else 1
     options = []
     tokens = min(s.t, available // (BF16 * d_red))
     if tokens >= 1:                     # token-stationary: a block of the activation on chip, W once per block
         passes = _ceil(s.t, tokens)
         options.append((act + passes * s.weight_bytes, passes, 1,
                         {"loop": "token-stationary", "tokens": _ceil(s.t, passes), "footprint": BF16 * _ceil(s.t, passes) * d_red}))
-    features = min(d_outp, available // _per_feature_bytes(d_red, s.blocksize))
-    if features >= 1:                   # weight-stationary: a W tile on chip, the activation once per tile
-        passes = _ceil(d_outp, features)
-        features = _ceil(d_outp, passes)
+    tiles = _feature_tiles(d_outp, available // _per_feature_bytes(d_red, s.blocksize), align)
+    if tiles:                           # weight-stationary: a W tile on chip, the activation once per tile
+        passes, features = tiles
         options.append((passes * act + s.weight_bytes, 1, passes,
                         {"loop": "weight-stationary", "features": features,
                          "footprint": features * _per_feature_bytes(d_red, s.blocksize)}))
@@ -263,11 +276,10 @@ def _product_options(s, activation, d_red, d_outp, available):
         if tokens in seen:
             continue
         seen.add(tokens)
-        features = min(d_outp, available // (FP32 * tokens))
-        if features < 1:
+        tiles = _feature_tiles(d_outp, available // (FP32 * tokens), align)
+        if not tiles:
             continue
-        passes = _ceil(d_outp, features)
-        features = _ceil(d_outp, passes)
+        passes, features = tiles
         w_passes = _ceil(s.t, tokens)
         options.append((passes * act + w_passes * s.weight_bytes, w_passes, passes,
                         {"loop": "output-stationary", "tokens": tokens, "features": features,

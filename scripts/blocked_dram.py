@@ -61,8 +61,7 @@ def measure(name, d_in, d_out, t, r, buffer_bytes, memory_name):
             "lower_bound_bytes": lower, "requests": sum(map(len, reqs.values())), "dram_cycles": busy,
             "efficiency": moved / (busy * timing.peak_bytes_per_cycle),
             "memory_cycles": memory, "compute_cycles": compute, "step_cycles": step,
-            "utilization": tr.macs(tr.StepShape(d_in, d_out, t, r)) / (ROWS * COLS * step),
-            "notes": list(prog.notes)}
+            "utilization": tr.macs(tr.StepShape(d_in, d_out, t, r)) / (ROWS * COLS * step)}
 
 
 def table(rows):
@@ -101,11 +100,6 @@ def main(argv=None):
                       f"{100 * rows[-1]['efficiency']:.1f}% ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
                       flush=True)
     print(table(rows))
-    notes = dict.fromkeys(f"{row['projection']} at T = {row['t']}: {note}" for row in rows for note in row["notes"])
-    if notes:
-        print()
-    for note in notes:
-        print(f"- {note}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -81,6 +81,9 @@ def test_lower_bound_blocked_today(projection, t):
     lb, bl, td = tr.lower_bound(shape), tr.blocked(shape), tr.today(shape)
     assert lb.total <= bl.total <= td.total
     assert bl.schedule["footprint"] <= tr.DEFAULT_BUFFER_BYTES
+    # backward, a tile of features is a tile of W's columns, streamed in whole NF4 blocks
+    backward = bl.schedule["backward"].get("features", d_in)
+    assert backward % shape.blocksize == 0 or backward == d_in
     for traffic in (lb, bl, td):
         assert all(v >= 0 for v in list(traffic.read.values()) + list(traffic.written.values()))
 
