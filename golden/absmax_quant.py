@@ -102,9 +102,10 @@ def quantize(absmax, offset):
     return np.where(live, codes, np.uint8(0)).astype(np.uint8), absmax2
 
 
-def dequantize(codes, absmax2, offset):
-    """float32 absmax from double-quantized codes: ``code[q] * absmax2 + offset``, each step rounded to float32."""
+def dequantize(codes, absmax2, offset, group=DYNAMIC_BLOCKSIZE):
+    """float32 absmax from double-quantized codes: ``code[q] * absmax2 + offset``, each step rounded to float32;
+    one ``absmax2`` per ``group`` codes (1: each code its own, as in a span of a larger tensor)."""
     codes = np.asarray(codes, dtype=np.uint8)
-    scale = np.repeat(np.asarray(absmax2, dtype=_F), DYNAMIC_BLOCKSIZE)[: codes.size]
+    scale = np.repeat(np.asarray(absmax2, dtype=_F), group)[: codes.size]
     with np.errstate(over="ignore", invalid="ignore"):  # IEEE overflow to inf is part of the model
         return ((DYNAMIC_CODE[codes] * scale).astype(_F) + _F(offset)).astype(_F)

@@ -27,7 +27,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def block_scales(q):
     """float32 absmax of every block of an :class:`~.nf4_quant.NF4Quantized`, rebuilt if double-quantized."""
     if q.double_quant:
-        return absmax_quant.dequantize(q.absmax, q.absmax2, q.offset)
+        return absmax_quant.dequantize(q.absmax, q.absmax2, q.offset, 1 if q.absmax2_per_block else
+                                       absmax_quant.DYNAMIC_BLOCKSIZE)
     return np.asarray(q.absmax, dtype=np.float32)
 
 

@@ -39,12 +39,16 @@ class NF4Quantized:
     offset : float32 or None
         Mean of the absmax values (double quantization only).
     absmax2 : ndarray of float32 or None
-        Second-level absmax, one per 256 first-level blocks (double quantization only).
+        Second-level absmax, one per 256 first-level blocks (double quantization only), or one per block with
+        ``absmax2_per_block``.
     bits : int
         Code width: 4 (NF4 and 4-bit tables), 3 or 2 (:mod:`.codebook`); ``packed`` holds ``ceil(n * bits / 8)``
         bytes.
     codebook : Codebook or None
         The table of ``2**bits`` levels; ``None`` is the NormalFloat table of ``bits`` (NF4: bitsandbytes').
+    absmax2_per_block : bool
+        ``absmax2`` holds each block's own second-level absmax: a rectangle of whole blocks cut from a larger tensor
+        (:func:`~.nf4_span.span`), whose blocks belong to groups of 256 of that tensor, not of the rectangle.
     """
 
     packed: np.ndarray
@@ -56,6 +60,7 @@ class NF4Quantized:
     absmax2: np.ndarray = None
     bits: int = 4
     codebook: object = None
+    absmax2_per_block: bool = False
 
     @property
     def double_quant(self):

@@ -133,12 +133,16 @@ def weights_layout(fmt, lanes):
 
 def tensor_layout(double_quant, entries=None):
     """Payload of the ``tensor`` stream: one beat per tensor, ahead of (or with) its first inputs; with a loaded
-    table (``entries`` levels) also the table, float32 bit patterns in code order."""
+    table (``entries`` levels) also the table, float32 bit patterns in code order; with double quantization, last,
+    ``absmax2_per_block``: every block of the tensor takes its own ``absmax2`` beat (a span of a larger tensor,
+    whose blocks lie in that tensor's groups of 256)."""
     fields = {"n_weights": 32}
     if double_quant:
         fields["offset"] = 32
     if entries:
         fields["levels"] = data.ArrayLayout(32, entries)
+    if double_quant:
+        fields["absmax2_per_block"] = 1
     return data.StructLayout(fields)
 
 
@@ -159,14 +163,15 @@ class NF4Dequantizer(wiring.Component):
     Attributes
     ----------
     tensor : In(stream of :func:`tensor_layout`)
-        Per-tensor header: ``n_weights`` (at least 1), with double quantization ``offset`` (float32 bits), with a
-        loaded table ``levels`` (``2**bits`` float32 bit patterns, code 0 first).
+        Per-tensor header: ``n_weights`` (at least 1), with double quantization ``offset`` (float32 bits) and
+        ``absmax2_per_block``, with a loaded table ``levels`` (``2**bits`` float32 bit patterns, code 0 first).
     codes : In(stream of :func:`codes_layout`)
         Codes of ``bits`` bits, ``lanes`` per beat.
     absmax : In(stream of unsigned(32) or unsigned(8))
         Per-block float32 absmax bits, or its uint8 code when double-quantized.
     absmax2 : In(stream of unsigned(32)), double quantization only
-        Second-level float32 absmax, one per 256 blocks of a tensor (the last group may be shorter).
+        Second-level float32 absmax, one per 256 blocks of a tensor (the last group may be shorter), or one per
+        block when the tensor's header sets ``absmax2_per_block``.
     weights : Out(stream of :func:`weights_layout`)
         Dequantized weights, ``lanes`` per beat, in the configured output format; ``last`` marks the final beat
         of each tensor.
@@ -242,8 +247,10 @@ class NF4Dequantizer(wiring.Component):
             m.d.comb += self.tensor.ready.eq(1 if tables is None else tables.w_stream.ready)
             with m.If(self.tensor.valid & self.tensor.ready):
                 blocks = (self.tensor.payload.n_weights + self.config.blocksize - 1) >> shift
-                m.d.sync += [active.eq(1), header.eq(self.tensor.payload), blocks_left.eq(blocks),
-                             tensor_done.eq(blocks == 1)]
+                # field by field: a loaded table's levels stay in the tables queue, not here
+                m.d.sync += [active.eq(1), blocks_left.eq(blocks), tensor_done.eq(blocks == 1)]
+                m.d.sync += [getattr(header, name).eq(getattr(self.tensor.payload, name))
+                             for name, _ in header.shape()]
 
         issue = Signal()
         group_index = Signal(range(DYNAMIC_BLOCKSIZE))
@@ -276,11 +283,11 @@ class NF4Dequantizer(wiring.Component):
             m.d.comb += [pipe.in_tag.value.eq(self.absmax.payload), scale.payload.value.eq(pipe.out_tag.value)]
             return
 
-        # absmax2 is held for 256 blocks, or until the tensor's last block
+        # absmax2 is held for 256 blocks, or until the tensor's last block; for one block of a span
         m.d.comb += self.absmax2.ready.eq(~absmax2_valid)
         with m.If(self.absmax2.valid & self.absmax2.ready):
             m.d.sync += [absmax2.eq(self.absmax2.payload), absmax2_valid.eq(1)]
-        with m.If(issue & (tensor_done | (group_index == DYNAMIC_BLOCKSIZE - 1))):
+        with m.If(issue & (tensor_done | header.absmax2_per_block | (group_index == DYNAMIC_BLOCKSIZE - 1))):
             m.d.sync += absmax2_valid.eq(0)
 
         # code8 -> float32 level: a 256-entry ROM with a registered read, which maps to block RAM

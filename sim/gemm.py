@@ -5,15 +5,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge_qlora.constants import DYNAMIC_BLOCKSIZE
 from edge_qlora.golden.gemm import row_chunk_exponents
-from edge_qlora.golden.nf4_quant import NF4Quantized, unpack_nibbles
+from edge_qlora.golden.nf4_dequant import dequantize
+from edge_qlora.golden.nf4_quant import NF4Quantized
+from edge_qlora.golden.nf4_span import span as nf4_span
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine, job_layout
+from .nf4 import dequantizer_streams
 from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
 from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get
 
-__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "run_blocked_gemm", "block_jobs", "bf16_bits",
+__all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "run_blocked_gemm", "block_jobs", "place_blocks", "bf16_bits",
            "collision_check"]
 
 #: what a job of :func:`run_gemm_jobs` may ask for beyond its operands (see :func:`~edge_qlora.rtl.gemm.job_layout`)
@@ -44,17 +46,7 @@ def _weight_streams(weights, config):
     """The streams of one pass of W: ``{"w": beats}`` (bf16) or the dequantizer's streams (NF4)."""
     cols = config.cols
     if isinstance(weights, NF4Quantized):
-        n = int(np.prod(weights.shape))
-        streams = {"codes": pack_lanes(unpack_nibbles(weights.packed, n), cols, 4)}
-        if weights.double_quant:
-            streams["tensor"] = [n | (int(np.float32(weights.offset).view(np.uint32)) << 32)]
-            streams["absmax"] = [int(v) for v in np.asarray(weights.absmax, np.uint8)]
-            streams["absmax2"] = [int(v) for v in np.asarray(weights.absmax2, np.float32).view(np.uint32)]
-        else:
-            streams["tensor"] = [n]
-            streams["absmax"] = [int(v) for v in np.asarray(weights.absmax, np.float32).view(np.uint32)]
-        assert len(streams.get("absmax2", [])) in (0, -(-len(streams["absmax"]) // DYNAMIC_BLOCKSIZE))
-        return streams
+        return dequantizer_streams(weights, cols)
     return {"w": pack_lanes(bf16_bits(weights).reshape(-1), cols, 16)}
 
 
@@ -214,17 +206,20 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
 def block_jobs(a, weights, token_block, feature_block, span, transposed=False, chunk=None):
     """The output-stationary schedule of ``a @ W.T`` (or, ``transposed``, ``a @ W``) as block jobs: for each block
     of ``token_block`` rows of ``a`` and ``feature_block`` output features (rows of W, or transposed its columns),
-    one job per span of the reduction, all but the last held and all but the first resumed. W is bf16. A
-    transposed job also takes the exponent of each of its chunks of W rows over all of W's columns
-    (``golden.gemm.row_chunk_exponents``; ``chunk``, the engine's, divides ``span``), so that the blocks equal the
-    whole product. Returns the jobs and, per job, the output block it gives (``(rows, features)`` slices, None for
-    a held job)."""
+    one job per span of the reduction, all but the last held and all but the first resumed. W is bf16, or an
+    NF4Quantized of which each job streams its rectangle of whole NF4 blocks
+    (:func:`~edge_qlora.golden.nf4_quant.span`: the span and, transposed, the feature block are whole blocks). A
+    transposed job also takes the exponent
+    of each of its chunks of W rows over all of W's columns (``golden.gemm.row_chunk_exponents``; ``chunk``, the
+    engine's, divides ``span``), so that the blocks equal the whole product. Returns the jobs and, per job, the output block it gives (``(rows, features)`` slices, None for a held job)."""
     m_rows, reduction = a.shape
     features_all = weights.shape[1] if transposed else weights.shape[0]
+    nf4 = isinstance(weights, NF4Quantized)
+    cut = (lambda rows, cols: nf4_span(weights, rows, cols)) if nf4 else (lambda rows, cols: weights[rows, cols])
     if transposed:
         if chunk is None or span % chunk:
             raise ValueError(f"a transposed schedule needs the engine's chunk, a divisor of the span ({span})")
-        table = row_chunk_exponents(weights.float().numpy(), chunk)
+        table = row_chunk_exponents((dequantize(weights) if nf4 else weights).float().numpy(), chunk)
     jobs, places = [], []
     for t0 in range(0, m_rows, token_block):
         for f0 in range(0, features_all, feature_block):
@@ -235,9 +230,9 @@ def block_jobs(a, weights, token_block, feature_block, span, transposed=False, c
                 part = slice(s0, s0 + span)
                 if transposed:
                     groups = table[s0 // chunk:-(-min(s0 + span, reduction) // chunk)]
-                    jobs.append((a[tokens, part], weights[part, features], True, flags, [int(e) for e in groups]))
+                    jobs.append((a[tokens, part], cut(part, features), True, flags, [int(e) for e in groups]))
                 else:
-                    jobs.append((a[tokens, part], weights[features, part], False, flags))
+                    jobs.append((a[tokens, part], cut(features, part), False, flags))
                 places.append(None if "hold" in flags else (tokens, features))
     return jobs, places
 
@@ -248,9 +243,16 @@ def run_blocked_gemm(a, weights, config, token_block, feature_block, span, *, tr
     :func:`block_jobs`: a :class:`GemmRun`."""
     jobs, places = block_jobs(a, weights, token_block, feature_block, span, transposed, config.chunk_steps)
     runs = run_gemm_jobs(jobs, config, stalls=stalls, backend=backend)
-    out = torch.zeros((a.shape[0], weights.shape[1] if transposed else weights.shape[0]),
-                      dtype=torch.bfloat16 if config.out_dtype == "bf16" else torch.float32)
+    return GemmRun(place_blocks(runs, places, (a.shape[0], weights.shape[1] if transposed else weights.shape[0])),
+                   runs[-1].cycles)
+
+
+def place_blocks(runs, places, shape):
+    """The whole product of shape ``shape`` from the runs of :func:`block_jobs`' jobs and their places."""
+    out = None
     for run, place in zip(runs, places):
         if place is not None:
+            if out is None:
+                out = torch.zeros(shape, dtype=run.out.dtype)
             out[place] = run.out
-    return GemmRun(out, runs[-1].cycles)
+    return out

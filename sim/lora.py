@@ -7,12 +7,12 @@ import torch
 from amaranth.hdl import Value
 
 from edge_qlora.constants import BF16, FP32, HYPER_FIELDS
-from edge_qlora.golden.nf4_quant import unpack_nibbles
 from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.rtl.lora import PHASES, LoraConfig, LoraStep, Phase
 from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
 from .gemm import collision_check
-from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
+from .nf4 import dequantizer_streams
+from .harness import resolve_backend, simulate, producer, unpack_lanes
 from .verilator import Source, VerilatorModel, run_model
 from .streams import NO_STALLS
 
@@ -74,19 +74,6 @@ def _header(case, t, i, o, r):
         header |= value << position
         position += width
     return header
-
-
-def _weight_streams(q, cols):
-    """The dequantizer's streams for one pass of the NF4 base weight: {port name: beats}."""
-    n = q.shape[0] * q.shape[1]
-    streams = {"codes": pack_lanes(unpack_nibbles(q.packed, n), cols, 4)}
-    streams["tensor"] = [n | (int(np.float32(q.offset).view(np.uint32)) << 32) if q.double_quant else n]
-    if q.double_quant:
-        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.uint8)]
-        streams["absmax2"] = [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
-    else:
-        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
-    return streams
 
 
 def _state_beats(case):
@@ -181,7 +168,7 @@ def run_step(case, config=None, *, stalls=None, vcd_path=None, max_cycles=None, 
         "b_in": _segments(_bits32(case.lora_B), banks, FP32.width),
         "state_in": _state_beats(case),
     }
-    weights = _weight_streams(case.weight, cols)
+    weights = dequantizer_streams(case.weight, cols)
     wanted = {"y": -(-t // rows) * -(-o // cols) * rows, "dx": -(-t // rows) * -(-i // cols) * rows,
               "updates": r * i + o * r}
     if resolve_backend(backend) == "verilator":

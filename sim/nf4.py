@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_qlora.golden.codebook import unpack_codes
-from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
+from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer, tensor_layout
+from edge_qlora.rtl.nf4_span import SpanScales, span_layout
 from .harness import resolve_backend, pack_lanes, producer, simulate, unpack_lanes
 from .verilator import VerilatorModel, run_model
 from .streams import NO_STALLS, get
 
-__all__ = ["RunResult", "run_dequantizer"]
+__all__ = ["RunResult", "run_dequantizer", "dequantizer_streams", "run_span_scales", "span_descriptor"]
 
 
 @dataclass
@@ -35,6 +36,25 @@ class RunResult:
     values: np.ndarray
     cycles: int
     beats: int
+
+
+def dequantizer_streams(q, lanes, loaded_table=False):
+    """The dequantizer's input streams for one tensor ``q`` (an :class:`~edge_qlora.golden.nf4_quant.NF4Quantized`,
+    a :func:`~edge_qlora.golden.nf4_span.span` included): ``{port name: beats}``, ``lanes`` codes a beat; with
+    ``loaded_table`` the header carries the table's levels."""
+    n = int(np.prod(q.shape))
+    levels = np.asarray(q.levels, np.float32).view(np.uint32).tolist() if loaded_table else None
+    header = {"n_weights": n, **({"levels": levels} if loaded_table else {})}
+    streams = {"codes": pack_lanes(unpack_codes(q.packed, n, q.bits), lanes, q.bits)}
+    if q.double_quant:
+        header.update(offset=int(np.float32(q.offset).view(np.uint32)), absmax2_per_block=int(q.absmax2_per_block))
+        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.uint8)]
+        streams["absmax2"] = [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
+    else:
+        streams["absmax"] = [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
+    layout = tensor_layout(q.double_quant, len(levels) if loaded_table else None)
+    streams["tensor"] = [layout.const(header).as_bits()]
+    return streams
 
 
 def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progress=None, backend=None):
@@ -78,26 +98,12 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
     stalls = dict(stalls or {})
     lanes, fmt = config.lanes, config.out_format
 
-    headers, codes, absmax, absmax2, sizes = [], [], [], [], []
+    inputs, sizes = {}, []
     for q in tensors:
-        n = int(np.prod(q.shape))
-        sizes.append(n)
-        codes += pack_lanes(unpack_codes(q.packed, n, q.bits), lanes, q.bits)
-        header = n
-        if config.table == "loaded":
-            table = sum(int(v) << (32 * i) for i, v in enumerate(np.asarray(q.levels, np.float32).view(np.uint32)))
-            header |= table << (64 if q.double_quant else 32)
-        if q.double_quant:
-            headers.append(header | (int(np.float32(q.offset).view(np.uint32)) << 32))
-            absmax += [int(v) for v in np.asarray(q.absmax, np.uint8)]
-            absmax2 += [int(v) for v in np.asarray(q.absmax2, np.float32).view(np.uint32)]
-        else:
-            headers.append(header)
-            absmax += [int(v) for v in np.asarray(q.absmax, np.float32).view(np.uint32)]
-
-    inputs = {"tensor": headers, "codes": codes, "absmax": absmax}
-    if config.double_quant:
-        inputs["absmax2"] = absmax2
+        sizes.append(int(np.prod(q.shape)))
+        for name, beats in dequantizer_streams(q, lanes, config.table == "loaded").items():
+            inputs.setdefault(name, []).extend(beats)
+    codes = inputs["codes"]
     max_cycles = 40 * len(codes) + 1000
     if resolve_backend(backend) == "verilator":
         model = VerilatorModel(lambda: NF4Dequantizer(config), f"NF4Dequantizer {config!r}", trace=bool(vcd_path))
@@ -128,3 +134,61 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
         values.append(unpack_lanes(beats[start:start + count], lanes, fmt.width, n).astype(fmt.dtype))
         start += count
     return RunResult(values if isinstance(quantized, (list, tuple)) else values[0], cycles, len(beats))
+
+
+def span_descriptor(where, groups=None):
+    """The ``span`` beat of :class:`~edge_qlora.rtl.nf4_span.SpanScales` for the blocks ``where`` (a
+    :class:`~edge_qlora.golden.nf4_span.SpanBlocks`); ``groups``: the length of a new table to load first."""
+    return span_layout().const({"first": where.first, "rows": where.rows, "blocks": where.blocks,
+                                "stride": where.stride, "groups": groups or 0,
+                                "new_table": int(groups is not None)}).as_bits()
+
+
+def run_span_scales(spans, max_groups=1024, *, stalls=None, vcd_path=None, backend=None):
+    """Run :class:`~edge_qlora.rtl.nf4_span.SpanScales` on ``spans``: ``(where, table)`` pairs, ``where`` a
+    :class:`~edge_qlora.golden.nf4_span.SpanBlocks`, ``table`` the weight's float32 ``absmax2`` to load before the
+    span, or None to keep the one loaded (the first span brings one).
+
+    Returns a :class:`RunResult` whose ``values`` are a float32 array per span: each block's ``absmax2``.
+    """
+    stalls = dict(stalls or {})
+    descriptors, table_beats, counts, length = [], [], [], None
+    for where, table in spans:
+        if table is not None:
+            table = np.asarray(table, np.float32).reshape(-1)
+            if not 1 <= table.size <= max_groups:
+                raise ValueError(f"a table of {table.size} absmax2 entries; the unit holds 1 to {max_groups}")
+            length = table.size
+            table_beats += table.view(np.uint32).tolist()
+        if length is None:
+            raise ValueError("the first span must bring the weight's absmax2 table")
+        last_group = int(where.groups()[-1]) if where.rows and where.blocks else -1
+        if where.rows < 1 or where.blocks < 1 or last_group >= length:
+            raise ValueError(f"span {where} needs groups up to {last_group}; the table has {length}")
+        descriptors.append(span_descriptor(where, length if table is not None else None))
+        counts.append(where.rows * where.blocks)
+    inputs = {"span": descriptors, "table": table_beats}
+    total = sum(counts)
+    max_cycles = 20 * (total + len(table_beats)) + 1000
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(lambda: SpanScales(max_groups), f"SpanScales {max_groups}", trace=bool(vcd_path))
+        outputs, cycles, _ = run_model(model, inputs, {"absmax2": total}, stalls=stalls, max_cycles=max_cycles,
+                                       vcd_path=vcd_path)
+        beats = outputs["absmax2"]
+    else:
+        dut = SpanScales(max_groups)
+        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
+                     for name, beats in inputs.items()]
+
+        async def consumer(ctx):
+            return await get(ctx, dut.absmax2, total, stalls.get("absmax2", NO_STALLS), max_cycles=max_cycles)
+
+        beats, cycles = simulate(dut, producers, consumer, vcd_path)
+    if len(beats) != total:
+        raise RuntimeError(f"span scales gave {len(beats)} of {total} absmax2 beats")
+    values, start = [], 0
+    for count in counts:
+        values.append(np.array(beats[start:start + count], np.uint32).view(np.float32))
+        start += count
+    return RunResult(values, cycles, total)
+

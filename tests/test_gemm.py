@@ -10,6 +10,7 @@ import torch
 from amaranth.back import rtlil
 
 from edge_qlora.golden import gemm as golden
+from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
 from edge_qlora.sim.gemm import block_jobs, run_blocked_gemm, run_gemm, run_gemm_jobs
 from edge_qlora.sim.streams import Stalls
@@ -185,6 +186,25 @@ def test_rtl_block_jobs_over_spans_equal_one_job(kind, out_dtype, transposed):
     run = run_blocked_gemm(a, w, config, token_block=5, feature_block=7, span=2 * config.chunk_steps,
                            transposed=transposed, stalls=random_stalls(2))
     assert mismatches(golden.gemm(a, w if transposed else w.T, config.numerics, transposed), run.out) == 0
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_rtl_nf4_block_jobs_stream_spans_of_whole_blocks(transposed):
+    # NF4 W in the output-stationary schedule: each job streams its rectangle of whole blocks of 32 (a feature
+    # block's rows by a span; transposed, a span of rows by a block of columns), every block with its own absmax2
+    # beat; the blocks equal the one-job model of the whole dequantized W to the bit, an outlier column included
+    config = block_config(cols=4, max_k=128, weights="nf4", blocksize=32, out_dtype="fp32")
+    w = torch.randn((96, 64) if transposed else (10, 96), generator=torch.Generator().manual_seed(23)) * 0.05
+    if transposed:
+        w[:, 40] *= 50
+    q = nf4_quant.quantize(w.to(torch.bfloat16), 32, True)
+    a = activations((11, 96), 24)
+    run = run_blocked_gemm(a, q, config, token_block=5, feature_block=32 if transposed else 7, span=32,
+                           transposed=transposed, stalls=random_stalls(5))
+    whole = nf4_dequant.dequantize(q, "bf16")
+    assert mismatches(golden.gemm(a, whole if transposed else whole.T, config.numerics, transposed), run.out) == 0
+    with pytest.raises(ValueError, match="whole NF4 blocks of 32"):
+        block_jobs(a, q, 5, 7 if transposed else 5, 16 if not transposed else 32, transposed, config.chunk_steps)
 
 
 @pytest.mark.parametrize("weights", ["bf16", "nf4"])

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from edge_qlora.golden import nf4_dequant, nf4_quant
+from edge_qlora.golden import nf4_dequant, nf4_quant, nf4_span
 
 from cases import DTYPES, adversarial, random_weights
 from reference import bnb_dequantize, bnb_quantize, mismatches
@@ -115,6 +115,28 @@ def test_rtl_many_absmax2_groups():
     # more than 256 blocks: the second-level absmax changes mid-tensor; blocksize 32 with 16 lanes (2 cycles/block)
     weight = random_weights((300 * 32 + 17,), DTYPES["fp16"], 7)
     check_rtl([quantized(weight, 32, True)], NF4DequantConfig(lanes=16, blocksize=32, out_dtype="bf16"), seed=3)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_rtl_spans_between_whole_tensors(double_quant):
+    # rectangles of whole blocks cut from a weight of 700 blocks (three groups of 256): rows of a feature block by
+    # one block (forward spans: each block in another place of its group, groups changing mid-span), a span of rows
+    # by two blocks (transposed), one block alone; whole tensors before, between and after: each span's blocks take
+    # their own absmax2 beats (the header says so), the whole tensors one per 256 blocks
+    weight = random_weights((70, 640), DTYPES["bf16"], 11)
+    whole = quantized(weight, 64, double_quant)
+    cuts = [(slice(3, 40), slice(128, 192)), (slice(20, 26), slice(512, 640)), (slice(69, 70), slice(0, 64))]
+    spans = [nf4_span.span(whole, rows, cols) for rows, cols in cuts]
+    other = quantized(random_weights((3, 129), DTYPES["bf16"], 12), 64, double_quant)
+    tensors = [other, spans[0], whole, spans[1], spans[2], other]
+    config = NF4DequantConfig(lanes=8, blocksize=64, double_quant=double_quant)
+    run = run_dequantizer(tensors, config, stalls=random_stalls(5))
+    full = nf4_dequant.dequantize(whole).view(torch.int16)
+    expected = [nf4_dequant.dequantize(other).view(torch.int16).reshape(-1), full[cuts[0]].reshape(-1),
+                full.reshape(-1), full[cuts[1]].reshape(-1), full[cuts[2]].reshape(-1)]
+    expected.append(expected[0])
+    for values, reference in zip(run.values, expected):
+        assert (torch.from_numpy(values.view(np.int16)) == reference).all()
 
 
 @pytest.mark.parametrize("lanes", [1, 4, 8, 16])

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from edge_qlora.golden import gemm as golden_gemm
-from edge_qlora.golden import lora, nf4_dequant, nf4_quant
+from edge_qlora.golden import lora, nf4_dequant, nf4_quant, nf4_span
 from edge_qlora.rtl.gemm import GemmConfig
 from edge_qlora.rtl.lora import LoraConfig
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig
 from edge_qlora.sim import verilator
 from edge_qlora.sim.gemm import run_gemm, run_gemm_jobs
 from edge_qlora.sim.lora import run_step
-from edge_qlora.sim.nf4 import run_dequantizer
+from edge_qlora.sim.nf4 import run_dequantizer, run_span_scales
 from edge_qlora.sim.nf4_quant import quantize_rtl
 from edge_qlora.sim.streams import Stalls
 
@@ -37,6 +37,10 @@ def stalls(names, seed, idle=0.35):
 def test_dequantizer(double_quant):
     weights = [random_weights((300,), torch.bfloat16, 3), *adversarial(torch.float32, 64).values()]
     tensors = [nf4_quant.quantize(w, 64, double_quant) for w in weights]
+    # and spans of whole blocks across the groups of 256 of a larger weight, each block with its own absmax2
+    whole = nf4_quant.quantize(random_weights((70, 640), torch.bfloat16, 4), 64, double_quant)
+    tensors[1:1] = [nf4_span.span(whole, slice(3, 40), slice(128, 192)), whole,
+                    nf4_span.span(whole, slice(20, 26), slice(512, 640))]
     config = NF4DequantConfig(lanes=4, blocksize=64, out_dtype="bf16", double_quant=double_quant)
     names = ("tensor", "codes", "absmax", "absmax2", "weights")
     stalled = run_dequantizer(tensors, config, stalls=stalls(names, 1), backend="verilator")
@@ -45,6 +49,22 @@ def test_dequantizer(double_quant):
         assert mismatches(golden, torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)) == 0
     fast = run_dequantizer(tensors[:1], config, backend="verilator")
     assert fast.cycles == run_dequantizer(tensors[:1], config, backend="pysim").cycles
+
+
+def test_span_scales():
+    """Each block of a span its group's absmax2, two weights' tables in turn, under stalls: as the golden model."""
+    weights = [nf4_quant.quantize(random_weights(shape, torch.bfloat16, seed), 64, True)
+               for seed, shape in ((5, (70, 640)), (6, (30, 640)))]
+    cuts = [(slice(3, 40), slice(128, 192)), (slice(20, 26), slice(512, 640)), (slice(0, 30), slice(0, 640))]
+    spans, expected = [], []
+    for q in weights:
+        for i, (rows, cols) in enumerate(cuts):
+            where = nf4_span.span_blocks(q.shape, rows, cols, 64)
+            spans.append((where, q.absmax2 if i == 0 else None))
+            expected.append(nf4_span.span_absmax2(q.absmax2, where))
+    run = run_span_scales(spans, 4, stalls=stalls(("span", "table", "absmax2"), 5), backend="verilator")
+    for got, want in zip(run.values, expected):
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_quantizer_back_to_back():
