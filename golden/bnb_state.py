@@ -32,6 +32,9 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def quant_state_dict(q, name="weight"):
     """Tensors of a quantized weight (an ``NF4Quantized`` of any code width), keyed as bitsandbytes'
     ``Linear4bit`` state dict keys them."""
+    if q.absmax2_per_block:
+        raise ValueError("a span of a weight (one absmax2 per block) has no bitsandbytes quant state; save the "
+                         "whole weight")
     meta = {
         "quant_type": "nf4",
         "blocksize": q.blocksize,

@@ -9,6 +9,7 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 
 from edge_qlora.golden import nf4_dequant, nf4_quant, nf4_span
+from edge_qlora.golden.bnb_state import quant_state_dict
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from edge_qlora.rtl.nf4_span import SpanScales
 from edge_qlora.sim.harness import producer, simulate
@@ -58,6 +59,8 @@ def test_span_checks():
         nf4_span.span(nf4_quant.quantize(torch.ones(128)), slice(0, 1), slice(0, 64))
     with pytest.raises(ValueError, match="whole NF4 blocks"):
         nf4_span.span(nf4_quant.quantize(torch.ones(2, 100)), slice(0, 1), slice(0, 64))
+    with pytest.raises(ValueError, match="no bitsandbytes quant state"):
+        quant_state_dict(nf4_span.span(q, slice(0, 2), slice(0, 64)))
 
 
 # --- RTL ------------------------------------------------------------------------------------------------------------
