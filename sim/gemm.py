@@ -11,9 +11,7 @@ from edge_qlora.golden.nf4_quant import NF4Quantized
 from edge_qlora.golden.nf4_span import span as nf4_span
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine, job_layout
 from .nf4 import dequantizer_streams
-from .harness import resolve_backend, pack_lanes, simulate, producer, unpack_lanes
-from .verilator import VerilatorModel, run_model
-from .streams import NO_STALLS, get
+from .harness import pack_lanes, run_streams, unpack_lanes
 
 __all__ = ["GemmRun", "run_gemm", "run_gemm_jobs", "run_blocked_gemm", "block_jobs", "place_blocks", "bf16_bits",
            "collision_check"]
@@ -160,21 +158,9 @@ def run_gemm_jobs(jobs, config=GemmConfig(), *, stalls=None, vcd_path=None, prog
     count = sum(tiles * col_tiles * rows for _, _, tiles, col_tiles, flags, _ in layout if "hold" not in flags)
     longest = max(len(beats) for beats in weight_beats.values())
     max_cycles = 50 * (count + len(a_beats)) + 40 * longest + 5000
-    if resolve_backend(backend) == "verilator":
-        model = VerilatorModel(lambda: GemmEngine(config), f"GemmEngine {config!r}", trace=bool(vcd_path))
-        outputs, cycles, _ = run_model(model, inputs, {"c": count}, stalls=stalls, max_cycles=max_cycles,
-                                       vcd_path=vcd_path, progress=progress)
-        beats = outputs["c"]
-    else:
-        dut = GemmEngine(config)
-        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
-                     for name, beats in inputs.items()]
-
-        async def consumer(ctx):
-            return await get(ctx, dut.c, count, stalls.get("c", NO_STALLS), max_cycles=max_cycles,
-                             progress=progress)
-
-        beats, cycles = simulate(dut, producers, consumer, vcd_path, processes=[collision_check(dut)])
+    beats, cycles = run_streams(lambda: GemmEngine(config), f"GemmEngine {config!r}", inputs, "c", count,
+                                stalls=stalls, max_cycles=max_cycles, vcd_path=vcd_path, progress=progress,
+                                backend=backend, observers=[collision_check])
     if len(beats) != count:
         raise RuntimeError(f"GEMM engine produced {len(beats)} of {count} output beats")
     width = 16 if config.out_dtype == "bf16" else 32

@@ -9,9 +9,11 @@ import os
 import numpy as np
 from amaranth.sim import Simulator
 
-from .streams import put
+from .streams import NO_STALLS, get, put
+from .verilator import VerilatorModel, run_model
 
-__all__ = ["CLOCK_PERIOD", "BACKENDS", "check_backend", "resolve_backend", "pack_lanes", "unpack_lanes", "producer", "simulate"]
+__all__ = ["CLOCK_PERIOD", "BACKENDS", "check_backend", "resolve_backend", "pack_lanes", "unpack_lanes", "producer",
+           "simulate", "run_streams"]
 
 CLOCK_PERIOD = 1e-8  # 100 MHz, the ULX3S target; only the VCD time axis depends on it
 
@@ -92,3 +94,26 @@ def simulate(dut, producers, consumer, vcd_path, processes=()):
     else:
         sim.run()
     return result["out"], result["cycles"]
+
+
+def run_streams(factory, key, inputs, output, count, *, stalls=None, max_cycles, vcd_path=None, progress=None,
+                backend=None, observers=()):
+    """Drive ``inputs`` (``{port: beats}``) into ``factory()``'s input streams and collect ``count`` beats of its
+    output stream ``output``, on Amaranth's simulator or on Verilator (the model cached under ``key``, the unit and
+    its configuration); ``observers``: functions of the design giving pysim processes (checks that watch it).
+    Returns ``(beats, cycles)``; fewer beats than ``count`` if the design stopped within ``max_cycles``."""
+    stalls = stalls or {}
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(factory, key, trace=bool(vcd_path))
+        outputs, cycles, _ = run_model(model, inputs, {output: count}, stalls=stalls, max_cycles=max_cycles,
+                                       vcd_path=vcd_path, progress=progress)
+        return outputs[output], cycles
+    dut = factory()
+    producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS)) for name, beats in inputs.items()]
+
+    async def consumer(ctx):
+        return await get(ctx, getattr(dut, output), count, stalls.get(output, NO_STALLS), max_cycles=max_cycles,
+                         progress=progress)
+
+    return simulate(dut, producers, consumer, vcd_path, processes=[observe(dut) for observe in observers])
+

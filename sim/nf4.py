@@ -12,9 +12,7 @@ import numpy as np
 from edge_qlora.golden.codebook import unpack_codes
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer, tensor_layout
 from edge_qlora.rtl.nf4_span import SpanScales, span_layout
-from .harness import resolve_backend, pack_lanes, producer, simulate, unpack_lanes
-from .verilator import VerilatorModel, run_model
-from .streams import NO_STALLS, get
+from .harness import pack_lanes, run_streams, unpack_lanes
 
 __all__ = ["RunResult", "run_dequantizer", "dequantizer_streams", "run_span_scales", "span_descriptor"]
 
@@ -105,21 +103,9 @@ def run_dequantizer(quantized, config=None, *, stalls=None, vcd_path=None, progr
             inputs.setdefault(name, []).extend(beats)
     codes = inputs["codes"]
     max_cycles = 40 * len(codes) + 1000
-    if resolve_backend(backend) == "verilator":
-        model = VerilatorModel(lambda: NF4Dequantizer(config), f"NF4Dequantizer {config!r}", trace=bool(vcd_path))
-        outputs, cycles, _ = run_model(model, inputs, {"weights": len(codes)}, stalls=stalls,
-                                       max_cycles=max_cycles, vcd_path=vcd_path, progress=progress)
-        beats = outputs["weights"]
-    else:
-        dut = NF4Dequantizer(config)
-        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
-                     for name, beats in inputs.items()]
-
-        async def consumer(ctx):
-            return await get(ctx, dut.weights, len(codes), stalls.get("weights", NO_STALLS),
-                             max_cycles=max_cycles, progress=progress)
-
-        beats, cycles = simulate(dut, producers, consumer, vcd_path)
+    beats, cycles = run_streams(lambda: NF4Dequantizer(config), f"NF4Dequantizer {config!r}", inputs, "weights",
+                                len(codes), stalls=stalls, max_cycles=max_cycles, vcd_path=vcd_path,
+                                progress=progress, backend=backend)
     data_width = fmt.width * lanes
     last_flags = [(beat >> data_width) & 1 for beat in beats]
     expected_last = []
@@ -170,20 +156,8 @@ def run_span_scales(spans, max_groups=1024, *, stalls=None, vcd_path=None, backe
     inputs = {"span": descriptors, "table": table_beats}
     total = sum(counts)
     max_cycles = 20 * (total + len(table_beats)) + 1000
-    if resolve_backend(backend) == "verilator":
-        model = VerilatorModel(lambda: SpanScales(max_groups), f"SpanScales {max_groups}", trace=bool(vcd_path))
-        outputs, cycles, _ = run_model(model, inputs, {"absmax2": total}, stalls=stalls, max_cycles=max_cycles,
-                                       vcd_path=vcd_path)
-        beats = outputs["absmax2"]
-    else:
-        dut = SpanScales(max_groups)
-        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
-                     for name, beats in inputs.items()]
-
-        async def consumer(ctx):
-            return await get(ctx, dut.absmax2, total, stalls.get("absmax2", NO_STALLS), max_cycles=max_cycles)
-
-        beats, cycles = simulate(dut, producers, consumer, vcd_path)
+    beats, cycles = run_streams(lambda: SpanScales(max_groups), f"SpanScales {max_groups}", inputs, "absmax2", total,
+                                stalls=stalls, max_cycles=max_cycles, vcd_path=vcd_path, backend=backend)
     if len(beats) != total:
         raise RuntimeError(f"span scales gave {len(beats)} of {total} absmax2 beats")
     values, start = [], 0
