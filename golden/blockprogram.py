@@ -16,9 +16,10 @@ order over the memory map of ``golden/memmap.py`` (row-major tensors, bitsandbyt
   piece of each token row and the weight's piece of each feature (backward: the span's W rows, the block's columns,
   with their absmax codes); then the block's outputs.
 
-Backward, feature blocks and tiles (W's columns) are whole NF4 blocks, as the traffic model chooses them. The double quantization's ``absmax2`` (one float32 per 256 blocks)
-is read whole at the start of every weight pass and the offset travels in the descriptor, as in the memory-fed
-step. A and B (float32 masters) are read at the start (``rank_resident``) or at the start of every weight pass;
+Backward, feature blocks and tiles (W's columns) are whole NF4 blocks, as the traffic model chooses them. The
+double quantization's ``absmax2`` (one float32 per 256 blocks) is read whole at the start of every weight pass and
+the offset travels in the descriptor, as in the memory-fed step. A and B (float32 masters) are read at the start
+(``rank_resident``) or at the start of every weight pass;
 the gradient that needs x and dy together re-reads ``x`` (``x-first``) or ``dy`` after the backward sweep (both
 when the other gradient is re-read too); the update reads the masters and moments and writes them, 64 elements at
 a time, as ``golden/memprogram.py`` does.

@@ -88,8 +88,8 @@ def run_case(name, sweep, tokens, config, rank, seed):
     results.append(("one job (cycle model)", f"W once per {rows} tokens", 1, None, model, act.numel(),
                     -(-tokens // rows) * w.numel(), None, None))
     macs = tokens * d_out * d_in
-    return [dict(projection=name, product=sweep, tokens=tokens, weights=config.weights, mode=mode, schedule=plan, jobs=count,
-                 cycles=cycles, model_cycles=model, model_error=model / cycles - 1 if cycles else None,
+    return [dict(projection=name, product=sweep, tokens=tokens, weights=config.weights, mode=mode, schedule=plan,
+                 jobs=count, cycles=cycles, model_cycles=model, model_error=model / cycles - 1 if cycles else None,
                  utilization=macs / (rows * cols * (cycles or model)), activation_passes=act_values / act.numel(),
                  w_passes=w_values / w.numel(), mismatches=bad, wall_s=wall)
             for mode, plan, count, cycles, model, act_values, w_values, bad, wall in results]

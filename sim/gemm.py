@@ -193,11 +193,11 @@ def block_jobs(a, weights, token_block, feature_block, span, transposed=False, c
     """The output-stationary schedule of ``a @ W.T`` (or, ``transposed``, ``a @ W``) as block jobs: for each block
     of ``token_block`` rows of ``a`` and ``feature_block`` output features (rows of W, or transposed its columns),
     one job per span of the reduction, all but the last held and all but the first resumed. W is bf16, or an
-    NF4Quantized of which each job streams its rectangle of whole NF4 blocks
-    (:func:`~edge_qlora.golden.nf4_quant.span`: the span and, transposed, the feature block are whole blocks). A
-    transposed job also takes the exponent
-    of each of its chunks of W rows over all of W's columns (``golden.gemm.row_chunk_exponents``; ``chunk``, the
-    engine's, divides ``span``), so that the blocks equal the whole product. Returns the jobs and, per job, the output block it gives (``(rows, features)`` slices, None for a held job)."""
+    NF4Quantized of which each job streams its rectangle of whole NF4 blocks (:func:`~edge_qlora.golden.nf4_span.span`:
+    the span and, transposed, the feature block are whole blocks). A transposed job also takes the exponent of each
+    of its chunks of W rows over all of W's columns (``golden.gemm.row_chunk_exponents``; ``chunk``, the engine's,
+    divides ``span``), so that the blocks equal the whole product. Returns the jobs and, per job, the output block
+    it gives (``(rows, features)`` slices, None for a held job)."""
     m_rows, reduction = a.shape
     features_all = weights.shape[1] if transposed else weights.shape[0]
     nf4 = isinstance(weights, NF4Quantized)
