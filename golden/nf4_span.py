@@ -84,7 +84,7 @@ def span(q, rows, cols):
     codes = unpack_codes(q.packed, height * width, q.bits).reshape(height, width)[rows, cols].reshape(-1)
     absmax2 = None
     if q.double_quant:
-        absmax2 = np.asarray(q.absmax2)[blocks if q.absmax2_per_block else blocks // DYNAMIC_BLOCKSIZE]
+        absmax2 = np.asarray(q.absmax2)[blocks if q.absmax2_per_block else where.groups()]
     return NF4Quantized(pack_codes(codes, q.bits), np.asarray(q.absmax)[blocks], (where.rows, where.blocks *
                         q.blocksize), q.dtype, q.blocksize, q.offset, absmax2, q.bits, q.codebook, q.double_quant)
 
