@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..constants import DYNAMIC_BLOCKSIZE
-from .nf4_quant import NF4Quantized, pack_codes, unpack_codes
+from .nf4_quant import NF4Quantized
 
 __all__ = ["SpanBlocks", "span_blocks", "span", "span_absmax2"]
 
@@ -80,12 +80,13 @@ def span(q, rows, cols):
     """
     where = span_blocks(q.shape, rows, cols, q.blocksize)
     blocks = where.indices()
-    height, width = q.shape
-    codes = unpack_codes(q.packed, height * width, q.bits).reshape(height, width)[rows, cols].reshape(-1)
+    # Every block size is a multiple of 8 codes, so each block is whole bytes of the packed codes: gather them.
+    block_bytes = q.blocksize * q.bits // 8
+    packed = np.asarray(q.packed, np.uint8).reshape(-1, block_bytes)[blocks].reshape(-1)
     absmax2 = None
     if q.double_quant:
         absmax2 = np.asarray(q.absmax2)[blocks if q.absmax2_per_block else where.groups()]
-    return NF4Quantized(pack_codes(codes, q.bits), np.asarray(q.absmax)[blocks], (where.rows, where.blocks *
+    return NF4Quantized(packed, np.asarray(q.absmax)[blocks], (where.rows, where.blocks *
                         q.blocksize), q.dtype, q.blocksize, q.offset, absmax2, q.bits, q.codebook, q.double_quant)
 
 

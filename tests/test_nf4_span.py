@@ -8,7 +8,7 @@ import torch
 from amaranth.hdl import Module
 from amaranth.lib import wiring
 
-from edge_qlora.golden import nf4_dequant, nf4_quant, nf4_span
+from edge_qlora.golden import codebook, nf4_dequant, nf4_quant, nf4_span
 from edge_qlora.golden.bnb_state import quant_state_dict
 from edge_qlora.rtl.nf4_dequant import NF4DequantConfig, NF4Dequantizer
 from edge_qlora.rtl.nf4_span import SpanScales
@@ -38,6 +38,15 @@ def test_spans_dequantize_to_the_slices_of_the_whole():
             assert (as_int16(nf4_dequant.dequantize(part)) == full[rows, cols]).all()
         inner = nf4_span.span(nf4_span.span(q, slice(3, 37), slice(128, 1024)), slice(1, 5), slice(64, 192))
         assert (as_int16(nf4_dequant.dequantize(inner)) == full[4:8, 192:320]).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_spans_of_sub4bit_codes(bits):
+    # 2- and 3-bit codes are a bit string across bytes; a block of 64 is still whole bytes of it
+    q = codebook.quantize(random_weights((12, 640), DTYPES["bf16"], bits), bits, blocksize=64)
+    full = as_int16(codebook.dequantize(q))
+    part = nf4_span.span(q, slice(5, 11), slice(192, 448))
+    assert part.bits == bits and (as_int16(codebook.dequantize(part)) == full[5:11, 192:448]).all()
 
 
 def test_span_blocks_by_hand():
