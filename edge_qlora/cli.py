@@ -1078,19 +1078,27 @@ def _verilog(args):
 
 def _cache(args):
     import shutil
+    from collections import Counter
     from .sim.verilator import cache_dir
 
     folder = cache_dir()
     models = sorted(folder.glob("*/key.txt")) if folder.exists() else []
+    # the design key of every binary: in binaries/ beside it; for one compiled before binaries/ existed (it stays
+    # in its design's folder until first used), in that folder
+    keys = list(folder.glob("binaries/*/key.txt")) + [
+        path.parents[1] / "key.txt" for path in folder.glob("*/*/vsim") if path.parents[1].name != "binaries"]
+    binaries = [key.read_text().strip() for key in keys if key.exists()]
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
     if args.clear:
         shutil.rmtree(folder, ignore_errors=True)
-        print(f"cleared {folder}: {len(models)} models, {size / 1e6:.1f} MB")
+        print(f"cleared {folder}: {len(models)} models, {len(binaries)} compiled, {size / 1e6:.1f} MB")
         return
-    print(f"{folder}: {len(models)} models, {size / 1e6:.1f} MB (clear with: edge-qlora cache --clear)")
+    print(f"{folder}: {len(models)} models, {len(binaries)} compiled, {size / 1e6:.1f} MB "
+          "(clear with: edge-qlora cache --clear)")
+    compiled = Counter(binaries)
     for key in models:
-        binaries = len(list(key.parent.glob("*/vsim")))
-        print(f"  {key.parent.name}  {key.read_text().strip()}  ({binaries} binaries)")
+        title = key.read_text().strip()
+        print(f"  {key.parent.name}  {title}  ({compiled[title]} binaries)")
 
 
 def _tinyllama(args):

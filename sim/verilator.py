@@ -9,8 +9,9 @@ two backends give the same outputs and, without stalls, the same cycle counts.
 
 Cache: ``$EDGE_QLORA_CACHE/verilator`` (default ``~/.cache/edge-qlora/verilator``): one folder per design, named by
 a hash of the unit, its configuration, the RTL sources and the Amaranth version (``top.v``, its ports, its memory
-bits), and in it one folder per binary (harness, Verilator flags and version). ``edge-qlora cache --clear`` empties
-it (or delete the folder).
+bits), and ``binaries/``, one folder per compiled model, named by a hash of the Verilog itself, the harness and
+Verilator's flags and version: an edit of the RTL exports every design again (seconds to a minute) but compiles
+only those whose Verilog it changed. ``edge-qlora cache --clear`` empties it (or delete the folder).
 """
 
 import hashlib
@@ -184,7 +185,8 @@ class VerilatorModel:
     """A compiled model of ``factory()``'s component (built on first use, cached by ``key``).
 
     The cache has two levels: the Verilog of a design (``key`` and the RTL sources; exporting a large design takes
-    minutes) and, below it, one binary per harness and compiler options.
+    minutes) and the binaries, one per Verilog text, harness and compiler options, shared by the designs whose
+    Verilog is the same.
 
     Parameters
     ----------
@@ -203,16 +205,22 @@ class VerilatorModel:
 
     @property
     def folder(self):
-        """The design's folder: ``top.v`` and one subfolder per binary. Fixed at first use, so that the model's
+        """The design's folder: ``top.v``, its ports and memory bits. Fixed at first use, so that the model's
         files stay together even if the RTL sources change while it runs."""
         if self._folder is None:
             self._folder = cache_dir() / _hash(self.key, _rtl_digest(), metadata.version("amaranth"))
         return self._folder
 
     def binary(self, status=None):
-        harness = _harness(self.ports(status))
+        """The compiled model's path (it may not exist yet): shared by every design folder whose Verilog is the
+        same, so that an RTL edit which leaves a design's Verilog as it was costs no compile."""
+        verilog_digest = hashlib.sha256(self.verilog(status).read_bytes()).hexdigest()
+        return cache_dir() / "binaries" / _hash(verilog_digest, *self._build_options(status)) / "vsim"
+
+    def _build_options(self, status=None):
+        """What a binary depends on besides the Verilog: its harness, Verilator's flags and version."""
         flags = " ".join(VERILATOR_FLAGS + (["--trace"] if self.trace else []))
-        return self.folder / _hash(harness, flags, metadata.version("verilator")) / "vsim"
+        return _harness(self.ports(status)), flags, metadata.version("verilator")
 
     def ports(self, status=None):
         """The top's ports, from the cache (the design is exported first if needed)."""
@@ -243,6 +251,17 @@ class VerilatorModel:
         binary = self.binary(status)
         if binary.exists():
             return binary
+        # a binary kept in the design's own folder (where they lay before binaries/) moves there
+        own = self.folder / _hash(*self._build_options()) / "vsim"
+        if own.exists():
+            try:
+                _publish(binary, {"vsim": own.read_bytes(), "key.txt": self.key + "\n"})
+                own.unlink()
+            except FileNotFoundError:       # another process moved it first
+                pass
+            if binary.exists():
+                binary.chmod(0o755)
+                return binary
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(f"Verilator backend unavailable: {reason}")
@@ -259,7 +278,7 @@ class VerilatorModel:
             if result.returncode != 0:
                 tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
                 raise RuntimeError("Verilator build failed: " + " | ".join(tail))
-            _publish(binary, {"vsim": (work / "obj_dir" / "vsim").read_bytes()})
+            _publish(binary, {"vsim": (work / "obj_dir" / "vsim").read_bytes(), "key.txt": self.key + "\n"})
             binary.chmod(0o755)
         finally:
             shutil.rmtree(work, ignore_errors=True)

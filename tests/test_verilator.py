@@ -9,6 +9,9 @@ whole driver-level suite runs on Verilator with ``EDGE_QLORA_SIM_BACKEND=verilat
 import numpy as np
 import pytest
 import torch
+from amaranth.hdl import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
 
 from edge_qlora.golden import gemm as golden_gemm
 from edge_qlora.golden import lora, nf4_dequant, nf4_quant, nf4_span
@@ -143,3 +146,31 @@ def test_cli_dequant_with_vcd(tmp_path):
     assert mismatches(nf4_dequant.dequantize(q, "bf16"), load_file(out)["weight"]) == 0
     text = vcd.read_text()
     assert "$enddefinitions" in text and "weights__valid" in text.replace("___05F", "__")
+
+
+class _Increment(wiring.Component):
+    """A stream of bytes, each plus one, through a register: a design that compiles in seconds."""
+
+    def __init__(self):
+        super().__init__({"i": In(stream.Signature(8)), "o": Out(stream.Signature(8))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.i.ready.eq(~self.o.valid | self.o.ready)
+        with m.If(self.i.ready):
+            m.d.sync += [self.o.payload.eq(self.i.payload + 1), self.o.valid.eq(self.i.valid)]
+        return m
+
+
+def test_rtl_edit_that_leaves_the_verilog_compiles_nothing(tmp_path, monkeypatch):
+    # an edit of the RTL sources exports the design again into a new folder, but its Verilog is the same, so the
+    # compiled binary is found: nothing is compiled a second time
+    monkeypatch.setenv("EDGE_QLORA_CACHE", str(tmp_path))
+    first = verilator.VerilatorModel(_Increment, key="increment")
+    beats, _, _ = verilator.run_model(first, {"i": [1, 2, 254]}, {"o": 3})
+    assert beats["o"] == [2, 3, 255]
+    monkeypatch.setattr(verilator, "_rtl_digest", lambda: "an edited RTL")
+    edited = verilator.VerilatorModel(_Increment, key="increment")
+    assert edited.folder != first.folder and edited.binary() == first.binary() and edited.binary().exists()
+    monkeypatch.setattr(verilator.subprocess, "run", pytest.fail)     # no compile from here on
+    assert verilator.run_model(edited, {"i": [7]}, {"o": 1})[0]["o"] == [8]
