@@ -17,18 +17,21 @@ from reference import run_cli
 
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """One small-mode run (a minute or two: the memory-fed model check on pysim): its exit status, stdout (the
-    JSON), stderr and output folder."""
-    out = tmp_path_factory.mktemp("bench") / "out"
+def test_small_mode(tmp_path):
+    """One small-mode run (a minute or two: the memory-fed model check on pysim), timing the CPU on one thread,
+    once, checked in three parts (one test, so that the run is made once however the tests are spread)."""
+    out = tmp_path / "out"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        status = run_cli("bench", "--small", "--json", "-q", "--out", out)
-    return status, stdout.getvalue(), stderr.getvalue(), out
+        status = run_cli("bench", "--small", "--json", "-q", "--threads", "1", "--warmup", "0", "--repeats", "1",
+                         "--out", out)
+    small = status, stdout.getvalue(), stderr.getvalue(), out
+    check_small_json(small)
+    check_small_cycle_model(small)
+    check_small_table_and_plots(small)
 
 
-def test_small_mode_json(small):
+def check_small_json(small):
     status, stdout, _, out = small
     assert status == 0
     report = json.loads(stdout)
@@ -67,7 +70,7 @@ def test_small_mode_json(small):
     assert report["limits"]["array_macs_per_s"] == pytest.approx(64 * 100e6)
 
 
-def test_small_mode_checks_the_cycle_model(small):
+def check_small_cycle_model(small):
     report = json.loads(small[1])
     (check,) = report["validation"]
     assert check["source"] == "pysim" and (check["rows"], check["cols"]) == (8, 8)
@@ -77,7 +80,7 @@ def test_small_mode_checks_the_cycle_model(small):
     assert abs(check["model_error"]) < 0.03
 
 
-def test_small_mode_table_and_plots(small):
+def check_small_table_and_plots(small):
     _, _, stderr, out = small
     text = (out / "bench.md").read_text()
     assert "| RTL vs CPU bf16, 1 thread | RTL vs fastest CPU |" in text

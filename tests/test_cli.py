@@ -316,10 +316,11 @@ def test_help_lists_commands(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("board,lanes", [("icebreaker", 1), ("ulx3s-85f", 8)])
-def test_build_smoke(tmp_path, board, lanes, capsys):
+@pytest.mark.parametrize("board", ["icebreaker", "ulx3s-85f"])
+def test_build_smoke(tmp_path, board, capsys):
+    # the smallest dequantizer (one lane, plain absmax) to a bitstream through the CLI
     out = tmp_path / board
-    assert run_cli("build", "--board", board, "--lanes", lanes, "--out", out) == 0
+    assert run_cli("build", "--board", board, "--lanes", 1, "--no-double-quant", "--out", out) == 0
     report = json.loads((out / "report.json").read_text())
     assert os.path.getsize(report["bitstream"]) > 0
     assert set(report) >= {"fmax_mhz", "target_mhz", "utilization"}

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from reference import run_cli
 
-CASE = ("--tokens", 4, "--in-features", 32, "--out-features", 16, "--rank", 2)
+CASE = ("--tokens", 2, "--in-features", 16, "--out-features", 8, "--rank", 2)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_step_memory_json_ddr3(case_path, tmp_path, capsys):
     assert report["bytes_read"] == sum(report["read_bytes"].values()) > 0
     assert report["bytes_written"] == sum(report["written_bytes"].values()) > 0
     assert set(report["written_bytes"]) == {"y", "dx", "param", "m", "v"}
-    t, d_in, d_out, r = 4, 32, 16, 2
+    t, d_in, d_out, r = 2, 16, 8, 2
     macs = 2 * t * d_in * d_out + 3 * t * r * (d_in + d_out)
     assert report["utilization"] == pytest.approx(macs / (2 * 4 * report["cycles"]))
     moved = report["bytes_read"] + report["bytes_written"]

@@ -50,10 +50,18 @@ def model_error(case, run, memory="ulx3s-sdram", rows=2, cols=2):
 
 
 def test_step_through_memory():
+    # a shape where the cycle model holds within 3%, on Verilator where it is installed (it gives pysim's cycles:
+    # the next test), on pysim otherwise
     case = lora.random_case(4, 64, 32, 4, seed=1, states=True)
-    run = check(case)
+    run = check(case, backend="verilator" if verilator.available() else None)
     assert run.bytes_read > 0 and run.bytes_written > 0
     assert abs(model_error(case, run)) < 0.03
+
+
+@pytest.mark.skipif(not verilator.available(), reason=verilator.unavailable_reason() or "")
+def test_step_through_memory_verilator():
+    case = lora.random_case(2, 32, 16, 2, seed=5, states=True)
+    assert check(case, backend="verilator").cycles == check(case, backend="pysim").cycles
 
 
 def test_step_through_memory_random_stalls():
@@ -70,16 +78,8 @@ def test_step_through_memory_sgd_plain_absmax():
 
 def test_step_through_ddr3():
     case = lora.random_case(4, 32, 16, 2, seed=4, states=True)
-    run = check(case, "ecpix5-ddr3", rows=2, cols=4)
+    run = check(case, "ecpix5-ddr3", rows=2, cols=4, backend="verilator" if verilator.available() else None)
     assert abs(model_error(case, run, "ecpix5-ddr3", 2, 4)) < 0.03
-
-
-@pytest.mark.skipif(not verilator.available(), reason=verilator.unavailable_reason() or "")
-def test_step_through_memory_verilator():
-    case = lora.random_case(4, 64, 32, 4, seed=5, states=True)
-    fast = check(case, backend="verilator")
-    slow = check(case, backend="pysim")
-    assert fast.cycles == slow.cycles
 
 
 @pytest.mark.skipif(not verilator.available(), reason=verilator.unavailable_reason() or "")

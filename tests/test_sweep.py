@@ -32,6 +32,7 @@ board = "icebreaker"
 timeout_s = 900
 [design]
 lanes = 1
+no_double_quant = true
 [sweep]
 seed = [1, 2]
 place_only = [true]
@@ -238,7 +239,7 @@ def test_kill_worker_then_resume(tmp_path, with_ray):
     rows = _rows(out)
     assert rows[1]["status"] == "lost" and rows[1]["error"].startswith("Ray worker died"), rows[1]
     assert rows[2]["status"] == "ok" and rows[2]["error"] is None
-    assert 10 < rows[2]["fmax_mhz"] < 30 and rows[2]["utilization"]["ICESTORM_LC"][0] > 4000
+    assert 10 < rows[2]["fmax_mhz"] < 30 and rows[2]["utilization"]["ICESTORM_LC"][0] > 2000
     assert rows[2]["placed_only"] is True
     assert "| 1 | true |" in stdout and "Ray worker died" in stdout
     assert (out / "sweep.md").exists() and (out / "pareto.png").stat().st_size > 10000
