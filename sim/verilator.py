@@ -202,6 +202,7 @@ class VerilatorModel:
     trace: bool = False
     _ports: list = field(default=None, repr=False)
     _folder: Path = field(default=None, repr=False)
+    _verilog_digest: str = field(default=None, repr=False)
 
     @property
     def folder(self):
@@ -214,8 +215,9 @@ class VerilatorModel:
     def binary(self, status=None):
         """The compiled model's path (it may not exist yet): shared by every design folder whose Verilog is the
         same, so that an RTL edit which leaves a design's Verilog as it was costs no compile."""
-        verilog_digest = hashlib.sha256(self.verilog(status).read_bytes()).hexdigest()
-        return cache_dir() / "binaries" / _hash(verilog_digest, *self._build_options(status)) / "vsim"
+        if self._verilog_digest is None:
+            self._verilog_digest = hashlib.sha256(self.verilog(status).read_bytes()).hexdigest()
+        return cache_dir() / "binaries" / _hash(self._verilog_digest, *self._build_options(status)) / "vsim"
 
     def _build_options(self, status=None):
         """What a binary depends on besides the Verilog: its harness, Verilator's flags and version."""
