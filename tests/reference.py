@@ -78,3 +78,10 @@ def fields(value, *widths):
         out.append(value & ((1 << width) - 1))
         value >>= width
     return out
+
+
+def long_run_backend():
+    """For the longest cycle checks: Verilator where it is installed (it gives pysim's outputs and cycles,
+    tests/test_verilator.py), else the default simulator."""
+    from edge_qlora.sim import verilator
+    return "verilator" if verilator.available() else None

@@ -12,11 +12,10 @@ from amaranth.back import rtlil
 from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.rtl.gemm import GemmConfig, GemmEngine
-from edge_qlora.sim import verilator
 from edge_qlora.sim.gemm import block_jobs, run_blocked_gemm, run_gemm, run_gemm_jobs
 from edge_qlora.sim.streams import Stalls
 
-from reference import mismatches
+from reference import long_run_backend, mismatches
 
 STREAMS = ("job", "a", "w", "c", "tensor", "codes", "absmax", "absmax2", "exponents")
 
@@ -324,8 +323,7 @@ def test_rtl_8x8_nf4():
 
 @pytest.mark.parametrize("m,n,k,rows,cols,transposed,weights", golden.CYCLE_MODEL_CASES)
 def test_cycle_model_within_2_percent(m, n, k, rows, cols, transposed, weights):
-    # the largest case on Verilator where it is installed (the same cycles as pysim's, tests/test_verilator.py)
-    backend = "verilator" if m * n * k > 50_000 and verilator.available() else None
+    backend = long_run_backend() if m * n * k > 50_000 else None       # the largest case
     run, config = check_rtl(m, n, k, rows, cols, transposed, weights=weights, stalls=False, seed=2, backend=backend)
     model = golden.gemm_cycles(m, n, k, rows, cols, config.chunk_steps, transposed, weights)
     assert abs(model.cycles - run.cycles) <= 0.02 * run.cycles, (model.cycles, run.cycles)

@@ -10,7 +10,7 @@ from edge_qlora.rtl.lora import LoraConfig, LoraStep
 from edge_qlora.sim.lora import run_step
 from edge_qlora.sim.streams import Stalls
 
-from reference import mismatches
+from reference import long_run_backend, mismatches
 
 
 def make_case(t, i, o, r, optimizer="adamw", step=1, seed=0, states=False, double_quant=True, weight_decay=0.01):
@@ -68,13 +68,11 @@ def test_b4_queues_its_outputs_for_the_combiner():
     """On 4x4 B4 gives a tile's 16 beats in its last sweep (16 steps a column tile) and the one-lane combiner takes
     24 cycles a column tile: with the tiles' beats queued the engine goes on, and only the last tile's drain
     follows it (without the queue the engine waited 8 cycles a column tile at each tile boundary: 384 cycles here,
-    B4 about 8% more). A cycle count: on Verilator where it is installed (the same cycles as pysim's,
-    tests/test_verilator.py), on pysim otherwise."""
+    B4 about 8% more). A cycle count, on :func:`long_run_backend`."""
     from edge_qlora.rtl.lora import Phase
-    from edge_qlora.sim import verilator
     from edge_qlora.sim.lora import combine_cycles, engine_cycles
     t, i, o, r = 16, 64, 64, 2
-    run = check_rtl(make_case(t, i, o, r, seed=7), 4, 4, backend="verilator" if verilator.available() else None)
+    run = check_rtl(make_case(t, i, o, r, seed=7), 4, 4, backend=long_run_backend())
     model = combine_cycles(Phase.B4, engine_cycles(Phase.B4, t, i, o, r, 4, 4), t, i, o, r, 4, 4)
     assert abs(run.phase_cycles["B4"] / model - 1) < 0.03, (run.phase_cycles["B4"], model)
 

@@ -16,7 +16,7 @@ from edge_qlora.sim import verilator
 from edge_qlora.sim.memstep import _fields, mem_step_config, model_cycles, run_mem_step
 from edge_qlora.sim.streams import Stalls
 
-from reference import mismatches
+from reference import long_run_backend, mismatches
 
 #: The report's counters against the program's tensors.
 READ_TENSORS = {"x": ("x",), "dy": ("dy",), "a": ("lora_A",), "b": ("lora_B",), "absmax2": ("nf4_absmax2",),
@@ -50,10 +50,10 @@ def model_error(case, run, memory="ulx3s-sdram", rows=2, cols=2):
 
 
 def test_step_through_memory():
-    # a shape where the cycle model holds within 3%, on Verilator where it is installed (it gives pysim's cycles:
-    # the next test), on pysim otherwise
+    # a shape where the cycle model holds within 3% (on Verilator where installed: it gives pysim's cycles, the
+    # next test)
     case = lora.random_case(4, 64, 32, 4, seed=1, states=True)
-    run = check(case, backend="verilator" if verilator.available() else None)
+    run = check(case, backend=long_run_backend())
     assert run.bytes_read > 0 and run.bytes_written > 0
     assert abs(model_error(case, run)) < 0.03
 
@@ -78,7 +78,7 @@ def test_step_through_memory_sgd_plain_absmax():
 
 def test_step_through_ddr3():
     case = lora.random_case(4, 32, 16, 2, seed=4, states=True)
-    run = check(case, "ecpix5-ddr3", rows=2, cols=4, backend="verilator" if verilator.available() else None)
+    run = check(case, "ecpix5-ddr3", rows=2, cols=4, backend=long_run_backend())
     assert abs(model_error(case, run, "ecpix5-ddr3", 2, 4)) < 0.03
 
 
