@@ -123,14 +123,13 @@ def test_rtl_spans_between_whole_tensors():
     # by two blocks (transposed), one block alone; whole tensors before, between and after: each span's blocks take
     # their own absmax2 beats (the header says so), the whole tensors one per 256 blocks. (Without double
     # quantization a span is an ordinary tensor: its blocks' absmax, nothing more.)
-    double_quant = True
     weight = random_weights((70, 640), DTYPES["bf16"], 11)
-    whole = quantized(weight, 64, double_quant)
+    whole = quantized(weight, 64, True)
     cuts = [(slice(3, 40), slice(128, 192)), (slice(20, 26), slice(512, 640)), (slice(69, 70), slice(0, 64))]
     spans = [nf4_span.span(whole, rows, cols) for rows, cols in cuts]
-    other = quantized(random_weights((3, 129), DTYPES["bf16"], 12), 64, double_quant)
+    other = quantized(random_weights((3, 129), DTYPES["bf16"], 12), 64, True)
     tensors = [other, spans[0], whole, spans[1], spans[2], other]
-    config = NF4DequantConfig(lanes=8, blocksize=64, double_quant=double_quant)
+    config = NF4DequantConfig(lanes=8, blocksize=64, double_quant=True)
     run = run_dequantizer(tensors, config, stalls=random_stalls(5))
     full = nf4_dequant.dequantize(whole).view(torch.int16)
     expected = [nf4_dequant.dequantize(other).view(torch.int16).reshape(-1), full[cuts[0]].reshape(-1),
