@@ -31,8 +31,8 @@ from . import dram, traffic
 from .memmap import layout
 from .memprogram import Job, PortShape, Request, split_bursts, state_groups
 
-__all__ = ["SPAN", "GROUP", "Program", "program", "port_for", "requests", "bytes_by_tensor", "traffic_bytes",
-           "dram_time", "blocked_for"]
+__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "port_for", "requests", "bytes_by_tensor",
+           "traffic_bytes", "dram_time", "blocked_for"]
 
 #: Reduction elements per span of the output-stationary loops: one NF4 block.
 SPAN = 64
@@ -206,6 +206,41 @@ def _update(w):
         for name in names:
             region = w.memmap.output_region(name)
             w.ops.append(("write", Job(region.name, region.address + offset, size)))
+
+
+def forward_product(memmap, token_block, feature_block, cols):
+    """The forward base product ``y = x W^T`` alone, output-stationary, exactly as the block controller of
+    ``rtl/blocked.py`` issues it (its requests, in order, are the order the memory returns words in).
+
+    Per block of ``token_block`` tokens: ``absmax2`` whole; per block of ``feature_block`` W rows: the block's
+    absmax codes (one job), then per span of :data:`SPAN` reduction elements (one NF4 block) each token row's piece
+    of x and each W row's codes, one job per row; after the block's last span its outputs, one job per output row
+    of each ``rows x cols`` tile in the engine's order (W tile by W tile, the block's tokens in order within one).
+    Its bytes per tensor equal :func:`program`'s forward sweep in the same schedule (``tests/test_blockprogram.py``);
+    only the y writes are cut finer. The NF4 offset travels in the descriptor. Double quantization only."""
+    mm = memmap
+    t, d_in, d_out = mm.t, mm.d_in, mm.d_out
+    if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN:
+        raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN} and whole "
+                         f"blocks per W row (d_in = {d_in}, blocksize {mm.blocksize})")
+    if feature_block % cols or d_out % cols:
+        raise ValueError(f"feature blocks ({feature_block}) and d_out ({d_out}) must be multiples of cols ({cols})")
+    w = _Writer(mm)
+    per_row = d_in // SPAN
+    blocks = _blocks(t, token_block)
+    for t0, nt in blocks:
+        w.pass_start(True)
+        for f0, nf in _blocks(d_out, feature_block):
+            w.add("read", "nf4_absmax", f0 * per_row, nf * per_row)
+            for s in range(per_row):
+                for token in range(t0, t0 + nt):
+                    w.add("read", "x", (token * d_in + s * SPAN) * 2, SPAN * 2)
+                for row in range(f0, f0 + nf):
+                    w.add("read", "nf4_codes", (row * d_in + s * SPAN) // 2, SPAN // 2)
+            for c0 in range(f0, f0 + nf, cols):
+                for token in range(t0, t0 + nt):
+                    w.add("write", "y", (token * d_out + c0) * 2, cols * 2)
+    return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 
 def requests(port, prog):

@@ -110,3 +110,23 @@ def test_the_update_follows_the_products():
     assert {job.tensor for _, job in update.ops} == {"lora_A", "lora_B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B",
                                                      "exp_avg_sq_B"}
     assert {op for op, job in products.ops if job.tensor.startswith("exp_avg")} == set()
+
+
+@pytest.mark.parametrize("t, d_in, d_out, tokens, features", [(24, 192, 48, 8, 16), (6, 128, 24, 4, 16),
+                                                               (128, 2048, 256, 128, 256)])
+def test_forward_product_moves_the_forward_sweeps_bytes(t, d_in, d_out, tokens, features):
+    # the block controller's program (rtl/blocked.py) cuts y finer than the program of the whole step, but moves
+    # the same bytes of every tensor as its forward sweep in the same output-stationary schedule, and every byte of
+    # y is written once, every byte of x read once per feature block, of W once per token block
+    mm = layout(d_in, d_out, t, 4)
+    product = bp.forward_product(mm, tokens, features, cols=8)
+    writer = bp._Writer(mm)
+    passes = bp._forward(writer, {"loop": "output-stationary", "tokens": tokens, "features": features}, True)
+    assert passes == product.weight_passes == -(-t // tokens)
+    assert bp.bytes_by_tensor(product) == bp.bytes_by_tensor(bp.Program(tuple(writer.ops), passes, len(writer.ops)))
+    counts = _coverage(mm, product)
+    assert (counts["write", "y"] == 1).all()
+    assert (counts["read", "x"] == -(-d_out // features)).all()
+    assert (counts["read", "nf4_codes"] == -(-t // tokens)).all()
+    with pytest.raises(ValueError, match="multiples of cols"):
+        bp.forward_product(mm, tokens, features + 1, cols=8)
