@@ -1,0 +1,743 @@
+"""The block controller of the blocked step, first part: the forward base product ``y = x W^T`` with x, the NF4
+weight and y in external memory, in the output-stationary order (twin: ``golden/blockprogram.py``'s
+:func:`~edge_qlora.golden.blockprogram.forward_product`).
+
+The memory-fed step (``rtl/lora/memstep.py``) streams the weight once per tile of ``rows`` tokens: 16 passes at
+T = 128 on the 8x8 array. Here a block of ``tokens`` token rows by ``features`` W rows keeps its float32 partial
+sums in the GEMM engine's accumulator while the reduction streams by in spans of one NF4 block (64 elements): per
+span one block job of the engine (``rtl/gemm``: all but the last held, all but the first resumed), its x piece
+read once and its W piece once. So the weight crosses the port once per token block, x once per feature block,
+and y is written once, as ``golden/traffic.py``'s blocked dataflow counts them.
+
+Parts, each a component; five :class:`SpanWalker` walk the same loop nest (token block, feature block, span), each
+for one consumer at that consumer's pace, so no part waits for another's bookkeeping:
+
+* :class:`ReadIssuer`: per span the read jobs in program order (``absmax2`` at a token block's start, the feature
+  block's absmax codes at its start, then each token row's piece of x and each W row's codes), each with the job
+  of the unpacker of its destination, into a :class:`~.memport.TaggedReader`;
+* :class:`XBuffer`: the corner turn: a span's x piece in token rows from memory, out as the engine's A beats
+  (``rows`` tokens of one reduction index);
+* :class:`AbsmaxBuffer`: a feature block's absmax codes, served per span (one per W row, column ``s``);
+* :class:`JobIssuer`: per span the engine's block job, the dequantizer's tensor beat and the span descriptor of
+  :class:`~.nf4_span.SpanScales` (each block's second-level absmax from the on-chip table);
+* :class:`OutputIssuer`: after a feature block's last span, one write job per output row of a tile, in the
+  engine's order, and the packer's job.
+
+One ``report`` beat ends a product: cycles, words per destination and written, and stall cycles.
+"""
+
+from dataclasses import dataclass
+
+from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .fp import BF16
+from .gearbox import Packer, Unpacker
+from .gemm import GemmConfig, GemmEngine, a_layout
+from .gemm import job_layout as engine_job_layout
+from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout as write_job_layout
+from .nf4_dequant import tensor_layout
+from .nf4_span import SpanScales, span_layout
+
+__all__ = ["SPAN", "READS", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
+           "report_layout", "SpanWalker", "ReadIssuer", "XBuffer", "AbsmaxBuffer", "JobIssuer", "OutputIssuer",
+           "BlockedProduct"]
+
+#: Reduction elements per span: one NF4 block, so a W row's piece of a span is one absmax code and 32 bytes.
+SPAN = 64
+_SPAN_SHIFT = SPAN.bit_length() - 1
+#: The read destinations, in the order of the tagged reader's FIFOs and the report's counters.
+READS = ("absmax2", "absmax", "x", "codes")
+_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4}
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _power_of_two(value):
+    return _is_int(value) and value >= 1 and value & (value - 1) == 0
+
+
+@dataclass(frozen=True)
+class BlockedConfig:
+    """Elaboration parameters of :class:`BlockedProduct`.
+
+    Parameters
+    ----------
+    rows, cols : int
+        The GEMM engine's PE array, powers of two.
+    port : MemPortConfig
+        The external-memory port; a ``cols``-wide bf16 output row is whole port words.
+    max_tokens, max_features : int
+        The largest token block (a multiple of ``rows``) and feature block (a multiple of ``cols``): the engine's
+        A buffer holds ``max_tokens / rows`` tiles of a span, its accumulator their partial sums by
+        ``max_features / cols`` W tiles.
+    max_in : int
+        The longest W row, a multiple of :data:`SPAN`: the absmax buffer holds ``max_features * max_in / 64``
+        codes.
+    max_groups : int
+        Entries of the ``absmax2`` table (the weight's blocks / 256, rounded up).
+    fifo_words : int
+        Words of each read destination's FIFO but the codes' (:attr:`codes_words`), at least ``port.max_burst``.
+    """
+
+    rows: int = 8
+    cols: int = 8
+    port: MemPortConfig = MemPortConfig()
+    max_tokens: int = 128
+    max_features: int = 448
+    max_in: int = 2048
+    max_groups: int = 1024
+    fifo_words: int = 128
+
+    def __post_init__(self):
+        for name in ("rows", "cols"):
+            if not _power_of_two(getattr(self, name)) or getattr(self, name) > 16:
+                raise ValueError(f"{name} must be a power of two from 1 to 16, not {getattr(self, name)!r}")
+        if not isinstance(self.port, MemPortConfig):
+            raise TypeError(f"port must be a MemPortConfig, not {self.port!r}")
+        if (self.cols * BF16.width) % self.port.data_width:
+            raise ValueError(f"a row of cols ({self.cols}) bf16 outputs must be whole {self.port.data_width}-bit "
+                             f"port words")
+        if self.port.data_width > 128:
+            raise ValueError(f"the port word must be at most 128 bits, not {self.port.data_width}")
+        if not _is_int(self.max_tokens) or self.max_tokens < self.rows or self.max_tokens % self.rows:
+            raise ValueError(f"max_tokens must be a positive multiple of rows ({self.rows}), not {self.max_tokens!r}")
+        if not _is_int(self.max_features) or self.max_features < self.cols or self.max_features % self.cols:
+            raise ValueError(f"max_features must be a positive multiple of cols ({self.cols}), not "
+                             f"{self.max_features!r}")
+        if not _is_int(self.max_in) or self.max_in < SPAN or self.max_in % SPAN or self.max_in >= 1 << 16:
+            raise ValueError(f"max_in must be a multiple of {SPAN} below 65536, not {self.max_in!r}")
+        if not _is_int(self.max_groups) or not 1 <= self.max_groups < 1 << 16:
+            raise ValueError(f"max_groups must be an integer from 1 to 65535, not {self.max_groups!r}")
+        if not _is_int(self.fifo_words) or self.fifo_words < self.port.max_burst:
+            raise ValueError(f"fifo_words must be at least the port's max_burst ({self.port.max_burst}), not "
+                             f"{self.fifo_words!r}")
+        if SPAN % self.gemm.chunk_steps:
+            raise ValueError(f"the engine's chunk ({self.gemm.chunk_steps}) must divide the span ({SPAN})")
+
+    @property
+    def codes_words(self):
+        """Words of the codes FIFO: a whole span's codes of the largest feature block (at least ``fifo_words``),
+        so that a span's codes are all requested early in its job and the next span's x, which follows them in
+        the read order, loads while the engine computes (with a FIFO of a few bursts the x would wait for the
+        engine to be nearly through the codes, and the next job for the x)."""
+        return max(self.fifo_words, -(-self.max_features * SPAN // (2 * self.port.word_bytes)))
+
+    @property
+    def tiles(self):
+        """A tiles (of ``rows`` tokens) in the largest token block."""
+        return self.max_tokens // self.rows
+
+    @property
+    def gemm(self):
+        """The engine: NF4 with double quantization in blocks of :data:`SPAN`, bf16 outputs, an A buffer half for
+        a token block's span and an accumulator for a whole output block."""
+        return GemmConfig(rows=self.rows, cols=self.cols, max_k=SPAN, max_n=self.tiles * SPAN, weights="nf4",
+                          blocksize=SPAN, double_quant=True, out_dtype="bf16",
+                          held_tiles=self.tiles * (self.max_features // self.cols))
+
+    def check_shape(self, t, d_in, d_out, tokens, features):
+        """ValueError with a one-line reason if the product ``[t, d_in] x [d_out, d_in]^T`` in blocks of
+        ``tokens x features`` does not fit this configuration."""
+        for name, value in (("t", t), ("d_in", d_in), ("d_out", d_out), ("tokens", tokens),
+                            ("features", features)):
+            if not _is_int(value) or not 1 <= value < 1 << 16:
+                raise ValueError(f"{name} must be an integer from 1 to 65535, not {value!r}")
+        if t % self.rows or tokens % self.rows:
+            raise ValueError(f"t ({t}) and the token block ({tokens}) must be multiples of rows ({self.rows})")
+        if d_out % self.cols or features % self.cols:
+            raise ValueError(f"d_out ({d_out}) and the feature block ({features}) must be multiples of cols "
+                             f"({self.cols})")
+        if d_in % SPAN or d_in > self.max_in:
+            raise ValueError(f"d_in ({d_in}) must be a multiple of {SPAN} up to max_in ({self.max_in})")
+        if tokens > self.max_tokens or features > self.max_features:
+            raise ValueError(f"blocks of {tokens} x {features} exceed the buffers' {self.max_tokens} x "
+                             f"{self.max_features}")
+        if (features * (d_in // SPAN)) % self.port.word_bytes:
+            raise ValueError(f"a feature block's absmax codes ({features} x {d_in // SPAN} bytes) must start on a "
+                             f"{self.port.word_bytes}-byte port word")
+        groups = -(-(d_out * d_in // SPAN) // 256)
+        if groups > self.max_groups:
+            raise ValueError(f"the weight has {groups} absmax2 groups; the table holds {self.max_groups}")
+
+
+def shape_layout():
+    """The product's shape, as every walker holds it: ``t`` tokens, ``d_in``, ``d_out``, and the block sizes."""
+    return data.StructLayout({"t": 16, "d_in": 16, "d_out": 16, "tokens": 16, "features": 16})
+
+
+def span_beat_layout():
+    """One span of the loop nest: the token block (``t0``, ``nt`` tokens), the feature block (``f0``, ``nf`` W
+    rows), the span's index ``s``, whether it is the first of its token block and of its feature block, the last
+    of its feature block (``final``: its outputs follow), and the product's last."""
+    return data.StructLayout({"t0": 16, "nt": 16, "f0": 16, "nf": 16, "s": 16, "first_t": 1, "first_f": 1,
+                              "final": 1, "last": 1})
+
+
+def descriptor_layout(config):
+    """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``), the shape, the number
+    of ``absmax2`` groups and the double quantization's float32 offset."""
+    aw = config.port.address_width
+    return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw,
+                              "dims": shape_layout(), "groups": 16, "offset": 32})
+
+
+def report_layout():
+    """Payload of ``report``: cycles from the descriptor to the last word written, port words delivered to each
+    read destination (:data:`READS`) and written, and stall cycles: ``memory`` (the engine waits for an input
+    that memory has not delivered) and ``compute`` (a read is ready but its destination's FIFO has no room)."""
+    return data.StructLayout({"cycles": 48, **{f"read_{name}": 48 for name in READS}, "written": 48,
+                              "memory": 48, "compute": 48})
+
+
+def _min(m, a, b, name):
+    out = Signal(16, name=name)
+    m.d.comb += out.eq(Mux(a < b, a, b))
+    return out
+
+
+class SpanWalker(wiring.Component):
+    """The loop nest over token blocks, feature blocks and spans: one ``spans`` beat per span after ``start``.
+
+    Attributes
+    ----------
+    shape : In(:func:`shape_layout`), held while the walk runs
+    start : In(1): a pulse begins a walk (the shape valid from that cycle on)
+    spans : Out(stream of :func:`span_beat_layout`)
+    """
+
+    def __init__(self):
+        super().__init__({"shape": In(shape_layout()), "start": In(1),
+                          "spans": Out(stream.Signature(span_beat_layout()))})
+
+    def elaborate(self, platform):
+        m = Module()
+        shape, out = self.shape, self.spans.payload
+        active = Signal()
+        t0, f0, s = Signal(16), Signal(16), Signal(16)
+        nt = _min(m, shape.t - t0, shape.tokens, "nt")
+        nf = _min(m, shape.d_out - f0, shape.features, "nf")
+        final = s == (shape.d_in >> _SPAN_SHIFT) - 1
+        last_f = f0 + nf >= shape.d_out
+        last_t = t0 + nt >= shape.t
+        m.d.comb += [
+            self.spans.valid.eq(active),
+            out.t0.eq(t0), out.nt.eq(nt), out.f0.eq(f0), out.nf.eq(nf), out.s.eq(s),
+            out.first_t.eq((f0 == 0) & (s == 0)), out.first_f.eq(s == 0), out.final.eq(final),
+            out.last.eq(final & last_f & last_t),
+        ]
+        with m.If(self.start):
+            m.d.sync += [active.eq(1), t0.eq(0), f0.eq(0), s.eq(0)]
+        with m.Elif(self.spans.valid & self.spans.ready):
+            with m.If(~final):
+                m.d.sync += s.eq(s + 1)
+            with m.Else():
+                m.d.sync += s.eq(0)
+                with m.If(~last_f):
+                    m.d.sync += f0.eq(f0 + nf)
+                with m.Else():
+                    m.d.sync += f0.eq(0)
+                    with m.If(~last_t):
+                        m.d.sync += t0.eq(t0 + nt)
+                    with m.Else():
+                        m.d.sync += active.eq(0)
+        return m
+
+
+def read_beat_layout(config):
+    """A :class:`ReadIssuer` beat: a tagged read job (byte ``address``, ``bytes``, ``dest``: an index of
+    :data:`READS`) and, with ``unpack``, the job of its destination's unpacker (``count`` elements in rows of
+    ``cols``). A span's x rows and its codes rows each take one unpacker job, with the first row: every row is
+    whole port words, so the rows' words follow each other as one job's. (An unpacker job per row would let the
+    issuer run only as many rows ahead of the engine as the unpacker's job queue holds, and the next span's x,
+    which follows the codes in the read order, would wait for the engine to be nearly through them.)"""
+    aw = config.port.address_width
+    return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": 2, "unpack": 1, "count": 32, "cols": 32})
+
+
+class _Read(enum.Enum, shape=3):
+    IDLE = 0
+    ABSMAX2 = 1
+    ABSMAX = 2
+    X = 3
+    CODES = 4
+
+
+class ReadIssuer(wiring.Component):
+    """Per span, the read jobs of ``golden/blockprogram.py``'s ``forward_product``, in its order.
+
+    Attributes
+    ----------
+    spans : In(stream of :func:`span_beat_layout`)
+    shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``; ``groups``: held
+    jobs : Out(stream of :func:`read_beat_layout`)
+    """
+
+    def __init__(self, config):
+        self.config = config
+        aw = config.port.address_width
+        super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
+                          **{name: In(aw) for name in ("x", "codes", "absmax", "absmax2")}, "groups": In(16),
+                          "jobs": Out(stream.Signature(read_beat_layout(config)))})
+
+    def elaborate(self, platform):
+        m = Module()
+        aw = self.config.port.address_width
+        shape = self.shape
+        per_row = Signal(16)
+        m.d.comb += per_row.eq(shape.d_in >> _SPAN_SHIFT)
+        span = Signal(span_beat_layout())
+        state = Signal(_Read)
+        x_address, codes_address = Signal(aw), Signal(aw)
+        left = Signal(16)                  # rows of the current kind still to issue
+        beat = self.jobs.payload
+        m.d.comb += self.spans.ready.eq(state == _Read.IDLE)
+        take = self.spans.valid & self.spans.ready
+        incoming = self.spans.payload
+        with m.If(take):
+            m.d.sync += [
+                span.eq(incoming),
+                # a token row's piece of span s: x + ((t0 + i) * d_in + 64 s) * 2; a W row's codes: 32 bytes each
+                x_address.eq(self.x + ((incoming.t0 * shape.d_in) << 1) + (incoming.s << (_SPAN_SHIFT + 1))),
+                codes_address.eq(self.codes + ((incoming.f0 * shape.d_in) >> 1) + (incoming.s << (_SPAN_SHIFT - 1))),
+                left.eq(incoming.nt),
+                state.eq(Mux(incoming.first_t, _Read.ABSMAX2, Mux(incoming.first_f, _Read.ABSMAX, _Read.X))),
+            ]
+        issued = self.jobs.valid & self.jobs.ready
+        with m.Switch(state):
+            with m.Case(_Read.ABSMAX2):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.absmax2), beat.bytes.eq(self.groups << 2),
+                             beat.dest.eq(READS.index("absmax2")), beat.unpack.eq(1), beat.count.eq(self.groups),
+                             beat.cols.eq(self.groups)]
+                with m.If(issued):
+                    m.d.sync += state.eq(Mux(span.first_f, _Read.ABSMAX, _Read.X))
+            with m.Case(_Read.ABSMAX):
+                codes = span.nf * per_row
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.absmax + span.f0 * per_row),
+                             beat.bytes.eq(codes), beat.dest.eq(READS.index("absmax")), beat.unpack.eq(1),
+                             beat.count.eq(codes),
+                             beat.cols.eq(codes)]
+                with m.If(issued):
+                    m.d.sync += state.eq(_Read.X)
+            with m.Case(_Read.X):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(x_address), beat.bytes.eq(SPAN * 2),
+                             beat.dest.eq(READS.index("x")), beat.unpack.eq(left == span.nt),
+                             beat.count.eq(span.nt << _SPAN_SHIFT), beat.cols.eq(SPAN)]
+                with m.If(issued):
+                    m.d.sync += [x_address.eq(x_address + (shape.d_in << 1)), left.eq(left - 1)]
+                    with m.If(left == 1):
+                        m.d.sync += [state.eq(_Read.CODES), left.eq(span.nf)]
+            with m.Case(_Read.CODES):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(codes_address), beat.bytes.eq(SPAN // 2),
+                             beat.dest.eq(READS.index("codes")), beat.unpack.eq(left == span.nf),
+                             beat.count.eq(span.nf << _SPAN_SHIFT), beat.cols.eq(SPAN)]
+                with m.If(issued):
+                    m.d.sync += [codes_address.eq(codes_address + (shape.d_in >> 1)), left.eq(left - 1)]
+                    with m.If(left == 1):
+                        m.d.sync += state.eq(_Read.IDLE)
+        return m
+
+
+class XBuffer(wiring.Component):
+    """The corner turn of a span's x piece: ``nt`` token rows of :data:`SPAN` bf16 values in, the engine's A
+    beats out: for each tile of ``rows`` tokens, per reduction index, the tile's ``rows`` values.
+
+    Token ``i`` lives in bank ``i % rows`` at word ``(i // rows) * 64 + k``: a beat is one word of every bank. The
+    buffer loads a span, then serves it; it loads the next while the engine computes (the engine holds a block
+    job's A tiles in its own buffer).
+
+    Attributes
+    ----------
+    values : In(stream of bf16): the x piece, token row after token row
+    spans : In(stream of :func:`span_beat_layout`)
+    a : Out(stream of :func:`~.gemm.a_layout`)
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({"values": In(stream.Signature(BF16.width)),
+                          "spans": In(stream.Signature(span_beat_layout())),
+                          "a": Out(stream.Signature(a_layout(config.rows)))})
+
+    def elaborate(self, platform):
+        m = Module()
+        rows, depth = self.config.rows, self.config.tiles * SPAN
+        banks = [Memory(shape=BF16.width, depth=depth, init=[]) for _ in range(rows)]
+        for b, bank in enumerate(banks):
+            m.submodules[f"bank_{b}"] = bank
+        loading, serving = Signal(), Signal()
+        tiles = Signal(16)
+        k = Signal(range(SPAN))
+        bank = Signal(range(rows)) if rows > 1 else None
+        tile, word = Signal(16), Signal(range(depth))
+        m.d.comb += self.spans.ready.eq(~loading & ~serving)
+        with m.If(self.spans.valid & self.spans.ready):
+            m.d.sync += [loading.eq(1), tiles.eq(self.spans.payload.nt >> (rows.bit_length() - 1)), k.eq(0),
+                         tile.eq(0), word.eq(0)]
+            if bank is not None:
+                m.d.sync += bank.eq(0)
+
+        # load: value k of token (tile * rows + bank) to that bank's word tile * 64 + k
+        m.d.comb += self.values.ready.eq(loading)
+        for b, memory in enumerate(banks):
+            port = memory.write_port()
+            m.d.comb += [port.addr.eq(word), port.data.eq(self.values.payload),
+                         port.en.eq(self.values.valid & loading & ((bank == b) if bank is not None else 1))]
+        with m.If(self.values.valid & loading):
+            m.d.sync += [k.eq(k + 1), word.eq(word + 1)]
+            with m.If(k == SPAN - 1):
+                last_bank = (bank == rows - 1) if bank is not None else 1
+                if bank is not None:
+                    m.d.sync += bank.eq(bank + 1)
+                with m.If(last_bank):
+                    m.d.sync += tile.eq(tile + 1)
+                    with m.If(tile == tiles - 1):
+                        m.d.sync += [loading.eq(0), serving.eq(1), word.eq(0)]
+                with m.Else():
+                    m.d.sync += word.eq(word - (SPAN - 1))   # the same tile's words, the next bank
+
+        # serve: word w of every bank is the beat (w = tile * 64 + k), in order
+        ports = [memory.read_port(domain="sync") for memory in banks]
+        out_valid = Signal()
+        advance = ~out_valid | self.a.ready
+        issue = serving & advance
+        for port in ports:
+            m.d.comb += [port.addr.eq(word), port.en.eq(advance)]
+        m.d.comb += [self.a.valid.eq(out_valid), self.a.payload.eq(Cat(*(port.data for port in ports)))]
+        with m.If(advance):
+            m.d.sync += out_valid.eq(issue)
+        with m.If(issue):
+            m.d.sync += word.eq(word + 1)
+            with m.If(word == (tiles << _SPAN_SHIFT) - 1):
+                m.d.sync += serving.eq(0)
+        return m
+
+
+class AbsmaxBuffer(wiring.Component):
+    """A feature block's absmax codes (``nf`` W rows of ``d_in / 64``), served per span: column ``s``, one code
+    per W row, the dequantizer's ``absmax`` stream for the span's block job.
+
+    Attributes
+    ----------
+    codes : In(stream of 8 bits): the block's codes, row-major, at the start of each feature block
+    spans : In(stream of :func:`span_beat_layout`)
+    shape : In(:func:`shape_layout`), held
+    absmax : Out(stream of 8 bits)
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({"codes": In(stream.Signature(8)), "spans": In(stream.Signature(span_beat_layout())),
+                          "shape": In(shape_layout()), "absmax": Out(stream.Signature(8))})
+
+    def elaborate(self, platform):
+        m = Module()
+        depth = self.config.max_features * (self.config.max_in // SPAN)
+        m.submodules.table = table = Memory(shape=8, depth=depth, init=[])
+        per_row = Signal(16)
+        m.d.comb += per_row.eq(self.shape.d_in >> _SPAN_SHIFT)
+        loading, serving = Signal(), Signal()
+        load_left, rows_left = Signal(32), Signal(16)
+        write_address, read_address = Signal(range(depth)), Signal(range(depth))
+        span = self.spans.payload
+        m.d.comb += self.spans.ready.eq(~loading & ~serving)
+        with m.If(self.spans.valid & self.spans.ready):
+            m.d.sync += [rows_left.eq(span.nf), read_address.eq(span.s), write_address.eq(0),
+                         load_left.eq(span.nf * per_row)]
+            with m.If(span.first_f):
+                m.d.sync += loading.eq(1)
+            with m.Else():
+                m.d.sync += serving.eq(1)
+
+        write = table.write_port()
+        m.d.comb += [self.codes.ready.eq(loading), write.addr.eq(write_address), write.data.eq(self.codes.payload),
+                     write.en.eq(self.codes.valid & loading)]
+        with m.If(self.codes.valid & loading):
+            m.d.sync += [write_address.eq(write_address + 1), load_left.eq(load_left - 1)]
+            with m.If(load_left == 1):
+                m.d.sync += [loading.eq(0), serving.eq(1)]
+
+        read = table.read_port(domain="sync")
+        out_valid = Signal()
+        advance = ~out_valid | self.absmax.ready
+        issue = serving & advance
+        m.d.comb += [read.addr.eq(read_address), read.en.eq(advance), self.absmax.valid.eq(out_valid),
+                     self.absmax.payload.eq(read.data)]
+        with m.If(advance):
+            m.d.sync += out_valid.eq(issue)
+        with m.If(issue):
+            m.d.sync += [read_address.eq(read_address + per_row), rows_left.eq(rows_left - 1)]
+            with m.If(rows_left == 1):
+                m.d.sync += serving.eq(0)
+        return m
+
+
+class JobIssuer(wiring.Component):
+    """Per span: the engine's block job (all but a feature block's first span resumed, all but its last held),
+    the dequantizer's tensor beat (the span's ``nf x 64`` weights, each block with its own ``absmax2``) and the
+    :class:`~.nf4_span.SpanScales` descriptor (the span's blocks in the weight; a new table at each token block,
+    as ``absmax2`` is read then).
+
+    Attributes
+    ----------
+    spans : In(stream of :func:`span_beat_layout`)
+    shape : In(:func:`shape_layout`); ``groups``, ``offset``: held
+    job : Out(stream of the engine's job layout)
+    tensor : Out(stream of the dequantizer's tensor layout)
+    span : Out(stream of :func:`~.nf4_span.span_layout`)
+    """
+
+    def __init__(self):
+        super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
+                          "groups": In(16), "offset": In(32),
+                          "job": Out(stream.Signature(engine_job_layout())),
+                          "tensor": Out(stream.Signature(tensor_layout(True))),
+                          "span": Out(stream.Signature(span_layout()))})
+
+    def elaborate(self, platform):
+        m = Module()
+        beat = self.spans.payload
+        per_row = Signal(16)
+        m.d.comb += per_row.eq(self.shape.d_in >> _SPAN_SHIFT)
+        outs = (self.job, self.tensor, self.span)
+        sent = [Signal(name=f"sent_{name}") for name in ("job", "tensor", "span")]
+        weights = beat.nf << _SPAN_SHIFT
+        m.d.comb += [
+            self.job.payload.m.eq(beat.nt), self.job.payload.n.eq(beat.nf), self.job.payload.k.eq(SPAN),
+            self.job.payload.weights.eq(weights), self.job.payload.block.eq(1),
+            self.job.payload.resume.eq(~beat.first_f), self.job.payload.hold.eq(~beat.final),
+            self.tensor.payload.n_weights.eq(weights), self.tensor.payload.offset.eq(self.offset),
+            self.tensor.payload.absmax2_per_block.eq(1),
+            self.span.payload.first.eq(beat.f0 * per_row + beat.s), self.span.payload.rows.eq(beat.nf),
+            self.span.payload.blocks.eq(1), self.span.payload.stride.eq(per_row),
+            self.span.payload.groups.eq(self.groups), self.span.payload.new_table.eq(beat.first_t),
+        ]
+        done = []
+        for out, flag in zip(outs, sent):
+            m.d.comb += out.valid.eq(self.spans.valid & ~flag)
+            done.append(flag | out.ready)
+        m.d.comb += self.spans.ready.eq(Cat(*done).all())
+        with m.If(self.spans.valid):
+            for out, flag in zip(outs, sent):
+                with m.If(self.spans.ready):
+                    m.d.sync += flag.eq(0)
+                with m.Elif(out.valid & out.ready):
+                    m.d.sync += flag.eq(1)
+        return m
+
+
+class OutputIssuer(wiring.Component):
+    """After a feature block's last span: the packer's job (the block's ``nt * nf / cols`` output rows) and one
+    write job per output row of each ``rows x cols`` tile, in the engine's order (W tile by W tile, the block's
+    tokens in order within one).
+
+    Attributes
+    ----------
+    spans : In(stream of :func:`span_beat_layout`)
+    shape : In(:func:`shape_layout`); ``y``: held
+    jobs : Out(stream of :func:`~.memport.job_layout`), to the burst writer
+    pack : Out(stream of 32 bits): elements (output rows) per block, to the packer
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
+                          "y": In(config.port.address_width),
+                          "jobs": Out(stream.Signature(write_job_layout(config.port))),
+                          "pack": Out(stream.Signature(32))})
+
+    def elaborate(self, platform):
+        m = Module()
+        cols = self.config.cols
+        shift = cols.bit_length() - 1
+        aw = self.config.port.address_width
+        shape, beat = self.shape, self.spans.payload
+        busy, packed = Signal(), Signal()
+        tokens, left_tiles = Signal(16), Signal(16)
+        token = Signal(16)
+        column_address, address = Signal(aw), Signal(aw)
+        m.d.comb += self.spans.ready.eq(~busy)
+        with m.If(self.spans.valid & self.spans.ready & beat.final):
+            start = self.y + ((beat.t0 * shape.d_out + beat.f0) << 1)
+            m.d.sync += [busy.eq(1), packed.eq(0), tokens.eq(beat.nt), left_tiles.eq(beat.nf >> shift),
+                         token.eq(0), column_address.eq(start), address.eq(start)]
+            m.d.sync += self.pack.payload.eq((beat.nt * beat.nf) >> shift)
+        m.d.comb += self.pack.valid.eq(busy & ~packed)
+        with m.If(self.pack.valid & self.pack.ready):
+            m.d.sync += packed.eq(1)
+        m.d.comb += [self.jobs.valid.eq(busy), self.jobs.payload.address.eq(address),
+                     self.jobs.payload.bytes.eq(cols * 2)]
+        with m.If(self.jobs.valid & self.jobs.ready):
+            with m.If(token == tokens - 1):
+                m.d.sync += [token.eq(0), left_tiles.eq(left_tiles - 1), column_address.eq(column_address + cols * 2),
+                             address.eq(column_address + cols * 2)]
+                with m.If(left_tiles == 1):
+                    m.d.sync += busy.eq(0)
+            with m.Else():
+                m.d.sync += [token.eq(token + 1), address.eq(address + (shape.d_out << 1))]
+        return m
+
+
+class BlockedProduct(wiring.Component):
+    """``y = x W^T`` through one memory port, output-stationary: x ``[t, d_in]`` bf16, W ``[d_out, d_in]`` NF4
+    with double quantization (bitsandbytes' flat codes and absmax codes, ``absmax2``), y ``[t, d_out]`` bf16, at
+    the addresses of the descriptor. Its outputs equal ``golden.gemm.gemm`` of x and the dequantized W to the bit
+    (the block jobs add each output's chunks in reduction order).
+
+    Attributes
+    ----------
+    descriptor : In(stream of :func:`descriptor_layout`)
+    mem : Out(:class:`~.memport.MemPortSignature`)
+    report : Out(stream of :func:`report_layout`)
+    engine, reader, scales : the GEMM engine, the tagged reader and the ``absmax2`` table
+    """
+
+    def __init__(self, config=BlockedConfig()):
+        if not isinstance(config, BlockedConfig):
+            raise TypeError(f"config must be a BlockedConfig, not {config!r}")
+        self.config = config
+        super().__init__({"descriptor": In(stream.Signature(descriptor_layout(config))),
+                          "mem": Out(MemPortSignature(config.port)),
+                          "report": Out(stream.Signature(report_layout()))})
+        self.engine = GemmEngine(config.gemm)
+        self.x_buffer = XBuffer(config)
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, port = self.config, self.config.port
+        W, wb = port.data_width, port.word_bytes
+
+        # the descriptor, held for the product; `start` pulses the walkers
+        head = Signal(descriptor_layout(cfg))
+        running, start, reporting = Signal(), Signal(), Signal()
+        m.d.comb += self.descriptor.ready.eq(~running & ~reporting)
+        m.d.sync += start.eq(0)
+        with m.If(self.descriptor.valid & self.descriptor.ready):
+            m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
+        walkers = {}
+        for name in ("reads", "x", "absmax", "jobs", "outputs"):
+            walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
+            m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
+
+        # reads: the issuer's jobs into the tagged reader, and each job's unpacker job into its destination's queue
+        m.submodules.read_issuer = issuer = ReadIssuer(cfg)
+        wiring.connect(m, walkers["reads"].spans, issuer.spans)
+        m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
+        for name in ("x", "codes", "absmax", "absmax2"):
+            m.d.comb += getattr(issuer, name).eq(getattr(head, name))
+        m.submodules.reader = reader = TaggedReader(port, [cfg.codes_words if name == "codes" else cfg.fifo_words
+                                                           for name in READS])
+        wiring.connect(m, reader.read_cmd, wiring.flipped(self.mem.read_cmd))
+        wiring.connect(m, wiring.flipped(self.mem.read_data), reader.read_data)
+        job = issuer.jobs.payload
+        unpack, queue_ready = {}, Signal()
+        for i, name in enumerate(READS):
+            lanes = cfg.cols if name == "codes" else 1
+            unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(W, _ELEM[name], lanes)
+            queue = m.submodules[f"unpack_jobs_{name}"] = SyncFIFOBuffered(width=unit.job.payload.shape().size,
+                                                                           depth=4)
+            wiring.connect(m, queue.r_stream, unit.job)
+            chosen = job.dest == i
+            m.d.comb += [queue.w_stream.valid.eq(issuer.jobs.valid & reader.job.ready & chosen & job.unpack),
+                         queue.w_stream.payload.eq(Cat(job.count, job.cols))]
+            with m.If(chosen):
+                m.d.comb += queue_ready.eq(queue.w_stream.ready | ~job.unpack)
+            words = reader.dest[i]
+            if name == "codes":
+                # bitsandbytes puts a byte's first weight in its high nibble; the unpacker takes low bits first
+                m.d.comb += [unit.words.valid.eq(words.valid), words.ready.eq(unit.words.ready),
+                             unit.words.payload.eq(Cat(*(Cat(words.payload[8 * k + 4:8 * k + 8],
+                                                             words.payload[8 * k:8 * k + 4]) for k in range(wb))))]
+            else:
+                wiring.connect(m, words, unit.words)
+        m.d.comb += [reader.job.valid.eq(issuer.jobs.valid & queue_ready),
+                     reader.job.payload.address.eq(job.address), reader.job.payload.bytes.eq(job.bytes),
+                     reader.job.payload.dest.eq(job.dest),
+                     issuer.jobs.ready.eq(reader.job.ready & queue_ready)]
+
+        # the engine's inputs: A through the corner turn, codes straight, absmax per span, absmax2 from the table
+        engine = m.submodules.engine = self.engine
+        m.submodules.x_buffer = xbuf = self.x_buffer
+        wiring.connect(m, walkers["x"].spans, xbuf.spans)
+        seg = unpack["x"].segments
+        m.d.comb += [xbuf.values.valid.eq(seg.valid), seg.ready.eq(xbuf.values.ready),
+                     xbuf.values.payload.eq(seg.payload.data[0])]
+        wiring.connect(m, xbuf.a, engine.a)
+        seg = unpack["codes"].segments
+        m.d.comb += [engine.codes.valid.eq(seg.valid), seg.ready.eq(engine.codes.ready),
+                     engine.codes.payload.eq(seg.payload.data)]
+        m.submodules.absmax_buffer = absbuf = AbsmaxBuffer(cfg)
+        wiring.connect(m, walkers["absmax"].spans, absbuf.spans)
+        m.d.comb += absbuf.shape.eq(head.dims)
+        seg = unpack["absmax"].segments
+        m.d.comb += [absbuf.codes.valid.eq(seg.valid), seg.ready.eq(absbuf.codes.ready),
+                     absbuf.codes.payload.eq(seg.payload.data[0])]
+        wiring.connect(m, absbuf.absmax, engine.absmax)
+        m.submodules.scales = scales = SpanScales(cfg.max_groups)
+        seg = unpack["absmax2"].segments
+        m.d.comb += [scales.table.valid.eq(seg.valid), seg.ready.eq(scales.table.ready),
+                     scales.table.payload.eq(seg.payload.data[0])]
+        wiring.connect(m, scales.absmax2, engine.absmax2)
+        m.submodules.job_issuer = jobs = JobIssuer()
+        wiring.connect(m, walkers["jobs"].spans, jobs.spans)
+        m.d.comb += [jobs.shape.eq(head.dims), jobs.groups.eq(head.groups), jobs.offset.eq(head.offset)]
+        wiring.connect(m, jobs.job, engine.job)
+        wiring.connect(m, jobs.tensor, engine.tensor)
+        wiring.connect(m, jobs.span, scales.span)
+        m.d.comb += engine.exponents.valid.eq(0)
+
+        # outputs: the engine's rows through the packer into a staging FIFO; a burst's command goes out only when
+        # all its words wait there, so the memory never waits for the product inside a burst
+        m.submodules.output_issuer = outs = OutputIssuer(cfg)
+        wiring.connect(m, walkers["outputs"].spans, outs.spans)
+        m.d.comb += [outs.shape.eq(head.dims), outs.y.eq(head.y)]
+        m.submodules.packer = packer = Packer(cfg.cols * BF16.width, W)
+        m.d.comb += [packer.job.valid.eq(outs.pack.valid), packer.job.payload.count.eq(outs.pack.payload),
+                     outs.pack.ready.eq(packer.job.ready),
+                     packer.elements.valid.eq(engine.c.valid), engine.c.ready.eq(packer.elements.ready),
+                     packer.elements.payload.eq(engine.c.payload.data)]
+        m.submodules.writer = writer = BurstWriter(port)
+        wiring.connect(m, outs.jobs, writer.job)
+        m.submodules.staging = staging = SyncFIFOBuffered(width=W, depth=port.max_burst)
+        m.d.comb += [staging.w_stream.valid.eq(packer.words.valid), packer.words.ready.eq(staging.w_stream.ready),
+                     staging.w_stream.payload.eq(packer.words.payload.data)]
+        wiring.connect(m, staging.r_stream, writer.data)
+        staged = staging.level >= writer.write_cmd.payload.length
+        m.d.comb += [self.mem.write_cmd.valid.eq(writer.write_cmd.valid & staged),
+                     self.mem.write_cmd.payload.eq(writer.write_cmd.payload),
+                     writer.write_cmd.ready.eq(self.mem.write_cmd.ready & staged)]
+        wiring.connect(m, writer.write_data, wiring.flipped(self.mem.write_data))
+
+        # counters and the report, once every output word has gone out
+        cycles, written, memory, compute = Signal(48), Signal(48), Signal(48), Signal(48)
+        before = [Signal(48, name=f"before_{name}") for name in READS]
+        total = Signal(48)
+        m.d.comb += total.eq(((head.dims.t * head.dims.d_out) << 1) >> port.word_shift)
+        with m.If(start):
+            m.d.sync += [cycles.eq(0), written.eq(0), memory.eq(0), compute.eq(0),
+                         *(b.eq(reader.words[i]) for i, b in enumerate(before))]
+        with m.Elif(running):
+            m.d.sync += cycles.eq(cycles + 1)
+            waits = Cat(engine.a.ready & ~engine.a.valid, engine.codes.ready & ~engine.codes.valid,
+                        engine.absmax.ready & ~engine.absmax.valid)
+            with m.If(waits.any()):
+                m.d.sync += memory.eq(memory + 1)
+            with m.If(reader.starved):
+                m.d.sync += compute.eq(compute + 1)
+            with m.If(self.mem.write_data.valid & self.mem.write_data.ready):
+                m.d.sync += written.eq(written + 1)
+            with m.If(~start & (written == total)):
+                m.d.sync += [running.eq(0), reporting.eq(1)]
+        report = self.report.payload
+        m.d.comb += [self.report.valid.eq(reporting), report.cycles.eq(cycles), report.written.eq(written),
+                     report.memory.eq(memory), report.compute.eq(compute),
+                     *(getattr(report, f"read_{name}").eq(reader.words[i] - before[i])
+                       for i, name in enumerate(READS))]
+        with m.If(self.report.valid & self.report.ready):
+            m.d.sync += reporting.eq(0)
+        return m

@@ -1,0 +1,222 @@
+"""Run the blocked forward product (``rtl/blocked.py``) against the DRAM timing model, in Amaranth's simulator or
+on Verilator, on a :class:`~edge_qlora.golden.lora.LoraCase` placed in memory by ``golden/memmap.py`` (the product
+reads its x and W and writes its y; the rest of the image is untouched).
+
+As for the memory-fed step (``sim/memstep.py``), a :class:`~edge_qlora.rtl.dram_port.DramPort` stands behind the
+port: the read words come from the image in the order of ``golden/blockprogram.py``'s ``forward_product`` (the
+product issues its requests in exactly that order, so a word out of order would corrupt y), the written words go
+back into the image, and y is read from it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.hdl import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from edge_qlora.constants import DRAM_PRESETS
+from edge_qlora.golden import blockprogram as bp
+from edge_qlora.golden import memprogram as mp
+from edge_qlora.golden.gemm import gemm_cycles
+from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
+from edge_qlora.rtl.blocked import READS, SPAN, BlockedConfig, BlockedProduct, descriptor_layout, report_layout
+from edge_qlora.rtl.dram_port import DramPort, written_layout
+from edge_qlora.rtl.memport import port_for
+from .harness import producer, resolve_backend, simulate
+from .lora import _collector
+from .streams import NO_STALLS
+from .verilator import Source, VerilatorModel, run_model
+
+__all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product", "engine_cycles", "model_cycles"]
+
+#: The program's tensor of each read destination.
+_TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes"}
+
+
+class BlockedBench(wiring.Component):
+    """The blocked product and the DRAM model behind its port (simulation only)."""
+
+    def __init__(self, config, timing):
+        self.config, self.timing = config, timing
+        self.dut = BlockedProduct(config)
+        self.memory = DramPort(config.port, timing)
+        super().__init__({
+            "descriptor": In(stream.Signature(descriptor_layout(config))),
+            "fill": In(stream.Signature(config.port.data_width)),
+            "written": Out(stream.Signature(self.memory.written.payload.shape())),
+            "report": Out(stream.Signature(report_layout())),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dut = dut = self.dut
+        m.submodules.memory = memory = self.memory
+        wiring.connect(m, dut.mem, memory.port)
+        wiring.connect(m, wiring.flipped(self.descriptor), dut.descriptor)
+        wiring.connect(m, wiring.flipped(self.fill), memory.fill)
+        wiring.connect(m, memory.written, wiring.flipped(self.written))
+        wiring.connect(m, dut.report, wiring.flipped(self.report))
+        return m
+
+
+@dataclass
+class BlockedRun:
+    """A blocked product against memory: ``y`` read back from memory (bf16), the report's counters (bytes are
+    port words times the word), the program's requests' bytes (whole words) and their count."""
+
+    y: object
+    cycles: int
+    stall_cycles: dict
+    read_bytes: dict
+    written_bytes: int
+    program_read_bytes: dict
+    program_written_bytes: int
+    requests: int
+
+
+def _timing(memory):
+    if memory not in DRAM_PRESETS:
+        raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(DRAM_PRESETS)}")
+    return DRAM_PRESETS[memory]
+
+
+def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2):
+    """The smallest :class:`BlockedConfig` for ``case``'s forward product in blocks of ``tokens x features`` on a
+    ``rows x cols`` engine behind ``memory``'s port."""
+    t, d_in = case.x.shape
+    d_out = case.dy.shape[1]
+    groups = -(-(d_out * d_in // SPAN) // 256)
+    return BlockedConfig(rows=rows, cols=cols, port=port_for(_timing(memory)), max_tokens=min(tokens, t),
+                         max_features=min(features, d_out), max_in=d_in, max_groups=groups)
+
+
+def engine_cycles(config, t, d_in, d_out, tokens, features):
+    """The engine's cycle model for the product's block jobs (``gemm_cycles(..., block=True)`` per job), streams
+    that never stall: the compute the memory has to keep up with."""
+    g = config.gemm
+    total = 0
+    for t0 in range(0, t, tokens):
+        nt = min(tokens, t - t0)
+        for f0 in range(0, d_out, features):
+            nf = min(features, d_out - f0)
+            total += (d_in // SPAN) * gemm_cycles(nt, nf, SPAN, g.rows, g.cols, g.chunk_steps, weights="nf4",
+                                                  out_dtype=g.out_dtype, blocksize=g.blocksize, block=True).cycles
+    return total
+
+
+def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", stalls=None, backend=None,
+                        vcd_path=None, max_cycles=None, progress=None):
+    """``y = x W^T`` of ``case`` on :class:`BlockedProduct` against the DRAM model of ``memory``, in blocks of
+    ``tokens x features``; returns a :class:`BlockedRun`. ValueError (one line) for a shape the configuration
+    does not take."""
+    timing = _timing(memory)
+    config = config or blocked_config(case, tokens, features, memory)
+    t, d_in = case.x.shape
+    d_out = case.dy.shape[1]
+    config.check_shape(t, d_in, d_out, tokens, features)
+    if not case.weight.double_quant or case.weight.blocksize != SPAN:
+        raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN}")
+    port = mp.PortShape.of(config.port)
+    memmap = layout_for(case, align=64)
+    if memmap.end > config.port.capacity:
+        raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
+    image = pack_case(case, memmap)
+    program = bp.forward_product(memmap, tokens, features, config.cols)
+    reqs = bp.requests(port, program)
+    reads = [r for r in reqs if r.op == "read"]
+    writes = [r for r in reqs if r.op == "write"]
+    fill = mp.fill_words(port, image, memmap.base, reads)
+    q = case.weight
+    descriptor = descriptor_layout(config).const({
+        "x": memmap["x"].address, "codes": memmap["nf4_codes"].address, "absmax": memmap["nf4_absmax"].address,
+        "absmax2": memmap["nf4_absmax2"].address, "y": memmap.output_region("y").address,
+        "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features},
+        "groups": len(q.absmax2), "offset": int(np.float32(q.offset).view(np.uint32)),
+    }).as_bits()
+    wanted = {"written": sum(w.length for w in writes), "report": 1}
+    if max_cycles is None:
+        max_cycles = 4 * engine_cycles(config, t, d_in, d_out, tokens, features) + 30 * (len(fill) +
+                                                                                       wanted["written"]) + 20_000
+    stalls = dict(stalls or {})
+    inputs = {"descriptor": [descriptor], "fill": fill}
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(lambda: BlockedBench(config, timing), f"BlockedBench {config!r} {timing!r}",
+                               trace=bool(vcd_path))
+        beats, _, _ = run_model(model, {k: Source(v) for k, v in inputs.items()}, wanted, stalls=stalls,
+                                max_cycles=max_cycles, vcd_path=vcd_path, progress=progress)
+    else:
+        bench = BlockedBench(config, timing)
+        producers = [producer(getattr(bench, name), beats, stalls.get(name, NO_STALLS))
+                     for name, beats in inputs.items()]
+        consumer = _collector({"written": bench.written, "report": bench.report}, wanted, stalls, max_cycles)
+        beats, _ = simulate(bench, producers, consumer, vcd_path)
+    for key, count in wanted.items():
+        if len(beats[key]) != count:
+            raise RuntimeError(f"the blocked product produced {len(beats[key])} of {count} '{key}' beats")
+    layout = written_layout(config.port)
+    written = [_fields(b, layout) for b in beats["written"]]
+    mp.apply_writes(port, image, memmap.base, [(w["address"], w["data"]) for w in written])
+    report = _fields(beats["report"][0], report_layout())
+    wb = port.word_bytes
+    program_reads = mp.bytes_by_tensor(port, reads)
+    return BlockedRun(
+        y=unpack_outputs(image, memmap)["y"], cycles=report["cycles"],
+        stall_cycles={"memory": report["memory"], "compute": report["compute"]},
+        read_bytes={_TENSOR[name]: report[f"read_{name}"] * wb for name in READS},
+        written_bytes=report["written"] * wb,
+        program_read_bytes={_TENSOR[name]: program_reads.get(_TENSOR[name], 0) for name in READS},
+        program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
+
+
+def _fields(value, layout):
+    out = {}
+    for name, member in layout:
+        out[name] = (value >> member.offset) & ((1 << member.width) - 1)
+    return out
+
+
+def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16):
+    """The blocked product's cycle model with memory: per block of ``tokens x features``, its loads before the
+    first job (absmax2 at a token block's start, the block's absmax codes, the first span's x: the DRAM model's
+    time for their requests alone; the buffers are single, so they wait for the block before), the engine's
+    block jobs (``gemm_cycles(..., block=True)``; the later spans' x and codes load while the job before computes),
+    and in the block's last job the y writes beside the engine (the longer of the two, then the writes of the last
+    W tile's outputs, which come when the engine is through). ``rank``: the memory map's (tensor addresses)."""
+    from edge_qlora.golden import dram
+    from edge_qlora.golden.memmap import layout
+
+    timing = _timing(memory)
+    port = mp.PortShape.of(config.port)
+    g = config.gemm
+    program = bp.forward_product(layout(d_in, d_out, t, rank), tokens, features, config.cols)
+    reqs = bp.requests(port, program)
+
+    def alone(group, op):
+        return dram.simulate(timing, [(r.address, r.length * port.word_bytes, op) for r in group]).cycles \
+            if group else 0
+
+    spans = d_in // SPAN
+    total, i = 0, 0
+    for t0 in range(0, t, tokens):
+        nt = min(tokens, t - t0)
+        for f0 in range(0, d_out, features):
+            nf = min(features, d_out - f0)
+            load = []
+            while reqs[i].tensor in ("nf4_absmax2", "nf4_absmax"):
+                load.append(reqs[i])
+                i += 1
+            while reqs[i].tensor == "x":               # the first span's x rows
+                load.append(reqs[i])
+                i += 1
+            while reqs[i].op == "read":
+                i += 1
+            writes = []
+            while i < len(reqs) and reqs[i].op == "write":
+                writes.append(reqs[i])
+                i += 1
+            job = gemm_cycles(nt, nf, SPAN, g.rows, g.cols, g.chunk_steps, weights="nf4", out_dtype=g.out_dtype,
+                              blocksize=g.blocksize, block=True).cycles
+            written = alone(writes, "write")
+            total += alone(load, "read") + (spans - 1) * job + max(job, written) + written // (nf // g.cols)
+    return total
