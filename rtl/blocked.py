@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .fp import BF16
-from .gearbox import Packer, Unpacker
+from .gearbox import Packer, Unpacker, connect_nf4_codes
 from .gemm import GemmConfig, GemmEngine, a_layout
 from .gemm import job_layout as engine_job_layout
 from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout as write_job_layout
@@ -180,8 +180,9 @@ def span_beat_layout():
 
 
 def descriptor_layout(config):
-    """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``), the shape, the number
-    of ``absmax2`` groups and the double quantization's float32 offset."""
+    """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``), ``dims`` (the shape and
+    the block sizes, :func:`shape_layout`), the number of ``absmax2`` groups and the double quantization's float32
+    offset."""
     aw = config.port.address_width
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32})
@@ -189,8 +190,9 @@ def descriptor_layout(config):
 
 def report_layout():
     """Payload of ``report``: cycles from the descriptor to the last word written, port words delivered to each
-    read destination (:data:`READS`) and written, and stall cycles: ``memory`` (the engine waits for an input
-    that memory has not delivered) and ``compute`` (a read is ready but its destination's FIFO has no room)."""
+    read destination (:data:`READS`) and written, and stall cycles: ``memory`` (one of the engine's inputs, A,
+    codes or absmax, is ready and empty: an upper bound on the cycles it waits for memory, since its input
+    buffers also take ahead of need) and ``compute`` (a read is ready but its destination's FIFO has no room)."""
     return data.StructLayout({"cycles": 48, **{f"read_{name}": 48 for name in READS}, "written": 48,
                               "memory": 48, "compute": 48})
 
@@ -610,7 +612,7 @@ class BlockedProduct(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg, port = self.config, self.config.port
-        W, wb = port.data_width, port.word_bytes
+        W = port.data_width
 
         # the descriptor, held for the product; `start` pulses the walkers
         head = Signal(descriptor_layout(cfg))
@@ -649,10 +651,7 @@ class BlockedProduct(wiring.Component):
                 m.d.comb += queue_ready.eq(queue.w_stream.ready | ~job.unpack)
             words = reader.dest[i]
             if name == "codes":
-                # bitsandbytes puts a byte's first weight in its high nibble; the unpacker takes low bits first
-                m.d.comb += [unit.words.valid.eq(words.valid), words.ready.eq(unit.words.ready),
-                             unit.words.payload.eq(Cat(*(Cat(words.payload[8 * k + 4:8 * k + 8],
-                                                             words.payload[8 * k:8 * k + 4]) for k in range(wb))))]
+                connect_nf4_codes(m, words, unit.words)
             else:
                 wiring.connect(m, words, unit.words)
         m.d.comb += [reader.job.valid.eq(issuer.jobs.valid & queue_ready),

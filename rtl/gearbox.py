@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 
 __all__ = ["UNPACKER_WORD_WIDTHS", "UNPACKER_ELEM_WIDTHS", "PACKER_WORD_WIDTHS", "unpacker_job_layout",
            "segment_layout", "packer_job_layout", "word_layout", "Unpacker", "Packer", "unpack_words",
-           "pack_elements"]
+           "pack_elements", "connect_nf4_codes"]
 
 UNPACKER_WORD_WIDTHS = (8, 16, 32, 64, 128)
 UNPACKER_ELEM_WIDTHS = (4, 8, 16, 32)
@@ -53,6 +53,16 @@ def packer_job_layout():
 def word_layout(word_width):
     """A memory word and ``last``, the job's final word (``memport.beat_layout`` for the same width)."""
     return data.StructLayout({"data": unsigned(word_width), "last": 1})
+
+
+def connect_nf4_codes(m, words, unpacker_words):
+    """Connect a stream of port words holding bitsandbytes' packed NF4 codes to a 4-bit :class:`Unpacker`'s
+    ``words``: bitsandbytes puts a byte's first weight in its high nibble and the unpacker takes low bits first,
+    so each byte's two nibbles swap on the way."""
+    word = words.payload
+    swapped = Cat(*(Cat(word[8 * k + 4:8 * k + 8], word[8 * k:8 * k + 4]) for k in range(len(word) // 8)))
+    m.d.comb += [unpacker_words.valid.eq(words.valid), words.ready.eq(unpacker_words.ready),
+                 unpacker_words.payload.eq(swapped)]
 
 
 def _window(value, offset, elem_width, elems):

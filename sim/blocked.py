@@ -11,20 +11,17 @@ back into the image, and y is read from it.
 from dataclasses import dataclass
 
 import numpy as np
-from amaranth.hdl import Module
-from amaranth.lib import stream, wiring
-from amaranth.lib.wiring import In, Out
 
-from edge_qlora.constants import DRAM_PRESETS
 from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
 from edge_qlora.rtl.blocked import READS, SPAN, BlockedConfig, BlockedProduct, descriptor_layout, report_layout
-from edge_qlora.rtl.dram_port import DramPort, written_layout
+from edge_qlora.rtl.dram_port import written_layout
 from edge_qlora.rtl.memport import port_for
 from .harness import producer, resolve_backend, simulate
 from .lora import _collector
+from .memstep import DramBench, _fields, _timing
 from .streams import NO_STALLS
 from .verilator import Source, VerilatorModel, run_model
 
@@ -34,30 +31,12 @@ __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product"
 _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes"}
 
 
-class BlockedBench(wiring.Component):
+class BlockedBench(DramBench):
     """The blocked product and the DRAM model behind its port (simulation only)."""
 
     def __init__(self, config, timing):
-        self.config, self.timing = config, timing
-        self.dut = BlockedProduct(config)
-        self.memory = DramPort(config.port, timing)
-        super().__init__({
-            "descriptor": In(stream.Signature(descriptor_layout(config))),
-            "fill": In(stream.Signature(config.port.data_width)),
-            "written": Out(stream.Signature(self.memory.written.payload.shape())),
-            "report": Out(stream.Signature(report_layout())),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.dut = dut = self.dut
-        m.submodules.memory = memory = self.memory
-        wiring.connect(m, dut.mem, memory.port)
-        wiring.connect(m, wiring.flipped(self.descriptor), dut.descriptor)
-        wiring.connect(m, wiring.flipped(self.fill), memory.fill)
-        wiring.connect(m, memory.written, wiring.flipped(self.written))
-        wiring.connect(m, dut.report, wiring.flipped(self.report))
-        return m
+        self.config = config
+        super().__init__(BlockedProduct(config), config.port, timing)
 
 
 @dataclass
@@ -73,12 +52,6 @@ class BlockedRun:
     program_read_bytes: dict
     program_written_bytes: int
     requests: int
-
-
-def _timing(memory):
-    if memory not in DRAM_PRESETS:
-        raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(DRAM_PRESETS)}")
-    return DRAM_PRESETS[memory]
 
 
 def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2):
@@ -168,12 +141,6 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
         program_read_bytes={_TENSOR[name]: program_reads.get(_TENSOR[name], 0) for name in READS},
         program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
 
-
-def _fields(value, layout):
-    out = {}
-    for name, member in layout:
-        out[name] = (value >> member.offset) & ((1 << member.width) - 1)
-    return out
 
 
 def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16):

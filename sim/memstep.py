@@ -32,32 +32,37 @@ from .lora import (COMBINE_LATENCY, _collector, _header, _phase_watch, engine_cy
 from .streams import NO_STALLS
 from .verilator import Source, VerilatorModel, run_model
 
-__all__ = ["MEMORIES", "port_for", "MemStepBench", "MemStepRun", "run_mem_step", "mem_step_config"]
+__all__ = ["MEMORIES", "port_for", "DramBench", "MemStepBench", "MemStepRun", "run_mem_step", "mem_step_config"]
 
 #: ``--memory`` names: the DRAM presets of ``edge_qlora.constants``.
 MEMORIES = tuple(DRAM_PRESETS)
 
 
-class MemStepBench(wiring.Component):
-    """The step and the DRAM model behind its port (simulation only).
+class DramBench(wiring.Component):
+    """An accelerator with a memory port (``dut``: its ``mem``, ``descriptor`` and ``report``) and the DRAM model
+    behind the port (simulation only): the testbench feeds the descriptor and the read words (``fill``, in
+    request order) and takes every written word with its address and the report.
 
     Attributes
     ----------
     descriptor : In(stream), fill : In(stream of port words), written : Out(stream of (address, word)),
-    report : Out(stream), phase : Out(Phase)
+    report : Out(stream); ``extra``: more outputs, driven by :meth:`observe`
     """
 
-    def __init__(self, config, timing):
-        self.config, self.timing = config, timing
-        self.dut = MemStep(config)
-        self.memory = DramPort(config.port, timing)
+    def __init__(self, dut, port, timing, extra=None):
+        self.timing = timing
+        self.dut = dut
+        self.memory = DramPort(port, timing)
         super().__init__({
-            "descriptor": In(stream.Signature(descriptor_layout(config))),
-            "fill": In(stream.Signature(config.port.data_width)),
+            "descriptor": In(dut.descriptor.signature.flip()),
+            "fill": In(stream.Signature(port.data_width)),
             "written": Out(stream.Signature(self.memory.written.payload.shape())),
-            "report": Out(stream.Signature(report_layout())),
-            "phase": Out(Phase),
+            "report": Out(dut.report.signature),
+            **(extra or {}),
         })
+
+    def observe(self, m, dut):
+        """Drive the ``extra`` outputs from the design (none here)."""
 
     def elaborate(self, platform):
         m = Module()
@@ -68,8 +73,19 @@ class MemStepBench(wiring.Component):
         wiring.connect(m, wiring.flipped(self.fill), memory.fill)
         wiring.connect(m, memory.written, wiring.flipped(self.written))
         wiring.connect(m, dut.report, wiring.flipped(self.report))
-        m.d.comb += self.phase.eq(dut.phase)
+        self.observe(m, dut)
         return m
+
+
+class MemStepBench(DramBench):
+    """The step and the DRAM model behind its port; ``phase`` out: the step's phase."""
+
+    def __init__(self, config, timing):
+        self.config = config
+        super().__init__(MemStep(config), config.port, timing, {"phase": Out(Phase)})
+
+    def observe(self, m, dut):
+        m.d.comb += self.phase.eq(dut.phase)
 
 
 @dataclass

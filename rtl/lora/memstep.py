@@ -25,7 +25,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ...constants import BF16, FP32
-from ..gearbox import Packer, Unpacker
+from ..gearbox import Packer, Unpacker, connect_nf4_codes
 from ..memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout, tagged_job_layout
 from .config import LoraConfig, Phase, header_layout
 from .step import LoraStep
@@ -495,7 +495,7 @@ class MemStep(wiring.Component):
         """The read sequencer's jobs through the tagged reader, each destination through an unpacker into the
         step's input streams; returns the reader."""
         cfg, port = self.config, self.config.port
-        scfg, W, wb, dq = cfg.step, port.data_width, port.word_bytes, cfg.step.double_quant
+        scfg, W, dq = cfg.step, port.data_width, cfg.step.double_quant
         reads, sizes, head, n = rseq.reads, ctl.sizes, ctl.head, ctl.head.n_weights
         start, running, header_sent = ctl.start, ctl.running, ctl.header_sent
         m.submodules.reader = reader = TaggedReader(port, [cfg.fifo_words] * len(reads))
@@ -519,10 +519,7 @@ class MemStep(wiring.Component):
                 m.d.comb += unpack_ready.eq(queue.w_stream.ready)
             words = reader.dest[i]
             if name == "codes":
-                # bitsandbytes puts a byte's first weight in its high nibble; the unpacker takes low bits first
-                m.d.comb += [unit.words.valid.eq(words.valid), words.ready.eq(unit.words.ready),
-                             unit.words.payload.eq(Cat(*(Cat(words.payload[8 * k + 4:8 * k + 8],
-                                                             words.payload[8 * k:8 * k + 4]) for k in range(wb))))]
+                connect_nf4_codes(m, words, unit.words)
             else:
                 wiring.connect(m, words, unit.words)
         m.d.comb += rseq.unpack.ready.eq(unpack_ready)
