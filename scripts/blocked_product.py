@@ -1,0 +1,123 @@
+"""The block controller's forward product (``rtl/blocked.py``) at TinyLlama's shapes, through the DRAM model.
+
+    python scripts/blocked_product.py                                  # T = 128, four shapes, ULX3S SDRAM
+    python scripts/blocked_product.py --projections k_proj --memory ecpix5-ddr3 --json blocked.json
+
+For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
+y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
+model chooses for the forward sweep (``golden.traffic.blocked``; the feature block rounded up to a multiple of the
+array's columns, keeping the model's number of blocks). Per run: cycles, the engine's cycle model alone (streams
+that never stall), the product's cycle model with memory (``sim.blocked.model_cycles``), memory stall cycles,
+the bytes the RTL's counters moved, the same product's bytes in the
+memory-fed step (W once per tile of 8 tokens: ``golden/memprogram.py``'s F2) and the lower bound (W, x and y
+once), the bandwidth achieved and the PE utilization. y is checked against the golden product: zero mismatches,
+or the script fails.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from edge_qlora.constants import DRAM_PRESETS
+from edge_qlora.golden import gemm as golden
+from edge_qlora.golden import nf4_dequant, traffic
+from edge_qlora.golden.lora import random_case
+from edge_qlora.golden.memmap import layout
+from edge_qlora.rtl.blocked import SPAN, BlockedConfig
+from edge_qlora.rtl.memport import port_for
+from edge_qlora.sim.blocked import engine_cycles, model_cycles, run_blocked_product
+
+#: the forward products: (in features, out features); up/o/v_proj are gate/q/k_proj's shapes
+SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 256), "gate_proj": (2048, 5632), "down_proj": (5632, 2048)}
+ROWS = COLS = 8
+
+
+def blocks(t, d_in, d_out, rank=16):
+    """The traffic model's forward schedule as ``(tokens, features)``: its output-stationary blocks, the feature
+    block a multiple of ``COLS`` with as many blocks as the model's. A token-stationary choice (small T) runs as one
+    block of tokens by the most features whose float32 partial sums fit the model's buffer budget."""
+    choice = traffic.blocked(traffic.StepShape(t=t, d_in=d_in, d_out=d_out, r=rank)).schedule["forward"]
+    if choice["loop"] == "output-stationary":
+        tokens, features = choice["tokens"], choice["features"]
+    else:
+        tokens = choice.get("tokens", t)
+        features = min(d_out, traffic.DEFAULT_BUFFER_BYTES // (4 * tokens))
+    count = -(-d_out // features)
+    features = -(-(-(-d_out // count)) // COLS) * COLS
+    tokens = -(-tokens // ROWS) * ROWS
+    return min(tokens, t), min(features, d_out)
+
+
+def run_case(name, t, memory, config, seed):
+    d_in, d_out = SHAPES[name]
+    tokens, features = blocks(t, d_in, d_out)
+    case = random_case(t, d_in, d_out, 16, seed=seed)
+    start = time.perf_counter()
+    run = run_blocked_product(case, tokens, features, config, memory=memory, backend="verilator")
+    wall = time.perf_counter() - start
+    whole = nf4_dequant.dequantize(case.weight, "bf16")
+    expected = golden.gemm(case.x, whole.T, config.gemm.numerics)
+    bad = int((expected.view(torch.int16) != run.y.view(torch.int16)).sum())
+    if bad:
+        raise SystemExit(f"error: {name}: {bad} outputs differ from the golden product")
+    mm = layout(d_in, d_out, t, 16)
+    w_bytes = mm.weight_bytes - mm["nf4_offset"].size
+    x_bytes, y_bytes = t * d_in * 2, t * d_out * 2
+    moved = sum(run.read_bytes.values()) + run.written_bytes
+    timing = DRAM_PRESETS[memory]
+    clock = timing.clock_mhz * 1e6
+    peak = timing.peak_bytes_per_cycle * clock
+    seconds = run.cycles / clock
+    return dict(projection=name, tokens=t, memory=memory, blocks=f"{tokens} x {features}",
+                cycles=run.cycles, engine_cycles=engine_cycles(config, t, d_in, d_out, tokens, features),
+                model_cycles=model_cycles(config, memory, t, d_in, d_out, tokens, features),
+                memory_stall_cycles=run.stall_cycles["memory"], compute_stall_cycles=run.stall_cycles["compute"],
+                read_bytes=run.read_bytes, written_bytes=run.written_bytes, bytes_moved=moved,
+                lower_bound_bytes=w_bytes + x_bytes + y_bytes,
+                memstep_bytes=-(-t // ROWS) * w_bytes + x_bytes + y_bytes,
+                bandwidth=moved / seconds, peak_bandwidth=peak,
+                utilization=t * d_in * d_out / (ROWS * COLS * run.cycles), mismatches=bad, wall_s=wall)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128, help="T, a multiple of 8 (default: %(default)s)")
+    parser.add_argument("--projections", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--memory", choices=list(DRAM_PRESETS), default="ulx3s-sdram")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.tokens < ROWS or args.tokens % ROWS:
+        parser.error(f"--tokens must be a positive multiple of {ROWS}")
+    # one design for every projection at this T, so that Verilator compiles it once
+    plans = {name: blocks(args.tokens, *SHAPES[name]) for name in SHAPES}
+    config = BlockedConfig(rows=ROWS, cols=COLS, port=port_for(DRAM_PRESETS[args.memory]),
+                           max_tokens=max(tb for tb, _ in plans.values()),
+                           max_features=max(fb for _, fb in plans.values()),
+                           max_in=max(d_in for d_in, _ in SHAPES.values()),
+                           max_groups=max(-(-(d_in * d_out // SPAN) // 256) for d_in, d_out in SHAPES.values()))
+    print("| projection | T | memory | blocks (tokens x features) | cycles | engine alone (model) | x | "
+          "cycle model with memory | model error | memory stall cycles | bytes moved | / lower bound | memory-fed step's F2 / lower bound | "
+          "bandwidth (of peak) | PE utilization | mismatches |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for seed, name in enumerate(args.projections):
+        row = run_case(name, args.tokens, args.memory, config, seed)
+        rows.append(row)
+        lb = row["lower_bound_bytes"]
+        print(f"| {name} | {row['tokens']} | {row['memory']} | {row['blocks']} | {row['cycles']:,} | "
+              f"{row['engine_cycles']:,} | {row['cycles'] / row['engine_cycles']:.2f} | {row['model_cycles']:,} | "
+              f"{100 * (row['model_cycles'] / row['cycles'] - 1):+.2f}% | "
+              f"{row['memory_stall_cycles']:,} | {row['bytes_moved'] / 1e6:.2f} MB | {row['bytes_moved'] / lb:.2f} | "
+              f"{row['memstep_bytes'] / lb:.2f} | {row['bandwidth'] / 1e9:.3f} GB/s "
+              f"({100 * row['bandwidth'] / row['peak_bandwidth']:.0f}%) | {100 * row['utilization']:.1f}% | "
+              f"{row['mismatches']} |", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
