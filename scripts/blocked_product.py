@@ -2,6 +2,7 @@
 
     python scripts/blocked_product.py                                  # T = 128, four shapes, ULX3S SDRAM
     python scripts/blocked_product.py --projections k_proj --memory ecpix5-ddr3 --json blocked.json
+    python scripts/blocked_product.py --build build/blocked            # place the same design on the ULX3S-85F
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -16,6 +17,7 @@ or the script fails.
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -88,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--projections", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--memory", choices=list(DRAM_PRESETS), default="ulx3s-sdram")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--build", metavar="DIR", help="instead of simulating, place the design (one build for "
+                        "every projection at this T) on the ULX3S-85F with YoWASP: resources and Fmax estimate")
     args = parser.parse_args(argv)
     if args.tokens < ROWS or args.tokens % ROWS:
         parser.error(f"--tokens must be a positive multiple of {ROWS}")
@@ -98,6 +102,14 @@ def main(argv=None):
                            max_features=max(fb for _, fb in plans.values()),
                            max_in=max(d_in for d_in, _ in SHAPES.values()),
                            max_groups=max(-(-(d_in * d_out // SPAN) // 256) for d_in, d_out in SHAPES.values()))
+    if args.build:
+        from edge_qlora.boards.build import build, format_report
+        from edge_qlora.rtl.blocked import BlockedProduct
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.build)), exist_ok=True)
+        report = build(BlockedProduct(config), "ulx3s-85f", args.build, place_only=True, progress=print)
+        print(format_report(report))
+        return
     print("| projection | T | memory | blocks (tokens x features) | cycles | engine alone (model) | x | "
           "cycle model with memory | model error | memory stall cycles | bytes moved | / lower bound | memory-fed step's F2 / lower bound | "
           "bandwidth (of peak) | PE utilization | mismatches |")
