@@ -17,13 +17,8 @@ from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
 from edge_qlora.rtl.blocked import READS, SPAN, BlockedConfig, BlockedProduct, descriptor_layout, report_layout
-from edge_qlora.rtl.dram_port import written_layout
 from edge_qlora.rtl.memport import port_for
-from .harness import producer, resolve_backend, simulate
-from .lora import _collector
-from .memstep import DramBench, _fields, _timing
-from .streams import NO_STALLS
-from .verilator import Source, VerilatorModel, run_model
+from .memstep import DramBench, _fields, _timing, run_dram_bench
 
 __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product", "engine_cycles", "model_cycles"]
 
@@ -111,25 +106,11 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     if max_cycles is None:
         max_cycles = 4 * engine_cycles(config, t, d_in, d_out, tokens, features) + 30 * (len(fill) +
                                                                                        wanted["written"]) + 20_000
-    stalls = dict(stalls or {})
     inputs = {"descriptor": [descriptor], "fill": fill}
-    if resolve_backend(backend) == "verilator":
-        model = VerilatorModel(lambda: BlockedBench(config, timing), f"BlockedBench {config!r} {timing!r}",
-                               trace=bool(vcd_path))
-        beats, _, _ = run_model(model, {k: Source(v) for k, v in inputs.items()}, wanted, stalls=stalls,
-                                max_cycles=max_cycles, vcd_path=vcd_path, progress=progress)
-    else:
-        bench = BlockedBench(config, timing)
-        producers = [producer(getattr(bench, name), beats, stalls.get(name, NO_STALLS))
-                     for name, beats in inputs.items()]
-        consumer = _collector({"written": bench.written, "report": bench.report}, wanted, stalls, max_cycles)
-        beats, _ = simulate(bench, producers, consumer, vcd_path)
-    for key, count in wanted.items():
-        if len(beats[key]) != count:
-            raise RuntimeError(f"the blocked product produced {len(beats[key])} of {count} '{key}' beats")
-    layout = written_layout(config.port)
-    written = [_fields(b, layout) for b in beats["written"]]
-    mp.apply_writes(port, image, memmap.base, [(w["address"], w["data"]) for w in written])
+    beats, _ = run_dram_bench(lambda: BlockedBench(config, timing), f"BlockedBench {config!r} {timing!r}", inputs,
+                              wanted, image=image, port_config=config.port, base=memmap.base, stalls=stalls,
+                              max_cycles=max_cycles, backend=backend, vcd_path=vcd_path, progress=progress,
+                              what="the blocked product")
     report = _fields(beats["report"][0], report_layout())
     wb = port.word_bytes
     program_reads = mp.bytes_by_tensor(port, reads)

@@ -32,7 +32,7 @@ from .lora import (COMBINE_LATENCY, _collector, _header, _phase_watch, engine_cy
 from .streams import NO_STALLS
 from .verilator import Source, VerilatorModel, run_model
 
-__all__ = ["MEMORIES", "port_for", "DramBench", "MemStepBench", "MemStepRun", "run_mem_step", "mem_step_config"]
+__all__ = ["MEMORIES", "port_for", "DramBench", "run_dram_bench", "MemStepBench", "MemStepRun", "run_mem_step", "mem_step_config"]
 
 #: ``--memory`` names: the DRAM presets of ``edge_qlora.constants``.
 MEMORIES = tuple(DRAM_PRESETS)
@@ -156,6 +156,39 @@ def _fields(value, layout):
     return out
 
 
+def run_dram_bench(factory, key, inputs, wanted, *, image, port_config, base, stalls=None, max_cycles, backend=None,
+                   vcd_path=None, progress=None, status=None, phase_log=None, what="the design"):
+    """Run a :class:`DramBench` (``factory()``; its Verilator model cached under ``key``) on pysim or Verilator:
+    ``inputs`` the descriptor and fill beats, ``wanted`` the ``written`` and ``report`` beat counts. Every written
+    word is stored into ``image`` (a bytearray from ``base``; ``port_config`` the port's ``MemPortConfig``). With
+    ``phase_log`` (a list), the bench's ``phase`` output is logged into it as ``(cycle, Phase name)`` at each
+    change. Returns the beats (``{"written": ..., "report": ...}``) and the cycles; RuntimeError naming ``what``
+    if a count falls short."""
+    stalls = dict(stalls or {})
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(factory, key, trace=bool(vcd_path))
+        beats, total, watches = run_model(model, {k: Source(v) for k, v in inputs.items()}, wanted, stalls=stalls,
+                                          max_cycles=max_cycles, vcd_path=vcd_path, progress=progress,
+                                          status=status)
+        if phase_log is not None:
+            phase_log += [(cycle, Phase(value).name) for cycle, value in watches["phase"]]
+    else:
+        bench = factory()
+        producers = [producer(getattr(bench, name), beats, stalls.get(name, NO_STALLS))
+                     for name, beats in inputs.items()]
+        consumer = _collector({"written": bench.written, "report": bench.report}, wanted, stalls, max_cycles)
+        processes = [_phase_watch(bench.phase, phase_log)] if phase_log is not None else []
+        beats, total = simulate(bench, producers, consumer, vcd_path, processes=processes)
+    for key, count in wanted.items():
+        if len(beats[key]) != count:
+            raise RuntimeError(f"{what} produced {len(beats[key])} of {count} '{key}' beats"
+                               + (f" (phases: {phase_log[-6:]})" if phase_log else ""))
+    layout = dram_written_layout(port_config)
+    written = [_fields(b, layout) for b in beats["written"]]
+    mp.apply_writes(mp.PortShape.of(port_config), image, base, [(w["address"], w["data"]) for w in written])
+    return beats, total
+
+
 def run_mem_step(case, config=None, *, memory="ulx3s-sdram", stalls=None, backend=None, vcd_path=None,
                  max_cycles=None, progress=None, status=None):
     """One step of :class:`MemStep` against the DRAM model of ``memory``; returns a :class:`MemStepRun`."""
@@ -177,30 +210,12 @@ def run_mem_step(case, config=None, *, memory="ulx3s-sdram", stalls=None, backen
         compute = sum(step_cycles(t, d_in, case.dy.shape[1], case.lora_A.shape[0], scfg.rows, scfg.cols,
                                   scfg.optimizer, scfg.optimizer_interval).values())
         max_cycles = 4 * compute + 20 * (len(fill) + wanted["written"]) + 100_000
-    stalls = dict(stalls or {})
     inputs = {"descriptor": [_descriptor(case, memmap, config)], "fill": fill}
-    written_layout = dram_written_layout(config.port)
-    if resolve_backend(backend) == "verilator":
-        model = VerilatorModel(lambda: MemStepBench(config, timing), f"MemStepBench {config!r} {timing!r}",
-                               trace=bool(vcd_path))
-        beats, total, watches = run_model(model, {k: Source(v) for k, v in inputs.items()}, wanted, stalls=stalls,
-                                          max_cycles=max_cycles, vcd_path=vcd_path, progress=progress,
-                                          status=status)
-        phase_log = [(cycle, Phase(value).name) for cycle, value in watches["phase"]]
-    else:
-        bench = MemStepBench(config, timing)
-        producers = [producer(getattr(bench, name), beats, stalls.get(name, NO_STALLS))
-                     for name, beats in inputs.items()]
-        phase_log = []
-        consumer = _collector({"written": bench.written, "report": bench.report}, wanted, stalls, max_cycles)
-        beats, total = simulate(bench, producers, consumer, vcd_path, processes=[_phase_watch(bench.phase,
-                                                                                              phase_log)])
-    for key, count in wanted.items():
-        if len(beats[key]) != count:
-            raise RuntimeError(f"the memory-fed step produced {len(beats[key])} of {count} '{key}' beats "
-                               f"(phases: {phase_log[-6:]})")
-    written = [_fields(b, written_layout) for b in beats["written"]]
-    mp.apply_writes(port, image, memmap.base, [(w["address"], w["data"]) for w in written])
+    phase_log = []
+    beats, total = run_dram_bench(lambda: MemStepBench(config, timing), f"MemStepBench {config!r} {timing!r}",
+                                  inputs, wanted, image=image, port_config=config.port, base=memmap.base,
+                                  stalls=stalls, max_cycles=max_cycles, backend=backend, vcd_path=vcd_path,
+                                  progress=progress, status=status, phase_log=phase_log, what="the memory-fed step")
     report = _fields(beats["report"][0], report_layout())
     wb = port.word_bytes
     phase_cycles = {}
