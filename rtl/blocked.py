@@ -42,7 +42,7 @@ from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader,
 from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
 
-__all__ = ["SPAN", "READS", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
+__all__ = ["SPAN", "READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
            "report_layout", "SpanWalker", "ReadIssuer", "XBuffer", "AbsmaxBuffer", "JobIssuer", "OutputIssuer",
            "BlockedProduct"]
 
@@ -52,6 +52,11 @@ _SPAN_SHIFT = SPAN.bit_length() - 1
 #: The read destinations, in the order of the tagged reader's FIFOs and the report's counters.
 READS = ("absmax2", "absmax", "x", "codes")
 _ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4}
+
+
+def absmax2_groups(d_in, d_out):
+    """Entries of a ``[d_out, d_in]`` weight's ``absmax2`` table: one per 256 NF4 blocks of :data:`SPAN`."""
+    return -(-(d_out * d_in // SPAN) // 256)
 
 
 def _is_int(value):
@@ -161,7 +166,7 @@ class BlockedConfig:
         if (features * (d_in // SPAN)) % self.port.word_bytes:
             raise ValueError(f"a feature block's absmax codes ({features} x {d_in // SPAN} bytes) must start on a "
                              f"{self.port.word_bytes}-byte port word")
-        groups = -(-(d_out * d_in // SPAN) // 256)
+        groups = absmax2_groups(d_in, d_out)
         if groups > self.max_groups:
             raise ValueError(f"the weight has {groups} absmax2 groups; the table holds {self.max_groups}")
 

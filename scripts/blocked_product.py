@@ -27,7 +27,7 @@ from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, traffic
 from edge_qlora.golden.lora import random_case
 from edge_qlora.golden.memmap import layout
-from edge_qlora.rtl.blocked import SPAN, BlockedConfig
+from edge_qlora.rtl.blocked import BlockedConfig, absmax2_groups
 from edge_qlora.rtl.memport import port_for
 from edge_qlora.sim.blocked import engine_cycles, model_cycles, run_blocked_product
 
@@ -101,7 +101,7 @@ def main(argv=None):
                            max_tokens=max(tb for tb, _ in plans.values()),
                            max_features=max(fb for _, fb in plans.values()),
                            max_in=max(d_in for d_in, _ in SHAPES.values()),
-                           max_groups=max(-(-(d_in * d_out // SPAN) // 256) for d_in, d_out in SHAPES.values()))
+                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()))
     if args.build:
         from edge_qlora.boards.build import build, format_report
         from edge_qlora.rtl.blocked import BlockedProduct
@@ -111,8 +111,8 @@ def main(argv=None):
         print(format_report(report))
         return
     print("| projection | T | memory | blocks (tokens x features) | cycles | engine alone (model) | x | "
-          "cycle model with memory | model error | memory stall cycles | bytes moved | / lower bound | memory-fed step's F2 / lower bound | "
-          "bandwidth (of peak) | PE utilization | mismatches |")
+          "cycle model with memory | model error | memory stall cycles | bytes moved | / lower bound | "
+          "memory-fed step's F2 / lower bound | bandwidth (of peak) | PE utilization | mismatches |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     for seed, name in enumerate(args.projections):

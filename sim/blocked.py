@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_qlora.golden import blockprogram as bp
+from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
-from edge_qlora.golden.memmap import layout_for, pack_case, unpack_outputs
-from edge_qlora.rtl.blocked import READS, SPAN, BlockedConfig, BlockedProduct, descriptor_layout, report_layout
+from edge_qlora.golden.memmap import layout, layout_for, pack_case, unpack_outputs
+from edge_qlora.rtl.blocked import (READS, SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
+                                    report_layout)
 from edge_qlora.rtl.memport import port_for
 from .memstep import DramBench, _fields, _timing, run_dram_bench
 
@@ -54,9 +56,8 @@ def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2)
     ``rows x cols`` engine behind ``memory``'s port."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
-    groups = -(-(d_out * d_in // SPAN) // 256)
     return BlockedConfig(rows=rows, cols=cols, port=port_for(_timing(memory)), max_tokens=min(tokens, t),
-                         max_features=min(features, d_out), max_in=d_in, max_groups=groups)
+                         max_features=min(features, d_out), max_in=d_in, max_groups=absmax2_groups(d_in, d_out))
 
 
 def engine_cycles(config, t, d_in, d_out, tokens, features):
@@ -131,9 +132,6 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16):
     block jobs (``gemm_cycles(..., block=True)``; the later spans' x and codes load while the job before computes),
     and in the block's last job the y writes beside the engine (the longer of the two, then the writes of the last
     W tile's outputs, which come when the engine is through). ``rank``: the memory map's (tensor addresses)."""
-    from edge_qlora.golden import dram
-    from edge_qlora.golden.memmap import layout
-
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
