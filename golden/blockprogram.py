@@ -2,8 +2,9 @@
 that ``golden/traffic.py``'s :func:`~edge_qlora.golden.traffic.blocked` chooses, so that its bytes per tensor check
 the traffic model and the DRAM model (``golden/dram.py``) times its access pattern.
 
-The blocked step is a design, not built (``docs/memstep.md``, "Next: the blocked step"); this program is its third
-part (the block controller's programs) ahead of the RTL. Each sweep runs its base product in the schedule's loop
+The blocked step is partly built (``docs/blocked.md``): :func:`forward_product` and :func:`backward_product` are
+the request orders of its block controller's two base products (``rtl/blocked.py``), request for request; the
+rest of this program (the step) is ahead of the RTL. Each sweep runs its base product in the schedule's loop
 order over the memory map of ``golden/memmap.py`` (row-major tensors, bitsandbytes' flat NF4 codes and absmax):
 
 - **token-stationary** (``tokens``): per block of tokens the activation's rows (one job), then the weight streamed
@@ -31,8 +32,8 @@ from . import dram, traffic
 from .memmap import layout
 from .memprogram import Job, PortShape, Request, split_bursts, state_groups
 
-__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "port_for", "requests", "bytes_by_tensor",
-           "traffic_bytes", "dram_time", "blocked_for"]
+__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "port_for", "requests",
+           "bytes_by_tensor", "traffic_bytes", "dram_time", "blocked_for"]
 
 #: Reduction elements per span of the output-stationary loops: one NF4 block.
 SPAN = 64
@@ -279,6 +280,47 @@ def dram_time(timing, port, reqs):
     time)."""
     wb = port.word_bytes
     return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in reqs])
+
+
+def backward_product(memmap, token_block, feature_block, rows, cols):
+    """The backward base product ``dx = dy W`` alone, output-stationary, exactly as the block controller of
+    ``rtl/blocked.py`` issues it in its transposed mode.
+
+    The outputs are W's columns: per block of ``token_block`` tokens, ``absmax2`` whole and the table of the whole
+    rows' chunk exponents (``w_row_exponents`` of the memory map) whole; per block of ``feature_block`` columns
+    (whole NF4 blocks), per span of :data:`SPAN` W rows (the reduction), each token row's piece of dy, then each
+    W row's absmax codes of the block's columns and its codes, one job per row; after the block's last span its
+    outputs, one job per token row (the RTL's output corner turn makes each token row's ``feature_block`` outputs
+    one run of bytes). Its bytes per tensor are :func:`program`'s backward sweep in the same
+    schedule and the exponent table once per token block (``tests/test_blockprogram.py``)."""
+    mm = memmap
+    t, d_in, d_out = mm.t, mm.d_in, mm.d_out
+    if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN or d_out % SPAN:
+        raise ValueError(f"the blocked backward product takes NF4 with double quantization in blocks of {SPAN}, "
+                         f"whole blocks per W row and whole spans of W rows (d_in = {d_in}, d_out = {d_out}, "
+                         f"blocksize {mm.blocksize})")
+    if mm.row_exponent_chunk is None:
+        raise ValueError("the blocked backward product needs the memory map's w_row_exponents (row_exponent_chunk)")
+    if feature_block % SPAN or token_block % rows or feature_block % cols:
+        raise ValueError(f"column blocks ({feature_block}) must be whole NF4 blocks of {SPAN} and of cols ({cols}), "
+                         f"token blocks ({token_block}) multiples of rows ({rows})")
+    w = _Writer(mm)
+    per_row = d_in // SPAN
+    blocks = _blocks(t, token_block)
+    for t0, nt in blocks:
+        w.pass_start(True)
+        w.add("read", "w_row_exponents", 0, mm["w_row_exponents"].size)
+        for f0, nf in _blocks(d_in, feature_block):
+            for r0 in range(0, d_out, SPAN):
+                for token in range(t0, t0 + nt):
+                    w.add("read", "dy", (token * d_out + r0) * 2, SPAN * 2)
+                for row in range(r0, r0 + SPAN):
+                    w.add("read", "nf4_absmax", row * per_row + f0 // SPAN, nf // SPAN)
+                for row in range(r0, r0 + SPAN):
+                    w.add("read", "nf4_codes", (row * d_in + f0) // 2, nf // 2)
+            for token in range(t0, t0 + nt):
+                w.add("write", "dx", (token * d_in + f0) * 2, nf * 2)
+    return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 
 def blocked_for(d_in, d_out, t, r=16, buffer_bytes=traffic.DEFAULT_BUFFER_BYTES, **layout_kwargs):

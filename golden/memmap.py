@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from ..constants import BLOCKSIZES
+from .gemm import row_chunk_exponents
 from .lora import STATE_NAMES
+from .nf4_dequant import dequantize
 
 __all__ = ["Region", "MemoryMap", "INPUTS", "OUTPUTS", "TINYLLAMA_PROJECTIONS", "ULX3S_SDRAM_BYTES", "layout",
            "layout_for", "pack_case", "unpack_inputs", "store_outputs", "unpack_outputs", "tinyllama_table", "main"]
@@ -44,8 +46,8 @@ INPUTS = ("nf4_codes", "nf4_absmax", "nf4_absmax2", "nf4_offset", "x", "dy", "lo
 #: (named ``<name>_out``), the gradients when asked for.
 OUTPUTS = ("y", "dx", "lora_A_out", "lora_B_out") + tuple(f"{n}_out" for n in STATE_NAMES) + ("grad_A", "grad_B")
 
-_DTYPES = {"nf4": np.uint8, "uint8": np.uint8, "bf16": np.uint16, "float32": np.float32}
-_ITEM = {"uint8": 1, "bf16": 2, "float32": 4}
+_DTYPES = {"nf4": np.uint8, "uint8": np.uint8, "int8": np.int8, "bf16": np.uint16, "float32": np.float32}
+_ITEM = {"uint8": 1, "int8": 1, "bf16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class Region:
     ----------
     name : str
     dtype : str
-        ``"nf4"`` (packed codes, two per byte, the first weight in the high nibble), ``"uint8"``, ``"bf16"`` or
-        ``"float32"``.
+        ``"nf4"`` (packed codes, two per byte, the first weight in the high nibble), ``"uint8"``, ``"int8"``,
+        ``"bf16"`` or ``"float32"``.
     shape : tuple of int
         The tensor's shape (``nf4``: the weight's ``(d_out, d_in)``).
     address : int
@@ -102,6 +104,7 @@ class MemoryMap:
     in_place: bool
     gradients_out: bool
     regions: tuple
+    row_exponent_chunk: int = None
 
     def __getitem__(self, name):
         for region in self.regions:
@@ -156,7 +159,7 @@ def _positive(name, value):
 
 
 def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=True, *, base=0, align=64,
-           in_place=True, gradients_out=False):
+           in_place=True, gradients_out=False, row_exponent_chunk=None):
     """The memory map of one step: every tensor at a multiple of ``align`` bytes from ``base``, without overlap.
 
     Parameters
@@ -178,6 +181,12 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         The updated masters and moments overwrite their inputs (see the module docstring).
     gradients_out : bool
         Slots for grad_A and grad_B (float32) too.
+    row_exponent_chunk : int, optional
+        A slot ``w_row_exponents`` after all others (so that no other address moves): the backward product's
+        shared exponent of each ``row_exponent_chunk`` W rows over all of W's columns
+        (``golden.gemm.row_chunk_exponents`` of the dequantized weight, int8), which a column block of
+        ``dx = dy W`` needs to equal the whole product (``rtl/blocked.py``). The weight is frozen, so the table is
+        made once, when the weight is placed in memory (:func:`pack_case`).
     """
     for name, value in (("d_in", d_in), ("d_out", d_out), ("t", t), ("r", r), ("align", align)):
         _positive(name, value)
@@ -187,6 +196,8 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         raise ValueError(f"base must be a non-negative multiple of align ({align}), not {base!r}")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {optimizer!r}")
+    if row_exponent_chunk is not None:
+        _positive("row_exponent_chunk", row_exponent_chunk)
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {blocksize!r}")
     n = d_in * d_out
@@ -214,6 +225,8 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
                   for name in ("lora_A", "lora_B") + states]
     if gradients_out:
         specs += [tensor("grad_A", "float32", shapes["A"], "write"), tensor("grad_B", "float32", shapes["B"], "write")]
+    if row_exponent_chunk is not None:
+        specs.append(tensor("w_row_exponents", "int8", (-(-d_out // row_exponent_chunk),), "read"))
 
     regions, address = [], base
     for name, dtype, shape, size, access in specs:
@@ -221,7 +234,7 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         regions.append(Region(name, dtype, tuple(shape), address, size, slot, access))
         address += slot
     return MemoryMap(d_in, d_out, t, r, optimizer, blocksize, double_quant, base, align, in_place, gradients_out,
-                     tuple(regions))
+                     tuple(regions), row_exponent_chunk)
 
 
 def layout_for(case, **kwargs):
@@ -296,6 +309,9 @@ def pack_case(case, memmap):
     if memmap.optimizer == "adamw":
         for name, value in case.states().items():
             _write(image, memmap, memmap[name], value)
+    if memmap.row_exponent_chunk is not None:
+        w = dequantize(q, "bf16").float().numpy()
+        _write(image, memmap, memmap["w_row_exponents"], row_chunk_exponents(w, memmap.row_exponent_chunk))
     return image
 
 

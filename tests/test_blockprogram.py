@@ -130,3 +130,29 @@ def test_forward_product_moves_the_forward_sweeps_bytes(t, d_in, d_out, tokens, 
     assert (counts["read", "nf4_codes"] == -(-t // tokens)).all()
     with pytest.raises(ValueError, match="multiples of cols"):
         bp.forward_product(mm, tokens, features + 1, cols=8)
+
+
+@pytest.mark.parametrize("t, d_in, d_out, tokens, features", [(8, 256, 128, 4, 128), (6, 192, 64, 2, 64),
+                                                               (128, 2048, 2048, 128, 384)])
+def test_backward_product_moves_the_backward_sweeps_bytes(t, d_in, d_out, tokens, features):
+    # the transposed block controller's program: the backward sweep's bytes in the same output-stationary
+    # schedule, and the whole rows' chunk exponents once per token block; every byte of dx written once, of dy read
+    # once per column block, of W once per token block
+    mm = layout(d_in, d_out, t, 4, row_exponent_chunk=16)
+    product = bp.backward_product(mm, tokens, features, rows=2, cols=8)
+    writer = bp._Writer(mm)
+    passes = bp._backward(writer, {"loop": "output-stationary", "tokens": tokens, "features": features}, True,
+                          features)
+    assert passes == product.weight_passes == -(-t // tokens)
+    got = bp.bytes_by_tensor(product)
+    assert got.pop(("read", "w_row_exponents")) == passes * mm["w_row_exponents"].size
+    assert got == bp.bytes_by_tensor(bp.Program(tuple(writer.ops), passes, len(writer.ops)))
+    counts = _coverage(mm, product)
+    assert (counts["write", "dx"] == 1).all()
+    assert (counts["read", "dy"] == -(-d_in // features)).all()
+    assert (counts["read", "nf4_codes"] == -(-t // tokens)).all()
+    assert (counts["read", "nf4_absmax"] == -(-t // tokens)).all()
+    with pytest.raises(ValueError, match="whole NF4 blocks"):
+        bp.backward_product(mm, tokens, features + 8, rows=2, cols=8)
+    with pytest.raises(ValueError, match="w_row_exponents"):
+        bp.backward_product(layout(d_in, d_out, t, 4), tokens, features, rows=2, cols=8)
