@@ -1,27 +1,34 @@
-"""The block controller of the blocked step, first part: the forward base product ``y = x W^T`` with x, the NF4
-weight and y in external memory, in the output-stationary order (twin: ``golden/blockprogram.py``'s
-:func:`~edge_qlora.golden.blockprogram.forward_product`).
+"""The block controller of the blocked step: the base products ``y = x W^T`` (forward) and ``dx = dy W``
+(transposed, the backward sweep's) with the activations, the NF4 weight and the outputs in external memory, in the
+output-stationary order (twin: ``golden/blockprogram.py``'s
+:func:`~edge_qlora.golden.blockprogram.forward_product` and
+:func:`~edge_qlora.golden.blockprogram.backward_product`).
 
 The memory-fed step (``rtl/lora/memstep.py``) streams the weight once per tile of ``rows`` tokens: 16 passes at
-T = 128 on the 8x8 array. Here a block of ``tokens`` token rows by ``features`` W rows keeps its float32 partial
-sums in the GEMM engine's accumulator while the reduction streams by in spans of one NF4 block (64 elements): per
-span one block job of the engine (``rtl/gemm``: all but the last held, all but the first resumed), its x piece
-read once and its W piece once. So the weight crosses the port once per token block, x once per feature block,
-and y is written once, as ``golden/traffic.py``'s blocked dataflow counts them.
+T = 128 on the 8x8 array. Here a block of ``tokens`` token rows by ``features`` outputs keeps its float32 partial
+sums in the GEMM engine's accumulator while the reduction streams by in spans of 64 elements: per span one block
+job of the engine (``rtl/gemm``: all but the last held, all but the first resumed), its activation piece read
+once and its W piece once. So the weight crosses the port once per token block, the activation once per feature
+block, and the output is written once, as ``golden/traffic.py``'s blocked dataflow counts them. Forward, the
+features are W's rows and a span is one NF4 block of each; transposed, they are W's columns (whole NF4 blocks) and
+a span is 64 W rows, each W tile (``chunk`` rows) with the shared exponent of its rows over all of W's columns,
+from a table made when the weight is placed in memory, so that the column blocks equal the whole product.
 
-Parts, each a component; five :class:`SpanWalker` walk the same loop nest (token block, feature block, span), each
+Parts, each a component; six :class:`SpanWalker` walk the same loop nest (token block, feature block, span), each
 for one consumer at that consumer's pace, so no part waits for another's bookkeeping:
 
-* :class:`ReadIssuer`: per span the read jobs in program order (``absmax2`` at a token block's start, the feature
-  block's absmax codes at its start, then each token row's piece of x and each W row's codes), each with the job
-  of the unpacker of its destination, into a :class:`~.memport.TaggedReader`;
-* :class:`XBuffer`: the corner turn: a span's x piece in token rows from memory, out as the engine's A beats
-  (``rows`` tokens of one reduction index);
-* :class:`AbsmaxBuffer`: a feature block's absmax codes, served per span (one per W row, column ``s``);
+* :class:`ReadIssuer`: per span the read jobs in program order, each with the job of the unpacker of its
+  destination, into a :class:`~.memport.TaggedReader`;
+* :class:`XBuffer`: the corner turn: a span's activation piece in token rows from memory, out as the engine's A
+  beats (``rows`` tokens of one reduction index);
+* :class:`SpanTable` (two): forward, a feature block's absmax codes, served per span (one per W row, column
+  ``s``); transposed, the chunk exponent table, served per span (its W tiles'); transposed absmax codes go
+  straight to the dequantizer;
 * :class:`JobIssuer`: per span the engine's block job, the dequantizer's tensor beat and the span descriptor of
   :class:`~.nf4_span.SpanScales` (each block's second-level absmax from the on-chip table);
-* :class:`OutputIssuer`: after a feature block's last span, one write job per output row of a tile, in the
-  engine's order, and the packer's job.
+* :class:`OutputIssuer`: after a feature block's last span, its write jobs (forward one per output row of a tile,
+  in the engine's order; transposed one per token row, after :class:`OutputTurn`, the output corner turn) and the
+  packer's job.
 
 One ``report`` beat ends a product: cycles, words per destination and written, and stall cycles.
 """
@@ -43,15 +50,15 @@ from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
 
 __all__ = ["SPAN", "READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
-           "report_layout", "SpanWalker", "ReadIssuer", "XBuffer", "AbsmaxBuffer", "JobIssuer", "OutputIssuer",
-           "BlockedProduct"]
+           "report_layout", "plan_layout", "SpanWalker", "ReadIssuer", "XBuffer", "SpanTable", "absmax_plan",
+           "exponent_plan", "JobIssuer", "OutputIssuer", "turn_layout", "OutputTurn", "BlockedProduct"]
 
 #: Reduction elements per span: one NF4 block, so a W row's piece of a span is one absmax code and 32 bytes.
 SPAN = 64
 _SPAN_SHIFT = SPAN.bit_length() - 1
 #: The read destinations, in the order of the tagged reader's FIFOs and the report's counters.
-READS = ("absmax2", "absmax", "x", "codes")
-_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4}
+READS = ("absmax2", "absmax", "x", "codes", "exponents")
+_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8}
 
 
 def absmax2_groups(d_in, d_out):
@@ -88,6 +95,11 @@ class BlockedConfig:
         Entries of the ``absmax2`` table (the weight's blocks / 256, rounded up).
     fifo_words : int
         Words of each read destination's FIFO but the codes' (:attr:`codes_words`), at least ``port.max_burst``.
+    transposed : bool
+        Build the transposed mode too, ``dx = dy W`` (the engine's W rows then ``max_features`` long).
+    max_out : int
+        Transposed: the most W rows (the reduction), a multiple of :data:`SPAN`: the table of the whole rows'
+        chunk exponents holds ``max_out / chunk`` of them.
     """
 
     rows: int = 8
@@ -98,6 +110,8 @@ class BlockedConfig:
     max_in: int = 2048
     max_groups: int = 1024
     fifo_words: int = 128
+    transposed: bool = False
+    max_out: int = 2048
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -122,8 +136,25 @@ class BlockedConfig:
         if not _is_int(self.fifo_words) or self.fifo_words < self.port.max_burst:
             raise ValueError(f"fifo_words must be at least the port's max_burst ({self.port.max_burst}), not "
                              f"{self.fifo_words!r}")
+        if not isinstance(self.transposed, bool):
+            raise ValueError(f"transposed must be a bool, not {self.transposed!r}")
+        if not _is_int(self.max_out) or self.max_out < SPAN or self.max_out % SPAN or self.max_out >= 1 << 16:
+            raise ValueError(f"max_out must be a multiple of {SPAN} below 65536, not {self.max_out!r}")
         if SPAN % self.gemm.chunk_steps:
             raise ValueError(f"the engine's chunk ({self.gemm.chunk_steps}) must divide the span ({SPAN})")
+
+    @property
+    def absmax_depth(self):
+        """Entries of the absmax table: a feature block's codes (``max_features * max_in / 64``) or, transposed,
+        a span's 64 W rows of port words that hold a column block's codes."""
+        wb = self.port.word_bytes
+        span_words = SPAN * (-(-(self.max_features // SPAN + wb - 1) // wb) * wb) if self.transposed else 0
+        return max(self.max_features * (self.max_in // SPAN), span_words)
+
+    @property
+    def exponent_depth(self):
+        """Entries of the chunk exponent table: ``max_out / chunk`` (transposed), else one."""
+        return self.max_out // self.gemm.chunk_steps if self.transposed else 1
 
     @property
     def codes_words(self):
@@ -142,19 +173,23 @@ class BlockedConfig:
     def gemm(self):
         """The engine: NF4 with double quantization in blocks of :data:`SPAN`, bf16 outputs, an A buffer half for
         a token block's span and an accumulator for a whole output block."""
-        return GemmConfig(rows=self.rows, cols=self.cols, max_k=SPAN, max_n=self.tiles * SPAN, weights="nf4",
+        max_k = max(SPAN, self.max_features) if self.transposed else SPAN
+        return GemmConfig(rows=self.rows, cols=self.cols, max_k=max_k, max_n=self.tiles * SPAN, weights="nf4",
                           blocksize=SPAN, double_quant=True, out_dtype="bf16",
                           held_tiles=self.tiles * (self.max_features // self.cols))
 
-    def check_shape(self, t, d_in, d_out, tokens, features):
-        """ValueError with a one-line reason if the product ``[t, d_in] x [d_out, d_in]^T`` in blocks of
-        ``tokens x features`` does not fit this configuration."""
+    def check_shape(self, t, d_in, d_out, tokens, features, transposed=False):
+        """ValueError with a one-line reason if the product ``[t, d_in] x [d_out, d_in]^T`` (``transposed``:
+        ``[t, d_out] x [d_out, d_in]``) in blocks of ``tokens x features`` does not fit this configuration."""
         for name, value in (("t", t), ("d_in", d_in), ("d_out", d_out), ("tokens", tokens),
                             ("features", features)):
             if not _is_int(value) or not 1 <= value < 1 << 16:
                 raise ValueError(f"{name} must be an integer from 1 to 65535, not {value!r}")
         if t % self.rows or tokens % self.rows:
             raise ValueError(f"t ({t}) and the token block ({tokens}) must be multiples of rows ({self.rows})")
+        if transposed:
+            self._check_transposed(t, d_in, d_out, tokens, features)
+            return
         if d_out % self.cols or features % self.cols:
             raise ValueError(f"d_out ({d_out}) and the feature block ({features}) must be multiples of cols "
                              f"({self.cols})")
@@ -166,38 +201,71 @@ class BlockedConfig:
         if (features * (d_in // SPAN)) % self.port.word_bytes:
             raise ValueError(f"a feature block's absmax codes ({features} x {d_in // SPAN} bytes) must start on a "
                              f"{self.port.word_bytes}-byte port word")
+        self._check_groups(d_in, d_out)
+
+    def _check_groups(self, d_in, d_out):
         groups = absmax2_groups(d_in, d_out)
         if groups > self.max_groups:
             raise ValueError(f"the weight has {groups} absmax2 groups; the table holds {self.max_groups}")
 
+    def _check_transposed(self, t, d_in, d_out, tokens, features):
+        # a span's W rows' absmax codes are read as the port words that hold them: a W row's codes are whole words
+        if not self.transposed:
+            raise ValueError("this configuration has no transposed mode (BlockedConfig.transposed)")
+        if features % SPAN or features % self.cols or d_in % SPAN:
+            raise ValueError(f"d_in ({d_in}) and the column block ({features}) must be whole NF4 blocks of {SPAN} "
+                             f"and the column block a multiple of cols ({self.cols})")
+        if (d_in // SPAN) % self.port.word_bytes:
+            raise ValueError(f"a W row's absmax codes ({d_in // SPAN}) must be whole {self.port.word_bytes}-byte "
+                             f"port words")
+        if d_out % SPAN or d_out > self.max_out:
+            raise ValueError(f"d_out ({d_out}) must be a multiple of {SPAN} up to max_out ({self.max_out})")
+        if d_in > self.max_in:
+            raise ValueError(f"d_in ({d_in}) exceeds max_in ({self.max_in})")
+        if tokens > self.max_tokens or features > self.max_features:
+            raise ValueError(f"blocks of {tokens} x {features} exceed the buffers' {self.max_tokens} x "
+                             f"{self.max_features}")
+        self._check_groups(d_in, d_out)
+
 
 def shape_layout():
-    """The product's shape, as every walker holds it: ``t`` tokens, ``d_in``, ``d_out``, and the block sizes."""
-    return data.StructLayout({"t": 16, "d_in": 16, "d_out": 16, "tokens": 16, "features": 16})
+    """The product's shape, as every walker holds it: ``t`` tokens, ``d_in``, ``d_out``, the block sizes, and
+    ``transposed`` (``dx = dy W``: the features are W's columns, the reduction runs over its rows)."""
+    return data.StructLayout({"t": 16, "d_in": 16, "d_out": 16, "tokens": 16, "features": 16, "transposed": 1})
+
+
+def _reduction(shape):
+    return Mux(shape.transposed, shape.d_out, shape.d_in)
+
+
+def _outputs(shape):
+    return Mux(shape.transposed, shape.d_in, shape.d_out)
 
 
 def span_beat_layout():
     """One span of the loop nest: the token block (``t0``, ``nt`` tokens), the feature block (``f0``, ``nf`` W
-    rows), the span's index ``s``, whether it is the first of its token block and of its feature block, the last
-    of its feature block (``final``: its outputs follow), and the product's last."""
+    rows, or transposed W columns), the span's index ``s``, whether it is the first of its token block and of its
+    feature block, the last of its feature block (``final``: its outputs follow), and the product's last."""
     return data.StructLayout({"t0": 16, "nt": 16, "f0": 16, "nf": 16, "s": 16, "first_t": 1, "first_f": 1,
                               "final": 1, "last": 1})
 
 
 def descriptor_layout(config):
-    """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``), ``dims`` (the shape and
-    the block sizes, :func:`shape_layout`), the number of ``absmax2`` groups and the double quantization's float32
-    offset."""
+    """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``; transposed, ``x`` is dy's
+    and ``y`` dx's, and ``exponents`` the whole rows' chunk exponents, ``w_row_exponents``), ``dims`` (the shape,
+    the block sizes and the mode, :func:`shape_layout`), the number of ``absmax2`` groups and the double
+    quantization's float32 offset."""
     aw = config.port.address_width
-    return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw,
+    return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32})
 
 
 def report_layout():
     """Payload of ``report``: cycles from the descriptor to the last word written, port words delivered to each
     read destination (:data:`READS`) and written, and stall cycles: ``memory`` (one of the engine's inputs, A,
-    codes or absmax, is ready and empty: an upper bound on the cycles it waits for memory, since its input
-    buffers also take ahead of need) and ``compute`` (a read is ready but its destination's FIFO has no room)."""
+    codes, absmax or, transposed, the tile exponents, is ready and empty: an upper bound on the cycles it waits
+    for memory, since its input buffers also take ahead of need) and ``compute`` (a read is ready but its
+    destination's FIFO has no room)."""
     return data.StructLayout({"cycles": 48, **{f"read_{name}": 48 for name in READS}, "written": 48,
                               "memory": 48, "compute": 48})
 
@@ -227,10 +295,12 @@ class SpanWalker(wiring.Component):
         shape, out = self.shape, self.spans.payload
         active = Signal()
         t0, f0, s = Signal(16), Signal(16), Signal(16)
+        outputs = Signal(16)
+        m.d.comb += outputs.eq(_outputs(shape))
         nt = _min(m, shape.t - t0, shape.tokens, "nt")
-        nf = _min(m, shape.d_out - f0, shape.features, "nf")
-        final = s == (shape.d_in >> _SPAN_SHIFT) - 1
-        last_f = f0 + nf >= shape.d_out
+        nf = _min(m, outputs - f0, shape.features, "nf")
+        final = s == (_reduction(shape) >> _SPAN_SHIFT) - 1
+        last_f = f0 + nf >= outputs
         last_t = t0 + nt >= shape.t
         m.d.comb += [
             self.spans.valid.eq(active),
@@ -264,24 +334,33 @@ def read_beat_layout(config):
     issuer run only as many rows ahead of the engine as the unpacker's job queue holds, and the next span's x,
     which follows the codes in the read order, would wait for the engine to be nearly through them.)"""
     aw = config.port.address_width
-    return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": 2, "unpack": 1, "count": 32, "cols": 32})
+    return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": range(len(READS)), "unpack": 1, "count": 32,
+                              "cols": 32})
 
 
 class _Read(enum.Enum, shape=3):
     IDLE = 0
     ABSMAX2 = 1
-    ABSMAX = 2
-    X = 3
-    CODES = 4
+    EXPONENTS = 2
+    ABSMAX = 3
+    X = 4
+    CODES = 5
 
 
 class ReadIssuer(wiring.Component):
-    """Per span, the read jobs of ``golden/blockprogram.py``'s ``forward_product``, in its order.
+    """Per span, the read jobs of ``golden/blockprogram.py``'s ``forward_product`` (``backward_product`` when
+    ``shape.transposed``), in its order.
+
+    Forward: at a token block's start ``absmax2``, at a feature block's start its absmax codes (one job), then per
+    span each token row's piece of x and each W row's 32 bytes of codes. Transposed: at a token block's start
+    ``absmax2`` and the chunk exponent table, then per span each token row's piece of dy, and each of the span's
+    64 W rows' absmax codes and codes of the column block.
 
     Attributes
     ----------
     spans : In(stream of :func:`span_beat_layout`)
-    shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``; ``groups``: held
+    shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``, ``exponents``;
+        ``groups``: held
     jobs : Out(stream of :func:`read_beat_layout`)
     """
 
@@ -289,31 +368,39 @@ class ReadIssuer(wiring.Component):
         self.config = config
         aw = config.port.address_width
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
-                          **{name: In(aw) for name in ("x", "codes", "absmax", "absmax2")}, "groups": In(16),
-                          "jobs": Out(stream.Signature(read_beat_layout(config)))})
+                          **{name: In(aw) for name in ("x", "codes", "absmax", "absmax2", "exponents")},
+                          "groups": In(16), "jobs": Out(stream.Signature(read_beat_layout(config)))})
 
     def elaborate(self, platform):
         m = Module()
         aw = self.config.port.address_width
+        chunk_shift = self.config.gemm.chunk_steps.bit_length() - 1
         shape = self.shape
-        per_row = Signal(16)
-        m.d.comb += per_row.eq(shape.d_in >> _SPAN_SHIFT)
+        tr = shape.transposed
+        per_row, reduction = Signal(16), Signal(16)
+        m.d.comb += [per_row.eq(shape.d_in >> _SPAN_SHIFT), reduction.eq(_reduction(shape))]
         span = Signal(span_beat_layout())
         state = Signal(_Read)
-        x_address, codes_address = Signal(aw), Signal(aw)
+        x_address, codes_address, absmax_address = Signal(aw), Signal(aw), Signal(aw)
         left = Signal(16)                  # rows of the current kind still to issue
         beat = self.jobs.payload
         m.d.comb += self.spans.ready.eq(state == _Read.IDLE)
         take = self.spans.valid & self.spans.ready
         incoming = self.spans.payload
+        # the span's first W row and first column: forward the feature block's row f0 and column 64 s, transposed
+        # row 64 s and column f0
+        row0 = Mux(tr, incoming.s << _SPAN_SHIFT, incoming.f0)
+        col0 = Mux(tr, incoming.f0, incoming.s << _SPAN_SHIFT)
         with m.If(take):
             m.d.sync += [
                 span.eq(incoming),
-                # a token row's piece of span s: x + ((t0 + i) * d_in + 64 s) * 2; a W row's codes: 32 bytes each
-                x_address.eq(self.x + ((incoming.t0 * shape.d_in) << 1) + (incoming.s << (_SPAN_SHIFT + 1))),
-                codes_address.eq(self.codes + ((incoming.f0 * shape.d_in) >> 1) + (incoming.s << (_SPAN_SHIFT - 1))),
+                # a token row's piece of span s: x + ((t0 + i) * reduction + 64 s) * 2
+                x_address.eq(self.x + ((incoming.t0 * reduction) << 1) + (incoming.s << (_SPAN_SHIFT + 1))),
+                codes_address.eq(self.codes + ((row0 * shape.d_in + col0) >> 1)),
+                absmax_address.eq(self.absmax + row0 * per_row + (col0 >> _SPAN_SHIFT)),
                 left.eq(incoming.nt),
-                state.eq(Mux(incoming.first_t, _Read.ABSMAX2, Mux(incoming.first_f, _Read.ABSMAX, _Read.X))),
+                state.eq(Mux(incoming.first_t, _Read.ABSMAX2,
+                             Mux(incoming.first_f & ~tr, _Read.ABSMAX, _Read.X))),
             ]
         issued = self.jobs.valid & self.jobs.ready
         with m.Switch(state):
@@ -322,27 +409,47 @@ class ReadIssuer(wiring.Component):
                              beat.dest.eq(READS.index("absmax2")), beat.unpack.eq(1), beat.count.eq(self.groups),
                              beat.cols.eq(self.groups)]
                 with m.If(issued):
-                    m.d.sync += state.eq(Mux(span.first_f, _Read.ABSMAX, _Read.X))
-            with m.Case(_Read.ABSMAX):
-                codes = span.nf * per_row
-                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.absmax + span.f0 * per_row),
-                             beat.bytes.eq(codes), beat.dest.eq(READS.index("absmax")), beat.unpack.eq(1),
-                             beat.count.eq(codes),
-                             beat.cols.eq(codes)]
+                    m.d.sync += state.eq(Mux(tr, _Read.EXPONENTS, Mux(span.first_f, _Read.ABSMAX, _Read.X)))
+            with m.Case(_Read.EXPONENTS):
+                entries = shape.d_out >> chunk_shift
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.exponents), beat.bytes.eq(entries),
+                             beat.dest.eq(READS.index("exponents")), beat.unpack.eq(1), beat.count.eq(entries),
+                             beat.cols.eq(entries)]
                 with m.If(issued):
                     m.d.sync += state.eq(_Read.X)
+            with m.Case(_Read.ABSMAX):
+                # forward: the feature block's codes, one job; transposed: the port words that hold each W row's
+                # codes of the column block (the same number for every row), one unpacker job for the span
+                wb = self.config.port.word_bytes
+                _, _, row_bytes = absmax_window(span, wb)
+                codes = Mux(tr, row_bytes, span.nf * per_row)
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(Mux(tr, absmax_address & ~(wb - 1),
+                                                                        absmax_address)),
+                             beat.bytes.eq(codes), beat.dest.eq(READS.index("absmax")),
+                             beat.unpack.eq(~tr | (left == SPAN)), beat.count.eq(Mux(tr, row_bytes << _SPAN_SHIFT,
+                                                                                     codes)),
+                             beat.cols.eq(codes)]
+                with m.If(issued):
+                    with m.If(~tr):
+                        m.d.sync += state.eq(_Read.X)
+                    with m.Else():
+                        m.d.sync += [absmax_address.eq(absmax_address + per_row), left.eq(left - 1)]
+                        with m.If(left == 1):
+                            m.d.sync += [state.eq(_Read.CODES), left.eq(SPAN)]
             with m.Case(_Read.X):
                 m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(x_address), beat.bytes.eq(SPAN * 2),
                              beat.dest.eq(READS.index("x")), beat.unpack.eq(left == span.nt),
                              beat.count.eq(span.nt << _SPAN_SHIFT), beat.cols.eq(SPAN)]
                 with m.If(issued):
-                    m.d.sync += [x_address.eq(x_address + (shape.d_in << 1)), left.eq(left - 1)]
+                    m.d.sync += [x_address.eq(x_address + (reduction << 1)), left.eq(left - 1)]
                     with m.If(left == 1):
-                        m.d.sync += [state.eq(_Read.CODES), left.eq(span.nf)]
+                        m.d.sync += [state.eq(Mux(tr, _Read.ABSMAX, _Read.CODES)), left.eq(Mux(tr, SPAN, span.nf))]
             with m.Case(_Read.CODES):
-                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(codes_address), beat.bytes.eq(SPAN // 2),
-                             beat.dest.eq(READS.index("codes")), beat.unpack.eq(left == span.nf),
-                             beat.count.eq(span.nf << _SPAN_SHIFT), beat.cols.eq(SPAN)]
+                # forward: nf W rows of 32 bytes; transposed: 64 W rows of nf / 2 bytes; nf x 64 codes either way
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(codes_address),
+                             beat.bytes.eq(Mux(tr, span.nf >> 1, SPAN // 2)), beat.dest.eq(READS.index("codes")),
+                             beat.unpack.eq(left == Mux(tr, SPAN, span.nf)), beat.count.eq(span.nf << _SPAN_SHIFT),
+                             beat.cols.eq(SPAN)]
                 with m.If(issued):
                     m.d.sync += [codes_address.eq(codes_address + (shape.d_in >> 1)), left.eq(left - 1)]
                     with m.If(left == 1):
@@ -425,68 +532,112 @@ class XBuffer(wiring.Component):
         return m
 
 
-class AbsmaxBuffer(wiring.Component):
-    """A feature block's absmax codes (``nf`` W rows of ``d_in / 64``), served per span: column ``s``, one code
-    per W row, the dequantizer's ``absmax`` stream for the span's block job.
+def plan_layout():
+    """A :class:`SpanTable` beat: with ``load``, first take ``load_count`` values into the table; then give
+    ``count`` rows of ``width`` consecutive entries, the first row from ``start``, the rows ``step`` apart."""
+    return data.StructLayout({"load": 1, "load_count": 32, "start": 32, "count": 16, "width": 16, "step": 16})
+
+
+class SpanTable(wiring.Component):
+    """A table of 8-bit values loaded from memory now and then and served a few per span: a feature block's
+    absmax codes (``nf`` W rows of ``d_in / 64``, loaded at its start, column ``s`` served per span: the
+    dequantizer's ``absmax`` stream), transposed a span's absmax codes (64 W rows of whole port words, loaded per
+    span, each row's codes of the column block served: the port's words hold a few more) or the whole rows' chunk
+    exponents (loaded per token block, the span's ``64 / chunk`` served per span: the engine's tile exponents).
 
     Attributes
     ----------
-    codes : In(stream of 8 bits): the block's codes, row-major, at the start of each feature block
-    spans : In(stream of :func:`span_beat_layout`)
-    shape : In(:func:`shape_layout`), held
-    absmax : Out(stream of 8 bits)
+    plans : In(stream of :func:`plan_layout`): one per span
+    values : In(stream of 8 bits): the values loaded, after each plan with ``load``
+    out : Out(stream of 8 bits)
     """
 
-    def __init__(self, config):
-        self.config = config
-        super().__init__({"codes": In(stream.Signature(8)), "spans": In(stream.Signature(span_beat_layout())),
-                          "shape": In(shape_layout()), "absmax": Out(stream.Signature(8))})
+    def __init__(self, depth):
+        if not _is_int(depth) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, not {depth!r}")
+        self.depth = depth
+        super().__init__({"plans": In(stream.Signature(plan_layout())), "values": In(stream.Signature(8)),
+                          "out": Out(stream.Signature(8))})
 
     def elaborate(self, platform):
         m = Module()
-        depth = self.config.max_features * (self.config.max_in // SPAN)
+        depth = self.depth
         m.submodules.table = table = Memory(shape=8, depth=depth, init=[])
-        per_row = Signal(16)
-        m.d.comb += per_row.eq(self.shape.d_in >> _SPAN_SHIFT)
         loading, serving = Signal(), Signal()
-        load_left, rows_left = Signal(32), Signal(16)
-        write_address, read_address = Signal(range(depth)), Signal(range(depth))
-        span = self.spans.payload
-        m.d.comb += self.spans.ready.eq(~loading & ~serving)
-        with m.If(self.spans.valid & self.spans.ready):
-            m.d.sync += [rows_left.eq(span.nf), read_address.eq(span.s), write_address.eq(0),
-                         load_left.eq(span.nf * per_row)]
-            with m.If(span.first_f):
+        load_left, left = Signal(32), Signal(16)
+        step, width, column = Signal(16), Signal(16), Signal(16)
+        write_address, read_address, row_address = Signal(range(depth)), Signal(range(depth)), Signal(range(depth))
+        plan = self.plans.payload
+        m.d.comb += self.plans.ready.eq(~loading & ~serving)
+        with m.If(self.plans.valid & self.plans.ready):
+            m.d.sync += [left.eq(plan.count), read_address.eq(plan.start), row_address.eq(plan.start),
+                         step.eq(plan.step), width.eq(plan.width), column.eq(0), write_address.eq(0),
+                         load_left.eq(plan.load_count)]
+            with m.If(plan.load):
                 m.d.sync += loading.eq(1)
             with m.Else():
                 m.d.sync += serving.eq(1)
 
         write = table.write_port()
-        m.d.comb += [self.codes.ready.eq(loading), write.addr.eq(write_address), write.data.eq(self.codes.payload),
-                     write.en.eq(self.codes.valid & loading)]
-        with m.If(self.codes.valid & loading):
+        m.d.comb += [self.values.ready.eq(loading), write.addr.eq(write_address), write.data.eq(self.values.payload),
+                     write.en.eq(self.values.valid & loading)]
+        with m.If(self.values.valid & loading):
             m.d.sync += [write_address.eq(write_address + 1), load_left.eq(load_left - 1)]
             with m.If(load_left == 1):
                 m.d.sync += [loading.eq(0), serving.eq(1)]
 
         read = table.read_port(domain="sync")
         out_valid = Signal()
-        advance = ~out_valid | self.absmax.ready
+        advance = ~out_valid | self.out.ready
         issue = serving & advance
-        m.d.comb += [read.addr.eq(read_address), read.en.eq(advance), self.absmax.valid.eq(out_valid),
-                     self.absmax.payload.eq(read.data)]
+        m.d.comb += [read.addr.eq(read_address), read.en.eq(advance), self.out.valid.eq(out_valid),
+                     self.out.payload.eq(read.data)]
         with m.If(advance):
             m.d.sync += out_valid.eq(issue)
         with m.If(issue):
-            m.d.sync += [read_address.eq(read_address + per_row), rows_left.eq(rows_left - 1)]
-            with m.If(rows_left == 1):
-                m.d.sync += serving.eq(0)
+            with m.If(column != width - 1):
+                m.d.sync += [column.eq(column + 1), read_address.eq(read_address + 1)]
+            with m.Else():
+                m.d.sync += [column.eq(0), left.eq(left - 1), read_address.eq(row_address + step),
+                             row_address.eq(row_address + step)]
+                with m.If(left == 1):
+                    m.d.sync += serving.eq(0)
         return m
 
 
+def absmax_window(beat, word_bytes):
+    """Transposed: where a span's W row's absmax codes of the column block lie in the port words read for it:
+    ``(head, codes, words_bytes)``, the codes before them in the first word, their number, and the bytes of the
+    words (the same for every row: a W row's codes are whole port words)."""
+    head = (beat.f0 >> _SPAN_SHIFT) & (word_bytes - 1)
+    codes = beat.nf >> _SPAN_SHIFT
+    return head, codes, (head + codes + word_bytes - 1) & ~(word_bytes - 1)
+
+
+def absmax_plan(beat, shape, word_bytes):
+    """The :class:`SpanTable` plan of a span: forward, a feature block's absmax codes at its start and column
+    ``s`` of its rows per span; transposed, the span's 64 W rows' words each span and each row's codes of the
+    column block."""
+    per_row = shape.d_in >> _SPAN_SHIFT
+    head, codes, row_bytes = absmax_window(beat, word_bytes)
+    tr = shape.transposed
+    return {"load": beat.first_f | tr, "load_count": Mux(tr, row_bytes << _SPAN_SHIFT, beat.nf * per_row),
+            "start": Mux(tr, head, beat.s), "count": Mux(tr, SPAN, beat.nf), "width": Mux(tr, codes, 1),
+            "step": Mux(tr, row_bytes, per_row)}
+
+
+def exponent_plan(beat, shape, chunk):
+    """The :class:`SpanTable` plan of a span (transposed): the table of W's chunk exponents at a token block's
+    start, the span's ``64 / chunk`` per span."""
+    shift = chunk.bit_length() - 1
+    return {"load": beat.first_t, "load_count": shape.d_out >> shift, "start": beat.s << (_SPAN_SHIFT - shift),
+            "count": SPAN // chunk, "width": 1, "step": 1}
+
+
 class JobIssuer(wiring.Component):
-    """Per span: the engine's block job (all but a feature block's first span resumed, all but its last held),
-    the dequantizer's tensor beat (the span's ``nf x 64`` weights, each block with its own ``absmax2``) and the
+    """Per span: the engine's block job (all but a feature block's first span resumed, all but its last held;
+    transposed when the shape is), the dequantizer's tensor beat (the span's ``nf x 64`` weights, each block with
+    its own ``absmax2``) and the
     :class:`~.nf4_span.SpanScales` descriptor (the span's blocks in the weight; a new table at each token block,
     as ``absmax2`` is read then).
 
@@ -509,19 +660,25 @@ class JobIssuer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         beat = self.spans.payload
+        tr = self.shape.transposed
         per_row = Signal(16)
         m.d.comb += per_row.eq(self.shape.d_in >> _SPAN_SHIFT)
         outs = (self.job, self.tensor, self.span)
         sent = [Signal(name=f"sent_{name}") for name in ("job", "tensor", "span")]
         weights = beat.nf << _SPAN_SHIFT
+        # forward: the span is nf W rows by one block; transposed: 64 W rows by the column block's nf / 64 blocks
+        row0 = Mux(tr, beat.s << _SPAN_SHIFT, beat.f0)
+        col0 = Mux(tr, beat.f0, beat.s << _SPAN_SHIFT)
         m.d.comb += [
-            self.job.payload.m.eq(beat.nt), self.job.payload.n.eq(beat.nf), self.job.payload.k.eq(SPAN),
+            self.job.payload.m.eq(beat.nt), self.job.payload.n.eq(Mux(tr, SPAN, beat.nf)),
+            self.job.payload.k.eq(Mux(tr, beat.nf, SPAN)), self.job.payload.transposed.eq(tr),
             self.job.payload.weights.eq(weights), self.job.payload.block.eq(1),
             self.job.payload.resume.eq(~beat.first_f), self.job.payload.hold.eq(~beat.final),
             self.tensor.payload.n_weights.eq(weights), self.tensor.payload.offset.eq(self.offset),
             self.tensor.payload.absmax2_per_block.eq(1),
-            self.span.payload.first.eq(beat.f0 * per_row + beat.s), self.span.payload.rows.eq(beat.nf),
-            self.span.payload.blocks.eq(1), self.span.payload.stride.eq(per_row),
+            self.span.payload.first.eq(row0 * per_row + (col0 >> _SPAN_SHIFT)),
+            self.span.payload.rows.eq(Mux(tr, SPAN, beat.nf)),
+            self.span.payload.blocks.eq(Mux(tr, beat.nf >> _SPAN_SHIFT, 1)), self.span.payload.stride.eq(per_row),
             self.span.payload.groups.eq(self.groups), self.span.payload.new_table.eq(beat.first_t),
         ]
         done = []
@@ -539,9 +696,11 @@ class JobIssuer(wiring.Component):
 
 
 class OutputIssuer(wiring.Component):
-    """After a feature block's last span: the packer's job (the block's ``nt * nf / cols`` output rows) and one
-    write job per output row of each ``rows x cols`` tile, in the engine's order (W tile by W tile, the block's
-    tokens in order within one).
+    """After a feature block's last span: the packer's job (the block's ``nt * nf / cols`` output rows) and the
+    write jobs of the block's outputs, in the order they reach the writer: forward one per output row of each
+    ``rows x cols`` tile, W tile by W tile, the block's tokens in order within one (the engine's order);
+    transposed, one per token row of the block (``nf`` outputs, contiguous in dx), after the
+    :class:`OutputTurn`, whose job it also gives.
 
     Attributes
     ----------
@@ -549,6 +708,7 @@ class OutputIssuer(wiring.Component):
     shape : In(:func:`shape_layout`); ``y``: held
     jobs : Out(stream of :func:`~.memport.job_layout`), to the burst writer
     pack : Out(stream of 32 bits): elements (output rows) per block, to the packer
+    turn : Out(stream of :func:`turn_layout`): transposed, the block's job of the output corner turn
     """
 
     def __init__(self, config):
@@ -556,29 +716,39 @@ class OutputIssuer(wiring.Component):
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
                           "y": In(config.port.address_width),
                           "jobs": Out(stream.Signature(write_job_layout(config.port))),
-                          "pack": Out(stream.Signature(32))})
+                          "pack": Out(stream.Signature(32)), "turn": Out(stream.Signature(turn_layout()))})
 
     def elaborate(self, platform):
         m = Module()
-        cols = self.config.cols
-        shift = cols.bit_length() - 1
+        rows, cols = self.config.rows, self.config.cols
+        row_shift, col_shift = rows.bit_length() - 1, cols.bit_length() - 1
         aw = self.config.port.address_width
         shape, beat = self.shape, self.spans.payload
-        busy, packed = Signal(), Signal()
-        tokens, left_tiles = Signal(16), Signal(16)
-        token = Signal(16)
+        tr = shape.transposed
+        busy = Signal()                                  # the block's write jobs are being issued
+        packed, turned = Signal(init=1), Signal(init=1)  # its packer's and turn's jobs are taken
+        tokens, left_tiles, token = Signal(16), Signal(16), Signal(16)
+        job_bytes = Signal(16)
         column_address, address = Signal(aw), Signal(aw)
-        m.d.comb += self.spans.ready.eq(~busy)
+        # forward: per W tile (cols outputs, 2 cols bytes apart) the block's tokens, an output row apart;
+        # transposed: the block's tokens once, each a run of nf outputs
+        m.d.comb += self.spans.ready.eq(~busy & packed & turned)
         with m.If(self.spans.valid & self.spans.ready & beat.final):
-            start = self.y + ((beat.t0 * shape.d_out + beat.f0) << 1)
-            m.d.sync += [busy.eq(1), packed.eq(0), tokens.eq(beat.nt), left_tiles.eq(beat.nf >> shift),
-                         token.eq(0), column_address.eq(start), address.eq(start)]
-            m.d.sync += self.pack.payload.eq((beat.nt * beat.nf) >> shift)
-        m.d.comb += self.pack.valid.eq(busy & ~packed)
+            start = self.y + ((beat.t0 * _outputs(shape) + beat.f0) << 1)
+            m.d.sync += [
+                busy.eq(1), packed.eq(0), turned.eq(~tr), tokens.eq(beat.nt), token.eq(0),
+                left_tiles.eq(Mux(tr, 1, beat.nf >> col_shift)), job_bytes.eq(Mux(tr, beat.nf << 1, cols * 2)),
+                column_address.eq(start), address.eq(start),
+                self.pack.payload.eq((beat.nt * beat.nf) >> col_shift),
+                self.turn.payload.tiles.eq(beat.nt >> row_shift), self.turn.payload.col_tiles.eq(beat.nf >> col_shift),
+            ]
+        m.d.comb += [self.pack.valid.eq(~packed), self.turn.valid.eq(~turned)]
         with m.If(self.pack.valid & self.pack.ready):
             m.d.sync += packed.eq(1)
+        with m.If(self.turn.valid & self.turn.ready):
+            m.d.sync += turned.eq(1)
         m.d.comb += [self.jobs.valid.eq(busy), self.jobs.payload.address.eq(address),
-                     self.jobs.payload.bytes.eq(cols * 2)]
+                     self.jobs.payload.bytes.eq(job_bytes)]
         with m.If(self.jobs.valid & self.jobs.ready):
             with m.If(token == tokens - 1):
                 m.d.sync += [token.eq(0), left_tiles.eq(left_tiles - 1), column_address.eq(column_address + cols * 2),
@@ -586,15 +756,99 @@ class OutputIssuer(wiring.Component):
                 with m.If(left_tiles == 1):
                     m.d.sync += busy.eq(0)
             with m.Else():
-                m.d.sync += [token.eq(token + 1), address.eq(address + (shape.d_out << 1))]
+                m.d.sync += [token.eq(token + 1), address.eq(address + (_outputs(shape) << 1))]
+        return m
+
+
+def turn_layout():
+    """An :class:`OutputTurn` job: a block's ``tiles`` token tiles of ``col_tiles`` column tiles each."""
+    return data.StructLayout({"tiles": 16, "col_tiles": 16})
+
+
+class OutputTurn(wiring.Component):
+    """The transposed product's output corner turn: a token tile's outputs come from the engine column tile by
+    column tile (the tile's ``rows`` output rows within one) and leave token row by token row (each row's column
+    tiles in order), so that each token row of a block is one write job of contiguous bytes rather than one
+    16-byte write per tile row, each in another DRAM row. Two halves of ``rows x max_features`` outputs: one fills
+    while the other drains.
+
+    Attributes
+    ----------
+    jobs : In(stream of :func:`turn_layout`): one per block
+    rows_in : In(stream of ``cols`` bf16): the engine's output rows
+    rows_out : Out(stream of ``cols`` bf16)
+    """
+
+    def __init__(self, config):
+        self.config = config
+        width = config.cols * BF16.width
+        super().__init__({"jobs": In(stream.Signature(turn_layout())), "rows_in": In(stream.Signature(width)),
+                          "rows_out": Out(stream.Signature(width))})
+
+    def elaborate(self, platform):
+        m = Module()
+        rows, stride = self.config.rows, self.config.max_features // self.config.cols
+        half = rows * stride
+        m.submodules.buffer = buffer = Memory(shape=self.config.cols * BF16.width, depth=2 * half, init=[])
+        write, read = buffer.write_port(), buffer.read_port(domain="sync")
+        full = Signal(2)
+        col_tiles = [Signal(16, name=f"col_tiles_{h}") for h in range(2)]
+
+        # fill: job by job, token tile by token tile into alternate halves; beat (ct, r) to word r * stride + ct
+        busy, w_half = Signal(), Signal()
+        tiles_left, w_ct, w_r = Signal(16), Signal(16), Signal(range(rows + 1))
+        job = Signal(turn_layout())
+        m.d.comb += self.jobs.ready.eq(~busy)
+        with m.If(self.jobs.valid & self.jobs.ready):
+            m.d.sync += [busy.eq(1), job.eq(self.jobs.payload), tiles_left.eq(self.jobs.payload.tiles), w_ct.eq(0),
+                         w_r.eq(0)]
+        filling = busy & ~full.bit_select(w_half, 1)
+        m.d.comb += [self.rows_in.ready.eq(filling), write.data.eq(self.rows_in.payload),
+                     write.addr.eq(w_half * half + w_r * stride + w_ct), write.en.eq(self.rows_in.valid & filling)]
+        with m.If(self.rows_in.valid & filling):
+            with m.If(w_r != rows - 1):
+                m.d.sync += w_r.eq(w_r + 1)
+            with m.Else():
+                m.d.sync += [w_r.eq(0), w_ct.eq(w_ct + 1)]
+                with m.If(w_ct == job.col_tiles - 1):
+                    m.d.sync += [w_ct.eq(0), w_half.eq(~w_half), tiles_left.eq(tiles_left - 1)]
+                    for h in range(2):
+                        with m.If(w_half == h):
+                            m.d.sync += [full[h].eq(1), col_tiles[h].eq(job.col_tiles)]
+                    with m.If(tiles_left == 1):
+                        m.d.sync += busy.eq(0)
+
+        # drain: the full half's token rows in order, each row's column tiles in order
+        r_half, r_ct, r_r = Signal(), Signal(16), Signal(range(rows + 1))
+        out_valid = Signal()
+        advance = ~out_valid | self.rows_out.ready
+        issue = full.bit_select(r_half, 1) & advance
+        m.d.comb += [read.addr.eq(r_half * half + r_r * stride + r_ct), read.en.eq(advance),
+                     self.rows_out.valid.eq(out_valid), self.rows_out.payload.eq(read.data)]
+        with m.If(advance):
+            m.d.sync += out_valid.eq(issue)
+        with m.If(issue):
+            with m.If(r_ct != Mux(r_half, col_tiles[1], col_tiles[0]) - 1):
+                m.d.sync += r_ct.eq(r_ct + 1)
+            with m.Else():
+                m.d.sync += r_ct.eq(0)
+                with m.If(r_r != rows - 1):
+                    m.d.sync += r_r.eq(r_r + 1)
+                with m.Else():
+                    m.d.sync += [r_r.eq(0), r_half.eq(~r_half)]
+                    for h in range(2):
+                        with m.If(r_half == h):
+                            m.d.sync += full[h].eq(0)
         return m
 
 
 class BlockedProduct(wiring.Component):
     """``y = x W^T`` through one memory port, output-stationary: x ``[t, d_in]`` bf16, W ``[d_out, d_in]`` NF4
     with double quantization (bitsandbytes' flat codes and absmax codes, ``absmax2``), y ``[t, d_out]`` bf16, at
-    the addresses of the descriptor. Its outputs equal ``golden.gemm.gemm`` of x and the dequantized W to the bit
-    (the block jobs add each output's chunks in reduction order).
+    the addresses of the descriptor; with ``dims.transposed`` (a configuration with ``transposed``), ``dx = dy W``
+    with dy ``[t, d_out]`` and dx ``[t, d_in]`` at the addresses of x and y. Its outputs equal ``golden.gemm.gemm``
+    of the activation and the dequantized W to the bit (the block jobs add each output's chunks in reduction order;
+    transposed, with the whole rows' chunk exponents).
 
     Attributes
     ----------
@@ -614,6 +868,14 @@ class BlockedProduct(wiring.Component):
         self.engine = GemmEngine(config.gemm)
         self.x_buffer = XBuffer(config)
 
+    @staticmethod
+    def _plan(m, spans, plans, fields, enable):
+        """A walker's spans as a table's plans (only while ``enable``: a mode that does not use the table leaves
+        its walker waiting until the next descriptor restarts it)."""
+        m.d.comb += [plans.valid.eq(spans.valid & enable), spans.ready.eq(plans.ready & enable)]
+        for name, value in fields.items():
+            m.d.comb += getattr(plans.payload, name).eq(value)
+
     def elaborate(self, platform):
         m = Module()
         cfg, port = self.config, self.config.port
@@ -627,7 +889,7 @@ class BlockedProduct(wiring.Component):
         with m.If(self.descriptor.valid & self.descriptor.ready):
             m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
         walkers = {}
-        for name in ("reads", "x", "absmax", "jobs", "outputs"):
+        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs"):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
 
@@ -635,7 +897,7 @@ class BlockedProduct(wiring.Component):
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
-        for name in ("x", "codes", "absmax", "absmax2"):
+        for name in ("x", "codes", "absmax", "absmax2", "exponents"):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
         m.submodules.reader = reader = TaggedReader(port, [cfg.codes_words if name == "codes" else cfg.fifo_words
                                                            for name in READS])
@@ -675,13 +937,24 @@ class BlockedProduct(wiring.Component):
         seg = unpack["codes"].segments
         m.d.comb += [engine.codes.valid.eq(seg.valid), seg.ready.eq(engine.codes.ready),
                      engine.codes.payload.eq(seg.payload.data)]
-        m.submodules.absmax_buffer = absbuf = AbsmaxBuffer(cfg)
-        wiring.connect(m, walkers["absmax"].spans, absbuf.spans)
-        m.d.comb += absbuf.shape.eq(head.dims)
+        # absmax codes through their table: forward a feature block's, transposed a span's rows' port words
+        tr = head.dims.transposed
+        m.submodules.absmax_table = absmax = SpanTable(cfg.absmax_depth)
+        self._plan(m, walkers["absmax"].spans, absmax.plans,
+                   absmax_plan(walkers["absmax"].spans.payload, head.dims, port.word_bytes), 1)
         seg = unpack["absmax"].segments
-        m.d.comb += [absbuf.codes.valid.eq(seg.valid), seg.ready.eq(absbuf.codes.ready),
-                     absbuf.codes.payload.eq(seg.payload.data[0])]
-        wiring.connect(m, absbuf.absmax, engine.absmax)
+        m.d.comb += [absmax.values.valid.eq(seg.valid), seg.ready.eq(absmax.values.ready),
+                     absmax.values.payload.eq(seg.payload.data[0])]
+        wiring.connect(m, absmax.out, engine.absmax)
+        # transposed: each W tile's exponent (over the whole rows) from the table read per token block
+        m.submodules.exponent_table = exps = SpanTable(cfg.exponent_depth)
+        self._plan(m, walkers["exponents"].spans, exps.plans,
+                   exponent_plan(walkers["exponents"].spans.payload, head.dims, cfg.gemm.chunk_steps), tr)
+        seg = unpack["exponents"].segments
+        m.d.comb += [exps.values.valid.eq(seg.valid), seg.ready.eq(exps.values.ready),
+                     exps.values.payload.eq(seg.payload.data[0]),
+                     engine.exponents.valid.eq(exps.out.valid), exps.out.ready.eq(engine.exponents.ready),
+                     engine.exponents.payload.eq(exps.out.payload.as_signed())]
         m.submodules.scales = scales = SpanScales(cfg.max_groups)
         seg = unpack["absmax2"].segments
         m.d.comb += [scales.table.valid.eq(seg.valid), seg.ready.eq(scales.table.ready),
@@ -693,7 +966,6 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, jobs.job, engine.job)
         wiring.connect(m, jobs.tensor, engine.tensor)
         wiring.connect(m, jobs.span, scales.span)
-        m.d.comb += engine.exponents.valid.eq(0)
 
         # outputs: the engine's rows through the packer into a staging FIFO; a burst's command goes out only when
         # all its words wait there, so the memory never waits for the product inside a burst
@@ -702,9 +974,23 @@ class BlockedProduct(wiring.Component):
         m.d.comb += [outs.shape.eq(head.dims), outs.y.eq(head.y)]
         m.submodules.packer = packer = Packer(cfg.cols * BF16.width, W)
         m.d.comb += [packer.job.valid.eq(outs.pack.valid), packer.job.payload.count.eq(outs.pack.payload),
-                     outs.pack.ready.eq(packer.job.ready),
-                     packer.elements.valid.eq(engine.c.valid), engine.c.ready.eq(packer.elements.ready),
-                     packer.elements.payload.eq(engine.c.payload.data)]
+                     outs.pack.ready.eq(packer.job.ready)]
+        if cfg.transposed:
+            # transposed: through the corner turn, so that each token row of a block is one write job
+            m.submodules.turn = turn = OutputTurn(cfg)
+            wiring.connect(m, outs.turn, turn.jobs)
+            m.d.comb += turn.rows_in.payload.eq(engine.c.payload.data)
+            with m.If(tr):
+                m.d.comb += [turn.rows_in.valid.eq(engine.c.valid), engine.c.ready.eq(turn.rows_in.ready),
+                             packer.elements.valid.eq(turn.rows_out.valid),
+                             turn.rows_out.ready.eq(packer.elements.ready),
+                             packer.elements.payload.eq(turn.rows_out.payload)]
+            with m.Else():
+                m.d.comb += [packer.elements.valid.eq(engine.c.valid), engine.c.ready.eq(packer.elements.ready),
+                             packer.elements.payload.eq(engine.c.payload.data)]
+        else:
+            m.d.comb += [packer.elements.valid.eq(engine.c.valid), engine.c.ready.eq(packer.elements.ready),
+                         packer.elements.payload.eq(engine.c.payload.data), outs.turn.ready.eq(1)]
         m.submodules.writer = writer = BurstWriter(port)
         wiring.connect(m, outs.jobs, writer.job)
         m.submodules.staging = staging = SyncFIFOBuffered(width=W, depth=port.max_burst)
@@ -721,14 +1007,15 @@ class BlockedProduct(wiring.Component):
         cycles, written, memory, compute = Signal(48), Signal(48), Signal(48), Signal(48)
         before = [Signal(48, name=f"before_{name}") for name in READS]
         total = Signal(48)
-        m.d.comb += total.eq(((head.dims.t * head.dims.d_out) << 1) >> port.word_shift)
+        m.d.comb += total.eq(((head.dims.t * _outputs(head.dims)) << 1) >> port.word_shift)
         with m.If(start):
             m.d.sync += [cycles.eq(0), written.eq(0), memory.eq(0), compute.eq(0),
                          *(b.eq(reader.words[i]) for i, b in enumerate(before))]
         with m.Elif(running):
             m.d.sync += cycles.eq(cycles + 1)
             waits = Cat(engine.a.ready & ~engine.a.valid, engine.codes.ready & ~engine.codes.valid,
-                        engine.absmax.ready & ~engine.absmax.valid)
+                        engine.absmax.ready & ~engine.absmax.valid,
+                        tr & engine.exponents.ready & ~engine.exponents.valid)
             with m.If(waits.any()):
                 m.d.sync += memory.eq(memory + 1)
             with m.If(reader.starved):

@@ -25,7 +25,12 @@ from .memstep import DramBench, _fields, _timing, run_dram_bench
 __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product", "engine_cycles", "model_cycles"]
 
 #: The program's tensor of each read destination.
-_TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes"}
+_TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes",
+           "exponents": "w_row_exponents"}
+
+
+def _tensor(name, transposed):
+    return "dy" if transposed and name == "x" else _TENSOR[name]
 
 
 class BlockedBench(DramBench):
@@ -38,8 +43,9 @@ class BlockedBench(DramBench):
 
 @dataclass
 class BlockedRun:
-    """A blocked product against memory: ``y`` read back from memory (bf16), the report's counters (bytes are
-    port words times the word), the program's requests' bytes (whole words) and their count."""
+    """A blocked product against memory: ``y``, its output read back from memory (bf16: y, or dx when
+    transposed), the report's counters (bytes are port words times the word), the program's requests' bytes
+    (whole words) and their count."""
 
     y: object
     cycles: int
@@ -51,61 +57,73 @@ class BlockedRun:
     requests: int
 
 
-def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2):
-    """The smallest :class:`BlockedConfig` for ``case``'s forward product in blocks of ``tokens x features`` on a
-    ``rows x cols`` engine behind ``memory``'s port."""
+def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False):
+    """The smallest :class:`BlockedConfig` for ``case``'s forward product (``transposed``: the backward product
+    ``dx = dy W`` too) in blocks of ``tokens x features`` on a ``rows x cols`` engine behind ``memory``'s port."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
+    extra = {"transposed": True, "max_out": -(-d_out // SPAN) * SPAN} if transposed else {}
     return BlockedConfig(rows=rows, cols=cols, port=port_for(_timing(memory)), max_tokens=min(tokens, t),
-                         max_features=min(features, d_out), max_in=d_in, max_groups=absmax2_groups(d_in, d_out))
+                         max_features=min(features, d_in if transposed else d_out), max_in=d_in,
+                         max_groups=absmax2_groups(d_in, d_out), **extra)
 
 
-def engine_cycles(config, t, d_in, d_out, tokens, features):
+def _job_cycles(config, nt, nf, transposed):
+    """``gemm_cycles`` of one span's block job."""
+    g = config.gemm
+    n, k = (SPAN, nf) if transposed else (nf, SPAN)
+    return gemm_cycles(nt, n, k, g.rows, g.cols, g.chunk_steps, transposed=transposed, weights="nf4",
+                       out_dtype=g.out_dtype, blocksize=g.blocksize, block=True).cycles
+
+
+def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
     """The engine's cycle model for the product's block jobs (``gemm_cycles(..., block=True)`` per job), streams
     that never stall: the compute the memory has to keep up with."""
-    g = config.gemm
+    reduction, outputs = (d_out, d_in) if transposed else (d_in, d_out)
     total = 0
     for t0 in range(0, t, tokens):
         nt = min(tokens, t - t0)
-        for f0 in range(0, d_out, features):
-            nf = min(features, d_out - f0)
-            total += (d_in // SPAN) * gemm_cycles(nt, nf, SPAN, g.rows, g.cols, g.chunk_steps, weights="nf4",
-                                                  out_dtype=g.out_dtype, blocksize=g.blocksize, block=True).cycles
+        for f0 in range(0, outputs, features):
+            total += (reduction // SPAN) * _job_cycles(config, nt, min(features, outputs - f0), transposed)
     return total
 
 
-def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", stalls=None, backend=None,
-                        vcd_path=None, max_cycles=None, progress=None):
-    """``y = x W^T`` of ``case`` on :class:`BlockedProduct` against the DRAM model of ``memory``, in blocks of
-    ``tokens x features``; returns a :class:`BlockedRun`. ValueError (one line) for a shape the configuration
-    does not take."""
+def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, stalls=None,
+                        backend=None, vcd_path=None, max_cycles=None, progress=None):
+    """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``) on :class:`BlockedProduct` against the DRAM model
+    of ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`. ValueError (one line) for a
+    shape the configuration does not take."""
     timing = _timing(memory)
-    config = config or blocked_config(case, tokens, features, memory)
+    config = config or blocked_config(case, tokens, features, memory, transposed=transposed)
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
-    config.check_shape(t, d_in, d_out, tokens, features)
+    config.check_shape(t, d_in, d_out, tokens, features, transposed)
     if not case.weight.double_quant or case.weight.blocksize != SPAN:
         raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN}")
     port = mp.PortShape.of(config.port)
-    memmap = layout_for(case, align=64)
+    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None)
     if memmap.end > config.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
-    program = bp.forward_product(memmap, tokens, features, config.cols)
+    program = bp.backward_product(memmap, tokens, features, config.rows, config.cols) if transposed else \
+        bp.forward_product(memmap, tokens, features, config.cols)
     reqs = bp.requests(port, program)
     reads = [r for r in reqs if r.op == "read"]
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
     q = case.weight
     descriptor = descriptor_layout(config).const({
-        "x": memmap["x"].address, "codes": memmap["nf4_codes"].address, "absmax": memmap["nf4_absmax"].address,
-        "absmax2": memmap["nf4_absmax2"].address, "y": memmap.output_region("y").address,
-        "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features},
+        "x": memmap["dy" if transposed else "x"].address, "codes": memmap["nf4_codes"].address,
+        "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
+        "y": memmap.output_region("dx" if transposed else "y").address,
+        "exponents": memmap["w_row_exponents"].address if transposed else 0,
+        "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
+                 "transposed": int(transposed)},
         "groups": len(q.absmax2), "offset": int(np.float32(q.offset).view(np.uint32)),
     }).as_bits()
     wanted = {"written": sum(w.length for w in writes), "report": 1}
     if max_cycles is None:
-        max_cycles = 4 * engine_cycles(config, t, d_in, d_out, tokens, features) + 30 * (len(fill) +
+        max_cycles = 4 * engine_cycles(config, t, d_in, d_out, tokens, features, transposed) + 30 * (len(fill) +
                                                                                        wanted["written"]) + 20_000
     inputs = {"descriptor": [descriptor], "fill": fill}
     beats, _ = run_dram_bench(lambda: BlockedBench(config, timing), f"BlockedBench {config!r} {timing!r}", inputs,
@@ -116,53 +134,70 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     wb = port.word_bytes
     program_reads = mp.bytes_by_tensor(port, reads)
     return BlockedRun(
-        y=unpack_outputs(image, memmap)["y"], cycles=report["cycles"],
+        y=unpack_outputs(image, memmap)["dx" if transposed else "y"], cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
-        read_bytes={_TENSOR[name]: report[f"read_{name}"] * wb for name in READS},
+        read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in READS},
         written_bytes=report["written"] * wb,
-        program_read_bytes={_TENSOR[name]: program_reads.get(_TENSOR[name], 0) for name in READS},
+        program_read_bytes={_tensor(name, transposed): program_reads.get(_tensor(name, transposed), 0)
+                            for name in READS},
         program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
 
 
 
-def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16):
+def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, transposed=False):
     """The blocked product's cycle model with memory: per block of ``tokens x features``, its loads before the
-    first job (absmax2 at a token block's start, the block's absmax codes, the first span's x: the DRAM model's
-    time for their requests alone; the buffers are single, so they wait for the block before), the engine's
-    block jobs (``gemm_cycles(..., block=True)``; the later spans' x and codes load while the job before computes),
-    and in the block's last job the y writes beside the engine (the longer of the two, then the writes of the last
-    W tile's outputs, which come when the engine is through). ``rank``: the memory map's (tensor addresses)."""
+    first job (absmax2 and, transposed, the chunk exponent table at a token block's start; forward the block's
+    absmax codes; the first span's activation rows and, transposed, absmax codes: the DRAM model's time for their
+    requests alone, the buffers being single, so they wait for the block before), the engine's block jobs
+    (``gemm_cycles(..., block=True)``; the later spans' loads overlap the job before), and in the block's last job
+    the output writes beside the engine: forward from the job's start, the longer of the two, then the writes of
+    the last W tile's outputs; transposed from the first token tile of its last W tile (every output's last chunk
+    is there, and the corner turn writes a token tile's rows once it has them all), the longer of the job and
+    that. ``rank``: the memory map's (tensor addresses)."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    program = bp.forward_product(layout(d_in, d_out, t, rank), tokens, features, config.cols)
+    if transposed:
+        memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps)
+        program = bp.backward_product(memmap, tokens, features, g.rows, g.cols)
+    else:
+        program = bp.forward_product(layout(d_in, d_out, t, rank), tokens, features, config.cols)
     reqs = bp.requests(port, program)
+    activation = "dy" if transposed else "x"
 
     def alone(group, op):
         return dram.simulate(timing, [(r.address, r.length * port.word_bytes, op) for r in group]).cycles \
             if group else 0
 
-    spans = d_in // SPAN
+    reduction, outputs = (d_out, d_in) if transposed else (d_in, d_out)
+    spans = reduction // SPAN
     total, i = 0, 0
     for t0 in range(0, t, tokens):
         nt = min(tokens, t - t0)
-        for f0 in range(0, d_out, features):
-            nf = min(features, d_out - f0)
+        for f0 in range(0, outputs, features):
+            nf = min(features, outputs - f0)
             load = []
-            while reqs[i].tensor in ("nf4_absmax2", "nf4_absmax"):
-                load.append(reqs[i])
-                i += 1
-            while reqs[i].tensor == "x":               # the first span's x rows
-                load.append(reqs[i])
-                i += 1
+            for names in (("nf4_absmax2", "nf4_absmax", "w_row_exponents"), (activation,),
+                          ("nf4_absmax",) if transposed else ()):
+                while reqs[i].tensor in names:
+                    load.append(reqs[i])
+                    i += 1
             while reqs[i].op == "read":
                 i += 1
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
                 writes.append(reqs[i])
                 i += 1
-            job = gemm_cycles(nt, nf, SPAN, g.rows, g.cols, g.chunk_steps, weights="nf4", out_dtype=g.out_dtype,
-                              blocksize=g.blocksize, block=True).cycles
+            job = _job_cycles(config, nt, nf, transposed)
             written = alone(writes, "write")
-            total += alone(load, "read") + (spans - 1) * job + max(job, written) + written // (nf // g.cols)
+            if transposed:
+                # the writes start with the last W tile's first token tile of outputs
+                last_tile = job * g.chunk_steps // SPAN
+                final = max(job, job - last_tile + last_tile // (nt // g.rows) + written)
+            else:
+                final = max(job, written) + written // (nf // g.cols)
+            # transposed, a block's first span loads while the block before computes its last job (the x buffer
+            # and the absmax table are free by then), but for a token block's first, which waits for the tables
+            hidden = transposed and f0 > 0
+            total += (0 if hidden else alone(load, "read")) + (spans - 1) * job + final
     return total

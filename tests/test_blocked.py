@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from amaranth.hdl import Elaboratable, Module
 from amaranth.sim import Simulator
 
 from edge_qlora.golden import gemm as golden
-from edge_qlora.golden import nf4_dequant
+from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.golden.lora import random_case
-from edge_qlora.rtl.blocked import SPAN, AbsmaxBuffer, BlockedConfig, SpanWalker, XBuffer, span_beat_layout
+from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, OutputTurn, SpanTable, SpanWalker, XBuffer, plan_layout,
+                                   span_beat_layout, turn_layout)
 from edge_qlora.rtl.memport import MemPortConfig
 from edge_qlora.sim import verilator
 from edge_qlora.sim.blocked import blocked_config, run_blocked_product
@@ -23,18 +23,20 @@ from edge_qlora.sim.streams import Stalls, get
 from reference import long_run_backend, mismatches
 
 
-def _spans(t, d_in, d_out, tokens, features):
-    """The loop nest the walkers follow, as dicts of span_beat_layout's fields."""
+def _spans(t, d_in, d_out, tokens, features, transposed=False):
+    """The loop nest the walkers follow, as dicts of span_beat_layout's fields (transposed: the features are W's
+    columns, the spans its rows)."""
+    reduction, outputs = (d_out, d_in) if transposed else (d_in, d_out)
     out = []
     for t0 in range(0, t, tokens):
         nt = min(tokens, t - t0)
-        for f0 in range(0, d_out, features):
-            nf = min(features, d_out - f0)
-            for s in range(d_in // SPAN):
-                final = s == d_in // SPAN - 1
+        for f0 in range(0, outputs, features):
+            nf = min(features, outputs - f0)
+            for s in range(reduction // SPAN):
+                final = s == reduction // SPAN - 1
                 out.append({"t0": t0, "nt": nt, "f0": f0, "nf": nf, "s": s, "first_t": int(f0 == 0 and s == 0),
                             "first_f": int(s == 0), "final": int(final),
-                            "last": int(final and f0 + nf >= d_out and t0 + nt >= t)})
+                            "last": int(final and f0 + nf >= outputs and t0 + nt >= t)})
     return out
 
 
@@ -42,17 +44,19 @@ def _beat(fields):
     return span_beat_layout().const(fields).as_bits()
 
 
-@pytest.mark.parametrize("shape", [(6, 192, 24, 4, 16), (8, 64, 8, 8, 8)])
-def test_span_walker_walks_the_loop_nest(shape):
+@pytest.mark.parametrize("shape, transposed", [((6, 192, 24, 4, 16), False), ((8, 64, 8, 8, 8), False),
+                                               ((6, 40, 192, 4, 16), True)])
+def test_span_walker_walks_the_loop_nest(shape, transposed):
     # twice in a row (a second start after the first walk), ready withheld at random
     dut = SpanWalker()
     t, d_in, d_out, tokens, features = shape
-    want = [_beat(f) for f in _spans(*shape)]
+    want = [_beat(f) for f in _spans(*shape, transposed)]
     got = []
 
     async def bench(ctx):
         for walk in range(2):
-            ctx.set(dut.shape, {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features})
+            ctx.set(dut.shape, {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
+                                "transposed": int(transposed)})
             ctx.set(dut.start, 1)
             await ctx.tick()
             ctx.set(dut.start, 0)
@@ -89,38 +93,54 @@ def test_x_buffer_turns_token_rows_into_a_tiles():
     assert beats == want
 
 
-def test_absmax_buffer_serves_a_column_per_span():
-    # two feature blocks (3 and 2 W rows of 3 blocks): each loaded once, then served column s of its rows per span
-    config = BlockedConfig(rows=2, cols=2, max_tokens=2, max_features=4, max_in=3 * SPAN, max_groups=1)
+def test_span_table_loads_and_serves_per_plan():
+    # the forward absmax codes of two feature blocks (3 and 2 W rows of 3 blocks: loaded once each, column s of its
+    # rows served per span); a transposed span's absmax words (4 rows of 4 codes loaded, codes 1 and 2 of each
+    # served); two token blocks of a transposed product's chunk exponents (a table of 8, loaded per token block, 4
+    # served per span); random stalls on all three streams
     rng = np.random.default_rng(4)
     blocks = [rng.integers(0, 256, (nf, 3)) for nf in (3, 2)]
-    spans, want = [], []
-    for f0, b in zip((0, 3), blocks):
+    plans, values, want = [], [], []
+    for b in blocks:
         for s in range(3):
-            spans.append(_beat({"t0": 0, "nt": 2, "f0": f0, "nf": len(b), "s": s, "first_t": 0,
-                                "first_f": int(s == 0), "final": int(s == 2), "last": 0}))
+            plans.append({"load": int(s == 0), "load_count": b.size, "start": s, "count": len(b), "width": 1,
+                          "step": 3})
             want += [int(v) for v in b[:, s]]
-    codes = [int(v) for b in blocks for v in b.reshape(-1)]
-
-    beats, _ = run_streams(lambda: _WithShape(AbsmaxBuffer(config), 3 * SPAN), None,
-                           {"spans": spans, "codes": codes}, "absmax", len(want),
-                           stalls=_stalls(2, ("spans", "codes", "absmax")), max_cycles=40 * len(want),
+        values += [int(v) for v in b.reshape(-1)]
+    words = rng.integers(0, 256, (4, 4))
+    plans.append({"load": 1, "load_count": 16, "start": 1, "count": 4, "width": 2, "step": 4})
+    values += [int(v) for v in words.reshape(-1)]
+    want += [int(v) for v in words[:, 1:3].reshape(-1)]
+    for _ in range(2):
+        table = rng.integers(0, 256, 8)
+        for s in range(2):
+            plans.append({"load": int(s == 0), "load_count": 8, "start": 4 * s, "count": 4, "width": 1, "step": 1})
+            want += [int(v) for v in table[4 * s:4 * s + 4]]
+        values += [int(v) for v in table]
+    beats, _ = run_streams(lambda: SpanTable(16), None,
+                           {"plans": [plan_layout().const(p).as_bits() for p in plans], "values": values}, "out",
+                           len(want), stalls=_stalls(2, ("plans", "values", "out")), max_cycles=40 * len(want),
                            backend="pysim")
     assert beats == want
 
 
-class _WithShape(Elaboratable):
-    """An AbsmaxBuffer with its held ``shape.d_in`` tied to a constant, for run_streams (streams only)."""
-
-    def __init__(self, dut, d_in):
-        self.dut, self.d_in = dut, d_in
-        self.spans, self.codes, self.absmax = dut.spans, dut.codes, dut.absmax
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.dut = self.dut
-        m.d.comb += self.dut.shape.d_in.eq(self.d_in)
-        return m
+def test_output_turn_gives_token_rows():
+    # two blocks (2 token tiles of 3 column tiles, then 1 of 2) on a 2x2 engine: each token tile's rows come column
+    # tile by column tile and leave token row by token row; random stalls on all three streams
+    config = BlockedConfig(rows=2, cols=2, max_tokens=4, max_features=8, max_in=64, max_groups=1, transposed=True,
+                           max_out=64)
+    rng = np.random.default_rng(5)
+    jobs, beats_in, want = [], [], []
+    for tiles, col_tiles in ((2, 3), (1, 2)):
+        jobs.append(turn_layout().const({"tiles": tiles, "col_tiles": col_tiles}).as_bits())
+        for _ in range(tiles):
+            tile = rng.integers(0, 1 << 32, (col_tiles, 2))           # [column tile, row]: one beat each
+            beats_in += [int(v) for v in tile.reshape(-1)]
+            want += [int(v) for v in tile.T.reshape(-1)]
+    beats, _ = run_streams(lambda: OutputTurn(config), None, {"jobs": jobs, "rows_in": beats_in}, "rows_out",
+                           len(want), stalls=_stalls(6, ("jobs", "rows_in", "rows_out")), max_cycles=40 * len(want),
+                           backend="pysim")
+    assert beats == want
 
 
 def _adversarial(case):
@@ -178,6 +198,36 @@ def test_blocked_product_verilator_equals_pysim():
     assert runs[0].stall_cycles == runs[1].stall_cycles
 
 
+def _backward_case(t, d_in, d_out, seed):
+    """A case whose dy is adversarial (as x above) and whose W has an outlier column past its first 192: only the
+    whole rows' chunk exponents keep each column block's chunks aligned as the whole product's."""
+    case = random_case(t, d_in, d_out, 4, seed=seed)
+    w = nf4_dequant.dequantize(case.weight, "bf16").float()
+    w[:, 200] *= 50
+    dy = case.dy.clone()
+    dy[1] = 0
+    dy[:, 5] *= 50
+    dy[0, 7] = torch.finfo(torch.bfloat16).tiny / 4
+    return dataclasses.replace(case, dy=dy, weight=nf4_quant.quantize(w.to(torch.bfloat16), SPAN, True))
+
+
+def test_blocked_backward_product_equals_the_golden_product():
+    # dx = dy W in blocks of 2 tokens x 192 columns of W (two token blocks; column blocks of 192 and 64, their
+    # absmax codes of 3 and 1 per W row starting mid-word on the 16-bit port), two spans of 64 W rows, on the
+    # SDRAM, with random stalls; on Verilator where installed
+    case = _backward_case(4, 256, 128, 15)
+    config = blocked_config(case, 2, 192, "ulx3s-sdram", transposed=True)
+    run = run_blocked_product(case, 2, 192, config, transposed=True, stalls=_stalls(4, RUN_STALLS),
+                              backend=long_run_backend())
+    whole = nf4_dequant.dequantize(case.weight, "bf16")
+    assert mismatches(golden.gemm(case.dy, whole, config.gemm.numerics, transposed=True), run.y) == 0
+    assert run.read_bytes == run.program_read_bytes
+    assert run.written_bytes == run.program_written_bytes == 4 * 256 * 2
+    # the column blocks' own exponents would not do: the outlier column's block shifts the first block's chunks
+    first = golden.gemm(case.dy, whole[:, :192], config.gemm.numerics, transposed=True)
+    assert mismatches(first, run.y[:, :192]) > 0
+
+
 def test_rejects_what_it_cannot_run():
     case = random_case(4, 128, 16, 4, seed=14)
     config = blocked_config(case, 2, 8, "ulx3s-sdram")
@@ -193,3 +243,9 @@ def test_rejects_what_it_cannot_run():
         BlockedConfig(rows=2, cols=2, port=MemPortConfig(data_width=64))
     with pytest.raises(ValueError, match="max_in must be a multiple of 64"):
         BlockedConfig(max_in=100)
+    with pytest.raises(ValueError, match="no transposed mode"):
+        run_blocked_product(case, 2, 8, config, transposed=True)
+    wide = random_case(4, 256, 128, 4, seed=14)
+    with pytest.raises(ValueError, match="whole NF4 blocks of 64"):
+        run_blocked_product(wide, 2, 96, blocked_config(wide, 2, 128, "ulx3s-sdram", transposed=True),
+                            transposed=True)
