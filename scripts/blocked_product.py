@@ -1,8 +1,14 @@
-"""The block controller's forward product (``rtl/blocked.py``) at TinyLlama's shapes, through the DRAM model.
+"""The block controller's base products (``rtl/blocked.py``) at TinyLlama's shapes, through the DRAM model.
 
     python scripts/blocked_product.py                                  # T = 128, four shapes, ULX3S SDRAM
     python scripts/blocked_product.py --projections k_proj --memory ecpix5-ddr3 --json blocked.json
+    python scripts/blocked_product.py --backward                       # dx = dy W (a design with both modes)
     python scripts/blocked_product.py --build build/blocked            # place the same design on the ULX3S-85F
+
+With ``--backward``, the backward product ``dx = dy W`` instead, in the traffic model's backward schedule (column
+blocks of whole NF4 blocks; a token-stationary choice runs output-stationary with the other projections' widest
+column block), on a design built with both modes (``BlockedConfig.transposed``); the lower bound is then W, dy and
+dx once, the memory-fed step's product its B4.
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -36,45 +42,75 @@ SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 256), "gate_proj": (2048, 563
 ROWS = COLS = 8
 
 
-def blocks(t, d_in, d_out, rank=16):
+def blocks(t, d_in, d_out, rank=16, most=None):
     """The traffic model's forward schedule as ``(tokens, features)``: its output-stationary blocks, the feature
     block a multiple of ``COLS`` with as many blocks as the model's. A token-stationary choice (small T) runs as one
-    block of tokens by the most features whose float32 partial sums fit the model's buffer budget."""
+    block of tokens by the most features whose float32 partial sums fit the model's buffer budget. ``most``: at most
+    that many features a block (more blocks)."""
     choice = traffic.blocked(traffic.StepShape(t=t, d_in=d_in, d_out=d_out, r=rank)).schedule["forward"]
     if choice["loop"] == "output-stationary":
         tokens, features = choice["tokens"], choice["features"]
     else:
         tokens = choice.get("tokens", t)
         features = min(d_out, traffic.DEFAULT_BUFFER_BYTES // (4 * tokens))
+    features = min(features, most or features)
     count = -(-d_out // features)
     features = -(-(-(-d_out // count)) // COLS) * COLS
     tokens = -(-tokens // ROWS) * ROWS
     return min(tokens, t), min(features, d_out)
 
 
-def run_case(name, t, memory, config, seed):
+def backward_blocks(t, d_in, d_out, rank=16):
+    """The traffic model's backward schedule as ``(tokens, column block)``, the column block whole NF4 blocks
+    (``None`` for a token-stationary choice: the caller picks the column block)."""
+    choice = traffic.blocked(traffic.StepShape(t=t, d_in=d_in, d_out=d_out, r=rank)).schedule["backward"]
+    if choice["loop"] != "output-stationary":
+        return min(-(-choice.get("tokens", t) // ROWS) * ROWS, t), None
+    return min(-(-choice["tokens"] // ROWS) * ROWS, t), min(choice["features"], d_in)
+
+
+def plan(t, backward, most=None):
+    """``{projection: (tokens, features)}`` of the forward or backward product at ``t`` tokens (``most``: at most
+    that many features a block, whole NF4 blocks backward)."""
+    if not backward:
+        return {name: blocks(t, *SHAPES[name], most=most) for name in SHAPES}
+    plans = {name: backward_blocks(t, *SHAPES[name]) for name in SHAPES}
+    widest = max((f for _, f in plans.values() if f), default=448)
+    out = {}
+    for name, (tokens, features) in plans.items():
+        d_in = SHAPES[name][0]
+        features = min(features or min(widest, d_in), most // 64 * 64 if most else d_in)
+        count = -(-d_in // features)                     # as many blocks, as even as whole NF4 blocks allow
+        out[name] = tokens, -(-(-(-d_in // count)) // 64) * 64
+    return out
+
+
+def run_case(name, t, memory, config, seed, blocks_of, backward):
     d_in, d_out = SHAPES[name]
-    tokens, features = blocks(t, d_in, d_out)
+    tokens, features = blocks_of
     case = random_case(t, d_in, d_out, 16, seed=seed)
     start = time.perf_counter()
-    run = run_blocked_product(case, tokens, features, config, memory=memory, backend="verilator")
+    run = run_blocked_product(case, tokens, features, config, memory=memory, transposed=backward,
+                              backend="verilator")
     wall = time.perf_counter() - start
     whole = nf4_dequant.dequantize(case.weight, "bf16")
-    expected = golden.gemm(case.x, whole.T, config.gemm.numerics)
+    expected = golden.gemm(case.dy, whole, config.gemm.numerics, transposed=True) if backward else \
+        golden.gemm(case.x, whole.T, config.gemm.numerics)
     bad = int((expected.view(torch.int16) != run.y.view(torch.int16)).sum())
     if bad:
         raise SystemExit(f"error: {name}: {bad} outputs differ from the golden product")
     mm = layout(d_in, d_out, t, 16)
     w_bytes = mm.weight_bytes - mm["nf4_offset"].size
-    x_bytes, y_bytes = t * d_in * 2, t * d_out * 2
+    x_bytes, y_bytes = t * d_in * 2, t * d_out * 2          # backward: dx and dy
     moved = sum(run.read_bytes.values()) + run.written_bytes
     timing = DRAM_PRESETS[memory]
     clock = timing.clock_mhz * 1e6
     peak = timing.peak_bytes_per_cycle * clock
     seconds = run.cycles / clock
-    return dict(projection=name, tokens=t, memory=memory, blocks=f"{tokens} x {features}",
-                cycles=run.cycles, engine_cycles=engine_cycles(config, t, d_in, d_out, tokens, features),
-                model_cycles=model_cycles(config, memory, t, d_in, d_out, tokens, features),
+    return dict(projection=name, product="dx = dy W" if backward else "y = x W^T", tokens=t, memory=memory,
+                blocks=f"{tokens} x {features}", cycles=run.cycles,
+                engine_cycles=engine_cycles(config, t, d_in, d_out, tokens, features, backward),
+                model_cycles=model_cycles(config, memory, t, d_in, d_out, tokens, features, transposed=backward),
                 memory_stall_cycles=run.stall_cycles["memory"], compute_stall_cycles=run.stall_cycles["compute"],
                 read_bytes=run.read_bytes, written_bytes=run.written_bytes, bytes_moved=moved,
                 lower_bound_bytes=w_bytes + x_bytes + y_bytes,
@@ -89,19 +125,27 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=128, help="T, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--projections", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--memory", choices=list(DRAM_PRESETS), default="ulx3s-sdram")
+    parser.add_argument("--backward", action="store_true", help="the backward product dx = dy W instead")
+    parser.add_argument("--max-features", type=int, metavar="N", help="feature blocks of at most N outputs (more "
+                        "blocks, smaller buffers; default: the traffic model's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--build", metavar="DIR", help="instead of simulating, place the design (one build for "
                         "every projection at this T) on the ULX3S-85F with YoWASP: resources and Fmax estimate")
     args = parser.parse_args(argv)
     if args.tokens < ROWS or args.tokens % ROWS:
         parser.error(f"--tokens must be a positive multiple of {ROWS}")
-    # one design for every projection at this T, so that Verilator compiles it once
-    plans = {name: blocks(args.tokens, *SHAPES[name]) for name in SHAPES}
+    # one design for every projection at this T, so that Verilator compiles it once; with --backward, one that
+    # runs both products
+    if args.max_features is not None and (args.max_features < 64 or args.max_features % COLS):
+        parser.error(f"--max-features must be a multiple of {COLS} from 64")
+    plans = plan(args.tokens, args.backward, args.max_features)
+    sized = list(plans.values()) + (list(plan(args.tokens, False, args.max_features).values()) if args.backward
+                                    else [])
+    extra = {"transposed": True, "max_out": max(d_out for _, d_out in SHAPES.values())} if args.backward else {}
     config = BlockedConfig(rows=ROWS, cols=COLS, port=port_for(DRAM_PRESETS[args.memory]),
-                           max_tokens=max(tb for tb, _ in plans.values()),
-                           max_features=max(fb for _, fb in plans.values()),
+                           max_tokens=max(tb for tb, _ in sized), max_features=max(fb for _, fb in sized),
                            max_in=max(d_in for d_in, _ in SHAPES.values()),
-                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()))
+                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()), **extra)
     if args.build:
         from edge_qlora.boards.build import build, format_report
         from edge_qlora.rtl.blocked import BlockedProduct
@@ -112,11 +156,11 @@ def main(argv=None):
         return
     print("| projection | T | memory | blocks (tokens x features) | cycles | engine alone (model) | x | "
           "cycle model with memory | model error | memory stall cycles | bytes moved | / lower bound | "
-          "memory-fed step's F2 / lower bound | bandwidth (of peak) | PE utilization | mismatches |")
+          "memory-fed step's product (F2 or B4) / lower bound | bandwidth (of peak) | PE utilization | mismatches |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     for seed, name in enumerate(args.projections):
-        row = run_case(name, args.tokens, args.memory, config, seed)
+        row = run_case(name, args.tokens, args.memory, config, seed, plans[name], args.backward)
         rows.append(row)
         lb = row["lower_bound_bytes"]
         print(f"| {name} | {row['tokens']} | {row['memory']} | {row['blocks']} | {row['cycles']:,} | "
