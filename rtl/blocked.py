@@ -21,9 +21,9 @@ for one consumer at that consumer's pace, so no part waits for another's bookkee
   destination, into a :class:`~.memport.TaggedReader`;
 * :class:`XBuffer`: the corner turn: a span's activation piece in token rows from memory, out as the engine's A
   beats (``rows`` tokens of one reduction index);
-* :class:`SpanTable` (two): forward, a feature block's absmax codes, served per span (one per W row, column
-  ``s``); transposed, the chunk exponent table, served per span (its W tiles'); transposed absmax codes go
-  straight to the dequantizer;
+* :class:`SpanTable` (two): the absmax codes (forward a feature block's, served per span as column ``s``, one per
+  W row; transposed a span's W rows' port words, served as each row's codes of the column block) and, transposed,
+  the chunk exponent table (per token block; the span's W tiles' exponents per span);
 * :class:`JobIssuer`: per span the engine's block job, the dequantizer's tensor beat and the span descriptor of
   :class:`~.nf4_span.SpanScales` (each block's second-level absmax from the on-chip table);
 * :class:`OutputIssuer`: after a feature block's last span, its write jobs (forward one per output row of a tile,
