@@ -54,10 +54,15 @@ def blocks(t, d_in, d_out, rank=16, most=None):
         tokens = choice.get("tokens", t)
         features = min(d_out, traffic.DEFAULT_BUFFER_BYTES // (4 * tokens))
     features = min(features, most or features)
-    count = -(-d_out // features)
-    features = -(-(-(-d_out // count)) // COLS) * COLS
     tokens = -(-tokens // ROWS) * ROWS
-    return min(tokens, t), min(features, d_out)
+    return min(tokens, t), min(_even(d_out, features, COLS), d_out)
+
+
+def _even(total, features, unit):
+    """Blocks of at most ``features`` outputs of ``total``, as many as that needs, as even as multiples of ``unit``
+    allow: their width."""
+    count = -(-total // features)
+    return -(-(-(-total // count)) // unit) * unit
 
 
 def backward_blocks(t, d_in, d_out, rank=16):
@@ -80,8 +85,7 @@ def plan(t, backward, most=None):
     for name, (tokens, features) in plans.items():
         d_in = SHAPES[name][0]
         features = min(features or min(widest, d_in), most // 64 * 64 if most else d_in)
-        count = -(-d_in // features)                     # as many blocks, as even as whole NF4 blocks allow
-        out[name] = tokens, -(-(-(-d_in // count)) // 64) * 64
+        out[name] = tokens, _even(d_in, features, 64)
     return out
 
 

@@ -33,6 +33,13 @@ def _tensor(name, transposed):
     return "dy" if transposed and name == "x" else _TENSOR[name]
 
 
+def _program(config, memmap, tokens, features, transposed):
+    """The product's request order (``golden/blockprogram.py``), which the RTL issues."""
+    if transposed:
+        return bp.backward_product(memmap, tokens, features, config.rows, config.cols)
+    return bp.forward_product(memmap, tokens, features, config.cols)
+
+
 class BlockedBench(DramBench):
     """The blocked product and the DRAM model behind its port (simulation only)."""
 
@@ -105,17 +112,17 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     if memmap.end > config.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
-    program = bp.backward_product(memmap, tokens, features, config.rows, config.cols) if transposed else \
-        bp.forward_product(memmap, tokens, features, config.cols)
+    program = _program(config, memmap, tokens, features, transposed)
+    activation, output = ("dy", "dx") if transposed else ("x", "y")
     reqs = bp.requests(port, program)
     reads = [r for r in reqs if r.op == "read"]
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
     q = case.weight
     descriptor = descriptor_layout(config).const({
-        "x": memmap["dy" if transposed else "x"].address, "codes": memmap["nf4_codes"].address,
+        "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
-        "y": memmap.output_region("dx" if transposed else "y").address,
+        "y": memmap.output_region(output).address,
         "exponents": memmap["w_row_exponents"].address if transposed else 0,
         "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
                  "transposed": int(transposed)},
@@ -134,7 +141,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     wb = port.word_bytes
     program_reads = mp.bytes_by_tensor(port, reads)
     return BlockedRun(
-        y=unpack_outputs(image, memmap)["dx" if transposed else "y"], cycles=report["cycles"],
+        y=unpack_outputs(image, memmap)[output], cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
         read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in READS},
         written_bytes=report["written"] * wb,
@@ -157,12 +164,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    if transposed:
-        memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps)
-        program = bp.backward_product(memmap, tokens, features, g.rows, g.cols)
-    else:
-        program = bp.forward_product(layout(d_in, d_out, t, rank), tokens, features, config.cols)
-    reqs = bp.requests(port, program)
+    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None)
+    reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed))
     activation = "dy" if transposed else "x"
 
     def alone(group, op):

@@ -143,14 +143,14 @@ def test_output_turn_gives_token_rows():
     assert beats == want
 
 
-def _adversarial(case):
-    """x with a zero token row, an outlier input feature and a bf16 subnormal: the block-floating-point chunks
-    must align as the golden model's do."""
-    x = case.x.clone()
-    x[1] = 0
-    x[:, 5] *= 50
-    x[0, 7] = torch.finfo(torch.bfloat16).tiny / 4
-    return dataclasses.replace(case, x=x)
+def _adversarial(case, name="x"):
+    """The case's activation ``name`` (x, or dy) with a zero token row, an outlier feature and a bf16 subnormal:
+    the block-floating-point chunks must align as the golden model's do."""
+    a = getattr(case, name).clone()
+    a[1] = 0
+    a[:, 5] *= 50
+    a[0, 7] = torch.finfo(torch.bfloat16).tiny / 4
+    return dataclasses.replace(case, **{name: a})
 
 
 def _check(case, run, config):
@@ -201,14 +201,10 @@ def test_blocked_product_verilator_equals_pysim():
 def _backward_case(t, d_in, d_out, seed):
     """A case whose dy is adversarial (as x above) and whose W has an outlier column past its first 192: only the
     whole rows' chunk exponents keep each column block's chunks aligned as the whole product's."""
-    case = random_case(t, d_in, d_out, 4, seed=seed)
+    case = _adversarial(random_case(t, d_in, d_out, 4, seed=seed), "dy")
     w = nf4_dequant.dequantize(case.weight, "bf16").float()
     w[:, 200] *= 50
-    dy = case.dy.clone()
-    dy[1] = 0
-    dy[:, 5] *= 50
-    dy[0, 7] = torch.finfo(torch.bfloat16).tiny / 4
-    return dataclasses.replace(case, dy=dy, weight=nf4_quant.quantize(w.to(torch.bfloat16), SPAN, True))
+    return dataclasses.replace(case, weight=nf4_quant.quantize(w.to(torch.bfloat16), SPAN, True))
 
 
 def test_blocked_backward_product_equals_the_golden_product():
