@@ -876,24 +876,16 @@ class BlockedProduct(wiring.Component):
         for name, value in fields.items():
             m.d.comb += getattr(plans.payload, name).eq(value)
 
-    def elaborate(self, platform):
-        m = Module()
+    @staticmethod
+    def _take(m, segments, sink):
+        """An unpacker's one-lane segments into ``sink``, a stream of one element."""
+        m.d.comb += [sink.valid.eq(segments.valid), segments.ready.eq(sink.ready),
+                     sink.payload.eq(segments.payload.data[0])]
+
+    def _reads(self, m, head, walkers):
+        """The issuer's jobs into the tagged reader, and each job's unpacker job into its destination's queue;
+        returns the reader and the unpackers."""
         cfg, port = self.config, self.config.port
-        W = port.data_width
-
-        # the descriptor, held for the product; `start` pulses the walkers
-        head = Signal(descriptor_layout(cfg))
-        running, start, reporting = Signal(), Signal(), Signal()
-        m.d.comb += self.descriptor.ready.eq(~running & ~reporting)
-        m.d.sync += start.eq(0)
-        with m.If(self.descriptor.valid & self.descriptor.ready):
-            m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
-        walkers = {}
-        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs"):
-            walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
-            m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
-
-        # reads: the issuer's jobs into the tagged reader, and each job's unpacker job into its destination's queue
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
@@ -907,7 +899,7 @@ class BlockedProduct(wiring.Component):
         unpack, queue_ready = {}, Signal()
         for i, name in enumerate(READS):
             lanes = cfg.cols if name == "codes" else 1
-            unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(W, _ELEM[name], lanes)
+            unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, _ELEM[name], lanes)
             queue = m.submodules[f"unpack_jobs_{name}"] = SyncFIFOBuffered(width=unit.job.payload.shape().size,
                                                                            depth=4)
             wiring.connect(m, queue.r_stream, unit.job)
@@ -925,14 +917,16 @@ class BlockedProduct(wiring.Component):
                      reader.job.payload.address.eq(job.address), reader.job.payload.bytes.eq(job.bytes),
                      reader.job.payload.dest.eq(job.dest),
                      issuer.jobs.ready.eq(reader.job.ready & queue_ready)]
+        return reader, unpack
 
-        # the engine's inputs: A through the corner turn, codes straight, absmax per span, absmax2 from the table
-        engine = m.submodules.engine = self.engine
+    def _inputs(self, m, head, walkers, unpack):
+        """The engine's inputs: A through the corner turn, codes straight, absmax per span, absmax2 from the table,
+        and the jobs."""
+        cfg, engine = self.config, self.engine
+        m.submodules.engine = engine
         m.submodules.x_buffer = xbuf = self.x_buffer
         wiring.connect(m, walkers["x"].spans, xbuf.spans)
-        seg = unpack["x"].segments
-        m.d.comb += [xbuf.values.valid.eq(seg.valid), seg.ready.eq(xbuf.values.ready),
-                     xbuf.values.payload.eq(seg.payload.data[0])]
+        self._take(m, unpack["x"].segments, xbuf.values)
         wiring.connect(m, xbuf.a, engine.a)
         seg = unpack["codes"].segments
         m.d.comb += [engine.codes.valid.eq(seg.valid), seg.ready.eq(engine.codes.ready),
@@ -941,24 +935,18 @@ class BlockedProduct(wiring.Component):
         tr = head.dims.transposed
         m.submodules.absmax_table = absmax = SpanTable(cfg.absmax_depth)
         self._plan(m, walkers["absmax"].spans, absmax.plans,
-                   absmax_plan(walkers["absmax"].spans.payload, head.dims, port.word_bytes), 1)
-        seg = unpack["absmax"].segments
-        m.d.comb += [absmax.values.valid.eq(seg.valid), seg.ready.eq(absmax.values.ready),
-                     absmax.values.payload.eq(seg.payload.data[0])]
+                   absmax_plan(walkers["absmax"].spans.payload, head.dims, cfg.port.word_bytes), 1)
+        self._take(m, unpack["absmax"].segments, absmax.values)
         wiring.connect(m, absmax.out, engine.absmax)
         # transposed: each W tile's exponent (over the whole rows) from the table read per token block
         m.submodules.exponent_table = exps = SpanTable(cfg.exponent_depth)
         self._plan(m, walkers["exponents"].spans, exps.plans,
                    exponent_plan(walkers["exponents"].spans.payload, head.dims, cfg.gemm.chunk_steps), tr)
-        seg = unpack["exponents"].segments
-        m.d.comb += [exps.values.valid.eq(seg.valid), seg.ready.eq(exps.values.ready),
-                     exps.values.payload.eq(seg.payload.data[0]),
-                     engine.exponents.valid.eq(exps.out.valid), exps.out.ready.eq(engine.exponents.ready),
+        self._take(m, unpack["exponents"].segments, exps.values)
+        m.d.comb += [engine.exponents.valid.eq(exps.out.valid), exps.out.ready.eq(engine.exponents.ready),
                      engine.exponents.payload.eq(exps.out.payload.as_signed())]
         m.submodules.scales = scales = SpanScales(cfg.max_groups)
-        seg = unpack["absmax2"].segments
-        m.d.comb += [scales.table.valid.eq(seg.valid), seg.ready.eq(scales.table.ready),
-                     scales.table.payload.eq(seg.payload.data[0])]
+        self._take(m, unpack["absmax2"].segments, scales.table)
         wiring.connect(m, scales.absmax2, engine.absmax2)
         m.submodules.job_issuer = jobs = JobIssuer()
         wiring.connect(m, walkers["jobs"].spans, jobs.spans)
@@ -967,12 +955,15 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, jobs.tensor, engine.tensor)
         wiring.connect(m, jobs.span, scales.span)
 
-        # outputs: the engine's rows through the packer into a staging FIFO; a burst's command goes out only when
-        # all its words wait there, so the memory never waits for the product inside a burst
+    def _writes(self, m, head, walkers):
+        """The engine's rows (transposed: through the corner turn) through the packer into a staging FIFO; a
+        burst's command goes out only when all its words wait there, so the memory never waits for the product
+        inside a burst."""
+        cfg, port, engine = self.config, self.config.port, self.engine
         m.submodules.output_issuer = outs = OutputIssuer(cfg)
         wiring.connect(m, walkers["outputs"].spans, outs.spans)
         m.d.comb += [outs.shape.eq(head.dims), outs.y.eq(head.y)]
-        m.submodules.packer = packer = Packer(cfg.cols * BF16.width, W)
+        m.submodules.packer = packer = Packer(cfg.cols * BF16.width, port.data_width)
         m.d.comb += [packer.job.valid.eq(outs.pack.valid), packer.job.payload.count.eq(outs.pack.payload),
                      outs.pack.ready.eq(packer.job.ready)]
         if cfg.transposed:
@@ -980,7 +971,7 @@ class BlockedProduct(wiring.Component):
             m.submodules.turn = turn = OutputTurn(cfg)
             wiring.connect(m, outs.turn, turn.jobs)
             m.d.comb += turn.rows_in.payload.eq(engine.c.payload.data)
-            with m.If(tr):
+            with m.If(head.dims.transposed):
                 m.d.comb += [turn.rows_in.valid.eq(engine.c.valid), engine.c.ready.eq(turn.rows_in.ready),
                              packer.elements.valid.eq(turn.rows_out.valid),
                              turn.rows_out.ready.eq(packer.elements.ready),
@@ -993,7 +984,7 @@ class BlockedProduct(wiring.Component):
                          packer.elements.payload.eq(engine.c.payload.data), outs.turn.ready.eq(1)]
         m.submodules.writer = writer = BurstWriter(port)
         wiring.connect(m, outs.jobs, writer.job)
-        m.submodules.staging = staging = SyncFIFOBuffered(width=W, depth=port.max_burst)
+        m.submodules.staging = staging = SyncFIFOBuffered(width=port.data_width, depth=port.max_burst)
         m.d.comb += [staging.w_stream.valid.eq(packer.words.valid), packer.words.ready.eq(staging.w_stream.ready),
                      staging.w_stream.payload.eq(packer.words.payload.data)]
         wiring.connect(m, staging.r_stream, writer.data)
@@ -1002,6 +993,26 @@ class BlockedProduct(wiring.Component):
                      self.mem.write_cmd.payload.eq(writer.write_cmd.payload),
                      writer.write_cmd.ready.eq(self.mem.write_cmd.ready & staged)]
         wiring.connect(m, writer.write_data, wiring.flipped(self.mem.write_data))
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, port = self.config, self.config.port
+
+        # the descriptor, held for the product; `start` pulses the walkers
+        head = Signal(descriptor_layout(cfg))
+        running, start, reporting = Signal(), Signal(), Signal()
+        m.d.comb += self.descriptor.ready.eq(~running & ~reporting)
+        m.d.sync += start.eq(0)
+        with m.If(self.descriptor.valid & self.descriptor.ready):
+            m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
+        walkers = {}
+        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs"):
+            walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
+            m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
+        reader, unpack = self._reads(m, head, walkers)
+        self._inputs(m, head, walkers, unpack)
+        self._writes(m, head, walkers)
+        engine, tr = self.engine, head.dims.transposed
 
         # counters and the report, once every output word has gone out
         cycles, written, memory, compute = Signal(48), Signal(48), Signal(48), Signal(48)
