@@ -207,18 +207,25 @@ def _backward_case(t, d_in, d_out, seed):
     return dataclasses.replace(case, weight=nf4_quant.quantize(w.to(torch.bfloat16), SPAN, True))
 
 
-def test_blocked_backward_product_equals_the_golden_product():
-    # dx = dy W in blocks of 2 tokens x 192 columns of W (two token blocks; column blocks of 192 and 64, their
-    # absmax codes of 3 and 1 per W row starting mid-word on the 16-bit port), two spans of 64 W rows, on the
-    # SDRAM, with random stalls; on Verilator where installed
-    case = _backward_case(4, 256, 128, 15)
-    config = blocked_config(case, 2, 192, "ulx3s-sdram", transposed=True)
-    run = run_blocked_product(case, 2, 192, config, transposed=True, stalls=_stalls(4, RUN_STALLS),
+@pytest.mark.parametrize("memory, rows, cols, shape", [
+    # two token blocks; column blocks of 192 and 64, whose absmax codes (3 and 1 per W row) start mid-word on the
+    # 16-bit port; two spans of 64 W rows
+    ("ulx3s-sdram", 2, 2, (4, 256, 128)),
+    # 64-bit port words: column blocks of 192, 192 and 128 whose codes start 0, 3 and 6 codes into a word (the last
+    # row's window crossing into the next word); one span
+    ("ecpix5-ddr3", 2, 4, (4, 512, 64)),
+])
+def test_blocked_backward_product_equals_the_golden_product(memory, rows, cols, shape):
+    # dx = dy W in blocks of 2 tokens x 192 columns of W, with random stalls; on Verilator where installed
+    t, d_in, d_out = shape
+    case = _backward_case(t, d_in, d_out, 15)
+    config = blocked_config(case, 2, 192, memory, rows, cols, transposed=True)
+    run = run_blocked_product(case, 2, 192, config, memory=memory, transposed=True, stalls=_stalls(4, RUN_STALLS),
                               backend=long_run_backend())
     whole = nf4_dequant.dequantize(case.weight, "bf16")
     assert mismatches(golden.gemm(case.dy, whole, config.gemm.numerics, transposed=True), run.y) == 0
     assert run.read_bytes == run.program_read_bytes
-    assert run.written_bytes == run.program_written_bytes == 4 * 256 * 2
+    assert run.written_bytes == run.program_written_bytes == t * d_in * 2
     # the column blocks' own exponents would not do: the outlier column's block shifts the first block's chunks
     first = golden.gemm(case.dy, whole[:, :192], config.gemm.numerics, transposed=True)
     assert mismatches(first, run.y[:, :192]) > 0
