@@ -188,44 +188,35 @@ class BlockedConfig:
         if t % self.rows or tokens % self.rows:
             raise ValueError(f"t ({t}) and the token block ({tokens}) must be multiples of rows ({self.rows})")
         if transposed:
-            self._check_transposed(t, d_in, d_out, tokens, features)
-            return
-        if d_out % self.cols or features % self.cols:
-            raise ValueError(f"d_out ({d_out}) and the feature block ({features}) must be multiples of cols "
-                             f"({self.cols})")
+            self._check_transposed(d_in, d_out, features)
+        else:
+            if d_out % self.cols or features % self.cols:
+                raise ValueError(f"d_out ({d_out}) and the feature block ({features}) must be multiples of cols "
+                                 f"({self.cols})")
+            if (features * (d_in // SPAN)) % self.port.word_bytes:
+                raise ValueError(f"a feature block's absmax codes ({features} x {d_in // SPAN} bytes) must start on "
+                                 f"a {self.port.word_bytes}-byte port word")
         if d_in % SPAN or d_in > self.max_in:
             raise ValueError(f"d_in ({d_in}) must be a multiple of {SPAN} up to max_in ({self.max_in})")
         if tokens > self.max_tokens or features > self.max_features:
             raise ValueError(f"blocks of {tokens} x {features} exceed the buffers' {self.max_tokens} x "
                              f"{self.max_features}")
-        if (features * (d_in // SPAN)) % self.port.word_bytes:
-            raise ValueError(f"a feature block's absmax codes ({features} x {d_in // SPAN} bytes) must start on a "
-                             f"{self.port.word_bytes}-byte port word")
-        self._check_groups(d_in, d_out)
-
-    def _check_groups(self, d_in, d_out):
         groups = absmax2_groups(d_in, d_out)
         if groups > self.max_groups:
             raise ValueError(f"the weight has {groups} absmax2 groups; the table holds {self.max_groups}")
 
-    def _check_transposed(self, t, d_in, d_out, tokens, features):
+    def _check_transposed(self, d_in, d_out, features):
         # a span's W rows' absmax codes are read as the port words that hold them: a W row's codes are whole words
         if not self.transposed:
             raise ValueError("this configuration has no transposed mode (BlockedConfig.transposed)")
-        if features % SPAN or features % self.cols or d_in % SPAN:
-            raise ValueError(f"d_in ({d_in}) and the column block ({features}) must be whole NF4 blocks of {SPAN} "
-                             f"and the column block a multiple of cols ({self.cols})")
+        if features % SPAN or features % self.cols:
+            raise ValueError(f"the column block ({features}) must be whole NF4 blocks of {SPAN} and a multiple of "
+                             f"cols ({self.cols})")
         if (d_in // SPAN) % self.port.word_bytes:
             raise ValueError(f"a W row's absmax codes ({d_in // SPAN}) must be whole {self.port.word_bytes}-byte "
                              f"port words")
         if d_out % SPAN or d_out > self.max_out:
             raise ValueError(f"d_out ({d_out}) must be a multiple of {SPAN} up to max_out ({self.max_out})")
-        if d_in > self.max_in:
-            raise ValueError(f"d_in ({d_in}) exceeds max_in ({self.max_in})")
-        if tokens > self.max_tokens or features > self.max_features:
-            raise ValueError(f"blocks of {tokens} x {features} exceed the buffers' {self.max_tokens} x "
-                             f"{self.max_features}")
-        self._check_groups(d_in, d_out)
 
 
 def shape_layout():
