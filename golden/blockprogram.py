@@ -209,7 +209,7 @@ def _update(w):
             w.ops.append(("write", Job(region.name, region.address + offset, size)))
 
 
-def forward_product(memmap, token_block, feature_block, cols):
+def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
     """The forward base product ``y = x W^T`` alone, output-stationary, exactly as the block controller of
     ``rtl/blocked.py`` issues it (its requests, in order, are the order the memory returns words in).
 
@@ -218,7 +218,13 @@ def forward_product(memmap, token_block, feature_block, cols):
     of x and each W row's codes, one job per row; after the block's last span its outputs, one job per output row
     of each ``rows x cols`` tile in the engine's order (W tile by W tile, the block's tokens in order within one).
     Its bytes per tensor equal :func:`program`'s forward sweep in the same schedule (``tests/test_blockprogram.py``);
-    only the y writes are cut finer. The NF4 offset travels in the descriptor. Double quantization only."""
+    only the y writes are cut finer. The NF4 offset travels in the descriptor. Double quantization only.
+
+    With ``rank_term`` (y = x W^T + s hb B^T, the step's y; the memory map with ``rank_rows``): after the first
+    span's reads of each feature block, the token block's rows of ``hb`` (at its first feature block, one job) and
+    the feature block's rows of B (one job). They come after a span, not before the block, because the unit that
+    takes them is busy with the block before until that block's outputs have passed; so the first span's loads
+    still overlap the block before."""
     mm = memmap
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN:
@@ -226,8 +232,10 @@ def forward_product(memmap, token_block, feature_block, cols):
                          f"blocks per W row (d_in = {d_in}, blocksize {mm.blocksize})")
     if feature_block % cols or d_out % cols:
         raise ValueError(f"feature blocks ({feature_block}) and d_out ({d_out}) must be multiples of cols ({cols})")
+    if rank_term and "hb" not in mm:
+        raise ValueError("the rank-r term reads hb: a memory map with rank_rows")
     w = _Writer(mm)
-    per_row = d_in // SPAN
+    per_row, r = d_in // SPAN, mm.r
     blocks = _blocks(t, token_block)
     for t0, nt in blocks:
         w.pass_start(True)
@@ -238,6 +246,10 @@ def forward_product(memmap, token_block, feature_block, cols):
                     w.add("read", "x", (token * d_in + s * SPAN) * 2, SPAN * 2)
                 for row in range(f0, f0 + nf):
                     w.add("read", "nf4_codes", (row * d_in + s * SPAN) // 2, SPAN // 2)
+                if rank_term and s == 0:
+                    if f0 == 0:
+                        w.add("read", "hb", t0 * r * 2, nt * r * 2)
+                    w.add("read", "lora_B", f0 * r * 4, nf * r * 4)
             for c0 in range(f0, f0 + nf, cols):
                 for token in range(t0, t0 + nt):
                     w.add("write", "y", (token * d_out + c0) * 2, cols * 2)
@@ -282,7 +294,7 @@ def dram_time(timing, port, reqs):
     return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in reqs])
 
 
-def backward_product(memmap, token_block, feature_block, rows, cols):
+def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=False):
     """The backward base product ``dx = dy W`` alone, output-stationary, exactly as the block controller of
     ``rtl/blocked.py`` issues it in its transposed mode.
 
@@ -292,7 +304,11 @@ def backward_product(memmap, token_block, feature_block, rows, cols):
     W row's absmax codes of the block's columns and its codes, one job per row; after the block's last span its
     outputs, one job per token row (the RTL's output corner turn makes each token row's ``feature_block`` outputs
     one run of bytes). Its bytes per tensor are :func:`program`'s backward sweep in the same
-    schedule and the exponent table once per token block (``tests/test_blockprogram.py``)."""
+    schedule and the exponent table once per token block (``tests/test_blockprogram.py``).
+
+    With ``rank_term`` (dx = dy W + s gb A, the step's dx; the memory map with ``rank_rows``): after the first span's
+    reads of each column block, the token block's rows of ``gb`` (at its first column block, one job) and the
+    column block's piece of each of A's ``r`` rows (one job each), as :func:`forward_product` places hb and B."""
     mm = memmap
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN or d_out % SPAN:
@@ -304,8 +320,10 @@ def backward_product(memmap, token_block, feature_block, rows, cols):
     if feature_block % SPAN or token_block % rows or feature_block % cols:
         raise ValueError(f"column blocks ({feature_block}) must be whole NF4 blocks of {SPAN} and of cols ({cols}), "
                          f"token blocks ({token_block}) multiples of rows ({rows})")
+    if rank_term and "gb" not in mm:
+        raise ValueError("the rank-r term reads gb: a memory map with rank_rows")
     w = _Writer(mm)
-    per_row = d_in // SPAN
+    per_row, r = d_in // SPAN, mm.r
     blocks = _blocks(t, token_block)
     for t0, nt in blocks:
         w.pass_start(True)
@@ -318,6 +336,11 @@ def backward_product(memmap, token_block, feature_block, rows, cols):
                     w.add("read", "nf4_absmax", row * per_row + f0 // SPAN, nf // SPAN)
                 for row in range(r0, r0 + SPAN):
                     w.add("read", "nf4_codes", (row * d_in + f0) // 2, nf // 2)
+                if rank_term and r0 == 0:
+                    if f0 == 0:
+                        w.add("read", "gb", t0 * r * 2, nt * r * 2)
+                    for k in range(r):
+                        w.add("read", "lora_A", (k * d_in + f0) * 4, nf * 4)
             for token in range(t0, t0 + nt):
                 w.add("write", "dx", (token * d_in + f0) * 2, nf * 2)
     return Program(tuple(w.ops), len(blocks), len(w.ops))

@@ -10,12 +10,13 @@ engine's transposed mode), which a block of columns must be given (:func:`column
 """
 
 import numpy as np
+import torch
 
 from ..constants import BF16, FP32
 from . import fp
 from .gemm import GemmNumerics, _bf16_values, gemm, row_chunk_exponents
 
-__all__ = ["MAX_RANK", "column_exponent", "rank_term", "combine"]
+__all__ = ["MAX_RANK", "column_exponent", "forward_rows", "backward_rows", "rank_term", "combine"]
 
 #: the term is one block-floating-point chunk of the engine (whose chunk is at least 16)
 MAX_RANK = 16
@@ -27,6 +28,18 @@ def column_exponent(a):
     if a.ndim != 2 or not 1 <= a.shape[0] <= MAX_RANK:
         raise ValueError(f"A must be [r, d_in] with 1 <= r <= {MAX_RANK}, not shape {a.shape}")
     return int(row_chunk_exponents(a, MAX_RANK)[0])
+
+
+def forward_rows(case, chunk=16):
+    """hb = bf16(x A^T) of a :class:`~edge_qlora.golden.lora.LoraCase`, as the step computes it (its F1)."""
+    numerics = GemmNumerics(chunk=chunk, out_dtype="fp32")
+    return gemm(case.x, case.lora_A.to(torch.bfloat16).T, numerics).to(torch.bfloat16)
+
+
+def backward_rows(case, chunk=16):
+    """gb = bf16(dy B) of a :class:`~edge_qlora.golden.lora.LoraCase`, as the step computes it (its B1)."""
+    numerics = GemmNumerics(chunk=chunk, out_dtype="fp32")
+    return gemm(case.dy, case.lora_B.to(torch.bfloat16), numerics, transposed=True).to(torch.bfloat16)
 
 
 def _bits(values):

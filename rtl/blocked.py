@@ -41,15 +41,17 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .fp import BF16
+from ..constants import FP32
+from .fp import BF16, FPConvert
 from .gearbox import Packer, Unpacker, connect_nf4_codes
 from .gemm import GemmConfig, GemmEngine, a_layout
 from .gemm import job_layout as engine_job_layout
 from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout as write_job_layout
 from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
+from .rank_term import RankTerm, RankTermConfig
 
-__all__ = ["SPAN", "READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
+__all__ = ["SPAN", "READS", "RANK_READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
            "report_layout", "plan_layout", "SpanWalker", "ReadIssuer", "XBuffer", "SpanTable", "absmax_plan",
            "exponent_plan", "JobIssuer", "OutputIssuer", "turn_layout", "OutputTurn", "BlockedProduct"]
 
@@ -58,7 +60,10 @@ SPAN = 64
 _SPAN_SHIFT = SPAN.bit_length() - 1
 #: The read destinations, in the order of the tagged reader's FIFOs and the report's counters.
 READS = ("absmax2", "absmax", "x", "codes", "exponents")
-_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8}
+#: With the rank-r term (``BlockedConfig.rank``): hb's rows and B's rows, after :data:`READS`.
+RANK_READS = ("rank_rows", "rank_columns")
+_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8, "rank_rows": BF16.width,
+         "rank_columns": FP32.width}
 
 
 def absmax2_groups(d_in, d_out):
@@ -100,6 +105,12 @@ class BlockedConfig:
     max_out : int
         Transposed: the most W rows (the reduction), a multiple of :data:`SPAN`: the table of the whole rows'
         chunk exponents holds ``max_out / chunk`` of them.
+    rank : int
+        0, or the LoRA rank ``r`` (a power of two up to 16): the forward product then writes the step's
+        ``y = bf16(x W^T + s hb B^T)``, with hb (``bf16(x A^T)``, ``[t, r]``) and B (float32 ``[d_out, r]``) read
+        from memory, through a :class:`~.rank_term.RankTerm` behind the engine (whose outputs are then float32);
+        transposed, the step's ``dx = bf16(dy W + s gb A)`` with gb (``bf16(dy B)``) and A (float32
+        ``[r, d_in]``) read from memory, and the exponent A's rows share (the descriptor's ``rank_exponent``).
     """
 
     rows: int = 8
@@ -112,6 +123,7 @@ class BlockedConfig:
     fifo_words: int = 128
     transposed: bool = False
     max_out: int = 2048
+    rank: int = 0
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -140,6 +152,8 @@ class BlockedConfig:
             raise ValueError(f"transposed must be a bool, not {self.transposed!r}")
         if not _is_int(self.max_out) or self.max_out < SPAN or self.max_out % SPAN or self.max_out >= 1 << 16:
             raise ValueError(f"max_out must be a multiple of {SPAN} below 65536, not {self.max_out!r}")
+        if self.rank != 0 and (not _power_of_two(self.rank) or self.rank > 16):
+            raise ValueError(f"rank must be 0 (no rank-r term) or a power of two up to 16, not {self.rank!r}")
         if SPAN % self.gemm.chunk_steps:
             raise ValueError(f"the engine's chunk ({self.gemm.chunk_steps}) must divide the span ({SPAN})")
 
@@ -165,17 +179,28 @@ class BlockedConfig:
         return max(self.fifo_words, -(-self.max_features * SPAN // (2 * self.port.word_bytes)))
 
     @property
+    def reads(self):
+        """The read destinations: :data:`READS`, and :data:`RANK_READS` with the rank-r term."""
+        return READS + (RANK_READS if self.rank else ())
+
+    @property
+    def rank_term(self):
+        """The :class:`~.rank_term.RankTermConfig` of the rank-r term, for blocks up to the buffers'."""
+        return RankTermConfig(rows=self.rows, cols=self.cols, rank=self.rank, max_tokens=self.max_tokens,
+                              max_columns=self.max_features)
+
+    @property
     def tiles(self):
         """A tiles (of ``rows`` tokens) in the largest token block."""
         return self.max_tokens // self.rows
 
     @property
     def gemm(self):
-        """The engine: NF4 with double quantization in blocks of :data:`SPAN`, bf16 outputs, an A buffer half for
-        a token block's span and an accumulator for a whole output block."""
+        """The engine: NF4 with double quantization in blocks of :data:`SPAN`, bf16 outputs (float32 into the
+        rank-r term), an A buffer half for a token block's span and an accumulator for a whole output block."""
         max_k = max(SPAN, self.max_features) if self.transposed else SPAN
         return GemmConfig(rows=self.rows, cols=self.cols, max_k=max_k, max_n=self.tiles * SPAN, weights="nf4",
-                          blocksize=SPAN, double_quant=True, out_dtype="bf16",
+                          blocksize=SPAN, double_quant=True, out_dtype="fp32" if self.rank else "bf16",
                           held_tiles=self.tiles * (self.max_features // self.cols))
 
     def check_shape(self, t, d_in, d_out, tokens, features, transposed=False):
@@ -245,19 +270,22 @@ def descriptor_layout(config):
     """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``; transposed, ``x`` is dy's
     and ``y`` dx's, and ``exponents`` the whole rows' chunk exponents, ``w_row_exponents``), ``dims`` (the shape,
     the block sizes and the mode, :func:`shape_layout`), the number of ``absmax2`` groups and the double
-    quantization's float32 offset."""
+    quantization's float32 offset; with the rank-r term (``config.rank``) the addresses of hb and B (transposed gb
+    and A: ``rank_rows``, ``rank_columns``), the scaling ``s`` (float32) and, transposed, the exponent A's rows
+    share over all of A (``rank_exponent``, :func:`~edge_qlora.golden.rank_term.column_exponent`)."""
     aw = config.port.address_width
+    term = {"rank_rows": aw, "rank_columns": aw, "scaling": 32, "rank_exponent": 9} if config.rank else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
-                              "dims": shape_layout(), "groups": 16, "offset": 32})
+                              "dims": shape_layout(), "groups": 16, "offset": 32, **term})
 
 
-def report_layout():
+def report_layout(reads=READS):
     """Payload of ``report``: cycles from the descriptor to the last word written, port words delivered to each
-    read destination (:data:`READS`) and written, and stall cycles: ``memory`` (one of the engine's inputs, A,
+    read destination (``reads``: :data:`READS`, or a configuration's :attr:`BlockedConfig.reads`) and written, and stall cycles: ``memory`` (one of the engine's inputs, A,
     codes, absmax or, transposed, the tile exponents, is ready and empty: an upper bound on the cycles it waits
     for memory, since its input buffers also take ahead of need) and ``compute`` (a read is ready but its
     destination's FIFO has no room)."""
-    return data.StructLayout({"cycles": 48, **{f"read_{name}": 48 for name in READS}, "written": 48,
+    return data.StructLayout({"cycles": 48, **{f"read_{name}": 48 for name in reads}, "written": 48,
                               "memory": 48, "compute": 48})
 
 
@@ -319,14 +347,14 @@ class SpanWalker(wiring.Component):
 
 def read_beat_layout(config):
     """A :class:`ReadIssuer` beat: a tagged read job (byte ``address``, ``bytes``, ``dest``: an index of
-    :data:`READS`) and, with ``unpack``, the job of its destination's unpacker (``count`` elements in rows of
+    the configuration's :attr:`~BlockedConfig.reads`) and, with ``unpack``, the job of its destination's unpacker (``count`` elements in rows of
     ``cols``). A span's x rows and its codes rows each take one unpacker job, with the first row: every row is
     whole port words, so the rows' words follow each other as one job's. (An unpacker job per row would let the
     issuer run only as many rows ahead of the engine as the unpacker's job queue holds, and the next span's x,
     which follows the codes in the read order, would wait for the engine to be nearly through them.)"""
     aw = config.port.address_width
-    return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": range(len(READS)), "unpack": 1, "count": 32,
-                              "cols": 32})
+    return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": range(len(config.reads)), "unpack": 1,
+                              "count": 32, "cols": 32})
 
 
 class _Read(enum.Enum, shape=3):
@@ -336,6 +364,8 @@ class _Read(enum.Enum, shape=3):
     ABSMAX = 3
     X = 4
     CODES = 5
+    RANK_ROWS = 6
+    RANK_COLUMNS = 7
 
 
 class ReadIssuer(wiring.Component):
@@ -345,21 +375,23 @@ class ReadIssuer(wiring.Component):
     Forward: at a token block's start ``absmax2``, at a feature block's start its absmax codes (one job), then per
     span each token row's piece of x and each W row's 32 bytes of codes. Transposed: at a token block's start
     ``absmax2`` and the chunk exponent table, then per span each token row's piece of dy, and each of the span's
-    64 W rows' absmax codes and codes of the column block.
+    64 W rows' absmax codes and codes of the column block. With the rank-r term, after a feature block's first
+    span: the token block's rows of hb (at its first feature block) and the feature block's rows of B.
 
     Attributes
     ----------
     spans : In(stream of :func:`span_beat_layout`)
-    shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``, ``exponents``;
-        ``groups``: held
+    shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``, ``exponents`` (and
+        ``rank_rows``, ``rank_columns`` with the term); ``groups``: held
     jobs : Out(stream of :func:`read_beat_layout`)
     """
 
     def __init__(self, config):
         self.config = config
         aw = config.port.address_width
+        addresses = ("x", "codes", "absmax", "absmax2", "exponents") + (RANK_READS if config.rank else ())
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
-                          **{name: In(aw) for name in ("x", "codes", "absmax", "absmax2", "exponents")},
+                          **{name: In(aw) for name in addresses},
                           "groups": In(16), "jobs": Out(stream.Signature(read_beat_layout(config)))})
 
     def elaborate(self, platform):
@@ -445,7 +477,40 @@ class ReadIssuer(wiring.Component):
                     m.d.sync += [codes_address.eq(codes_address + (shape.d_in >> 1)), left.eq(left - 1)]
                     with m.If(left == 1):
                         m.d.sync += state.eq(_Read.IDLE)
+                        if self.config.rank:
+                            with m.If(span.s == 0):
+                                m.d.sync += state.eq(Mux(span.first_t, _Read.RANK_ROWS, _Read.RANK_COLUMNS))
+        if self.config.rank:
+            self._rank_reads(m, state, span, beat, issued, take)
         return m
+
+    def _rank_reads(self, m, state, span, beat, issued, take):
+        """The token block's rows of hb or gb (bf16, ``rank`` a row); forward the feature block's rows of B
+        (float32, ``rank`` a row, one job), transposed the column block's piece of each of A's ``rank`` rows (one
+        job each, one unpacker job for them all: A's rows ``rank`` columns a segment, as the term takes them)."""
+        rank, tr = self.config.rank, self.shape.transposed
+        shift = rank.bit_length() - 1
+        address, left = Signal.like(self.rank_columns), Signal(range(rank + 1))
+        incoming = self.spans.payload
+        with m.If(take):
+            m.d.sync += [address.eq(self.rank_columns + Mux(tr, incoming.f0 << 2, incoming.f0 << (shift + 2))),
+                         left.eq(rank)]
+        with m.Switch(state):
+            with m.Case(_Read.RANK_ROWS):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.rank_rows + (span.t0 << (shift + 1))),
+                             beat.bytes.eq(span.nt << (shift + 1)), beat.dest.eq(self.config.reads.index("rank_rows")),
+                             beat.unpack.eq(1), beat.count.eq(span.nt << shift), beat.cols.eq(rank)]
+                with m.If(issued):
+                    m.d.sync += state.eq(_Read.RANK_COLUMNS)
+            with m.Case(_Read.RANK_COLUMNS):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(address),
+                             beat.bytes.eq(Mux(tr, span.nf << 2, span.nf << (shift + 2))),
+                             beat.dest.eq(self.config.reads.index("rank_columns")), beat.unpack.eq(left == rank),
+                             beat.count.eq(span.nf << shift), beat.cols.eq(rank)]
+                with m.If(issued):
+                    m.d.sync += [address.eq(address + (self.shape.d_in << 2)), left.eq(left - 1)]
+                    with m.If(~tr | (left == 1)):
+                        m.d.sync += state.eq(_Read.IDLE)
 
 
 class XBuffer(wiring.Component):
@@ -855,7 +920,7 @@ class BlockedProduct(wiring.Component):
         self.config = config
         super().__init__({"descriptor": In(stream.Signature(descriptor_layout(config))),
                           "mem": Out(MemPortSignature(config.port)),
-                          "report": Out(stream.Signature(report_layout()))})
+                          "report": Out(stream.Signature(report_layout(config.reads)))})
         self.engine = GemmEngine(config.gemm)
         self.x_buffer = XBuffer(config)
 
@@ -880,16 +945,16 @@ class BlockedProduct(wiring.Component):
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
-        for name in ("x", "codes", "absmax", "absmax2", "exponents"):
+        for name in ("x", "codes", "absmax", "absmax2", "exponents") + (RANK_READS if cfg.rank else ()):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
         m.submodules.reader = reader = TaggedReader(port, [cfg.codes_words if name == "codes" else cfg.fifo_words
-                                                           for name in READS])
+                                                           for name in cfg.reads])
         wiring.connect(m, reader.read_cmd, wiring.flipped(self.mem.read_cmd))
         wiring.connect(m, wiring.flipped(self.mem.read_data), reader.read_data)
         job = issuer.jobs.payload
         unpack, queue_ready = {}, Signal()
-        for i, name in enumerate(READS):
-            lanes = cfg.cols if name == "codes" else 1
+        for i, name in enumerate(cfg.reads):
+            lanes = cfg.cols if name == "codes" else cfg.rank if name in RANK_READS else 1
             unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, _ELEM[name], lanes)
             queue = m.submodules[f"unpack_jobs_{name}"] = SyncFIFOBuffered(width=unit.job.payload.shape().size,
                                                                            depth=4)
@@ -946,10 +1011,33 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, jobs.tensor, engine.tensor)
         wiring.connect(m, jobs.span, scales.span)
 
-    def _writes(self, m, head, walkers):
-        """The engine's rows (transposed: through the corner turn) through the packer into a staging FIFO; a
-        burst's command goes out only when all its words wait there, so the memory never waits for the product
-        inside a burst."""
+    def _term(self, m, head, walkers, unpack):
+        """The rank-r term behind the engine: one block per feature block (loading hb's rows at a token block's
+        first), hb's rows from their unpacker, B's rows rounded to bf16 on the way in. Returns its output."""
+        cfg, engine = self.config, self.engine
+        m.submodules.rank_term = term = RankTerm(cfg.rank_term)
+        spans = walkers["term"].spans
+        beat, block = spans.payload, term.block.payload
+        m.d.comb += [term.block.valid.eq(spans.valid & beat.first_f), spans.ready.eq(term.block.ready | ~beat.first_f),
+                     block.tokens.eq(beat.nt), block.columns.eq(beat.nf), block.load_rows.eq(beat.first_t),
+                     block.load_columns.eq(1), block.scaling.eq(head.scaling),
+                     block.transposed.eq(head.dims.transposed), block.exponent.eq(head.rank_exponent)]
+        rows = unpack["rank_rows"].segments
+        m.d.comb += [term.row_operands.valid.eq(rows.valid), rows.ready.eq(term.row_operands.ready),
+                     term.row_operands.payload.eq(rows.payload.data)]
+        columns = unpack["rank_columns"].segments
+        m.d.comb += [term.column_operands.valid.eq(columns.valid), columns.ready.eq(term.column_operands.ready)]
+        for k in range(cfg.rank):
+            m.submodules[f"rank_round_{k}"] = rounder = FPConvert(FP32, BF16, stages=0)
+            m.d.comb += [rounder.a.eq(columns.payload.data[k]), term.column_operands.payload[k].eq(rounder.result)]
+        m.d.comb += [term.c.valid.eq(engine.c.valid), engine.c.ready.eq(term.c.ready),
+                     term.c.payload.eq(engine.c.payload.data)]
+        return term.o
+
+    def _writes(self, m, head, walkers, unpack):
+        """The engine's rows (transposed: through the corner turn; with the rank-r term: through it) through the
+        packer into a staging FIFO; a burst's command goes out only when all its words wait there, so the memory
+        never waits for the product inside a burst."""
         cfg, port, engine = self.config, self.config.port, self.engine
         m.submodules.output_issuer = outs = OutputIssuer(cfg)
         wiring.connect(m, walkers["outputs"].spans, outs.spans)
@@ -957,22 +1045,27 @@ class BlockedProduct(wiring.Component):
         m.submodules.packer = packer = Packer(cfg.cols * BF16.width, port.data_width)
         m.d.comb += [packer.job.valid.eq(outs.pack.valid), packer.job.payload.count.eq(outs.pack.payload),
                      outs.pack.ready.eq(packer.job.ready)]
+        if cfg.rank:
+            rows = self._term(m, head, walkers, unpack)
+            valid, ready, payload = rows.valid, rows.ready, rows.payload
+        else:
+            valid, ready, payload = engine.c.valid, engine.c.ready, engine.c.payload.data
         if cfg.transposed:
             # transposed: through the corner turn, so that each token row of a block is one write job
             m.submodules.turn = turn = OutputTurn(cfg)
             wiring.connect(m, outs.turn, turn.jobs)
-            m.d.comb += turn.rows_in.payload.eq(engine.c.payload.data)
+            m.d.comb += turn.rows_in.payload.eq(payload)
             with m.If(head.dims.transposed):
-                m.d.comb += [turn.rows_in.valid.eq(engine.c.valid), engine.c.ready.eq(turn.rows_in.ready),
+                m.d.comb += [turn.rows_in.valid.eq(valid), ready.eq(turn.rows_in.ready),
                              packer.elements.valid.eq(turn.rows_out.valid),
                              turn.rows_out.ready.eq(packer.elements.ready),
                              packer.elements.payload.eq(turn.rows_out.payload)]
             with m.Else():
-                m.d.comb += [packer.elements.valid.eq(engine.c.valid), engine.c.ready.eq(packer.elements.ready),
-                             packer.elements.payload.eq(engine.c.payload.data)]
+                m.d.comb += [packer.elements.valid.eq(valid), ready.eq(packer.elements.ready),
+                             packer.elements.payload.eq(payload)]
         else:
-            m.d.comb += [packer.elements.valid.eq(engine.c.valid), engine.c.ready.eq(packer.elements.ready),
-                         packer.elements.payload.eq(engine.c.payload.data), outs.turn.ready.eq(1)]
+            m.d.comb += [packer.elements.valid.eq(valid), ready.eq(packer.elements.ready),
+                         packer.elements.payload.eq(payload), outs.turn.ready.eq(1)]
         m.submodules.writer = writer = BurstWriter(port)
         wiring.connect(m, outs.jobs, writer.job)
         m.submodules.staging = staging = SyncFIFOBuffered(width=port.data_width, depth=port.max_burst)
@@ -997,17 +1090,17 @@ class BlockedProduct(wiring.Component):
         with m.If(self.descriptor.valid & self.descriptor.ready):
             m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
         walkers = {}
-        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs"):
+        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("term",) if cfg.rank else ()):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
         reader, unpack = self._reads(m, head, walkers)
         self._inputs(m, head, walkers, unpack)
-        self._writes(m, head, walkers)
+        self._writes(m, head, walkers, unpack)
         engine, tr = self.engine, head.dims.transposed
 
         # counters and the report, once every output word has gone out
         cycles, written, memory, compute = Signal(48), Signal(48), Signal(48), Signal(48)
-        before = [Signal(48, name=f"before_{name}") for name in READS]
+        before = [Signal(48, name=f"before_{name}") for name in cfg.reads]
         total = Signal(48)
         m.d.comb += total.eq(((head.dims.t * _outputs(head.dims)) << 1) >> port.word_shift)
         with m.If(start):
@@ -1030,7 +1123,7 @@ class BlockedProduct(wiring.Component):
         m.d.comb += [self.report.valid.eq(reporting), report.cycles.eq(cycles), report.written.eq(written),
                      report.memory.eq(memory), report.compute.eq(compute),
                      *(getattr(report, f"read_{name}").eq(reader.words[i] - before[i])
-                       for i, name in enumerate(READS))]
+                       for i, name in enumerate(cfg.reads))]
         with m.If(self.report.valid & self.report.ready):
             m.d.sync += reporting.eq(0)
         return m

@@ -96,8 +96,10 @@ class RankTerm(wiring.Component):
     """``bf16(c + s * (row . column))`` for each output of a block of the base product, beat by beat.
 
     Per block: one ``block`` beat; if ``load_rows``, ``tokens`` beats of ``row_operands`` (each token row's
-    ``rank`` bf16 values of hb or gb); if ``load_columns``, ``columns`` beats of ``column_operands`` (each
-    output column's ``rank`` values: forward a row of B, backward a column of A); then the block's
+    ``rank`` bf16 values of hb or gb); if ``load_columns``, ``columns`` beats of ``column_operands``: forward each
+    output column's ``rank`` values (a row of B), transposed the block's columns of A as A holds them, row by row,
+    ``rank`` columns a beat (``columns`` a multiple of ``rank``; each beat is written a column a cycle into the
+    lane of its row, so A needs no corner turn on the way in); then the block's
     ``tokens * columns / cols`` beats of ``c`` (``cols`` float32 base outputs of one token row) in the engine's
     order, each of which leaves on ``o`` as ``cols`` bf16 outputs. Forward the order is column tile by column tile,
     the block's token rows in order within each (the engine's forward block job); transposed, token tile
@@ -122,7 +124,8 @@ class RankTerm(wiring.Component):
     row_operands, column_operands : In(stream of ArrayLayout(BF16.width, rank))
     c : In(stream of ArrayLayout(FP32.width, cols))
     o : Out(stream of ArrayLayout(BF16.width, cols))
-    rows_table, columns_table : Memory of :func:`operand_layout`
+    rows_table : Memory of :func:`operand_layout`
+    columns_table, column_exponents : Memory of ``rank`` aligned operands, Memory of their exponent (forward)
     latency : int
         Cycles from an output's entry into the arithmetic to its rounded value.
     """
@@ -141,7 +144,9 @@ class RankTerm(wiring.Component):
         entry = operand_layout(config)
         self.rows_table = Memory(shape=entry, depth=config.max_tokens, init=[],
                                  attrs={"ram_style": config.rows_table_ram})
-        self.columns_table = Memory(shape=entry, depth=config.max_columns, init=[])
+        self.columns_table = Memory(shape=data.ArrayLayout(signed(OPERAND_BITS), config.rank),
+                                    depth=config.max_columns, init=[])
+        self.column_exponents = Memory(shape=EXPONENT_SHAPE, depth=config.max_columns, init=[])
         self._convert = FixedToFloat(ACC_BITS, stages=4)
         self._scale = FPMul(FP32, FP32, FP32, stages=6)
         self._add = FPAdd(FP32)
@@ -152,19 +157,23 @@ class RankTerm(wiring.Component):
 
     def _loader(self, m, block, state):
         """The tables' loads: each operand beat's shared exponent (its own largest, or a transposed block's given
-        one for its columns), its values aligned to it, written at the next free entry. Returns whether a load is
-        still in flight."""
+        one for its columns), its values aligned to it, written at the next free entry; a transposed block's
+        column beat (``rank`` columns of one row of A) is written one column a cycle, into its row's lane. Returns
+        whether a load is still in flight."""
         cfg = self.config
-        m.submodules.rows_table = self.rows_table
-        m.submodules.columns_table = self.columns_table
+        for name in ("rows_table", "columns_table", "column_exponents"):
+            m.submodules[name] = getattr(self, name)
         rows_left = Signal(range(cfg.max_tokens + 1))
         columns_left = Signal(range(cfg.max_columns + 1))
         with m.If(self.block.valid & self.block.ready):
             m.d.sync += [rows_left.eq(Mux(self.block.payload.load_rows, self.block.payload.tokens, 0)),
                          columns_left.eq(Mux(self.block.payload.load_columns, self.block.payload.columns, 0))]
         loading = state == _State.LOAD
+        in_flight, scattering = Signal(), Signal()
+        # a transposed column beat waits until the one before is scattered (a beat every rank + 5 cycles)
         m.d.comb += [self.row_operands.ready.eq(loading & (rows_left != 0)),
-                     self.column_operands.ready.eq(loading & (rows_left == 0) & (columns_left != 0))]
+                     self.column_operands.ready.eq(loading & (rows_left == 0) & (columns_left != 0)
+                                                   & ~(block.transposed & (in_flight | scattering)))]
         take_row = self.row_operands.valid & self.row_operands.ready
         take_column = self.column_operands.valid & self.column_operands.ready
         with m.If(take_row):
@@ -200,13 +209,43 @@ class RankTerm(wiring.Component):
         to_rows_out = delay_line(m, 1, to_rows, steps, "load_to_rows")
         address_out = delay_line(m, 1, address, steps, "load_address")
         exponent_out = delay_line(m, 1, shared, align.latency, "load_exponent")
-        for table, flag in ((self.rows_table, to_rows_out), (self.columns_table, ~to_rows_out)):
-            port = table.write_port()
-            m.d.comb += [port.addr.eq(address_out), port.en.eq(chain[-1] & flag),
-                         port.data.q.eq(align.q), port.data.exponent.eq(exponent_out)]
-        in_flight = Signal()
         m.d.comb += in_flight.eq(Cat(*chain).any())
-        return in_flight
+        done = chain[-1]
+
+        rows = self.rows_table.write_port()
+        m.d.comb += [rows.addr.eq(address_out), rows.en.eq(done & to_rows_out), rows.data.q.eq(align.q),
+                     rows.data.exponent.eq(exponent_out)]
+        exponents = self.column_exponents.write_port()
+        m.d.comb += [exponents.addr.eq(address_out), exponents.data.eq(exponent_out),
+                     exponents.en.eq(done & ~to_rows_out & ~block.transposed)]
+        # transposed: the aligned beat is held and written a column a cycle, at lane `lane` (A's row) of entries
+        # `first`.. (the beat's columns); forward: the whole entry at once
+        held = Signal.like(align.q)
+        first, offset = Signal(range(cfg.max_columns)), Signal(range(cfg.rank))
+        lane = Signal(range(cfg.rank))
+        with m.If(self.block.valid & self.block.ready):
+            m.d.sync += [first.eq(0), lane.eq(0)]
+        with m.If(done & ~to_rows_out & block.transposed):
+            m.d.sync += [held.eq(align.q), scattering.eq(1), offset.eq(0)]
+        with m.If(scattering):
+            m.d.sync += offset.eq(offset + 1)
+            with m.If(offset == cfg.rank - 1):
+                m.d.sync += scattering.eq(0)
+                with m.If(first + cfg.rank == block.columns):
+                    m.d.sync += [first.eq(0), lane.eq(lane + 1)]
+                with m.Else():
+                    m.d.sync += first.eq(first + cfg.rank)
+        columns = self.columns_table.write_port(granularity=1)
+        with m.If(scattering):
+            m.d.comb += [columns.addr.eq(first + offset), columns.en.eq(1 << lane)]
+            for k in range(cfg.rank):
+                m.d.comb += columns.data[k].eq(held[offset])
+        with m.Else():
+            m.d.comb += [columns.addr.eq(address_out), columns.data.eq(align.q),
+                         columns.en.eq(Mux(done & ~to_rows_out & ~block.transposed, (1 << cfg.rank) - 1, 0))]
+        busy = Signal()
+        m.d.comb += busy.eq(in_flight | scattering)
+        return busy
 
     def elaborate(self, platform):
         cfg = self.config
@@ -261,7 +300,7 @@ class RankTerm(wiring.Component):
         with m.If((state == _State.RUN) & (beats_left == 0) & ~held_valid):
             m.d.sync += state.eq(_State.IDLE)
 
-        self._arithmetic(m, platform, pipe, held[lane], held_row, held_column + lane, block.scaling)
+        self._arithmetic(m, platform, pipe, held[lane], held_row, held_column + lane, block)
 
         # rounded outputs gather into the beat, which leaves when its last output is in
         gathered = Signal(data.ArrayLayout(BF16.width, cfg.cols))
@@ -274,20 +313,21 @@ class RankTerm(wiring.Component):
                 m.d.sync += out_full.eq(1)
         return m
 
-    def _arithmetic(self, m, platform, pipe, base, row, column, scaling):
+    def _arithmetic(self, m, platform, pipe, base, row, column, block):
         """One output a cycle, all in the stall domain: the two table reads, ``rank`` products and their sum (the
         chunk sum, exact), its float32 value, times ``s``, plus the base output, rounded to bf16."""
         cfg, enable = self.config, pipe.enable
         reads = []
-        for table, address in ((self.rows_table, row), (self.columns_table, column)):
+        for table, address in ((self.rows_table, row), (self.columns_table, column),
+                               (self.column_exponents, column)):
             port = table.read_port(domain="sync", transparent_for=())
             m.d.comb += [port.addr.eq(address), port.en.eq(enable)]
             reads.append(port.data)
-        row_entry, column_entry = reads
+        row_entry, column_q, column_exponent = reads
         width = 2 * OPERAND_BITS
         products = [Signal(signed(width), name=f"product_{k}") for k in range(cfg.rank)]
         for k, product in enumerate(products):
-            a, b = row_entry.q[k], column_entry.q[k]
+            a, b = row_entry.q[k], column_q[k]
             if is_ecp5(platform):
                 m.submodules[f"multiply_{k}"] = ecp5_registered_product(a, b, product, enable, signed=True)
             else:
@@ -300,7 +340,9 @@ class RankTerm(wiring.Component):
         total = Signal(signed(ACC_BITS))
         with m.If(enable):
             m.d.sync += [*(p.eq(g) for p, g in zip(partials, groups)), total.eq(sum(partials))]
-        exponent = delay_line(m, enable, row_entry.exponent.as_signed() + column_entry.exponent.as_signed()
+        # a transposed block's columns share its exponent (A's over all of A), a forward block's have their own
+        column_exponent = Mux(block.transposed, block.exponent, column_exponent)
+        exponent = delay_line(m, enable, row_entry.exponent.as_signed() + column_exponent.as_signed()
                               - 2 * OPERAND_FRAC, self._ahead - 1, "term_exponent")
 
         for name, unit in (("convert", self._convert), ("scale", self._scale), ("add", self._add),
@@ -309,7 +351,7 @@ class RankTerm(wiring.Component):
         base_late = delay_line(m, enable, base, self._ahead + self._convert.latency + self._scale.latency, "base")
         m.d.comb += [
             self._convert.value.eq(total), self._convert.exponent.eq(exponent.as_signed()),
-            self._scale.a.eq(self._convert.result), self._scale.b.eq(scaling),
+            self._scale.a.eq(self._convert.result), self._scale.b.eq(block.scaling),
             self._add.a.eq(base_late), self._add.b.eq(self._scale.result),
             self._round.a.eq(self._add.result),
         ]

@@ -3,12 +3,16 @@
     python scripts/blocked_product.py                                  # T = 128, four shapes, ULX3S SDRAM
     python scripts/blocked_product.py --projections k_proj --memory ecpix5-ddr3 --json blocked.json
     python scripts/blocked_product.py --backward                       # dx = dy W (a design with both modes)
+    python scripts/blocked_product.py --rank-term                      # the step's y = bf16(x W^T + s hb B^T)
+    python scripts/blocked_product.py --backward --rank-term           # the step's dx = bf16(dy W + s gb A)
     python scripts/blocked_product.py --build build/blocked            # place the same design on the ULX3S-85F
 
 With ``--backward``, the backward product ``dx = dy W`` instead, in the traffic model's backward schedule (column
 blocks of whole NF4 blocks; a token-stationary choice runs output-stationary with the other projections' widest
 column block), on a design built with both modes (``BlockedConfig.transposed``); the lower bound is then W, dy and
-dx once, the memory-fed step's product its B4.
+dx once, the memory-fed step's product its B4. With ``--rank-term``, the product with its LoRA term (r = 16), the
+step's y (hb and B read from memory) or dx (gb and A), a design with ``BlockedConfig.rank``; the lower bound then
+counts those once too, and the outputs are checked against ``golden/rank_term.py`` (which equals the step's).
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -31,6 +35,7 @@ import torch
 from edge_qlora.constants import DRAM_PRESETS
 from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, traffic
+from edge_qlora.golden.rank_term import backward_rows, column_exponent, forward_rows, rank_term
 from edge_qlora.golden.lora import random_case
 from edge_qlora.golden.memmap import layout
 from edge_qlora.rtl.blocked import BlockedConfig, absmax2_groups
@@ -89,23 +94,36 @@ def plan(t, backward, most=None):
     return out
 
 
+def _expected(case, config, backward):
+    """The product's outputs as bf16 bit patterns (int16): the golden product, or with the rank-r term its twin."""
+    whole = nf4_dequant.dequantize(case.weight, "bf16")
+    base = golden.gemm(case.dy, whole, config.gemm.numerics, transposed=True) if backward else \
+        golden.gemm(case.x, whole.T, config.gemm.numerics)
+    if not config.rank:
+        return base.view(torch.int16)
+    # float32 base outputs with the term
+    a, b = case.lora_A.to(torch.bfloat16), case.lora_B.to(torch.bfloat16)
+    out = rank_term(base.numpy(), backward_rows(case), a.T, case.scaling, True, column_exponent(a)) if backward \
+        else rank_term(base.numpy(), forward_rows(case), b, case.scaling)
+    return torch.from_numpy(out.astype("uint16").view("int16"))
+
+
 def run_case(name, t, memory, config, seed, blocks_of, backward):
     d_in, d_out = SHAPES[name]
     tokens, features = blocks_of
     case = random_case(t, d_in, d_out, 16, seed=seed)
     start = time.perf_counter()
     run = run_blocked_product(case, tokens, features, config, memory=memory, transposed=backward,
-                              backend="verilator")
+                              rank_term=bool(config.rank), backend="verilator")
     wall = time.perf_counter() - start
-    whole = nf4_dequant.dequantize(case.weight, "bf16")
-    expected = golden.gemm(case.dy, whole, config.gemm.numerics, transposed=True) if backward else \
-        golden.gemm(case.x, whole.T, config.gemm.numerics)
-    bad = int((expected.view(torch.int16) != run.y.view(torch.int16)).sum())
+    bad = int((_expected(case, config, backward) != run.y.view(torch.int16)).sum())
     if bad:
         raise SystemExit(f"error: {name}: {bad} outputs differ from the golden product")
     mm = layout(d_in, d_out, t, 16)
     w_bytes = mm.weight_bytes - mm["nf4_offset"].size
     x_bytes, y_bytes = t * d_in * 2, t * d_out * 2          # backward: dx and dy
+    # B (or A) and hb (or gb) once
+    term_bytes = ((d_in if backward else d_out) * 16 * 4 + t * 16 * 2) if config.rank else 0
     moved = sum(run.read_bytes.values()) + run.written_bytes
     timing = DRAM_PRESETS[memory]
     clock = timing.clock_mhz * 1e6
@@ -117,7 +135,7 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
                 model_cycles=model_cycles(config, memory, t, d_in, d_out, tokens, features, transposed=backward),
                 memory_stall_cycles=run.stall_cycles["memory"], compute_stall_cycles=run.stall_cycles["compute"],
                 read_bytes=run.read_bytes, written_bytes=run.written_bytes, bytes_moved=moved,
-                lower_bound_bytes=w_bytes + x_bytes + y_bytes,
+                lower_bound_bytes=w_bytes + x_bytes + y_bytes + term_bytes,
                 memstep_bytes=-(-t // ROWS) * w_bytes + x_bytes + y_bytes,
                 bandwidth=moved / seconds, peak_bandwidth=peak,
                 utilization=t * d_in * d_out / (ROWS * COLS * run.cycles), mismatches=bad, wall_s=wall)
@@ -130,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--projections", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--memory", choices=list(DRAM_PRESETS), default="ulx3s-sdram")
     parser.add_argument("--backward", action="store_true", help="the backward product dx = dy W instead")
+    parser.add_argument("--rank-term", action="store_true", help="the product with its rank-r term (r = 16): "
+                        "the step's y (or dx)")
     parser.add_argument("--max-features", type=int, metavar="N", help="feature blocks of at most N outputs (more "
                         "blocks, smaller buffers; default: the traffic model's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -149,7 +169,8 @@ def main(argv=None):
     config = BlockedConfig(rows=ROWS, cols=COLS, port=port_for(DRAM_PRESETS[args.memory]),
                            max_tokens=max(tb for tb, _ in sized), max_features=max(fb for _, fb in sized),
                            max_in=max(d_in for d_in, _ in SHAPES.values()),
-                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()), **extra)
+                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()),
+                           rank=16 if args.rank_term else 0, **extra)
     if args.build:
         from edge_qlora.boards.build import build, format_report
         from edge_qlora.rtl.blocked import BlockedProduct

@@ -11,13 +11,15 @@ back into the image, and y is read from it.
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.golden.memmap import layout, layout_for, pack_case, unpack_outputs
-from edge_qlora.rtl.blocked import (READS, SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
+from edge_qlora.golden.rank_term import column_exponent
+from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
                                     report_layout)
 from edge_qlora.rtl.memport import port_for
 from .memstep import DramBench, _fields, _timing, run_dram_bench
@@ -26,18 +28,19 @@ __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product"
 
 #: The program's tensor of each read destination.
 _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes",
-           "exponents": "w_row_exponents"}
+           "exponents": "w_row_exponents", "rank_rows": "hb", "rank_columns": "lora_B"}
 
 
 def _tensor(name, transposed):
-    return "dy" if transposed and name == "x" else _TENSOR[name]
+    backward = {"x": "dy", "rank_rows": "gb", "rank_columns": "lora_A"}
+    return backward[name] if transposed and name in backward else _TENSOR[name]
 
 
 def _program(config, memmap, tokens, features, transposed):
     """The product's request order (``golden/blockprogram.py``), which the RTL issues."""
     if transposed:
-        return bp.backward_product(memmap, tokens, features, config.rows, config.cols)
-    return bp.forward_product(memmap, tokens, features, config.cols)
+        return bp.backward_product(memmap, tokens, features, config.rows, config.cols, rank_term=bool(config.rank))
+    return bp.forward_product(memmap, tokens, features, config.cols, rank_term=bool(config.rank))
 
 
 class BlockedBench(DramBench):
@@ -64,15 +67,17 @@ class BlockedRun:
     requests: int
 
 
-def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False):
+def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False):
     """The smallest :class:`BlockedConfig` for ``case``'s forward product (``transposed``: the backward product
-    ``dx = dy W`` too) in blocks of ``tokens x features`` on a ``rows x cols`` engine behind ``memory``'s port."""
+    ``dx = dy W`` too; ``rank_term``: the forward product with the rank-r term, the step's y) in blocks of
+    ``tokens x features`` on a ``rows x cols`` engine behind ``memory``'s port."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
     extra = {"transposed": True, "max_out": -(-d_out // SPAN) * SPAN} if transposed else {}
     return BlockedConfig(rows=rows, cols=cols, port=port_for(_timing(memory)), max_tokens=min(tokens, t),
                          max_features=min(features, d_in if transposed else d_out), max_in=d_in,
-                         max_groups=absmax2_groups(d_in, d_out), **extra)
+                         max_groups=absmax2_groups(d_in, d_out), rank=case.lora_A.shape[0] if rank_term else 0,
+                         **extra)
 
 
 def _job_cycles(config, nt, nf, transposed):
@@ -95,20 +100,25 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
     return total
 
 
-def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, stalls=None,
-                        backend=None, vcd_path=None, max_cycles=None, progress=None):
-    """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``) on :class:`BlockedProduct` against the DRAM model
-    of ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`. ValueError (one line) for a
+def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, rank_term=False,
+                        stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
+    """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``; ``rank_term``: the step's ``y = bf16(x W^T + s hb
+    B^T)`` or ``dx = bf16(dy W + s gb A)``, as a ``config`` with ``rank`` computes them) on :class:`BlockedProduct` against the DRAM model of
+    ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`. ValueError (one line) for a
     shape the configuration does not take."""
     timing = _timing(memory)
-    config = config or blocked_config(case, tokens, features, memory, transposed=transposed)
+    config = config or blocked_config(case, tokens, features, memory, transposed=transposed, rank_term=rank_term)
+    if bool(config.rank) != bool(rank_term) or config.rank and config.rank != case.lora_A.shape[0]:
+        raise ValueError(f"the configuration's rank ({config.rank}) must be the case's ({case.lora_A.shape[0]}) "
+                         f"with rank_term, 0 without")
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
     config.check_shape(t, d_in, d_out, tokens, features, transposed)
     if not case.weight.double_quant or case.weight.blocksize != SPAN:
         raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN}")
     port = mp.PortShape.of(config.port)
-    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None)
+    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None,
+                        rank_rows=rank_term)
     if memmap.end > config.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
@@ -119,6 +129,10 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
     q = case.weight
+    term = {"rank_rows": memmap["gb" if transposed else "hb"].address,
+            "rank_columns": memmap["lora_A" if transposed else "lora_B"].address,
+            "scaling": int(np.float32(case.scaling).view(np.uint32)),
+            "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
     descriptor = descriptor_layout(config).const({
         "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
@@ -126,7 +140,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
         "exponents": memmap["w_row_exponents"].address if transposed else 0,
         "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
                  "transposed": int(transposed)},
-        "groups": len(q.absmax2), "offset": int(np.float32(q.offset).view(np.uint32)),
+        "groups": len(q.absmax2), "offset": int(np.float32(q.offset).view(np.uint32)), **term,
     }).as_bits()
     wanted = {"written": sum(w.length for w in writes), "report": 1}
     if max_cycles is None:
@@ -137,16 +151,16 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
                               wanted, image=image, port_config=config.port, base=memmap.base, stalls=stalls,
                               max_cycles=max_cycles, backend=backend, vcd_path=vcd_path, progress=progress,
                               what="the blocked product")
-    report = _fields(beats["report"][0], report_layout())
+    report = _fields(beats["report"][0], report_layout(config.reads))
     wb = port.word_bytes
     program_reads = mp.bytes_by_tensor(port, reads)
     return BlockedRun(
         y=unpack_outputs(image, memmap)[output], cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
-        read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in READS},
+        read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in config.reads},
         written_bytes=report["written"] * wb,
         program_read_bytes={_tensor(name, transposed): program_reads.get(_tensor(name, transposed), 0)
-                            for name in READS},
+                            for name in config.reads},
         program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
 
 
@@ -160,11 +174,13 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     the output writes beside the engine: forward from the job's start, the longer of the two, then the writes of
     the last W tile's outputs; transposed from the first token tile of its last W tile (every output's last chunk
     is there, and the corner turn writes a token tile's rows once it has them all), the longer of the job and
-    that. ``rank``: the memory map's (tensor addresses)."""
+    that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) its reads (hb, B)
+    are taken as hidden behind the jobs and its arithmetic as keeping pace with the engine's outputs."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None)
+    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None,
+                    rank_rows=bool(config.rank))
     reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed))
     activation = "dy" if transposed else "x"
 

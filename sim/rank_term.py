@@ -71,7 +71,14 @@ def run_rank_term(config, blocks, *, stalls=None, backend=None, max_cycles=None,
         }).as_bits())
         if block.load_rows:
             inputs["row_operands"] += [_pack(row, 16) for row in _bits(block.rows)]
-        inputs["column_operands"] += [_pack(column, 16) for column in _bits(block.columns)]
+        operands = _bits(block.columns)
+        if block.transposed:
+            # A's rows, rank columns a beat
+            rank = operands.shape[1]
+            inputs["column_operands"] += [_pack(operands[j:j + rank, k], 16) for k in range(rank)
+                                          for j in range(0, columns, rank)]
+        else:
+            inputs["column_operands"] += [_pack(column, 16) for column in operands]
         out = golden.rank_term(block.base, block.rows, block.columns, block.scaling, block.transposed,
                                block.exponent)
         for token, first in beat_order(tokens, columns, config.rows, config.cols, block.transposed):

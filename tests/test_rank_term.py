@@ -1,5 +1,7 @@
 """The rank-r term unit (rtl/rank_term.py) against its twin (golden/rank_term.py), and the twin against the step."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -45,25 +47,31 @@ def _blocks(config, rng):
     cols, rank = config.cols, config.rank
     tokens = 2 * config.rows
     hb, gb = _rows(rng, tokens, rank), _rows(rng, tokens, rank)
-    a_whole = rng.normal(0, 0.5, (rank, 5 * cols)).astype(np.float32)
+    width = _transposed_columns(config)                # A's rows arrive rank columns a beat
+    a_whole = rng.normal(0, 0.5, (rank, width + 2 * cols)).astype(np.float32)
     a_whole[0, 0] = 300.0                              # outside the block: it sets the shared exponent
     a_whole = _bf16(a_whole)
-    a_block = a_whole[:, cols:4 * cols].T.contiguous()
+    a_block = a_whole[:, cols:cols + width].T.contiguous()
     exponent = golden.column_exponent(a_whole)
     assert exponent > golden.column_exponent(a_block.T)
     return [
         TermBlock(_base(rng, tokens, 3 * cols), hb, _bf16(rng.normal(0, 0.1, (3 * cols, rank))), 2.0),
         TermBlock(_base(rng, tokens, 2 * cols), hb, _bf16(rng.normal(0, 0.1, (2 * cols, rank))), -0.375,
                   load_rows=False),
-        TermBlock(_base(rng, tokens, 3 * cols), gb, a_block, 1e30, transposed=True, exponent=exponent),
+        TermBlock(_base(rng, tokens, width), gb, a_block, 1e30, transposed=True, exponent=exponent),
     ]
+
+
+def _transposed_columns(config):
+    return 2 * math.lcm(config.rank, config.cols)
 
 
 @pytest.mark.parametrize("rows, cols, rank", [(2, 2, 4), (2, 4, 16), (4, 2, 3)])
 def test_rank_term_equals_its_twin(rows, cols, rank):
     # three blocks (forward, forward keeping hb, transposed); adversarial operands and base outputs (infinities,
     # a NaN, an overflow, subnormals, a zero row); random stalls on all five streams
-    config = RankTermConfig(rows=rows, cols=cols, rank=rank, max_tokens=2 * rows, max_columns=3 * cols)
+    config = RankTermConfig(rows=rows, cols=cols, rank=rank, max_tokens=2 * rows,
+                            max_columns=max(3 * cols, 2 * math.lcm(rank, cols)))
     rng = np.random.default_rng(rows * 100 + cols * 10 + rank)
     stalls = {name: Stalls(0.35, 70 + k) for k, name in enumerate(STREAMS)}
     run = run_rank_term(config, _blocks(config, rng), stalls=stalls, backend="pysim")
