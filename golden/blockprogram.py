@@ -32,8 +32,8 @@ from . import dram, traffic
 from .memmap import layout
 from .memprogram import Job, PortShape, Request, split_bursts, state_groups
 
-__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "port_for", "requests",
-           "bytes_by_tensor", "traffic_bytes", "dram_time", "blocked_for"]
+__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "port_for",
+           "requests", "bytes_by_tensor", "traffic_bytes", "dram_time", "blocked_for"]
 
 #: Reduction elements per span of the output-stationary loops: one NF4 block.
 SPAN = 64
@@ -222,9 +222,9 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
 
     With ``rank_term`` (y = x W^T + s hb B^T, the step's y; the memory map with ``rank_rows``): after the first
     span's reads of each feature block, the token block's rows of ``hb`` (at its first feature block, one job) and
-    the feature block's rows of B (one job). They come after a span, not before the block, because the unit that
-    takes them is busy with the block before until that block's outputs have passed; so the first span's loads
-    still overlap the block before."""
+    the feature block's rows of B (one job). After a span, not before the block: the unit that takes them is busy
+    with the block before until that block's outputs have passed, and reads waiting in front of the block's first
+    span would stall the engine; the first span's reads still overlap the block before."""
     mm = memmap
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN:

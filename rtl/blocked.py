@@ -51,9 +51,9 @@ from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
 from .rank_term import RankTerm, RankTermConfig
 
-__all__ = ["SPAN", "READS", "RANK_READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout", "descriptor_layout",
-           "report_layout", "plan_layout", "SpanWalker", "ReadIssuer", "XBuffer", "SpanTable", "absmax_plan",
-           "exponent_plan", "JobIssuer", "OutputIssuer", "turn_layout", "OutputTurn", "BlockedProduct"]
+__all__ = ["SPAN", "READS", "RANK_READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout",
+           "descriptor_layout", "report_layout", "plan_layout", "SpanWalker", "ReadIssuer", "XBuffer", "SpanTable",
+           "absmax_plan", "exponent_plan", "JobIssuer", "OutputIssuer", "turn_layout", "OutputTurn", "BlockedProduct"]
 
 #: Reduction elements per span: one NF4 block, so a W row's piece of a span is one absmax code and 32 bytes.
 SPAN = 64
@@ -281,10 +281,10 @@ def descriptor_layout(config):
 
 def report_layout(reads=READS):
     """Payload of ``report``: cycles from the descriptor to the last word written, port words delivered to each
-    read destination (``reads``: :data:`READS`, or a configuration's :attr:`BlockedConfig.reads`) and written, and stall cycles: ``memory`` (one of the engine's inputs, A,
-    codes, absmax or, transposed, the tile exponents, is ready and empty: an upper bound on the cycles it waits
-    for memory, since its input buffers also take ahead of need) and ``compute`` (a read is ready but its
-    destination's FIFO has no room)."""
+    read destination (``reads``: :data:`READS`, or a configuration's :attr:`BlockedConfig.reads`) and written,
+    and stall cycles: ``memory`` (one of the engine's inputs, A, codes, absmax or, transposed, the tile exponents,
+    is ready and empty: an upper bound on the cycles it waits for memory, since its input buffers also take ahead
+    of need) and ``compute`` (a read is ready but its destination's FIFO has no room)."""
     return data.StructLayout({"cycles": 48, **{f"read_{name}": 48 for name in reads}, "written": 48,
                               "memory": 48, "compute": 48})
 
@@ -346,12 +346,13 @@ class SpanWalker(wiring.Component):
 
 
 def read_beat_layout(config):
-    """A :class:`ReadIssuer` beat: a tagged read job (byte ``address``, ``bytes``, ``dest``: an index of
-    the configuration's :attr:`~BlockedConfig.reads`) and, with ``unpack``, the job of its destination's unpacker (``count`` elements in rows of
-    ``cols``). A span's x rows and its codes rows each take one unpacker job, with the first row: every row is
-    whole port words, so the rows' words follow each other as one job's. (An unpacker job per row would let the
-    issuer run only as many rows ahead of the engine as the unpacker's job queue holds, and the next span's x,
-    which follows the codes in the read order, would wait for the engine to be nearly through them.)"""
+    """A :class:`ReadIssuer` beat: a tagged read job (byte ``address``, ``bytes``, ``dest``: an index of the
+    configuration's :attr:`~BlockedConfig.reads`) and, with ``unpack``, the job of its destination's unpacker
+    (``count`` elements in rows of ``cols``). A span's x rows and its codes rows each take one unpacker job, with
+    the first row: every row is whole port words, so the rows' words follow each other as one job's. (An unpacker
+    job per row would let the issuer run only as many rows ahead of the engine as the unpacker's job queue holds,
+    and the next span's x, which follows the codes in the read order, would wait for the engine to be nearly through
+    them.)"""
     aw = config.port.address_width
     return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": range(len(config.reads)), "unpack": 1,
                               "count": 32, "cols": 32})
@@ -375,8 +376,8 @@ class ReadIssuer(wiring.Component):
     Forward: at a token block's start ``absmax2``, at a feature block's start its absmax codes (one job), then per
     span each token row's piece of x and each W row's 32 bytes of codes. Transposed: at a token block's start
     ``absmax2`` and the chunk exponent table, then per span each token row's piece of dy, and each of the span's
-    64 W rows' absmax codes and codes of the column block. With the rank-r term, after a feature block's first
-    span: the token block's rows of hb (at its first feature block) and the feature block's rows of B.
+    64 W rows' absmax codes and codes of the column block. With the rank-r term, after a block's first span: the
+    token block's rows of hb or gb (at its first block) and the block's rows of B or A.
 
     Attributes
     ----------

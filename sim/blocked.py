@@ -103,9 +103,9 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
 def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, rank_term=False,
                         stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
     """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``; ``rank_term``: the step's ``y = bf16(x W^T + s hb
-    B^T)`` or ``dx = bf16(dy W + s gb A)``, as a ``config`` with ``rank`` computes them) on :class:`BlockedProduct` against the DRAM model of
-    ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`. ValueError (one line) for a
-    shape the configuration does not take."""
+    B^T)`` or ``dx = bf16(dy W + s gb A)``, as a ``config`` with ``rank`` computes them) on :class:`BlockedProduct`
+    against the DRAM model of ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`.
+    ValueError (one line) for a shape the configuration does not take."""
     timing = _timing(memory)
     config = config or blocked_config(case, tokens, features, memory, transposed=transposed, rank_term=rank_term)
     if bool(config.rank) != bool(rank_term) or config.rank and config.rank != case.lora_A.shape[0]:
@@ -174,8 +174,9 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     the output writes beside the engine: forward from the job's start, the longer of the two, then the writes of
     the last W tile's outputs; transposed from the first token tile of its last W tile (every output's last chunk
     is there, and the corner turn writes a token tile's rows once it has them all), the longer of the job and
-    that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) its reads (hb, B)
-    are taken as hidden behind the jobs and its arithmetic as keeping pace with the engine's outputs."""
+    that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) its reads are taken
+    as hidden behind the jobs; forward its arithmetic keeps pace with the engine's outputs, transposed the writes
+    wait for it to pass a token tile's outputs (one a cycle)."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
@@ -210,9 +211,11 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             job = _job_cycles(config, nt, nf, transposed)
             written = alone(writes, "write")
             if transposed:
-                # the writes start with the last W tile's first token tile of outputs
+                # the writes start with the last W tile's first token tile of outputs (with the rank-r term, once
+                # the term has passed them, one output a cycle)
                 last_tile = job * g.chunk_steps // SPAN
-                final = max(job, job - last_tile + last_tile // (nt // g.rows) + written)
+                first_tile = max(last_tile // (nt // g.rows), g.rows * nf if config.rank else 0)
+                final = max(job, job - last_tile + first_tile + written)
             else:
                 final = max(job, written) + written // (nf // g.cols)
             # transposed, a block's first span loads while the block before computes its last job (the x buffer
