@@ -8,7 +8,7 @@ import torch
 
 from ..golden import rank_term as golden
 from ..rtl.rank_term import RankTerm, block_layout
-from .harness import run_streams
+from .harness import pack_lanes, run_streams, unpack_lanes
 
 __all__ = ["TermBlock", "TermRun", "beat_order", "run_rank_term"]
 
@@ -44,10 +44,6 @@ def _bits(values):
     return np.asarray(values, np.float32).view(np.uint32).astype(np.int64)
 
 
-def _pack(values, width):
-    return sum(int(v) << (width * k) for k, v in enumerate(values))
-
-
 def beat_order(tokens, columns, rows, cols, transposed):
     """(token row, first column) of each of a block's beats, in the engine's order: forward column tile by column
     tile, the block's token rows in order within each; transposed token tile by token tile (``rows`` rows), column
@@ -59,7 +55,7 @@ def beat_order(tokens, columns, rows, cols, transposed):
 
 def run_rank_term(config, blocks, *, stalls=None, backend=None, max_cycles=None, progress=None):
     """Run ``blocks`` (:class:`TermBlock`) through one unit; returns a :class:`TermRun`."""
-    layout = block_layout(config)
+    layout, rank, cols = block_layout(config), config.rank, config.cols
     inputs = {"block": [], "row_operands": [], "column_operands": [], "c": []}
     want = []
     for block in blocks:
@@ -70,25 +66,19 @@ def run_rank_term(config, blocks, *, stalls=None, backend=None, max_cycles=None,
             "scaling": int(_bits(np.float32(block.scaling))),
         }).as_bits())
         if block.load_rows:
-            inputs["row_operands"] += [_pack(row, 16) for row in _bits(block.rows)]
+            inputs["row_operands"] += pack_lanes(_bits(block.rows).reshape(-1), rank, 16)
+        # forward a beat per column; transposed A's rows as they lie, rank columns a beat
         operands = _bits(block.columns)
-        if block.transposed:
-            # A's rows, rank columns a beat
-            rank = operands.shape[1]
-            inputs["column_operands"] += [_pack(operands[j:j + rank, k], 16) for k in range(rank)
-                                          for j in range(0, columns, rank)]
-        else:
-            inputs["column_operands"] += [_pack(column, 16) for column in operands]
+        inputs["column_operands"] += pack_lanes((operands.T if block.transposed else operands).reshape(-1), rank, 16)
         out = golden.rank_term(block.base, block.rows, block.columns, block.scaling, block.transposed,
                                block.exponent)
-        for token, first in beat_order(tokens, columns, config.rows, config.cols, block.transposed):
-            inputs["c"].append(_pack(_bits(block.base[token, first:first + config.cols]), 32))
-            want.append(_pack(out[token, first:first + config.cols], 16))
+        order = beat_order(tokens, columns, config.rows, cols, block.transposed)
+        inputs["c"] += pack_lanes(np.concatenate([_bits(block.base[t, f:f + cols]) for t, f in order]), cols, 32)
+        want += pack_lanes(np.concatenate([out[t, f:f + cols] for t, f in order]), cols, 16)
     outputs, cycles = run_streams(lambda: RankTerm(config), f"RankTerm {config!r}", inputs, "o", len(want),
-                                  stalls=stalls, max_cycles=max_cycles or 60 * len(want) * config.cols + 5000,
+                                  stalls=stalls, max_cycles=max_cycles or 60 * len(want) * cols + 5000,
                                   backend=backend, progress=progress)
-    mask = (1 << 16) - 1
-    mismatches = sum(((got >> (16 * k)) & mask) != ((expected >> (16 * k)) & mask)
-                     for got, expected in zip(outputs, want) for k in range(config.cols))
-    mismatches += (len(want) - len(outputs)) * config.cols
+    count = len(want) * cols
+    got = unpack_lanes(outputs, cols, 16, count)
+    mismatches = int((got != unpack_lanes(want, cols, 16, count)[:got.size]).sum()) + count - got.size
     return TermRun(outputs, want, cycles, mismatches)
