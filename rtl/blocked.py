@@ -42,6 +42,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..constants import FP32
+from .bfp import EXPONENT_SHAPE
 from .fp import BF16, FPConvert
 from .gearbox import Packer, Unpacker, connect_nf4_codes
 from .gemm import GemmConfig, GemmEngine, a_layout
@@ -60,8 +61,11 @@ SPAN = 64
 _SPAN_SHIFT = SPAN.bit_length() - 1
 #: The read destinations, in the order of the tagged reader's FIFOs and the report's counters.
 READS = ("absmax2", "absmax", "x", "codes", "exponents")
-#: With the rank-r term (``BlockedConfig.rank``): hb's rows and B's rows, after :data:`READS`.
+#: With the rank-r term (``BlockedConfig.rank``), after :data:`READS`: hb's rows and B's rows (transposed gb's and
+#: A's).
 RANK_READS = ("rank_rows", "rank_columns")
+#: The descriptor's addresses the read issuer takes (and :data:`RANK_READS` with the term).
+_ADDRESSES = ("x", "codes", "absmax", "absmax2", "exponents")
 _ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8, "rank_rows": BF16.width,
          "rank_columns": FP32.width}
 
@@ -274,7 +278,7 @@ def descriptor_layout(config):
     and A: ``rank_rows``, ``rank_columns``), the scaling ``s`` (float32) and, transposed, the exponent A's rows
     share over all of A (``rank_exponent``, :func:`~edge_qlora.golden.rank_term.column_exponent`)."""
     aw = config.port.address_width
-    term = {"rank_rows": aw, "rank_columns": aw, "scaling": 32, "rank_exponent": 9} if config.rank else {}
+    term = {"rank_rows": aw, "rank_columns": aw, "scaling": 32, "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32, **term})
 
@@ -390,7 +394,7 @@ class ReadIssuer(wiring.Component):
     def __init__(self, config):
         self.config = config
         aw = config.port.address_width
-        addresses = ("x", "codes", "absmax", "absmax2", "exponents") + (RANK_READS if config.rank else ())
+        addresses = _ADDRESSES + (RANK_READS if config.rank else ())
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
                           **{name: In(aw) for name in addresses},
                           "groups": In(16), "jobs": Out(stream.Signature(read_beat_layout(config)))})
@@ -946,7 +950,7 @@ class BlockedProduct(wiring.Component):
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
-        for name in ("x", "codes", "absmax", "absmax2", "exponents") + (RANK_READS if cfg.rank else ()):
+        for name in _ADDRESSES + (RANK_READS if cfg.rank else ()):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
         m.submodules.reader = reader = TaggedReader(port, [cfg.codes_words if name == "codes" else cfg.fifo_words
                                                            for name in cfg.reads])
@@ -1013,8 +1017,9 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, jobs.span, scales.span)
 
     def _term(self, m, head, walkers, unpack):
-        """The rank-r term behind the engine: one block per feature block (loading hb's rows at a token block's
-        first), hb's rows from their unpacker, B's rows rounded to bf16 on the way in. Returns its output."""
+        """The rank-r term behind the engine: one block per feature block (loading hb's rows, transposed gb's, at a
+        token block's first), those rows from their unpacker, B's rows (transposed A's) rounded to bf16 on the way
+        in. Returns its output."""
         cfg, engine = self.config, self.engine
         m.submodules.rank_term = term = RankTerm(cfg.rank_term)
         spans = walkers["term"].spans
