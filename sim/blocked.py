@@ -69,7 +69,7 @@ class BlockedRun:
 
 def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False):
     """The smallest :class:`BlockedConfig` for ``case``'s forward product (``transposed``: the backward product
-    ``dx = dy W`` too; ``rank_term``: the forward product with the rank-r term, the step's y) in blocks of
+    ``dx = dy W`` too; ``rank_term``: the products with their rank-r terms, the step's y and dx) in blocks of
     ``tokens x features`` on a ``rows x cols`` engine behind ``memory``'s port."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]

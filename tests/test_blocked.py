@@ -297,3 +297,7 @@ def test_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="whole NF4 blocks of 64"):
         run_blocked_product(wide, 2, 96, blocked_config(wide, 2, 128, "ulx3s-sdram", transposed=True),
                             transposed=True)
+    with pytest.raises(ValueError, match="rank must be 0 .no rank-r term. or a power of two up to 16"):
+        BlockedConfig(rank=3)
+    with pytest.raises(ValueError, match=r"the configuration's rank \(0\) must be the case's \(4\)"):
+        run_blocked_product(case, 2, 8, config, rank_term=True)
