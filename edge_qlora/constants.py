@@ -16,7 +16,7 @@ __all__ = [
     "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
     "BLOCKSIZES", "DYNAMIC_BLOCKSIZE", "NF4_CODE", "NF4_BOUNDS", "NF2_CODE", "NF3_CODE", "NF_CODES", "CODE_BITS",
     "NF_OFFSET", "DYNAMIC_CODE", "ABSMAX_THRESHOLDS", "ABSMAX_FLOOR",
-    "OPERAND_BITS", "OPERAND_FRAC", "ACC_BITS", "EXP_MIN", "MAX_LANES", "GemmNumerics",
+    "OPERAND_BITS", "OPERAND_FRAC", "ACC_BITS", "EXP_MIN", "MAX_LANES", "MAX_RANK", "GemmNumerics",
     "HYPER_FIELDS", "TINYLLAMA_PROJECTIONS",
     "DramTiming", "PAGE_POLICIES", "ADDRESS_MAPS", "ULX3S_SDRAM", "ECPIX5_DDR3", "DRAM_PRESETS",
 ]
@@ -257,6 +257,10 @@ class GemmNumerics:
 
 #: Most lanes (dequantizer and quantizer lanes, PE array rows and columns, row-aligner lanes) a core accepts.
 MAX_LANES = 16
+
+#: Largest LoRA rank of the blocked step's rank-r term (``rtl/rank_term.py``): one block-floating-point chunk of
+#: the engine, whose chunk is at least 16.
+MAX_RANK = 16
 
 
 

@@ -12,15 +12,11 @@ engine's transposed mode), which a block of columns must be given (:func:`column
 import numpy as np
 import torch
 
-from ..constants import BF16, FP32
+from ..constants import BF16, FP32, MAX_RANK
 from . import fp
 from .gemm import GemmNumerics, _bf16_values, gemm, row_chunk_exponents
 
-__all__ = ["MAX_RANK", "column_exponent", "forward_rows", "backward_rows", "rank_term", "combine"]
-
-#: the term is one block-floating-point chunk of the engine (whose chunk is at least 16)
-MAX_RANK = 16
-
+__all__ = ["column_exponent", "forward_rows", "backward_rows", "rank_term", "combine"]
 
 def column_exponent(a):
     """Backward: the exponent A's ``r <= 16`` rows share over all of A's columns (``a``: [r, d_in] bf16)."""

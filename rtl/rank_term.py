@@ -18,8 +18,7 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..constants import ACC_BITS, BF16, FP32, MAX_LANES, OPERAND_BITS, OPERAND_FRAC
-from ..golden.rank_term import MAX_RANK
+from ..constants import ACC_BITS, BF16, FP32, MAX_LANES, MAX_RANK, OPERAND_BITS, OPERAND_FRAC
 from .bfp import EXPONENT_SHAPE, AlignLanes, max_exponent
 from .fp import FixedToFloat, FPAdd, FPConvert, FPMul, ecp5_registered_product
 from .pipeline import StallPipeline, delay_line, is_ecp5
