@@ -175,8 +175,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     the last W tile's outputs; transposed from the first token tile of its last W tile (every output's last chunk
     is there, and the corner turn writes a token tile's rows once it has them all), the longer of the job and
     that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) its reads are taken
-    as hidden behind the jobs; forward its arithmetic keeps pace with the engine's outputs, transposed the writes
-    wait for it to pass a token tile's outputs (one a cycle)."""
+    as hidden behind the jobs; forward its arithmetic keeps pace with the engine's outputs; transposed, where a
+    block's outputs come together, it passes them one a cycle ahead of the writes."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
@@ -211,11 +211,16 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             job = _job_cycles(config, nt, nf, transposed)
             written = alone(writes, "write")
             if transposed:
-                # the writes start with the last W tile's first token tile of outputs (with the rank-r term, once
-                # the term has passed them, one output a cycle)
+                # the writes start with the last W tile's first token tile of outputs; with the rank-r term, which
+                # passes the outputs one a cycle, after it has passed that tile, and the last token tile's writes
+                # after it has passed them all
                 last_tile = job * g.chunk_steps // SPAN
-                first_tile = max(last_tile // (nt // g.rows), g.rows * nf if config.rank else 0)
-                final = max(job, job - last_tile + first_tile + written)
+                tiles = nt // g.rows
+                if config.rank:
+                    end = max(g.rows * nf + written, nt * nf + written // tiles)
+                else:
+                    end = last_tile // tiles + written
+                final = max(job, job - last_tile + end)
             else:
                 final = max(job, written) + written // (nf // g.cols)
             # transposed, a block's first span loads while the block before computes its last job (the x buffer
