@@ -111,7 +111,8 @@ class RankTerm(wiring.Component):
     ``c`` and ``s`` may be anything, infinities and NaNs go through the float32 arithmetic.
 
     One output enters the arithmetic per cycle: a beat takes ``cols`` cycles, as many as the engine's 8x8 array
-    takes per beat of a block's last span, so a block's outputs leave at the engine's pace.
+    takes per beat of a forward block's last span, so a forward block's outputs leave at the engine's pace; a
+    transposed block's outputs all come at its end, and the unit passes them at this pace behind the engine.
 
     Parameters
     ----------
