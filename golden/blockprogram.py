@@ -220,11 +220,12 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
     Its bytes per tensor equal :func:`program`'s forward sweep in the same schedule (``tests/test_blockprogram.py``);
     only the y writes are cut finer. The NF4 offset travels in the descriptor. Double quantization only.
 
-    With ``rank_term`` (y = x W^T + s hb B^T, the step's y; the memory map with ``rank_rows``): after the first
-    span's reads of each feature block, the token block's rows of ``hb`` (at its first feature block, one job) and
-    the feature block's rows of B (one job). After a span, not before the block: the unit that takes them is busy
-    with the block before until that block's outputs have passed, and reads waiting in front of the block's first
-    span would stall the engine; the first span's reads still overlap the block before."""
+    With ``rank_term`` (y = x W^T + s hb B^T, the step's y, with hb = bf16(x A^T) made on chip as the token
+    block's first feature block streams x): in that feature block, before each span's x, the span's piece of each
+    of A's ``r`` rows (one job each); after the first span's reads of each feature block, the feature block's rows
+    of B (one job). After a span, not before the block: the unit that takes them is busy with the block before
+    until that block's outputs have passed, and reads waiting in front of the block's first span would stall the
+    engine; the first span's reads still overlap the block before."""
     mm = memmap
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN:
@@ -232,8 +233,6 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
                          f"blocks per W row (d_in = {d_in}, blocksize {mm.blocksize})")
     if feature_block % cols or d_out % cols:
         raise ValueError(f"feature blocks ({feature_block}) and d_out ({d_out}) must be multiples of cols ({cols})")
-    if rank_term and "hb" not in mm:
-        raise ValueError("the rank-r term reads hb: a memory map with rank_rows")
     w = _Writer(mm)
     per_row, r = d_in // SPAN, mm.r
     blocks = _blocks(t, token_block)
@@ -242,13 +241,14 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
         for f0, nf in _blocks(d_out, feature_block):
             w.add("read", "nf4_absmax", f0 * per_row, nf * per_row)
             for s in range(per_row):
+                if rank_term and f0 == 0:
+                    for k in range(r):
+                        w.add("read", "lora_A", (k * d_in + s * SPAN) * 4, SPAN * 4)
                 for token in range(t0, t0 + nt):
                     w.add("read", "x", (token * d_in + s * SPAN) * 2, SPAN * 2)
                 for row in range(f0, f0 + nf):
                     w.add("read", "nf4_codes", (row * d_in + s * SPAN) // 2, SPAN // 2)
                 if rank_term and s == 0:
-                    if f0 == 0:
-                        w.add("read", "hb", t0 * r * 2, nt * r * 2)
                     w.add("read", "lora_B", f0 * r * 4, nf * r * 4)
             for c0 in range(f0, f0 + nf, cols):
                 for token in range(t0, t0 + nt):
@@ -306,9 +306,10 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
     one run of bytes). Its bytes per tensor are :func:`program`'s backward sweep in the same
     schedule and the exponent table once per token block (``tests/test_blockprogram.py``).
 
-    With ``rank_term`` (dx = dy W + s gb A, the step's dx; the memory map with ``rank_rows``): after the first span's
-    reads of each column block, the token block's rows of ``gb`` (at its first column block, one job) and the
-    column block's piece of each of A's ``r`` rows (one job each), as :func:`forward_product` places hb and B."""
+    With ``rank_term`` (dx = dy W + s gb A, the step's dx, with gb = bf16(dy B) made on chip): in the token
+    block's first column block, before each span's dy, the span's 64 rows of B (one job); after the first span's
+    reads of each column block, the column block's piece of each of A's ``r`` rows (one job each), as
+    :func:`forward_product` places A and B."""
     mm = memmap
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN or d_out % SPAN:
@@ -320,8 +321,6 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
     if feature_block % SPAN or token_block % rows or feature_block % cols:
         raise ValueError(f"column blocks ({feature_block}) must be whole NF4 blocks of {SPAN} and of cols ({cols}), "
                          f"token blocks ({token_block}) multiples of rows ({rows})")
-    if rank_term and "gb" not in mm:
-        raise ValueError("the rank-r term reads gb: a memory map with rank_rows")
     w = _Writer(mm)
     per_row, r = d_in // SPAN, mm.r
     blocks = _blocks(t, token_block)
@@ -330,6 +329,8 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
         w.add("read", "w_row_exponents", 0, mm["w_row_exponents"].size)
         for f0, nf in _blocks(d_in, feature_block):
             for r0 in range(0, d_out, SPAN):
+                if rank_term and f0 == 0:
+                    w.add("read", "lora_B", r0 * r * 4, SPAN * r * 4)
                 for token in range(t0, t0 + nt):
                     w.add("read", "dy", (token * d_out + r0) * 2, SPAN * 2)
                 for row in range(r0, r0 + SPAN):
@@ -337,8 +338,6 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
                 for row in range(r0, r0 + SPAN):
                     w.add("read", "nf4_codes", (row * d_in + f0) // 2, nf // 2)
                 if rank_term and r0 == 0:
-                    if f0 == 0:
-                        w.add("read", "gb", t0 * r * 2, nt * r * 2)
                     for k in range(r):
                         w.add("read", "lora_A", (k * d_in + f0) * 4, nf * 4)
             for token in range(t0, t0 + nt):

@@ -26,7 +26,6 @@ from ..constants import BLOCKSIZES
 from .gemm import row_chunk_exponents
 from .lora import STATE_NAMES
 from .nf4_dequant import dequantize
-from .rank_term import backward_rows, forward_rows
 
 __all__ = ["Region", "MemoryMap", "INPUTS", "OUTPUTS", "TINYLLAMA_PROJECTIONS", "ULX3S_SDRAM_BYTES", "layout",
            "layout_for", "pack_case", "unpack_inputs", "store_outputs", "unpack_outputs", "tinyllama_table", "main"]
@@ -106,7 +105,6 @@ class MemoryMap:
     gradients_out: bool
     regions: tuple
     row_exponent_chunk: int = None
-    rank_rows: bool = False
 
     def __getitem__(self, name):
         for region in self.regions:
@@ -161,7 +159,7 @@ def _positive(name, value):
 
 
 def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=True, *, base=0, align=64,
-           in_place=True, gradients_out=False, row_exponent_chunk=None, rank_rows=False):
+           in_place=True, gradients_out=False, row_exponent_chunk=None):
     """The memory map of one step: every tensor at a multiple of ``align`` bytes from ``base``, without overlap.
 
     Parameters
@@ -189,10 +187,6 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         (``golden.gemm.row_chunk_exponents`` of the dequantized weight, int8), which a column block of
         ``dx = dy W`` needs to equal the whole product (``rtl/blocked.py``). The weight is frozen, so the table is
         made once, when the weight is placed in memory (:func:`pack_case`).
-    rank_rows : bool
-        Slots ``hb`` and ``gb`` after all others: the rank-r terms' rows, ``bf16(x A^T)`` and ``bf16(dy B)``
-        (``[t, r]`` bf16), which the blocked products with the term read per token block (``rtl/blocked.py``);
-        :func:`pack_case` fills them with the golden ones.
     """
     for name, value in (("d_in", d_in), ("d_out", d_out), ("t", t), ("r", r), ("align", align)):
         _positive(name, value)
@@ -233,8 +227,6 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         specs += [tensor("grad_A", "float32", shapes["A"], "write"), tensor("grad_B", "float32", shapes["B"], "write")]
     if row_exponent_chunk is not None:
         specs.append(tensor("w_row_exponents", "int8", (-(-d_out // row_exponent_chunk),), "read"))
-    if rank_rows:
-        specs += [tensor("hb", "bf16", (t, r), "read"), tensor("gb", "bf16", (t, r), "read")]
 
     regions, address = [], base
     for name, dtype, shape, size, access in specs:
@@ -242,7 +234,7 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         regions.append(Region(name, dtype, tuple(shape), address, size, slot, access))
         address += slot
     return MemoryMap(d_in, d_out, t, r, optimizer, blocksize, double_quant, base, align, in_place, gradients_out,
-                     tuple(regions), row_exponent_chunk, bool(rank_rows))
+                     tuple(regions), row_exponent_chunk)
 
 
 def layout_for(case, **kwargs):
@@ -320,9 +312,6 @@ def pack_case(case, memmap):
     if memmap.row_exponent_chunk is not None:
         w = dequantize(q, "bf16").float().numpy()
         _write(image, memmap, memmap["w_row_exponents"], row_chunk_exponents(w, memmap.row_exponent_chunk))
-    if memmap.rank_rows:
-        _write(image, memmap, memmap["hb"], forward_rows(case))
-        _write(image, memmap, memmap["gb"], backward_rows(case))
     return image
 
 

@@ -28,7 +28,11 @@ for one consumer at that consumer's pace, so no part waits for another's bookkee
   :class:`~.nf4_span.SpanScales` (each block's second-level absmax from the on-chip table);
 * :class:`OutputIssuer`: after a feature block's last span, its write jobs (forward one per output row of a tile,
   in the engine's order; transposed one per token row, after :class:`OutputTurn`, the output corner turn) and the
-  packer's job.
+  packer's job;
+* with the rank-r term (``BlockedConfig.rank``): a :class:`~.rank_product.RankProduct` in the activation's path
+  to the x buffer, which makes the token block's hb (transposed gb) from A's (B's) span pieces as the first
+  feature block's spans pass, and a :class:`~.rank_term.RankTerm` behind the engine, which adds each output's
+  term.
 
 One ``report`` beat ends a product: cycles, words per destination and written, and stall cycles.
 """
@@ -50,6 +54,7 @@ from .gemm import job_layout as engine_job_layout
 from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout as write_job_layout
 from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
+from .rank_product import RankProduct, RankProductConfig
 from .rank_term import RankTerm, RankTermConfig
 
 __all__ = ["SPAN", "READS", "RANK_READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout",
@@ -61,12 +66,12 @@ SPAN = 64
 _SPAN_SHIFT = SPAN.bit_length() - 1
 #: The read destinations, in the order of the tagged reader's FIFOs and the report's counters.
 READS = ("absmax2", "absmax", "x", "codes", "exponents")
-#: With the rank-r term (``BlockedConfig.rank``), after :data:`READS`: hb's rows and B's rows (transposed gb's and
-#: A's).
-RANK_READS = ("rank_rows", "rank_columns")
+#: With the rank-r term (``BlockedConfig.rank``), after :data:`READS`: the operand of the rows' product (A, whose
+#: product with x makes hb; transposed B, for gb) and the term's columns (B's rows; transposed A's columns).
+RANK_READS = ("rank_operands", "rank_columns")
 #: The descriptor's addresses the read issuer takes (and :data:`RANK_READS` with the term).
 _ADDRESSES = ("x", "codes", "absmax", "absmax2", "exponents")
-_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8, "rank_rows": BF16.width,
+_ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8, "rank_operands": FP32.width,
          "rank_columns": FP32.width}
 
 
@@ -111,10 +116,12 @@ class BlockedConfig:
         chunk exponents holds ``max_out / chunk`` of them.
     rank : int
         0, or the LoRA rank ``r`` (a power of two up to 16): the forward product then writes the step's
-        ``y = bf16(x W^T + s hb B^T)``, with hb (``bf16(x A^T)``, ``[t, r]``) and B (float32 ``[d_out, r]``) read
-        from memory, through a :class:`~.rank_term.RankTerm` behind the engine (whose outputs are then float32);
-        transposed, the step's ``dx = bf16(dy W + s gb A)`` with gb (``bf16(dy B)``) and A (float32
-        ``[r, d_in]``) read from memory, and the exponent A's rows share (the descriptor's ``rank_exponent``).
+        ``y = bf16(x W^T + s hb B^T)`` through a :class:`~.rank_term.RankTerm` behind the engine (whose outputs
+        are then float32), with B (float32 ``[d_out, r]``) read from memory and hb (``bf16(x A^T)``, ``[t, r]``)
+        made by a :class:`~.rank_product.RankProduct` from A (float32 ``[r, d_in]``, a span at a time) as the
+        first feature block's x passes to the engine; transposed, the step's ``dx = bf16(dy W + s gb A)``, with
+        gb (``bf16(dy B)``) made from B the same way, A read from memory and the exponent A's rows share (the
+        descriptor's ``rank_exponent``).
     """
 
     rows: int = 8
@@ -186,6 +193,11 @@ class BlockedConfig:
     def reads(self):
         """The read destinations: :data:`READS`, and :data:`RANK_READS` with the rank-r term."""
         return READS + (RANK_READS if self.rank else ())
+
+    @property
+    def rank_product(self):
+        """The :class:`~.rank_product.RankProductConfig` of the unit that makes hb (transposed gb)."""
+        return RankProductConfig(rank=self.rank, max_tokens=self.max_tokens)
 
     @property
     def rank_term(self):
@@ -274,11 +286,12 @@ def descriptor_layout(config):
     """Payload of ``descriptor``: the byte address of each tensor (``golden/memmap.py``; transposed, ``x`` is dy's
     and ``y`` dx's, and ``exponents`` the whole rows' chunk exponents, ``w_row_exponents``), ``dims`` (the shape,
     the block sizes and the mode, :func:`shape_layout`), the number of ``absmax2`` groups and the double
-    quantization's float32 offset; with the rank-r term (``config.rank``) the addresses of hb and B (transposed gb
-    and A: ``rank_rows``, ``rank_columns``), the scaling ``s`` (float32) and, transposed, the exponent A's rows
-    share over all of A (``rank_exponent``, :func:`~edge_qlora.golden.rank_term.column_exponent`)."""
+    quantization's float32 offset; with the rank-r term (``config.rank``) the addresses of A and B (``rank_operands``:
+    A, transposed B, the operand that makes hb or gb; ``rank_columns``: B, transposed A, the term's columns), the
+    scaling ``s`` (float32) and, transposed, the exponent A's rows share over all of A (``rank_exponent``,
+    :func:`~edge_qlora.golden.rank_term.column_exponent`)."""
     aw = config.port.address_width
-    term = {"rank_rows": aw, "rank_columns": aw, "scaling": 32, "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
+    term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32, "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32, **term})
 
@@ -369,7 +382,7 @@ class _Read(enum.Enum, shape=3):
     ABSMAX = 3
     X = 4
     CODES = 5
-    RANK_ROWS = 6
+    RANK_OPERANDS = 6
     RANK_COLUMNS = 7
 
 
@@ -380,14 +393,15 @@ class ReadIssuer(wiring.Component):
     Forward: at a token block's start ``absmax2``, at a feature block's start its absmax codes (one job), then per
     span each token row's piece of x and each W row's 32 bytes of codes. Transposed: at a token block's start
     ``absmax2`` and the chunk exponent table, then per span each token row's piece of dy, and each of the span's
-    64 W rows' absmax codes and codes of the column block. With the rank-r term, after a block's first span: the
-    token block's rows of hb or gb (at its first block) and the block's rows of B or A.
+    64 W rows' absmax codes and codes of the column block. With the rank-r term, in a token block's first feature
+    block before each span's activation the span's piece of A (each of its ``rank`` rows' 64 values) or of B (its
+    64 rows), and after a block's first span the block's rows of B or columns of A.
 
     Attributes
     ----------
     spans : In(stream of :func:`span_beat_layout`)
     shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``, ``exponents`` (and
-        ``rank_rows``, ``rank_columns`` with the term); ``groups``: held
+        ``rank_operands``, ``rank_columns`` with the term); ``groups``: held
     jobs : Out(stream of :func:`read_beat_layout`)
     """
 
@@ -417,6 +431,12 @@ class ReadIssuer(wiring.Component):
         incoming = self.spans.payload
         # the span's first W row and first column: forward the feature block's row f0 and column 64 s, transposed
         # row 64 s and column f0
+        rank = self.config.rank
+
+        def to_x(beat):
+            """The activation's reads, after the span's operand reads in a token block's first feature block."""
+            return Mux(beat.f0 == 0, _Read.RANK_OPERANDS, _Read.X) if rank else _Read.X
+
         row0 = Mux(tr, incoming.s << _SPAN_SHIFT, incoming.f0)
         col0 = Mux(tr, incoming.f0, incoming.s << _SPAN_SHIFT)
         with m.If(take):
@@ -428,7 +448,7 @@ class ReadIssuer(wiring.Component):
                 absmax_address.eq(self.absmax + row0 * per_row + (col0 >> _SPAN_SHIFT)),
                 left.eq(incoming.nt),
                 state.eq(Mux(incoming.first_t, _Read.ABSMAX2,
-                             Mux(incoming.first_f & ~tr, _Read.ABSMAX, _Read.X))),
+                             Mux(incoming.first_f & ~tr, _Read.ABSMAX, to_x(incoming)))),
             ]
         issued = self.jobs.valid & self.jobs.ready
         with m.Switch(state):
@@ -437,14 +457,14 @@ class ReadIssuer(wiring.Component):
                              beat.dest.eq(READS.index("absmax2")), beat.unpack.eq(1), beat.count.eq(self.groups),
                              beat.cols.eq(self.groups)]
                 with m.If(issued):
-                    m.d.sync += state.eq(Mux(tr, _Read.EXPONENTS, Mux(span.first_f, _Read.ABSMAX, _Read.X)))
+                    m.d.sync += state.eq(Mux(tr, _Read.EXPONENTS, Mux(span.first_f, _Read.ABSMAX, to_x(span))))
             with m.Case(_Read.EXPONENTS):
                 entries = shape.d_out >> chunk_shift
                 m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.exponents), beat.bytes.eq(entries),
                              beat.dest.eq(READS.index("exponents")), beat.unpack.eq(1), beat.count.eq(entries),
                              beat.cols.eq(entries)]
                 with m.If(issued):
-                    m.d.sync += state.eq(_Read.X)
+                    m.d.sync += state.eq(to_x(span))
             with m.Case(_Read.ABSMAX):
                 # forward: the feature block's codes, one job; transposed: the port words that hold each W row's
                 # codes of the column block (the same number for every row), one unpacker job for the span
@@ -459,7 +479,7 @@ class ReadIssuer(wiring.Component):
                              beat.cols.eq(codes)]
                 with m.If(issued):
                     with m.If(~tr):
-                        m.d.sync += state.eq(_Read.X)
+                        m.d.sync += state.eq(to_x(span))
                     with m.Else():
                         m.d.sync += [absmax_address.eq(absmax_address + per_row), left.eq(left - 1)]
                         with m.If(left == 1):
@@ -484,29 +504,37 @@ class ReadIssuer(wiring.Component):
                         m.d.sync += state.eq(_Read.IDLE)
                         if self.config.rank:
                             with m.If(span.s == 0):
-                                m.d.sync += state.eq(Mux(span.first_t, _Read.RANK_ROWS, _Read.RANK_COLUMNS))
+                                m.d.sync += state.eq(_Read.RANK_COLUMNS)
         if self.config.rank:
             self._rank_reads(m, state, span, beat, issued, take)
         return m
 
     def _rank_reads(self, m, state, span, beat, issued, take):
-        """The token block's rows of hb or gb (bf16, ``rank`` a row); forward the feature block's rows of B
-        (float32, ``rank`` a row, one job), transposed the column block's piece of each of A's ``rank`` rows (one
-        job each, one unpacker job for them all: A's rows ``rank`` columns a segment, as the term takes them)."""
+        """Forward the span's piece of each of A's ``rank`` rows (float32, 64 values, one job each) and, after a
+        block's first span, the feature block's rows of B (``rank`` values a row, one job); transposed the span's
+        64 rows of B (one job) and the column block's piece of each of A's rows (one job each, one unpacker job for
+        them all: A's rows ``rank`` columns a segment, as the term takes them)."""
         rank, tr = self.config.rank, self.shape.transposed
         shift = rank.bit_length() - 1
         address, left = Signal.like(self.rank_columns), Signal(range(rank + 1))
+        operand, operands_left = Signal.like(self.rank_operands), Signal(range(rank + 1))
         incoming = self.spans.payload
         with m.If(take):
             m.d.sync += [address.eq(self.rank_columns + Mux(tr, incoming.f0 << 2, incoming.f0 << (shift + 2))),
-                         left.eq(rank)]
+                         left.eq(rank),
+                         operand.eq(self.rank_operands + Mux(tr, incoming.s << (_SPAN_SHIFT + 2 + shift),
+                                                             incoming.s << (_SPAN_SHIFT + 2))),
+                         operands_left.eq(rank)]
         with m.Switch(state):
-            with m.Case(_Read.RANK_ROWS):
-                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.rank_rows + (span.t0 << (shift + 1))),
-                             beat.bytes.eq(span.nt << (shift + 1)), beat.dest.eq(self.config.reads.index("rank_rows")),
-                             beat.unpack.eq(1), beat.count.eq(span.nt << shift), beat.cols.eq(rank)]
+            with m.Case(_Read.RANK_OPERANDS):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(operand),
+                             beat.bytes.eq(Mux(tr, SPAN * 4 * rank, SPAN * 4)),
+                             beat.dest.eq(self.config.reads.index("rank_operands")),
+                             beat.unpack.eq(operands_left == rank), beat.count.eq(SPAN * rank), beat.cols.eq(SPAN)]
                 with m.If(issued):
-                    m.d.sync += state.eq(_Read.RANK_COLUMNS)
+                    m.d.sync += [operand.eq(operand + (self.shape.d_in << 2)), operands_left.eq(operands_left - 1)]
+                    with m.If(tr | (operands_left == 1)):
+                        m.d.sync += state.eq(_Read.X)
             with m.Case(_Read.RANK_COLUMNS):
                 m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(address),
                              beat.bytes.eq(Mux(tr, span.nf << 2, span.nf << (shift + 2))),
@@ -952,14 +980,17 @@ class BlockedProduct(wiring.Component):
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
         for name in _ADDRESSES + (RANK_READS if cfg.rank else ()):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
+        # with the rank-r term every block RAM counts: the FIFOs of the reads that are not on the engine's path
+        # per span (a few kbit each) go to LUT RAM
+        styles = ["distributed" if cfg.rank and name not in ("x", "codes") else "block" for name in cfg.reads]
         m.submodules.reader = reader = TaggedReader(port, [cfg.codes_words if name == "codes" else cfg.fifo_words
-                                                           for name in cfg.reads])
+                                                           for name in cfg.reads], ram_styles=styles)
         wiring.connect(m, reader.read_cmd, wiring.flipped(self.mem.read_cmd))
         wiring.connect(m, wiring.flipped(self.mem.read_data), reader.read_data)
         job = issuer.jobs.payload
         unpack, queue_ready = {}, Signal()
         for i, name in enumerate(cfg.reads):
-            lanes = cfg.cols if name == "codes" else cfg.rank if name in RANK_READS else 1
+            lanes = cfg.cols if name == "codes" else 1
             unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, _ELEM[name], lanes)
             queue = m.submodules[f"unpack_jobs_{name}"] = SyncFIFOBuffered(width=unit.job.payload.shape().size,
                                                                            depth=4)
@@ -981,13 +1012,18 @@ class BlockedProduct(wiring.Component):
         return reader, unpack
 
     def _inputs(self, m, head, walkers, unpack):
-        """The engine's inputs: A through the corner turn, codes straight, absmax per span, absmax2 from the table,
-        and the jobs."""
+        """The engine's inputs: A through the corner turn (with the rank-r term, through the unit that makes hb or gb
+        on the way), codes straight, absmax per span, absmax2 from the table, and the jobs. Returns that unit's
+        rows (``None`` without the term)."""
         cfg, engine = self.config, self.engine
         m.submodules.engine = engine
         m.submodules.x_buffer = xbuf = self.x_buffer
         wiring.connect(m, walkers["x"].spans, xbuf.spans)
-        self._take(m, unpack["x"].segments, xbuf.values)
+        rows = None
+        if cfg.rank:
+            rows = self._rank_product(m, head, walkers, unpack, xbuf.values)
+        else:
+            self._take(m, unpack["x"].segments, xbuf.values)
         wiring.connect(m, xbuf.a, engine.a)
         seg = unpack["codes"].segments
         m.d.comb += [engine.codes.valid.eq(seg.valid), seg.ready.eq(engine.codes.ready),
@@ -1015,11 +1051,32 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, jobs.job, engine.job)
         wiring.connect(m, jobs.tensor, engine.tensor)
         wiring.connect(m, jobs.span, scales.span)
+        return rows
 
-    def _term(self, m, head, walkers, unpack):
+    def _rank_product(self, m, head, walkers, unpack, values):
+        """The activation on its way to the x buffer (``values``) through the unit that makes hb (transposed gb)
+        from it in a token block's first feature block, with A's (transposed B's) span pieces rounded to bf16 on
+        the way in. Returns its rows."""
+        m.submodules.rank_product = product = RankProduct(self.config.rank_product)
+        spans = walkers["product"].spans
+        beat, span = spans.payload, product.spans.payload
+        m.d.comb += [product.spans.valid.eq(spans.valid), spans.ready.eq(product.spans.ready),
+                     span.tokens.eq(beat.nt), span.capture.eq(beat.f0 == 0), span.first.eq(beat.s == 0),
+                     span.last.eq(beat.final), span.transposed.eq(head.dims.transposed)]
+        self._take(m, unpack["x"].segments, product.values)
+        wiring.connect(m, product.passed, values)
+        operands = unpack["rank_operands"].segments
+        m.submodules.rank_operand_round = rounder = FPConvert(FP32, BF16, stages=0)
+        m.d.comb += [product.operands.valid.eq(operands.valid), operands.ready.eq(product.operands.ready),
+                     rounder.a.eq(operands.payload.data[0]), product.operands.payload.eq(rounder.result)]
+        return product.rows
+
+    def _term(self, m, head, walkers, unpack, rank_rows):
         """The rank-r term behind the engine: one block per feature block (loading hb's rows, transposed gb's, at a
-        token block's first), those rows from their unpacker, B's rows (transposed A's) rounded to bf16 on the way
-        in. Returns its output."""
+        token block's first), those rows from the unit that makes them, B's rows (transposed A's) rounded to bf16
+        on the way in, one value a cycle (one rounding instead of one per lane: the memory gives at most two a
+        cycle, and the columns load while the block's earlier spans compute), gathered into ``rank``-wide beats.
+        Returns its output."""
         cfg, engine = self.config, self.engine
         m.submodules.rank_term = term = RankTerm(cfg.rank_term)
         spans = walkers["term"].spans
@@ -1028,19 +1085,24 @@ class BlockedProduct(wiring.Component):
                      block.tokens.eq(beat.nt), block.columns.eq(beat.nf), block.load_rows.eq(beat.first_t),
                      block.load_columns.eq(1), block.scaling.eq(head.scaling),
                      block.transposed.eq(head.dims.transposed), block.exponent.eq(head.rank_exponent)]
-        rows = unpack["rank_rows"].segments
-        m.d.comb += [term.row_operands.valid.eq(rows.valid), rows.ready.eq(term.row_operands.ready),
-                     term.row_operands.payload.eq(rows.payload.data)]
+        wiring.connect(m, rank_rows, term.row_operands)
         columns = unpack["rank_columns"].segments
-        m.d.comb += [term.column_operands.valid.eq(columns.valid), columns.ready.eq(term.column_operands.ready)]
-        for k in range(cfg.rank):
-            m.submodules[f"rank_round_{k}"] = rounder = FPConvert(FP32, BF16, stages=0)
-            m.d.comb += [rounder.a.eq(columns.payload.data[k]), term.column_operands.payload[k].eq(rounder.result)]
+        m.submodules.rank_column_round = rounder = FPConvert(FP32, BF16, stages=0)
+        gathered = Signal.like(term.column_operands.payload)
+        lane, full = Signal(range(cfg.rank)), Signal()
+        m.d.comb += [rounder.a.eq(columns.payload.data[0]), columns.ready.eq(~full),
+                     term.column_operands.valid.eq(full), term.column_operands.payload.eq(gathered)]
+        with m.If(term.column_operands.valid & term.column_operands.ready):
+            m.d.sync += full.eq(0)
+        with m.If(columns.valid & columns.ready):
+            m.d.sync += [gathered[lane].eq(rounder.result), lane.eq(lane + 1)]
+            with m.If(lane == cfg.rank - 1):
+                m.d.sync += [full.eq(1), lane.eq(0)]
         m.d.comb += [term.c.valid.eq(engine.c.valid), engine.c.ready.eq(term.c.ready),
                      term.c.payload.eq(engine.c.payload.data)]
         return term.o
 
-    def _writes(self, m, head, walkers, unpack):
+    def _writes(self, m, head, walkers, unpack, rank_rows):
         """The engine's rows (transposed: through the corner turn; with the rank-r term: through it) through the
         packer into a staging FIFO; a burst's command goes out only when all its words wait there, so the memory
         never waits for the product inside a burst."""
@@ -1052,7 +1114,7 @@ class BlockedProduct(wiring.Component):
         m.d.comb += [packer.job.valid.eq(outs.pack.valid), packer.job.payload.count.eq(outs.pack.payload),
                      outs.pack.ready.eq(packer.job.ready)]
         if cfg.rank:
-            rows = self._term(m, head, walkers, unpack)
+            rows = self._term(m, head, walkers, unpack, rank_rows)
             valid, ready, payload = rows.valid, rows.ready, rows.payload
         else:
             valid, ready, payload = engine.c.valid, engine.c.ready, engine.c.payload.data
@@ -1096,12 +1158,13 @@ class BlockedProduct(wiring.Component):
         with m.If(self.descriptor.valid & self.descriptor.ready):
             m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
         walkers = {}
-        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("term",) if cfg.rank else ()):
+        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("product", "term") if cfg.rank
+                                                                                  else ()):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
         reader, unpack = self._reads(m, head, walkers)
-        self._inputs(m, head, walkers, unpack)
-        self._writes(m, head, walkers, unpack)
+        rank_rows = self._inputs(m, head, walkers, unpack)
+        self._writes(m, head, walkers, unpack, rank_rows)
         engine, tr = self.engine, head.dims.transposed
 
         # counters and the report, once every output word has gone out

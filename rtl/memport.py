@@ -360,6 +360,16 @@ def tagged_job_layout(config, destinations):
                               "dest": unsigned(max(1, (destinations - 1).bit_length()))})
 
 
+class _DistributedFIFO(SyncFIFOBuffered):
+    """A :class:`~amaranth.lib.fifo.SyncFIFOBuffered` whose storage asks for LUT RAM (``ram_style``): a FIFO of a
+    few kbit would otherwise take a whole block RAM."""
+
+    def elaborate(self, platform):
+        m = super().elaborate(platform)
+        m.submodules.storage.attrs["ram_style"] = "distributed"
+        return m
+
+
 class TaggedReader(wiring.Component):
     """Read jobs for several destinations over one port, without head-of-line blocking.
 
@@ -375,6 +385,9 @@ class TaggedReader(wiring.Component):
         Words of each destination's FIFO, each at least ``config.max_burst``.
     bursts_in_flight : int
         Requests whose words have not all come back.
+    ram_styles : tuple of str, optional
+        Per destination, where its FIFO goes: ``"block"`` (the default: the tools choose, a block RAM for a FIFO
+        of a hundred words or more) or ``"distributed"`` (LUT RAM).
 
     Attributes
     ----------
@@ -389,7 +402,7 @@ class TaggedReader(wiring.Component):
         No job is being split and no requested word is outstanding.
     """
 
-    def __init__(self, config, depths, bursts_in_flight=8):
+    def __init__(self, config, depths, bursts_in_flight=8, ram_styles=None):
         if not isinstance(config, MemPortConfig):
             raise TypeError(f"config must be a MemPortConfig, not {config!r}")
         depths = tuple(depths)
@@ -398,7 +411,12 @@ class TaggedReader(wiring.Component):
                              f"words, not {depths!r}")
         if not _is_int(bursts_in_flight) or bursts_in_flight < 1:
             raise ValueError(f"bursts_in_flight must be a positive integer, not {bursts_in_flight!r}")
+        ram_styles = ("block",) * len(depths) if ram_styles is None else tuple(ram_styles)
+        if len(ram_styles) != len(depths) or not set(ram_styles) <= {"block", "distributed"}:
+            raise ValueError(f"ram_styles must give 'block' or 'distributed' for each of the {len(depths)} "
+                             f"destinations, not {ram_styles!r}")
         self.config, self.depths, self.bursts_in_flight = config, depths, bursts_in_flight
+        self.ram_styles = ram_styles
         n = len(depths)
         super().__init__({
             "job": In(stream.Signature(tagged_job_layout(config, n))),
@@ -418,8 +436,9 @@ class TaggedReader(wiring.Component):
         busy = Signal()
         dest = Signal(range(max(2, n)))
         fifos = []
-        for i, depth in enumerate(self.depths):
-            fifo = m.submodules[f"fifo_{i}"] = SyncFIFOBuffered(width=config.data_width, depth=depth)
+        for i, (depth, style) in enumerate(zip(self.depths, self.ram_styles)):
+            kind = _DistributedFIFO if style == "distributed" else SyncFIFOBuffered
+            fifo = m.submodules[f"fifo_{i}"] = kind(width=config.data_width, depth=depth)
             wiring.connect(m, fifo.r_stream, wiring.flipped(self.dest[i]))
             fifos.append(fifo)
         m.submodules.tags = tags = SyncFIFOBuffered(width=len(dest), depth=self.bursts_in_flight)

@@ -103,7 +103,9 @@ class RankTerm(wiring.Component):
     order, each of which leaves on ``o`` as ``cols`` bf16 outputs. Forward the order is column tile by column tile,
     the block's token rows in order within each (the engine's forward block job); transposed, token tile
     (``rows`` rows) by token tile, column tile by column tile within one, the tile's rows within that. A block
-    that loads no table uses the last one loaded (the forward step loads hb once per token block).
+    that loads no table uses the last one loaded (the forward step loads hb once per token block). The columns
+    load first, then the rows (which the step makes as the token block's activation passes, after the columns'
+    reads).
 
     Rows are aligned to their own largest exponent, forward columns too; a transposed block's columns to the
     block's ``exponent``, which must be at least each of their exponents (the engine shares one over all of A's
@@ -170,9 +172,10 @@ class RankTerm(wiring.Component):
                          columns_left.eq(Mux(self.block.payload.load_columns, self.block.payload.columns, 0))]
         loading = state == _State.LOAD
         in_flight, scattering = Signal(), Signal()
-        # a transposed column beat waits until the one before is scattered (a beat every rank + 5 cycles)
-        m.d.comb += [self.row_operands.ready.eq(loading & (rows_left != 0)),
-                     self.column_operands.ready.eq(loading & (rows_left == 0) & (columns_left != 0)
+        # the columns first (the rows may be made by the step as the block's activation passes, after B's or A's
+        # reads); a transposed column beat waits until the one before is scattered (a beat every rank + 5 cycles)
+        m.d.comb += [self.row_operands.ready.eq(loading & (columns_left == 0) & (rows_left != 0)),
+                     self.column_operands.ready.eq(loading & (columns_left != 0)
                                                    & ~(block.transposed & (in_flight | scattering)))]
         take_row = self.row_operands.valid & self.row_operands.ready
         take_column = self.column_operands.valid & self.column_operands.ready
@@ -187,7 +190,7 @@ class RankTerm(wiring.Component):
             m.d.sync += entry.eq(entry + 1)
         with m.If(self.block.valid & self.block.ready):
             m.d.sync += entry.eq(0)
-        with m.If(take_row & (rows_left == 1)):
+        with m.If(take_column & (columns_left == 1)):
             m.d.sync += entry.eq(0)
         beat = Signal(data.ArrayLayout(BF16.width, cfg.rank))
         valid, to_rows, address, given = Signal(), Signal(), Signal.like(entry), Signal()

@@ -11,8 +11,9 @@ With ``--backward``, the backward product ``dx = dy W`` instead, in the traffic 
 blocks of whole NF4 blocks; a token-stationary choice runs output-stationary with the other projections' widest
 column block), on a design built with both modes (``BlockedConfig.transposed``); the lower bound is then W, dy and
 dx once, the memory-fed step's product its B4. With ``--rank-term``, the product with its LoRA term (r = 16), the
-step's y (hb and B read from memory) or dx (gb and A), a design with ``BlockedConfig.rank``; the lower bound then
-counts those once too, and the outputs are checked against ``golden/rank_term.py`` (which equals the step's).
+step's y or dx, a design with ``BlockedConfig.rank`` (A and B read from memory; hb, or gb, made on chip as the
+first feature block's activation passes); the lower bound then counts A and B once too, and the outputs are
+checked against ``golden/rank_term.py`` (which equals the step's).
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -122,8 +123,8 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
     mm = layout(d_in, d_out, t, 16)
     w_bytes = mm.weight_bytes - mm["nf4_offset"].size
     x_bytes, y_bytes = t * d_in * 2, t * d_out * 2          # backward: dx and dy
-    # B (or A) and hb (or gb) once
-    term_bytes = ((d_in if backward else d_out) * 16 * 4 + t * 16 * 2) if config.rank else 0
+    # A and B once (hb or gb are made on chip)
+    term_bytes = (d_in + d_out) * 16 * 4 if config.rank else 0
     moved = sum(run.read_bytes.values()) + run.written_bytes
     timing = DRAM_PRESETS[memory]
     clock = timing.clock_mhz * 1e6

@@ -28,11 +28,11 @@ __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product"
 
 #: The program's tensor of each read destination.
 _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes",
-           "exponents": "w_row_exponents", "rank_rows": "hb", "rank_columns": "lora_B"}
+           "exponents": "w_row_exponents", "rank_operands": "lora_A", "rank_columns": "lora_B"}
 
 
 def _tensor(name, transposed):
-    backward = {"x": "dy", "rank_rows": "gb", "rank_columns": "lora_A"}
+    backward = {"x": "dy", "rank_operands": "lora_B", "rank_columns": "lora_A"}
     return backward[name] if transposed and name in backward else _TENSOR[name]
 
 
@@ -117,8 +117,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     if not case.weight.double_quant or case.weight.blocksize != SPAN:
         raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN}")
     port = mp.PortShape.of(config.port)
-    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None,
-                        rank_rows=rank_term)
+    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None)
     if memmap.end > config.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
@@ -129,7 +128,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
     q = case.weight
-    term = {"rank_rows": memmap["gb" if transposed else "hb"].address,
+    term = {"rank_operands": memmap["lora_B" if transposed else "lora_A"].address,
             "rank_columns": memmap["lora_A" if transposed else "lora_B"].address,
             "scaling": int(np.float32(case.scaling).view(np.uint32)),
             "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
@@ -174,14 +173,15 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     the output writes beside the engine: forward from the job's start, the longer of the two, then the writes of
     the last W tile's outputs; transposed from the first token tile of its last W tile (every output's last chunk
     is there, and the corner turn writes a token tile's rows once it has them all), the longer of the job and
-    that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) its reads are taken
-    as hidden behind the jobs; forward its arithmetic keeps pace with the engine's outputs; transposed, where a
-    block's outputs come together, it passes them one a cycle ahead of the writes."""
+    that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) a token block's
+    first span also waits for its piece of A (transposed B), from which hb (gb) is made as the activation passes;
+    the term's other reads are taken as hidden behind the jobs; forward its arithmetic keeps pace with the
+    engine's outputs; transposed, where a block's outputs come together, it passes them one a cycle ahead of the
+    writes."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None,
-                    rank_rows=bool(config.rank))
+    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None)
     reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed))
     activation = "dy" if transposed else "x"
 
@@ -197,7 +197,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
         for f0 in range(0, outputs, features):
             nf = min(features, outputs - f0)
             load = []
-            for names in (("nf4_absmax2", "nf4_absmax", "w_row_exponents"), (activation,),
+            for names in (("nf4_absmax2", "nf4_absmax", "w_row_exponents"), ("lora_B" if transposed else "lora_A",),
+                          (activation,),
                           ("nf4_absmax",) if transposed else ()):
                 while reqs[i].tensor in names:
                     load.append(reqs[i])

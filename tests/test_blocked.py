@@ -179,20 +179,25 @@ def test_blocked_product_equals_the_golden_product(memory, rows, cols, shape):
 
 
 @pytest.mark.parametrize("memory, rows, cols, shape", [
-    ("ulx3s-sdram", 2, 2, (4, 128, 16, 2, 8)),      # two token blocks (hb loaded twice), two feature blocks
-    ("ecpix5-ddr3", 2, 4, (4, 128, 16, 4, 8)),      # 64-bit port words: four hb values, two of B a word
+    ("ulx3s-sdram", 2, 2, (4, 128, 16, 2, 8)),      # two token blocks (hb made twice), two feature blocks
+    ("ecpix5-ddr3", 2, 4, (4, 128, 16, 4, 8)),      # 64-bit port words: two values of A or B a word
 ])
 def test_blocked_product_with_the_rank_term_writes_the_steps_y(memory, rows, cols, shape):
-    # y = bf16(x W^T + s hb B^T) with hb and B read from memory: the step's y (golden.lora.step_model) to the bit,
-    # with the adversarial x and random stalls; on Verilator where installed
+    # y = bf16(x W^T + s hb B^T) with hb made on chip from A as x passes and B read from memory: the step's y
+    # (golden.lora.step_model) to the bit, with the adversarial x, an outlier in one of A's chunks and random
+    # stalls; on Verilator where installed
     t, d_in, d_out, tokens, features = shape
-    case = dataclasses.replace(_adversarial(random_case(t, d_in, d_out, 4, seed=16)), scaling=2.5)
+    case = _adversarial(random_case(t, d_in, d_out, 4, seed=16))
+    a = case.lora_A.clone()
+    a[1, 70] = 40.0
+    case = dataclasses.replace(case, lora_A=a, scaling=2.5)
     config = blocked_config(case, tokens, features, memory, rows, cols, rank_term=True)
     run = run_blocked_product(case, tokens, features, config, memory=memory, rank_term=True,
                               stalls=_stalls(5, RUN_STALLS), backend=long_run_backend())
     assert mismatches(step_model(case)["y"], run.y) == 0
     assert run.read_bytes == run.program_read_bytes
-    assert run.read_bytes["hb"] == t * 4 * 2 and run.read_bytes["lora_B"] == d_out * 4 * 4 * (t // tokens)
+    assert run.read_bytes["lora_A"] == d_in * 4 * 4 * (t // tokens)
+    assert run.read_bytes["lora_B"] == d_out * 4 * 4 * (t // tokens)
     assert run.written_bytes == run.program_written_bytes == t * d_out * 2
     # the term is there: without it y differs
     base = golden.gemm(case.x, nf4_dequant.dequantize(case.weight, "bf16").T,
@@ -254,25 +259,28 @@ def test_blocked_backward_product_equals_the_golden_product(memory, rows, cols, 
 
 
 @pytest.mark.parametrize("memory, rows, cols, shape", [
-    ("ulx3s-sdram", 2, 2, (4, 256, 128)),       # two token blocks (gb loaded twice), column blocks of 192 and 64
+    ("ulx3s-sdram", 2, 2, (4, 256, 128)),       # two token blocks (gb made twice), column blocks of 192 and 64
     ("ecpix5-ddr3", 2, 4, (4, 512, 64)),        # column blocks of 192, 192 and 128
 ])
 def test_blocked_backward_product_with_the_rank_term_writes_the_steps_dx(memory, rows, cols, shape):
-    # dx = bf16(dy W + s gb A) with gb and A read from memory (A's rows as they lie, one job each): the step's dx
-    # (golden.lora.step_model) to the bit, with the adversarial dy, W's outlier column and random stalls; and an
-    # outlier in A past the first column block, so that its exponent (the descriptor's) must be A's over all of
-    # A; on Verilator where installed
+    # dx = bf16(dy W + s gb A) with gb made on chip from B as dy passes and A read from memory (A's rows as they
+    # lie, one job each): the step's dx (golden.lora.step_model) to the bit, with the adversarial dy, W's outlier
+    # column and random stalls; an outlier in A past the first column block, so that its exponent (the
+    # descriptor's) must be A's over all of A; and one in a row of B, whose chunk of 16 rows shares it over all of
+    # B's columns; on Verilator where installed
     t, d_in, d_out = shape
     case = _backward_case(t, d_in, d_out, 17)
     a = case.lora_A.clone()
     a[0, 200] = 40.0
-    case = dataclasses.replace(case, lora_A=a, scaling=-1.5)
+    b = case.lora_B.clone()
+    b[20, 1] = 30.0
+    case = dataclasses.replace(case, lora_A=a, lora_B=b, scaling=-1.5)
     config = blocked_config(case, 2, 192, memory, rows, cols, transposed=True, rank_term=True)
     run = run_blocked_product(case, 2, 192, config, memory=memory, transposed=True, rank_term=True,
                               stalls=_stalls(6, RUN_STALLS), backend=long_run_backend())
     assert mismatches(step_model(case)["dx"], run.y) == 0
     assert run.read_bytes == run.program_read_bytes
-    assert run.read_bytes["gb"] == t * 4 * 2 and run.read_bytes["lora_A"] == d_in * 4 * 4 * (t // 2)
+    assert run.read_bytes["lora_B"] == d_out * 4 * 4 * (t // 2) and run.read_bytes["lora_A"] == d_in * 4 * 4 * (t // 2)
     assert run.written_bytes == run.program_written_bytes == t * d_in * 2
 
 

@@ -133,37 +133,40 @@ def test_forward_product_moves_the_forward_sweeps_bytes(t, d_in, d_out, tokens, 
 
 
 @pytest.mark.parametrize("t, d_in, d_out, tokens, features", [(8, 256, 128, 4, 128), (6, 192, 64, 2, 64)])
-def test_forward_product_with_the_rank_term_reads_hb_once_and_b_per_token_block(t, d_in, d_out, tokens, features):
-    # with the rank-r term the program is the base product's plus hb (each token row once) and B (once per token
-    # block), each read after the first span of the block that needs it
-    mm = layout(d_in, d_out, t, 4, rank_rows=True)
+def test_forward_product_with_the_rank_term_reads_a_and_b_once_per_token_block(t, d_in, d_out, tokens, features):
+    # with the rank-r term the program is the base product's plus A (its span pieces before each span's x in a
+    # token block's first feature block: hb is made on chip) and B (after the first span of each feature block)
+    mm = layout(d_in, d_out, t, 4)
     base, term = bp.forward_product(mm, tokens, features, 8), bp.forward_product(mm, tokens, features, 8, True)
     added = bp.bytes_by_tensor(term)
     for name, size in bp.bytes_by_tensor(base).items():
         assert added.pop(name) == size
-    assert added == {("read", "hb"): t * 4 * 2, ("read", "lora_B"): -(-t // tokens) * d_out * 4 * 4}
+    blocks = -(-t // tokens)
+    assert added == {("read", "lora_A"): blocks * d_in * 4 * 4, ("read", "lora_B"): blocks * d_out * 4 * 4}
     counts = _coverage(mm, term)
-    assert (counts["read", "hb"] == 1).all()
-    first_term = next(k for k, (_, job) in enumerate(term.ops) if job.tensor in ("hb", "lora_B"))
-    spans_before = [job for _, job in term.ops[:first_term] if job.tensor == "x"]
-    assert len(spans_before) == tokens     # one span of the first block's token rows
-    with pytest.raises(ValueError, match="rank_rows"):
-        bp.forward_product(layout(d_in, d_out, t, 4), tokens, features, 8, True)
+    assert (counts["read", "lora_A"] == blocks).all() and (counts["read", "lora_B"] == blocks).all()
+    ops = [job for _, job in term.ops]
+    first_x = next(k for k, job in enumerate(ops) if job.tensor == "x")
+    assert [job.tensor for job in ops[first_x - 4:first_x]] == ["lora_A"] * 4     # the first span's piece of A
+    first_b = next(k for k, job in enumerate(ops) if job.tensor == "lora_B")
+    assert len([job for job in ops[:first_b] if job.tensor == "x"]) == tokens     # after one span of x
 
 
 @pytest.mark.parametrize("t, d_in, d_out, tokens, features", [(8, 256, 128, 4, 128), (6, 192, 64, 2, 64)])
-def test_backward_product_with_the_rank_term_reads_gb_once_and_a_per_token_block(t, d_in, d_out, tokens, features):
-    mm = layout(d_in, d_out, t, 4, row_exponent_chunk=16, rank_rows=True)
+def test_backward_product_with_the_rank_term_reads_b_and_a_once_per_token_block(t, d_in, d_out, tokens, features):
+    mm = layout(d_in, d_out, t, 4, row_exponent_chunk=16)
     base = bp.backward_product(mm, tokens, features, 2, 8)
     term = bp.backward_product(mm, tokens, features, 2, 8, rank_term=True)
     added = bp.bytes_by_tensor(term)
     for name, size in bp.bytes_by_tensor(base).items():
         assert added.pop(name) == size
-    assert added == {("read", "gb"): t * 4 * 2, ("read", "lora_A"): -(-t // tokens) * d_in * 4 * 4}
+    blocks = -(-t // tokens)
+    assert added == {("read", "lora_B"): blocks * d_out * 4 * 4, ("read", "lora_A"): blocks * d_in * 4 * 4}
     counts = _coverage(mm, term)
-    assert (counts["read", "gb"] == 1).all() and (counts["read", "lora_A"] == -(-t // tokens)).all()
-    with pytest.raises(ValueError, match="rank_rows"):
-        bp.backward_product(layout(d_in, d_out, t, 4, row_exponent_chunk=16), tokens, features, 2, 8, True)
+    assert (counts["read", "lora_B"] == blocks).all() and (counts["read", "lora_A"] == blocks).all()
+    ops = [job for _, job in term.ops]
+    first_dy = next(k for k, job in enumerate(ops) if job.tensor == "dy")
+    assert ops[first_dy - 1].tensor == "lora_B" and ops[first_dy - 1].bytes == 64 * 4 * 4
 
 
 @pytest.mark.parametrize("t, d_in, d_out, tokens, features", [(8, 256, 128, 4, 128), (6, 192, 64, 2, 64),

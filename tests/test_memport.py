@@ -233,6 +233,21 @@ def test_config_rejects(kwargs, match):
         MemPortConfig(**kwargs)
 
 
+def test_tagged_reader_puts_a_fifo_in_lut_ram_on_request():
+    from amaranth.back import rtlil
+
+    from edge_qlora.rtl.memport import TaggedReader
+
+    config = MemPortConfig()
+    text = rtlil.convert(TaggedReader(config, [128, 128], ram_styles=("block", "distributed")))
+    assert text.count('attribute \\ram_style "distributed"') == 1
+    assert "ram_style" not in rtlil.convert(TaggedReader(config, [128, 128]))
+    with pytest.raises(ValueError, match="ram_styles"):
+        TaggedReader(config, [128, 128], ram_styles=("block",))
+    with pytest.raises(ValueError, match="ram_styles"):
+        TaggedReader(config, [128], ram_styles=("lut",))
+
+
 def test_movers_reject():
     with pytest.raises(TypeError, match="MemPortConfig"):
         BurstReader(16)
