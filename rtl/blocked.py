@@ -291,7 +291,8 @@ def descriptor_layout(config):
     scaling ``s`` (float32) and, transposed, the exponent A's rows share over all of A (``rank_exponent``,
     :func:`~edge_qlora.golden.rank_term.column_exponent`)."""
     aw = config.port.address_width
-    term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32, "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
+    term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32,
+            "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32, **term})
 

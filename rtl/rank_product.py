@@ -139,12 +139,12 @@ class RankProduct(wiring.Component):
         table = self.table.read_port(domain="sync", transparent_for=())
         exps = self.exponents.read_port(domain="sync", transparent_for=())
         self._load(m, state, span, quiet, table, exps)
-        chunk_ready, chunk_meta = self._capture(m, state, span)
-        busy = self._stream(m, platform, chunk_ready, chunk_meta, table, exps, state == _State.ALIGN)
+        chunk_ready, chunk_meta, filled = self._capture(m, state, span)
+        busy, sums = self._stream(m, platform, chunk_ready, filled, chunk_meta, table, exps, state == _State.ALIGN)
         m.d.comb += quiet.eq(~chunk_ready.any() & ~busy["stream"])
         with m.If((state == _State.DRAIN) & quiet & ~busy["float"]):
             m.d.sync += state.eq(_State.EMIT)
-        self._emit(m, state, span)
+        self._emit(m, state, span, sums)
         return m
 
     def _load(self, m, state, span, quiet, table_read, exps_read):
@@ -219,7 +219,7 @@ class RankProduct(wiring.Component):
     def _capture(self, m, state, span):
         """The span's values on to ``passed``; with ``capture`` each chunk of 16 into one of two slots, with its
         largest exponent, its token row, its index in the span and whether it opens the reduction. Returns the
-        slots' full flags and their fields."""
+        slots' full flags, their fields and the slot filled this cycle (one-hot)."""
         cfg = self.config
         meta_layout = data.StructLayout({"field": 8, "token": range(cfg.max_tokens), "chunk": range(SPAN // CHUNK),
                                          "first": 1})
@@ -240,7 +240,7 @@ class RankProduct(wiring.Component):
         port = self.chunks.write_port()
         m.d.comb += [port.addr.eq(Cat(index[:4], slot)), port.data.eq(self.values.payload),
                      port.en.eq(take & capture)]
-        self._full_set = Signal(2)
+        filled = Signal(2)
         with m.If(take):
             m.d.sync += [running.eq(current), index.eq(index + 1)]
             with m.If(index % CHUNK == CHUNK - 1):
@@ -248,21 +248,22 @@ class RankProduct(wiring.Component):
                     for s in range(2):
                         with m.If(slot == s):
                             m.d.sync += [meta[s].field.eq(current), meta[s].token.eq(token),
-                                         meta[s].chunk.eq(index // CHUNK), meta[s].first.eq(span.first & (index < CHUNK))]
-                    m.d.comb += self._full_set.eq(Mux(slot, 0b10, 0b01))
+                                         meta[s].chunk.eq(index // CHUNK),
+                                         meta[s].first.eq(span.first & (index < CHUNK))]
+                    m.d.comb += filled.eq(Mux(slot, 0b10, 0b01))
                     m.d.sync += slot.eq(~slot)
                 with m.If(index == SPAN - 1):
                     m.d.sync += token.eq(token + 1)
                     with m.If(token == span.tokens - 1):
                         m.d.sync += [token.eq(0), state.eq(Mux(capture & span.last, _State.DRAIN, _State.IDLE))]
-        return full, meta
+        return full, meta, filled
 
-    def _stream(self, m, platform, full, meta, table_port, exps_port, aligning):
+    def _stream(self, m, platform, full, filled, meta, table_port, exps_port, aligning):
         """A full slot's 16 values, one a cycle, against the table's entries: the activation value aligned to its
         chunk's exponent, the ``rank`` operands each to theirs, ``rank`` products summed exactly over the chunk;
         each chunk's sums then leave one a cycle into the float32 partial sums. Returns whether values are
         streaming or in the multipliers (``stream``) and whether sums are on their way to the partial sums
-        (``float``)."""
+        (``float``), and the partial sums' read port."""
         cfg = self.config
         rank = cfg.rank
         active, slot = Signal(), Signal()
@@ -280,7 +281,7 @@ class RankProduct(wiring.Component):
             with m.If(i == CHUNK - 1):
                 m.d.sync += [active.eq(0), slot.eq(~slot)]
                 m.d.comb += clear.eq(Mux(slot, 0b10, 0b01))
-        m.d.sync += full.eq((full & ~clear) | self._full_set)
+        m.d.sync += full.eq((full & ~clear) | filled)
 
         # stage 0: the reads; stage 1: the values; stages 2-3: the alignment (the operands read at stage 2);
         # 4-5: the products; 6: the sums
@@ -344,12 +345,13 @@ class RankProduct(wiring.Component):
             m.d.sync += lane_out.eq(0)
         with m.Elif(left != 0):
             m.d.sync += lane_out.eq(lane_out + 1)
-        float_busy = self._accumulate(m, left != 0, shift[0], token, lane_out, first)
-        return {"stream": Cat(*valid).any(), "float": float_busy | (left != 0)}
+        float_busy, sums = self._accumulate(m, left != 0, shift[0], token, lane_out, first)
+        return {"stream": Cat(*valid).any(), "float": float_busy | (left != 0)}, sums
 
     def _accumulate(self, m, valid, entry, token, lane, first):
         """A chunk sum to float32 and into its partial sum (from zero at the reduction's first chunk); the next
-        chunk of the same token row comes 16 cycles later at the soonest, after this one's write."""
+        chunk of the same token row comes 17 cycles later at the soonest, after this one's write. Returns whether
+        a sum is on its way and the partial sums' read port."""
         rank = self.config.rank
         m.submodules.convert = convert = FixedToFloat(ACC_BITS, stages=4)
         m.submodules.add = add = FPAdd(FP32)
@@ -362,15 +364,15 @@ class RankProduct(wiring.Component):
             m.d.sync += chain[-1].eq(chain[-2])
         read_address = delay_line(m, 1, address, convert.latency - 1, "sum_read_address")
         fresh = delay_line(m, 1, first, convert.latency, "sum_fresh")
-        self._sum_read = read = self.sums.read_port(domain="sync", transparent_for=())
-        m.d.comb += read.addr.eq(read_address)
-        m.d.comb += [add.a.eq(Mux(fresh, 0, read.data)), add.b.eq(convert.result)]
+        partials = self.sums.read_port(domain="sync", transparent_for=())
+        m.d.comb += partials.addr.eq(read_address)
+        m.d.comb += [add.a.eq(Mux(fresh, 0, partials.data)), add.b.eq(convert.result)]
         write = self.sums.write_port()
         m.d.comb += [write.addr.eq(delay_line(m, 1, address, convert.latency + add.latency, "sum_write_address")),
                      write.data.eq(add.result), write.en.eq(chain[-1])]
-        return Cat(*chain[1:]).any()
+        return Cat(*chain[1:]).any(), partials
 
-    def _emit(self, m, state, span):
+    def _emit(self, m, state, span, sums):
         """After the last span: each token row's ``rank`` partial sums read one a cycle, rounded to bf16 and
         gathered into one ``rows`` beat."""
         cfg = self.config
@@ -384,8 +386,8 @@ class RankProduct(wiring.Component):
         arrived_lane = Signal(range(rank))
         m.d.sync += [arrived.eq(emitting & reading), arrived_lane.eq(lane)]
         with m.If(emitting):
-            m.d.comb += self._sum_read.addr.eq(token * rank + lane)
-        m.d.comb += rounder.a.eq(self._sum_read.data)
+            m.d.comb += sums.addr.eq(token * rank + lane)
+        m.d.comb += rounder.a.eq(sums.data)
         with m.If(arrived):
             m.d.sync += gathered[arrived_lane].eq(rounder.result)
             with m.If(arrived_lane == rank - 1):

@@ -142,6 +142,20 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
                 utilization=t * d_in * d_out / (ROWS * COLS * run.cycles), mismatches=bad, wall_s=wall)
 
 
+def design(tokens, backward, memory, rank_term, max_features=None):
+    """One configuration for every projection at ``tokens`` (so that Verilator compiles it once; with
+    ``backward``, one that runs both products) and the plan of blocks: ``(config, {projection: blocks})``."""
+    plans = plan(tokens, backward, max_features)
+    sized = list(plans.values()) + (list(plan(tokens, False, max_features).values()) if backward else [])
+    extra = {"transposed": True, "max_out": max(d_out for _, d_out in SHAPES.values())} if backward else {}
+    config = BlockedConfig(rows=ROWS, cols=COLS, port=port_for(DRAM_PRESETS[memory]),
+                           max_tokens=max(tb for tb, _ in sized), max_features=max(fb for _, fb in sized),
+                           max_in=max(d_in for d_in, _ in SHAPES.values()),
+                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()),
+                           rank=16 if rank_term else 0, **extra)
+    return config, plans
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,19 +173,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tokens < ROWS or args.tokens % ROWS:
         parser.error(f"--tokens must be a positive multiple of {ROWS}")
-    # one design for every projection at this T, so that Verilator compiles it once; with --backward, one that
-    # runs both products
     if args.max_features is not None and (args.max_features < 64 or args.max_features % COLS):
         parser.error(f"--max-features must be a multiple of {COLS} from 64")
-    plans = plan(args.tokens, args.backward, args.max_features)
-    sized = list(plans.values()) + (list(plan(args.tokens, False, args.max_features).values()) if args.backward
-                                    else [])
-    extra = {"transposed": True, "max_out": max(d_out for _, d_out in SHAPES.values())} if args.backward else {}
-    config = BlockedConfig(rows=ROWS, cols=COLS, port=port_for(DRAM_PRESETS[args.memory]),
-                           max_tokens=max(tb for tb, _ in sized), max_features=max(fb for _, fb in sized),
-                           max_in=max(d_in for d_in, _ in SHAPES.values()),
-                           max_groups=max(absmax2_groups(d_in, d_out) for d_in, d_out in SHAPES.values()),
-                           rank=16 if args.rank_term else 0, **extra)
+    config, plans = design(args.tokens, args.backward, args.memory, args.rank_term, args.max_features)
     if args.build:
         from edge_qlora.boards.build import build, format_report
         from edge_qlora.rtl.blocked import BlockedProduct

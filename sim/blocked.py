@@ -174,7 +174,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     the last W tile's outputs; transposed from the first token tile of its last W tile (every output's last chunk
     is there, and the corner turn writes a token tile's rows once it has them all), the longer of the job and
     that. ``rank``: the memory map's (tensor addresses). With the rank-r term (``config.rank``) a token block's
-    first span also waits for its piece of A (transposed B), from which hb (gb) is made as the activation passes;
+    first span also waits for its piece of A (transposed B), from which hb (gb) is made as the activation passes,
+    and for its alignment in place (``64 r`` cycles);
     the term's other reads are taken as hidden behind the jobs; forward its arithmetic keeps pace with the
     engine's outputs; transposed, where a block's outputs come together, it passes them one a cycle ahead of the
     writes."""
@@ -227,5 +228,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             # transposed, a block's first span loads while the block before computes its last job (the x buffer
             # and the absmax table are free by then), but for a token block's first, which waits for the tables
             hidden = transposed and f0 > 0
-            total += (0 if hidden else alone(load, "read")) + (spans - 1) * job + final
+            # with the term, a token block's first span also waits while the piece of A (B) is aligned in place
+            aligning = SPAN * config.rank if config.rank and f0 == 0 else 0
+            total += (0 if hidden else alone(load, "read") + aligning) + (spans - 1) * job + final
     return total
