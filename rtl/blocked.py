@@ -430,14 +430,14 @@ class ReadIssuer(wiring.Component):
         m.d.comb += self.spans.ready.eq(state == _Read.IDLE)
         take = self.spans.valid & self.spans.ready
         incoming = self.spans.payload
-        # the span's first W row and first column: forward the feature block's row f0 and column 64 s, transposed
-        # row 64 s and column f0
         rank = self.config.rank
 
         def to_x(beat):
             """The activation's reads, after the span's operand reads in a token block's first feature block."""
             return Mux(beat.f0 == 0, _Read.RANK_OPERANDS, _Read.X) if rank else _Read.X
 
+        # the span's first W row and first column: forward the feature block's row f0 and column 64 s, transposed
+        # row 64 s and column f0
         row0 = Mux(tr, incoming.s << _SPAN_SHIFT, incoming.f0)
         col0 = Mux(tr, incoming.f0, incoming.s << _SPAN_SHIFT)
         with m.If(take):
