@@ -318,11 +318,14 @@ class RankProduct(wiring.Component):
                 a = Signal(signed(OPERAND_BITS), name=f"operand_a_{lane}")
                 b = Signal(signed(OPERAND_BITS), name=f"operand_b_{lane}")
                 m.d.sync += [a.eq(align.q[0]), b.eq(operand_q[lane]), product.eq(a * b)]
+        # each lane's sum so far with this value's product (a chunk's first value starts it)
         sums = [Signal(signed(ACC_BITS), name=f"chunk_sum_{lane}") for lane in range(rank)]
+        totals = [Signal(signed(ACC_BITS), name=f"chunk_total_{lane}") for lane in range(rank)]
+        m.d.comb += [total.eq(Mux(first_value, 0, partial) + product)
+                     for total, partial, product in zip(totals, sums, products)]
         at_products = valid[5]
         with m.If(at_products):
-            for lane in range(rank):
-                m.d.sync += sums[lane].eq(Mux(first_value, 0, sums[lane]) + products[lane])
+            m.d.sync += [partial.eq(total) for partial, total in zip(sums, totals)]
 
         # the chunk's sums and exponents shift out one a cycle, lane 0 first
         out_layout = data.StructLayout({"sum": signed(ACC_BITS), "exponent": signed(11)})
@@ -338,13 +341,10 @@ class RankProduct(wiring.Component):
             m.d.sync += [left.eq(rank), token.eq(token_out), first.eq(first_out)]
             for lane in range(rank):
                 exponent = field_out + exps_late[lane] - (2 * BF16_BIAS + 2 * OPERAND_FRAC)
-                m.d.sync += [shift[lane].sum.eq(Mux(first_value, 0, sums[lane]) + products[lane]),
-                             shift[lane].exponent.eq(exponent)]
+                m.d.sync += [shift[lane].sum.eq(totals[lane]), shift[lane].exponent.eq(exponent)]
+        # the lane leaving now: rank - left (lane 0 when left = rank)
         lane_out = Signal(range(rank))
-        with m.If(latch):
-            m.d.sync += lane_out.eq(0)
-        with m.Elif(left != 0):
-            m.d.sync += lane_out.eq(lane_out + 1)
+        m.d.comb += lane_out.eq(rank - left)
         float_busy, sums = self._accumulate(m, left != 0, shift[0], token, lane_out, first)
         return {"stream": Cat(*valid).any(), "float": float_busy | (left != 0)}, sums
 
