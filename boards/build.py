@@ -25,7 +25,7 @@ from .keepalive import KeepAlive
 from .platforms import make_platform
 
 
-__all__ = ["BuildError", "build", "format_report", "toolchain_env", "undefined_collisions"]
+__all__ = ["BuildError", "build", "place", "format_report", "toolchain_env", "undefined_collisions"]
 
 
 class BuildError(Exception):
@@ -527,6 +527,18 @@ def build(design, board, out_dir, *, target_mhz=None, seed=1, router=None, lut_m
     except OutputError as error:
         raise BuildError(str(error)) from None
     say(f"done: {bitstream or 'placed (not routed)'}")
+    return report
+
+
+def place(design, board, out_dir):
+    """A script's ``--build``: place ``design`` on ``board`` in ``out_dir`` (placement only) and print the report;
+    a build that fails (a design that does not fit, a missing tool) exits with its one-line reason."""
+    os.makedirs(os.path.abspath(out_dir), exist_ok=True)
+    try:
+        report = build(design, board, out_dir, place_only=True, progress=print)
+    except BuildError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(format_report(report))
     return report
 
 

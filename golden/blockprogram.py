@@ -294,7 +294,7 @@ def dram_time(timing, port, reqs):
     return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in reqs])
 
 
-def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=False):
+def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=False, gradient=False):
     """The backward base product ``dx = dy W`` alone, output-stationary, exactly as the block controller of
     ``rtl/blocked.py`` issues it in its transposed mode.
 
@@ -309,8 +309,17 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
     With ``rank_term`` (dx = dy W + s gb A, the step's dx, with gb = bf16(dy B) made on chip): in the token
     block's first column block, before each span's dy, the span's 64 rows of B (one job); after the first span's
     reads of each column block, the column block's piece of each of A's ``r`` rows (one job each), as
-    :func:`forward_product` places A and B."""
+    :func:`forward_product` places A and B.
+
+    With ``gradient`` (and ``rank_term``; the whole reduction one token block): the step's ``grad_B = s dy^T hb``
+    too, made as the second column block's dy passes: before its first span's dy, the token block's rows of hb
+    (``hb`` of the memory map, one job); after the block's outputs, grad_B (the RTL writes each span's 64 rows
+    once the span has passed: one job a span, the same bytes)."""
     mm = memmap
+    if gradient and not (rank_term and token_block >= mm.t and feature_block < mm.d_in and "hb" in mm.names
+                         and "grad_B" in mm.names):
+        raise ValueError("the gradient needs the rank-r term, all tokens in one token block, a second column block "
+                         "and the memory map's hb and grad_B")
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN or d_out % SPAN:
         raise ValueError(f"the blocked backward product takes NF4 with double quantization in blocks of {SPAN}, "
@@ -331,6 +340,8 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
             for r0 in range(0, d_out, SPAN):
                 if rank_term and f0 == 0:
                     w.add("read", "lora_B", r0 * r * 4, SPAN * r * 4)
+                if gradient and f0 == feature_block and r0 == 0:
+                    w.add("read", "hb", t0 * r * 2, nt * r * 2)
                 for token in range(t0, t0 + nt):
                     w.add("read", "dy", (token * d_out + r0) * 2, SPAN * 2)
                 for row in range(r0, r0 + SPAN):
@@ -342,6 +353,8 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
                         w.add("read", "lora_A", (k * d_in + f0) * 4, nf * 4)
             for token in range(t0, t0 + nt):
                 w.add("write", "dx", (token * d_in + f0) * 2, nf * 2)
+            if gradient and f0 == feature_block:
+                w.add("write", "grad_B", 0, d_out * r * 4)
     return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 

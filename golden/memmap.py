@@ -28,7 +28,8 @@ from .lora import STATE_NAMES
 from .nf4_dequant import dequantize
 
 __all__ = ["Region", "MemoryMap", "INPUTS", "OUTPUTS", "TINYLLAMA_PROJECTIONS", "ULX3S_SDRAM_BYTES", "layout",
-           "layout_for", "pack_case", "unpack_inputs", "store_outputs", "unpack_outputs", "tinyllama_table", "main"]
+           "layout_for", "pack_case", "unpack_inputs", "store_outputs", "store_region", "unpack_outputs",
+           "tinyllama_table", "main"]
 
 #: The ULX3S's SDRAM: 32 MB.
 ULX3S_SDRAM_BYTES = 32 * 1024 * 1024
@@ -159,7 +160,7 @@ def _positive(name, value):
 
 
 def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=True, *, base=0, align=64,
-           in_place=True, gradients_out=False, row_exponent_chunk=None):
+           in_place=True, gradients_out=False, row_exponent_chunk=None, rank_rows=False):
     """The memory map of one step: every tensor at a multiple of ``align`` bytes from ``base``, without overlap.
 
     Parameters
@@ -187,6 +188,9 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         (``golden.gemm.row_chunk_exponents`` of the dequantized weight, int8), which a column block of
         ``dx = dy W`` needs to equal the whole product (``rtl/blocked.py``). The weight is frozen, so the table is
         made once, when the weight is placed in memory (:func:`pack_case`).
+    rank_rows : bool
+        A slot ``hb`` (bf16 ``[t, r]``) after all others: the step's ``hb = bf16(x A^T)``, which the forward
+        product makes and the backward product's ``grad_B = s dy^T hb`` takes (``rtl/blocked.py``).
     """
     for name, value in (("d_in", d_in), ("d_out", d_out), ("t", t), ("r", r), ("align", align)):
         _positive(name, value)
@@ -227,6 +231,8 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         specs += [tensor("grad_A", "float32", shapes["A"], "write"), tensor("grad_B", "float32", shapes["B"], "write")]
     if row_exponent_chunk is not None:
         specs.append(tensor("w_row_exponents", "int8", (-(-d_out // row_exponent_chunk),), "read"))
+    if rank_rows:
+        specs.append(tensor("hb", "bf16", (t, r), "read-write"))
 
     regions, address = [], base
     for name, dtype, shape, size, access in specs:
@@ -261,6 +267,11 @@ def _write(image, memmap, region, values):
                          f"the memory map")
     start = region.address - memmap.base
     image[start:start + region.size] = raw
+
+
+def store_region(image, memmap, name, values):
+    """Write ``values`` (a tensor or array of the region's dtype and size) into region ``name`` of ``image``."""
+    _write(image, memmap, memmap[name], values)
 
 
 def _read(image, memmap, region):

@@ -54,12 +54,15 @@ from .gemm import job_layout as engine_job_layout
 from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout as write_job_layout
 from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
+from .memport import WriteArbiter
+from .rank_gradient import RankGradient, RankGradientConfig
 from .rank_product import RankProduct, RankProductConfig
 from .rank_term import RankTerm, RankTermConfig
 
-__all__ = ["SPAN", "READS", "RANK_READS", "absmax2_groups", "BlockedConfig", "shape_layout", "span_beat_layout",
-           "descriptor_layout", "report_layout", "plan_layout", "SpanWalker", "ReadIssuer", "XBuffer", "SpanTable",
-           "absmax_plan", "exponent_plan", "JobIssuer", "OutputIssuer", "turn_layout", "OutputTurn", "BlockedProduct"]
+__all__ = ["SPAN", "READS", "RANK_READS", "GRADIENT_READS", "absmax2_groups", "BlockedConfig", "shape_layout",
+           "span_beat_layout", "descriptor_layout", "report_layout", "plan_layout", "SpanWalker", "ReadIssuer",
+           "XBuffer", "SpanTable", "absmax_plan", "exponent_plan", "JobIssuer", "OutputIssuer", "turn_layout",
+           "OutputTurn", "BlockedProduct"]
 
 #: Reduction elements per span: one NF4 block, so a W row's piece of a span is one absmax code and 32 bytes.
 SPAN = 64
@@ -69,10 +72,13 @@ READS = ("absmax2", "absmax", "x", "codes", "exponents")
 #: With the rank-r term (``BlockedConfig.rank``), after :data:`READS`: the operand of the rows' product (A, whose
 #: product with x makes hb; transposed B, for gb) and the term's columns (B's rows; transposed A's columns).
 RANK_READS = ("rank_operands", "rank_columns")
+#: With the gradient (``BlockedConfig.gradient``), after :data:`RANK_READS`: the forward's rows hb, which grad_B
+#: takes.
+GRADIENT_READS = ("rank_rows",)
 #: The descriptor's addresses the read issuer takes (and :data:`RANK_READS` with the term).
 _ADDRESSES = ("x", "codes", "absmax", "absmax2", "exponents")
 _ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8, "rank_operands": FP32.width,
-         "rank_columns": FP32.width}
+         "rank_columns": FP32.width, "rank_rows": BF16.width}
 
 
 def absmax2_groups(d_in, d_out):
@@ -122,6 +128,12 @@ class BlockedConfig:
         first feature block's x passes to the engine; transposed, the step's ``dx = bf16(dy W + s gb A)``, with
         gb (``bf16(dy B)``) made from B the same way, A read from memory and the exponent A's rows share (the
         descriptor's ``rank_exponent``).
+    gradient : bool
+        With ``rank`` and ``transposed``: the backward product also writes the step's ``grad_B = s dy^T hb``
+        (float32 ``[d_out, r]``, at the descriptor's ``gradient``) through a
+        :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block, with hb
+        (bf16 ``[t, r]``) read from the descriptor's ``rank_rows``. The whole reduction (all ``t`` tokens) must
+        be one token block.
     """
 
     rows: int = 8
@@ -135,6 +147,7 @@ class BlockedConfig:
     transposed: bool = False
     max_out: int = 2048
     rank: int = 0
+    gradient: bool = False
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -165,6 +178,10 @@ class BlockedConfig:
             raise ValueError(f"max_out must be a multiple of {SPAN} below 65536, not {self.max_out!r}")
         if self.rank != 0 and (not _power_of_two(self.rank) or self.rank > 16):
             raise ValueError(f"rank must be 0 (no rank-r term) or a power of two up to 16, not {self.rank!r}")
+        if not isinstance(self.gradient, bool):
+            raise ValueError(f"gradient must be a bool, not {self.gradient!r}")
+        if self.gradient and not (self.rank and self.transposed):
+            raise ValueError("the gradient needs the rank-r term (rank) and the transposed mode (transposed)")
         if SPAN % self.gemm.chunk_steps:
             raise ValueError(f"the engine's chunk ({self.gemm.chunk_steps}) must divide the span ({SPAN})")
 
@@ -191,13 +208,19 @@ class BlockedConfig:
 
     @property
     def reads(self):
-        """The read destinations: :data:`READS`, and :data:`RANK_READS` with the rank-r term."""
-        return READS + (RANK_READS if self.rank else ())
+        """The read destinations: :data:`READS`, :data:`RANK_READS` with the rank-r term and
+        :data:`GRADIENT_READS` with the gradient."""
+        return READS + (RANK_READS if self.rank else ()) + (GRADIENT_READS if self.gradient else ())
 
     @property
     def rank_product(self):
         """The :class:`~.rank_product.RankProductConfig` of the unit that makes hb (transposed gb)."""
         return RankProductConfig(rank=self.rank, max_tokens=self.max_tokens)
+
+    @property
+    def rank_gradient(self):
+        """The :class:`~.rank_gradient.RankGradientConfig` of the unit that makes grad_B."""
+        return RankGradientConfig(rank=self.rank, max_tokens=self.max_tokens)
 
     @property
     def rank_term(self):
@@ -230,6 +253,9 @@ class BlockedConfig:
             raise ValueError(f"t ({t}) and the token block ({tokens}) must be multiples of rows ({self.rows})")
         if transposed:
             self._check_transposed(d_in, d_out, features)
+            if self.gradient and (tokens < t or features >= d_in):
+                raise ValueError(f"the gradient takes all t ({t}) tokens in one token block ({tokens}) and a "
+                                 f"second column block (d_in {d_in}, column blocks of {features})")
         else:
             if d_out % self.cols or features % self.cols:
                 raise ValueError(f"d_out ({d_out}) and the feature block ({features}) must be multiples of cols "
@@ -289,12 +315,14 @@ def descriptor_layout(config):
     quantization's float32 offset; with the rank-r term (``config.rank``) the addresses of A and B (``rank_operands``:
     A, transposed B, the operand that makes hb or gb; ``rank_columns``: B, transposed A, the term's columns), the
     scaling ``s`` (float32) and, transposed, the exponent A's rows share over all of A (``rank_exponent``,
-    :func:`~edge_qlora.golden.rank_term.column_exponent`)."""
+    :func:`~edge_qlora.golden.rank_term.column_exponent`); with the gradient the addresses of hb (``rank_rows``)
+    and of grad_B (``gradient``)."""
     aw = config.port.address_width
     term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32,
             "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
+    gradient = {"rank_rows": aw, "gradient": aw} if config.gradient else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
-                              "dims": shape_layout(), "groups": 16, "offset": 32, **term})
+                              "dims": shape_layout(), "groups": 16, "offset": 32, **term, **gradient})
 
 
 def report_layout(reads=READS):
@@ -376,7 +404,7 @@ def read_beat_layout(config):
                               "count": 32, "cols": 32})
 
 
-class _Read(enum.Enum, shape=3):
+class _Read(enum.Enum, shape=4):
     IDLE = 0
     ABSMAX2 = 1
     EXPONENTS = 2
@@ -385,6 +413,7 @@ class _Read(enum.Enum, shape=3):
     CODES = 5
     RANK_OPERANDS = 6
     RANK_COLUMNS = 7
+    RANK_ROWS = 8
 
 
 class ReadIssuer(wiring.Component):
@@ -396,7 +425,8 @@ class ReadIssuer(wiring.Component):
     ``absmax2`` and the chunk exponent table, then per span each token row's piece of dy, and each of the span's
     64 W rows' absmax codes and codes of the column block. With the rank-r term, in a token block's first feature
     block before each span's activation the span's piece of A (each of its ``rank`` rows' 64 values) or of B (its
-    64 rows), and after a block's first span the block's rows of B or columns of A.
+    64 rows), and after a block's first span the block's rows of B or columns of A. With the gradient, transposed,
+    the token block's rows of hb before the second column block's first span's dy.
 
     Attributes
     ----------
@@ -409,7 +439,7 @@ class ReadIssuer(wiring.Component):
     def __init__(self, config):
         self.config = config
         aw = config.port.address_width
-        addresses = _ADDRESSES + (RANK_READS if config.rank else ())
+        addresses = _ADDRESSES + (RANK_READS if config.rank else ()) + (GRADIENT_READS if config.gradient else ())
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
                           **{name: In(aw) for name in addresses},
                           "groups": In(16), "jobs": Out(stream.Signature(read_beat_layout(config)))})
@@ -433,8 +463,14 @@ class ReadIssuer(wiring.Component):
         rank = self.config.rank
 
         def to_x(beat):
-            """The activation's reads, after the span's operand reads in a token block's first feature block."""
-            return Mux(beat.f0 == 0, _Read.RANK_OPERANDS, _Read.X) if rank else _Read.X
+            """The activation's reads, after the span's operand reads in a token block's first feature block and,
+            with the gradient, the token block's rows of hb before the second column block's first span."""
+            if not rank:
+                return _Read.X
+            following = Mux(beat.f0 == 0, _Read.RANK_OPERANDS, _Read.X)
+            if self.config.gradient:
+                following = Mux(tr & (beat.f0 == shape.features) & (beat.s == 0), _Read.RANK_ROWS, following)
+            return following
 
         # the span's first W row and first column: forward the feature block's row f0 and column 64 s, transposed
         # row 64 s and column f0
@@ -508,6 +544,15 @@ class ReadIssuer(wiring.Component):
                                 m.d.sync += state.eq(_Read.RANK_COLUMNS)
         if self.config.rank:
             self._rank_reads(m, state, span, beat, issued, take)
+        if self.config.gradient:
+            shift = rank.bit_length() - 1
+            with m.If(state == _Read.RANK_ROWS):
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.rank_rows + (span.t0 << (shift + 1))),
+                             beat.bytes.eq(span.nt << (shift + 1)),
+                             beat.dest.eq(self.config.reads.index("rank_rows")), beat.unpack.eq(1),
+                             beat.count.eq(span.nt << shift), beat.cols.eq(span.nt << shift)]
+                with m.If(issued):
+                    m.d.sync += state.eq(_Read.X)
         return m
 
     def _rank_reads(self, m, state, span, beat, issued, take):
@@ -979,7 +1024,7 @@ class BlockedProduct(wiring.Component):
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
-        for name in _ADDRESSES + (RANK_READS if cfg.rank else ()):
+        for name in _ADDRESSES + (RANK_READS if cfg.rank else ()) + (GRADIENT_READS if cfg.gradient else ()):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
         # with the rank-r term every block RAM counts: the FIFOs of the reads that are not on the engine's path
         # per span (a few kbit each) go to LUT RAM
@@ -1014,15 +1059,18 @@ class BlockedProduct(wiring.Component):
 
     def _inputs(self, m, head, walkers, unpack):
         """The engine's inputs: A through the corner turn (with the rank-r term, through the unit that makes hb or gb
-        on the way), codes straight, absmax per span, absmax2 from the table, and the jobs. Returns that unit's
-        rows (``None`` without the term)."""
+        on the way, and with the gradient through the unit that makes grad_B before it), codes straight, absmax per
+        span, absmax2 from the table, and the jobs. Returns the rows of hb or gb (``None`` without the term) and
+        the rows of grad_B (``None`` without the gradient)."""
         cfg, engine = self.config, self.engine
         m.submodules.engine = engine
         m.submodules.x_buffer = xbuf = self.x_buffer
         wiring.connect(m, walkers["x"].spans, xbuf.spans)
-        rows = None
+        rows = grads = source = None
         if cfg.rank:
-            rows = self._rank_product(m, head, walkers, unpack, xbuf.values)
+            if cfg.gradient:
+                source, grads = self._gradient(m, head, walkers, unpack)
+            rows = self._rank_product(m, head, walkers, unpack, source, xbuf.values)
         else:
             self._take(m, unpack["x"].segments, xbuf.values)
         wiring.connect(m, xbuf.a, engine.a)
@@ -1052,19 +1100,56 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, jobs.job, engine.job)
         wiring.connect(m, jobs.tensor, engine.tensor)
         wiring.connect(m, jobs.span, scales.span)
-        return rows
+        return rows, grads
 
-    def _rank_product(self, m, head, walkers, unpack, values):
-        """The activation on its way to the x buffer (``values``) through the unit that makes hb (transposed gb)
-        from it in a token block's first feature block, with A's (transposed B's) span pieces rounded to bf16 on
-        the way in. Returns its rows."""
+    @staticmethod
+    def _gather(m, segments, sink, lanes, convert=None):
+        """An unpacker's one-lane segments, one value a cycle (through ``convert``, a comb unit with ports ``a``
+        and ``result``, if given), gathered into ``lanes``-wide beats of ``sink``."""
+        gathered = Signal.like(sink.payload)
+        lane, full = Signal(range(lanes)), Signal()
+        value = segments.payload.data[0]
+        if convert is not None:
+            m.d.comb += convert.a.eq(value)
+            value = convert.result
+        m.d.comb += [segments.ready.eq(~full), sink.valid.eq(full), sink.payload.eq(gathered)]
+        with m.If(sink.valid & sink.ready):
+            m.d.sync += full.eq(0)
+        with m.If(segments.valid & segments.ready):
+            m.d.sync += [gathered[lane].eq(value), lane.eq(lane + 1)]
+            with m.If(lane == lanes - 1):
+                m.d.sync += [full.eq(1), lane.eq(0)]
+
+    def _gradient(self, m, head, walkers, unpack):
+        """Transposed, dy on its way to the unit that makes gb through the unit that makes grad_B from it in the
+        second column block, with the token block's rows of hb gathered into beats on the way in. Returns the
+        values it passes on and its rows of grad_B."""
+        cfg = self.config
+        m.submodules.rank_gradient = gradient = RankGradient(cfg.rank_gradient)
+        spans = walkers["gradient"].spans
+        beat, span = spans.payload, gradient.spans.payload
+        capture = head.dims.transposed & (beat.f0 == head.dims.features)
+        m.d.comb += [gradient.spans.valid.eq(spans.valid), spans.ready.eq(gradient.spans.ready),
+                     span.tokens.eq(beat.nt), span.capture.eq(capture), span.load.eq(capture & (beat.s == 0)),
+                     span.transposed.eq(0), span.scale.eq(head.scaling)]
+        self._take(m, unpack["x"].segments, gradient.values)
+        self._gather(m, unpack["rank_rows"].segments, gradient.rows, cfg.rank)
+        return gradient.passed, gradient.grads
+
+    def _rank_product(self, m, head, walkers, unpack, source, values):
+        """The activation (from ``source``, or its unpacker) on its way to the x buffer (``values``) through the
+        unit that makes hb (transposed gb) from it in a token block's first feature block, with A's (transposed
+        B's) span pieces rounded to bf16 on the way in. Returns its rows."""
         m.submodules.rank_product = product = RankProduct(self.config.rank_product)
         spans = walkers["product"].spans
         beat, span = spans.payload, product.spans.payload
         m.d.comb += [product.spans.valid.eq(spans.valid), spans.ready.eq(product.spans.ready),
                      span.tokens.eq(beat.nt), span.capture.eq(beat.f0 == 0), span.first.eq(beat.s == 0),
                      span.last.eq(beat.final), span.transposed.eq(head.dims.transposed)]
-        self._take(m, unpack["x"].segments, product.values)
+        if source is None:
+            self._take(m, unpack["x"].segments, product.values)
+        else:
+            wiring.connect(m, source, product.values)
         wiring.connect(m, product.passed, values)
         operands = unpack["rank_operands"].segments
         m.submodules.rank_operand_round = rounder = FPConvert(FP32, BF16, stages=0)
@@ -1087,23 +1172,13 @@ class BlockedProduct(wiring.Component):
                      block.load_columns.eq(1), block.scaling.eq(head.scaling),
                      block.transposed.eq(head.dims.transposed), block.exponent.eq(head.rank_exponent)]
         wiring.connect(m, rank_rows, term.row_operands)
-        columns = unpack["rank_columns"].segments
         m.submodules.rank_column_round = rounder = FPConvert(FP32, BF16, stages=0)
-        gathered = Signal.like(term.column_operands.payload)
-        lane, full = Signal(range(cfg.rank)), Signal()
-        m.d.comb += [rounder.a.eq(columns.payload.data[0]), columns.ready.eq(~full),
-                     term.column_operands.valid.eq(full), term.column_operands.payload.eq(gathered)]
-        with m.If(term.column_operands.valid & term.column_operands.ready):
-            m.d.sync += full.eq(0)
-        with m.If(columns.valid & columns.ready):
-            m.d.sync += [gathered[lane].eq(rounder.result), lane.eq(lane + 1)]
-            with m.If(lane == cfg.rank - 1):
-                m.d.sync += [full.eq(1), lane.eq(0)]
+        self._gather(m, unpack["rank_columns"].segments, term.column_operands, cfg.rank, rounder)
         m.d.comb += [term.c.valid.eq(engine.c.valid), engine.c.ready.eq(term.c.ready),
                      term.c.payload.eq(engine.c.payload.data)]
         return term.o
 
-    def _writes(self, m, head, walkers, unpack, rank_rows):
+    def _writes(self, m, head, walkers, unpack, rank_rows, grads):
         """The engine's rows (transposed: through the corner turn; with the rank-r term: through it) through the
         packer into a staging FIFO; a burst's command goes out only when all its words wait there, so the memory
         never waits for the product inside a burst."""
@@ -1135,17 +1210,60 @@ class BlockedProduct(wiring.Component):
         else:
             m.d.comb += [packer.elements.valid.eq(valid), ready.eq(packer.elements.ready),
                          packer.elements.payload.eq(payload), outs.turn.ready.eq(1)]
-        m.submodules.writer = writer = BurstWriter(port)
-        wiring.connect(m, outs.jobs, writer.job)
-        m.submodules.staging = staging = SyncFIFOBuffered(width=port.data_width, depth=port.max_burst)
-        m.d.comb += [staging.w_stream.valid.eq(packer.words.valid), packer.words.ready.eq(staging.w_stream.ready),
-                     staging.w_stream.payload.eq(packer.words.payload.data)]
+        if not cfg.gradient:
+            self._staged_writes(m, "", outs.jobs, packer.words, self.mem.write_cmd, self.mem.write_data)
+            return
+        # with the gradient a second writer, and the two writers' bursts onto the port whole
+        m.submodules.write_arbiter = arbiter = WriteArbiter(port)
+        wiring.connect(m, arbiter.write_cmd, wiring.flipped(self.mem.write_cmd))
+        wiring.connect(m, arbiter.write_data, wiring.flipped(self.mem.write_data))
+        self._staged_writes(m, "", outs.jobs, packer.words, arbiter.cmds[0], arbiter.beats[0])
+        self._gradient_writes(m, head, walkers, grads, arbiter.cmds[1], arbiter.beats[1])
+
+    def _staged_writes(self, m, name, jobs, words, write_cmd, write_data):
+        """Write ``jobs`` with a packer's ``words`` through a staging FIFO onto ``write_cmd`` and ``write_data``;
+        a burst's command goes out only when all its words wait in the FIFO, so the memory never waits for the
+        product inside a burst."""
+        port = self.config.port
+        writer = m.submodules[f"{name}writer"] = BurstWriter(port)
+        wiring.connect(m, jobs, writer.job)
+        staging = m.submodules[f"{name}staging"] = SyncFIFOBuffered(width=port.data_width, depth=port.max_burst)
+        m.d.comb += [staging.w_stream.valid.eq(words.valid), words.ready.eq(staging.w_stream.ready),
+                     staging.w_stream.payload.eq(words.payload.data)]
         wiring.connect(m, staging.r_stream, writer.data)
         staged = staging.level >= writer.write_cmd.payload.length
-        m.d.comb += [self.mem.write_cmd.valid.eq(writer.write_cmd.valid & staged),
-                     self.mem.write_cmd.payload.eq(writer.write_cmd.payload),
-                     writer.write_cmd.ready.eq(self.mem.write_cmd.ready & staged)]
-        wiring.connect(m, writer.write_data, wiring.flipped(self.mem.write_data))
+        m.d.comb += [write_cmd.valid.eq(writer.write_cmd.valid & staged),
+                     write_cmd.payload.eq(writer.write_cmd.payload),
+                     writer.write_cmd.ready.eq(write_cmd.ready & staged)]
+        m.d.comb += [write_data.valid.eq(writer.write_data.valid), write_data.payload.eq(writer.write_data.payload),
+                     writer.write_data.ready.eq(write_data.ready)]
+
+    def _gradient_writes(self, m, head, walkers, grads, write_cmd, write_data):
+        """Per span of the second column block (transposed), its 64 rows of grad_B from the gradient unit: one
+        packer job and one write job (``64 * rank`` float32, contiguous in grad_B)."""
+        cfg = self.config
+        rank_shift = cfg.rank.bit_length() - 1
+        m.submodules.gradient_packer = packer = Packer(FP32.width, cfg.port.data_width)
+        m.d.comb += [packer.elements.valid.eq(grads.valid), grads.ready.eq(packer.elements.ready),
+                     packer.elements.payload.eq(grads.payload)]
+        jobs = stream.Signature(write_job_layout(cfg.port)).create()
+        spans = walkers["gradient_writes"].spans
+        beat = spans.payload
+        capture = head.dims.transposed & (beat.f0 == head.dims.features)
+        packed, written = Signal(), Signal()
+        m.d.comb += [packer.job.valid.eq(spans.valid & capture & ~packed), packer.job.payload.count.eq(SPAN * cfg.rank),
+                     jobs.valid.eq(spans.valid & capture & ~written),
+                     jobs.payload.address.eq(head.gradient + (beat.s << (_SPAN_SHIFT + rank_shift + 2))),
+                     jobs.payload.bytes.eq(SPAN * cfg.rank * 4),
+                     spans.ready.eq(~capture | ((packed | packer.job.ready) & (written | jobs.ready)))]
+        with m.If(spans.valid & spans.ready):
+            m.d.sync += [packed.eq(0), written.eq(0)]
+        with m.Else():
+            with m.If(packer.job.valid & packer.job.ready):
+                m.d.sync += packed.eq(1)
+            with m.If(jobs.valid & jobs.ready):
+                m.d.sync += written.eq(1)
+        self._staged_writes(m, "gradient_", jobs, packer.words, write_cmd, write_data)
 
     def elaborate(self, platform):
         m = Module()
@@ -1159,20 +1277,24 @@ class BlockedProduct(wiring.Component):
         with m.If(self.descriptor.valid & self.descriptor.ready):
             m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
         walkers = {}
-        for name in ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("product", "term") if cfg.rank
-                                                                                  else ()):
+        names = ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("product", "term") if cfg.rank else ())
+        for name in names + (("gradient", "gradient_writes") if cfg.gradient else ()):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
         reader, unpack = self._reads(m, head, walkers)
-        rank_rows = self._inputs(m, head, walkers, unpack)
-        self._writes(m, head, walkers, unpack, rank_rows)
+        rank_rows, grads = self._inputs(m, head, walkers, unpack)
+        self._writes(m, head, walkers, unpack, rank_rows, grads)
         engine, tr = self.engine, head.dims.transposed
 
         # counters and the report, once every output word has gone out
         cycles, written, memory, compute = Signal(48), Signal(48), Signal(48), Signal(48)
         before = [Signal(48, name=f"before_{name}") for name in cfg.reads]
         total = Signal(48)
-        m.d.comb += total.eq(((head.dims.t * _outputs(head.dims)) << 1) >> port.word_shift)
+        outputs = (head.dims.t * _outputs(head.dims)) << 1
+        if cfg.gradient:
+            # and grad_B, float32 [d_out, r], transposed
+            outputs = outputs + Mux(tr, (head.dims.d_out * cfg.rank) << 2, 0)
+        m.d.comb += total.eq(outputs >> port.word_shift)
         with m.If(start):
             m.d.sync += [cycles.eq(0), written.eq(0), memory.eq(0), compute.eq(0),
                          *(b.eq(reader.words[i]) for i, b in enumerate(before))]

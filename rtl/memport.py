@@ -28,7 +28,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["TaggedReader", "tagged_job_layout", "port_for", "MemPortConfig", "ULX3S_SDRAM_PORT", "request_layout", "beat_layout", "job_layout", "MemPortSignature",
-           "BurstReader", "BurstWriter", "split_bursts"]
+           "BurstReader", "BurstWriter", "WriteArbiter", "split_bursts"]
 
 
 def _is_int(value):
@@ -350,6 +350,61 @@ class BurstWriter(wiring.Component):
             m.d.sync += burst_left.eq(burst_left - 1)
             with m.If(final & (split.words_left == 0)):
                 m.d.sync += busy.eq(0)
+        return m
+
+
+class WriteArbiter(wiring.Component):
+    """Several writers' bursts onto one port's writes: a burst's command is granted whole, then its writer's data
+    until the burst's ``last`` beat, and only then the next command; when several commands wait, the writer with
+    the lowest index goes first.
+
+    A writer should offer a command only when its burst's words are ready to follow (the blocked product's staged
+    writes), so that the port never waits inside a burst for a writer while another one waits with its words.
+
+    Parameters
+    ----------
+    config : MemPortConfig
+    writers : int
+        2 to 8.
+
+    Attributes
+    ----------
+    cmds : In(stream of :func:`request_layout`), one per writer
+    beats : In(stream of :func:`beat_layout`), one per writer
+    write_cmd : Out(stream of :func:`request_layout`), to the port's ``write_cmd``
+    write_data : Out(stream of :func:`beat_layout`), to the port's ``write_data``
+    """
+
+    def __init__(self, config, writers=2):
+        if not isinstance(config, MemPortConfig):
+            raise TypeError(f"config must be a MemPortConfig, not {config!r}")
+        if not _is_int(writers) or not 2 <= writers <= 8:
+            raise ValueError(f"writers must be an integer from 2 to 8, not {writers!r}")
+        self.config, self.writers = config, writers
+        cmd, beat = stream.Signature(request_layout(config)), stream.Signature(beat_layout(config))
+        super().__init__({"cmds": In(cmd).array(writers), "beats": In(beat).array(writers),
+                          "write_cmd": Out(cmd), "write_data": Out(beat)})
+
+    def elaborate(self, platform):
+        m = Module()
+        busy, owner = Signal(), Signal(range(self.writers))
+        chosen = Signal(range(self.writers))
+        for i in reversed(range(self.writers)):
+            with m.If(self.cmds[i].valid):
+                m.d.comb += chosen.eq(i)
+        for i in range(self.writers):
+            with m.If(~busy & (chosen == i)):
+                m.d.comb += [self.write_cmd.valid.eq(self.cmds[i].valid),
+                             self.write_cmd.payload.eq(self.cmds[i].payload),
+                             self.cmds[i].ready.eq(self.write_cmd.ready)]
+            with m.If(busy & (owner == i)):
+                m.d.comb += [self.write_data.valid.eq(self.beats[i].valid),
+                             self.write_data.payload.eq(self.beats[i].payload),
+                             self.beats[i].ready.eq(self.write_data.ready)]
+        with m.If(self.write_cmd.valid & self.write_cmd.ready):
+            m.d.sync += [busy.eq(1), owner.eq(chosen)]
+        with m.If(self.write_data.valid & self.write_data.ready & self.write_data.payload.last):
+            m.d.sync += busy.eq(0)
         return m
 
 

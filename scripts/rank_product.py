@@ -12,7 +12,6 @@ cycles the SDRAM's 16-bit port needs to deliver the same bytes (one bf16 or half
 
 import argparse
 import json
-import os
 
 import numpy as np
 import torch
@@ -53,10 +52,9 @@ def main(argv=None):
         parser.error("--reduction must be a multiple of 64 from 64 to 8192")
     config = RankProductConfig(rank=RANK, max_tokens=max(128, args.tokens))
     if args.build:
-        from edge_qlora.boards.build import build, format_report
+        from edge_qlora.boards.build import place
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.build)), exist_ok=True)
-        print(format_report(build(RankProduct(config), "ulx3s-85f", args.build, place_only=True, progress=print)))
+        place(RankProduct(config), "ulx3s-85f", args.build)
         return
     print("| product | tokens x reduction | activation values | operands | cycles | values per cycle | "
           "16-bit port's cycles for the bytes | mismatches |")

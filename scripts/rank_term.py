@@ -12,7 +12,6 @@ outputs come in that span: ``tokens / 8 * columns / 8`` tiles of 64 reduction st
 
 import argparse
 import json
-import os
 
 import numpy as np
 import torch
@@ -61,10 +60,9 @@ def main(argv=None):
     config = RankTermConfig(rows=ROWS, cols=COLS, rank=RANK, max_tokens=max(128, args.tokens),
                             max_columns=max(472, args.features, args.columns))
     if args.build:
-        from edge_qlora.boards.build import build, format_report
+        from edge_qlora.boards.build import place
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.build)), exist_ok=True)
-        print(format_report(build(RankTerm(config), "ulx3s-85f", args.build, place_only=True, progress=print)))
+        place(RankTerm(config), "ulx3s-85f", args.build)
         return
     print("| block | tokens x columns | outputs | cycles | outputs per cycle | engine's last span (cycles) | "
           "mismatches |")

@@ -17,8 +17,8 @@ from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
-from edge_qlora.golden.memmap import layout, layout_for, pack_case, unpack_outputs
-from edge_qlora.golden.rank_term import column_exponent
+from edge_qlora.golden.memmap import layout, layout_for, pack_case, store_region, unpack_outputs
+from edge_qlora.golden.rank_term import column_exponent, forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
                                     report_layout)
 from edge_qlora.rtl.memport import port_for
@@ -28,7 +28,8 @@ __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product"
 
 #: The program's tensor of each read destination.
 _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes",
-           "exponents": "w_row_exponents", "rank_operands": "lora_A", "rank_columns": "lora_B"}
+           "exponents": "w_row_exponents", "rank_operands": "lora_A", "rank_columns": "lora_B",
+           "rank_rows": "hb"}
 
 
 def _tensor(name, transposed):
@@ -39,7 +40,8 @@ def _tensor(name, transposed):
 def _program(config, memmap, tokens, features, transposed):
     """The product's request order (``golden/blockprogram.py``), which the RTL issues."""
     if transposed:
-        return bp.backward_product(memmap, tokens, features, config.rows, config.cols, rank_term=bool(config.rank))
+        return bp.backward_product(memmap, tokens, features, config.rows, config.cols, rank_term=bool(config.rank),
+                                   gradient=config.gradient)
     return bp.forward_product(memmap, tokens, features, config.cols, rank_term=bool(config.rank))
 
 
@@ -54,8 +56,8 @@ class BlockedBench(DramBench):
 @dataclass
 class BlockedRun:
     """A blocked product against memory: ``y``, its output read back from memory (bf16: y, or dx when
-    transposed), the report's counters (bytes are port words times the word), the program's requests' bytes
-    (whole words) and their count."""
+    transposed), ``grad_B`` (float32, read back, with the gradient; else ``None``), the report's counters (bytes are
+    port words times the word), the program's requests' bytes (whole words) and their count."""
 
     y: object
     cycles: int
@@ -65,19 +67,22 @@ class BlockedRun:
     program_read_bytes: dict
     program_written_bytes: int
     requests: int
+    grad_B: object = None
 
 
-def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False):
+def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False,
+                   gradient=False):
     """The smallest :class:`BlockedConfig` for ``case``'s forward product (``transposed``: the backward product
-    ``dx = dy W`` too; ``rank_term``: the products with their rank-r terms, the step's y and dx) in blocks of
-    ``tokens x features`` on a ``rows x cols`` engine behind ``memory``'s port."""
+    ``dx = dy W`` too; ``rank_term``: the products with their rank-r terms, the step's y and dx; ``gradient``: the
+    backward product's grad_B too) in blocks of ``tokens x features`` on a ``rows x cols`` engine behind
+    ``memory``'s port."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
     extra = {"transposed": True, "max_out": -(-d_out // SPAN) * SPAN} if transposed else {}
     return BlockedConfig(rows=rows, cols=cols, port=port_for(_timing(memory)), max_tokens=min(tokens, t),
                          max_features=min(features, d_in if transposed else d_out), max_in=d_in,
                          max_groups=absmax2_groups(d_in, d_out), rank=case.lora_A.shape[0] if rank_term else 0,
-                         **extra)
+                         gradient=gradient, **extra)
 
 
 def _job_cycles(config, nt, nf, transposed):
@@ -117,10 +122,15 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     if not case.weight.double_quant or case.weight.blocksize != SPAN:
         raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN}")
     port = mp.PortShape.of(config.port)
-    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None)
+    gradient = config.gradient and transposed
+    memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None,
+                        gradients_out=gradient, rank_rows=gradient)
     if memmap.end > config.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
+    if gradient:
+        # the forward product's hb, which it makes on chip (this product does not make it)
+        store_region(image, memmap, "hb", forward_rows(case))
     program = _program(config, memmap, tokens, features, transposed)
     activation, output = ("dy", "dx") if transposed else ("x", "y")
     reqs = bp.requests(port, program)
@@ -132,6 +142,9 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
             "rank_columns": memmap["lora_A" if transposed else "lora_B"].address,
             "scaling": int(np.float32(case.scaling).view(np.uint32)),
             "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
+    if config.gradient:
+        term.update({"rank_rows": memmap["hb"].address if gradient else 0,
+                     "gradient": memmap["grad_B"].address if gradient else 0})
     descriptor = descriptor_layout(config).const({
         "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
@@ -153,8 +166,9 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     report = _fields(beats["report"][0], report_layout(config.reads))
     wb = port.word_bytes
     program_reads = mp.bytes_by_tensor(port, reads)
+    outputs = unpack_outputs(image, memmap)
     return BlockedRun(
-        y=unpack_outputs(image, memmap)[output], cycles=report["cycles"],
+        y=outputs[output], grad_B=outputs["grad_B"] if gradient else None, cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
         read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in config.reads},
         written_bytes=report["written"] * wb,
@@ -182,7 +196,9 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None)
+    gradient = config.gradient and transposed
+    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None,
+                    gradients_out=gradient, rank_rows=gradient)
     reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed))
     activation = "dy" if transposed else "x"
 
@@ -208,7 +224,9 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                 i += 1
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
-                writes.append(reqs[i])
+                # (grad_B's rows leave span by span, beside the block's jobs)
+                if reqs[i].tensor != "grad_B":
+                    writes.append(reqs[i])
                 i += 1
             job = _job_cycles(config, nt, nf, transposed)
             written = alone(writes, "write")

@@ -13,7 +13,7 @@ from .streams import NO_STALLS, get, put
 from .verilator import VerilatorModel, run_model
 
 __all__ = ["CLOCK_PERIOD", "BACKENDS", "check_backend", "resolve_backend", "pack_lanes", "unpack_lanes", "producer",
-           "simulate", "run_streams"]
+           "simulate", "run_streams", "run_outputs"]
 
 CLOCK_PERIOD = 1e-8  # 100 MHz, the ULX3S target; only the VCD time axis depends on it
 
@@ -117,3 +117,32 @@ def run_streams(factory, key, inputs, output, count, *, stalls=None, max_cycles,
 
     return simulate(dut, producers, consumer, vcd_path, processes=[observe(dut) for observe in observers])
 
+
+
+def run_outputs(factory, key, inputs, outputs, *, stalls=None, max_cycles, backend=None):
+    """:func:`run_streams` for a design with several output streams: ``outputs`` is ``{port: count}``, each
+    collected at its own pace (and with its own stalls). Returns ``({port: beats}, cycles)``."""
+    stalls = stalls or {}
+    if resolve_backend(backend) == "verilator":
+        model = VerilatorModel(factory, key)
+        got, cycles, _ = run_model(model, inputs, outputs, stalls=stalls, max_cycles=max_cycles)
+        return got, cycles
+    dut = factory()
+    collected = {}
+
+    def collector(name, count):
+        async def take(ctx):
+            collected[name] = await get(ctx, getattr(dut, name), count, stalls.get(name, NO_STALLS),
+                                        max_cycles=max_cycles)
+        return take
+
+    async def consumer(ctx):
+        for _ in range(max_cycles):
+            if len(collected) == len(outputs):
+                break
+            await ctx.tick()
+        return {name: collected.get(name, []) for name in outputs}
+
+    producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS)) for name, beats in inputs.items()]
+    producers += [collector(name, count) for name, count in outputs.items()]
+    return simulate(dut, producers, consumer, None)

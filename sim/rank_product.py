@@ -9,9 +9,7 @@ import torch
 
 from ..golden.rank_product import rank_rows
 from ..rtl.rank_product import SPAN, RankProduct, span_layout
-from .harness import pack_lanes, producer, resolve_backend, simulate, unpack_lanes
-from .streams import NO_STALLS, get
-from .verilator import VerilatorModel, run_model
+from .harness import pack_lanes, run_outputs, unpack_lanes
 
 __all__ = ["ProductBlock", "ProductRun", "run_rank_product"]
 
@@ -74,34 +72,12 @@ def _stimulus(config, blocks):
 def run_rank_product(config, blocks, *, stalls=None, backend=None, max_cycles=None):
     """Run ``blocks`` (:class:`ProductBlock`) through one unit; returns a :class:`ProductRun`."""
     inputs, want = _stimulus(config, blocks)
-    stalls = stalls or {}
     count = len(inputs["values"])
     max_cycles = max_cycles or 4 * (count + len(inputs["operands"])) + 200 * len(want) + 5000
-    if resolve_backend(backend) == "verilator":
-        model = VerilatorModel(lambda: RankProduct(config), f"RankProduct {config!r}")
-        outputs, cycles, _ = run_model(model, inputs, {"rows": len(want), "passed": count}, stalls=stalls,
-                                       max_cycles=max_cycles)
-        rows, passed = outputs["rows"], outputs["passed"]
-    else:
-        dut = RankProduct(config)
-        collected = {}
-
-        async def take_passed(ctx):
-            collected["passed"] = await get(ctx, dut.passed, count, stalls.get("passed", NO_STALLS),
-                                            max_cycles=max_cycles)
-
-        async def take_rows(ctx):
-            rows = await get(ctx, dut.rows, len(want), stalls.get("rows", NO_STALLS), max_cycles=max_cycles)
-            for _ in range(max_cycles):               # values of spans after the last rows still pass
-                if "passed" in collected:
-                    break
-                await ctx.tick()
-            return rows
-
-        producers = [producer(getattr(dut, name), beats, stalls.get(name, NO_STALLS))
-                     for name, beats in inputs.items()] + [take_passed]
-        rows, cycles = simulate(dut, producers, take_rows, None)
-        passed = collected.get("passed", [])
+    outputs, cycles = run_outputs(lambda: RankProduct(config), f"RankProduct {config!r}", inputs,
+                                  {"rows": len(want), "passed": count}, stalls=stalls, max_cycles=max_cycles,
+                                  backend=backend)
+    rows, passed = outputs["rows"], outputs["passed"]
     values = np.array(inputs["values"])
     got = np.array(passed[:count], np.int64)
     passed_mismatches = int((got != values[:got.size]).sum()) + count - got.size

@@ -309,3 +309,38 @@ def test_rejects_what_it_cannot_run():
         BlockedConfig(rank=3)
     with pytest.raises(ValueError, match=r"the configuration's rank \(0\) must be the case's \(4\)"):
         run_blocked_product(case, 2, 8, config, rank_term=True)
+
+
+@pytest.mark.parametrize("memory, rows, cols, shape", [
+    ("ulx3s-sdram", 2, 2, (18, 256, 128)),      # one token block of 18: a chunk of 16 tokens and one of 2
+    ("ecpix5-ddr3", 2, 4, (4, 512, 64)),        # column blocks of 192, 192 and 128; 64-bit port words
+])
+def test_blocked_backward_product_with_the_gradient_writes_the_steps_grad_b(memory, rows, cols, shape):
+    # the backward product with its rank-r term also writes grad_B = s dy^T hb, made as the second column block's
+    # dy passes, with hb read from memory: the step's grad_B (golden.lora.step_model) to the bit, with the
+    # adversarial dy (a zero row, an outlier feature, a subnormal) and random stalls; dx as without it; the byte
+    # counters equal the program's; on Verilator where installed
+    t, d_in, d_out = shape
+    case = _backward_case(t, d_in, d_out, 18)
+    case = dataclasses.replace(case, scaling=0.75)
+    config = blocked_config(case, t, 192, memory, rows, cols, transposed=True, rank_term=True, gradient=True)
+    run = run_blocked_product(case, t, 192, config, memory=memory, transposed=True, rank_term=True,
+                              stalls=_stalls(7, RUN_STALLS), backend=long_run_backend())
+    step = step_model(case)
+    assert mismatches(step["dx"], run.y) == 0
+    assert np.array_equal(run.grad_B.numpy().view(np.uint32), step["grad_B"].numpy().view(np.uint32))
+    assert run.read_bytes == run.program_read_bytes
+    assert run.read_bytes["hb"] == t * 4 * 2
+    assert run.written_bytes == run.program_written_bytes == t * d_in * 2 + d_out * 4 * 4
+
+
+def test_the_gradient_refuses_what_it_cannot_run():
+    case = _backward_case(4, 256, 128, 19)
+    with pytest.raises(ValueError, match="needs the rank-r term"):
+        blocked_config(case, 4, 192, transposed=True, gradient=True)
+    config = blocked_config(case, 4, 192, transposed=True, rank_term=True, gradient=True)
+    with pytest.raises(ValueError, match="all t .4. tokens in one token block .2."):
+        run_blocked_product(case, 2, 192, config, transposed=True, rank_term=True)
+    with pytest.raises(ValueError, match="a second column block"):
+        run_blocked_product(case, 4, 256, dataclasses.replace(config, max_features=256), transposed=True,
+                            rank_term=True)

@@ -169,6 +169,35 @@ def test_backward_product_with_the_rank_term_reads_b_and_a_once_per_token_block(
     assert ops[first_dy - 1].tensor == "lora_B" and ops[first_dy - 1].bytes == 64 * 4 * 4
 
 
+@pytest.mark.parametrize("t, d_in, d_out, features", [(8, 256, 128, 128), (18, 192, 64, 64)])
+def test_backward_product_with_the_gradient_reads_hb_and_writes_grad_b_once(t, d_in, d_out, features):
+    mm = layout(d_in, d_out, t, 4, row_exponent_chunk=16, gradients_out=True, rank_rows=True)
+    term = bp.backward_product(mm, t, features, 2, 8, rank_term=True)
+    grad = bp.backward_product(mm, t, features, 2, 8, rank_term=True, gradient=True)
+    added = bp.bytes_by_tensor(grad)
+    for name, size in bp.bytes_by_tensor(term).items():
+        assert added.pop(name) == size
+    assert added == {("read", "hb"): t * 4 * 2, ("write", "grad_B"): d_out * 4 * 4}
+    counts = _coverage(mm, grad)
+    assert (counts["read", "hb"] == 1).all() and (counts["write", "grad_B"] == 1).all()
+    # hb just before the second column block's first dy
+    ops = [job for _, job in grad.ops]
+    at = next(k for k, job in enumerate(ops) if job.tensor == "hb")
+    assert ops[at + 1].tensor == "dy" and ops[at + 1].address == mm["dy"].address
+    assert len([job for job in ops[:at] if job.tensor == "dx"]) == t          # after the first block's outputs
+
+
+def test_the_gradients_program_refuses_what_it_cannot_run():
+    mm = layout(256, 128, 8, 4, row_exponent_chunk=16, gradients_out=True, rank_rows=True)
+    with pytest.raises(ValueError, match="all tokens in one token block"):
+        bp.backward_product(mm, 4, 128, 2, 8, rank_term=True, gradient=True)
+    with pytest.raises(ValueError, match="a second column block"):
+        bp.backward_product(mm, 8, 256, 2, 8, rank_term=True, gradient=True)
+    with pytest.raises(ValueError, match="hb and grad_B"):
+        bp.backward_product(layout(256, 128, 8, 4, row_exponent_chunk=16), 8, 128, 2, 8, rank_term=True,
+                            gradient=True)
+
+
 @pytest.mark.parametrize("t, d_in, d_out, tokens, features", [(8, 256, 128, 4, 128), (6, 192, 64, 2, 64),
                                                                (128, 2048, 2048, 128, 384)])
 def test_backward_product_moves_the_backward_sweeps_bytes(t, d_in, d_out, tokens, features):

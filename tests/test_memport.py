@@ -5,11 +5,12 @@ every stream; requests split at max_burst and the boundary, words in order, noth
 import random
 
 import pytest
-from amaranth.hdl import Value
-from amaranth.lib import wiring
+from amaranth.hdl import Module, Value
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
 
-from edge_qlora.rtl.memport import (BurstReader, BurstWriter, MemPortConfig, MemPortSignature, job_layout,
-                                    split_bursts)
+from edge_qlora.rtl.memport import (BurstReader, BurstWriter, MemPortConfig, MemPortSignature, WriteArbiter,
+                                    beat_layout, job_layout, request_layout, split_bursts)
 from edge_qlora.sim.harness import producer, simulate
 from edge_qlora.sim.streams import Stalls, get, put
 
@@ -43,7 +44,8 @@ def random_jobs(config, count, seed):
     return jobs
 
 
-def check_requests(config, requests, jobs):
+def check_requests(config, requests, jobs, ordered=True):
+    """The requests split the jobs into bursts within the port's rows (``ordered``: in the jobs' order)."""
     aw, lw = config.address_width, config.max_burst.bit_length()
     got = [tuple(fields(r, aw, lw)) for r in requests]
     for address, length in got:
@@ -53,7 +55,7 @@ def check_requests(config, requests, jobs):
         last_row = (address + length * config.word_bytes - 1) // config.boundary
         assert first_row == last_row, f"request ({address:#x}, {length}) crosses a {config.boundary}-byte boundary"
     expected = [burst for address, size in jobs for burst in split_bursts(config, address, size)]
-    assert got == expected
+    assert got == expected if ordered else sorted(got) == sorted(expected)
 
 
 def words_of(config, memory, address, length):
@@ -133,6 +135,38 @@ def test_reader_streams_without_stalls():
     assert cycles <= size // 2 + 12
 
 
+def _write_memory(dut, config, memory, requests, received, stalls_cmd, stalls_data):
+    """A memory behind ``dut``'s write port: each burst's words into ``memory``, its command into ``requests``,
+    its words into ``received``; ``last`` must close each burst."""
+    wb = config.word_bytes
+
+    async def memory_side(ctx):
+        aw, lw, dw = config.address_width, config.max_burst.bit_length(), config.data_width
+        cmd_raw, data_raw = Value.cast(dut.write_cmd.payload), Value.cast(dut.write_data.payload)
+        while True:
+            ctx.set(dut.write_cmd.ready, 0 if stalls_cmd.stall() else 1)
+            _, _, valid, ready, payload = await ctx.tick().sample(dut.write_cmd.valid, dut.write_cmd.ready, cmd_raw)
+            if not (valid and ready):
+                continue
+            ctx.set(dut.write_cmd.ready, 0)
+            requests.append(payload)
+            address, length = fields(payload, aw, lw)
+            taken = 0
+            while taken < length:
+                ctx.set(dut.write_data.ready, 0 if stalls_data.stall() else 1)
+                _, _, valid, ready, beat = await ctx.tick().sample(dut.write_data.valid, dut.write_data.ready,
+                                                                   data_raw)
+                if valid and ready:
+                    word, last = beat & ((1 << dw) - 1), bool(beat >> dw & 1)
+                    assert last == (taken == length - 1), "last must close each burst, and only there"
+                    memory[address + taken * wb:address + (taken + 1) * wb] = word.to_bytes(wb, "little")
+                    received.append(word)
+                    taken += 1
+            ctx.set(dut.write_data.ready, 0)
+
+    return memory_side
+
+
 def test_writer_random_jobs():
     for name in ("sdram16", "wide64", "row_is_word"):
         config = CONFIGS[name]
@@ -157,32 +191,8 @@ def test_writer_random_jobs():
         dut = BurstWriter(config)
         memory = bytearray(config.capacity)
         requests, received = [], []
-        stalls_cmd, stalls_data = Stalls(0.3, seed + 1), Stalls(0.3, seed + 2)
-
-        async def memory_side(ctx):
-            aw, lw, dw = config.address_width, config.max_burst.bit_length(), config.data_width
-            cmd_raw, data_raw = Value.cast(dut.write_cmd.payload), Value.cast(dut.write_data.payload)
-            while True:
-                ctx.set(dut.write_cmd.ready, 0 if stalls_cmd.stall() else 1)
-                _, _, valid, ready, payload = await ctx.tick().sample(dut.write_cmd.valid, dut.write_cmd.ready,
-                                                                      cmd_raw)
-                if not (valid and ready):
-                    continue
-                ctx.set(dut.write_cmd.ready, 0)
-                requests.append(payload)
-                address, length = fields(payload, aw, lw)
-                taken = 0
-                while taken < length:
-                    ctx.set(dut.write_data.ready, 0 if stalls_data.stall() else 1)
-                    _, _, valid, ready, beat = await ctx.tick().sample(dut.write_data.valid, dut.write_data.ready,
-                                                                       data_raw)
-                    if valid and ready:
-                        word, last = beat & ((1 << dw) - 1), bool(beat >> dw & 1)
-                        assert last == (taken == length - 1), "last must close each burst, and only there"
-                        memory[address + taken * wb:address + (taken + 1) * wb] = word.to_bytes(wb, "little")
-                        received.append(word)
-                        taken += 1
-                ctx.set(dut.write_data.ready, 0)
+        memory_side = _write_memory(dut, config, memory, requests, received, Stalls(0.3, seed + 1),
+                                    Stalls(0.3, seed + 2))
 
         async def consumer(ctx):
             for _ in range(30 * total + 500):
@@ -200,6 +210,78 @@ def test_writer_random_jobs():
         assert received == [w for ws in words for w in ws]
         assert memory == expected
         check_requests(config, requests, jobs)
+
+
+class _TwoWriters(wiring.Component):
+    """Two burst writers onto one port through the arbiter, as the blocked product joins its outputs' writes and
+    its gradients'."""
+
+    def __init__(self, config):
+        self.config = config
+        job, words = stream.Signature(job_layout(config)), stream.Signature(config.data_width)
+        super().__init__({"job_0": In(job), "data_0": In(words), "job_1": In(job), "data_1": In(words),
+                          "write_cmd": Out(stream.Signature(request_layout(config))),
+                          "write_data": Out(stream.Signature(beat_layout(config)))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.arbiter = arbiter = WriteArbiter(self.config)
+        for i in range(2):
+            writer = m.submodules[f"writer_{i}"] = BurstWriter(self.config)
+            wiring.connect(m, wiring.flipped(getattr(self, f"job_{i}")), writer.job)
+            wiring.connect(m, wiring.flipped(getattr(self, f"data_{i}")), writer.data)
+            wiring.connect(m, writer.write_cmd, arbiter.cmds[i])
+            wiring.connect(m, writer.write_data, arbiter.beats[i])
+        wiring.connect(m, arbiter.write_cmd, wiring.flipped(self.write_cmd))
+        wiring.connect(m, arbiter.write_data, wiring.flipped(self.write_data))
+        return m
+
+
+def test_arbiter_keeps_each_burst_whole():
+    """Two writers' random jobs through the arbiter with random stalls everywhere: every burst's command is followed
+    by its own words, and the memory ends as the jobs say."""
+    config = CONFIGS["sdram16"]
+    wb = config.word_bytes
+    rng = random.Random(5)
+    jobs, address = [[], []], 0
+    for i in range(16):
+        size = rng.randrange(1, 3 * config.max_burst * wb)
+        jobs[i % 2].append((address, size))
+        address += -(-size // wb) * wb + rng.randrange(0, 4) * wb
+    words = [[[rng.randrange(1 << config.data_width) for _ in range(-(-size // wb))] for _, size in js] for js in jobs]
+    expected = bytearray(config.capacity)
+    for js, wss in zip(jobs, words):
+        for (address, _), ws in zip(js, wss):
+            for i, w in enumerate(ws):
+                expected[address + i * wb:address + (i + 1) * wb] = w.to_bytes(wb, "little")
+    total = sum(len(ws) for wss in words for ws in wss)
+    dut = _TwoWriters(config)
+    memory = bytearray(config.capacity)
+    requests, received = [], []
+    memory_side = _write_memory(dut, config, memory, requests, received, Stalls(0.3, 1), Stalls(0.3, 2))
+
+    async def consumer(ctx):
+        for _ in range(30 * total + 500):
+            if len(received) == total:
+                break
+            await ctx.tick()
+        return len(received)
+
+    feeds = []
+    for i in range(2):
+        feeds += [producer(getattr(dut, f"job_{i}"), [job_word(config, a, n) for a, n in jobs[i]], Stalls(0.4, 3 + i)),
+                  producer(getattr(dut, f"data_{i}"), [w for ws in words[i] for w in ws], Stalls(0.3, 5 + i))]
+    count, _ = simulate(dut, feeds + [memory_side], consumer, None)
+    assert count == total
+    assert memory == expected
+    check_requests(config, requests, sorted(jobs[0] + jobs[1]), ordered=False)
+
+
+def test_arbiter_refuses_bad_writers():
+    with pytest.raises(ValueError, match="writers"):
+        WriteArbiter(CONFIGS["sdram16"], writers=1)
+    with pytest.raises(TypeError, match="MemPortConfig"):
+        WriteArbiter("sdram")
 
 
 def test_split_bursts_python():
@@ -272,6 +354,7 @@ from edge_qlora.golden.traffic import StepShape, nf4_bytes  # noqa: E402
     dict(d_in=100, d_out=33, t=7, r=4, double_quant=False, align=1024, base=4096, in_place=False,
          gradients_out=True),
     dict(d_in=5632, d_out=2048, t=512, blocksize=128),
+    dict(d_in=256, d_out=128, t=18, r=4, gradients_out=True, row_exponent_chunk=16, rank_rows=True),
 ])
 def test_layout_no_overlap_aligned_sized(kwargs):
     memmap = mm.layout(**kwargs)
@@ -291,6 +374,9 @@ def test_layout_no_overlap_aligned_sized(kwargs):
     state = sum(memmap[name].size for name in mm.STATE_NAMES if name in memmap)
     assert state == shape.state_bytes
     assert len(set(memmap.names)) == len(memmap.names)
+    if "hb" in memmap:
+        # hb (bf16 [t, r]) after every other region, so that no other address moves
+        assert memmap.regions[-1].name == "hb" and memmap["hb"].size == memmap.t * memmap.r * 2
 
 
 def test_tinyllama_steps_fit_ulx3s():
