@@ -209,7 +209,7 @@ def _update(w):
             w.ops.append(("write", Job(region.name, region.address + offset, size)))
 
 
-def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
+def forward_product(memmap, token_block, feature_block, cols, rank_term=False, gradient=False):
     """The forward base product ``y = x W^T`` alone, output-stationary, exactly as the block controller of
     ``rtl/blocked.py`` issues it (its requests, in order, are the order the memory returns words in).
 
@@ -225,8 +225,13 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
     of A's ``r`` rows (one job each); after the first span's reads of each feature block, the feature block's rows
     of B (one job). After a span, not before the block: the unit that takes them is busy with the block before
     until that block's outputs have passed, and reads waiting in front of the block's first span would stall the
-    engine; the first span's reads still overlap the block before."""
+    engine; the first span's reads still overlap the block before.
+
+    With ``gradient`` (and ``rank_term``): after the token block's first feature block's outputs, its rows of hb
+    (``hb`` of the memory map, one job), which the backward product's grad_B reads."""
     mm = memmap
+    if gradient and not (rank_term and "hb" in mm.names):
+        raise ValueError("hb's write needs the rank-r term and the memory map's hb")
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN:
         raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN} and whole "
@@ -253,6 +258,8 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False):
             for c0 in range(f0, f0 + nf, cols):
                 for token in range(t0, t0 + nt):
                     w.add("write", "y", (token * d_out + c0) * 2, cols * 2)
+            if gradient and f0 == 0:
+                w.add("write", "hb", t0 * r * 2, nt * r * 2)
     return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 

@@ -28,7 +28,7 @@ from .lora import STATE_NAMES
 from .nf4_dequant import dequantize
 
 __all__ = ["Region", "MemoryMap", "INPUTS", "OUTPUTS", "TINYLLAMA_PROJECTIONS", "ULX3S_SDRAM_BYTES", "layout",
-           "layout_for", "pack_case", "unpack_inputs", "store_outputs", "store_region", "unpack_outputs",
+           "layout_for", "pack_case", "unpack_inputs", "store_outputs", "store_region", "read_region", "unpack_outputs",
            "tinyllama_table", "main"]
 
 #: The ULX3S's SDRAM: 32 MB.
@@ -272,6 +272,12 @@ def _write(image, memmap, region, values):
 def store_region(image, memmap, name, values):
     """Write ``values`` (a tensor or array of the region's dtype and size) into region ``name`` of ``image``."""
     _write(image, memmap, memmap[name], values)
+
+
+def read_region(image, memmap, name):
+    """Region ``name`` of ``image`` as a tensor of its dtype and shape (bf16, float32, ...)."""
+    region = memmap[name]
+    return _tensor(region, _read(image, memmap, region))
 
 
 def _read(image, memmap, region):

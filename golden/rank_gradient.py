@@ -29,8 +29,8 @@ def x_chunk_fields(x, chunk=16):
 
 
 def rank_gradient(activation, rows, scale, transposed=False, fields=None, chunk=16):
-    """The gradient, float32 numpy ``[k, r]``: row ``f`` is feature ``f``'s ``r`` values (a NaN is the canonical
-    one, as the hardware gives it).
+    """The gradient as it lies in memory, float32 numpy: grad_B ``[k, r]`` (row ``f`` feature ``f``'s ``r`` values)
+    or, ``transposed``, grad_A ``[r, k]`` (a NaN is the canonical one, as the hardware gives it).
 
     Parameters
     ----------
@@ -55,7 +55,7 @@ def rank_gradient(activation, rows, scale, transposed=False, fields=None, chunk=
     if transposed:
         fields = x_chunk_fields(activation, chunk) if fields is None else list(fields)
         exps = np.array(fields, np.int64) - _BF16_BIAS
-        g = gemm(rows.T.contiguous(), activation, numerics, transposed=True, row_exponents=exps).numpy().T
+        g = gemm(rows.T.contiguous(), activation, numerics, transposed=True, row_exponents=exps).numpy()
     else:
         g = gemm(activation.T.contiguous(), rows, numerics).numpy()
     with np.errstate(over="ignore", invalid="ignore"):

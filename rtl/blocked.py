@@ -129,11 +129,11 @@ class BlockedConfig:
         gb (``bf16(dy B)``) made from B the same way, A read from memory and the exponent A's rows share (the
         descriptor's ``rank_exponent``).
     gradient : bool
-        With ``rank`` and ``transposed``: the backward product also writes the step's ``grad_B = s dy^T hb``
-        (float32 ``[d_out, r]``, at the descriptor's ``gradient``) through a
-        :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block, with hb
-        (bf16 ``[t, r]``) read from the descriptor's ``rank_rows``. The whole reduction (all ``t`` tokens) must
-        be one token block.
+        With ``rank`` (2 or more) and ``transposed``: the forward product also writes hb (bf16 ``[t, r]``, at the
+        descriptor's ``rank_rows``), and the backward product reads it and writes the step's
+        ``grad_B = s dy^T hb`` (float32 ``[d_out, r]``, at the descriptor's ``gradient``) through a
+        :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block. The
+        whole reduction (all ``t`` tokens) must be one token block.
     """
 
     rows: int = 8
@@ -180,8 +180,9 @@ class BlockedConfig:
             raise ValueError(f"rank must be 0 (no rank-r term) or a power of two up to 16, not {self.rank!r}")
         if not isinstance(self.gradient, bool):
             raise ValueError(f"gradient must be a bool, not {self.gradient!r}")
-        if self.gradient and not (self.rank and self.transposed):
-            raise ValueError("the gradient needs the rank-r term (rank) and the transposed mode (transposed)")
+        if self.gradient and not (self.rank >= 2 and self.transposed):
+            raise ValueError("the gradient needs the rank-r term (rank 2 or more) and the transposed mode "
+                             "(transposed)")
         if SPAN % self.gemm.chunk_steps:
             raise ValueError(f"the engine's chunk ({self.gemm.chunk_steps}) must divide the span ({SPAN})")
 
@@ -1189,6 +1190,17 @@ class BlockedProduct(wiring.Component):
         m.submodules.packer = packer = Packer(cfg.cols * BF16.width, port.data_width)
         m.d.comb += [packer.job.valid.eq(outs.pack.valid), packer.job.payload.count.eq(outs.pack.payload),
                      outs.pack.ready.eq(packer.job.ready)]
+        hb_rows = None
+        if cfg.gradient:
+            # forward, hb's rows to the term and to the second writer (each takes a row when both can)
+            to_term = stream.Signature(rank_rows.payload.shape()).create()
+            hb_rows = stream.Signature(rank_rows.payload.shape()).create()
+            forward = ~head.dims.transposed
+            m.d.comb += [to_term.payload.eq(rank_rows.payload), hb_rows.payload.eq(rank_rows.payload),
+                         to_term.valid.eq(rank_rows.valid & (hb_rows.ready | ~forward)),
+                         hb_rows.valid.eq(rank_rows.valid & to_term.ready & forward),
+                         rank_rows.ready.eq(to_term.ready & (hb_rows.ready | ~forward))]
+            rank_rows = to_term
         if cfg.rank:
             rows = self._term(m, head, walkers, unpack, rank_rows)
             valid, ready, payload = rows.valid, rows.ready, rows.payload
@@ -1218,7 +1230,7 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, arbiter.write_cmd, wiring.flipped(self.mem.write_cmd))
         wiring.connect(m, arbiter.write_data, wiring.flipped(self.mem.write_data))
         self._staged_writes(m, "", outs.jobs, packer.words, arbiter.cmds[0], arbiter.beats[0])
-        self._gradient_writes(m, head, walkers, grads, arbiter.cmds[1], arbiter.beats[1])
+        self._gradient_writes(m, head, walkers, grads, hb_rows, arbiter.cmds[1], arbiter.beats[1])
 
     def _staged_writes(self, m, name, jobs, words, write_cmd, write_data):
         """Write ``jobs`` with a packer's ``words`` through a staging FIFO onto ``write_cmd`` and ``write_data``;
@@ -1238,24 +1250,38 @@ class BlockedProduct(wiring.Component):
         m.d.comb += [write_data.valid.eq(writer.write_data.valid), write_data.payload.eq(writer.write_data.payload),
                      writer.write_data.ready.eq(write_data.ready)]
 
-    def _gradient_writes(self, m, head, walkers, grads, write_cmd, write_data):
-        """Per span of the second column block (transposed), its 64 rows of grad_B from the gradient unit: one
-        packer job and one write job (``64 * rank`` float32, contiguous in grad_B)."""
+    def _gradient_writes(self, m, head, walkers, grads, rows, write_cmd, write_data):
+        """The second writer's jobs: forward, after a token block's first feature block, its rows of hb (which the
+        unit that makes hb gives, as the term takes them), one job; transposed, per span of the second column block
+        its 64 rows of grad_B from the gradient unit, one job (``64 * rank`` float32, contiguous in grad_B)."""
         cfg = self.config
-        rank_shift = cfg.rank.bit_length() - 1
+        rank, tr = cfg.rank, head.dims.transposed
+        rank_shift = rank.bit_length() - 1
         m.submodules.gradient_packer = packer = Packer(FP32.width, cfg.port.data_width)
-        m.d.comb += [packer.elements.valid.eq(grads.valid), grads.ready.eq(packer.elements.ready),
-                     packer.elements.payload.eq(grads.payload)]
+        # hb's rows, each cut into rank / 2 float32-wide elements, low first
+        held, left = Signal(len(rows.payload.as_value())), Signal(range(rank // 2 + 1))
+        m.d.comb += rows.ready.eq(left == 0)
+        with m.If(rows.valid & rows.ready):
+            m.d.sync += [held.eq(rows.payload), left.eq(rank // 2)]
+        with m.If(~tr & packer.elements.ready & (left != 0)):
+            m.d.sync += [held.eq(held >> FP32.width), left.eq(left - 1)]
+        m.d.comb += [packer.elements.valid.eq(Mux(tr, grads.valid, left != 0)),
+                     packer.elements.payload.eq(Mux(tr, grads.payload, held[:FP32.width])),
+                     grads.ready.eq(tr & packer.elements.ready)]
         jobs = stream.Signature(write_job_layout(cfg.port)).create()
         spans = walkers["gradient_writes"].spans
         beat = spans.payload
-        capture = head.dims.transposed & (beat.f0 == head.dims.features)
+        rows_out = ~tr & (beat.f0 == 0) & beat.final
+        gradient_out = tr & (beat.f0 == head.dims.features)
+        active = rows_out | gradient_out
         packed, written = Signal(), Signal()
-        m.d.comb += [packer.job.valid.eq(spans.valid & capture & ~packed), packer.job.payload.count.eq(SPAN * cfg.rank),
-                     jobs.valid.eq(spans.valid & capture & ~written),
-                     jobs.payload.address.eq(head.gradient + (beat.s << (_SPAN_SHIFT + rank_shift + 2))),
-                     jobs.payload.bytes.eq(SPAN * cfg.rank * 4),
-                     spans.ready.eq(~capture | ((packed | packer.job.ready) & (written | jobs.ready)))]
+        m.d.comb += [packer.job.valid.eq(spans.valid & active & ~packed),
+                     packer.job.payload.count.eq(Mux(tr, SPAN * rank, beat.nt << (rank_shift - 1))),
+                     jobs.valid.eq(spans.valid & active & ~written),
+                     jobs.payload.address.eq(Mux(tr, head.gradient + (beat.s << (_SPAN_SHIFT + rank_shift + 2)),
+                                                 head.rank_rows + (beat.t0 << (rank_shift + 1)))),
+                     jobs.payload.bytes.eq(Mux(tr, SPAN * rank * 4, beat.nt << (rank_shift + 1))),
+                     spans.ready.eq(~active | ((packed | packer.job.ready) & (written | jobs.ready)))]
         with m.If(spans.valid & spans.ready):
             m.d.sync += [packed.eq(0), written.eq(0)]
         with m.Else():
@@ -1290,11 +1316,12 @@ class BlockedProduct(wiring.Component):
         cycles, written, memory, compute = Signal(48), Signal(48), Signal(48), Signal(48)
         before = [Signal(48, name=f"before_{name}") for name in cfg.reads]
         total = Signal(48)
-        outputs = (head.dims.t * _outputs(head.dims)) << 1
+        words = ((head.dims.t * _outputs(head.dims)) << 1) >> port.word_shift
         if cfg.gradient:
-            # and grad_B, float32 [d_out, r], transposed
-            outputs = outputs + Mux(tr, (head.dims.d_out * cfg.rank) << 2, 0)
-        m.d.comb += total.eq(outputs >> port.word_shift)
+            # and grad_B (float32 [d_out, r]) transposed, hb (bf16 [t, r], its last word padded) forward
+            extra = Mux(tr, (head.dims.d_out * cfg.rank) << 2, ((head.dims.t * cfg.rank) << 1) + port.word_bytes - 1)
+            words = words + (extra >> port.word_shift)
+        m.d.comb += total.eq(words)
         with m.If(start):
             m.d.sync += [cycles.eq(0), written.eq(0), memory.eq(0), compute.eq(0),
                          *(b.eq(reader.words[i]) for i, b in enumerate(before))]

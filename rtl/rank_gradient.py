@@ -18,26 +18,23 @@ them. So the gradient equals the step's to the bit.
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..constants import ACC_BITS, BF16, FP32, MAX_RANK, OPERAND_BITS, OPERAND_FRAC
-from .bfp import BF16_BIAS, AlignLanes, biased_exponent
-from .fp import FixedToFloat, FPAdd, FPMul, ecp5_registered_product
-from .pipeline import delay_line, is_ecp5
+from ..constants import BF16, FP32, MAX_RANK, OPERAND_BITS
+from .bfp import biased_exponent
+from .fp import FPMul
+from .pipeline import delay_line
+from .rank_product import accumulate_chunks, align_in_place, chunk_products
 
 __all__ = ["RankGradientConfig", "span_layout", "RankGradient", "CHUNK", "SPAN"]
 
 #: Tokens per alignment chunk (the engine's) and features per span (one NF4 block).
 CHUNK = 16
 SPAN = 64
-
-#: float32 minus zero: the identity of a round-to-nearest addition, so a fresh partial sum takes the first
-#: chunk's partial as it is (``-0.0`` included), as the engine's first chunk does.
-_MINUS_ZERO = 1 << (FP32.width - 1)
 
 
 @dataclass(frozen=True)
@@ -99,9 +96,10 @@ class RankGradient(wiring.Component):
     Per span one ``spans`` beat. With ``load`` (and ``capture``), ``tokens`` beats of ``rows`` (hb or gb, a token
     row each), then, ``transposed``, ``ceil(tokens / 16)`` beats of ``fields`` (x's chunk exponents as biased
     bf16 fields, :func:`edge_qlora.golden.rank_gradient.x_chunk_fields`). Then the span's ``tokens * 64``
-    activation ``values`` (token row after token row), each of which leaves on ``passed`` unchanged. A captured
-    span's 64 features leave on ``grads``, ``rank`` float32 values each, one a beat, in feature order, after its
-    last values. Rows and activation must be finite bf16.
+    activation ``values`` (token row after token row), each of which leaves on ``passed`` unchanged. After a
+    captured span's last values its ``64 * rank`` float32 gradient values leave on ``grads``, one a beat, in the
+    order of the gradient in memory: grad_B's 64 rows (``rank`` values each), transposed the span's 64 columns of
+    each of grad_A's ``rank`` rows. Rows and activation must be finite bf16.
 
     The activation passes one value a cycle while the unit keeps up: a chunk of 16 token rows replays in 1,024
     cycles while the next one fills; a span's ``64 * rank`` values of ``grads`` leave one a cycle, while the
@@ -173,7 +171,7 @@ class RankGradient(wiring.Component):
         busy, owed, emitting, sums = self._replay(m, platform, full, filled, meta, table_read, fields_read,
                                                   transposed, state == _State.ALIGN)
         m.d.comb += quiet.eq(~full.any() & ~busy & ~owed & ~emitting)
-        self._emit(m, owed, emitting, busy, sums, scale)
+        self._emit(m, owed, emitting, busy, sums, scale, transposed)
         return m
 
     def _load(self, m, state, span, quiet, table_read, fields_read):
@@ -212,38 +210,10 @@ class RankGradient(wiring.Component):
             m.d.sync += chunk.eq(chunk + 1)
             with m.If((chunk + 1) * CHUNK >= span.tokens):
                 m.d.sync += [chunk.eq(0), state.eq(_State.ALIGN)]
-        self._align(m, state, span, table, table_read, fields_read)
-
-    def _align(self, m, state, span, table, table_read, fields_read):
-        """The table's raw operands, entry by entry and lane by lane: read, aligned to the lane's chunk field (one
-        aligner), written back into their lane. A read of an entry returns its later lanes still raw."""
-        rank = self.config.rank
-        aligning = state == _State.ALIGN
-        t, j = Signal(range(self.config.max_tokens)), Signal(range(rank))
-        issuing = Signal(init=1)
-        issue = aligning & issuing
-        with m.If(issue):
-            m.d.comb += [table_read.addr.eq(t), fields_read.addr.eq(t // CHUNK)]
-            m.d.sync += [j.eq(Mux(j == rank - 1, 0, j + 1)), t.eq(Mux(j == rank - 1, t + 1, t))]
-            with m.If((j == rank - 1) & (t == span.tokens - 1)):
-                m.d.sync += [issuing.eq(0), t.eq(0)]
-        m.submodules.align_operand = align = AlignLanes(1, stages=2)
-        chain = [issue]
-        for stage in range(1 + align.latency):
-            chain.append(Signal(name=f"align_valid_{stage + 1}"))
-            m.d.sync += chain[-1].eq(chain[-2])
-        lane, entry = Signal.like(j), Signal.like(t)
-        m.d.sync += [lane.eq(j), entry.eq(t)]
-        m.d.comb += [align.values.eq(table_read.data[lane][:BF16.width]),
-                     align.shared.eq(fields_read.data[lane].as_unsigned() - BF16_BIAS)]
-        written_lane = delay_line(m, 1, lane, align.latency, "align_lane")
-        written_entry = delay_line(m, 1, entry, align.latency, "align_entry")
-        with m.If(chain[-1]):
-            m.d.comb += [table.addr.eq(written_entry), table.en.eq(1 << written_lane)]
-            for index in range(rank):
-                m.d.comb += table.data[index].eq(align.q[0])
-        with m.If(aligning & ~issuing & ~Cat(*chain[1:]).any()):
-            m.d.sync += [issuing.eq(1), state.eq(_State.PASS)]
+        aligned = align_in_place(m, state == _State.ALIGN, span.tokens, self.config.max_tokens, rank, table,
+                                 table_read, fields_read)
+        with m.If(aligned):
+            m.d.sync += state.eq(_State.PASS)
 
     def _capture(self, m, state, span):
         """The span's values on to ``passed``; with ``capture`` each chunk of 16 token rows into one half of the
@@ -335,85 +305,20 @@ class RankGradient(wiring.Component):
         with m.If(~aligning):
             m.d.comb += [table_port.addr.eq(delay_line(m, 1, held.chunk * CHUNK + row, 2, "table_address")),
                          fields_port.addr.eq(held.chunk)]
-        valid = [issue]
-        for s in range(6):
-            valid.append(Signal(name=f"product_valid_{s + 1}"))
-            m.d.sync += valid[-1].eq(valid[-2])
-        tag_layout = data.StructLayout({"opens": 1, "closes": 1, "feature": range(SPAN), "first": 1})
-        tag = Signal(tag_layout)
+        tag = Signal(data.StructLayout({"opens": 1, "closes": 1, "feature": range(SPAN), "first": 1}))
         m.d.comb += [tag.opens.eq(row == 0), tag.closes.eq(row == CHUNK - 1), tag.feature.eq(feature),
                      tag.first.eq(held.first)]
-        late = tag_layout(delay_line(m, 1, tag, 5, "product_tag"))
-        field_late = delay_line(m, 1, group_field, 4, "product_field")
-        fields_late = self.row_fields.shape(delay_line(m, 1, fields_port.data, 4, "product_fields"))
-
-        m.submodules.align_value = align = AlignLanes(1, stages=2)
-        m.d.comb += [align.values.eq(Mux(real, buffer.data, 0)), align.shared.eq(group_field - BF16_BIAS)]
-        operand_q = [table_port.data[lane].as_signed() for lane in range(rank)]
-        products = [Signal(signed(2 * OPERAND_BITS), name=f"product_{lane}") for lane in range(rank)]
-        for lane, product in enumerate(products):
-            if is_ecp5(platform):
-                m.submodules[f"multiply_{lane}"] = ecp5_registered_product(align.q[0], operand_q[lane], product,
-                                                                           Const(1), signed=True)
-            else:
-                a = Signal(signed(OPERAND_BITS), name=f"operand_a_{lane}")
-                b = Signal(signed(OPERAND_BITS), name=f"operand_b_{lane}")
-                m.d.sync += [a.eq(align.q[0]), b.eq(operand_q[lane]), product.eq(a * b)]
-        sums = [Signal(signed(ACC_BITS), name=f"chunk_sum_{lane}") for lane in range(rank)]
-        totals = [Signal(signed(ACC_BITS), name=f"chunk_total_{lane}") for lane in range(rank)]
-        m.d.comb += [total.eq(Mux(late.opens, 0, partial) + product)
-                     for total, partial, product in zip(totals, sums, products)]
-        at_products = valid[5]
-        with m.If(at_products):
-            m.d.sync += [partial.eq(total) for partial, total in zip(sums, totals)]
-
-        # the chunk's sums and exponents shift out one a cycle, lane 0 first
-        out_layout = data.StructLayout({"sum": signed(ACC_BITS), "exponent": signed(11)})
-        shift = [Signal(out_layout, name=f"serial_{lane}") for lane in range(rank)]
-        left = Signal(range(rank + 1))
-        feature_out, first = Signal(range(SPAN)), Signal()
-        with m.If(left != 0):
-            m.d.sync += left.eq(left - 1)
-            for lane in range(rank - 1):
-                m.d.sync += shift[lane].eq(shift[lane + 1])
-        with m.If(at_products & late.closes):
-            m.d.sync += [left.eq(rank), feature_out.eq(late.feature), first.eq(late.first)]
-            for lane in range(rank):
-                exponent = field_late + fields_late[lane] - (2 * BF16_BIAS + 2 * OPERAND_FRAC)
-                m.d.sync += [shift[lane].sum.eq(totals[lane]), shift[lane].exponent.eq(exponent)]
-        lane_out = Signal(range(rank))
-        m.d.comb += lane_out.eq(rank - left)
-        float_busy, partials = self._accumulate(m, left != 0, shift[0], feature_out, lane_out, first)
-        busy = active | Cat(*valid[1:]).any() | float_busy | (left != 0)
+        stream_busy, (valid, entry, lane), closed = chunk_products(
+            m, platform, rank, issue, Mux(real, buffer.data, 0), group_field, table_port.data, fields_port.data, tag)
+        float_busy, partials = accumulate_chunks(m, self.sums, valid, entry, closed.feature * rank + lane,
+                                                 closed.first)
+        busy = active | stream_busy | float_busy | valid
         return busy, owed, emitting, partials
 
-    def _accumulate(self, m, valid, entry, feature, lane, first):
-        """A chunk sum to float32 and into its partial sum (from minus zero at the span's first chunk); the next
-        chunk sum of the same feature and lane comes a chunk's replay later. Returns whether a sum is on its way
-        and the partial sums' read port."""
-        rank = self.config.rank
-        m.submodules.convert = convert = FixedToFloat(ACC_BITS, stages=4)
-        m.submodules.add = add = FPAdd(FP32)
-        m.d.comb += [convert.value.eq(entry.sum), convert.exponent.eq(entry.exponent)]
-        address = Signal(range(SPAN * rank))
-        m.d.comb += address.eq(feature * rank + lane)
-        chain = [valid]
-        for s in range(convert.latency + add.latency):
-            chain.append(Signal(name=f"float_valid_{s + 1}"))
-            m.d.sync += chain[-1].eq(chain[-2])
-        read_address = delay_line(m, 1, address, convert.latency - 1, "sum_read_address")
-        fresh = delay_line(m, 1, first, convert.latency, "sum_fresh")
-        partials = self.sums.read_port(domain="sync", transparent_for=())
-        m.d.comb += partials.addr.eq(read_address)
-        m.d.comb += [add.a.eq(Mux(fresh, _MINUS_ZERO, partials.data)), add.b.eq(convert.result)]
-        write = self.sums.write_port()
-        m.d.comb += [write.addr.eq(delay_line(m, 1, address, convert.latency + add.latency, "sum_write_address")),
-                     write.data.eq(add.result), write.en.eq(chain[-1])]
-        return Cat(*chain[1:]).any(), partials
-
-    def _emit(self, m, owed, emitting, busy, sums, scale):
-        """Once an owed gradient's sums are all in: the partial sums read one a cycle, feature after feature,
-        multiplied by ``s`` and queued for ``grads`` (a read is issued only when the queue has room for it)."""
+    def _emit(self, m, owed, emitting, busy, sums, scale, transposed):
+        """Once an owed gradient's sums are all in: the partial sums read one a cycle (feature after feature;
+        transposed, lane after lane), multiplied by ``s`` and queued for ``grads`` (a read is issued only when the
+        queue has room for it)."""
         rank = self.config.rank
         feature, lane = Signal(range(SPAN)), Signal(range(rank))
         with m.If(owed & ~busy):
@@ -427,11 +332,20 @@ class RankGradient(wiring.Component):
         m.d.sync += outstanding.eq(outstanding + issue - taken)
         with m.If(issue):
             m.d.comb += sums.addr.eq(feature * rank + lane)
-            m.d.sync += lane.eq(Mux(lane == rank - 1, 0, lane + 1))
-            with m.If(lane == rank - 1):
-                m.d.sync += feature.eq(feature + 1)
+            with m.If(~transposed):
+                # grad_B's rows: feature after feature
+                m.d.sync += lane.eq(Mux(lane == rank - 1, 0, lane + 1))
+                with m.If(lane == rank - 1):
+                    m.d.sync += feature.eq(feature + 1)
+                    with m.If(feature == SPAN - 1):
+                        m.d.sync += [feature.eq(0), emitting.eq(0)]
+            with m.Else():
+                # grad_A's rows: the span's 64 columns of each row, row after row
+                m.d.sync += feature.eq(Mux(feature == SPAN - 1, 0, feature + 1))
                 with m.If(feature == SPAN - 1):
-                    m.d.sync += [feature.eq(0), emitting.eq(0)]
+                    m.d.sync += lane.eq(lane + 1)
+                    with m.If(lane == rank - 1):
+                        m.d.sync += [lane.eq(0), emitting.eq(0)]
         m.d.comb += [multiply.a.eq(scale), multiply.b.eq(sums.data),
                      queue.w_stream.valid.eq(delay_line(m, 1, issue, 1 + multiply.latency, "scaled_valid")),
                      queue.w_stream.payload.eq(multiply.result)]

@@ -25,11 +25,15 @@ from .bfp import BF16_BIAS, AlignLanes, biased_exponent
 from .fp import FixedToFloat, FPAdd, FPConvert, ecp5_registered_product
 from .pipeline import delay_line, is_ecp5
 
-__all__ = ["RankProductConfig", "span_layout", "RankProduct", "CHUNK", "SPAN"]
+__all__ = ["RankProductConfig", "span_layout", "RankProduct", "CHUNK", "SPAN", "MINUS_ZERO", "align_in_place",
+           "chunk_products", "accumulate_chunks"]
 
 #: Reduction elements per alignment chunk (the engine's) and per span (one NF4 block).
 CHUNK = 16
 SPAN = 64
+#: float32 minus zero: the identity of a round-to-nearest addition, so a fresh partial sum takes the first
+#: chunk's partial as it is (``-0.0`` included), as the engine's first chunk does.
+MINUS_ZERO = 1 << (FP32.width - 1)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,125 @@ def span_layout(config):
     it); ``transposed`` (B1: the operand is B's span of rows)."""
     return data.StructLayout({"tokens": range(config.max_tokens + 1), "capture": 1, "first": 1, "last": 1,
                               "transposed": 1})
+
+
+def align_in_place(m, aligning, entries, depth, rank, table, table_read, fields_read):
+    """A table's raw bf16 operands (the first ``entries`` of its ``depth`` entries of ``rank`` lanes), entry by
+    entry and lane by lane: read, aligned to the field of the lane's group (``fields_read``, read at entry
+    ``k // 16``; one aligner), written back into their lane through ``table`` (a lane-enabled write port, driven
+    here only while writing). A read of an entry returns its later lanes still raw. Runs while ``aligning``;
+    returns ``done``, high once the last operand is written (the caller leaves the aligning state on it)."""
+    k, j = Signal(range(depth)), Signal(range(rank))
+    issuing = Signal(init=1)
+    issue = aligning & issuing
+    with m.If(issue):
+        m.d.comb += [table_read.addr.eq(k), fields_read.addr.eq(k // CHUNK)]
+        m.d.sync += [j.eq(Mux(j == rank - 1, 0, j + 1)), k.eq(Mux(j == rank - 1, k + 1, k))]
+        with m.If((j == rank - 1) & (k == entries - 1)):
+            m.d.sync += [issuing.eq(0), k.eq(0)]
+    # stage 1: the lane of the read entry and its exponent; then the alignment; then the write
+    m.submodules.align_operand = align = AlignLanes(1, stages=2)
+    chain = [issue]
+    for stage in range(1 + align.latency):
+        chain.append(Signal(name=f"align_valid_{stage + 1}"))
+        m.d.sync += chain[-1].eq(chain[-2])
+    lane, entry = Signal.like(j), Signal.like(k)
+    m.d.sync += [lane.eq(j), entry.eq(k)]
+    m.d.comb += [align.values.eq(table_read.data[lane][:BF16.width]),
+                 align.shared.eq(fields_read.data[lane].as_unsigned() - BF16_BIAS)]
+    written_lane = delay_line(m, 1, lane, align.latency, "align_lane")
+    written_entry = delay_line(m, 1, entry, align.latency, "align_entry")
+    with m.If(chain[-1]):
+        m.d.comb += [table.addr.eq(written_entry), table.en.eq(1 << written_lane)]
+        for index in range(rank):
+            m.d.comb += table.data[index].eq(align.q[0])
+    done = Signal()
+    m.d.comb += done.eq(aligning & ~issuing & ~Cat(*chain[1:]).any())
+    with m.If(done):
+        m.d.sync += issuing.eq(1)
+    return done
+
+
+def chunk_products(m, platform, rank, issue, value, field, operands, operand_fields, tag):
+    """The outer product's pipeline, a value a cycle: the value issued at stage 0 arrives (``value``, bf16, and
+    its chunk's biased exponent ``field``) at stage 1 and is aligned (stages 2-3); its ``rank`` aligned operands
+    (``operands``, the table's read data) arrive at stage 3 and their groups' fields (``operand_fields``) at
+    stage 1; the products take stages 4-5, and ``rank`` exact sums run over each chunk (``tag.opens`` on its first
+    value, ``tag.closes`` on its last; ``tag``, a struct given at stage 0). Each closed chunk's sums then shift
+    out one a cycle, lane 0 first, with their exponents. Returns whether values are in the pipeline
+    (``stream``), the serializer's output (``valid``, ``entry``: ``sum`` and ``exponent``, ``lane``) and the
+    closed chunk's ``tag``."""
+    valid = [issue]
+    for s in range(6):
+        valid.append(Signal(name=f"product_valid_{s + 1}"))
+        m.d.sync += valid[-1].eq(valid[-2])
+    late = tag.shape()(delay_line(m, 1, tag, 5, "product_tag"))
+    field_late = delay_line(m, 1, field, 4, "product_field")
+    fields_late = operand_fields.shape()(delay_line(m, 1, operand_fields, 4, "product_fields"))
+
+    m.submodules.align_value = align = AlignLanes(1, stages=2)
+    m.d.comb += [align.values.eq(value), align.shared.eq(field - BF16_BIAS)]
+    operand_q = [operands[lane].as_signed() for lane in range(rank)]
+    # the products (two registers), stage 4 to 6; the chunk's sums at stage 6
+    products = [Signal(signed(2 * OPERAND_BITS), name=f"product_{lane}") for lane in range(rank)]
+    for lane, product in enumerate(products):
+        if is_ecp5(platform):
+            m.submodules[f"multiply_{lane}"] = ecp5_registered_product(align.q[0], operand_q[lane], product,
+                                                                       Const(1), signed=True)
+        else:
+            a = Signal(signed(OPERAND_BITS), name=f"operand_a_{lane}")
+            b = Signal(signed(OPERAND_BITS), name=f"operand_b_{lane}")
+            m.d.sync += [a.eq(align.q[0]), b.eq(operand_q[lane]), product.eq(a * b)]
+    # each lane's sum so far with this value's product (a chunk's first value starts it)
+    sums = [Signal(signed(ACC_BITS), name=f"chunk_sum_{lane}") for lane in range(rank)]
+    totals = [Signal(signed(ACC_BITS), name=f"chunk_total_{lane}") for lane in range(rank)]
+    m.d.comb += [total.eq(Mux(late.opens, 0, partial) + product)
+                 for total, partial, product in zip(totals, sums, products)]
+    at_products = valid[5]
+    with m.If(at_products):
+        m.d.sync += [partial.eq(total) for partial, total in zip(sums, totals)]
+
+    # the chunk's sums and exponents shift out one a cycle, lane 0 first
+    out_layout = data.StructLayout({"sum": signed(ACC_BITS), "exponent": signed(11)})
+    shift = [Signal(out_layout, name=f"serial_{lane}") for lane in range(rank)]
+    left = Signal(range(rank + 1))
+    closed = Signal(tag.shape())
+    with m.If(left != 0):
+        m.d.sync += left.eq(left - 1)
+        for lane in range(rank - 1):
+            m.d.sync += shift[lane].eq(shift[lane + 1])
+    with m.If(at_products & late.closes):
+        m.d.sync += [left.eq(rank), closed.eq(late)]
+        for lane in range(rank):
+            exponent = field_late + fields_late[lane] - (2 * BF16_BIAS + 2 * OPERAND_FRAC)
+            m.d.sync += [shift[lane].sum.eq(totals[lane]), shift[lane].exponent.eq(exponent)]
+    # the lane leaving now: rank - left (lane 0 when left = rank)
+    lane_out = Signal(range(rank))
+    m.d.comb += lane_out.eq(rank - left)
+    return Cat(*valid).any(), (left != 0, shift[0], lane_out), closed
+
+
+def accumulate_chunks(m, sums, valid, entry, address, fresh):
+    """A chunk sum (``entry``: ``sum`` and ``exponent``) to float32 and into its partial sum in memory ``sums``
+    at ``address`` (``fresh``: the reduction's first chunk, added to minus zero, the identity of a rounded
+    addition, so that a first partial of -0 stays -0 as the engine's does). The same partial sum's next chunk
+    must come after this one's write. Returns whether a sum is on its way and the partial sums' read port."""
+    m.submodules.convert = convert = FixedToFloat(ACC_BITS, stages=4)
+    m.submodules.add = add = FPAdd(FP32)
+    m.d.comb += [convert.value.eq(entry.sum), convert.exponent.eq(entry.exponent)]
+    chain = [valid]
+    for s in range(convert.latency + add.latency):
+        chain.append(Signal(name=f"float_valid_{s + 1}"))
+        m.d.sync += chain[-1].eq(chain[-2])
+    read_address = delay_line(m, 1, address, convert.latency - 1, "sum_read_address")
+    first = delay_line(m, 1, fresh, convert.latency, "sum_fresh")
+    partials = sums.read_port(domain="sync", transparent_for=())
+    m.d.comb += partials.addr.eq(read_address)
+    m.d.comb += [add.a.eq(Mux(first, MINUS_ZERO, partials.data)), add.b.eq(convert.result)]
+    write = sums.write_port()
+    m.d.comb += [write.addr.eq(delay_line(m, 1, address, convert.latency + add.latency, "sum_write_address")),
+                 write.data.eq(add.result), write.en.eq(chain[-1])]
+    return Cat(*chain[1:]).any(), partials
 
 
 class _State(enum.Enum, shape=3):
@@ -168,7 +291,8 @@ class RankProduct(wiring.Component):
         m.d.comb += [table.addr.eq(k), exps.addr.eq(k // CHUNK)]
         for lane in range(rank):
             m.d.comb += [table.data[lane].eq(value), exps.data[lane].eq(current)]
-        self._align(m, state, table, table_read, exps_read)
+        with m.If(align_in_place(m, state == _State.ALIGN, SPAN, SPAN, rank, table, table_read, exps_read)):
+            m.d.sync += state.eq(_State.PASS)
         with m.If(take):
             m.d.comb += [table.en.eq(1 << j), exps.en.eq(Mux(group_end, Mux(tr, (1 << rank) - 1, 1 << j), 0))]
             m.d.sync += running.eq(current)
@@ -183,38 +307,6 @@ class RankProduct(wiring.Component):
                     m.d.sync += j.eq(j + 1)
             with m.If(last):
                 m.d.sync += [j.eq(0), k.eq(0), state.eq(_State.ALIGN)]
-
-    def _align(self, m, state, table, table_read, exps_read):
-        """The table's raw operands, entry by entry and lane by lane: read, aligned to the exponent of the lane's
-        group (one aligner), written back into their lane. A read of an entry returns its later lanes still raw."""
-        rank = self.config.rank
-        aligning = state == _State.ALIGN
-        k, j = Signal(range(SPAN)), Signal(range(rank))
-        issuing = Signal(init=1)
-        issue = aligning & issuing
-        with m.If(issue):
-            m.d.comb += [table_read.addr.eq(k), exps_read.addr.eq(k // CHUNK)]
-            m.d.sync += [j.eq(Mux(j == rank - 1, 0, j + 1)), k.eq(Mux(j == rank - 1, k + 1, k))]
-            with m.If((j == rank - 1) & (k == SPAN - 1)):
-                m.d.sync += issuing.eq(0)
-        # stage 1: the lane of the read entry and its exponent; then the alignment; then the write
-        m.submodules.align_operand = align = AlignLanes(1, stages=2)
-        chain = [issue]
-        for stage in range(1 + align.latency):
-            chain.append(Signal(name=f"align_valid_{stage + 1}"))
-            m.d.sync += chain[-1].eq(chain[-2])
-        lane, entry = Signal.like(j), Signal.like(k)
-        m.d.sync += [lane.eq(j), entry.eq(k)]
-        m.d.comb += [align.values.eq(table_read.data[lane][:BF16.width]),
-                     align.shared.eq(exps_read.data[lane].as_unsigned() - BF16_BIAS)]
-        written_lane = delay_line(m, 1, lane, align.latency, "align_lane")
-        written_entry = delay_line(m, 1, entry, align.latency, "align_entry")
-        with m.If(chain[-1]):
-            m.d.comb += [table.addr.eq(written_entry), table.en.eq(1 << written_lane)]
-            for index in range(rank):
-                m.d.comb += table.data[index].eq(align.q[0])
-        with m.If(aligning & ~issuing & ~Cat(*chain[1:]).any()):
-            m.d.sync += [issuing.eq(1), state.eq(_State.PASS)]
 
     def _capture(self, m, state, span):
         """The span's values on to ``passed``; with ``capture`` each chunk of 16 into one of two slots, with its
@@ -264,8 +356,7 @@ class RankProduct(wiring.Component):
         each chunk's sums then leave one a cycle into the float32 partial sums. Returns whether values are
         streaming or in the multipliers (``stream``) and whether sums are on their way to the partial sums
         (``float``), and the partial sums' read port."""
-        cfg = self.config
-        rank = cfg.rank
+        rank = self.config.rank
         active, slot = Signal(), Signal()
         i = Signal(range(CHUNK))
         current = Signal(meta[0].shape())
@@ -291,86 +382,13 @@ class RankProduct(wiring.Component):
         with m.If(~aligning):
             m.d.comb += [table_port.addr.eq(delay_line(m, 1, held.chunk * CHUNK + i, 2, "table_address")),
                          exps_port.addr.eq(held.chunk)]
-        valid = [issue]
-        for s in range(6):
-            valid.append(Signal(name=f"product_valid_{s + 1}"))
-            m.d.sync += valid[-1].eq(valid[-2])
-        tag_layout = data.StructLayout({"opens": 1, "closes": 1, "token": held.token.shape(), "first": 1,
-                                        "field": 8})
-        tag = Signal(tag_layout)
+        tag = Signal(data.StructLayout({"opens": 1, "closes": 1, "token": held.token.shape(), "first": 1}))
         m.d.comb += [tag.opens.eq(i == 0), tag.closes.eq(i == CHUNK - 1), tag.token.eq(held.token),
-                     tag.first.eq(held.first), tag.field.eq(held.field)]
-        late = tag_layout(delay_line(m, 1, tag, 5, "product_tag"))
-        first_value, last_value, token_out, first_out, field_out = late.opens, late.closes, late.token, late.first, \
-            late.field
-        exps_late = self.exponents.shape(delay_line(m, 1, exps_port.data, 4, "product_exps"))
-
-        m.submodules.align_value = align = AlignLanes(1, stages=2)
-        m.d.comb += [align.values.eq(chunk_port.data), align.shared.eq(held.field - BF16_BIAS)]
-        operand_q = [table_port.data[lane].as_signed() for lane in range(rank)]
-        # the products (two registers), stage 4 to 6; the chunk's sums at stage 6
-        products = [Signal(signed(2 * OPERAND_BITS), name=f"product_{lane}") for lane in range(rank)]
-        for lane, product in enumerate(products):
-            if is_ecp5(platform):
-                m.submodules[f"multiply_{lane}"] = ecp5_registered_product(align.q[0], operand_q[lane], product,
-                                                                           Const(1), signed=True)
-            else:
-                a = Signal(signed(OPERAND_BITS), name=f"operand_a_{lane}")
-                b = Signal(signed(OPERAND_BITS), name=f"operand_b_{lane}")
-                m.d.sync += [a.eq(align.q[0]), b.eq(operand_q[lane]), product.eq(a * b)]
-        # each lane's sum so far with this value's product (a chunk's first value starts it)
-        sums = [Signal(signed(ACC_BITS), name=f"chunk_sum_{lane}") for lane in range(rank)]
-        totals = [Signal(signed(ACC_BITS), name=f"chunk_total_{lane}") for lane in range(rank)]
-        m.d.comb += [total.eq(Mux(first_value, 0, partial) + product)
-                     for total, partial, product in zip(totals, sums, products)]
-        at_products = valid[5]
-        with m.If(at_products):
-            m.d.sync += [partial.eq(total) for partial, total in zip(sums, totals)]
-
-        # the chunk's sums and exponents shift out one a cycle, lane 0 first
-        out_layout = data.StructLayout({"sum": signed(ACC_BITS), "exponent": signed(11)})
-        shift = [Signal(out_layout, name=f"serial_{lane}") for lane in range(rank)]
-        left = Signal(range(rank + 1))
-        token, first = Signal.like(held.token), Signal()
-        latch = at_products & last_value
-        with m.If(left != 0):
-            m.d.sync += left.eq(left - 1)
-            for lane in range(rank - 1):
-                m.d.sync += shift[lane].eq(shift[lane + 1])
-        with m.If(latch):
-            m.d.sync += [left.eq(rank), token.eq(token_out), first.eq(first_out)]
-            for lane in range(rank):
-                exponent = field_out + exps_late[lane] - (2 * BF16_BIAS + 2 * OPERAND_FRAC)
-                m.d.sync += [shift[lane].sum.eq(totals[lane]), shift[lane].exponent.eq(exponent)]
-        # the lane leaving now: rank - left (lane 0 when left = rank)
-        lane_out = Signal(range(rank))
-        m.d.comb += lane_out.eq(rank - left)
-        float_busy, sums = self._accumulate(m, left != 0, shift[0], token, lane_out, first)
-        return {"stream": Cat(*valid).any(), "float": float_busy | (left != 0)}, sums
-
-    def _accumulate(self, m, valid, entry, token, lane, first):
-        """A chunk sum to float32 and into its partial sum (from zero at the reduction's first chunk); the next
-        chunk of the same token row comes 17 cycles later at the soonest, after this one's write. Returns whether
-        a sum is on its way and the partial sums' read port."""
-        rank = self.config.rank
-        m.submodules.convert = convert = FixedToFloat(ACC_BITS, stages=4)
-        m.submodules.add = add = FPAdd(FP32)
-        m.d.comb += [convert.value.eq(entry.sum), convert.exponent.eq(entry.exponent)]
-        address = Signal(range(self.config.max_tokens * rank))
-        m.d.comb += address.eq(token * rank + lane)
-        chain = [valid]
-        for s in range(convert.latency + add.latency):
-            chain.append(Signal(name=f"float_valid_{s + 1}"))
-            m.d.sync += chain[-1].eq(chain[-2])
-        read_address = delay_line(m, 1, address, convert.latency - 1, "sum_read_address")
-        fresh = delay_line(m, 1, first, convert.latency, "sum_fresh")
-        partials = self.sums.read_port(domain="sync", transparent_for=())
-        m.d.comb += partials.addr.eq(read_address)
-        m.d.comb += [add.a.eq(Mux(fresh, 0, partials.data)), add.b.eq(convert.result)]
-        write = self.sums.write_port()
-        m.d.comb += [write.addr.eq(delay_line(m, 1, address, convert.latency + add.latency, "sum_write_address")),
-                     write.data.eq(add.result), write.en.eq(chain[-1])]
-        return Cat(*chain[1:]).any(), partials
+                     tag.first.eq(held.first)]
+        stream_busy, (valid, entry, lane), closed = chunk_products(m, platform, rank, issue, chunk_port.data,
+                                                                   held.field, table_port.data, exps_port.data, tag)
+        float_busy, sums = accumulate_chunks(m, self.sums, valid, entry, closed.token * rank + lane, closed.first)
+        return {"stream": stream_busy, "float": float_busy | valid}, sums
 
     def _emit(self, m, state, span, sums):
         """After the last span: each token row's ``rank`` partial sums read one a cycle, rounded to bf16 and

@@ -6,6 +6,7 @@
     python scripts/blocked_product.py --rank-term                      # the step's y = bf16(x W^T + s hb B^T)
     python scripts/blocked_product.py --backward --rank-term           # the step's dx = bf16(dy W + s gb A)
     python scripts/blocked_product.py --backward --rank-term --gradient  # and grad_B = s dy^T hb
+    python scripts/blocked_product.py --rank-term --gradient           # y, and hb written for grad_B
     python scripts/blocked_product.py --build build/blocked            # place the same design on the ULX3S-85F
 
 With ``--backward``, the backward product ``dx = dy W`` instead, in the traffic model's backward schedule (column
@@ -14,10 +15,10 @@ column block), on a design built with both modes (``BlockedConfig.transposed``);
 dx once, the memory-fed step's product its B4. With ``--rank-term``, the product with its LoRA term (r = 16), the
 step's y or dx, a design with ``BlockedConfig.rank`` (A and B read from memory; hb, or gb, made on chip as the
 first feature block's activation passes); the lower bound then counts A and B once too, and the outputs are
-checked against ``golden/rank_term.py`` (which equals the step's). With ``--gradient`` (and both of those), the
-backward product also writes the step's grad_B (``BlockedConfig.gradient``: hb read from memory, grad_B made as the
-second column block's dy passes), checked against ``golden/rank_gradient.py``; the lower bound then counts hb
-once and grad_B once too.
+checked against ``golden/rank_term.py`` (which equals the step's). With ``--gradient`` (and ``--rank-term``), a
+design with ``BlockedConfig.gradient`` (both modes): forward the product also writes hb, backward it reads hb and
+writes the step's grad_B, made as the second column block's dy passes; hb and grad_B are checked against the
+twins, and the lower bound counts hb once (and grad_B once) too.
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -122,10 +123,12 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
                               rank_term=bool(config.rank), backend="verilator")
     wall = time.perf_counter() - start
     bad = int((_expected(case, config, backward) != run.y.view(torch.int16)).sum())
-    gradient = config.gradient and backward
-    if gradient:
+    gradient = config.gradient
+    if gradient and backward:
         want = rank_gradient(case.dy, forward_rows(case), case.scaling)
         bad += int((want.view("uint32") != run.grad_B.numpy().view("uint32")).sum())
+    elif gradient:
+        bad += int((forward_rows(case).view(torch.int16) != run.hb.view(torch.int16)).sum())
     if bad:
         raise SystemExit(f"error: {name}: {bad} outputs differ from the golden product")
     mm = layout(d_in, d_out, t, 16)
@@ -133,14 +136,15 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
     x_bytes, y_bytes = t * d_in * 2, t * d_out * 2          # backward: dx and dy
     # A and B once (hb or gb are made on chip)
     term_bytes = (d_in + d_out) * 16 * 4 if config.rank else 0
-    # hb read once, grad_B written once
-    term_bytes += t * 16 * 2 + d_out * 16 * 4 if gradient else 0
+    # hb written once (forward), or read once and grad_B written once
+    term_bytes += (t * 16 * 2 + (d_out * 16 * 4 if backward else 0)) if gradient else 0
     moved = sum(run.read_bytes.values()) + run.written_bytes
     timing = DRAM_PRESETS[memory]
     clock = timing.clock_mhz * 1e6
     peak = timing.peak_bytes_per_cycle * clock
     seconds = run.cycles / clock
-    product = ("dx = dy W" + (", grad_B" if gradient else "")) if backward else "y = x W^T"
+    product = ("dx = dy W" + (", grad_B" if gradient else "")) if backward else \
+        ("y = x W^T" + (", hb" if gradient else ""))
     return dict(projection=name, product=product, tokens=t, memory=memory,
                 blocks=f"{tokens} x {features}", cycles=run.cycles,
                 engine_cycles=engine_cycles(config, t, d_in, d_out, tokens, features, backward),
@@ -157,8 +161,10 @@ def design(tokens, backward, memory, rank_term, max_features=None, gradient=Fals
     """One configuration for every projection at ``tokens`` (so that Verilator compiles it once; with
     ``backward``, one that runs both products) and the plan of blocks: ``(config, {projection: blocks})``."""
     plans = plan(tokens, backward, max_features)
-    sized = list(plans.values()) + (list(plan(tokens, False, max_features).values()) if backward else [])
-    extra = {"transposed": True, "max_out": max(d_out for _, d_out in SHAPES.values())} if backward else {}
+    sized = list(plans.values()) + (list(plan(tokens, not backward, max_features).values()) if backward or gradient
+                                    else [])
+    extra = {"transposed": True, "max_out": max(d_out for _, d_out in SHAPES.values())} if backward or gradient \
+        else {}
     config = BlockedConfig(rows=ROWS, cols=COLS, port=port_for(DRAM_PRESETS[memory]),
                            max_tokens=max(tb for tb, _ in sized), max_features=max(fb for _, fb in sized),
                            max_in=max(d_in for d_in, _ in SHAPES.values()),
@@ -176,8 +182,8 @@ def main(argv=None):
     parser.add_argument("--backward", action="store_true", help="the backward product dx = dy W instead")
     parser.add_argument("--rank-term", action="store_true", help="the product with its rank-r term (r = 16): "
                         "the step's y (or dx)")
-    parser.add_argument("--gradient", action="store_true", help="with --backward and --rank-term: grad_B = s dy^T "
-                        "hb too")
+    parser.add_argument("--gradient", action="store_true", help="with --rank-term: a design that also makes grad_B "
+                        "= s dy^T hb (backward) and writes hb for it (forward)")
     parser.add_argument("--max-features", type=int, metavar="N", help="feature blocks of at most N outputs (more "
                         "blocks, smaller buffers; default: the traffic model's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -188,8 +194,8 @@ def main(argv=None):
         parser.error(f"--tokens must be a positive multiple of {ROWS}")
     if args.max_features is not None and (args.max_features < 64 or args.max_features % COLS):
         parser.error(f"--max-features must be a multiple of {COLS} from 64")
-    if args.gradient and not (args.backward and args.rank_term):
-        parser.error("--gradient needs --backward and --rank-term")
+    if args.gradient and not args.rank_term:
+        parser.error("--gradient needs --rank-term")
     config, plans = design(args.tokens, args.backward, args.memory, args.rank_term, args.max_features,
                            args.gradient)
     if args.build:

@@ -17,7 +17,7 @@ from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
-from edge_qlora.golden.memmap import layout, layout_for, pack_case, store_region, unpack_outputs
+from edge_qlora.golden.memmap import layout, layout_for, pack_case, read_region, store_region, unpack_outputs
 from edge_qlora.golden.rank_term import column_exponent, forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
                                     report_layout)
@@ -42,7 +42,8 @@ def _program(config, memmap, tokens, features, transposed):
     if transposed:
         return bp.backward_product(memmap, tokens, features, config.rows, config.cols, rank_term=bool(config.rank),
                                    gradient=config.gradient)
-    return bp.forward_product(memmap, tokens, features, config.cols, rank_term=bool(config.rank))
+    return bp.forward_product(memmap, tokens, features, config.cols, rank_term=bool(config.rank),
+                              gradient=config.gradient)
 
 
 class BlockedBench(DramBench):
@@ -56,7 +57,8 @@ class BlockedBench(DramBench):
 @dataclass
 class BlockedRun:
     """A blocked product against memory: ``y``, its output read back from memory (bf16: y, or dx when
-    transposed), ``grad_B`` (float32, read back, with the gradient; else ``None``), the report's counters (bytes are
+    transposed), ``grad_B`` (float32, read back, from a backward product with the gradient; else ``None``), ``hb``
+    (bf16, read back, from a forward product with the gradient; else ``None``), the report's counters (bytes are
     port words times the word), the program's requests' bytes (whole words) and their count."""
 
     y: object
@@ -68,6 +70,7 @@ class BlockedRun:
     program_written_bytes: int
     requests: int
     grad_B: object = None
+    hb: object = None
 
 
 def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False,
@@ -124,12 +127,12 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     port = mp.PortShape.of(config.port)
     gradient = config.gradient and transposed
     memmap = layout_for(case, align=64, row_exponent_chunk=config.gemm.chunk_steps if transposed else None,
-                        gradients_out=gradient, rank_rows=gradient)
+                        gradients_out=config.gradient, rank_rows=config.gradient)
     if memmap.end > config.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
     if gradient:
-        # the forward product's hb, which it makes on chip (this product does not make it)
+        # the forward product's hb, which that product writes (this one does not make it)
         store_region(image, memmap, "hb", forward_rows(case))
     program = _program(config, memmap, tokens, features, transposed)
     activation, output = ("dy", "dx") if transposed else ("x", "y")
@@ -143,8 +146,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
             "scaling": int(np.float32(case.scaling).view(np.uint32)),
             "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
     if config.gradient:
-        term.update({"rank_rows": memmap["hb"].address if gradient else 0,
-                     "gradient": memmap["grad_B"].address if gradient else 0})
+        term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address})
     descriptor = descriptor_layout(config).const({
         "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
@@ -168,7 +170,9 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     program_reads = mp.bytes_by_tensor(port, reads)
     outputs = unpack_outputs(image, memmap)
     return BlockedRun(
-        y=outputs[output], grad_B=outputs["grad_B"] if gradient else None, cycles=report["cycles"],
+        y=outputs[output], grad_B=outputs["grad_B"] if gradient else None,
+        hb=read_region(image, memmap, "hb") if config.gradient and not transposed else None,
+        cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
         read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in config.reads},
         written_bytes=report["written"] * wb,
@@ -196,9 +200,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    gradient = config.gradient and transposed
     memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None,
-                    gradients_out=gradient, rank_rows=gradient)
+                    gradients_out=config.gradient, rank_rows=config.gradient)
     reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed))
     activation = "dy" if transposed else "x"
 
@@ -224,8 +227,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                 i += 1
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
-                # (grad_B's rows leave span by span, beside the block's jobs)
-                if reqs[i].tensor != "grad_B":
+                # (grad_B's rows leave span by span beside the block's jobs, hb's beside its outputs)
+                if reqs[i].tensor not in ("grad_B", "hb"):
                     writes.append(reqs[i])
                 i += 1
             job = _job_cycles(config, nt, nf, transposed)

@@ -74,8 +74,11 @@ def _stimulus(config, blocks):
                     inputs["fields"] += [int(f) for f in fields]
             s += int(capture)
             inputs["values"] += [int(v) for v in x[:, piece].reshape(-1)]
-        grads = rank_gradient(block.activation, block.rows, scale, block.transposed, block.fields)
-        want += [int(v) for v in grads.view(np.uint32).reshape(-1)]
+        grads = rank_gradient(block.activation, block.rows, scale, block.transposed, block.fields).view(np.uint32)
+        # per span in the order of memory: grad_B's 64 rows; transposed, the span's columns of grad_A's rows
+        for s in range(k // SPAN):
+            piece = grads[:, s * SPAN:(s + 1) * SPAN] if block.transposed else grads[s * SPAN:(s + 1) * SPAN]
+            want += [int(v) for v in piece.reshape(-1)]
     return inputs, want
 
 

@@ -12,6 +12,7 @@ from amaranth.sim import Simulator
 from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.golden.lora import random_case, step_model
+from edge_qlora.golden.rank_term import forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, OutputTurn, SpanTable, SpanWalker, XBuffer, plan_layout,
                                    span_beat_layout, turn_layout)
 from edge_qlora.rtl.memport import MemPortConfig
@@ -334,9 +335,23 @@ def test_blocked_backward_product_with_the_gradient_writes_the_steps_grad_b(memo
     assert run.written_bytes == run.program_written_bytes == t * d_in * 2 + d_out * 4 * 4
 
 
+@pytest.mark.parametrize("memory, rows, cols", [("ulx3s-sdram", 2, 2), ("ecpix5-ddr3", 2, 4)])
+def test_blocked_forward_product_with_the_gradient_writes_hb(memory, rows, cols):
+    # the design with the gradient, run forward: y as without it, and hb (made on chip) written for the backward
+    # product's grad_B: the step's hb to the bit; on Verilator where installed
+    case = _adversarial(random_case(18, 128, 16, 4, seed=20))
+    config = blocked_config(case, 18, 8, memory, rows, cols, transposed=True, rank_term=True, gradient=True)
+    run = run_blocked_product(case, 18, 8, config, memory=memory, rank_term=True, stalls=_stalls(8, RUN_STALLS),
+                              backend=long_run_backend())
+    assert mismatches(step_model(case)["y"], run.y) == 0
+    assert mismatches(forward_rows(case), run.hb) == 0
+    assert run.read_bytes == run.program_read_bytes
+    assert run.written_bytes == run.program_written_bytes == 18 * 16 * 2 + 18 * 4 * 2
+
+
 def test_the_gradient_refuses_what_it_cannot_run():
     case = _backward_case(4, 256, 128, 19)
-    with pytest.raises(ValueError, match="needs the rank-r term"):
+    with pytest.raises(ValueError, match=r"needs the rank-r term \(rank 2 or more\)"):
         blocked_config(case, 4, 192, transposed=True, gradient=True)
     config = blocked_config(case, 4, 192, transposed=True, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="all t .4. tokens in one token block .2."):

@@ -187,12 +187,29 @@ def test_backward_product_with_the_gradient_reads_hb_and_writes_grad_b_once(t, d
     assert len([job for job in ops[:at] if job.tensor == "dx"]) == t          # after the first block's outputs
 
 
+def test_forward_product_with_the_gradient_writes_hb_once():
+    mm = layout(128, 32, 8, 4, gradients_out=True, rank_rows=True)
+    term = bp.forward_product(mm, 4, 16, 8, rank_term=True)
+    grad = bp.forward_product(mm, 4, 16, 8, rank_term=True, gradient=True)
+    added = bp.bytes_by_tensor(grad)
+    for name, size in bp.bytes_by_tensor(term).items():
+        assert added.pop(name) == size
+    assert added == {("write", "hb"): 8 * 4 * 2}
+    assert (_coverage(mm, grad)["write", "hb"] == 1).all()
+    # each token block's rows after its first feature block's outputs
+    ops = [job for _, job in grad.ops]
+    at = [k for k, job in enumerate(ops) if job.tensor == "hb"]
+    assert len(at) == 2 and all(ops[k - 1].tensor == "y" and ops[k + 1].tensor == "nf4_absmax" for k in at)
+
+
 def test_the_gradients_program_refuses_what_it_cannot_run():
     mm = layout(256, 128, 8, 4, row_exponent_chunk=16, gradients_out=True, rank_rows=True)
     with pytest.raises(ValueError, match="all tokens in one token block"):
         bp.backward_product(mm, 4, 128, 2, 8, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="a second column block"):
         bp.backward_product(mm, 8, 256, 2, 8, rank_term=True, gradient=True)
+    with pytest.raises(ValueError, match="memory map's hb"):
+        bp.forward_product(layout(128, 32, 8, 4), 4, 16, 8, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="hb and grad_B"):
         bp.backward_product(layout(256, 128, 8, 4, row_exponent_chunk=16), 8, 128, 2, 8, rank_term=True,
                             gradient=True)

@@ -89,3 +89,16 @@ def test_twin_refuses_mismatched_shapes():
         rank_rows(_bf16(np.zeros((2, 64))), _bf16(np.zeros((4, 32))))
     with pytest.raises(ValueError, match="rank"):
         rank_rows(_bf16(np.zeros((2, 64))), _bf16(np.zeros((17, 64))))
+
+
+def test_a_row_of_negative_underflows_stays_minus_zero():
+    """Every chunk of a token row underflows float32 to -0: the row is -0, as the engine's (its first chunk's
+    partial is the sum's start, not +0 plus it)."""
+    tiny = float(torch.finfo(torch.bfloat16).tiny)
+    x = np.full((2, 64), -tiny, np.float32)
+    x[1] = 1.0
+    a = np.full((3, 64), tiny, np.float32)
+    run = run_rank_product(RankProductConfig(rank=3, max_tokens=2), [ProductBlock(_bf16(x), _bf16(a))])
+    assert run.mismatches == 0
+    want = rank_rows(_bf16(x), _bf16(a)).view(torch.int16).numpy()
+    assert (want[0] == np.int16(-0x8000)).all()
