@@ -28,13 +28,9 @@ from ..constants import BF16, FP32, MAX_RANK, OPERAND_BITS
 from .bfp import biased_exponent
 from .fp import FPMul
 from .pipeline import delay_line
-from .rank_product import accumulate_chunks, align_in_place, chunk_products
+from .rank_product import CHUNK, SPAN, accumulate_chunks, align_in_place, chunk_products
 
 __all__ = ["RankGradientConfig", "span_layout", "RankGradient", "CHUNK", "SPAN"]
-
-#: Tokens per alignment chunk (the engine's) and features per span (one NF4 block).
-CHUNK = 16
-SPAN = 64
 
 
 @dataclass(frozen=True)
@@ -160,7 +156,7 @@ class RankGradient(wiring.Component):
             m.d.sync += [span.eq(payload),
                          state.eq(Mux(payload.capture & payload.load, _State.ROWS, _State.PASS))]
 
-        quiet = Signal()          # no chunk waits or replays, nothing in the pipelines, no gradient owed
+        quiet = Signal()          # no chunk waits or replays, nothing in the pipelines, no gradient owed or leaving
         table_read = self.table.read_port(domain="sync", transparent_for=())
         fields_read = self.row_fields.read_port(domain="sync", transparent_for=())
         # the gradient's mode and scale, once the last gradient has left
@@ -170,8 +166,8 @@ class RankGradient(wiring.Component):
         full, meta, filled = self._capture(m, state, span)
         busy, owed, emitting, sums = self._replay(m, platform, full, filled, meta, table_read, fields_read,
                                                   transposed, state == _State.ALIGN)
-        m.d.comb += quiet.eq(~full.any() & ~busy & ~owed & ~emitting)
-        self._emit(m, owed, emitting, busy, sums, scale, transposed)
+        leaving = self._emit(m, owed, emitting, busy, sums, scale, transposed)
+        m.d.comb += quiet.eq(~full.any() & ~busy & ~owed & ~emitting & ~leaving)
         return m
 
     def _load(self, m, state, span, quiet, table_read, fields_read):
@@ -318,7 +314,8 @@ class RankGradient(wiring.Component):
     def _emit(self, m, owed, emitting, busy, sums, scale, transposed):
         """Once an owed gradient's sums are all in: the partial sums read one a cycle (feature after feature;
         transposed, lane after lane), multiplied by ``s`` and queued for ``grads`` (a read is issued only when the
-        queue has room for it)."""
+        queue has room for it). Returns whether values are still in the multiplier or the queue (the next
+        gradient's ``s`` waits for them)."""
         rank = self.config.rank
         feature, lane = Signal(range(SPAN)), Signal(range(rank))
         with m.If(owed & ~busy):
@@ -350,3 +347,4 @@ class RankGradient(wiring.Component):
                      queue.w_stream.valid.eq(delay_line(m, 1, issue, 1 + multiply.latency, "scaled_valid")),
                      queue.w_stream.payload.eq(multiply.result)]
         wiring.connect(m, queue.r_stream, wiring.flipped(self.grads))
+        return outstanding != 0
