@@ -227,11 +227,13 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False, g
     until that block's outputs have passed, and reads waiting in front of the block's first span would stall the
     engine; the first span's reads still overlap the block before.
 
-    With ``gradient`` (and ``rank_term``): after the token block's first feature block's outputs, its rows of hb
-    (``hb`` of the memory map, one job), which the backward product's grad_B reads."""
+    With ``gradient`` (and ``rank_term``; all tokens one token block): after the token block's first feature
+    block's outputs, its rows of hb (``hb`` of the memory map, one job), which the backward product's grad_B
+    reads, then x's chunk fields (``x_fields``, one job of ``4 * ceil(t / 64)`` bytes), which grad_A needs."""
     mm = memmap
-    if gradient and not (rank_term and "hb" in mm.names):
-        raise ValueError("hb's write needs the rank-r term and the memory map's hb")
+    if gradient and not (rank_term and "hb" in mm.names and token_block >= mm.t):
+        raise ValueError("hb's and x's fields' writes need the rank-r term, the memory map's hb and all tokens in "
+                         "one token block")
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN:
         raise ValueError(f"the blocked product takes NF4 with double quantization in blocks of {SPAN} and whole "
@@ -260,6 +262,7 @@ def forward_product(memmap, token_block, feature_block, cols, rank_term=False, g
                     w.add("write", "y", (token * d_out + c0) * 2, cols * 2)
             if gradient and f0 == 0:
                 w.add("write", "hb", t0 * r * 2, nt * r * 2)
+                w.add("write", "x_fields", 0, 4 * -(-nt // 64))
     return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 

@@ -190,7 +190,10 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         made once, when the weight is placed in memory (:func:`pack_case`).
     rank_rows : bool
         A slot ``hb`` (bf16 ``[t, r]``) after all others: the step's ``hb = bf16(x A^T)``, which the forward
-        product makes and the backward product's ``grad_B = s dy^T hb`` takes (``rtl/blocked.py``).
+        product makes and the backward product's ``grad_B = s dy^T hb`` takes (``rtl/blocked.py``); and after it
+        ``x_fields`` (uint8, ``4 * ceil(t / 64)``): x's chunk fields, the biased exponent each 16 token rows of x
+        share over all its columns (``golden.rank_gradient.x_chunk_fields``), zero-padded to whole 32-bit words,
+        which the forward product finds and ``grad_A = s gb^T x`` needs.
     """
     for name, value in (("d_in", d_in), ("d_out", d_out), ("t", t), ("r", r), ("align", align)):
         _positive(name, value)
@@ -233,6 +236,7 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         specs.append(tensor("w_row_exponents", "int8", (-(-d_out // row_exponent_chunk),), "read"))
     if rank_rows:
         specs.append(tensor("hb", "bf16", (t, r), "read-write"))
+        specs.append(tensor("x_fields", "uint8", (4 * -(-t // 64),), "read-write"))
 
     regions, address = [], base
     for name, dtype, shape, size, access in specs:

@@ -32,7 +32,8 @@ for one consumer at that consumer's pace, so no part waits for another's bookkee
 * with the rank-r term (``BlockedConfig.rank``): a :class:`~.rank_product.RankProduct` in the activation's path
   to the x buffer, which makes the token block's hb (transposed gb) from A's (B's) span pieces as the first
   feature block's spans pass, and a :class:`~.rank_term.RankTerm` behind the engine, which adds each output's
-  term.
+  term; with the gradient (``BlockedConfig.gradient``) a :class:`~.rank_gradient.RankGradient` in its place,
+  which makes those rows and, transposed, grad_B through the same arithmetic.
 
 One ``report`` beat ends a product: cycles, words per destination and written, and stall cycles.
 """
@@ -130,10 +131,13 @@ class BlockedConfig:
         descriptor's ``rank_exponent``).
     gradient : bool
         With ``rank`` (2 or more) and ``transposed``: the forward product also writes hb (bf16 ``[t, r]``, at the
-        descriptor's ``rank_rows``), and the backward product reads it and writes the step's
+        descriptor's ``rank_rows``) and x's chunk fields (one byte per 16 token rows over all of x's columns, in
+        32-bit words, at ``x_fields``: what grad_A's pass over x will take), and the backward product reads hb and
+        writes the step's
         ``grad_B = s dy^T hb`` (float32 ``[d_out, r]``, at the descriptor's ``gradient``) through a
-        :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block. The
-        whole reduction (all ``t`` tokens) must be one token block.
+        :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block (and,
+        in place of the ``RankProduct``, makes hb and gb in the first). The whole reduction (all ``t`` tokens)
+        must be one token block.
     """
 
     rows: int = 8
@@ -220,8 +224,9 @@ class BlockedConfig:
 
     @property
     def rank_gradient(self):
-        """The :class:`~.rank_gradient.RankGradientConfig` of the unit that makes grad_B."""
-        return RankGradientConfig(rank=self.rank, max_tokens=self.max_tokens)
+        """The :class:`~.rank_gradient.RankGradientConfig` of the unit that makes grad_B (and hb and gb): its table
+        of 128 x 16 aligned operands in block RAM, where it costs eight block RAMs instead of about 5,400 LUTs."""
+        return RankGradientConfig(rank=self.rank, max_tokens=self.max_tokens, table_ram="block")
 
     @property
     def rank_term(self):
@@ -258,6 +263,9 @@ class BlockedConfig:
                 raise ValueError(f"the gradient takes all t ({t}) tokens in one token block ({tokens}) and a "
                                  f"second column block (d_in {d_in}, column blocks of {features})")
         else:
+            if self.gradient and tokens < t:
+                raise ValueError(f"with the gradient x's chunk fields take all t ({t}) tokens in one token block "
+                                 f"({tokens})")
             if d_out % self.cols or features % self.cols:
                 raise ValueError(f"d_out ({d_out}) and the feature block ({features}) must be multiples of cols "
                                  f"({self.cols})")
@@ -316,12 +324,12 @@ def descriptor_layout(config):
     quantization's float32 offset; with the rank-r term (``config.rank``) the addresses of A and B (``rank_operands``:
     A, transposed B, the operand that makes hb or gb; ``rank_columns``: B, transposed A, the term's columns), the
     scaling ``s`` (float32) and, transposed, the exponent A's rows share over all of A (``rank_exponent``,
-    :func:`~edge_qlora.golden.rank_term.column_exponent`); with the gradient the addresses of hb (``rank_rows``)
-    and of grad_B (``gradient``)."""
+    :func:`~edge_qlora.golden.rank_term.column_exponent`); with the gradient the addresses of hb (``rank_rows``),
+    of grad_B (``gradient``) and of x's chunk fields (``x_fields``)."""
     aw = config.port.address_width
     term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32,
             "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
-    gradient = {"rank_rows": aw, "gradient": aw} if config.gradient else {}
+    gradient = {"rank_rows": aw, "gradient": aw, "x_fields": aw} if config.gradient else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32, **term, **gradient})
 
@@ -1060,18 +1068,18 @@ class BlockedProduct(wiring.Component):
 
     def _inputs(self, m, head, walkers, unpack):
         """The engine's inputs: A through the corner turn (with the rank-r term, through the unit that makes hb or gb
-        on the way, and with the gradient through the unit that makes grad_B before it), codes straight, absmax per
-        span, absmax2 from the table, and the jobs. Returns the rows of hb or gb (``None`` without the term) and
-        the rows of grad_B (``None`` without the gradient)."""
+        on the way, and with the gradient the unit that also makes grad_B), codes straight, absmax per span,
+        absmax2 from the table, and the jobs. Returns the rows of hb or gb (``None`` without the term) and the rows
+        of grad_B with x's chunk fields (``None`` without the gradient)."""
         cfg, engine = self.config, self.engine
         m.submodules.engine = engine
         m.submodules.x_buffer = xbuf = self.x_buffer
         wiring.connect(m, walkers["x"].spans, xbuf.spans)
-        rows = grads = source = None
-        if cfg.rank:
-            if cfg.gradient:
-                source, grads = self._gradient(m, head, walkers, unpack)
-            rows = self._rank_product(m, head, walkers, unpack, source, xbuf.values)
+        rows = grads = None
+        if cfg.gradient:
+            rows, *grads = self._gradient(m, head, walkers, unpack, xbuf.values)
+        elif cfg.rank:
+            rows = self._rank_product(m, head, walkers, unpack, xbuf.values)
         else:
             self._take(m, unpack["x"].segments, xbuf.values)
         wiring.connect(m, xbuf.a, engine.a)
@@ -1121,42 +1129,51 @@ class BlockedProduct(wiring.Component):
             with m.If(lane == lanes - 1):
                 m.d.sync += [full.eq(1), lane.eq(0)]
 
-    def _gradient(self, m, head, walkers, unpack):
-        """Transposed, dy on its way to the unit that makes gb through the unit that makes grad_B from it in the
-        second column block, with the token block's rows of hb gathered into beats on the way in. Returns the
-        values it passes on and its rows of grad_B."""
+    def _gradient(self, m, head, walkers, unpack, values):
+        """With the gradient one :class:`~.rank_gradient.RankGradient` in the activation's path to the x buffer
+        (``values``) does both: in a token block's first feature block it makes hb (transposed gb) as
+        :meth:`_rank_product` does, and transposed it makes grad_B from dy in the second column block, with the
+        token block's rows of hb gathered into beats on the way in (the two never capture together, so they share
+        the multipliers, the float pipeline, the table and the partial sums). Returns its rows, its grad_B and
+        (forward) x's chunk fields."""
         cfg = self.config
-        m.submodules.rank_gradient = gradient = RankGradient(cfg.rank_gradient)
-        spans = walkers["gradient"].spans
-        beat, span = spans.payload, gradient.spans.payload
-        capture = head.dims.transposed & (beat.f0 == head.dims.features)
-        m.d.comb += [gradient.spans.valid.eq(spans.valid), spans.ready.eq(gradient.spans.ready),
-                     span.tokens.eq(beat.nt), span.capture.eq(capture), span.load.eq(capture & (beat.s == 0)),
-                     span.transposed.eq(0), span.scale.eq(head.scaling)]
-        self._take(m, unpack["x"].segments, gradient.values)
-        self._gather(m, unpack["rank_rows"].segments, gradient.rows, cfg.rank)
-        return gradient.passed, gradient.grads
+        m.submodules.rank_gradient = unit = RankGradient(cfg.rank_gradient)
+        spans = walkers["product"].spans
+        beat, span = spans.payload, unit.spans.payload
+        tr = head.dims.transposed
+        product = beat.f0 == 0
+        gradient = tr & (beat.f0 == head.dims.features)
+        m.d.comb += [unit.spans.valid.eq(spans.valid), spans.ready.eq(unit.spans.ready),
+                     span.tokens.eq(beat.nt), span.capture.eq(product | gradient), span.product.eq(product),
+                     span.first.eq(beat.s == 0), span.last.eq(beat.final), span.transposed.eq(tr & product),
+                     span.load.eq(gradient & (beat.s == 0)), span.scale.eq(head.scaling)]
+        self._take(m, unpack["x"].segments, unit.values)
+        wiring.connect(m, unit.passed, values)
+        self._rank_operands(m, unpack, unit.operands)
+        self._gather(m, unpack["rank_rows"].segments, unit.rows, cfg.rank)
+        return unit.rows_out, unit.grads, unit.x_fields_out
 
-    def _rank_product(self, m, head, walkers, unpack, source, values):
-        """The activation (from ``source``, or its unpacker) on its way to the x buffer (``values``) through the
-        unit that makes hb (transposed gb) from it in a token block's first feature block, with A's (transposed
-        B's) span pieces rounded to bf16 on the way in. Returns its rows."""
+    def _rank_product(self, m, head, walkers, unpack, values):
+        """The activation on its way to the x buffer (``values``) through the unit that makes hb (transposed gb)
+        from it in a token block's first feature block. Returns its rows."""
         m.submodules.rank_product = product = RankProduct(self.config.rank_product)
         spans = walkers["product"].spans
         beat, span = spans.payload, product.spans.payload
         m.d.comb += [product.spans.valid.eq(spans.valid), spans.ready.eq(product.spans.ready),
                      span.tokens.eq(beat.nt), span.capture.eq(beat.f0 == 0), span.first.eq(beat.s == 0),
                      span.last.eq(beat.final), span.transposed.eq(head.dims.transposed)]
-        if source is None:
-            self._take(m, unpack["x"].segments, product.values)
-        else:
-            wiring.connect(m, source, product.values)
+        self._take(m, unpack["x"].segments, product.values)
         wiring.connect(m, product.passed, values)
+        self._rank_operands(m, unpack, product.operands)
+        return product.rows
+
+    @staticmethod
+    def _rank_operands(m, unpack, sink):
+        """A's (transposed B's) span pieces rounded to bf16 on their way into ``sink``."""
         operands = unpack["rank_operands"].segments
         m.submodules.rank_operand_round = rounder = FPConvert(FP32, BF16, stages=0)
-        m.d.comb += [product.operands.valid.eq(operands.valid), operands.ready.eq(product.operands.ready),
-                     rounder.a.eq(operands.payload.data[0]), product.operands.payload.eq(rounder.result)]
-        return product.rows
+        m.d.comb += [sink.valid.eq(operands.valid), operands.ready.eq(sink.ready),
+                     rounder.a.eq(operands.payload.data[0]), sink.payload.eq(rounder.result)]
 
     def _term(self, m, head, walkers, unpack, rank_rows):
         """The rank-r term behind the engine: one block per feature block (loading hb's rows, transposed gb's, at a
@@ -1230,7 +1247,7 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, arbiter.write_cmd, wiring.flipped(self.mem.write_cmd))
         wiring.connect(m, arbiter.write_data, wiring.flipped(self.mem.write_data))
         self._staged_writes(m, "", outs.jobs, packer.words, arbiter.cmds[0], arbiter.beats[0])
-        self._gradient_writes(m, head, walkers, grads, hb_rows, arbiter.cmds[1], arbiter.beats[1])
+        self._gradient_writes(m, head, walkers, *grads, hb_rows, arbiter.cmds[1], arbiter.beats[1])
 
     def _staged_writes(self, m, name, jobs, words, write_cmd, write_data):
         """Write ``jobs`` with a packer's ``words`` through a staging FIFO onto ``write_cmd`` and ``write_data``;
@@ -1250,10 +1267,11 @@ class BlockedProduct(wiring.Component):
         m.d.comb += [write_data.valid.eq(writer.write_data.valid), write_data.payload.eq(writer.write_data.payload),
                      writer.write_data.ready.eq(write_data.ready)]
 
-    def _gradient_writes(self, m, head, walkers, grads, rows, write_cmd, write_data):
+    def _gradient_writes(self, m, head, walkers, grads, x_fields, rows, write_cmd, write_data):
         """The second writer's jobs: forward, after a token block's first feature block, its rows of hb (which the
-        unit that makes hb gives, as the term takes them), one job; transposed, per span of the second column block
-        its 64 rows of grad_B from the gradient unit, one job (``64 * rank`` float32, contiguous in grad_B)."""
+        unit that makes hb gives, as the term takes them), one job, then x's chunk fields (which the unit gives
+        after the rows), one job; transposed, per span of the second column block its 64 rows of grad_B from the
+        gradient unit, one job (``64 * rank`` float32, contiguous in grad_B)."""
         cfg = self.config
         rank, tr = cfg.rank, head.dims.transposed
         rank_shift = rank.bit_length() - 1
@@ -1265,8 +1283,20 @@ class BlockedProduct(wiring.Component):
             m.d.sync += [held.eq(rows.payload), left.eq(rank // 2)]
         with m.If(~tr & packer.elements.ready & (left != 0)):
             m.d.sync += [held.eq(held >> FP32.width), left.eq(left - 1)]
-        m.d.comb += [packer.elements.valid.eq(Mux(tr, grads.valid, left != 0)),
-                     packer.elements.payload.eq(Mux(tr, grads.payload, held[:FP32.width])),
+        # then x's chunk fields, four to a float32-wide element (the first in the low byte; the last zero-padded)
+        fields, fields_full = Signal(FP32.width), Signal()
+        taken, chunks = Signal(range(cfg.rank_gradient.chunks + 1)), (head.dims.t + 15) >> 4
+        m.d.comb += x_fields.ready.eq(~fields_full)
+        with m.If(x_fields.valid & x_fields.ready):
+            m.d.sync += [fields.word_select(taken[:2], 8).eq(x_fields.payload), taken.eq(taken + 1)]
+            with m.If((taken[:2] == 3) | (taken + 1 == chunks)):
+                m.d.sync += fields_full.eq(1)
+            with m.If(taken + 1 == chunks):
+                m.d.sync += taken.eq(0)
+        with m.If(~tr & packer.elements.ready & (left == 0) & fields_full):
+            m.d.sync += [fields.eq(0), fields_full.eq(0)]
+        m.d.comb += [packer.elements.valid.eq(Mux(tr, grads.valid, (left != 0) | fields_full)),
+                     packer.elements.payload.eq(Mux(tr, grads.payload, Mux(left != 0, held[:FP32.width], fields))),
                      grads.ready.eq(tr & packer.elements.ready)]
         jobs = stream.Signature(write_job_layout(cfg.port)).create()
         spans = walkers["gradient_writes"].spans
@@ -1274,16 +1304,27 @@ class BlockedProduct(wiring.Component):
         rows_out = ~tr & (beat.f0 == 0) & beat.final
         gradient_out = tr & (beat.f0 == head.dims.features)
         active = rows_out | gradient_out
-        packed, written = Signal(), Signal()
+        # forward two jobs a token block: hb's rows, then x's fields
+        packed, written, second = Signal(), Signal(), Signal()
+        fields_words = (head.dims.t + 63) >> 6
+        with m.If(tr):
+            m.d.comb += [packer.job.payload.count.eq(SPAN * rank), jobs.payload.bytes.eq(SPAN * rank * 4),
+                         jobs.payload.address.eq(head.gradient + (beat.s << (_SPAN_SHIFT + rank_shift + 2)))]
+        with m.Elif(second):
+            m.d.comb += [packer.job.payload.count.eq(fields_words), jobs.payload.bytes.eq(fields_words << 2),
+                         jobs.payload.address.eq(head.x_fields)]
+        with m.Else():
+            m.d.comb += [packer.job.payload.count.eq(beat.nt << (rank_shift - 1)),
+                         jobs.payload.bytes.eq(beat.nt << (rank_shift + 1)),
+                         jobs.payload.address.eq(head.rank_rows + (beat.t0 << (rank_shift + 1)))]
+        done = (packed | packer.job.ready) & (written | jobs.ready)
         m.d.comb += [packer.job.valid.eq(spans.valid & active & ~packed),
-                     packer.job.payload.count.eq(Mux(tr, SPAN * rank, beat.nt << (rank_shift - 1))),
                      jobs.valid.eq(spans.valid & active & ~written),
-                     jobs.payload.address.eq(Mux(tr, head.gradient + (beat.s << (_SPAN_SHIFT + rank_shift + 2)),
-                                                 head.rank_rows + (beat.t0 << (rank_shift + 1)))),
-                     jobs.payload.bytes.eq(Mux(tr, SPAN * rank * 4, beat.nt << (rank_shift + 1))),
-                     spans.ready.eq(~active | ((packed | packer.job.ready) & (written | jobs.ready)))]
-        with m.If(spans.valid & spans.ready):
-            m.d.sync += [packed.eq(0), written.eq(0)]
+                     spans.ready.eq(~active | (done & (tr | second)))]
+        with m.If(spans.valid & active & done & ~tr & ~second):
+            m.d.sync += [second.eq(1), packed.eq(0), written.eq(0)]
+        with m.Elif(spans.valid & spans.ready):
+            m.d.sync += [packed.eq(0), written.eq(0), second.eq(0)]
         with m.Else():
             with m.If(packer.job.valid & packer.job.ready):
                 m.d.sync += packed.eq(1)
@@ -1304,7 +1345,7 @@ class BlockedProduct(wiring.Component):
             m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
         walkers = {}
         names = ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("product", "term") if cfg.rank else ())
-        for name in names + (("gradient", "gradient_writes") if cfg.gradient else ()):
+        for name in names + (("gradient_writes",) if cfg.gradient else ()):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
         reader, unpack = self._reads(m, head, walkers)
@@ -1318,9 +1359,11 @@ class BlockedProduct(wiring.Component):
         total = Signal(48)
         words = ((head.dims.t * _outputs(head.dims)) << 1) >> port.word_shift
         if cfg.gradient:
-            # and grad_B (float32 [d_out, r]) transposed, hb (bf16 [t, r], its last word padded) forward
+            # and grad_B (float32 [d_out, r]) transposed; forward hb (bf16 [t, r]) and x's fields (a 32-bit word per
+            # 64 tokens), each job's last word padded
             extra = Mux(tr, (head.dims.d_out * cfg.rank) << 2, ((head.dims.t * cfg.rank) << 1) + port.word_bytes - 1)
-            words = words + (extra >> port.word_shift)
+            fields = Mux(tr, 0, (((head.dims.t + 63) >> 6) << 2) + port.word_bytes - 1)
+            words = words + (extra >> port.word_shift) + (fields >> port.word_shift)
         m.d.comb += total.eq(words)
         with m.If(start):
             m.d.sync += [cycles.eq(0), written.eq(0), memory.eq(0), compute.eq(0),

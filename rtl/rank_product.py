@@ -25,8 +25,8 @@ from .bfp import BF16_BIAS, AlignLanes, biased_exponent
 from .fp import FixedToFloat, FPAdd, FPConvert, ecp5_registered_product
 from .pipeline import delay_line, is_ecp5
 
-__all__ = ["RankProductConfig", "span_layout", "RankProduct", "CHUNK", "SPAN", "MINUS_ZERO", "align_in_place",
-           "chunk_products", "accumulate_chunks"]
+__all__ = ["RankProductConfig", "span_layout", "RankProduct", "CHUNK", "SPAN", "MINUS_ZERO", "load_operands",
+           "align_in_place", "chunk_products", "accumulate_chunks"]
 
 #: Reduction elements per alignment chunk (the engine's) and per span (one NF4 block).
 CHUNK = 16
@@ -69,6 +69,37 @@ def span_layout(config):
     it); ``transposed`` (B1: the operand is B's span of rows)."""
     return data.StructLayout({"tokens": range(config.max_tokens + 1), "capture": 1, "first": 1, "last": 1,
                               "transposed": 1})
+
+
+def load_operands(m, take, value, transposed, rank, table, fields):
+    """A span's operands, one a cycle (``value``, bf16, taken when ``take``), into lane-enabled write ports of the
+    table and of its groups' fields (``table``, ``fields``; enables driven here, address and data by the caller:
+    entry ``k``, every lane ``value`` and ``field``): forward A's rows (value ``k`` of row ``j`` at entry ``k``,
+    lane ``j``; each row's chunk of 16 its own field), transposed B's rows (value ``j`` of row ``k`` at the same
+    place; each chunk of 16 rows one field over all of them). The fields are biased, the largest so far kept as
+    the values arrive. Returns ``k``, ``field`` and ``done`` (the last operand taken this cycle)."""
+    j, k = Signal(range(rank)), Signal(range(SPAN))
+    group_start = Mux(transposed, (k % CHUNK == 0) & (j == 0), k % CHUNK == 0)
+    group_end = Mux(transposed, (k % CHUNK == CHUNK - 1) & (j == rank - 1), k % CHUNK == CHUNK - 1)
+    running, current, done = Signal(8), Signal(8), Signal()
+    field = biased_exponent(value)
+    m.d.comb += current.eq(Mux(group_start | (field > running), field, running))
+    with m.If(take):
+        m.d.comb += [table.en.eq(1 << j),
+                     fields.en.eq(Mux(group_end, Mux(transposed, (1 << rank) - 1, 1 << j), 0)),
+                     done.eq((j == rank - 1) & (k == SPAN - 1))]
+        m.d.sync += running.eq(current)
+        with m.If(transposed):
+            m.d.sync += j.eq(Mux(j == rank - 1, 0, j + 1))
+            with m.If(j == rank - 1):
+                m.d.sync += k.eq(k + 1)
+        with m.Else():
+            m.d.sync += k.eq(k + 1)
+            with m.If(k == SPAN - 1):
+                m.d.sync += j.eq(j + 1)
+        with m.If(done):
+            m.d.sync += [j.eq(0), k.eq(0)]
+    return k, current, done
 
 
 def align_in_place(m, aligning, entries, depth, rank, table, table_read, fields_read):
@@ -276,37 +307,20 @@ class RankProduct(wiring.Component):
         each chunk of 16 rows one exponent over all of them); the exponents are biased fields, the largest so far
         kept as the values arrive. Then each operand aligned to its group's exponent, in place, one a cycle."""
         rank = self.config.rank
-        tr = span.transposed
-        j, k = Signal(range(rank)), Signal(range(SPAN))
         m.d.comb += self.operands.ready.eq((state == _State.LOAD) & quiet)
         take = self.operands.valid & self.operands.ready
         value = self.operands.payload
-        group_start = Mux(tr, (k % CHUNK == 0) & (j == 0), k % CHUNK == 0)
-        group_end = Mux(tr, (k % CHUNK == CHUNK - 1) & (j == rank - 1), k % CHUNK == CHUNK - 1)
-        running, current = Signal(8), Signal(8)
-        field = biased_exponent(value)
-        m.d.comb += current.eq(Mux(group_start | (field > running), field, running))
         table = self.table.write_port(granularity=1)
         exps = self.exponents.write_port(granularity=1)
+        k, field, done = load_operands(m, take, value, span.transposed, rank, table, exps)
         m.d.comb += [table.addr.eq(k), exps.addr.eq(k // CHUNK)]
         for lane in range(rank):
-            m.d.comb += [table.data[lane].eq(value), exps.data[lane].eq(current)]
+            m.d.comb += [table.data[lane].eq(value), exps.data[lane].eq(field)]
+        with m.If(done):
+            m.d.sync += state.eq(_State.ALIGN)
+        # (after the load's: the aligner's writes take the table's port while it aligns)
         with m.If(align_in_place(m, state == _State.ALIGN, SPAN, SPAN, rank, table, table_read, exps_read)):
             m.d.sync += state.eq(_State.PASS)
-        with m.If(take):
-            m.d.comb += [table.en.eq(1 << j), exps.en.eq(Mux(group_end, Mux(tr, (1 << rank) - 1, 1 << j), 0))]
-            m.d.sync += running.eq(current)
-            last = (j == rank - 1) & (k == SPAN - 1)
-            with m.If(tr):
-                m.d.sync += j.eq(Mux(j == rank - 1, 0, j + 1))
-                with m.If(j == rank - 1):
-                    m.d.sync += k.eq(k + 1)
-            with m.Else():
-                m.d.sync += k.eq(k + 1)
-                with m.If(k == SPAN - 1):
-                    m.d.sync += j.eq(j + 1)
-            with m.If(last):
-                m.d.sync += [j.eq(0), k.eq(0), state.eq(_State.ALIGN)]
 
     def _capture(self, m, state, span):
         """The span's values on to ``passed``; with ``capture`` each chunk of 16 into one of two slots, with its

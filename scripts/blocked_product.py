@@ -17,8 +17,8 @@ step's y or dx, a design with ``BlockedConfig.rank`` (A and B read from memory; 
 first feature block's activation passes); the lower bound then counts A and B once too, and the outputs are
 checked against ``golden/rank_term.py`` (which equals the step's). With ``--gradient`` (and ``--rank-term``), a
 design with ``BlockedConfig.gradient`` (both modes): forward the product also writes hb, backward it reads hb and
-writes the step's grad_B, made as the second column block's dy passes; hb and grad_B are checked against the
-twins, and the lower bound counts hb once (and grad_B once) too.
+writes the step's grad_B, made as the second column block's dy passes; hb, x's chunk fields (forward) and grad_B
+are checked against the twins, and the lower bound counts hb once (and x's fields or grad_B once) too.
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -35,12 +35,13 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from edge_qlora.constants import DRAM_PRESETS
 from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, traffic
-from edge_qlora.golden.rank_gradient import rank_gradient
+from edge_qlora.golden.rank_gradient import rank_gradient, x_chunk_fields
 from edge_qlora.golden.rank_term import backward_rows, column_exponent, forward_rows, rank_term
 from edge_qlora.golden.lora import random_case
 from edge_qlora.golden.memmap import layout
@@ -129,6 +130,8 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
         bad += int((want.view("uint32") != run.grad_B.numpy().view("uint32")).sum())
     elif gradient:
         bad += int((forward_rows(case).view(torch.int16) != run.hb.view(torch.int16)).sum())
+        fields = x_chunk_fields(case.x)
+        bad += int((np.asarray(run.x_fields)[:len(fields)] != fields).sum())
     if bad:
         raise SystemExit(f"error: {name}: {bad} outputs differ from the golden product")
     mm = layout(d_in, d_out, t, 16)
@@ -136,8 +139,8 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
     x_bytes, y_bytes = t * d_in * 2, t * d_out * 2          # backward: dx and dy
     # A and B once (hb or gb are made on chip)
     term_bytes = (d_in + d_out) * 16 * 4 if config.rank else 0
-    # hb written once (forward), or read once and grad_B written once
-    term_bytes += (t * 16 * 2 + (d_out * 16 * 4 if backward else 0)) if gradient else 0
+    # hb written once with x's chunk fields (forward), or hb read once and grad_B written once
+    term_bytes += (t * 16 * 2 + (d_out * 16 * 4 if backward else 4 * -(-t // 64))) if gradient else 0
     moved = sum(run.read_bytes.values()) + run.written_bytes
     timing = DRAM_PRESETS[memory]
     clock = timing.clock_mhz * 1e6

@@ -1,14 +1,16 @@
-"""The unit that makes grad_B and grad_A (``rtl/rank_gradient.py``) on a token block of TinyLlama's step, on
-Verilator.
+"""The unit that makes grad_B and grad_A, and hb and gb (``rtl/rank_gradient.py``), on a token block of TinyLlama's
+step, on Verilator.
 
-    python scripts/rank_gradient.py                             # grad_B and grad_A at T = 128, r = 16
+    python scripts/rank_gradient.py                             # grad_B, grad_A, hb and gb at T = 128, r = 16
     python scripts/rank_gradient.py --build build/rank_gradient # place the unit on the ULX3S-85F: resources, Fmax
 
 Per gradient: an activation (random bf16: dy with d_out = 2048 for grad_B, x with d_in = 2048 for grad_A) passes
 through the unit span by span after the token block's rows (hb or gb); its gradient is checked against the twin
-(zero mismatches, or the script fails), and every value it passes on against the one sent. Printed: cycles, the
-activation values, values per cycle, and the cycles the SDRAM's 16-bit port needs to move the same bytes (the
-activation and the rows in, the float32 gradient out).
+(zero mismatches, or the script fails), and every value it passes on against the one sent. Per product (hb from x
+and A, gb from dy and B, the blocks of ``scripts/rank_product.py``): its rows against ``golden/rank_product.py``.
+Printed: cycles, the activation values, values per cycle, and the cycles the SDRAM's 16-bit port needs to move the
+same bytes (a gradient's activation and rows in and float32 gradient out; a product's activation and float32
+operands in).
 """
 
 import argparse
@@ -19,6 +21,9 @@ import torch
 
 from edge_qlora.rtl.rank_gradient import RankGradient, RankGradientConfig
 from edge_qlora.sim.rank_gradient import GradientBlock, run_rank_gradient
+from edge_qlora.sim.rank_product import ProductBlock
+
+from rank_product import blocks as product_blocks
 
 RANK = 16
 
@@ -58,24 +63,26 @@ def main(argv=None):
 
         place(RankGradient(config), "ulx3s-85f", args.build)
         return
-    print("| gradient | tokens x features | activation values | cycles | values per cycle | "
+    print("| gradient or rows | tokens x features | activation values | cycles | values per cycle | "
           "16-bit port's cycles for the bytes | mismatches |")
     print("|---|---|---:|---:|---:|---:|---:|", flush=True)
     rows = []
-    for name, block in blocks(args.tokens, args.features).items():
+    work = {**blocks(args.tokens, args.features), **product_blocks(args.tokens, args.features)}
+    for name, block in work.items():
         run = run_rank_gradient(config, [block], backend=args.backend)
         tokens, k = block.activation.shape
         values = tokens * k
-        port = values + tokens * RANK + 2 * k * RANK
+        product = isinstance(block, ProductBlock)
+        port = values + 2 * k * RANK + (0 if product else tokens * RANK)
+        wrong = run.row_mismatches if product else run.mismatches
         row = {"gradient": name, "tokens": tokens, "features": k, "values": values, "cycles": run.cycles,
-               "values_per_cycle": values / run.cycles, "port_cycles": port, "mismatches": run.mismatches,
+               "values_per_cycle": values / run.cycles, "port_cycles": port, "mismatches": wrong,
                "passed_mismatches": run.passed_mismatches, "backend": args.backend}
         rows.append(row)
         print(f"| {name} | {tokens} x {k} | {values:,} | {run.cycles:,} | {values / run.cycles:.3f} | {port:,} | "
-              f"{run.mismatches} |", flush=True)
-        if run.mismatches or run.passed_mismatches:
-            raise SystemExit(f"error: {name}: {run.mismatches} gradient values and {run.passed_mismatches} passed "
-                             f"values differ")
+              f"{wrong} |", flush=True)
+        if wrong or run.passed_mismatches:
+            raise SystemExit(f"error: {name}: {wrong} values and {run.passed_mismatches} passed values differ")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": repr(config), "rows": rows}, f, indent=1)

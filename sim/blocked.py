@@ -58,7 +58,8 @@ class BlockedBench(DramBench):
 class BlockedRun:
     """A blocked product against memory: ``y``, its output read back from memory (bf16: y, or dx when
     transposed), ``grad_B`` (float32, read back, from a backward product with the gradient; else ``None``), ``hb``
-    (bf16, read back, from a forward product with the gradient; else ``None``), the report's counters (bytes are
+    (bf16, read back, from a forward product with the gradient; else ``None``) and ``x_fields`` (uint8, x's chunk
+    fields, read back from the same), the report's counters (bytes are
     port words times the word), the program's requests' bytes (whole words) and their count."""
 
     y: object
@@ -71,6 +72,7 @@ class BlockedRun:
     requests: int
     grad_B: object = None
     hb: object = None
+    x_fields: object = None
 
 
 def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False,
@@ -146,7 +148,8 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
             "scaling": int(np.float32(case.scaling).view(np.uint32)),
             "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
     if config.gradient:
-        term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address})
+        term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address,
+                     "x_fields": memmap["x_fields"].address})
     descriptor = descriptor_layout(config).const({
         "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
@@ -172,6 +175,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     return BlockedRun(
         y=outputs[output], grad_B=outputs["grad_B"] if gradient else None,
         hb=read_region(image, memmap, "hb") if config.gradient and not transposed else None,
+        x_fields=read_region(image, memmap, "x_fields") if config.gradient and not transposed else None,
         cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
         read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in config.reads},
@@ -228,7 +232,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
                 # (grad_B's rows leave span by span beside the block's jobs, hb's beside its outputs)
-                if reqs[i].tensor not in ("grad_B", "hb"):
+                if reqs[i].tensor not in ("grad_B", "hb", "x_fields"):
                     writes.append(reqs[i])
                 i += 1
             job = _job_cycles(config, nt, nf, transposed)

@@ -1,6 +1,7 @@
 """Drive ``rtl/rank_gradient.py``'s :class:`~edge_qlora.rtl.rank_gradient.RankGradient` with gradients, each an
-activation's spans with a token block's rows, and check its gradients against the twin
-(``golden/rank_gradient.py``) and every value it passes on, on Amaranth's simulator or on Verilator."""
+activation's spans with a token block's rows, and with products (:class:`~edge_qlora.sim.rank_product.ProductBlock`,
+the rows hb or gb), and check its gradients against the twin (``golden/rank_gradient.py``), its rows against
+``golden/rank_product.py`` and every value it passes on, on Amaranth's simulator or on Verilator."""
 
 from dataclasses import dataclass
 
@@ -8,8 +9,10 @@ import numpy as np
 import torch
 
 from ..golden.rank_gradient import rank_gradient, x_chunk_fields
+from ..golden.rank_product import rank_rows
 from ..rtl.rank_gradient import CHUNK, SPAN, RankGradient, span_layout
-from .harness import pack_lanes, run_outputs
+from .harness import pack_lanes, run_outputs, unpack_lanes
+from .rank_product import ProductBlock, add_product
 
 __all__ = ["GradientBlock", "GradientRun", "run_rank_gradient"]
 
@@ -33,24 +36,51 @@ class GradientRun:
     """``grads`` and ``want``: the unit's and the twin's float32 values (bit patterns), feature after feature;
     ``passed_mismatches``: values passed on that differ
     from (or are missing against) those sent; ``mismatches``: gradient values that differ (bit patterns);
-    ``cycles``."""
+    ``rows`` and ``want_rows``: the products' beats, the unit's and the twin's; ``row_mismatches``: hb/gb values
+    that differ; ``fields`` and ``want_fields``: forward products' x chunk fields, the unit's and the twin's
+    (:func:`~edge_qlora.golden.rank_gradient.x_chunk_fields`); ``field_mismatches``; ``cycles``."""
 
     grads: list
     want: list
     passed_mismatches: int
     mismatches: int
     cycles: int
+    rows: list = ()
+    want_rows: list = ()
+    row_mismatches: int = 0
+    fields: list = ()
+    want_fields: list = ()
+    field_mismatches: int = 0
 
 
 def _bits16(tensor):
     return tensor.contiguous().view(torch.int16).numpy().astype(np.int64) & 0xFFFF
 
 
+def _product(config, block, inputs):
+    """A product block's spans, operands and values; returns its rows as the twin makes them and, forward, x's
+    chunk fields."""
+    tokens, k = block.activation.shape
+    if k % SPAN or not 1 <= tokens <= config.max_tokens:
+        raise ValueError(f"a product takes [tokens <= {config.max_tokens}, k] activations with k a multiple of "
+                         f"{SPAN}, not {tuple(block.activation.shape)}")
+    add_product(span_layout(config), block, inputs, product=True)
+    rank = config.rank
+    fields = [] if block.transposed else [int(f) for f in x_chunk_fields(block.activation, CHUNK)]
+    return pack_lanes(_bits16(rank_rows(block.activation, block.operand, block.transposed)).reshape(-1), rank,
+                      16), fields
+
+
 def _stimulus(config, blocks):
     layout, rank = span_layout(config), config.rank
-    inputs = {"spans": [], "rows": [], "fields": [], "values": []}
-    want = []
+    inputs = {"spans": [], "rows": [], "fields": [], "operands": [], "values": []}
+    want, want_rows, want_fields = [], [], []
     for block in blocks:
+        if isinstance(block, ProductBlock):
+            rows, fields = _product(config, block, inputs)
+            want_rows += rows
+            want_fields += fields
+            continue
         tokens, k = block.activation.shape
         if k % SPAN or not 1 <= tokens <= config.max_tokens or block.rows.shape != (tokens, rank):
             raise ValueError(f"a gradient takes [tokens <= {config.max_tokens}, k] activations with k a multiple "
@@ -79,22 +109,30 @@ def _stimulus(config, blocks):
         for s in range(k // SPAN):
             piece = grads[:, s * SPAN:(s + 1) * SPAN] if block.transposed else grads[s * SPAN:(s + 1) * SPAN]
             want += [int(v) for v in piece.reshape(-1)]
-    return inputs, want
+    return inputs, want, want_rows, want_fields
 
 
 def run_rank_gradient(config, blocks, *, stalls=None, backend=None, max_cycles=None):
-    """Run ``blocks`` (:class:`GradientBlock`) through one unit; returns a :class:`GradientRun`."""
-    inputs, want = _stimulus(config, blocks)
+    """Run ``blocks`` (:class:`GradientBlock` and :class:`~edge_qlora.sim.rank_product.ProductBlock`) through one
+    unit, in order; returns a :class:`GradientRun`."""
+    inputs, want, want_rows, want_fields = _stimulus(config, blocks)
     count = len(inputs["values"])
-    max_cycles = max_cycles or 4 * (count + len(inputs["rows"]) * config.rank) + 10 * len(want) + 5000
+    max_cycles = max_cycles or (4 * (count + (len(inputs["rows"]) + len(inputs["operands"])) * config.rank)
+                                + 10 * len(want) + 200 * len(want_rows) + 5000)
     outputs, cycles = run_outputs(lambda: RankGradient(config), f"RankGradient {config!r}", inputs,
-                                  {"grads": len(want), "passed": count}, stalls=stalls, max_cycles=max_cycles,
-                                  backend=backend)
-    grads, passed = outputs["grads"], outputs["passed"]
+                                  {"grads": len(want), "rows_out": len(want_rows), "x_fields_out": len(want_fields),
+                                   "passed": count}, stalls=stalls, max_cycles=max_cycles, backend=backend)
+    grads, passed, rows = outputs["grads"], outputs["passed"], outputs["rows_out"]
+    fields = [int(f) for f in outputs["x_fields_out"]]
+    field_mismatches = sum(a != b for a, b in zip(fields, want_fields)) + abs(len(want_fields) - len(fields))
     values = np.array(inputs["values"])
     got = np.array(passed[:count], np.int64)
     passed_mismatches = int((got != values[:got.size]).sum()) + count - got.size
     n = len(want)
     have = np.array(grads[:n], np.int64)
     mismatches = int((have != np.array(want, np.int64)[:have.size]).sum()) + n - have.size
-    return GradientRun(grads, want, passed_mismatches, mismatches, cycles)
+    n = len(want_rows) * config.rank
+    have = unpack_lanes(rows, config.rank, 16, n)
+    row_mismatches = int((have != unpack_lanes(want_rows, config.rank, 16, n)[:have.size]).sum()) + n - have.size
+    return GradientRun(grads, want, passed_mismatches, mismatches, cycles, rows, want_rows, row_mismatches, fields,
+                       want_fields, field_mismatches)

@@ -11,7 +11,7 @@ from ..golden.rank_product import rank_rows
 from ..rtl.rank_product import SPAN, RankProduct, span_layout
 from .harness import pack_lanes, run_outputs, unpack_lanes
 
-__all__ = ["ProductBlock", "ProductRun", "run_rank_product"]
+__all__ = ["ProductBlock", "ProductRun", "add_product", "run_rank_product"]
 
 
 @dataclass(frozen=True)
@@ -42,29 +42,37 @@ def _bits(tensor):
     return tensor.contiguous().view(torch.int16).numpy().astype(np.int64) & 0xFFFF
 
 
+def add_product(layout, block, inputs, **fields):
+    """Append a :class:`ProductBlock`'s spans (beats of ``layout``, a span layout with ``tokens``, ``capture``,
+    ``first``, ``last`` and ``transposed``; each field named in ``fields`` set with ``capture`` too), operands and
+    values to ``inputs``."""
+    tokens, k = block.activation.shape
+    spans = k // SPAN
+    x = _bits(block.activation)
+    operand = _bits(block.operand)
+    kinds = ["pass"] * block.passes[0] + ["capture"] * spans + ["pass"] * block.passes[1]
+    s = 0
+    for kind in kinds:
+        capture = kind == "capture"
+        piece = slice(s * SPAN, (s + 1) * SPAN) if capture else slice(0, SPAN)
+        inputs["spans"].append(layout.const({
+            "tokens": tokens, "capture": int(capture), "first": int(capture and s == 0),
+            "last": int(capture and s == spans - 1), "transposed": int(block.transposed),
+            **{name: int(capture) for name in fields}}).as_bits())
+        if capture:
+            # forward A's rows' pieces row by row; transposed B's 64 rows of the span
+            ops = operand[piece, :] if block.transposed else operand[:, piece]
+            inputs["operands"] += [int(v) for v in ops.reshape(-1)]
+            s += 1
+        inputs["values"] += [int(v) for v in x[:, piece].reshape(-1)]
+
+
 def _stimulus(config, blocks):
     layout, rank = span_layout(config), config.rank
     inputs = {"spans": [], "operands": [], "values": []}
     want = []
     for block in blocks:
-        tokens, k = block.activation.shape
-        spans = k // SPAN
-        x = _bits(block.activation)
-        operand = _bits(block.operand)
-        kinds = ["pass"] * block.passes[0] + ["capture"] * spans + ["pass"] * block.passes[1]
-        s = 0
-        for kind in kinds:
-            capture = kind == "capture"
-            piece = slice(s * SPAN, (s + 1) * SPAN) if capture else slice(0, SPAN)
-            inputs["spans"].append(layout.const({
-                "tokens": tokens, "capture": int(capture), "first": int(capture and s == 0),
-                "last": int(capture and s == spans - 1), "transposed": int(block.transposed)}).as_bits())
-            if capture:
-                # forward A's rows' pieces row by row; transposed B's 64 rows of the span
-                ops = operand[piece, :] if block.transposed else operand[:, piece]
-                inputs["operands"] += [int(v) for v in ops.reshape(-1)]
-                s += 1
-            inputs["values"] += [int(v) for v in x[:, piece].reshape(-1)]
+        add_product(layout, block, inputs)
         want += pack_lanes(_bits(rank_rows(block.activation, block.operand, block.transposed)).reshape(-1), rank, 16)
     return inputs, want
 

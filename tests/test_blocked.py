@@ -12,6 +12,7 @@ from amaranth.sim import Simulator
 from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.golden.lora import random_case, step_model
+from edge_qlora.golden.rank_gradient import x_chunk_fields
 from edge_qlora.golden.rank_term import forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, OutputTurn, SpanTable, SpanWalker, XBuffer, plan_layout,
                                    span_beat_layout, turn_layout)
@@ -345,8 +346,11 @@ def test_blocked_forward_product_with_the_gradient_writes_hb(memory, rows, cols)
                               backend=long_run_backend())
     assert mismatches(step_model(case)["y"], run.y) == 0
     assert mismatches(forward_rows(case), run.hb) == 0
+    # and x's chunk fields over all its columns, which grad_A will take: two chunks of 16 tokens, padded to a word
+    assert list(run.x_fields) == list(x_chunk_fields(case.x)) + [0, 0]
     assert run.read_bytes == run.program_read_bytes
-    assert run.written_bytes == run.program_written_bytes == 18 * 16 * 2 + 18 * 4 * 2
+    fields = 8 if memory == "ecpix5-ddr3" else 4                 # one 32-bit word in whole port words
+    assert run.written_bytes == run.program_written_bytes == 18 * 16 * 2 + 18 * 4 * 2 + fields
 
 
 def test_the_gradient_refuses_what_it_cannot_run():
@@ -356,6 +360,8 @@ def test_the_gradient_refuses_what_it_cannot_run():
     config = blocked_config(case, 4, 192, transposed=True, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="all t .4. tokens in one token block .2."):
         run_blocked_product(case, 2, 192, config, transposed=True, rank_term=True)
+    with pytest.raises(ValueError, match="x's chunk fields take all t .4. tokens in one token block .2."):
+        run_blocked_product(case, 2, 64, config, rank_term=True)
     with pytest.raises(ValueError, match="a second column block"):
         run_blocked_product(case, 4, 256, dataclasses.replace(config, max_features=256), transposed=True,
                             rank_term=True)

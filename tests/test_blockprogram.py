@@ -187,19 +187,20 @@ def test_backward_product_with_the_gradient_reads_hb_and_writes_grad_b_once(t, d
     assert len([job for job in ops[:at] if job.tensor == "dx"]) == t          # after the first block's outputs
 
 
-def test_forward_product_with_the_gradient_writes_hb_once():
+def test_forward_product_with_the_gradient_writes_hb_and_x_fields_once():
     mm = layout(128, 32, 8, 4, gradients_out=True, rank_rows=True)
-    term = bp.forward_product(mm, 4, 16, 8, rank_term=True)
-    grad = bp.forward_product(mm, 4, 16, 8, rank_term=True, gradient=True)
+    term = bp.forward_product(mm, 8, 16, 8, rank_term=True)
+    grad = bp.forward_product(mm, 8, 16, 8, rank_term=True, gradient=True)
     added = bp.bytes_by_tensor(grad)
     for name, size in bp.bytes_by_tensor(term).items():
         assert added.pop(name) == size
-    assert added == {("write", "hb"): 8 * 4 * 2}
+    assert added == {("write", "hb"): 8 * 4 * 2, ("write", "x_fields"): 4}
     assert (_coverage(mm, grad)["write", "hb"] == 1).all()
-    # each token block's rows after its first feature block's outputs
+    # the token block's rows, then x's fields, after its first feature block's outputs
     ops = [job for _, job in grad.ops]
     at = [k for k, job in enumerate(ops) if job.tensor == "hb"]
-    assert len(at) == 2 and all(ops[k - 1].tensor == "y" and ops[k + 1].tensor == "nf4_absmax" for k in at)
+    assert len(at) == 1 and ops[at[0] - 1].tensor == "y" and ops[at[0] + 1].tensor == "x_fields"
+    assert ops[at[0] + 2].tensor == "nf4_absmax"
 
 
 def test_the_gradients_program_refuses_what_it_cannot_run():
@@ -209,7 +210,9 @@ def test_the_gradients_program_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="a second column block"):
         bp.backward_product(mm, 8, 256, 2, 8, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="memory map's hb"):
-        bp.forward_product(layout(128, 32, 8, 4), 4, 16, 8, rank_term=True, gradient=True)
+        bp.forward_product(layout(128, 32, 8, 4), 8, 16, 8, rank_term=True, gradient=True)
+    with pytest.raises(ValueError, match="all tokens in one token block"):
+        bp.forward_product(layout(128, 32, 8, 4, rank_rows=True), 4, 16, 8, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="hb and grad_B"):
         bp.backward_product(layout(256, 128, 8, 4, row_exponent_chunk=16), 8, 128, 2, 8, rank_term=True,
                             gradient=True)

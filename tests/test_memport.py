@@ -375,8 +375,10 @@ def test_layout_no_overlap_aligned_sized(kwargs):
     assert state == shape.state_bytes
     assert len(set(memmap.names)) == len(memmap.names)
     if "hb" in memmap:
-        # hb (bf16 [t, r]) after every other region, so that no other address moves
-        assert memmap.regions[-1].name == "hb" and memmap["hb"].size == memmap.t * memmap.r * 2
+        # hb (bf16 [t, r]) and x's chunk fields (whole 32-bit words) after every other region, so that no other
+        # address moves
+        assert [region.name for region in memmap.regions[-2:]] == ["hb", "x_fields"]
+        assert memmap["hb"].size == memmap.t * memmap.r * 2 and memmap["x_fields"].size == 4 * -(-memmap.t // 64)
 
 
 def test_tinyllama_steps_fit_ulx3s():
