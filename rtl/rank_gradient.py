@@ -33,9 +33,9 @@ from amaranth.lib.wiring import In, Out
 
 from ..constants import BF16, FP32, MAX_RANK, OPERAND_BITS
 from .bfp import biased_exponent
-from .fp import FPConvert, FPMul
+from .fp import FPMul
 from .pipeline import delay_line
-from .rank_product import CHUNK, SPAN, accumulate_chunks, align_in_place, chunk_products, load_operands
+from .rank_product import CHUNK, SPAN, accumulate_chunks, align_in_place, chunk_products, emit_rows, load_operands
 
 __all__ = ["RankGradientConfig", "span_layout", "RankGradient", "CHUNK", "SPAN"]
 
@@ -459,31 +459,8 @@ class RankGradient(wiring.Component):
             m.d.sync += chunk.eq(chunk + 1)
             with m.If((chunk + 1) * CHUNK >= tokens):
                 m.d.sync += [chunk.eq(0), fields_phase.eq(0), emitting.eq(0)]
-        token, lane = Signal(range(self.config.max_tokens)), Signal(range(rank))
-        reading, full, arrived = Signal(), Signal(), Signal()
-        arrived_lane = Signal(range(rank))
-        gathered = Signal(data.ArrayLayout(BF16.width, rank))
-        m.submodules.round = rounder = FPConvert(FP32, BF16, stages=0)
-        m.d.sync += [arrived.eq(reading), arrived_lane.eq(lane)]
-        with m.If(reading):
-            m.d.comb += sums.addr.eq(token * rank + lane)
-        m.d.comb += rounder.a.eq(sums.data)
-        with m.If(arrived):
-            m.d.sync += gathered[arrived_lane].eq(rounder.result)
-            with m.If(arrived_lane == rank - 1):
-                m.d.sync += full.eq(1)
-        with m.If(active & ~reading & ~full & ~arrived & ~fields_phase):
-            m.d.sync += [reading.eq(1), lane.eq(0)]
-        with m.If(reading):
-            m.d.sync += lane.eq(lane + 1)
-            with m.If(lane == rank - 1):
-                m.d.sync += [reading.eq(0), lane.eq(0)]
-        m.d.comb += [self.rows_out.valid.eq(full), self.rows_out.payload.eq(gathered)]
-        with m.If(self.rows_out.valid & self.rows_out.ready):
-            m.d.sync += [full.eq(0), token.eq(token + 1)]
-            with m.If(token == tokens - 1):
-                m.d.sync += token.eq(0)
-                with m.If(forward):
-                    m.d.sync += fields_phase.eq(1)
-                with m.Else():
-                    m.d.sync += emitting.eq(0)
+        with m.If(emit_rows(m, active & ~fields_phase, sums, self.rows_out, rank, tokens, self.config.max_tokens)):
+            with m.If(forward):
+                m.d.sync += fields_phase.eq(1)
+            with m.Else():
+                m.d.sync += emitting.eq(0)

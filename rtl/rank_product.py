@@ -26,7 +26,7 @@ from .fp import FixedToFloat, FPAdd, FPConvert, ecp5_registered_product
 from .pipeline import delay_line, is_ecp5
 
 __all__ = ["RankProductConfig", "span_layout", "RankProduct", "CHUNK", "SPAN", "MINUS_ZERO", "load_operands",
-           "align_in_place", "chunk_products", "accumulate_chunks"]
+           "align_in_place", "chunk_products", "accumulate_chunks", "emit_rows"]
 
 #: Reduction elements per alignment chunk (the engine's) and per span (one NF4 block).
 CHUNK = 16
@@ -221,6 +221,38 @@ def accumulate_chunks(m, sums, valid, entry, address, fresh):
     return Cat(*chain[1:]).any(), partials
 
 
+def emit_rows(m, active, sums, rows, rank, tokens, max_tokens):
+    """While ``active``: each of ``tokens`` token rows' ``rank`` float32 partial sums (``sums``, a read port, entry
+    ``token * rank + j``) read one a cycle, rounded to bf16 and gathered into one beat of ``rows`` (a stream of
+    ``rank`` bf16). Returns ``done``: the last row taken this cycle."""
+    token, lane = Signal(range(max_tokens)), Signal(range(rank))
+    reading, full, arrived, done = Signal(), Signal(), Signal(), Signal()
+    arrived_lane = Signal(range(rank))
+    gathered = Signal(data.ArrayLayout(BF16.width, rank))
+    m.submodules.round = rounder = FPConvert(FP32, BF16, stages=0)
+    m.d.sync += [arrived.eq(reading), arrived_lane.eq(lane)]
+    with m.If(reading):
+        m.d.comb += sums.addr.eq(token * rank + lane)
+    m.d.comb += rounder.a.eq(sums.data)
+    with m.If(arrived):
+        m.d.sync += gathered[arrived_lane].eq(rounder.result)
+        with m.If(arrived_lane == rank - 1):
+            m.d.sync += full.eq(1)
+    with m.If(active & ~reading & ~full & ~arrived):
+        m.d.sync += [reading.eq(1), lane.eq(0)]
+    with m.If(reading):
+        m.d.sync += lane.eq(lane + 1)
+        with m.If(lane == rank - 1):
+            m.d.sync += [reading.eq(0), lane.eq(0)]
+    m.d.comb += [rows.valid.eq(full), rows.payload.eq(gathered)]
+    with m.If(rows.valid & rows.ready):
+        m.d.sync += [full.eq(0), token.eq(token + 1)]
+        with m.If(token == tokens - 1):
+            m.d.sync += token.eq(0)
+            m.d.comb += done.eq(1)
+    return done
+
+
 class _State(enum.Enum, shape=3):
     IDLE = 0     # waiting for a span
     LOAD = 1     # the span's operands into the table, raw (once the span before has left the table)
@@ -408,30 +440,5 @@ class RankProduct(wiring.Component):
         """After the last span: each token row's ``rank`` partial sums read one a cycle, rounded to bf16 and
         gathered into one ``rows`` beat."""
         cfg = self.config
-        rank = cfg.rank
-        emitting = state == _State.EMIT
-        token, lane = Signal(range(cfg.max_tokens)), Signal(range(rank))
-        reading, full = Signal(), Signal()
-        gathered = Signal(data.ArrayLayout(BF16.width, rank))
-        m.submodules.round = rounder = FPConvert(FP32, BF16, stages=0)
-        arrived = Signal()
-        arrived_lane = Signal(range(rank))
-        m.d.sync += [arrived.eq(emitting & reading), arrived_lane.eq(lane)]
-        with m.If(emitting):
-            m.d.comb += sums.addr.eq(token * rank + lane)
-        m.d.comb += rounder.a.eq(sums.data)
-        with m.If(arrived):
-            m.d.sync += gathered[arrived_lane].eq(rounder.result)
-            with m.If(arrived_lane == rank - 1):
-                m.d.sync += full.eq(1)
-        with m.If(emitting & ~reading & ~full & ~arrived):
-            m.d.sync += [reading.eq(1), lane.eq(0)]
-        with m.If(reading):
-            m.d.sync += lane.eq(lane + 1)
-            with m.If(lane == rank - 1):
-                m.d.sync += [reading.eq(0), lane.eq(0)]
-        m.d.comb += [self.rows.valid.eq(full), self.rows.payload.eq(gathered)]
-        with m.If(self.rows.valid & self.rows.ready):
-            m.d.sync += [full.eq(0), token.eq(token + 1)]
-            with m.If(token == span.tokens - 1):
-                m.d.sync += [token.eq(0), state.eq(_State.IDLE)]
+        with m.If(emit_rows(m, state == _State.EMIT, sums, self.rows, cfg.rank, span.tokens, cfg.max_tokens)):
+            m.d.sync += state.eq(_State.IDLE)
