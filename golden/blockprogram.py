@@ -324,12 +324,15 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
     With ``gradient`` (and ``rank_term``; the whole reduction one token block): the step's ``grad_B = s dy^T hb``
     too, made as the second column block's dy passes: before its first span's dy, the token block's rows of hb
     (``hb`` of the memory map, one job); after the block's outputs, grad_B (the RTL writes each span's 64 rows
-    once the span has passed: one job a span, the same bytes)."""
+    once the span has passed: one job a span, the same bytes). After the first column block's outputs, gb's rows
+    (``gb``, one job). And after the product, grad_A's pass over x (``grad_A = s gb^T x``): gb's rows back and x's
+    chunk fields (``ceil(t / 16)`` bytes of ``x_fields``), then per span of 64 of x's columns each token row's
+    piece of x (one job each) and the span's 64 columns of each of grad_A's ``r`` rows (one job each)."""
     mm = memmap
-    if gradient and not (rank_term and token_block >= mm.t and feature_block < mm.d_in and "hb" in mm.names
+    if gradient and not (rank_term and token_block >= mm.t and feature_block < mm.d_in and "gb" in mm.names
                          and "grad_B" in mm.names):
         raise ValueError("the gradient needs the rank-r term, all tokens in one token block, a second column block "
-                         "and the memory map's hb and grad_B")
+                         "and the memory map's hb, gb and the gradients")
     t, d_in, d_out = mm.t, mm.d_in, mm.d_out
     if not mm.double_quant or mm.blocksize != SPAN or d_in % SPAN or d_out % SPAN:
         raise ValueError(f"the blocked backward product takes NF4 with double quantization in blocks of {SPAN}, "
@@ -363,8 +366,18 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
                         w.add("read", "lora_A", (k * d_in + f0) * 4, nf * 4)
             for token in range(t0, t0 + nt):
                 w.add("write", "dx", (token * d_in + f0) * 2, nf * 2)
+            if gradient and f0 == 0:
+                w.add("write", "gb", t0 * r * 2, nt * r * 2)
             if gradient and f0 == feature_block:
                 w.add("write", "grad_B", 0, d_out * r * 4)
+    if gradient:
+        w.add("read", "gb", 0, t * r * 2)
+        w.add("read", "x_fields", 0, -(-t // 16))
+        for s in range(per_row):
+            for token in range(t):
+                w.add("read", "x", (token * d_in + s * SPAN) * 2, SPAN * 2)
+            for k in range(r):
+                w.add("write", "grad_A", (k * d_in + s * SPAN) * 4, SPAN * 4)
     return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 

@@ -193,7 +193,9 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
         product makes and the backward product's ``grad_B = s dy^T hb`` takes (``rtl/blocked.py``); and after it
         ``x_fields`` (uint8, ``4 * ceil(t / 64)``): x's chunk fields, the biased exponent each 16 token rows of x
         share over all its columns (``golden.rank_gradient.x_chunk_fields``), zero-padded to whole 32-bit words,
-        which the forward product finds and ``grad_A = s gb^T x`` needs.
+        which the forward product finds and ``grad_A = s gb^T x`` needs; and after those ``gb`` (bf16
+        ``[t, r]``): the step's ``gb = bf16(dy B)``, which the backward product makes and writes, and reads back for
+        grad_A's pass over x.
     """
     for name, value in (("d_in", d_in), ("d_out", d_out), ("t", t), ("r", r), ("align", align)):
         _positive(name, value)
@@ -237,6 +239,7 @@ def layout(d_in, d_out, t, r=16, optimizer="adamw", blocksize=64, double_quant=T
     if rank_rows:
         specs.append(tensor("hb", "bf16", (t, r), "read-write"))
         specs.append(tensor("x_fields", "uint8", (4 * -(-t // 64),), "read-write"))
+        specs.append(tensor("gb", "bf16", (t, r), "read-write"))
 
     regions, address = [], base
     for name, dtype, shape, size, access in specs:

@@ -73,13 +73,15 @@ READS = ("absmax2", "absmax", "x", "codes", "exponents")
 #: With the rank-r term (``BlockedConfig.rank``), after :data:`READS`: the operand of the rows' product (A, whose
 #: product with x makes hb; transposed B, for gb) and the term's columns (B's rows; transposed A's columns).
 RANK_READS = ("rank_operands", "rank_columns")
-#: With the gradient (``BlockedConfig.gradient``), after :data:`RANK_READS`: the forward's rows hb, which grad_B
-#: takes.
-GRADIENT_READS = ("rank_rows",)
+#: With the gradient (``BlockedConfig.gradient``), after :data:`RANK_READS`: the rows the gradients take (the
+#: forward's hb for grad_B; gb, which the backward product writes, for grad_A) and x's chunk fields (grad_A).
+GRADIENT_READS = ("rank_rows", "x_fields")
+#: With the gradient the read issuer's addresses for grad_A's pass over x: x and gb.
+_PASS_ADDRESSES = ("pass_x", "gb")
 #: The descriptor's addresses the read issuer takes (and :data:`RANK_READS` with the term).
 _ADDRESSES = ("x", "codes", "absmax", "absmax2", "exponents")
 _ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8, "rank_operands": FP32.width,
-         "rank_columns": FP32.width, "rank_rows": BF16.width}
+         "rank_columns": FP32.width, "rank_rows": BF16.width, "x_fields": 8}
 
 
 def absmax2_groups(d_in, d_out):
@@ -132,12 +134,13 @@ class BlockedConfig:
     gradient : bool
         With ``rank`` (2 or more) and ``transposed``: the forward product also writes hb (bf16 ``[t, r]``, at the
         descriptor's ``rank_rows``) and x's chunk fields (one byte per 16 token rows over all of x's columns, in
-        32-bit words, at ``x_fields``: what grad_A's pass over x will take), and the backward product reads hb and
-        writes the step's
-        ``grad_B = s dy^T hb`` (float32 ``[d_out, r]``, at the descriptor's ``gradient``) through a
-        :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block (and,
-        in place of the ``RankProduct``, makes hb and gb in the first). The whole reduction (all ``t`` tokens)
-        must be one token block.
+        32-bit words, at ``x_fields``: what grad_A's pass over x takes), and the backward product reads hb and
+        writes the step's ``grad_B = s dy^T hb`` (float32 ``[d_out, r]``, at the descriptor's ``gradient``)
+        through a :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block
+        (and, in place of the ``RankProduct``, makes hb and gb in the first); it writes gb (at ``gb``) and, after
+        the product, makes the step's ``grad_A = s gb^T x`` (float32 ``[r, d_in]``, at ``gradient_a``) in a pass
+        over x (at ``pass_x``) through the same unit, with gb and x's fields read back. The whole reduction (all
+        ``t`` tokens) must be one token block.
     """
 
     rows: int = 8
@@ -312,9 +315,11 @@ def _outputs(shape):
 def span_beat_layout():
     """One span of the loop nest: the token block (``t0``, ``nt`` tokens), the feature block (``f0``, ``nf`` W
     rows, or transposed W columns), the span's index ``s``, whether it is the first of its token block and of its
-    feature block, the last of its feature block (``final``: its outputs follow), and the product's last."""
+    feature block, the last of its feature block (``final``: its outputs follow), and the walk's last; or
+    (``x_pass``) a span of grad_A's pass over x after the product: ``s`` the span of x's columns, ``nt`` all the
+    tokens, ``f0`` past the outputs, ``final`` the pass's last."""
     return data.StructLayout({"t0": 16, "nt": 16, "f0": 16, "nf": 16, "s": 16, "first_t": 1, "first_f": 1,
-                              "final": 1, "last": 1})
+                              "final": 1, "last": 1, "x_pass": 1})
 
 
 def descriptor_layout(config):
@@ -325,11 +330,13 @@ def descriptor_layout(config):
     A, transposed B, the operand that makes hb or gb; ``rank_columns``: B, transposed A, the term's columns), the
     scaling ``s`` (float32) and, transposed, the exponent A's rows share over all of A (``rank_exponent``,
     :func:`~edge_qlora.golden.rank_term.column_exponent`); with the gradient the addresses of hb (``rank_rows``),
-    of grad_B (``gradient``) and of x's chunk fields (``x_fields``)."""
+    of grad_B (``gradient``) and of x's chunk fields (``x_fields``), and, transposed, of x (``pass_x``), gb
+    (``gb``) and grad_A (``gradient_a``) for grad_A's pass over x."""
     aw = config.port.address_width
     term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32,
             "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
-    gradient = {"rank_rows": aw, "gradient": aw, "x_fields": aw} if config.gradient else {}
+    gradient = {"rank_rows": aw, "gradient": aw, "x_fields": aw, "pass_x": aw, "gb": aw,
+                "gradient_a": aw} if config.gradient else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32, **term, **gradient})
 
@@ -351,42 +358,47 @@ def _min(m, a, b, name):
 
 
 class SpanWalker(wiring.Component):
-    """The loop nest over token blocks, feature blocks and spans: one ``spans`` beat per span after ``start``.
+    """The loop nest over token blocks, feature blocks and spans: one ``spans`` beat per span after ``start``;
+    with ``x_pass`` then one per span of grad_A's pass over x (``d_in / 64``; the whole reduction is one token
+    block then).
 
     Attributes
     ----------
     shape : In(:func:`shape_layout`), held while the walk runs
     start : In(1): a pulse begins a walk (the shape valid from that cycle on)
+    x_pass : In(1): held with the shape
     spans : Out(stream of :func:`span_beat_layout`)
     """
 
     def __init__(self):
-        super().__init__({"shape": In(shape_layout()), "start": In(1),
+        super().__init__({"shape": In(shape_layout()), "start": In(1), "x_pass": In(1),
                           "spans": Out(stream.Signature(span_beat_layout()))})
 
     def elaborate(self, platform):
         m = Module()
         shape, out = self.shape, self.spans.payload
-        active = Signal()
+        active, passing = Signal(), Signal()
         t0, f0, s = Signal(16), Signal(16), Signal(16)
         outputs = Signal(16)
         m.d.comb += outputs.eq(_outputs(shape))
         nt = _min(m, shape.t - t0, shape.tokens, "nt")
         nf = _min(m, outputs - f0, shape.features, "nf")
-        final = s == (_reduction(shape) >> _SPAN_SHIFT) - 1
+        final = s == (Mux(passing, shape.d_in, _reduction(shape)) >> _SPAN_SHIFT) - 1
         last_f = f0 + nf >= outputs
         last_t = t0 + nt >= shape.t
         m.d.comb += [
             self.spans.valid.eq(active),
             out.t0.eq(t0), out.nt.eq(nt), out.f0.eq(f0), out.nf.eq(nf), out.s.eq(s),
-            out.first_t.eq((f0 == 0) & (s == 0)), out.first_f.eq(s == 0), out.final.eq(final),
-            out.last.eq(final & last_f & last_t),
+            out.first_t.eq((f0 == 0) & (s == 0)), out.first_f.eq((s == 0) & ~passing), out.final.eq(final),
+            out.last.eq(final & (passing | (last_f & last_t & ~self.x_pass))), out.x_pass.eq(passing),
         ]
         with m.If(self.start):
-            m.d.sync += [active.eq(1), t0.eq(0), f0.eq(0), s.eq(0)]
+            m.d.sync += [active.eq(1), passing.eq(0), t0.eq(0), f0.eq(0), s.eq(0)]
         with m.Elif(self.spans.valid & self.spans.ready):
             with m.If(~final):
                 m.d.sync += s.eq(s + 1)
+            with m.Elif(passing):
+                m.d.sync += [active.eq(0), passing.eq(0)]
             with m.Else():
                 m.d.sync += s.eq(0)
                 with m.If(~last_f):
@@ -395,6 +407,9 @@ class SpanWalker(wiring.Component):
                     m.d.sync += f0.eq(0)
                     with m.If(~last_t):
                         m.d.sync += t0.eq(t0 + nt)
+                    with m.Elif(self.x_pass):
+                        # grad_A's pass: its beats past the outputs (no feature block), all tokens
+                        m.d.sync += [passing.eq(1), t0.eq(0), f0.eq(outputs)]
                     with m.Else():
                         m.d.sync += active.eq(0)
         return m
@@ -423,6 +438,7 @@ class _Read(enum.Enum, shape=4):
     RANK_OPERANDS = 6
     RANK_COLUMNS = 7
     RANK_ROWS = 8
+    X_FIELDS = 9
 
 
 class ReadIssuer(wiring.Component):
@@ -435,7 +451,9 @@ class ReadIssuer(wiring.Component):
     64 W rows' absmax codes and codes of the column block. With the rank-r term, in a token block's first feature
     block before each span's activation the span's piece of A (each of its ``rank`` rows' 64 values) or of B (its
     64 rows), and after a block's first span the block's rows of B or columns of A. With the gradient, transposed,
-    the token block's rows of hb before the second column block's first span's dy.
+    the token block's rows of hb before the second column block's first span's dy; and in grad_A's pass over x
+    (``x_pass`` spans), gb's rows and x's chunk fields before the first span's x, then per span each token row's
+    piece of x.
 
     Attributes
     ----------
@@ -448,7 +466,8 @@ class ReadIssuer(wiring.Component):
     def __init__(self, config):
         self.config = config
         aw = config.port.address_width
-        addresses = _ADDRESSES + (RANK_READS if config.rank else ()) + (GRADIENT_READS if config.gradient else ())
+        addresses = _ADDRESSES + (RANK_READS if config.rank else ()) + (
+            GRADIENT_READS + _PASS_ADDRESSES if config.gradient else ())
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
                           **{name: In(aw) for name in addresses},
                           "groups": In(16), "jobs": Out(stream.Signature(read_beat_layout(config)))})
@@ -496,6 +515,11 @@ class ReadIssuer(wiring.Component):
                 state.eq(Mux(incoming.first_t, _Read.ABSMAX2,
                              Mux(incoming.first_f & ~tr, _Read.ABSMAX, to_x(incoming)))),
             ]
+            if self.config.gradient:
+                # grad_A's pass (all tokens, from token 0): x's span s, a row d_in apart; gb's rows first
+                with m.If(incoming.x_pass):
+                    m.d.sync += [x_address.eq(self.pass_x + (incoming.s << (_SPAN_SHIFT + 1))),
+                                 state.eq(Mux(incoming.s == 0, _Read.RANK_ROWS, _Read.X))]
         issued = self.jobs.valid & self.jobs.ready
         with m.Switch(state):
             with m.Case(_Read.ABSMAX2):
@@ -535,9 +559,11 @@ class ReadIssuer(wiring.Component):
                              beat.dest.eq(READS.index("x")), beat.unpack.eq(left == span.nt),
                              beat.count.eq(span.nt << _SPAN_SHIFT), beat.cols.eq(SPAN)]
                 with m.If(issued):
-                    m.d.sync += [x_address.eq(x_address + (reduction << 1)), left.eq(left - 1)]
+                    m.d.sync += [x_address.eq(x_address + (Mux(span.x_pass, shape.d_in, reduction) << 1)),
+                                 left.eq(left - 1)]
                     with m.If(left == 1):
-                        m.d.sync += [state.eq(Mux(tr, _Read.ABSMAX, _Read.CODES)), left.eq(Mux(tr, SPAN, span.nf))]
+                        m.d.sync += [state.eq(Mux(span.x_pass, _Read.IDLE, Mux(tr, _Read.ABSMAX, _Read.CODES))),
+                                     left.eq(Mux(tr, SPAN, span.nf))]
             with m.Case(_Read.CODES):
                 # forward: nf W rows of 32 bytes; transposed: 64 W rows of nf / 2 bytes; nf x 64 codes either way
                 m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(codes_address),
@@ -556,10 +582,20 @@ class ReadIssuer(wiring.Component):
         if self.config.gradient:
             shift = rank.bit_length() - 1
             with m.If(state == _Read.RANK_ROWS):
-                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.rank_rows + (span.t0 << (shift + 1))),
+                # hb's rows for grad_B, gb's for grad_A's pass
+                m.d.comb += [self.jobs.valid.eq(1),
+                             beat.address.eq(Mux(span.x_pass, self.gb, self.rank_rows) + (span.t0 << (shift + 1))),
                              beat.bytes.eq(span.nt << (shift + 1)),
                              beat.dest.eq(self.config.reads.index("rank_rows")), beat.unpack.eq(1),
                              beat.count.eq(span.nt << shift), beat.cols.eq(span.nt << shift)]
+                with m.If(issued):
+                    m.d.sync += state.eq(Mux(span.x_pass, _Read.X_FIELDS, _Read.X))
+            with m.If(state == _Read.X_FIELDS):
+                # x's chunk fields, a byte per 16 token rows
+                fields = (shape.t + 15) >> 4
+                m.d.comb += [self.jobs.valid.eq(1), beat.address.eq(self.x_fields), beat.bytes.eq(fields),
+                             beat.dest.eq(self.config.reads.index("x_fields")), beat.unpack.eq(1),
+                             beat.count.eq(fields), beat.cols.eq(fields)]
                 with m.If(issued):
                     m.d.sync += state.eq(_Read.X)
         return m
@@ -1033,7 +1069,8 @@ class BlockedProduct(wiring.Component):
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
         m.d.comb += [issuer.shape.eq(head.dims), issuer.groups.eq(head.groups)]
-        for name in _ADDRESSES + (RANK_READS if cfg.rank else ()) + (GRADIENT_READS if cfg.gradient else ()):
+        for name in _ADDRESSES + (RANK_READS if cfg.rank else ()) + (
+                GRADIENT_READS + _PASS_ADDRESSES if cfg.gradient else ()):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
         # with the rank-r term every block RAM counts: the FIFOs of the reads that are not on the engine's path
         # per span (a few kbit each) go to LUT RAM
@@ -1140,17 +1177,20 @@ class BlockedProduct(wiring.Component):
         m.submodules.rank_gradient = unit = RankGradient(cfg.rank_gradient)
         spans = walkers["product"].spans
         beat, span = spans.payload, unit.spans.payload
-        tr = head.dims.transposed
-        product = beat.f0 == 0
-        gradient = tr & (beat.f0 == head.dims.features)
+        tr, x_pass = head.dims.transposed, beat.x_pass
+        product = (beat.f0 == 0) & ~x_pass
+        gradient = tr & (beat.f0 == head.dims.features) & ~x_pass
+        # grad_A's pass over x: transposed gradient spans whose values (x) stop in the unit
         m.d.comb += [unit.spans.valid.eq(spans.valid), spans.ready.eq(unit.spans.ready),
-                     span.tokens.eq(beat.nt), span.capture.eq(product | gradient), span.product.eq(product),
-                     span.first.eq(beat.s == 0), span.last.eq(beat.final), span.transposed.eq(tr & product),
-                     span.load.eq(gradient & (beat.s == 0)), span.scale.eq(head.scaling)]
+                     span.tokens.eq(beat.nt), span.capture.eq(product | gradient | x_pass), span.product.eq(product),
+                     span.first.eq(beat.s == 0), span.last.eq(beat.final),
+                     span.transposed.eq((tr & product) | x_pass), span.sink.eq(x_pass),
+                     span.load.eq((gradient | x_pass) & (beat.s == 0)), span.scale.eq(head.scaling)]
         self._take(m, unpack["x"].segments, unit.values)
         wiring.connect(m, unit.passed, values)
         self._rank_operands(m, unpack, unit.operands)
         self._gather(m, unpack["rank_rows"].segments, unit.rows, cfg.rank)
+        self._take(m, unpack["x_fields"].segments, unit.fields)
         return unit.rows_out, unit.grads, unit.x_fields_out
 
     def _rank_product(self, m, head, walkers, unpack, values):
@@ -1209,14 +1249,13 @@ class BlockedProduct(wiring.Component):
                      outs.pack.ready.eq(packer.job.ready)]
         hb_rows = None
         if cfg.gradient:
-            # forward, hb's rows to the term and to the second writer (each takes a row when both can)
+            # hb's (transposed gb's) rows to the term and to the second writer (each takes a row when both can)
             to_term = stream.Signature(rank_rows.payload.shape()).create()
             hb_rows = stream.Signature(rank_rows.payload.shape()).create()
-            forward = ~head.dims.transposed
             m.d.comb += [to_term.payload.eq(rank_rows.payload), hb_rows.payload.eq(rank_rows.payload),
-                         to_term.valid.eq(rank_rows.valid & (hb_rows.ready | ~forward)),
-                         hb_rows.valid.eq(rank_rows.valid & to_term.ready & forward),
-                         rank_rows.ready.eq(to_term.ready & (hb_rows.ready | ~forward))]
+                         to_term.valid.eq(rank_rows.valid & hb_rows.ready),
+                         hb_rows.valid.eq(rank_rows.valid & to_term.ready),
+                         rank_rows.ready.eq(to_term.ready & hb_rows.ready)]
             rank_rows = to_term
         if cfg.rank:
             rows = self._term(m, head, walkers, unpack, rank_rows)
@@ -1268,22 +1307,24 @@ class BlockedProduct(wiring.Component):
                      writer.write_data.ready.eq(write_data.ready)]
 
     def _gradient_writes(self, m, head, walkers, grads, x_fields, rows, write_cmd, write_data):
-        """The second writer's jobs: forward, after a token block's first feature block, its rows of hb (which the
-        unit that makes hb gives, as the term takes them), one job, then x's chunk fields (which the unit gives
-        after the rows), one job; transposed, per span of the second column block its 64 rows of grad_B from the
-        gradient unit, one job (``64 * rank`` float32, contiguous in grad_B)."""
+        """The second writer's jobs: after a token block's first feature block its rows (forward hb, transposed gb;
+        the unit that makes them gives them as the term takes them), one job, and forward then x's chunk fields
+        (which the unit gives after the rows), one job; transposed, per span of the second column block its 64
+        rows of grad_B from the unit, one job (``64 * rank`` float32, contiguous in grad_B), and per span of
+        grad_A's pass over x the span's 64 columns of each of grad_A's ``rank`` rows, a job each."""
         cfg = self.config
         rank, tr = cfg.rank, head.dims.transposed
         rank_shift = rank.bit_length() - 1
         m.submodules.gradient_packer = packer = Packer(FP32.width, cfg.port.data_width)
-        # hb's rows, each cut into rank / 2 float32-wide elements, low first
+        # the rows, each cut into rank / 2 float32-wide elements, low first
         held, left = Signal(len(rows.payload.as_value())), Signal(range(rank // 2 + 1))
         m.d.comb += rows.ready.eq(left == 0)
         with m.If(rows.valid & rows.ready):
             m.d.sync += [held.eq(rows.payload), left.eq(rank // 2)]
-        with m.If(~tr & packer.elements.ready & (left != 0)):
+        with m.If(packer.elements.ready & (left != 0)):
             m.d.sync += [held.eq(held >> FP32.width), left.eq(left - 1)]
-        # then x's chunk fields, four to a float32-wide element (the first in the low byte; the last zero-padded)
+        # then (forward) x's chunk fields, four to a float32-wide element (the first in the low byte; the last
+        # zero-padded)
         fields, fields_full = Signal(FP32.width), Signal()
         taken, chunks = Signal(range(cfg.rank_gradient.chunks + 1)), (head.dims.t + 15) >> 4
         m.d.comb += x_fields.ready.eq(~fields_full)
@@ -1293,38 +1334,48 @@ class BlockedProduct(wiring.Component):
                 m.d.sync += fields_full.eq(1)
             with m.If(taken + 1 == chunks):
                 m.d.sync += taken.eq(0)
-        with m.If(~tr & packer.elements.ready & (left == 0) & fields_full):
+        with m.If(packer.elements.ready & (left == 0) & fields_full):
             m.d.sync += [fields.eq(0), fields_full.eq(0)]
-        m.d.comb += [packer.elements.valid.eq(Mux(tr, grads.valid, (left != 0) | fields_full)),
-                     packer.elements.payload.eq(Mux(tr, grads.payload, Mux(left != 0, held[:FP32.width], fields))),
-                     grads.ready.eq(tr & packer.elements.ready)]
+        # the unit gives its rows, fields and gradients one after the other: whichever waits goes in
+        m.d.comb += [packer.elements.valid.eq((left != 0) | fields_full | grads.valid),
+                     packer.elements.payload.eq(Mux(left != 0, held[:FP32.width],
+                                                    Mux(fields_full, fields, grads.payload))),
+                     grads.ready.eq(packer.elements.ready & (left == 0) & ~fields_full)]
         jobs = stream.Signature(write_job_layout(cfg.port)).create()
         spans = walkers["gradient_writes"].spans
         beat = spans.payload
-        rows_out = ~tr & (beat.f0 == 0) & beat.final
-        gradient_out = tr & (beat.f0 == head.dims.features)
-        active = rows_out | gradient_out
-        # forward two jobs a token block: hb's rows, then x's fields
-        packed, written, second = Signal(), Signal(), Signal()
+        x_pass = beat.x_pass
+        rows_out = (beat.f0 == 0) & beat.final & ~x_pass
+        gradient_out = tr & (beat.f0 == head.dims.features) & ~x_pass
+        active = rows_out | gradient_out | x_pass
+        # a beat's jobs, each with its packer job: forward hb's rows then x's fields, grad_A's rank pieces
+        packed, written = Signal(), Signal()
+        part = Signal(range(max(rank, 2)))
+        row_offset = Signal(cfg.port.address_width)      # grad_A's row part: part * d_in * 4
+        last_part = Mux(x_pass, part == rank - 1, Mux(rows_out & ~tr, part == 1, 1))
         fields_words = (head.dims.t + 63) >> 6
-        with m.If(tr):
+        with m.If(x_pass):
+            m.d.comb += [packer.job.payload.count.eq(SPAN), jobs.payload.bytes.eq(SPAN * 4),
+                         jobs.payload.address.eq(head.gradient_a + row_offset + (beat.s << (_SPAN_SHIFT + 2)))]
+        with m.Elif(gradient_out):
             m.d.comb += [packer.job.payload.count.eq(SPAN * rank), jobs.payload.bytes.eq(SPAN * rank * 4),
                          jobs.payload.address.eq(head.gradient + (beat.s << (_SPAN_SHIFT + rank_shift + 2)))]
-        with m.Elif(second):
+        with m.Elif(part == 1):
             m.d.comb += [packer.job.payload.count.eq(fields_words), jobs.payload.bytes.eq(fields_words << 2),
                          jobs.payload.address.eq(head.x_fields)]
         with m.Else():
             m.d.comb += [packer.job.payload.count.eq(beat.nt << (rank_shift - 1)),
                          jobs.payload.bytes.eq(beat.nt << (rank_shift + 1)),
-                         jobs.payload.address.eq(head.rank_rows + (beat.t0 << (rank_shift + 1)))]
+                         jobs.payload.address.eq(Mux(tr, head.gb, head.rank_rows) + (beat.t0 << (rank_shift + 1)))]
         done = (packed | packer.job.ready) & (written | jobs.ready)
         m.d.comb += [packer.job.valid.eq(spans.valid & active & ~packed),
                      jobs.valid.eq(spans.valid & active & ~written),
-                     spans.ready.eq(~active | (done & (tr | second)))]
-        with m.If(spans.valid & active & done & ~tr & ~second):
-            m.d.sync += [second.eq(1), packed.eq(0), written.eq(0)]
+                     spans.ready.eq(~active | (done & last_part))]
+        with m.If(spans.valid & active & done & ~last_part):
+            m.d.sync += [part.eq(part + 1), packed.eq(0), written.eq(0),
+                         row_offset.eq(row_offset + (head.dims.d_in << 2))]
         with m.Elif(spans.valid & spans.ready):
-            m.d.sync += [packed.eq(0), written.eq(0), second.eq(0)]
+            m.d.sync += [packed.eq(0), written.eq(0), part.eq(0), row_offset.eq(0)]
         with m.Else():
             with m.If(packer.job.valid & packer.job.ready):
                 m.d.sync += packed.eq(1)
@@ -1348,6 +1399,9 @@ class BlockedProduct(wiring.Component):
         for name in names + (("gradient_writes",) if cfg.gradient else ()):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
+            if cfg.gradient and name in ("reads", "product", "gradient_writes"):
+                # these three walk grad_A's pass over x after the backward product too
+                m.d.comb += walker.x_pass.eq(head.dims.transposed)
         reader, unpack = self._reads(m, head, walkers)
         rank_rows, grads = self._inputs(m, head, walkers, unpack)
         self._writes(m, head, walkers, unpack, rank_rows, grads)
@@ -1359,11 +1413,13 @@ class BlockedProduct(wiring.Component):
         total = Signal(48)
         words = ((head.dims.t * _outputs(head.dims)) << 1) >> port.word_shift
         if cfg.gradient:
-            # and grad_B (float32 [d_out, r]) transposed; forward hb (bf16 [t, r]) and x's fields (a 32-bit word per
-            # 64 tokens), each job's last word padded
-            extra = Mux(tr, (head.dims.d_out * cfg.rank) << 2, ((head.dims.t * cfg.rank) << 1) + port.word_bytes - 1)
-            fields = Mux(tr, 0, (((head.dims.t + 63) >> 6) << 2) + port.word_bytes - 1)
-            words = words + (extra >> port.word_shift) + (fields >> port.word_shift)
+            # and the rows (bf16 [t, r]: forward hb, transposed gb), each job's last word padded; forward x's
+            # fields (a 32-bit word per 64 tokens, padded too), transposed grad_B and grad_A (float32 [d_out, r]
+            # and [r, d_in])
+            rows_bytes = ((head.dims.t * cfg.rank) << 1) + port.word_bytes - 1
+            fields = (((head.dims.t + 63) >> 6) << 2) + port.word_bytes - 1
+            gradients = ((head.dims.d_out + head.dims.d_in) * cfg.rank) << 2
+            words = words + (rows_bytes >> port.word_shift) + (Mux(tr, gradients, fields) >> port.word_shift)
         m.d.comb += total.eq(words)
         with m.If(start):
             m.d.sync += [cycles.eq(0), written.eq(0), memory.eq(0), compute.eq(0),

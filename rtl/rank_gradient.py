@@ -91,9 +91,10 @@ def span_layout(config):
     ``scale`` are taken from such a span), ``transposed`` (B3: grad_A from x) and ``scale`` (``s``, float32);
     for a product (whose span of A or B always comes before its values) ``first`` and ``last`` (the reduction's
     first span: its partial sums start afresh; its last: the rows leave after it) and ``transposed`` (B1: B's
-    rows)."""
+    rows); and ``sink``: its values end here, none leaves on ``passed`` (grad_A's pass over x, which the engine
+    does not take)."""
     return data.StructLayout({"tokens": range(config.max_tokens + 1), "capture": 1, "product": 1, "load": 1,
-                              "first": 1, "last": 1, "transposed": 1, "scale": FP32.width})
+                              "first": 1, "last": 1, "transposed": 1, "sink": 1, "scale": FP32.width})
 
 
 def _chunk_layout(config):
@@ -119,10 +120,10 @@ class RankGradient(wiring.Component):
     Per span one ``spans`` beat. With ``load`` (and ``capture``), ``tokens`` beats of ``rows`` (hb or gb, a token
     row each), then, ``transposed``, ``ceil(tokens / 16)`` beats of ``fields`` (x's chunk exponents as biased
     bf16 fields, :func:`edge_qlora.golden.rank_gradient.x_chunk_fields`). Then the span's ``tokens * 64``
-    activation ``values`` (token row after token row), each of which leaves on ``passed`` unchanged. After a
-    captured span's last values its ``64 * rank`` float32 gradient values leave on ``grads``, one a beat, in the
-    order of the gradient in memory: grad_B's 64 rows (``rank`` values each), transposed the span's 64 columns of
-    each of grad_A's ``rank`` rows. Rows and activation must be finite bf16.
+    activation ``values`` (token row after token row), each of which leaves on ``passed`` unchanged (but in a
+    ``sink`` span). After a captured span's last values its ``64 * rank`` float32 gradient values leave on
+    ``grads``, one a beat, in the order of the gradient in memory: grad_B's 64 rows (``rank`` values each),
+    transposed the span's 64 columns of each of grad_A's ``rank`` rows. Rows and activation must be finite bf16.
 
     The activation passes one value a cycle while the unit keeps up: a chunk of 16 token rows replays in 1,024
     cycles while the next one fills; a span's ``64 * rank`` values of ``grads`` leave one a cycle, while the
@@ -297,8 +298,8 @@ class RankGradient(wiring.Component):
         capture, product = span.capture, span.product
         room = ~capture | ~full.bit_select(half, 1)
         passing = state == _State.PASS
-        m.d.comb += [self.passed.valid.eq(self.values.valid & passing & room),
-                     self.values.ready.eq(self.passed.ready & passing & room),
+        m.d.comb += [self.passed.valid.eq(self.values.valid & passing & room & ~span.sink),
+                     self.values.ready.eq((self.passed.ready | span.sink) & passing & room),
                      self.passed.payload.eq(self.values.payload)]
         take = self.values.valid & self.values.ready
         port = self.buffer.write_port()

@@ -5,7 +5,7 @@
     python scripts/blocked_product.py --backward                       # dx = dy W (a design with both modes)
     python scripts/blocked_product.py --rank-term                      # the step's y = bf16(x W^T + s hb B^T)
     python scripts/blocked_product.py --backward --rank-term           # the step's dx = bf16(dy W + s gb A)
-    python scripts/blocked_product.py --backward --rank-term --gradient  # and grad_B = s dy^T hb
+    python scripts/blocked_product.py --backward --rank-term --gradient  # and grad_B = s dy^T hb, grad_A = s gb^T x
     python scripts/blocked_product.py --rank-term --gradient           # y, and hb written for grad_B
     python scripts/blocked_product.py --build build/blocked            # place the same design on the ULX3S-85F
 
@@ -17,8 +17,10 @@ step's y or dx, a design with ``BlockedConfig.rank`` (A and B read from memory; 
 first feature block's activation passes); the lower bound then counts A and B once too, and the outputs are
 checked against ``golden/rank_term.py`` (which equals the step's). With ``--gradient`` (and ``--rank-term``), a
 design with ``BlockedConfig.gradient`` (both modes): forward the product also writes hb, backward it reads hb and
-writes the step's grad_B, made as the second column block's dy passes; hb, x's chunk fields (forward) and grad_B
-are checked against the twins, and the lower bound counts hb once (and x's fields or grad_B once) too.
+writes the step's grad_B, made as the second column block's dy passes, and gb, then makes grad_A in a pass over x;
+hb, x's chunk fields (forward), grad_B, gb and grad_A are checked against the twins, and the lower bound counts hb
+once and x's fields once (forward) or grad_B, x and grad_A once (backward; gb, 8 kB written and read back, is
+not in it).
 
 For each projection, ``y = x W^T`` (x random bf16, W NF4 with double quantization) on one 8x8 engine with x, W and
 y in external memory, compiled with Verilator against the DRAM model, in the output-stationary schedule the traffic
@@ -128,6 +130,9 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
     if gradient and backward:
         want = rank_gradient(case.dy, forward_rows(case), case.scaling)
         bad += int((want.view("uint32") != run.grad_B.numpy().view("uint32")).sum())
+        want = rank_gradient(case.x, backward_rows(case), case.scaling, transposed=True)
+        bad += int((want.view("uint32") != run.grad_A.numpy().view("uint32")).sum())
+        bad += int((backward_rows(case).view(torch.int16) != run.gb.view(torch.int16)).sum())
     elif gradient:
         bad += int((forward_rows(case).view(torch.int16) != run.hb.view(torch.int16)).sum())
         fields = x_chunk_fields(case.x)
@@ -139,14 +144,16 @@ def run_case(name, t, memory, config, seed, blocks_of, backward):
     x_bytes, y_bytes = t * d_in * 2, t * d_out * 2          # backward: dx and dy
     # A and B once (hb or gb are made on chip)
     term_bytes = (d_in + d_out) * 16 * 4 if config.rank else 0
-    # hb written once with x's chunk fields (forward), or hb read once and grad_B written once
-    term_bytes += (t * 16 * 2 + (d_out * 16 * 4 if backward else 4 * -(-t // 64))) if gradient else 0
+    # hb written once with x's chunk fields (forward), or hb read once, grad_B written once and grad_A's x read
+    # and grad_A written once
+    term_bytes += (t * 16 * 2 + ((d_out + d_in) * 16 * 4 + t * d_in * 2 if backward else 4 * -(-t // 64))) \
+        if gradient else 0
     moved = sum(run.read_bytes.values()) + run.written_bytes
     timing = DRAM_PRESETS[memory]
     clock = timing.clock_mhz * 1e6
     peak = timing.peak_bytes_per_cycle * clock
     seconds = run.cycles / clock
-    product = ("dx = dy W" + (", grad_B" if gradient else "")) if backward else \
+    product = ("dx = dy W" + (", grad_B, grad_A" if gradient else "")) if backward else \
         ("y = x W^T" + (", hb" if gradient else ""))
     return dict(projection=name, product=product, tokens=t, memory=memory,
                 blocks=f"{tokens} x {features}", cycles=run.cycles,
@@ -186,7 +193,8 @@ def main(argv=None):
     parser.add_argument("--rank-term", action="store_true", help="the product with its rank-r term (r = 16): "
                         "the step's y (or dx)")
     parser.add_argument("--gradient", action="store_true", help="with --rank-term: a design that also makes grad_B "
-                        "= s dy^T hb (backward) and writes hb for it (forward)")
+                        "= s dy^T hb and grad_A = s gb^T x (backward) and writes hb and x's chunk fields for them "
+                        "(forward)")
     parser.add_argument("--max-features", type=int, metavar="N", help="feature blocks of at most N outputs (more "
                         "blocks, smaller buffers; default: the traffic model's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

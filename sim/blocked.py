@@ -18,7 +18,8 @@ from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.golden.memmap import layout, layout_for, pack_case, read_region, store_region, unpack_outputs
-from edge_qlora.golden.rank_term import column_exponent, forward_rows
+from edge_qlora.golden.rank_gradient import x_chunk_fields
+from edge_qlora.golden.rank_term import backward_rows, column_exponent, forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
                                     report_layout)
 from edge_qlora.rtl.memport import port_for
@@ -29,11 +30,14 @@ __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product"
 #: The program's tensor of each read destination.
 _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes",
            "exponents": "w_row_exponents", "rank_operands": "lora_A", "rank_columns": "lora_B",
-           "rank_rows": "hb"}
+           "rank_rows": "hb", "x_fields": "x_fields"}
 
 
-def _tensor(name, transposed):
-    backward = {"x": "dy", "rank_operands": "lora_B", "rank_columns": "lora_A"}
+def _tensor(name, transposed, gradient=False):
+    """The tensors a read destination's counter covers, joined by ``+`` (the backward product with the gradient
+    reads dy and, in grad_A's pass, x through one destination; hb and gb through another)."""
+    backward = {"x": "dy+x" if gradient else "dy", "rank_operands": "lora_B", "rank_columns": "lora_A",
+                "rank_rows": "hb+gb"}
     return backward[name] if transposed and name in backward else _TENSOR[name]
 
 
@@ -57,10 +61,11 @@ class BlockedBench(DramBench):
 @dataclass
 class BlockedRun:
     """A blocked product against memory: ``y``, its output read back from memory (bf16: y, or dx when
-    transposed), ``grad_B`` (float32, read back, from a backward product with the gradient; else ``None``), ``hb``
-    (bf16, read back, from a forward product with the gradient; else ``None``) and ``x_fields`` (uint8, x's chunk
-    fields, read back from the same), the report's counters (bytes are
-    port words times the word), the program's requests' bytes (whole words) and their count."""
+    transposed), ``grad_B``, ``grad_A`` (float32) and ``gb`` (bf16), read back from a backward product with the
+    gradient (else ``None``), ``hb`` (bf16, read back, from a forward product with the gradient; else ``None``)
+    and ``x_fields`` (uint8, x's chunk fields, read back from the same), the report's counters (bytes are port
+    words times the word; per read destination, named by the tensors it reads, ``dy+x`` for one that reads both),
+    the program's requests' bytes (whole words) and their count."""
 
     y: object
     cycles: int
@@ -73,6 +78,8 @@ class BlockedRun:
     grad_B: object = None
     hb: object = None
     x_fields: object = None
+    grad_A: object = None
+    gb: object = None
 
 
 def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2, transposed=False, rank_term=False,
@@ -80,7 +87,7 @@ def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2,
     """The smallest :class:`BlockedConfig` for ``case``'s forward product (``transposed``: the backward product
     ``dx = dy W`` too; ``rank_term``: the products with their rank-r terms, the step's y and dx; ``gradient``: the
     backward product's grad_B too) in blocks of ``tokens x features`` on a ``rows x cols`` engine behind
-    ``memory``'s port."""
+    ``memory``'s port; the backward product with the gradient also makes grad_A in a pass over x after it)."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
     extra = {"transposed": True, "max_out": -(-d_out // SPAN) * SPAN} if transposed else {}
@@ -113,7 +120,8 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
 def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, rank_term=False,
                         stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
     """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``; ``rank_term``: the step's ``y = bf16(x W^T + s hb
-    B^T)`` or ``dx = bf16(dy W + s gb A)``, as a ``config`` with ``rank`` computes them) on :class:`BlockedProduct`
+    B^T)`` or ``dx = bf16(dy W + s gb A)``, as a ``config`` with ``rank`` computes them; with ``config.gradient``
+    the backward product's grad_B, gb and grad_A, the forward's hb and x's fields too) on :class:`BlockedProduct`
     against the DRAM model of ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`.
     ValueError (one line) for a shape the configuration does not take."""
     timing = _timing(memory)
@@ -134,8 +142,13 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     image = pack_case(case, memmap)
     if gradient:
-        # the forward product's hb, which that product writes (this one does not make it)
+        # the forward product's hb and x's chunk fields, which that product writes; and gb, which this one writes
+        # before it reads it back (the model serves the reads from the image as it was at the start)
         store_region(image, memmap, "hb", forward_rows(case))
+        fields = x_chunk_fields(case.x)
+        store_region(image, memmap, "x_fields", np.array(fields + [0] * (memmap["x_fields"].size - len(fields)),
+                                                         np.uint8))
+        store_region(image, memmap, "gb", backward_rows(case))
     program = _program(config, memmap, tokens, features, transposed)
     activation, output = ("dy", "dx") if transposed else ("x", "y")
     reqs = bp.requests(port, program)
@@ -149,7 +162,8 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
             "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
     if config.gradient:
         term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address,
-                     "x_fields": memmap["x_fields"].address})
+                     "x_fields": memmap["x_fields"].address, "pass_x": memmap["x"].address,
+                     "gb": memmap["gb"].address, "gradient_a": memmap["grad_A"].address})
     descriptor = descriptor_layout(config).const({
         "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
@@ -172,15 +186,17 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     wb = port.word_bytes
     program_reads = mp.bytes_by_tensor(port, reads)
     outputs = unpack_outputs(image, memmap)
+    names = {name: _tensor(name, transposed, gradient) for name in config.reads}
     return BlockedRun(
         y=outputs[output], grad_B=outputs["grad_B"] if gradient else None,
+        grad_A=outputs["grad_A"] if gradient else None, gb=read_region(image, memmap, "gb") if gradient else None,
         hb=read_region(image, memmap, "hb") if config.gradient and not transposed else None,
         x_fields=read_region(image, memmap, "x_fields") if config.gradient and not transposed else None,
         cycles=report["cycles"],
         stall_cycles={"memory": report["memory"], "compute": report["compute"]},
-        read_bytes={_tensor(name, transposed): report[f"read_{name}"] * wb for name in config.reads},
+        read_bytes={names[name]: report[f"read_{name}"] * wb for name in config.reads},
         written_bytes=report["written"] * wb,
-        program_read_bytes={_tensor(name, transposed): program_reads.get(_tensor(name, transposed), 0)
+        program_read_bytes={names[name]: sum(program_reads.get(tensor, 0) for tensor in names[name].split("+"))
                             for name in config.reads},
         program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
 
@@ -200,7 +216,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     and for its alignment in place (``64 r`` cycles);
     the term's other reads are taken as hidden behind the jobs; forward its arithmetic keeps pace with the
     engine's outputs; transposed, where a block's outputs come together, it passes them one a cycle ahead of the
-    writes."""
+    writes. With the gradient, transposed, grad_A's pass over x after the product: the slower of its memory
+    traffic and the unit."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
@@ -231,8 +248,8 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                 i += 1
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
-                # (grad_B's rows leave span by span beside the block's jobs, hb's beside its outputs)
-                if reqs[i].tensor not in ("grad_B", "hb", "x_fields"):
+                # (grad_B's rows leave span by span beside the block's jobs, hb's and gb's beside its outputs)
+                if reqs[i].tensor not in ("grad_B", "hb", "x_fields", "gb"):
                     writes.append(reqs[i])
                 i += 1
             job = _job_cycles(config, nt, nf, transposed)
@@ -256,4 +273,13 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             # with the term, a token block's first span also waits while the piece of A (B) is aligned in place
             aligning = SPAN * config.rank if config.rank and f0 == 0 else 0
             total += (0 if hidden else alone(load, "read") + aligning) + (spans - 1) * job + final
+    if i < len(reqs):
+        # grad_A's pass over x: the slower of the memory (its reads and grad_A's writes, in order) and the unit
+        # (gb's rows loaded and aligned, then per span each chunk of 16 token rows replayed in 1,024 cycles and
+        # the span's gradient leaving in 64 r)
+        rest = reqs[i:]
+        memory_time = dram.simulate(timing, [(r.address, r.length * port.word_bytes, r.op) for r in rest]).cycles
+        chunks = -(-t // 16)
+        unit = t * (config.rank + 1) + (d_in // SPAN) * (chunks * 1024 + SPAN * config.rank)
+        total += max(memory_time, unit)
     return total

@@ -21,7 +21,8 @@ __all__ = ["GradientBlock", "GradientRun", "run_rank_gradient"]
 class GradientBlock:
     """One gradient: ``activation`` bf16 ``[tokens, k]`` (dy, or x ``transposed``; k a multiple of 64), ``rows``
     bf16 ``[tokens, r]`` (hb, or gb), ``scale`` (s); ``fields``: x's chunk fields over all its columns (default: of
-    ``activation``); ``passes``: spans before and after that the unit only passes on, ``(before, after)``."""
+    ``activation``); ``passes``: spans before and after that the unit only passes on, ``(before, after)``;
+    ``sink``: the captured spans' values end in the unit (grad_A's pass over x), none is passed on."""
 
     activation: torch.Tensor
     rows: torch.Tensor
@@ -29,6 +30,7 @@ class GradientBlock:
     transposed: bool = False
     fields: tuple = None
     passes: tuple = (0, 0)
+    sink: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,12 @@ def _product(config, block, inputs):
 def _stimulus(config, blocks):
     layout, rank = span_layout(config), config.rank
     inputs = {"spans": [], "rows": [], "fields": [], "operands": [], "values": []}
-    want, want_rows, want_fields = [], [], []
+    want, want_rows, want_fields, passed = [], [], [], []
     for block in blocks:
         if isinstance(block, ProductBlock):
+            before = len(inputs["values"])
             rows, fields = _product(config, block, inputs)
+            passed += inputs["values"][before:]
             want_rows += rows
             want_fields += fields
             continue
@@ -96,7 +100,7 @@ def _stimulus(config, blocks):
             load = capture and s == 0
             inputs["spans"].append(layout.const({
                 "tokens": tokens, "capture": int(capture), "load": int(load), "transposed": int(block.transposed),
-                "scale": int(scale.view(np.uint32))}).as_bits())
+                "sink": int(capture and block.sink), "scale": int(scale.view(np.uint32))}).as_bits())
             if load:
                 inputs["rows"] += pack_lanes(_bits16(block.rows).reshape(-1), rank, 16)
                 if block.transposed:
@@ -104,20 +108,22 @@ def _stimulus(config, blocks):
                     inputs["fields"] += [int(f) for f in fields]
             s += int(capture)
             inputs["values"] += [int(v) for v in x[:, piece].reshape(-1)]
+            if not (capture and block.sink):
+                passed += [int(v) for v in x[:, piece].reshape(-1)]
         grads = rank_gradient(block.activation, block.rows, scale, block.transposed, block.fields).view(np.uint32)
         # per span in the order of memory: grad_B's 64 rows; transposed, the span's columns of grad_A's rows
         for s in range(k // SPAN):
             piece = grads[:, s * SPAN:(s + 1) * SPAN] if block.transposed else grads[s * SPAN:(s + 1) * SPAN]
             want += [int(v) for v in piece.reshape(-1)]
-    return inputs, want, want_rows, want_fields
+    return inputs, want, want_rows, want_fields, passed
 
 
 def run_rank_gradient(config, blocks, *, stalls=None, backend=None, max_cycles=None):
     """Run ``blocks`` (:class:`GradientBlock` and :class:`~edge_qlora.sim.rank_product.ProductBlock`) through one
     unit, in order; returns a :class:`GradientRun`."""
-    inputs, want, want_rows, want_fields = _stimulus(config, blocks)
-    count = len(inputs["values"])
-    max_cycles = max_cycles or (4 * (count + (len(inputs["rows"]) + len(inputs["operands"])) * config.rank)
+    inputs, want, want_rows, want_fields, values = _stimulus(config, blocks)
+    count = len(values)
+    max_cycles = max_cycles or (4 * (len(inputs["values"]) + (len(inputs["rows"]) + len(inputs["operands"])) * config.rank)
                                 + 10 * len(want) + 200 * len(want_rows) + 5000)
     outputs, cycles = run_outputs(lambda: RankGradient(config), f"RankGradient {config!r}", inputs,
                                   {"grads": len(want), "rows_out": len(want_rows), "x_fields_out": len(want_fields),
@@ -125,7 +131,7 @@ def run_rank_gradient(config, blocks, *, stalls=None, backend=None, max_cycles=N
     grads, passed, rows = outputs["grads"], outputs["passed"], outputs["rows_out"]
     fields = [int(f) for f in outputs["x_fields_out"]]
     field_mismatches = sum(a != b for a, b in zip(fields, want_fields)) + abs(len(want_fields) - len(fields))
-    values = np.array(inputs["values"])
+    values = np.array(values)
     got = np.array(passed[:count], np.int64)
     passed_mismatches = int((got != values[:got.size]).sum()) + count - got.size
     n = len(want)

@@ -13,7 +13,7 @@ from edge_qlora.golden import gemm as golden
 from edge_qlora.golden import nf4_dequant, nf4_quant
 from edge_qlora.golden.lora import random_case, step_model
 from edge_qlora.golden.rank_gradient import x_chunk_fields
-from edge_qlora.golden.rank_term import forward_rows
+from edge_qlora.golden.rank_term import backward_rows, forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, OutputTurn, SpanTable, SpanWalker, XBuffer, plan_layout,
                                    span_beat_layout, turn_layout)
 from edge_qlora.rtl.memport import MemPortConfig
@@ -317,23 +317,29 @@ def test_rejects_what_it_cannot_run():
     ("ulx3s-sdram", 2, 2, (18, 256, 128)),      # one token block of 18: a chunk of 16 tokens and one of 2
     ("ecpix5-ddr3", 2, 4, (4, 512, 64)),        # column blocks of 192, 192 and 128; 64-bit port words
 ])
-def test_blocked_backward_product_with_the_gradient_writes_the_steps_grad_b(memory, rows, cols, shape):
+def test_blocked_backward_product_with_the_gradients_writes_the_steps_grad_b_and_grad_a(memory, rows, cols, shape):
     # the backward product with its rank-r term also writes grad_B = s dy^T hb, made as the second column block's
-    # dy passes, with hb read from memory: the step's grad_B (golden.lora.step_model) to the bit, with the
-    # adversarial dy (a zero row, an outlier feature, a subnormal) and random stalls; dx as without it; the byte
-    # counters equal the program's; on Verilator where installed
+    # dy passes, with hb read from memory, and gb; then grad_A = s gb^T x in a pass over x with gb and x's chunk
+    # fields read back: the step's grad_B, grad_A and gb (golden.lora.step_model) to the bit, with the
+    # adversarial dy and x (a zero row, an outlier feature, a subnormal) and random stalls; dx as without it; the
+    # byte counters equal the program's; on Verilator where installed
     t, d_in, d_out = shape
-    case = _backward_case(t, d_in, d_out, 18)
-    case = dataclasses.replace(case, scaling=0.75)
+    case = _adversarial(_backward_case(t, d_in, d_out, 18))
+    x = case.x.clone()
+    x[:, 200] *= 1000                  # an outlier past x's first span: it sets every chunk's field over all columns
+    case = dataclasses.replace(case, x=x, scaling=0.75)
     config = blocked_config(case, t, 192, memory, rows, cols, transposed=True, rank_term=True, gradient=True)
     run = run_blocked_product(case, t, 192, config, memory=memory, transposed=True, rank_term=True,
                               stalls=_stalls(7, RUN_STALLS), backend=long_run_backend())
     step = step_model(case)
     assert mismatches(step["dx"], run.y) == 0
     assert np.array_equal(run.grad_B.numpy().view(np.uint32), step["grad_B"].numpy().view(np.uint32))
+    assert np.array_equal(run.grad_A.numpy().view(np.uint32), step["grad_A"].numpy().view(np.uint32))
+    assert mismatches(backward_rows(case), run.gb) == 0
     assert run.read_bytes == run.program_read_bytes
-    assert run.read_bytes["hb"] == t * 4 * 2
-    assert run.written_bytes == run.program_written_bytes == t * d_in * 2 + d_out * 4 * 4
+    assert run.read_bytes["hb+gb"] == 2 * t * 4 * 2
+    # dx, grad_B, gb and grad_A
+    assert run.written_bytes == run.program_written_bytes == t * d_in * 2 + d_out * 4 * 4 + t * 4 * 2 + 4 * d_in * 4
 
 
 @pytest.mark.parametrize("memory, rows, cols", [("ulx3s-sdram", 2, 2), ("ecpix5-ddr3", 2, 4)])

@@ -170,21 +170,32 @@ def test_backward_product_with_the_rank_term_reads_b_and_a_once_per_token_block(
 
 
 @pytest.mark.parametrize("t, d_in, d_out, features", [(8, 256, 128, 128), (18, 192, 64, 64)])
-def test_backward_product_with_the_gradient_reads_hb_and_writes_grad_b_once(t, d_in, d_out, features):
+def test_backward_product_with_the_gradients_reads_hb_writes_gb_and_passes_x_once(t, d_in, d_out, features):
     mm = layout(d_in, d_out, t, 4, row_exponent_chunk=16, gradients_out=True, rank_rows=True)
     term = bp.backward_product(mm, t, features, 2, 8, rank_term=True)
     grad = bp.backward_product(mm, t, features, 2, 8, rank_term=True, gradient=True)
     added = bp.bytes_by_tensor(grad)
     for name, size in bp.bytes_by_tensor(term).items():
         assert added.pop(name) == size
-    assert added == {("read", "hb"): t * 4 * 2, ("write", "grad_B"): d_out * 4 * 4}
+    assert added == {("read", "hb"): t * 4 * 2, ("write", "grad_B"): d_out * 4 * 4, ("write", "gb"): t * 4 * 2,
+                     ("read", "gb"): t * 4 * 2, ("read", "x_fields"): -(-t // 16), ("read", "x"): t * d_in * 2,
+                     ("write", "grad_A"): 4 * d_in * 4}
     counts = _coverage(mm, grad)
-    assert (counts["read", "hb"] == 1).all() and (counts["write", "grad_B"] == 1).all()
+    for key in (("read", "hb"), ("write", "grad_B"), ("write", "gb"), ("read", "gb"), ("read", "x"),
+                ("write", "grad_A")):
+        assert (counts[key] == 1).all(), key
     # hb just before the second column block's first dy
     ops = [job for _, job in grad.ops]
     at = next(k for k, job in enumerate(ops) if job.tensor == "hb")
     assert ops[at + 1].tensor == "dy" and ops[at + 1].address == mm["dy"].address
     assert len([job for job in ops[:at] if job.tensor == "dx"]) == t          # after the first block's outputs
+    # gb after the first block's outputs; the pass over x after the product: gb, x's fields, then per span of x's
+    # columns its token rows and grad_A's r pieces
+    at = next(k for k, job in enumerate(ops) if job.tensor == "gb")
+    assert ops[at - 1].tensor == "dx" and len([job for job in ops[:at] if job.tensor == "dx"]) == t
+    tail = [job.tensor for job in ops[len(ops) - 2 - (t + 4) * (d_in // 64):]]
+    assert tail[:2] == ["gb", "x_fields"] and tail[2:] == (["x"] * t + ["grad_A"] * 4) * (d_in // 64)
+    assert not any(job.tensor in ("x", "grad_A") for job in ops[:len(ops) - len(tail)])
 
 
 def test_forward_product_with_the_gradient_writes_hb_and_x_fields_once():
@@ -213,7 +224,7 @@ def test_the_gradients_program_refuses_what_it_cannot_run():
         bp.forward_product(layout(128, 32, 8, 4), 8, 16, 8, rank_term=True, gradient=True)
     with pytest.raises(ValueError, match="all tokens in one token block"):
         bp.forward_product(layout(128, 32, 8, 4, rank_rows=True), 4, 16, 8, rank_term=True, gradient=True)
-    with pytest.raises(ValueError, match="hb and grad_B"):
+    with pytest.raises(ValueError, match="hb, gb and the gradients"):
         bp.backward_product(layout(256, 128, 8, 4, row_exponent_chunk=16), 8, 128, 2, 8, rank_term=True,
                             gradient=True)
 

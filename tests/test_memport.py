@@ -375,10 +375,11 @@ def test_layout_no_overlap_aligned_sized(kwargs):
     assert state == shape.state_bytes
     assert len(set(memmap.names)) == len(memmap.names)
     if "hb" in memmap:
-        # hb (bf16 [t, r]) and x's chunk fields (whole 32-bit words) after every other region, so that no other
-        # address moves
-        assert [region.name for region in memmap.regions[-2:]] == ["hb", "x_fields"]
+        # hb (bf16 [t, r]), x's chunk fields (whole 32-bit words) and gb (bf16 [t, r]) after every other region, so
+        # that no other address moves
+        assert [region.name for region in memmap.regions[-3:]] == ["hb", "x_fields", "gb"]
         assert memmap["hb"].size == memmap.t * memmap.r * 2 and memmap["x_fields"].size == 4 * -(-memmap.t // 64)
+        assert memmap["gb"].size == memmap["hb"].size
 
 
 def test_tinyllama_steps_fit_ulx3s():

@@ -63,8 +63,9 @@ def test_unit_equals_twin_with_random_stalls(rank):
     blocks = [
         GradientBlock(_activation(rng, 40, 128), _rows(rng, 40, rank), scale=0.25, passes=(1, 1)),
         # x's chunk fields over more columns than the unit sees: the outliers are in the columns it does not
+        # (its values end in the unit, as in grad_A's pass over x)
         GradientBlock(x[:, 64:], _rows(rng, 40, rank), scale=3.0, transposed=True, fields=tuple(x_chunk_fields(x)),
-                      passes=(0, 2)),
+                      passes=(0, 2), sink=True),
         GradientBlock(_activation(rng, 7, 64), _rows(rng, 7, rank), scale=-1.5),      # one short chunk
     ]
     stalls = {name: Stalls(0.3, seed=21 + i) for i, name in enumerate(STREAMS)}
