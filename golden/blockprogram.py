@@ -32,7 +32,7 @@ from . import dram, traffic
 from .memmap import layout
 from .memprogram import Job, PortShape, Request, split_bursts, state_groups
 
-__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "port_for",
+__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "x_pass_per_span", "port_for",
            "requests", "bytes_by_tensor", "traffic_bytes", "dram_time", "blocked_for"]
 
 #: Reduction elements per span of the output-stationary loops: one NF4 block.
@@ -304,7 +304,16 @@ def dram_time(timing, port, reqs):
     return dram.simulate(timing, [(r.address, r.length * wb, r.op) for r in reqs])
 
 
-def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=False, gradient=False):
+def x_pass_per_span(d_in, d_out, feature_block):
+    """The spans of grad_A's pass over x that follow each span of the backward product from its third column block
+    on (the unit is idle there): ``ceil(d_in / 64 / those spans)``, at most 15, so that the pass ends with the
+    product where it can; 0 with two column blocks (the pass then follows the product)."""
+    slots = max(-(-d_in // feature_block) - 2, 0) * (d_out // SPAN)
+    return min(15, -(-(d_in // SPAN) // slots)) if slots else 0
+
+
+def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=False, gradient=False,
+                     x_per_span=None):
     """The backward base product ``dx = dy W`` alone, output-stationary, exactly as the block controller of
     ``rtl/blocked.py`` issues it in its transposed mode.
 
@@ -325,9 +334,11 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
     too, made as the second column block's dy passes: before its first span's dy, the token block's rows of hb
     (``hb`` of the memory map, one job); after the block's outputs, grad_B (the RTL writes each span's 64 rows
     once the span has passed: one job a span, the same bytes). After the first column block's outputs, gb's rows
-    (``gb``, one job). And after the product, grad_A's pass over x (``grad_A = s gb^T x``): gb's rows back and x's
-    chunk fields (``ceil(t / 16)`` bytes of ``x_fields``), then per span of 64 of x's columns each token row's
-    piece of x (one job each) and the span's 64 columns of each of grad_A's ``r`` rows (one job each)."""
+    (``gb``, one job). And grad_A's pass over x (``grad_A = s gb^T x``), span by span of 64 of x's columns: each
+    token row's piece of x (one job each) and the span's 64 columns of each of grad_A's ``r`` rows (one job
+    each), the first span after gb's rows (read back) and x's chunk fields (``ceil(t / 16)`` bytes of
+    ``x_fields``). ``x_per_span`` (default :func:`x_pass_per_span`) of them follow each span's reads from the
+    third column block on, the rest follow the product."""
     mm = memmap
     if gradient and not (rank_term and token_block >= mm.t and feature_block < mm.d_in and "gb" in mm.names
                          and "grad_B" in mm.names):
@@ -346,6 +357,22 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
     w = _Writer(mm)
     per_row, r = d_in // SPAN, mm.r
     blocks = _blocks(t, token_block)
+    x_spans = iter(range(per_row if gradient else 0))
+    if x_per_span is None:
+        x_per_span = x_pass_per_span(d_in, d_out, feature_block)
+    if not (isinstance(x_per_span, int) and 0 <= x_per_span <= 15):
+        raise ValueError(f"x_per_span must be an integer from 0 to 15, not {x_per_span!r}")
+
+    def x_pass(count):
+        for s in [s for _, s in zip(range(count), x_spans)]:
+            if s == 0:
+                w.add("read", "gb", 0, t * r * 2)
+                w.add("read", "x_fields", 0, -(-t // 16))
+            for token in range(t):
+                w.add("read", "x", (token * d_in + s * SPAN) * 2, SPAN * 2)
+            for k in range(r):
+                w.add("write", "grad_A", (k * d_in + s * SPAN) * 4, SPAN * 4)
+
     for t0, nt in blocks:
         w.pass_start(True)
         w.add("read", "w_row_exponents", 0, mm["w_row_exponents"].size)
@@ -364,20 +391,15 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
                 if rank_term and r0 == 0:
                     for k in range(r):
                         w.add("read", "lora_A", (k * d_in + f0) * 4, nf * 4)
+                if f0 > feature_block:
+                    x_pass(x_per_span)
             for token in range(t0, t0 + nt):
                 w.add("write", "dx", (token * d_in + f0) * 2, nf * 2)
             if gradient and f0 == 0:
                 w.add("write", "gb", t0 * r * 2, nt * r * 2)
             if gradient and f0 == feature_block:
                 w.add("write", "grad_B", 0, d_out * r * 4)
-    if gradient:
-        w.add("read", "gb", 0, t * r * 2)
-        w.add("read", "x_fields", 0, -(-t // 16))
-        for s in range(per_row):
-            for token in range(t):
-                w.add("read", "x", (token * d_in + s * SPAN) * 2, SPAN * 2)
-            for k in range(r):
-                w.add("write", "grad_A", (k * d_in + s * SPAN) * 4, SPAN * 4)
+    x_pass(per_row)
     return Program(tuple(w.ops), len(blocks), len(w.ops))
 
 

@@ -331,12 +331,13 @@ def descriptor_layout(config):
     scaling ``s`` (float32) and, transposed, the exponent A's rows share over all of A (``rank_exponent``,
     :func:`~edge_qlora.golden.rank_term.column_exponent`); with the gradient the addresses of hb (``rank_rows``),
     of grad_B (``gradient``) and of x's chunk fields (``x_fields``), and, transposed, of x (``pass_x``), gb
-    (``gb``) and grad_A (``gradient_a``) for grad_A's pass over x."""
+    (``gb``) and grad_A (``gradient_a``) for grad_A's pass over x, with the pass's spans after each span from the
+    third column block on (``x_per_span``, ``golden.blockprogram.x_pass_per_span``; 0: all after the product)."""
     aw = config.port.address_width
     term = {"rank_operands": aw, "rank_columns": aw, "scaling": 32,
             "rank_exponent": EXPONENT_SHAPE} if config.rank else {}
     gradient = {"rank_rows": aw, "gradient": aw, "x_fields": aw, "pass_x": aw, "gb": aw,
-                "gradient_a": aw} if config.gradient else {}
+                "gradient_a": aw, "x_per_span": 4} if config.gradient else {}
     return data.StructLayout({"x": aw, "codes": aw, "absmax": aw, "absmax2": aw, "y": aw, "exponents": aw,
                               "dims": shape_layout(), "groups": 16, "offset": 32, **term, **gradient})
 
@@ -359,46 +360,63 @@ def _min(m, a, b, name):
 
 class SpanWalker(wiring.Component):
     """The loop nest over token blocks, feature blocks and spans: one ``spans`` beat per span after ``start``;
-    with ``x_pass`` then one per span of grad_A's pass over x (``d_in / 64``; the whole reduction is one token
-    block then).
+    with ``x_pass`` also one per span of grad_A's pass over x (``d_in / 64``; the whole reduction is one token
+    block then): ``x_per_span`` of them after each span from the third feature (column) block on, the rest after
+    the product.
 
     Attributes
     ----------
     shape : In(:func:`shape_layout`), held while the walk runs
     start : In(1): a pulse begins a walk (the shape valid from that cycle on)
-    x_pass : In(1): held with the shape
+    x_pass, x_per_span : In(1), In(4): held with the shape
     spans : Out(stream of :func:`span_beat_layout`)
     """
 
     def __init__(self):
-        super().__init__({"shape": In(shape_layout()), "start": In(1), "x_pass": In(1),
+        super().__init__({"shape": In(shape_layout()), "start": In(1), "x_pass": In(1), "x_per_span": In(4),
                           "spans": Out(stream.Signature(span_beat_layout()))})
 
     def elaborate(self, platform):
         m = Module()
         shape, out = self.shape, self.spans.payload
-        active, passing = Signal(), Signal()
+        active = Signal()
         t0, f0, s = Signal(16), Signal(16), Signal(16)
+        # grad_A's pass: its next span, the spans left in this run of them, and whether the product is done
+        passing, tail, xs, burst = Signal(), Signal(), Signal(16), Signal(4)
         outputs = Signal(16)
         m.d.comb += outputs.eq(_outputs(shape))
         nt = _min(m, shape.t - t0, shape.tokens, "nt")
         nf = _min(m, outputs - f0, shape.features, "nf")
-        final = s == (Mux(passing, shape.d_in, _reduction(shape)) >> _SPAN_SHIFT) - 1
+        final = s == (_reduction(shape) >> _SPAN_SHIFT) - 1
         last_f = f0 + nf >= outputs
         last_t = t0 + nt >= shape.t
-        m.d.comb += [
-            self.spans.valid.eq(active),
-            out.t0.eq(t0), out.nt.eq(nt), out.f0.eq(f0), out.nf.eq(nf), out.s.eq(s),
-            out.first_t.eq((f0 == 0) & (s == 0)), out.first_f.eq((s == 0) & ~passing), out.final.eq(final),
-            out.last.eq(final & (passing | (last_f & last_t & ~self.x_pass))), out.x_pass.eq(passing),
-        ]
+        x_final = xs == (shape.d_in >> _SPAN_SHIFT) - 1
+        x_left = self.x_pass & (xs != shape.d_in >> _SPAN_SHIFT)
+        m.d.comb += self.spans.valid.eq(active)
+        with m.If(passing):
+            # past the outputs (no feature block), all tokens
+            m.d.comb += [out.t0.eq(0), out.nt.eq(nt), out.f0.eq(outputs), out.nf.eq(0), out.s.eq(xs),
+                         out.final.eq(x_final), out.last.eq(x_final & tail), out.x_pass.eq(1)]
+        with m.Else():
+            m.d.comb += [out.t0.eq(t0), out.nt.eq(nt), out.f0.eq(f0), out.nf.eq(nf), out.s.eq(s),
+                         out.first_t.eq((f0 == 0) & (s == 0)), out.first_f.eq(s == 0), out.final.eq(final),
+                         out.last.eq(final & last_f & last_t & ~x_left)]
         with m.If(self.start):
-            m.d.sync += [active.eq(1), passing.eq(0), t0.eq(0), f0.eq(0), s.eq(0)]
+            m.d.sync += [active.eq(1), passing.eq(0), tail.eq(0), xs.eq(0), t0.eq(0), f0.eq(0), s.eq(0)]
+        with m.Elif(self.spans.valid & self.spans.ready & passing):
+            m.d.sync += [xs.eq(xs + 1), burst.eq(burst - 1)]
+            with m.If(x_final):
+                m.d.sync += passing.eq(0)
+                with m.If(tail):
+                    m.d.sync += active.eq(0)
+            with m.Elif((burst == 1) & ~tail):
+                m.d.sync += passing.eq(0)
         with m.Elif(self.spans.valid & self.spans.ready):
+            # from the third feature block on, a run of the pass's spans after each span
+            with m.If(x_left & (self.x_per_span != 0) & (f0 > shape.features)):
+                m.d.sync += [passing.eq(1), burst.eq(self.x_per_span)]
             with m.If(~final):
                 m.d.sync += s.eq(s + 1)
-            with m.Elif(passing):
-                m.d.sync += [active.eq(0), passing.eq(0)]
             with m.Else():
                 m.d.sync += s.eq(0)
                 with m.If(~last_f):
@@ -407,9 +425,9 @@ class SpanWalker(wiring.Component):
                     m.d.sync += f0.eq(0)
                     with m.If(~last_t):
                         m.d.sync += t0.eq(t0 + nt)
-                    with m.Elif(self.x_pass):
-                        # grad_A's pass: its beats past the outputs (no feature block), all tokens
-                        m.d.sync += [passing.eq(1), t0.eq(0), f0.eq(outputs)]
+                    with m.Elif(x_left):
+                        # the pass's spans left follow the product
+                        m.d.sync += [passing.eq(1), tail.eq(1)]
                     with m.Else():
                         m.d.sync += active.eq(0)
         return m
@@ -1400,8 +1418,8 @@ class BlockedProduct(wiring.Component):
             walker = walkers[name] = m.submodules[f"walk_{name}"] = SpanWalker()
             m.d.comb += [walker.shape.eq(head.dims), walker.start.eq(start)]
             if cfg.gradient and name in ("reads", "product", "gradient_writes"):
-                # these three walk grad_A's pass over x after the backward product too
-                m.d.comb += walker.x_pass.eq(head.dims.transposed)
+                # these three walk grad_A's pass over x too, in the backward product
+                m.d.comb += [walker.x_pass.eq(head.dims.transposed), walker.x_per_span.eq(head.x_per_span)]
         reader, unpack = self._reads(m, head, walkers)
         rank_rows, grads = self._inputs(m, head, walkers, unpack)
         self._writes(m, head, walkers, unpack, rank_rows, grads)

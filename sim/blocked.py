@@ -41,11 +41,11 @@ def _tensor(name, transposed, gradient=False):
     return backward[name] if transposed and name in backward else _TENSOR[name]
 
 
-def _program(config, memmap, tokens, features, transposed):
+def _program(config, memmap, tokens, features, transposed, x_per_span=None):
     """The product's request order (``golden/blockprogram.py``), which the RTL issues."""
     if transposed:
         return bp.backward_product(memmap, tokens, features, config.rows, config.cols, rank_term=bool(config.rank),
-                                   gradient=config.gradient)
+                                   gradient=config.gradient, x_per_span=x_per_span)
     return bp.forward_product(memmap, tokens, features, config.cols, rank_term=bool(config.rank),
                               gradient=config.gradient)
 
@@ -118,11 +118,13 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
 
 
 def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, rank_term=False,
-                        stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
+                        x_per_span=None, stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
     """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``; ``rank_term``: the step's ``y = bf16(x W^T + s hb
     B^T)`` or ``dx = bf16(dy W + s gb A)``, as a ``config`` with ``rank`` computes them; with ``config.gradient``
     the backward product's grad_B, gb and grad_A, the forward's hb and x's fields too) on :class:`BlockedProduct`
-    against the DRAM model of ``memory``, in blocks of ``tokens x features``; returns a :class:`BlockedRun`.
+    against the DRAM model of ``memory``, in blocks of ``tokens x features`` (``x_per_span``: grad_A's x spans
+    after each backward span from the third column block on, default ``golden.blockprogram.x_pass_per_span``);
+    returns a :class:`BlockedRun`.
     ValueError (one line) for a shape the configuration does not take."""
     timing = _timing(memory)
     config = config or blocked_config(case, tokens, features, memory, transposed=transposed, rank_term=rank_term)
@@ -149,7 +151,9 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
         store_region(image, memmap, "x_fields", np.array(fields + [0] * (memmap["x_fields"].size - len(fields)),
                                                          np.uint8))
         store_region(image, memmap, "gb", backward_rows(case))
-    program = _program(config, memmap, tokens, features, transposed)
+    if gradient and x_per_span is None:
+        x_per_span = bp.x_pass_per_span(d_in, d_out, features)
+    program = _program(config, memmap, tokens, features, transposed, x_per_span)
     activation, output = ("dy", "dx") if transposed else ("x", "y")
     reqs = bp.requests(port, program)
     reads = [r for r in reqs if r.op == "read"]
@@ -163,7 +167,8 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     if config.gradient:
         term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address,
                      "x_fields": memmap["x_fields"].address, "pass_x": memmap["x"].address,
-                     "gb": memmap["gb"].address, "gradient_a": memmap["grad_A"].address})
+                     "gb": memmap["gb"].address, "gradient_a": memmap["grad_A"].address,
+                     "x_per_span": x_per_span or 0})
     descriptor = descriptor_layout(config).const({
         "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
         "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
@@ -202,7 +207,7 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
 
 
 
-def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, transposed=False):
+def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, transposed=False, x_per_span=None):
     """The blocked product's cycle model with memory: per block of ``tokens x features``, its loads before the
     first job (absmax2 and, transposed, the chunk exponent table at a token block's start; forward the block's
     absmax codes; the first span's activation rows and, transposed, absmax codes: the DRAM model's time for their
@@ -216,15 +221,27 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     and for its alignment in place (``64 r`` cycles);
     the term's other reads are taken as hidden behind the jobs; forward its arithmetic keeps pace with the
     engine's outputs; transposed, where a block's outputs come together, it passes them one a cycle ahead of the
-    writes. With the gradient, transposed, grad_A's pass over x after the product: the slower of its memory
-    traffic and the unit."""
+    writes. With the gradient, transposed, grad_A's pass over x: a column block with some of its spans takes at
+    least its requests' time in the DRAM model alone and the unit's time for them (gb's rows loaded and aligned,
+    per span each chunk of 16 token rows replayed in 1,024 cycles and its gradient leaving in ``64 r``, the
+    activation passed one a cycle); the spans after the product the slower of the two. ``x_per_span``: as
+    :func:`run_blocked_product`'s."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
     memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None,
                     gradients_out=config.gradient, rank_rows=config.gradient)
-    reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed))
+    reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed, x_per_span))
     activation = "dy" if transposed else "x"
+    # grad_A's pass: a span of it in the unit
+    x_span = -(-t // 16) * 1024 + SPAN * config.rank
+    gb_load = t * (config.rank + 1)
+
+    def x_spans(group):
+        return sum(r.length for r in group if r.tensor == "x") * port.word_bytes // (SPAN * 2 * t)
+
+    def mixed(group):
+        return dram.simulate(timing, [(r.address, r.length * port.word_bytes, r.op) for r in group]).cycles
 
     def alone(group, op):
         return dram.simulate(timing, [(r.address, r.length * port.word_bytes, op) for r in group]).cycles \
@@ -237,6 +254,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
         nt = min(tokens, t - t0)
         for f0 in range(0, outputs, features):
             nf = min(features, outputs - f0)
+            start = i
             load = []
             for names in (("nf4_absmax2", "nf4_absmax", "w_row_exponents"), ("lora_B" if transposed else "lora_A",),
                           (activation,),
@@ -244,8 +262,11 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                 while reqs[i].tensor in names:
                     load.append(reqs[i])
                     i += 1
-            while reqs[i].op == "read":
+            first = i
+            # the block's reads, with grad_A's pass's spans beside it (their writes too)
+            while reqs[i].op == "read" or reqs[i].tensor == "grad_A":
                 i += 1
+            passing = [r for r in reqs[first:i] if r.tensor in ("x", "gb", "x_fields", "grad_A")]
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
                 # (grad_B's rows leave span by span beside the block's jobs, hb's and gb's beside its outputs)
@@ -272,14 +293,14 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             hidden = transposed and f0 > 0
             # with the term, a token block's first span also waits while the piece of A (B) is aligned in place
             aligning = SPAN * config.rank if config.rank and f0 == 0 else 0
-            total += (0 if hidden else alone(load, "read") + aligning) + (spans - 1) * job + final
+            block = (0 if hidden else alone(load, "read") + aligning) + (spans - 1) * job + final
+            if passing:
+                unit = x_spans(passing) * x_span + spans * nt * SPAN + gb_load * any(r.tensor == "gb" for r in passing)
+                block = max(block, mixed(reqs[start:i] + writes), unit)
+            total += block
     if i < len(reqs):
-        # grad_A's pass over x: the slower of the memory (its reads and grad_A's writes, in order) and the unit
-        # (gb's rows loaded and aligned, then per span each chunk of 16 token rows replayed in 1,024 cycles and
-        # the span's gradient leaving in 64 r)
+        # the pass's spans after the product: the slower of the memory (its reads and grad_A's writes, in order)
+        # and the unit
         rest = reqs[i:]
-        memory_time = dram.simulate(timing, [(r.address, r.length * port.word_bytes, r.op) for r in rest]).cycles
-        chunks = -(-t // 16)
-        unit = t * (config.rank + 1) + (d_in // SPAN) * (chunks * 1024 + SPAN * config.rank)
-        total += max(memory_time, unit)
+        total += max(mixed(rest), x_spans(rest) * x_span + gb_load * any(r.tensor == "gb" for r in rest))
     return total

@@ -313,23 +313,30 @@ def test_rejects_what_it_cannot_run():
         run_blocked_product(case, 2, 8, config, rank_term=True)
 
 
-@pytest.mark.parametrize("memory, rows, cols, shape", [
-    ("ulx3s-sdram", 2, 2, (18, 256, 128)),      # one token block of 18: a chunk of 16 tokens and one of 2
-    ("ecpix5-ddr3", 2, 4, (4, 512, 64)),        # column blocks of 192, 192 and 128; 64-bit port words
+@pytest.mark.parametrize("memory, rows, cols, shape, features", [
+    # one token block of 18 (a chunk of 16 tokens and one of 2); six column blocks of 64: one of x's six spans
+    # after each span of the third to fifth
+    ("ulx3s-sdram", 2, 2, (18, 384, 128), 64),
+    # two column blocks: the pass after the product
+    ("ulx3s-sdram", 2, 2, (18, 256, 128), 192),
+    # column blocks of 192, 192 and 128, the last one span, followed by x's eight spans; 64-bit port words
+    ("ecpix5-ddr3", 2, 4, (4, 512, 64), 192),
 ])
-def test_blocked_backward_product_with_the_gradients_writes_the_steps_grad_b_and_grad_a(memory, rows, cols, shape):
+def test_blocked_backward_product_with_the_gradients_writes_the_steps_grad_b_and_grad_a(memory, rows, cols, shape,
+                                                                                      features):
     # the backward product with its rank-r term also writes grad_B = s dy^T hb, made as the second column block's
-    # dy passes, with hb read from memory, and gb; then grad_A = s gb^T x in a pass over x with gb and x's chunk
-    # fields read back: the step's grad_B, grad_A and gb (golden.lora.step_model) to the bit, with the
-    # adversarial dy and x (a zero row, an outlier feature, a subnormal) and random stalls; dx as without it; the
-    # byte counters equal the program's; on Verilator where installed
+    # dy passes, with hb read from memory, and gb; and grad_A = s gb^T x in a pass over x (beside the later column
+    # blocks, or after the product) with gb and x's chunk fields read back: the step's grad_B, grad_A and gb
+    # (golden.lora.step_model) to the bit, with the adversarial dy and x (a zero row, an outlier feature, a
+    # subnormal) and random stalls; dx as without it; the byte counters equal the program's; on Verilator where
+    # installed
     t, d_in, d_out = shape
     case = _adversarial(_backward_case(t, d_in, d_out, 18))
     x = case.x.clone()
     x[:, 200] *= 1000                  # an outlier past x's first span: it sets every chunk's field over all columns
     case = dataclasses.replace(case, x=x, scaling=0.75)
-    config = blocked_config(case, t, 192, memory, rows, cols, transposed=True, rank_term=True, gradient=True)
-    run = run_blocked_product(case, t, 192, config, memory=memory, transposed=True, rank_term=True,
+    config = blocked_config(case, t, features, memory, rows, cols, transposed=True, rank_term=True, gradient=True)
+    run = run_blocked_product(case, t, features, config, memory=memory, transposed=True, rank_term=True,
                               stalls=_stalls(7, RUN_STALLS), backend=long_run_backend())
     step = step_model(case)
     assert mismatches(step["dx"], run.y) == 0

@@ -189,13 +189,32 @@ def test_backward_product_with_the_gradients_reads_hb_writes_gb_and_passes_x_onc
     at = next(k for k, job in enumerate(ops) if job.tensor == "hb")
     assert ops[at + 1].tensor == "dy" and ops[at + 1].address == mm["dy"].address
     assert len([job for job in ops[:at] if job.tensor == "dx"]) == t          # after the first block's outputs
-    # gb after the first block's outputs; the pass over x after the product: gb, x's fields, then per span of x's
-    # columns its token rows and grad_A's r pieces
+    # gb after the first block's outputs; the pass over x: gb, x's fields, then per span of x's columns its token
+    # rows and grad_A's r pieces
     at = next(k for k, job in enumerate(ops) if job.tensor == "gb")
     assert ops[at - 1].tensor == "dx" and len([job for job in ops[:at] if job.tensor == "dx"]) == t
-    tail = [job.tensor for job in ops[len(ops) - 2 - (t + 4) * (d_in // 64):]]
-    assert tail[:2] == ["gb", "x_fields"] and tail[2:] == (["x"] * t + ["grad_A"] * 4) * (d_in // 64)
-    assert not any(job.tensor in ("x", "grad_A") for job in ops[:len(ops) - len(tail)])
+    passing = [op + job.tensor for op, job in grad.ops[at + 1:] if job.tensor in ("gb", "x_fields", "x", "grad_A")]
+    assert passing == ["readgb", "readx_fields"] + (["readx"] * t + ["writegrad_A"] * 4) * (d_in // 64)
+
+
+def test_the_pass_over_x_runs_beside_the_third_column_block_on():
+    # six column blocks of two spans: from the third on one of x's six spans after each span's reads (of 8 slots)
+    t, d_in, d_out, features = 8, 384, 128, 64
+    mm = layout(d_in, d_out, t, 4, row_exponent_chunk=16, gradients_out=True, rank_rows=True)
+    assert bp.x_pass_per_span(d_in, d_out, features) == 1
+    assert bp.x_pass_per_span(256, 128, 128) == 0 and bp.x_pass_per_span(2048, 256, 384) == 2
+    ops = [job for _, job in bp.backward_product(mm, t, features, 2, 8, rank_term=True, gradient=True).ops]
+    firsts = [k for k, job in enumerate(ops) if job.tensor == "x" and (job.address - mm["x"].address) // 2 < d_in]
+    assert len(firsts) == 6
+    for span, k in enumerate(firsts):
+        block = len([job for job in ops[:k] if job.tensor == "dx"]) // t     # column blocks finished before it
+        assert block == 2 + span // 2
+        before = ops[k - 1].tensor if span else ops[k - 3].tensor          # (the first after gb and x's fields)
+        assert before == "nf4_codes" or before == "lora_A"
+    serial = bp.backward_product(mm, t, features, 2, 8, rank_term=True, gradient=True, x_per_span=0)
+    assert [job.tensor for _, job in serial.ops][-(t + 4):] == ["x"] * t + ["grad_A"] * 4
+    with pytest.raises(ValueError, match="x_per_span"):
+        bp.backward_product(mm, t, features, 2, 8, rank_term=True, gradient=True, x_per_span=16)
 
 
 def test_forward_product_with_the_gradient_writes_hb_and_x_fields_once():
