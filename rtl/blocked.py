@@ -137,10 +137,10 @@ class BlockedConfig:
         32-bit words, at ``x_fields``: what grad_A's pass over x takes), and the backward product reads hb and
         writes the step's ``grad_B = s dy^T hb`` (float32 ``[d_out, r]``, at the descriptor's ``gradient``)
         through a :class:`~.rank_gradient.RankGradient` in dy's path, which captures dy in the second column block
-        (and, in place of the ``RankProduct``, makes hb and gb in the first); it writes gb (at ``gb``) and, after
-        the product, makes the step's ``grad_A = s gb^T x`` (float32 ``[r, d_in]``, at ``gradient_a``) in a pass
-        over x (at ``pass_x``) through the same unit, with gb and x's fields read back. The whole reduction (all
-        ``t`` tokens) must be one token block.
+        (and, in place of the ``RankProduct``, makes hb and gb in the first); it writes gb (at ``gb``) and makes
+        the step's ``grad_A = s gb^T x`` (float32 ``[r, d_in]``, at ``gradient_a``) in a pass over x (at
+        ``pass_x``) through the same unit, beside the third column block on and after the product, with gb and x's
+        fields read back. The whole reduction (all ``t`` tokens) must be one token block.
     """
 
     rows: int = 8
@@ -316,8 +316,8 @@ def span_beat_layout():
     """One span of the loop nest: the token block (``t0``, ``nt`` tokens), the feature block (``f0``, ``nf`` W
     rows, or transposed W columns), the span's index ``s``, whether it is the first of its token block and of its
     feature block, the last of its feature block (``final``: its outputs follow), and the walk's last; or
-    (``x_pass``) a span of grad_A's pass over x after the product: ``s`` the span of x's columns, ``nt`` all the
-    tokens, ``f0`` past the outputs, ``final`` the pass's last."""
+    (``x_pass``) a span of grad_A's pass over x (between the product's spans, or after them): ``s`` the span of
+    x's columns, ``nt`` all the tokens, ``f0`` past the outputs, ``final`` the pass's last."""
     return data.StructLayout({"t0": 16, "nt": 16, "f0": 16, "nf": 16, "s": 16, "first_t": 1, "first_f": 1,
                               "final": 1, "last": 1, "x_pass": 1})
 

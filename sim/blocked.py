@@ -33,6 +33,10 @@ _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": 
            "rank_rows": "hb", "x_fields": "x_fields"}
 
 
+#: The tensors of grad_A's pass over x.
+_PASS = ("x", "gb", "x_fields", "grad_A")
+
+
 def _tensor(name, transposed, gradient=False):
     """The tensors a read destination's counter covers, joined by ``+`` (the backward product with the gradient
     reads dy and, in grad_A's pass, x through one destination; hb and gb through another)."""
@@ -222,10 +226,11 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     the term's other reads are taken as hidden behind the jobs; forward its arithmetic keeps pace with the
     engine's outputs; transposed, where a block's outputs come together, it passes them one a cycle ahead of the
     writes. With the gradient, transposed, grad_A's pass over x: a column block with some of its spans takes at
-    least its requests' time in the DRAM model alone and the unit's time for them (gb's rows loaded and aligned,
-    per span each chunk of 16 token rows replayed in 1,024 cycles and its gradient leaving in ``64 r``, the
-    activation passed one a cycle); the spans after the product the slower of the two. ``x_per_span``: as
-    :func:`run_blocked_product`'s."""
+    least its reads' and grad_A's writes' time in the DRAM model alone (but for the pass's spans after its first
+    span, which run while the block before ends), then its outputs' writes after its last job, and the unit's
+    time for them (gb's rows loaded and aligned, per span each chunk of 16 token rows replayed in 1,024 cycles and
+    its gradient leaving in ``64 r``, the activation passed one a cycle); the spans after the product the slower
+    of the two. ``x_per_span``: as :func:`run_blocked_product`'s."""
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
@@ -266,7 +271,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             # the block's reads, with grad_A's pass's spans beside it (their writes too)
             while reqs[i].op == "read" or reqs[i].tensor == "grad_A":
                 i += 1
-            passing = [r for r in reqs[first:i] if r.tensor in ("x", "gb", "x_fields", "grad_A")]
+            passing = [r for r in reqs[first:i] if r.tensor in _PASS]
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
                 # (grad_B's rows leave span by span beside the block's jobs, hb's and gb's beside its outputs)
@@ -296,7 +301,12 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             block = (0 if hidden else alone(load, "read") + aligning) + (spans - 1) * job + final
             if passing:
                 unit = x_spans(passing) * x_span + spans * nt * SPAN + gb_load * any(r.tensor == "gb" for r in passing)
-                block = max(block, mixed(reqs[start:i] + writes), unit)
+                # (the pass's spans after the block's first span run while the block before ends: the unit needs
+                # the x buffer only for the activation)
+                group = reqs[start:i]
+                run = next(k for k, r in enumerate(group) if r.tensor in ("x", "gb"))
+                end = next((k for k in range(run, len(group)) if group[k].tensor not in _PASS), len(group))
+                block = max(block, mixed(group[:run] + group[end:]) + final - job, unit)
             total += block
     if i < len(reqs):
         # the pass's spans after the product: the slower of the memory (its reads and grad_A's writes, in order)

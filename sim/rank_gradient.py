@@ -123,8 +123,8 @@ def run_rank_gradient(config, blocks, *, stalls=None, backend=None, max_cycles=N
     unit, in order; returns a :class:`GradientRun`."""
     inputs, want, want_rows, want_fields, values = _stimulus(config, blocks)
     count = len(values)
-    max_cycles = max_cycles or (4 * (len(inputs["values"]) + (len(inputs["rows"]) + len(inputs["operands"])) * config.rank)
-                                + 10 * len(want) + 200 * len(want_rows) + 5000)
+    loads = (len(inputs["rows"]) + len(inputs["operands"])) * config.rank
+    max_cycles = max_cycles or (4 * (len(inputs["values"]) + loads) + 10 * len(want) + 200 * len(want_rows) + 5000)
     outputs, cycles = run_outputs(lambda: RankGradient(config), f"RankGradient {config!r}", inputs,
                                   {"grads": len(want), "rows_out": len(want_rows), "x_fields_out": len(want_fields),
                                    "passed": count}, stalls=stalls, max_cycles=max_cycles, backend=backend)
