@@ -478,6 +478,8 @@ class ReadIssuer(wiring.Component):
     spans : In(stream of :func:`span_beat_layout`)
     shape : In(:func:`shape_layout`); addresses ``x``, ``codes``, ``absmax``, ``absmax2``, ``exponents`` (and
         ``rank_operands``, ``rank_columns`` with the term); ``groups``: held
+    gb_written : In(1), with the gradient: gb's write has left on the port (its read back waits for it, as the
+        port's contract asks of a read of data the product wrote)
     jobs : Out(stream of :func:`read_beat_layout`)
     """
 
@@ -486,8 +488,9 @@ class ReadIssuer(wiring.Component):
         aw = config.port.address_width
         addresses = _ADDRESSES + (RANK_READS if config.rank else ()) + (
             GRADIENT_READS + _PASS_ADDRESSES if config.gradient else ())
+        gradient = {"gb_written": In(1)} if config.gradient else {}
         super().__init__({"spans": In(stream.Signature(span_beat_layout())), "shape": In(shape_layout()),
-                          **{name: In(aw) for name in addresses},
+                          **{name: In(aw) for name in addresses}, **gradient,
                           "groups": In(16), "jobs": Out(stream.Signature(read_beat_layout(config)))})
 
     def elaborate(self, platform):
@@ -600,8 +603,8 @@ class ReadIssuer(wiring.Component):
         if self.config.gradient:
             shift = rank.bit_length() - 1
             with m.If(state == _Read.RANK_ROWS):
-                # hb's rows for grad_B, gb's for grad_A's pass
-                m.d.comb += [self.jobs.valid.eq(1),
+                # hb's rows for grad_B, gb's for grad_A's pass (once gb's write has left)
+                m.d.comb += [self.jobs.valid.eq(~span.x_pass | self.gb_written),
                              beat.address.eq(Mux(span.x_pass, self.gb, self.rank_rows) + (span.t0 << (shift + 1))),
                              beat.bytes.eq(span.nt << (shift + 1)),
                              beat.dest.eq(self.config.reads.index("rank_rows")), beat.unpack.eq(1),
@@ -1082,7 +1085,7 @@ class BlockedProduct(wiring.Component):
 
     def _reads(self, m, head, walkers):
         """The issuer's jobs into the tagged reader, and each job's unpacker job into its destination's queue;
-        returns the reader and the unpackers."""
+        returns the reader, the unpackers and the issuer."""
         cfg, port = self.config, self.config.port
         m.submodules.read_issuer = issuer = ReadIssuer(cfg)
         wiring.connect(m, walkers["reads"].spans, issuer.spans)
@@ -1119,7 +1122,7 @@ class BlockedProduct(wiring.Component):
                      reader.job.payload.address.eq(job.address), reader.job.payload.bytes.eq(job.bytes),
                      reader.job.payload.dest.eq(job.dest),
                      issuer.jobs.ready.eq(reader.job.ready & queue_ready)]
-        return reader, unpack
+        return reader, unpack, issuer
 
     def _inputs(self, m, head, walkers, unpack):
         """The engine's inputs: A through the corner turn (with the rank-r term, through the unit that makes hb or gb
@@ -1254,10 +1257,11 @@ class BlockedProduct(wiring.Component):
                      term.c.payload.eq(engine.c.payload.data)]
         return term.o
 
-    def _writes(self, m, head, walkers, unpack, rank_rows, grads):
+    def _writes(self, m, head, walkers, unpack, rank_rows, grads, issuer):
         """The engine's rows (transposed: through the corner turn; with the rank-r term: through it) through the
         packer into a staging FIFO; a burst's command goes out only when all its words wait there, so the memory
-        never waits for the product inside a burst."""
+        never waits for the product inside a burst. With the gradient the second writer's too, and the read
+        ``issuer`` learns when gb's write has left."""
         cfg, port, engine = self.config, self.config.port, self.engine
         m.submodules.output_issuer = outs = OutputIssuer(cfg)
         wiring.connect(m, walkers["outputs"].spans, outs.spans)
@@ -1305,6 +1309,14 @@ class BlockedProduct(wiring.Component):
         wiring.connect(m, arbiter.write_data, wiring.flipped(self.mem.write_data))
         self._staged_writes(m, "", outs.jobs, packer.words, arbiter.cmds[0], arbiter.beats[0])
         self._gradient_writes(m, head, walkers, *grads, hb_rows, arbiter.cmds[1], arbiter.beats[1])
+        # gb's job is the second writer's first in the backward product: it has left on the port once that many
+        # words have (the arbiter passes a granted writer's beats straight through)
+        taken, gb_words = Signal(16), ((head.dims.t * cfg.rank << 1) + port.word_bytes - 1) >> port.word_shift
+        with m.If(self.descriptor.valid & self.descriptor.ready):
+            m.d.sync += taken.eq(0)
+        with m.Elif(arbiter.beats[1].valid & arbiter.beats[1].ready & (taken < gb_words)):
+            m.d.sync += taken.eq(taken + 1)
+        m.d.comb += issuer.gb_written.eq(taken >= gb_words)
 
     def _staged_writes(self, m, name, jobs, words, write_cmd, write_data):
         """Write ``jobs`` with a packer's ``words`` through a staging FIFO onto ``write_cmd`` and ``write_data``;
@@ -1420,9 +1432,9 @@ class BlockedProduct(wiring.Component):
             if cfg.gradient and name in ("reads", "product", "gradient_writes"):
                 # these three walk grad_A's pass over x too, in the backward product
                 m.d.comb += [walker.x_pass.eq(head.dims.transposed), walker.x_per_span.eq(head.x_per_span)]
-        reader, unpack = self._reads(m, head, walkers)
+        reader, unpack, issuer = self._reads(m, head, walkers)
         rank_rows, grads = self._inputs(m, head, walkers, unpack)
-        self._writes(m, head, walkers, unpack, rank_rows, grads)
+        self._writes(m, head, walkers, unpack, rank_rows, grads, issuer)
         engine, tr = self.engine, head.dims.transposed
 
         # counters and the report, once every output word has gone out

@@ -74,6 +74,55 @@ def test_span_walker_walks_the_loop_nest(shape, transposed):
     assert got == [want, want]
 
 
+def _with_pass(spans, t, d_in, features, per):
+    """The walk with grad_A's pass over x: ``per`` of its ``d_in / 64`` spans after each span from the third
+    column block on, the rest after the product (``golden.blockprogram.backward_product``'s order)."""
+    n, out, xs = d_in // SPAN, [], 0
+
+    def passing(count, tail):
+        nonlocal xs
+        for _ in range(min(count, n - xs)):
+            out.append({"t0": 0, "nt": t, "f0": d_in, "nf": 0, "s": xs, "final": int(xs == n - 1),
+                        "last": int(xs == n - 1 and tail), "x_pass": 1})
+            xs += 1
+
+    for beat in spans:
+        out.append(dict(beat, last=int(beat["last"] and xs == n)))
+        if per and beat["f0"] > features:
+            passing(per, False)
+    passing(n, True)
+    return out
+
+
+@pytest.mark.parametrize("per, d_in", [(1, 320), (2, 384), (0, 192), (4, 320)])
+def test_span_walker_walks_grad_as_pass(per, d_in):
+    # the backward walk (one token block of 6, column blocks of 64) with the pass's spans: one or two after each
+    # span of the third column block on, all after the product, and a run of four that the pass's end cuts short;
+    # ready withheld at random
+    dut = SpanWalker()
+    t, d_out, features = 6, 128, 64
+    want = [_beat(f) for f in _with_pass(_spans(t, d_in, d_out, t, features, True), t, d_in, features, per)]
+
+    async def bench(ctx):
+        ctx.set(dut.shape, {"t": t, "d_in": d_in, "d_out": d_out, "tokens": t, "features": features,
+                            "transposed": 1})
+        ctx.set(dut.x_pass, 1)
+        ctx.set(dut.x_per_span, per)
+        ctx.set(dut.start, 1)
+        await ctx.tick()
+        ctx.set(dut.start, 0)
+        got = await get(ctx, dut.spans, len(want), Stalls(0.4, per), max_cycles=20 * len(want))
+        assert got == want
+        for _ in range(5):                     # nothing more after the pass's last span
+            _, _, valid = await ctx.tick().sample(dut.spans.valid)
+            assert not valid
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
 def _stalls(seed, names):
     return {name: Stalls(0.35, seed * 10 + i) for i, name in enumerate(names)}
 
