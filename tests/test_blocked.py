@@ -46,24 +46,25 @@ def _beat(fields):
     return span_beat_layout().const(fields).as_bits()
 
 
-@pytest.mark.parametrize("shape, transposed", [((6, 192, 24, 4, 16), False), ((8, 64, 8, 8, 8), False),
-                                               ((6, 40, 192, 4, 16), True)])
-def test_span_walker_walks_the_loop_nest(shape, transposed):
-    # twice in a row (a second start after the first walk), ready withheld at random
+def _walk(shape, transposed, want, walks, seed, per=None):
+    """The walker's beats in ``walks`` walks one after another (``per``: with grad_A's pass, that many of its spans
+    after each span of the third block on), ready withheld at random; nothing more after each walk's last."""
     dut = SpanWalker()
     t, d_in, d_out, tokens, features = shape
-    want = [_beat(f) for f in _spans(*shape, transposed)]
     got = []
 
     async def bench(ctx):
-        for walk in range(2):
+        for walk in range(walks):
             ctx.set(dut.shape, {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
                                 "transposed": int(transposed)})
+            if per is not None:
+                ctx.set(dut.x_pass, 1)
+                ctx.set(dut.x_per_span, per)
             ctx.set(dut.start, 1)
             await ctx.tick()
             ctx.set(dut.start, 0)
-            got.append(await get(ctx, dut.spans, len(want), Stalls(0.4, walk), max_cycles=20 * len(want)))
-            for _ in range(5):                     # nothing more after the last span
+            got.append(await get(ctx, dut.spans, len(want), Stalls(0.4, seed + walk), max_cycles=20 * len(want)))
+            for _ in range(5):
                 _, _, valid = await ctx.tick().sample(dut.spans.valid)
                 assert not valid
 
@@ -71,7 +72,15 @@ def test_span_walker_walks_the_loop_nest(shape, transposed):
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
-    assert got == [want, want]
+    return got
+
+
+@pytest.mark.parametrize("shape, transposed", [((6, 192, 24, 4, 16), False), ((8, 64, 8, 8, 8), False),
+                                               ((6, 40, 192, 4, 16), True)])
+def test_span_walker_walks_the_loop_nest(shape, transposed):
+    # twice in a row (a second start after the first walk)
+    want = [_beat(f) for f in _spans(*shape, transposed)]
+    assert _walk(shape, transposed, want, 2, 0) == [want, want]
 
 
 def _with_pass(spans, t, d_in, features, per):
@@ -97,30 +106,10 @@ def _with_pass(spans, t, d_in, features, per):
 @pytest.mark.parametrize("per, d_in", [(1, 320), (2, 384), (0, 192), (4, 320)])
 def test_span_walker_walks_grad_as_pass(per, d_in):
     # the backward walk (one token block of 6, column blocks of 64) with the pass's spans: one or two after each
-    # span of the third column block on, all after the product, and a run of four that the pass's end cuts short;
-    # ready withheld at random
-    dut = SpanWalker()
-    t, d_out, features = 6, 128, 64
-    want = [_beat(f) for f in _with_pass(_spans(t, d_in, d_out, t, features, True), t, d_in, features, per)]
-
-    async def bench(ctx):
-        ctx.set(dut.shape, {"t": t, "d_in": d_in, "d_out": d_out, "tokens": t, "features": features,
-                            "transposed": 1})
-        ctx.set(dut.x_pass, 1)
-        ctx.set(dut.x_per_span, per)
-        ctx.set(dut.start, 1)
-        await ctx.tick()
-        ctx.set(dut.start, 0)
-        got = await get(ctx, dut.spans, len(want), Stalls(0.4, per), max_cycles=20 * len(want))
-        assert got == want
-        for _ in range(5):                     # nothing more after the pass's last span
-            _, _, valid = await ctx.tick().sample(dut.spans.valid)
-            assert not valid
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    # span of the third column block on, all after the product, and a run of four that the pass's end cuts short
+    shape = (6, d_in, 128, 6, 64)
+    want = [_beat(f) for f in _with_pass(_spans(*shape, True), 6, d_in, 64, per)]
+    assert _walk(shape, True, want, 1, per, per) == [want]
 
 
 def _stalls(seed, names):
