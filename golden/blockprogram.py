@@ -26,6 +26,7 @@ when the other gradient is re-read too); the update reads the masters and moment
 a time, as ``golden/memprogram.py`` does.
 """
 
+import itertools
 from dataclasses import dataclass
 
 from . import dram, traffic
@@ -364,7 +365,7 @@ def backward_product(memmap, token_block, feature_block, rows, cols, rank_term=F
         raise ValueError(f"x_per_span must be an integer from 0 to 15, not {x_per_span!r}")
 
     def x_pass(count):
-        for s in [s for _, s in zip(range(count), x_spans)]:
+        for s in list(itertools.islice(x_spans, count)):
             if s == 0:
                 w.add("read", "gb", 0, t * r * 2)
                 w.add("read", "x_fields", 0, -(-t // 16))

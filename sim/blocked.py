@@ -245,11 +245,9 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     def x_spans(group):
         return sum(r.length for r in group if r.tensor == "x") * port.word_bytes // (SPAN * 2 * t)
 
-    def mixed(group):
-        return dram.simulate(timing, [(r.address, r.length * port.word_bytes, r.op) for r in group]).cycles
-
-    def alone(group, op):
-        return dram.simulate(timing, [(r.address, r.length * port.word_bytes, op) for r in group]).cycles \
+    def alone(group):
+        """The DRAM model's time for ``group``'s requests alone, in order."""
+        return dram.simulate(timing, [(r.address, r.length * port.word_bytes, r.op) for r in group]).cycles \
             if group else 0
 
     reduction, outputs = (d_out, d_in) if transposed else (d_in, d_out)
@@ -279,7 +277,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                     writes.append(reqs[i])
                 i += 1
             job = _job_cycles(config, nt, nf, transposed)
-            written = alone(writes, "write")
+            written = alone(writes)
             if transposed:
                 # the writes start with the last W tile's first token tile of outputs; with the rank-r term, which
                 # passes the outputs one a cycle, after it has passed that tile, and the last token tile's writes
@@ -298,7 +296,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             hidden = transposed and f0 > 0
             # with the term, a token block's first span also waits while the piece of A (B) is aligned in place
             aligning = SPAN * config.rank if config.rank and f0 == 0 else 0
-            block = (0 if hidden else alone(load, "read") + aligning) + (spans - 1) * job + final
+            block = (0 if hidden else alone(load) + aligning) + (spans - 1) * job + final
             if passing:
                 unit = x_spans(passing) * x_span + spans * nt * SPAN + gb_load * any(r.tensor == "gb" for r in passing)
                 # (the pass's spans after the block's first span run while the block before ends: the unit needs
@@ -306,11 +304,11 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                 group = reqs[start:i]
                 run = next(k for k, r in enumerate(group) if r.tensor in ("x", "gb"))
                 end = next((k for k in range(run, len(group)) if group[k].tensor not in _PASS), len(group))
-                block = max(block, mixed(group[:run] + group[end:]) + final - job, unit)
+                block = max(block, alone(group[:run] + group[end:]) + final - job, unit)
             total += block
     if i < len(reqs):
         # the pass's spans after the product: the slower of the memory (its reads and grad_A's writes, in order)
         # and the unit
         rest = reqs[i:]
-        total += max(mixed(rest), x_spans(rest) * x_span + gb_load * any(r.tensor == "gb" for r in rest))
+        total += max(alone(rest), x_spans(rest) * x_span + gb_load * any(r.tensor == "gb" for r in rest))
     return total
