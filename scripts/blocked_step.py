@@ -16,12 +16,14 @@ labelled as such.
 
 import argparse
 import json
+import pathlib
 import sys
 
-from edge_qlora.golden import traffic
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from blocked_product import SHAPES  # noqa: E402  (the projections' shapes, from the script that makes the rows)
 
-#: the forward products: (in features, out features), as in ``scripts/blocked_product.py``
-SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 256), "gate_proj": (2048, 5632), "down_proj": (5632, 2048)}
+from edge_qlora.golden import traffic  # noqa: E402
+
 RANK = 16
 
 
