@@ -91,7 +91,7 @@ def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2,
     """The smallest :class:`BlockedConfig` for ``case``'s forward product (``transposed``: the backward product
     ``dx = dy W`` too; ``rank_term``: the products with their rank-r terms, the step's y and dx; ``gradient``: the
     backward product's grad_B too) in blocks of ``tokens x features`` on a ``rows x cols`` engine behind
-    ``memory``'s port; the backward product with the gradient also makes grad_A in a pass over x after it)."""
+    ``memory``'s port; the backward product with the gradient also makes grad_A in a pass over x beside it)."""
     t, d_in = case.x.shape
     d_out = case.dy.shape[1]
     extra = {"transposed": True, "max_out": -(-d_out // SPAN) * SPAN} if transposed else {}
