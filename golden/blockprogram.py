@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 from . import dram, traffic
 from .memmap import layout
-from .memprogram import Job, PortShape, Request, split_bursts, state_groups
+from .memprogram import STATE_GROUP, Job, PortShape, Request, split_bursts, state_groups
 
-__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "x_pass_per_span", "port_for",
-           "requests", "bytes_by_tensor", "traffic_bytes", "dram_time", "blocked_for"]
+__all__ = ["SPAN", "GROUP", "Program", "program", "forward_product", "backward_product", "x_pass_per_span",
+           "update_pass", "UPDATE_TENSORS", "port_for", "requests", "bytes_by_tensor", "traffic_bytes", "dram_time",
+           "blocked_for"]
 
 #: Reduction elements per span of the output-stationary loops: one NF4 block.
 SPAN = 64
@@ -208,6 +209,34 @@ def _update(w):
         for name in names:
             region = w.memmap.output_region(name)
             w.ops.append(("write", Job(region.name, region.address + offset, size)))
+
+
+#: The update's tensors of factor ``X`` (``"A"`` or ``"B"``), as ``rtl/update.py`` names its reads: the master,
+#: its gradient and the two AdamW moments.
+UPDATE_TENSORS = {"param": "lora_{}", "grad": "grad_{}", "m": "exp_avg_{}", "v": "exp_avg_sq_{}"}
+
+
+def update_pass(memmap, which, group=STATE_GROUP):
+    """The update of LoRA factor ``which`` (``"A"`` or ``"B"``) alone, exactly as ``rtl/update.py`` issues it: per
+    ``group`` elements the master, its gradient (``grad_A`` or ``grad_B``: the map needs ``gradients_out``) and
+    (AdamW) the two moments read, then the master and the moments written (in place, or to their ``_out`` slots).
+    A :class:`Program` whose ``update`` is 0: all of it is the update."""
+    if which not in ("A", "B"):
+        raise ValueError(f"which must be 'A' or 'B', not {which!r}")
+    if f"grad_{which}" not in memmap:
+        raise ValueError("the update reads the gradients: the memory map needs gradients_out=True")
+    names = ("param", "grad", "m", "v") if memmap.optimizer == "adamw" else ("param", "grad")
+    regions = {name: memmap[UPDATE_TENSORS[name].format(which)] for name in names}
+    elements = regions["param"].size // 4
+    ops = []
+    for e in range(0, elements, group):
+        size = 4 * min(group, elements - e)
+        ops += [("read", Job(regions[name].name, regions[name].address + 4 * e, size)) for name in names]
+        for name in names:
+            if name != "grad":
+                out = memmap.output_region(regions[name].name)
+                ops.append(("write", Job(out.name, out.address + 4 * e, size)))
+    return Program(tuple(ops), 0, 0)
 
 
 def forward_product(memmap, token_block, feature_block, cols, rank_term=False, gradient=False):
