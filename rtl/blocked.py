@@ -392,7 +392,9 @@ class SpanWalker(wiring.Component):
         last_t = t0 + nt >= shape.t
         x_final = xs == (shape.d_in >> _SPAN_SHIFT) - 1
         x_left = self.x_pass & (xs != shape.d_in >> _SPAN_SHIFT)
-        m.d.comb += self.spans.valid.eq(active)
+        # nothing in the cycle of ``start``: a walker that a mode leaves waiting (its consumer disabled) still holds
+        # the last walk's beat then, which the next mode's consumer would take
+        m.d.comb += self.spans.valid.eq(active & ~self.start)
         with m.If(passing):
             # past the outputs (no feature block), all tokens
             m.d.comb += [out.t0.eq(0), out.nt.eq(nt), out.f0.eq(outputs), out.nf.eq(0), out.s.eq(xs),

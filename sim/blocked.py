@@ -121,6 +121,35 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
     return total
 
 
+def product_descriptor(case, memmap, tokens, features, transposed, rank_term, gradient, x_per_span):
+    """The fields of :func:`~edge_qlora.rtl.blocked.descriptor_layout` for one product of ``case`` placed by
+    ``memmap``: its tensors' addresses, its shape and blocks, the double quantization's groups and offset; with
+    ``rank_term`` A's and B's addresses, the scaling and (backward) A's shared exponent; with ``gradient`` the
+    addresses of hb, grad_B, x's fields, x, gb and grad_A and ``x_per_span``."""
+    t, d_in = case.x.shape
+    d_out = case.dy.shape[1]
+    activation, output = ("dy", "dx") if transposed else ("x", "y")
+    q = case.weight
+    term = {"rank_operands": memmap["lora_B" if transposed else "lora_A"].address,
+            "rank_columns": memmap["lora_A" if transposed else "lora_B"].address,
+            "scaling": int(np.float32(case.scaling).view(np.uint32)),
+            "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
+    if gradient:
+        term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address,
+                     "x_fields": memmap["x_fields"].address, "pass_x": memmap["x"].address,
+                     "gb": memmap["gb"].address, "gradient_a": memmap["grad_A"].address,
+                     "x_per_span": x_per_span or 0})
+    return {
+        "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
+        "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
+        "y": memmap.output_region(output).address,
+        "exponents": memmap["w_row_exponents"].address if transposed else 0,
+        "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
+                 "transposed": int(transposed)},
+        "groups": len(q.absmax2), "offset": int(np.float32(q.offset).view(np.uint32)), **term,
+    }
+
+
 def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sdram", transposed=False, rank_term=False,
                         x_per_span=None, stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
     """``y = x W^T`` of ``case`` (``transposed``: ``dx = dy W``; ``rank_term``: the step's ``y = bf16(x W^T + s hb
@@ -163,25 +192,8 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     reads = [r for r in reqs if r.op == "read"]
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
-    q = case.weight
-    term = {"rank_operands": memmap["lora_B" if transposed else "lora_A"].address,
-            "rank_columns": memmap["lora_A" if transposed else "lora_B"].address,
-            "scaling": int(np.float32(case.scaling).view(np.uint32)),
-            "rank_exponent": column_exponent(case.lora_A.to(torch.bfloat16)) if transposed else 0} if rank_term else {}
-    if config.gradient:
-        term.update({"rank_rows": memmap["hb"].address, "gradient": memmap["grad_B"].address,
-                     "x_fields": memmap["x_fields"].address, "pass_x": memmap["x"].address,
-                     "gb": memmap["gb"].address, "gradient_a": memmap["grad_A"].address,
-                     "x_per_span": x_per_span or 0})
-    descriptor = descriptor_layout(config).const({
-        "x": memmap[activation].address, "codes": memmap["nf4_codes"].address,
-        "absmax": memmap["nf4_absmax"].address, "absmax2": memmap["nf4_absmax2"].address,
-        "y": memmap.output_region(output).address,
-        "exponents": memmap["w_row_exponents"].address if transposed else 0,
-        "dims": {"t": t, "d_in": d_in, "d_out": d_out, "tokens": tokens, "features": features,
-                 "transposed": int(transposed)},
-        "groups": len(q.absmax2), "offset": int(np.float32(q.offset).view(np.uint32)), **term,
-    }).as_bits()
+    descriptor = descriptor_layout(config).const(product_descriptor(case, memmap, tokens, features, transposed,
+                                                                    rank_term, config.gradient, x_per_span)).as_bits()
     wanted = {"written": sum(w.length for w in writes), "report": 1}
     if max_cycles is None:
         max_cycles = 4 * engine_cycles(config, t, d_in, d_out, tokens, features, transposed) + 30 * (len(fill) +

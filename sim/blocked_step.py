@@ -1,0 +1,152 @@
+"""Run a whole step of one projection on :class:`~edge_qlora.rtl.blocked_step.BlockedStep` against the DRAM timing
+model, in Amaranth's simulator or on Verilator: the forward product, the backward product, the update of A and the
+update of B, four descriptors one after another on one design and one memory image.
+
+The memory model returns the read words in the order of the four programs (``golden/blockprogram.py``), taken from
+the image as the step would leave it for each read: a unit that reads what an earlier one wrote (the backward
+product hb, x's fields and gb; the updates grad_A and grad_B) gets the golden values, while the image the step
+writes into starts with those slots empty, so every value checked at the end was written by the design.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_qlora.golden import blockprogram as bp
+from edge_qlora.golden import memprogram as mp
+from edge_qlora.golden.lora import step_model
+from edge_qlora.golden.memmap import layout_for, pack_case, read_region, store_region, unpack_outputs
+from edge_qlora.golden.rank_gradient import x_chunk_fields
+from edge_qlora.golden.rank_term import backward_rows, forward_rows
+from edge_qlora.rtl import blocked, update
+from edge_qlora.rtl.blocked_step import BlockedStep, StepConfig, StepOp, descriptor_layout, report_layout
+from edge_qlora.rtl.update import UpdateConfig
+from .blocked import blocked_config, engine_cycles, product_descriptor
+from .memstep import DramBench, _fields, _timing, run_dram_bench
+
+__all__ = ["PARTS", "StepBench", "StepRun", "step_config", "run_blocked_step"]
+
+#: The step's descriptors, in order.
+PARTS = ("forward", "backward", "update_A", "update_B")
+
+
+class StepBench(DramBench):
+    """The step top and the DRAM model behind its port (simulation only)."""
+
+    def __init__(self, config, timing):
+        self.config = config
+        super().__init__(BlockedStep(config), config.product.port, timing)
+
+
+@dataclass
+class StepRun:
+    """A step against memory: ``outputs`` read back from memory (named as ``golden.lora.step_model``'s: y, dx,
+    grad_A, grad_B, the new lora_A and lora_B and moments), ``rows`` (hb, gb and x's fields, read back), and per
+    part of :data:`PARTS` the report's cycles and bytes and the program's bytes."""
+
+    outputs: dict
+    rows: dict
+    cycles: dict
+    read_bytes: dict
+    written_bytes: dict
+    program_read_bytes: dict
+    program_written_bytes: dict
+
+
+def step_config(case, forward, backward, memory="ulx3s-sdram", rows=2, cols=2):
+    """The smallest :class:`StepConfig` for ``case``'s step with forward blocks ``forward`` and backward blocks
+    ``backward`` (each ``(tokens, features)``) on a ``rows x cols`` engine behind ``memory``'s port."""
+    product = blocked_config(case, backward[0], backward[1], memory, rows, cols, transposed=True, rank_term=True,
+                             gradient=True)
+    product = dataclasses.replace(product, max_tokens=max(product.max_tokens, min(forward[0], case.x.shape[0])),
+                                  max_features=max(product.max_features, min(forward[1], case.dy.shape[1])))
+    return StepConfig(product=product, update=UpdateConfig(port=product.port, optimizer=case.optimizer))
+
+
+def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdram", x_per_span=None, parts=PARTS,
+                     stalls=None, backend=None, vcd_path=None, max_cycles=None, progress=None):
+    """One step of ``case`` (forward blocks ``forward``, backward blocks ``backward``, each ``(tokens,
+    features)``) on :class:`BlockedStep` against the DRAM model of ``memory`` (``parts``: only those of
+    :data:`PARTS`, in its order); returns a :class:`StepRun` (its ``cycles`` and bytes for the parts run).
+    ValueError (one line) for a shape the configuration does not take."""
+    timing = _timing(memory)
+    config = config or step_config(case, forward, backward, memory)
+    pc = config.product
+    t, d_in = case.x.shape
+    d_out, r = case.dy.shape[1], case.lora_A.shape[0]
+    if pc.rank != r:
+        raise ValueError(f"the configuration's rank ({pc.rank}) must be the case's ({r})")
+    pc.check_shape(t, d_in, d_out, *forward)
+    pc.check_shape(t, d_in, d_out, *backward, transposed=True)
+    if not case.weight.double_quant or case.weight.blocksize != blocked.SPAN:
+        raise ValueError(f"the blocked step takes NF4 with double quantization in blocks of {blocked.SPAN}")
+    memmap = layout_for(case, align=64, row_exponent_chunk=pc.gemm.chunk_steps, gradients_out=True,
+                        rank_rows=True)
+    if memmap.end > pc.port.capacity:
+        raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
+    if x_per_span is None:
+        x_per_span = bp.x_pass_per_span(d_in, d_out, backward[1])
+    golden = step_model(case)
+    image = pack_case(case, memmap)
+    # what the reads find: the image with what the earlier parts write
+    seen = bytearray(image)
+    fields = x_chunk_fields(case.x)
+    for name, value in (("hb", forward_rows(case)), ("gb", backward_rows(case)),
+                        ("x_fields", np.array(fields + [0] * (memmap["x_fields"].size - len(fields)), np.uint8)),
+                        ("grad_A", golden["grad_A"]), ("grad_B", golden["grad_B"])):
+        store_region(seen, memmap, name, value)
+
+    programs = {"forward": bp.forward_product(memmap, *forward, pc.cols, rank_term=True, gradient=True),
+                "backward": bp.backward_product(memmap, *backward, pc.rows, pc.cols, rank_term=True, gradient=True,
+                                                x_per_span=x_per_span),
+                "update_A": bp.update_pass(memmap, "A", config.update.group),
+                "update_B": bp.update_pass(memmap, "B", config.update.group)}
+    port = mp.PortShape.of(pc.port)
+    reqs = {part: bp.requests(port, program) for part, program in programs.items()}
+    parts = [part for part in PARTS if part in parts]
+    reads = [q for part in parts for q in reqs[part] if q.op == "read"]
+    fill = mp.fill_words(port, seen, memmap.base, reads)
+
+    hyper = {k: int(np.float32(v).view(np.uint32)) for k, v in case.hyper.items()}
+    updates = {which: {"param": memmap[f"lora_{which}"].address, "grad": memmap[f"grad_{which}"].address,
+                       "m": memmap[f"exp_avg_{which}"].address if case.optimizer == "adamw" else 0,
+                       "v": memmap[f"exp_avg_sq_{which}"].address if case.optimizer == "adamw" else 0,
+                       "count": memmap[f"lora_{which}"].size // 4, "hyper": hyper} for which in ("A", "B")}
+    layout = descriptor_layout(config)
+    descriptors = dict(zip(PARTS, [
+        layout.const({"op": StepOp.PRODUCT,
+                      "product": product_descriptor(case, memmap, *forward, False, True, True, 0)}).as_bits(),
+        layout.const({"op": StepOp.PRODUCT,
+                      "product": product_descriptor(case, memmap, *backward, True, True, True, x_per_span)}).as_bits(),
+        layout.const({"op": StepOp.UPDATE, "update": updates["A"]}).as_bits(),
+        layout.const({"op": StepOp.UPDATE, "update": updates["B"]}).as_bits(),
+    ]))
+    written_words = sum(q.length for part in parts for q in reqs[part] if q.op == "write")
+    wanted = {"written": written_words, "report": len(parts)}
+    if max_cycles is None:
+        compute = sum(engine_cycles(pc, t, d_in, d_out, *blocks, transposed=tr)
+                      for blocks, tr in ((forward, False), (backward, True)))
+        max_cycles = 4 * compute + 40 * (len(fill) + written_words) + 20 * (r * (d_in + d_out)) + 40_000
+    beats, _ = run_dram_bench(lambda: StepBench(config, timing), f"StepBench {config!r} {timing!r}",
+                              {"descriptor": [descriptors[part] for part in parts], "fill": fill}, wanted, image=image,
+                              port_config=pc.port, base=memmap.base, stalls=stalls, max_cycles=max_cycles,
+                              backend=backend, vcd_path=vcd_path, progress=progress, what="the step")
+    reports = [_fields(beat, report_layout(config)) for beat in beats["report"]]
+    wb = port.word_bytes
+    cycles, read_bytes, written_bytes = {}, {}, {}
+    for part, report in zip(parts, reports):
+        if part.startswith("update"):
+            fields_ = _fields(report["update"], update.report_layout())
+            read, written = fields_["read"], fields_["written"]
+        else:
+            fields_ = _fields(report["product"], blocked.report_layout(pc.reads))
+            read, written = sum(fields_[f"read_{name}"] for name in pc.reads), fields_["written"]
+        cycles[part], read_bytes[part], written_bytes[part] = fields_["cycles"], read * wb, written * wb
+    outputs = unpack_outputs(image, memmap)
+    return StepRun(
+        outputs=outputs,
+        rows={name: read_region(image, memmap, name) for name in ("hb", "gb", "x_fields")},
+        cycles=cycles, read_bytes=read_bytes, written_bytes=written_bytes,
+        program_read_bytes={part: sum(q.length for q in reqs[part] if q.op == "read") * wb for part in parts},
+        program_written_bytes={part: sum(q.length for q in reqs[part] if q.op == "write") * wb for part in parts})
