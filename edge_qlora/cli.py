@@ -155,7 +155,11 @@ def _parser():
                     "lora_A, lora_B and moments are read back from memory, the results are y and dx only (that "
                     "step writes no gradients: OUT has no grad_A, grad_B), and the report adds the stall cycles, "
                     "the bytes read and written per tensor, the bandwidth achieved against the DRAM's peak and the "
-                    "cycle model with memory.")
+                    "cycle model with memory. With --memory and --blocked the step runs on the blocked step top "
+                    "(the I/O-aware dataflow: the forward and backward products in blocks through the memory port "
+                    "with the rank-r terms and the gradients, then the AdamW or SGD update of A and B, four "
+                    "descriptors on one design): OUT has every result, y, dx, grad_A and grad_B, and the report gives "
+                    "each part's cycles, stalls and bytes.")
     step.add_argument("case", metavar="CASE", help="safetensors step case")
     step.add_argument("output", metavar="OUT", help="safetensors file to write: the next step's case and this "
                                                     "step's results (replaced if it exists)")
@@ -169,6 +173,12 @@ def _parser():
                            "verilator; T a multiple of --rows, in and out of --cols; ecpix5-ddr3's 64-bit port "
                            "needs --cols >= 4); OUT's results are then y and dx, no grad_A/grad_B (default: the "
                            "step with its tensors as streams)")
+    step.add_argument("--blocked", action="store_true",
+                      help="with --memory: run the blocked step top (feature blocks of at most --max-features; NF4 in "
+                           "blocks of 64 with double quantization, T a multiple of --rows, in a multiple of 64 and at "
+                           "least 128, out a multiple of --cols, r a power of two from 2 to 16)")
+    step.add_argument("--max-features", type=int, default=384, metavar="N",
+                      help="--blocked: feature (and column) blocks of at most N outputs (default: %(default)s)")
     step.add_argument("--json", action="store_true",
                       help="print one JSON object on stdout (cycles, phase_cycles, utilization, model_cycles; with "
                            "--memory also stall_cycles, bytes_read, bytes_written, read_bytes, written_bytes, "
@@ -872,8 +882,12 @@ def _step(args):
     if args.memory and args.backend == "golden":
         raise BuildError("--memory runs the memory-fed step's RTL against the DRAM model: it needs --backend pysim "
                          "or verilator, not golden")
+    if args.blocked and not args.memory:
+        raise BuildError("--blocked runs the blocked step top against a DRAM model: it needs --memory")
     _check_outputs(args, [("OUT", args.output), ("--vcd", args.vcd)], [("CASE", args.case)])
     case = load_case(args.case)
+    if args.blocked:
+        return _blocked_step(args, case)
     tokens, in_features = case.x.shape
     out_features, rank = case.lora_B.shape
     from .rtl.lora import LoraConfig
@@ -912,6 +926,80 @@ def _step(args):
         print(f"  {'total':8} {run.cycles:9d}   ({seconds:.1f} s simulated; base products {2 * macs} MACs)")
     if args.memory:
         _print_memory_report(args, report)
+
+
+def _blocked_step(args, case):
+    """``step --memory M --blocked``: the step on the blocked step top, its report."""
+    import json
+    from .formats import InputError, next_case, save_case
+    from .sim.blocked_step import PARTS, model_cycles, run_blocked_step, step_blocks, step_config
+
+    t, d_in = case.x.shape
+    d_out, r = case.lora_B.shape
+    if args.max_features < 64:
+        raise InputError(f"--max-features must be at least 64, not {args.max_features}")
+    forward, backward = step_blocks(t, d_in, d_out, args.cols, args.max_features)
+    where = f"{args.case} on the blocked step top ({args.rows}x{args.cols}, --memory {args.memory})"
+    try:
+        if d_in < 128 or d_in % 64:
+            raise ValueError(f"in ({d_in}) must be a multiple of 64 and at least 128 (two column blocks)")
+        config = step_config(case, forward, backward, args.memory, args.rows, args.cols)
+        model = model_cycles(case, forward, backward, config, args.memory)
+    except ValueError as error:
+        raise InputError(f"{where}: {error}") from None
+    unit = "cycle" if args.backend == "pysim" else "beat"
+    bar, update = _progress_bar(args, None, f"blocked step ({args.backend}, {args.memory})", unit=unit)
+
+    def progress(done, total):
+        bar.total = total
+        update(done)
+
+    start = time.perf_counter()
+    with bar, _vcd(args) as vcd_path:
+        try:
+            run = run_blocked_step(case, forward, backward, config, memory=args.memory, backend=args.backend,
+                                   vcd_path=vcd_path, progress=progress)
+        except ValueError as error:
+            raise InputError(f"{where}: {error}") from None
+    results = {name: run.outputs[name].contiguous() for name in ("y", "dx", "grad_A", "grad_B")}
+    save_case(args.output, next_case(case, run.outputs), extra=results)
+    seconds = time.perf_counter() - start
+    cycles = sum(run.cycles.values())
+    macs = 2 * t * d_in * d_out
+    timing = DRAM_PRESETS[args.memory]
+    read, written = sum(run.read_bytes.values()), sum(run.written_bytes.values())
+    stalls = {cause: sum(part[cause] for part in run.stall_cycles.values()) for cause in ("memory", "compute")}
+    report = {"step": case.step, "optimizer": case.optimizer, "t": t, "d_in": d_in, "d_out": d_out, "r": r,
+              "rows": args.rows, "cols": args.cols, "backend": args.backend, "memory": args.memory, "top": "blocked",
+              "blocks": {"forward": list(forward), "backward": list(backward)}, "output": args.output,
+              "seconds": seconds, "cycles": cycles, "phase_cycles": dict(run.cycles), "stall_cycles": stalls,
+              "phase_stall_cycles": run.stall_cycles, "bytes_read": read, "bytes_written": written,
+              "read_bytes": run.read_bytes, "written_bytes": run.written_bytes, "macs": macs,
+              "utilization": macs / (args.rows * args.cols * cycles), "clock_mhz": timing.clock_mhz,
+              "bandwidth_gbps": (read + written) / cycles * timing.clock_mhz / 1e3, "peak_gbps": timing.peak_gbps,
+              "model_cycles": sum(model.values()), "model_error": sum(model.values()) / cycles - 1}
+    header = (f"step {case.step} ({case.optimizer}), x {tuple(case.x.shape)}, W {case.weight.shape} NF4, rank {r}, "
+              f"scaling {case.scaling}, backend {args.backend}, blocked step top, memory {args.memory}: "
+              f"{args.output} (results y, dx, grad_A, grad_B and the case of step {case.step + 1})")
+    if args.json:
+        print(header, file=sys.stderr)
+        print(json.dumps(report))
+        return
+    print(header)
+    print(f"  blocks: forward {forward[0]} x {forward[1]}, backward {backward[0]} x {backward[1]}")
+    print(f"  {'part':8} {'cycles':>11} {'model':>11} {'memory stalls':>14} {'bytes read':>12} {'written':>10}")
+    for part in PARTS:
+        print(f"  {part:8} {run.cycles[part]:11,} {model[part]:11,} {run.stall_cycles[part]['memory']:14,} "
+              f"{run.read_bytes[part]:12,} {run.written_bytes[part]:10,}")
+    print(f"  {'total':8} {cycles:11,} {report['model_cycles']:11,}   ({seconds:.1f} s simulated)")
+    print("  stall cycles: " + ", ".join(f"{name} {stalls[name]:,} ({100 * stalls[name] / cycles:.1f}%)"
+                                         for name in ("memory", "compute")))
+    print(f"  bandwidth: {report['bandwidth_gbps']:.3f} GB/s ({read + written:,} bytes in {cycles:,} cycles at "
+          f"{timing.clock_mhz:g} MHz), {100 * report['bandwidth_gbps'] / timing.peak_gbps:.1f}% of "
+          f"{args.memory}'s {timing.peak_gbps:.3f} GB/s peak")
+    print(f"  cycle model with memory: {report['model_cycles']:,} cycles, {100 * report['model_error']:+.2f}% "
+          f"against the measured; PE utilization {100 * report['utilization']:.1f}% ({macs:,} MACs of the base "
+          f"products on {args.rows}x{args.cols})")
 
 
 def _step_report(args, case, config, run, seconds):

@@ -84,6 +84,11 @@ _ELEM = {"absmax2": 32, "absmax": 8, "x": BF16.width, "codes": 4, "exponents": 8
          "rank_columns": FP32.width, "rank_rows": BF16.width, "x_fields": 8}
 
 
+# bits of an unpacker job's element count: a span's activation rows or W rows, a feature block's absmax codes, and
+# the rank-r operands all stay below 2 ** 22 within the limits BlockedConfig checks
+_JOB_BITS = 22
+
+
 def absmax2_groups(d_in, d_out):
     """Entries of a ``[d_out, d_in]`` weight's ``absmax2`` table: one per 256 NF4 blocks of :data:`SPAN`."""
     return -(-(d_out * d_in // SPAN) // 256)
@@ -176,6 +181,10 @@ class BlockedConfig:
             raise ValueError(f"max_in must be a multiple of {SPAN} below 65536, not {self.max_in!r}")
         if not _is_int(self.max_groups) or not 1 <= self.max_groups < 1 << 16:
             raise ValueError(f"max_groups must be an integer from 1 to 65535, not {self.max_groups!r}")
+        if max(self.max_tokens, self.max_features) * SPAN >= 1 << _JOB_BITS or \
+                self.max_features * self.max_in // SPAN >= 1 << _JOB_BITS:
+            raise ValueError(f"max_tokens ({self.max_tokens}) and max_features ({self.max_features}) times {SPAN}, "
+                             f"and max_features times max_in / {SPAN}, must stay below 2 ** {_JOB_BITS}")
         if not _is_int(self.fifo_words) or self.fifo_words < self.port.max_burst:
             raise ValueError(f"fifo_words must be at least the port's max_burst ({self.port.max_burst}), not "
                              f"{self.fifo_words!r}")
@@ -445,7 +454,7 @@ def read_beat_layout(config):
     them.)"""
     aw = config.port.address_width
     return data.StructLayout({"address": aw, "bytes": aw + 1, "dest": range(len(config.reads)), "unpack": 1,
-                              "count": 32, "cols": 32})
+                              "count": _JOB_BITS, "cols": _JOB_BITS})
 
 
 class _Read(enum.Enum, shape=4):
@@ -1106,7 +1115,8 @@ class BlockedProduct(wiring.Component):
         unpack, queue_ready = {}, Signal()
         for i, name in enumerate(cfg.reads):
             lanes = cfg.cols if name == "codes" else 1
-            unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, _ELEM[name], lanes)
+            unit = unpack[name] = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, _ELEM[name], lanes,
+                                                                            count_width=_JOB_BITS)
             queue = m.submodules[f"unpack_jobs_{name}"] = SyncFIFOBuffered(width=unit.job.payload.shape().size,
                                                                            depth=4)
             wiring.connect(m, queue.r_stream, unit.job)

@@ -33,9 +33,10 @@ def _log2(value):
     return value.bit_length() - 1
 
 
-def unpacker_job_layout():
-    """An unpacking job: ``count`` elements in rows of ``cols`` elements (``cols >= count``: one row)."""
-    return data.StructLayout({"count": unsigned(32), "cols": unsigned(32)})
+def unpacker_job_layout(count_width=32):
+    """An unpacking job: ``count`` elements in rows of ``cols`` elements (``cols >= count``: one row), each
+    ``count_width`` bits."""
+    return data.StructLayout({"count": unsigned(count_width), "cols": unsigned(count_width)})
 
 
 def segment_layout(elem_width, lanes):
@@ -105,26 +106,32 @@ class Unpacker(wiring.Component):
         Bits of an element: 4, 8, 16 or 32.
     lanes : int
         Elements per beat, a power of two from 1 to 16.
+    count_width : int
+        Bits of a job's ``count`` and ``cols``, 8 to 32: the unit's counters are that wide (a user whose jobs are
+        short saves their logic).
 
     Attributes
     ----------
-    job : In(stream of :func:`unpacker_job_layout`)
+    job : In(stream of :func:`unpacker_job_layout` of ``count_width``)
         ``count`` and ``cols`` of at least 1 (``cols`` 0 is taken as one row; a job of ``count`` 0 is dropped:
         it takes no word and gives no beat). The next job is taken after the previous job's final beat.
     words : In(stream of ``unsigned(word_width)``)
     segments : Out(stream of :func:`segment_layout`)
     """
 
-    def __init__(self, word_width, elem_width, lanes):
+    def __init__(self, word_width, elem_width, lanes, count_width=32):
         if word_width not in UNPACKER_WORD_WIDTHS or not _is_int(word_width):
             raise ValueError(f"word_width must be one of {UNPACKER_WORD_WIDTHS}, not {word_width!r}")
         if elem_width not in UNPACKER_ELEM_WIDTHS or not _is_int(elem_width):
             raise ValueError(f"elem_width must be one of {UNPACKER_ELEM_WIDTHS}, not {elem_width!r}")
         if not _power_of_two(lanes) or lanes > 16:
             raise ValueError(f"lanes must be a power of two from 1 to 16, not {lanes!r}")
+        if not _is_int(count_width) or not 8 <= count_width <= 32:
+            raise ValueError(f"count_width must be an integer from 8 to 32, not {count_width!r}")
         self.word_width, self.elem_width, self.lanes = word_width, elem_width, lanes
+        self.count_width = count_width
         super().__init__({
-            "job": In(stream.Signature(unpacker_job_layout())),
+            "job": In(stream.Signature(unpacker_job_layout(count_width))),
             "words": In(stream.Signature(unsigned(word_width))),
             "segments": Out(stream.Signature(segment_layout(elem_width, lanes))),
         })
@@ -143,14 +150,15 @@ class Unpacker(wiring.Component):
         m = Module()
         E, W, L = self.elem_width, self.word_width, self.lanes
         P, R = self.elems_per_word, self.words_per_elem   # elements stored at once; words per store
+        C = self.count_width
 
         busy = Signal()
         need_row = Signal()              # a job was just taken: its first row is loaded in the next cycle
-        seg_left = Signal(32)            # elements of the current row not yet sent (the job's end cuts a row)
-        after = Signal(32)               # elements of the job after the current row
+        seg_left = Signal(C)             # elements of the current row not yet sent (the job's end cuts a row)
+        after = Signal(C)                # elements of the job after the current row
         final_row = Signal()             # the current row is the job's last
-        cols = Signal(32)
-        words_left = Signal(32 + _log2(R))
+        cols = Signal(C)
+        words_left = Signal(C + _log2(R))
         more_words = Signal()            # words_left != 0
         # the beat's size and whether it ends its row are registered with `seg_left`, so that the handshakes
         # depend on a few small registers only
@@ -243,13 +251,13 @@ class Unpacker(wiring.Component):
         short = after <= cols
         with m.If(load_row):
             m.d.sync += [need_row.eq(0), after.eq(Mux(short, 0, after - cols)), final_row.eq(short)]
-        seg_next = Signal(32)
+        seg_next = Signal(C)
         m.d.comb += seg_next.eq(Mux(load_row, Mux(short, after, cols), seg_left - L))  # n is L inside a row
         with m.If(load_row | (beat & ~row_end)):
             m.d.sync += [seg_left.eq(seg_next), row_end.eq(seg_next <= L), n.eq(Mux(seg_next <= L, seg_next, L))]
 
         job = self.job.payload
-        job_cols = Mux(job.cols == 0, (1 << 32) - 1, job.cols)
+        job_cols = Mux(job.cols == 0, (1 << C) - 1, job.cols)
         if R > 1:
             job_words = job.count << _log2(R)
         else:

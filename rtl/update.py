@@ -111,9 +111,10 @@ def descriptor_layout(config):
 
 
 def report_layout():
-    """Payload of ``report``: cycles from the descriptor to the last word written, and port words read and
-    written."""
-    return data.StructLayout({"cycles": 48, "read": 48, "written": 48})
+    """Payload of ``report``: cycles from the descriptor to the last word written, port words read and written,
+    and stall cycles: ``memory`` (the optimizer could take an element but an operand has not arrived) and
+    ``compute`` (a read burst is ready but its operand's FIFO has no room)."""
+    return data.StructLayout({"cycles": 48, "read": 48, "written": 48, "memory": 48, "compute": 48})
 
 
 def _group_bytes(config, left):
@@ -249,7 +250,7 @@ class UpdatePass(wiring.Component):
         element = optimizer.elements
         operands = []
         for i, name in enumerate(cfg.reads):
-            unit = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, 32, 1)
+            unit = m.submodules[f"unpack_{name}"] = Unpacker(port.data_width, 32, 1, count_width=_COUNT_BITS)
             wiring.connect(m, reader.dest[i], unit.words)
             self._job(m, unit.job, start, {"count": head.count, "cols": head.count})
             operands.append(unit.segments)
@@ -288,13 +289,18 @@ class UpdatePass(wiring.Component):
             m.d.sync += source.eq(writes.jobs.payload.source)
 
         # counters and the report, once every result word has gone out
-        cycles, read, written = Signal(48), Signal(48), Signal(48)
+        cycles, read, written, memory, compute = (Signal(48, name=n) for n in ("cycles", "read", "written",
+                                                                              "memory", "compute"))
         total = Signal(_COUNT_BITS + 4)
         m.d.comb += total.eq(((head.count * _ELEM_BYTES) >> port.word_shift) * len(cfg.writes))
         with m.If(start):
-            m.d.sync += [cycles.eq(0), read.eq(0), written.eq(0)]
+            m.d.sync += [cycles.eq(0), read.eq(0), written.eq(0), memory.eq(0), compute.eq(0)]
         with m.Elif(running):
             m.d.sync += cycles.eq(cycles + 1)
+            with m.If(element.ready & ~element.valid):
+                m.d.sync += memory.eq(memory + 1)
+            with m.If(reader.starved):
+                m.d.sync += compute.eq(compute + 1)
             with m.If(self.mem.read_data.valid & self.mem.read_data.ready):
                 m.d.sync += read.eq(read + 1)
             with m.If(self.mem.write_data.valid & self.mem.write_data.ready):
@@ -302,7 +308,8 @@ class UpdatePass(wiring.Component):
             with m.If(~start & (written == total)):
                 m.d.sync += [running.eq(0), reporting.eq(1)]
         m.d.comb += [self.report.valid.eq(reporting), self.report.payload.cycles.eq(cycles),
-                     self.report.payload.read.eq(read), self.report.payload.written.eq(written)]
+                     self.report.payload.read.eq(read), self.report.payload.written.eq(written),
+                     self.report.payload.memory.eq(memory), self.report.payload.compute.eq(compute)]
         with m.If(self.report.valid & self.report.ready):
             m.d.sync += reporting.eq(0)
         return m

@@ -4,6 +4,7 @@ steps on the one top that runs them all (``rtl/blocked_step.py``) at TinyLlama's
     python scripts/blocked_step.py                  # from the committed rows of docs/
     python scripts/blocked_step.py --forward F.json --backward B.json --update U.json --json step.json
     python scripts/blocked_step.py --run k_proj q_proj --json docs/blocked_step_sdram.json
+    python scripts/blocked_step.py --build DIR      # place the step top on the ULX3S-85F
 
 From rows: reads the rows of ``scripts/blocked_product.py --rank-term --gradient`` (forward: y, hb and x's chunk
 fields), ``... --backward --rank-term --gradient`` (backward: dx, grad_B, gb and grad_A) and
@@ -35,7 +36,7 @@ from edge_qlora.golden import traffic  # noqa: E402
 from edge_qlora.golden.lora import random_case, step_model  # noqa: E402
 from edge_qlora.rtl.blocked_step import StepConfig  # noqa: E402
 from edge_qlora.rtl.update import UpdateConfig  # noqa: E402
-from edge_qlora.sim.blocked_step import run_blocked_step  # noqa: E402
+from edge_qlora.sim.blocked_step import model_cycles, run_blocked_step  # noqa: E402
 
 RANK = 16
 MAX_FEATURES = 384
@@ -86,11 +87,17 @@ def _load(path):
     return rows["rows"] if isinstance(rows, dict) else rows
 
 
+def step_top(memory, tokens=128):
+    """The step top's configuration for every projection at ``tokens``: ``blocked_product.py``'s design with both
+    products, the terms and the gradients, and the update on the same port."""
+    product, _ = design(tokens, True, memory, True, MAX_FEATURES, gradient=True)
+    return StepConfig(product=product, update=UpdateConfig(port=product.port))
+
+
 def run_step(name, memory, tokens=128, seed=0):
     """One whole step of projection ``name`` on the step top: a row with each part's cycles and the bytes moved,
     measured by the RTL's counters."""
-    product, _ = design(tokens, True, memory, True, MAX_FEATURES, gradient=True)
-    config = StepConfig(product=product, update=UpdateConfig(port=product.port))
+    config = step_top(memory, tokens)
     forward, backward = plan(tokens, False, MAX_FEATURES)[name], plan(tokens, True, MAX_FEATURES)[name]
     d_in, d_out = SHAPES[name]
     case = dataclasses.replace(random_case(tokens, d_in, d_out, RANK, seed=seed, states=True, step=3),
@@ -109,7 +116,10 @@ def run_step(name, memory, tokens=128, seed=0):
     moved = sum(run.read_bytes.values()) + sum(run.written_bytes.values())
     row = _row(name, tokens, memory, cycles, moved)
     timing = DRAM_PRESETS[memory]
+    model = model_cycles(case, forward, backward, config, memory)
     row.update(blocks={"forward": list(forward), "backward": list(backward)}, part_cycles=run.cycles,
+               model_cycles=sum(model.values()), part_model_cycles=model,
+               model_error=sum(model.values()) / row["cycles"] - 1, stall_cycles=run.stall_cycles,
                read_bytes=run.read_bytes, written_bytes=run.written_bytes,
                bandwidth=moved / (row["cycles"] * timing.peak_bytes_per_cycle), mismatches=bad, wall_s=wall)
     return row
@@ -133,18 +143,28 @@ def main(argv=None):
                         help=f"instead, run whole steps of these projections ({', '.join(SHAPES)}) on the step top "
                         "(Verilator)")
     parser.add_argument("--memory", choices=list(DRAM_PRESETS), default="ulx3s-sdram", help="with --run")
+    parser.add_argument("--build", metavar="DIR", help="instead, place the step top (8x8, feature blocks of at most "
+                        f"{MAX_FEATURES}, the ULX3S SDRAM's port) on the ULX3S-85F")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.build:
+        from edge_qlora.boards.build import place
+        from edge_qlora.rtl.blocked_step import BlockedStep
+
+        place(BlockedStep(step_top(args.memory)), "ulx3s-85f", args.build)
+        return
     if args.run:
         print("| projection | forward cycles | backward cycles | update cycles (A, B) | step cycles | PE utilization "
-              "| bytes moved | step's lower bound | / lower bound | bandwidth (of peak) | mismatches |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+              "| cycle model | model error | bytes moved | step's lower bound | / lower bound | bandwidth (of peak) "
+              "| mismatches |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         rows = []
         for name in args.run:
             r = run_step(name, args.memory)
             rows.append(r)
             print(f"| {name} | {r['forward_cycles']:,} | {r['backward_cycles']:,} | {r['update_cycles']:,} | "
-                  f"{r['cycles']:,} | {r['utilization']:.1%} | {r['bytes_moved'] / 1e6:.2f} MB | "
+                  f"{r['cycles']:,} | {r['utilization']:.1%} | {r['model_cycles']:,} | {r['model_error']:+.2%} | "
+                  f"{r['bytes_moved'] / 1e6:.2f} MB | "
                   f"{r['lower_bound_bytes'] / 1e6:.2f} MB | {r['ratio']:.2f} | {r['bandwidth']:.1%} | "
                   f"{r['mismatches']} |", flush=True)
     else:

@@ -23,9 +23,12 @@ from edge_qlora.rtl import blocked, update
 from edge_qlora.rtl.blocked_step import BlockedStep, StepConfig, StepOp, descriptor_layout, report_layout
 from edge_qlora.rtl.update import UpdateConfig
 from .blocked import blocked_config, engine_cycles, product_descriptor
+from .blocked import model_cycles as product_model
 from .memstep import DramBench, _fields, _timing, run_dram_bench
+from .update import model_cycles as update_model
 
-__all__ = ["PARTS", "StepBench", "StepRun", "step_config", "run_blocked_step"]
+__all__ = ["PARTS", "StepBench", "StepRun", "step_blocks", "step_config", "step_memmap", "run_blocked_step",
+           "model_cycles"]
 
 #: The step's descriptors, in order.
 PARTS = ("forward", "backward", "update_A", "update_B")
@@ -43,15 +46,56 @@ class StepBench(DramBench):
 class StepRun:
     """A step against memory: ``outputs`` read back from memory (named as ``golden.lora.step_model``'s: y, dx,
     grad_A, grad_B, the new lora_A and lora_B and moments), ``rows`` (hb, gb and x's fields, read back), and per
-    part of :data:`PARTS` the report's cycles and bytes and the program's bytes."""
+    part of :data:`PARTS` the report's cycles, stall cycles (``{part: {"memory": n, "compute": n}}``, as each unit
+    counts them) and bytes, and the program's bytes."""
 
     outputs: dict
     rows: dict
     cycles: dict
+    stall_cycles: dict
     read_bytes: dict
     written_bytes: dict
     program_read_bytes: dict
     program_written_bytes: dict
+
+
+def _even(total, most, unit):
+    """The width of as few blocks of at most ``most`` of ``total`` as can be, as even as multiples of ``unit``
+    allow."""
+    count = -(-total // most)
+    return -(-(-(-total // count)) // unit) * unit
+
+
+def step_blocks(t, d_in, d_out, cols=8, max_features=384):
+    """The blocks of a step: forward ``(t, features)``, all tokens in one block (x's chunk fields need them) and
+    feature blocks of at most ``max_features`` (multiples of ``cols``); backward ``(t, column block)``, whole NF4
+    blocks, at least two column blocks (grad_B is made in the second)."""
+    forward = _even(d_out, max(cols, min(max_features, d_out) // cols * cols), cols)
+    backward = _even(d_in, max(64, min(max_features, d_in // 2) // 64 * 64), 64)
+    return (t, min(forward, d_out)), (t, min(backward, d_in))
+
+
+def step_memmap(case, config):
+    """The memory map of a step on the step top: the step's tensors with the gradients, hb, x's fields, gb and the
+    whole rows' chunk exponents."""
+    return layout_for(case, align=64, row_exponent_chunk=config.product.gemm.chunk_steps, gradients_out=True,
+                      rank_rows=True)
+
+
+def model_cycles(case, forward, backward, config, memory="ulx3s-sdram", x_per_span=None):
+    """The step's cycle model with memory, per part of :data:`PARTS`: the products'
+    (``sim.blocked.model_cycles``) and the updates' (``sim.update.model_cycles``)."""
+    t, d_in = case.x.shape
+    d_out, r = case.dy.shape[1], case.lora_A.shape[0]
+    if x_per_span is None:
+        x_per_span = bp.x_pass_per_span(d_in, d_out, backward[1])
+    memmap = step_memmap(case, config)
+    pc = config.product
+    return {"forward": product_model(pc, memory, t, d_in, d_out, *forward, rank=r),
+            "backward": product_model(pc, memory, t, d_in, d_out, *backward, rank=r, transposed=True,
+                                      x_per_span=x_per_span),
+            "update_A": update_model(memmap, "A", memory, config.update),
+            "update_B": update_model(memmap, "B", memory, config.update)}
 
 
 def step_config(case, forward, backward, memory="ulx3s-sdram", rows=2, cols=2):
@@ -81,8 +125,7 @@ def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdra
     pc.check_shape(t, d_in, d_out, *backward, transposed=True)
     if not case.weight.double_quant or case.weight.blocksize != blocked.SPAN:
         raise ValueError(f"the blocked step takes NF4 with double quantization in blocks of {blocked.SPAN}")
-    memmap = layout_for(case, align=64, row_exponent_chunk=pc.gemm.chunk_steps, gradients_out=True,
-                        rank_rows=True)
+    memmap = step_memmap(case, config)
     if memmap.end > pc.port.capacity:
         raise ValueError(f"the case's tensors take {memmap.end:,} bytes: more than the {memory} port reaches")
     if x_per_span is None:
@@ -134,7 +177,7 @@ def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdra
                               backend=backend, vcd_path=vcd_path, progress=progress, what="the step")
     reports = [_fields(beat, report_layout(config)) for beat in beats["report"]]
     wb = port.word_bytes
-    cycles, read_bytes, written_bytes = {}, {}, {}
+    cycles, waits, read_bytes, written_bytes = {}, {}, {}, {}
     for part, report in zip(parts, reports):
         if part.startswith("update"):
             fields_ = _fields(report["update"], update.report_layout())
@@ -143,10 +186,11 @@ def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdra
             fields_ = _fields(report["product"], blocked.report_layout(pc.reads))
             read, written = sum(fields_[f"read_{name}"] for name in pc.reads), fields_["written"]
         cycles[part], read_bytes[part], written_bytes[part] = fields_["cycles"], read * wb, written * wb
+        waits[part] = {"memory": fields_["memory"], "compute": fields_["compute"]}
     outputs = unpack_outputs(image, memmap)
     return StepRun(
         outputs=outputs,
         rows={name: read_region(image, memmap, name) for name in ("hb", "gb", "x_fields")},
-        cycles=cycles, read_bytes=read_bytes, written_bytes=written_bytes,
+        cycles=cycles, stall_cycles=waits, read_bytes=read_bytes, written_bytes=written_bytes,
         program_read_bytes={part: sum(q.length for q in reqs[part] if q.op == "read") * wb for part in parts},
         program_written_bytes={part: sum(q.length for q in reqs[part] if q.op == "write") * wb for part in parts})

@@ -34,12 +34,14 @@ class UpdateBench(DramBench):
 @dataclass
 class UpdateRun:
     """An update against memory: the new master and moments read back (float32, the factor's shape; the moments
-    ``None`` with SGD), the report's counters (bytes: port words times the word) and the program's bytes."""
+    ``None`` with SGD), the report's counters (bytes: port words times the word; stall cycles by cause, ``memory``
+    and ``compute``) and the program's bytes."""
 
     param: np.ndarray
     m: object
     v: object
     cycles: int
+    stall_cycles: dict
     read_bytes: int
     written_bytes: int
     program_read_bytes: int
@@ -105,7 +107,8 @@ def run_update(memmap, which, tensors, hyper, config=None, *, memory="ulx3s-sdra
                                         .name), np.float32) for name in config.writes}
     wb = port.word_bytes
     return UpdateRun(param=out["param"], m=out.get("m"), v=out.get("v"),
-                     cycles=report["cycles"], read_bytes=report["read"] * wb, written_bytes=report["written"] * wb,
+                     cycles=report["cycles"],
+                     stall_cycles={"memory": report["memory"], "compute": report["compute"]}, read_bytes=report["read"] * wb, written_bytes=report["written"] * wb,
                      program_read_bytes=sum(r.length for r in reads) * wb,
                      program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
 

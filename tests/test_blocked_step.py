@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """The blocked step: the whole step on one top (rtl/blocked_step.py, sim/blocked_step.py) against the golden step,
 and scripts/blocked_step.py, the measured parts side by side against the step's lower bound; bad input is a
 one-line error."""

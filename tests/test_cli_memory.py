@@ -159,3 +159,54 @@ def test_projection_through_memory(monkeypatch):
     # without memory: neither the columns nor the JSON keys
     plain = ProjectionRun("q_proj", 32, 16, 4, 2, 2, 4, 2000, 1900, 0.5, 1.0, True, 0.9, "y", 1000, {})
     assert "bandwidth" not in format_table([plain]) and "memory" not in plain.to_dict()
+
+
+@pytest.fixture(scope="module")
+def blocked_case(tmp_path_factory):
+    path = tmp_path_factory.mktemp("blocked") / "case.safetensors"
+    assert run_cli("make-case", path, "--tokens", 4, "--in-features", 256, "--out-features", 64, "--rank", 2) == 0
+    return path
+
+
+def test_step_blocked_json_and_next_case(blocked_case, tmp_path, capsys):
+    # the blocked step top (forward, backward, update of A and B on one design) on Verilator where installed:
+    # every result, the gradients too, equal to the golden step; one JSON object with each part's figures
+    from edge_qlora.formats import load_case
+    from edge_qlora.golden import lora
+    from edge_qlora.sim import verilator
+    out = tmp_path / "next.safetensors"
+    capsys.readouterr()
+    backend = "verilator" if verilator.available() else "pysim"
+    assert run_cli("step", blocked_case, out, "--memory", "ulx3s-sdram", "--blocked", "--rows", 2, "--cols", 2,
+                   "--backend", backend, "--json", "-q") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top"] == "blocked" and report["blocks"] == {"forward": [4, 64], "backward": [4, 128]}
+    assert set(report["phase_cycles"]) == {"forward", "backward", "update_A", "update_B"}
+    assert report["cycles"] == sum(report["phase_cycles"].values())
+    assert set(report["stall_cycles"]) == {"memory", "compute"}
+    assert report["bytes_read"] == sum(report["read_bytes"].values()) > 0
+    assert report["read_bytes"]["update_A"] == 16 * 2 * 256 and report["written_bytes"]["update_B"] == 12 * 2 * 64
+    assert abs(report["model_error"]) < 0.2
+    written = load_file(str(out))
+    case = load_case(str(blocked_case))
+    expected = lora.step_model(case)
+    for name in ("y", "dx", "grad_A", "grad_B", "lora_A", "lora_B", *lora.STATE_NAMES):
+        assert torch.equal(written[name], expected[name]), name
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--blocked",), "--blocked runs the blocked step top against a DRAM model: it needs --memory"),
+    (("--blocked", "--memory", "ulx3s-sdram", "--max-features", 32), "--max-features must be at least 64"),
+    (("--blocked", "--memory", "ulx3s-sdram", "--rows", 8), "max_tokens must be a positive multiple of rows (8)"),
+])
+def test_step_blocked_refusals(blocked_case, tmp_path, capsys, args, fragment):
+    capsys.readouterr()
+    assert run_cli("step", blocked_case, tmp_path / "o.safetensors", *args, "-q") != 0
+    one_line_error(capsys, fragment)
+
+
+def test_step_blocked_refuses_a_narrow_input(case_path, tmp_path, capsys):
+    capsys.readouterr()
+    assert run_cli("step", case_path, tmp_path / "o.safetensors", "--memory", "ulx3s-sdram", "--blocked",
+                   "-q") != 0
+    one_line_error(capsys, "in (16) must be a multiple of 64 and at least 128")

@@ -29,8 +29,8 @@ def collect(stream, count, stalls, max_cycles):
     return consumer
 
 
-def unpacker_job(count, cols):
-    return count | cols << 32
+def unpacker_job(count, cols, count_width=32):
+    return count | cols << count_width
 
 
 def decode_segment(raw, elem_width, lanes):
@@ -71,9 +71,11 @@ UNPACKER_CASES = [(16, 16, 8), (16, 32, 8), (16, 4, 8), (64, 4, 8), (64, 16, 4),
                   (128, 16, 16), (16, 4, 2), (8, 32, 2), (32, 8, 4), (128, 4, 16), (8, 4, 1), (8, 16, 1), (32, 32, 4)]
 
 
-@pytest.mark.parametrize("word_width, elem_width, lanes", UNPACKER_CASES)
-def test_unpacker_random_stalls(word_width, elem_width, lanes):
-    seed = UNPACKER_CASES.index((word_width, elem_width, lanes))
+@pytest.mark.parametrize("word_width, elem_width, lanes, count_width",
+                         [case + (32,) for case in UNPACKER_CASES] + [(16, 32, 1, 12), (64, 8, 4, 8)])
+def test_unpacker_random_stalls(word_width, elem_width, lanes, count_width):
+    # (narrower counters for short jobs: the same beats)
+    seed = UNPACKER_CASES.index((word_width, elem_width, lanes)) if count_width == 32 else count_width
     rng = random.Random(seed)
     jobs = unpacker_jobs(word_width, elem_width, lanes, rng)
     words, expected = [], []
@@ -81,9 +83,9 @@ def test_unpacker_random_stalls(word_width, elem_width, lanes):
         job_words = random_words(rng, count, word_width, elem_width)
         words += job_words
         expected += unpack_words(job_words, word_width, elem_width, lanes, count, cols)
-    dut = Unpacker(word_width, elem_width, lanes)
+    dut = Unpacker(word_width, elem_width, lanes, count_width)
     consumer = collect(dut.segments, len(expected), Stalls(0.3, seed + 3), 6 * (len(words) + len(expected)) + 200)
-    feeds = [producer(dut.job, [unpacker_job(c, k) for c, k in jobs], Stalls(0.4, seed + 1)),
+    feeds = [producer(dut.job, [unpacker_job(c, k, count_width) for c, k in jobs], Stalls(0.4, seed + 1)),
              producer(dut.words, words, Stalls(0.3, seed + 2))]
     beats, _ = simulate(dut, feeds, consumer)
     got = [decode_segment(b, elem_width, lanes) for b in beats]
@@ -242,6 +244,8 @@ def test_pack_elements_by_hand():
 def test_unpacker_rejects(args, match):
     with pytest.raises(ValueError, match=match):
         Unpacker(*args)
+    with pytest.raises(ValueError, match="count_width must be an integer from 8 to 32"):
+        Unpacker(16, 8, 4, 33)
 
 
 @pytest.mark.parametrize("args, match", [
