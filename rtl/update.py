@@ -117,6 +117,23 @@ def report_layout():
     return data.StructLayout({"cycles": 48, "read": 48, "written": 48, "memory": 48, "compute": 48})
 
 
+def _walk_groups(m, config, n, start, count, jobs):
+    """The group walk both issuers share: from ``start``, per group of ``config.group`` elements of ``count``, ``n``
+    jobs (``tensor`` 0 to ``n - 1``), each taken on ``jobs``' handshake. Returns ``(left, offset, tensor)``: the
+    elements from this group on (0 when done), the group's byte offset in every tensor, and the job's tensor."""
+    left = Signal(_COUNT_BITS)
+    offset = Signal(config.port.address_width)
+    tensor = Signal(range(max(2, n)))
+    with m.If(start):
+        m.d.sync += [left.eq(count), offset.eq(0), tensor.eq(0)]
+    with m.Elif(jobs.valid & jobs.ready):
+        m.d.sync += tensor.eq(tensor + 1)
+        with m.If(tensor == n - 1):
+            m.d.sync += [tensor.eq(0), offset.eq(offset + config.group * _ELEM_BYTES),
+                         left.eq(Mux(left < config.group, 0, left - config.group))]
+    return left, offset, tensor
+
+
 def _group_bytes(config, left):
     return Mux(left < config.group, left, config.group) * _ELEM_BYTES
 
@@ -143,20 +160,10 @@ class UpdateReads(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        n = len(cfg.reads)
-        left = Signal(_COUNT_BITS)                      # elements from this group on
-        offset = Signal(cfg.port.address_width)          # the group's byte offset in every tensor
-        tensor = Signal(range(n))
+        left, offset, tensor = _walk_groups(m, cfg, len(cfg.reads), self.start, self.count, self.jobs)
         job = self.jobs.payload
         m.d.comb += [self.jobs.valid.eq(left != 0), job.address.eq(Array(self.base)[tensor] + offset),
                      job.bytes.eq(_group_bytes(cfg, left)), job.dest.eq(tensor)]
-        with m.If(self.start):
-            m.d.sync += [left.eq(self.count), offset.eq(0), tensor.eq(0)]
-        with m.Elif(self.jobs.valid & self.jobs.ready):
-            m.d.sync += tensor.eq(tensor + 1)
-            with m.If(tensor == n - 1):
-                m.d.sync += [tensor.eq(0), offset.eq(offset + cfg.group * _ELEM_BYTES),
-                             left.eq(Mux(left < cfg.group, 0, left - cfg.group))]
         return m
 
 
@@ -185,10 +192,7 @@ class UpdateWrites(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        n = len(cfg.writes)
-        left = Signal(_COUNT_BITS)
-        offset = Signal(cfg.port.address_width)
-        tensor = Signal(range(max(2, n)))
+        left, offset, tensor = _walk_groups(m, cfg, len(cfg.writes), self.start, self.count, self.jobs)
         size = Signal(cfg.port.address_width + 1)
         level = Signal(range(cfg.fifo_words + 1))
         m.d.comb += [size.eq(_group_bytes(cfg, left)), level.eq(Array(self.levels)[tensor])]
@@ -196,13 +200,6 @@ class UpdateWrites(wiring.Component):
         m.d.comb += [self.jobs.valid.eq((left != 0) & (level >= (size >> cfg.port.word_shift))),
                      job.job.address.eq(Array(self.base)[tensor] + offset), job.job.bytes.eq(size),
                      job.source.eq(tensor)]
-        with m.If(self.start):
-            m.d.sync += [left.eq(self.count), offset.eq(0), tensor.eq(0)]
-        with m.Elif(self.jobs.valid & self.jobs.ready):
-            m.d.sync += tensor.eq(tensor + 1)
-            with m.If(tensor == n - 1):
-                m.d.sync += [tensor.eq(0), offset.eq(offset + cfg.group * _ELEM_BYTES),
-                             left.eq(Mux(left < cfg.group, 0, left - cfg.group))]
         return m
 
 

@@ -7,8 +7,8 @@ their cycles against the cycle model (``sim.update.model_cycles``) and their byt
     python scripts/update_pass.py --build DIR                       # place the update pass on the ULX3S-85F
 
 The masters, gradients and moments are random (seeded) with adversarial elements in every tensor: zeros, a
-negative zero, subnormals, large values, and an infinite and a NaN gradient. The projections share shapes: one
-run per distinct factor shape, reported for each projection that has it.
+negative zero, subnormals, large values, and an infinite and a NaN gradient. One run per factor of each
+projection (the projections' memory maps differ, and with them the DRAM rows the tensors fall in).
 """
 
 import argparse
@@ -86,14 +86,12 @@ def main(argv=None):
     print("| projection | factor | elements | cycles | cycles per element | cycle model | model error | bytes moved "
           "| bandwidth (of peak) | mismatches |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    rows, done = [], {}
+    rows = []
     for name in args.projections:
         d_in, d_out = _SHAPES[name]
         for which in ("A", "B"):
-            shape = (RANK, d_in) if which == "A" else (d_out, RANK)
-            if shape not in done:
-                done[shape] = measure(d_in, d_out, which, args.memory, args.backend, hyper)
-            row = {"projection": name, **done[shape], "memory": args.memory, "backend": args.backend}
+            row = {"projection": name, **measure(d_in, d_out, which, args.memory, args.backend, hyper),
+                   "memory": args.memory, "backend": args.backend}
             rows.append(row)
             print(f"| {name} | {which} | {row['elements']:,} | {row['cycles']:,} | {row['cycles_per_element']:.2f} | "
                   f"{row['model_cycles']:,} | {row['model_error']:+.2%} | {row['bytes']:,} | "
