@@ -31,7 +31,7 @@ from ..constants import BF16, FORMATS, FP16, FP32, FloatFormat
 from .pipeline import is_ecp5
 
 __all__ = [
-    "FloatFormat", "FP32", "BF16", "FP16", "FORMATS",
+    "FloatFormat", "FP32", "BF16", "FP16", "FORMATS", "FPDivFolded", "FPSqrtFolded",
     "float_layout", "fp_is_nan", "fp_is_inf", "fp_is_zero", "fp_abs_key", "fp_order_key", "at_least",
     "ecp5_registered_product",
     "FPMul", "FPAdd", "FPDiv", "FPSqrt", "FPConvert", "FixedToFloat",
@@ -659,6 +659,75 @@ class FPAdd(wiring.Component):
         return m
 
 
+def _div_exponents(fmt):
+    """The divider's exponent range before rounding: the quotient's top bit is worth ``2 ** 0``, and a zero
+    operand counts ``precision`` leading zeros."""
+    p = fmt.precision
+    return (1 - p) - (fmt.exp_max - 1) + fmt.bias, (fmt.exp_max - 1) - (1 - p) + fmt.bias
+
+
+def _div_normalize(m, fmt, a_bits, b_bits):
+    """The divider's operands unpacked and normalised: sign, exponent (the leading zeros still to take off),
+    leading zeros, the normalised dividend (``remainder``) and divisor, and the special cases."""
+    p = fmt.precision
+    a, b = _Unpacked(a_bits, fmt), _Unpacked(b_bits, fmt)
+    leading_zeros = {name: _count_leading_zeros(m, operand.sig, name) for name, operand in (("a", a), ("b", b))}
+    exp_lo, exp_hi = _div_exponents(fmt)
+    nan = a.is_nan | b.is_nan | (a.is_zero & b.is_zero) | (a.is_inf & b.is_inf)
+    return {
+        "sign": a.sign ^ b.sign,
+        # the leading zeros are taken off the exponent in the first recurrence step, which has time to spare
+        "exp": _exponent(a.exp - b.exp + fmt.bias, exp_lo + p, exp_hi - p),
+        "a_leading_zeros": leading_zeros["a"],
+        "b_leading_zeros": leading_zeros["b"],
+        "remainder": _wire(m, (a.sig << leading_zeros["a"])[:p], "a_normalized"),
+        "divisor": _wire(m, (b.sig << leading_zeros["b"])[:p], "b_normalized"),
+        "nan": nan,
+        "inf": (a.is_inf | b.is_zero) & ~nan,
+        "zero": (a.is_zero | b.is_inf) & ~nan,
+    }
+
+
+def _sqrt_exponents(fmt):
+    """The root's exponent range: with ``x = exp - leading zeros`` the operand's exponent is ``x - bias``, and the
+    root's biased exponent is ``floor((x - bias) / 2) + bias = floor((x + bias) / 2)``; ``x`` is at least
+    ``2 - p`` (the smallest subnormal), and a zero operand, whose exponent means nothing, counts ``p`` leading
+    zeros."""
+    return (2 - fmt.precision + fmt.bias) >> 1, (fmt.exp_max - 1 + fmt.bias) >> 1
+
+
+def _sqrt_normalize(m, fmt, a_bits):
+    """The root's operand unpacked and normalised: sign, exponent, leading zeros, the normalised significand and
+    the special cases."""
+    a = _Unpacked(a_bits, fmt)
+    leading_zeros = _count_leading_zeros(m, a.sig, "a")
+    return {
+        "sign": a.sign,
+        # the exponent arithmetic waits for the next stage, where the first recurrence steps are short
+        "exp": a.exp,
+        "leading_zeros": leading_zeros,
+        "sig": _wire(m, (a.sig << leading_zeros)[:fmt.precision], "a_normalized"),
+        "nan": a.is_nan | (a.sign & ~a.is_zero),
+        "inf": a.is_inf,
+        "zero": a.is_zero,
+    }
+
+
+def _sqrt_radicand(m, fmt, state):
+    """From :func:`_sqrt_normalize`'s state: pops the exponent fields and the significand, sets the root's
+    exponent, and returns the radicand ``sig * 2 ** odd``, ``precision + 1`` bits worth ``[1, 4)``; its two top
+    bits are the first digit pair, at least 1, so the root's first bit is 1 and the remainder after it is that
+    pair minus 1."""
+    p = fmt.precision
+    exp_lo, exp_hi = _sqrt_exponents(fmt)
+    biased = _wire(m, _exponent(state.pop("exp") + fmt.bias - state.pop("leading_zeros"),
+                                1 + fmt.bias - p, fmt.exp_max - 1 + fmt.bias), "biased")
+    odd = biased[0]
+    state["exp"] = _exponent(biased >> 1, exp_lo, exp_hi)
+    sig = state.pop("sig")
+    return _wire(m, Mux(odd, Cat(C(0, 1), sig), Cat(sig, C(0, 1))), "radicand")
+
+
 class FPDiv(wiring.Component):
     """Pipelined floating-point divider: ``result = a / b``, one division accepted per cycle.
 
@@ -716,25 +785,8 @@ class FPDiv(wiring.Component):
         pipe = _Pipeline(m, self._registered)
 
         state = pipe.cut("input", {"a": self.a, "b": self.b})
-        a, b = _Unpacked(state["a"], fmt), _Unpacked(state["b"], fmt)
-        leading_zeros = {name: _count_leading_zeros(pipe.m, operand.sig, name)
-                         for name, operand in (("a", a), ("b", b))}
-        # the quotient's top bit is worth 2 ** 0; a zero operand counts p leading zeros
-        exp_lo = (1 - p) - (fmt.exp_max - 1) + fmt.bias
-        exp_hi = (fmt.exp_max - 1) - (1 - p) + fmt.bias
-        nan = a.is_nan | b.is_nan | (a.is_zero & b.is_zero) | (a.is_inf & b.is_inf)
-        state = pipe.cut("normalize", {
-            "sign": a.sign ^ b.sign,
-            # the leading zeros are taken off the exponent in the first recurrence step, which has time to spare
-            "exp": _exponent(a.exp - b.exp + fmt.bias, exp_lo + p, exp_hi - p),
-            "a_leading_zeros": leading_zeros["a"],
-            "b_leading_zeros": leading_zeros["b"],
-            "remainder": _wire(pipe.m, (a.sig << leading_zeros["a"])[:p], "a_normalized"),
-            "divisor": _wire(pipe.m, (b.sig << leading_zeros["b"])[:p], "b_normalized"),
-            "nan": nan,
-            "inf": (a.is_inf | b.is_zero) & ~nan,
-            "zero": (a.is_zero | b.is_inf) & ~nan,
-        })
+        state = pipe.cut("normalize", _div_normalize(pipe.m, fmt, state["a"], state["b"]))
+        exp_lo, exp_hi = _div_exponents(fmt)
         exp = state["exp"] - state.pop("a_leading_zeros") + state.pop("b_leading_zeros")
         state["exp"] = _exponent(exp, exp_lo, exp_hi)
 
@@ -819,30 +871,9 @@ class FPSqrt(wiring.Component):
         pipe = _Pipeline(m, self._registered)
 
         state = pipe.cut("input", {"a": self.a})
-        a = _Unpacked(state["a"], fmt)
-        leading_zeros = _count_leading_zeros(pipe.m, a.sig, "a")
-        # with ``x = exp - leading zeros`` the operand's exponent is ``x - bias``, and the root's biased exponent
-        # is ``floor((x - bias) / 2) + bias = floor((x + bias) / 2)``; ``x`` is at least ``2 - p`` (the smallest
-        # subnormal), and a zero operand, whose exponent means nothing, counts ``p`` leading zeros
-        exp_lo, exp_hi = (2 - p + fmt.bias) >> 1, (fmt.exp_max - 1 + fmt.bias) >> 1
-        state = pipe.cut("normalize", {
-            "sign": a.sign,
-            # the exponent arithmetic waits for the next stage, where the first recurrence steps are short
-            "exp": a.exp,
-            "leading_zeros": leading_zeros,
-            "sig": _wire(pipe.m, (a.sig << leading_zeros)[:p], "a_normalized"),
-            "nan": a.is_nan | (a.sign & ~a.is_zero),
-            "inf": a.is_inf,
-            "zero": a.is_zero,
-        })
-        biased = _wire(pipe.m, _exponent(state.pop("exp") + fmt.bias - state.pop("leading_zeros"),
-                                         1 + fmt.bias - p, fmt.exp_max - 1 + fmt.bias), "biased")
-        odd = biased[0]
-        state["exp"] = _exponent(biased >> 1, exp_lo, exp_hi)
-        # the radicand ``sig * 2 ** odd``, p + 1 bits worth ``[1, 4)``; its two top bits are the first digit pair,
-        # at least 1, so the root's first bit is 1 and the remainder after it is that pair minus 1
-        sig = state.pop("sig")
-        radicand = _wire(pipe.m, Mux(odd, Cat(C(0, 1), sig), Cat(sig, C(0, 1))), "radicand")
+        state = pipe.cut("normalize", _sqrt_normalize(pipe.m, fmt, state["a"]))
+        exp_lo, exp_hi = _sqrt_exponents(fmt)
+        radicand = _sqrt_radicand(pipe.m, fmt, state)
         state["remainder"] = (radicand[p - 1:] - 1)[:2]
         state["root"] = C(1, 1)
         pending = radicand[:p - 1]                 # radicand bits still to bring down, the top ones first
@@ -879,6 +910,138 @@ class FPSqrt(wiring.Component):
         state = rounder.align(pipe.m, rounder.count(pipe.m, state))
         state = pipe.cut("output", {"result": rounder.pack(pipe.m, state)})
         m.d.comb += self.result.eq(state["result"])
+        return m
+
+
+class _FoldedRecurrence(wiring.Component):
+    """A divider or square root that runs its recurrence over several cycles, ``steps_per_cycle`` steps a cycle,
+    for a user that starts one operation every few cycles (the optimizer core at an interval of 8): one
+    recurrence's logic folded instead of one per step.
+
+    An operation starts in a cycle with ``load`` set (its operands valid in that cycle): the operands are
+    normalised into the state registers at its end, the recurrence runs over the next ``cycles`` cycles, and the
+    rounded result leaves a cycle later, ``latency = cycles + 2`` cycles after ``load``, and stays until the next
+    operation's result. The next ``load`` may come ``occupancy = cycles + 1`` cycles after the last. The result
+    equals the pipelined unit's to the bit.
+    """
+
+    def __init__(self, fmt, steps, steps_per_cycle, stages, ports):
+        _check_format(type(self).__name__, "fmt", fmt)
+        if not isinstance(steps_per_cycle, int) or isinstance(steps_per_cycle, bool) or not \
+                1 <= steps_per_cycle <= steps:
+            raise ValueError(f"steps_per_cycle must be an integer from 1 to {steps}, not {steps_per_cycle!r}")
+        self.fmt, self.steps, self.steps_per_cycle = fmt, steps, steps_per_cycle
+        self.cycles = -(-steps // steps_per_cycle)
+        self.latency, self.occupancy = self.cycles + 2, self.cycles + 1
+        if stages is not None and stages != self.latency:
+            raise ValueError(f"{type(self).__name__} takes {self.latency} cycles, not {stages}")
+        super().__init__({**ports, "load": In(1), "result": Out(fmt.width)})
+
+    def _run(self, m, init, step):
+        """The state registers: ``init`` (a dict of Values) on ``load``, then ``step(state, index)`` (the
+        recurrence step ``index``, a Value) ``steps_per_cycle`` times a cycle until ``steps`` steps are done.
+        Returns the state registers."""
+        state = {name: Signal(Value.cast(value).shape(), name=f"folded_{name}") for name, value in init.items()}
+        count = Signal(range(self.cycles + 1))
+        now = dict(state)
+        for j in range(self.steps_per_cycle):
+            index = count * self.steps_per_cycle + j
+            after = step(now, index)
+            if self.steps % self.steps_per_cycle:
+                # the last cycle's spare steps leave the state as it is
+                after = {name: Mux(index < self.steps, value, now[name]) for name, value in after.items()}
+            # each step's results on wires, so that the next step's logic refers to them, not copies of them
+            now = {**now, **{name: _wire(m, value, f"step_{j}_{name}") for name, value in after.items()}}
+        with m.If(self.load):
+            m.d.sync += [count.eq(0), *(state[name].eq(value) for name, value in init.items())]
+        with m.Elif(count != self.cycles):
+            m.d.sync += [count.eq(count + 1), *(state[name].eq(now[name]) for name in state)]
+        return state
+
+    def _finish(self, m, rounder, state):
+        result = Signal(self.fmt.width)
+        m.d.sync += result.eq(rounder.pack(m, rounder.align(m, rounder.count(m, rounder.prepare(m, state)))))
+        m.d.comb += self.result.eq(result)
+
+
+class FPDivFolded(_FoldedRecurrence):
+    """:class:`FPDiv`'s quotient, ``steps_per_cycle`` restoring steps a cycle (see :class:`_FoldedRecurrence`):
+    at 4 steps a cycle, 7 cycles of recurrence, ``latency`` 9, an operation every 8 cycles.
+
+    Attributes
+    ----------
+    a, b : In(fmt.width)
+    load : In(1)
+    result : Out(fmt.width)
+    """
+
+    def __init__(self, fmt, steps_per_cycle=4, stages=None):
+        super().__init__(fmt, fmt.precision + 2, steps_per_cycle, stages, {"a": In(fmt.width), "b": In(fmt.width)})
+
+    def elaborate(self, platform):
+        fmt, m = self.fmt, Module()
+        p = fmt.precision
+        state = _div_normalize(m, fmt, self.a, self.b)
+        exp_lo, exp_hi = _div_exponents(fmt)
+        exp = _exponent(state.pop("exp") - state.pop("a_leading_zeros") + state.pop("b_leading_zeros"),
+                        exp_lo, exp_hi)
+        # the remainder one bit wider than the divisor from the start (the pipelined unit widens it after its
+        # first step): the same values, one shape for every step
+        init = {**state, "exp": exp, "remainder": Cat(state["remainder"], C(0, 1)),
+                "quotient": C(0, self.steps)}
+
+        def step(now, index):
+            difference = now["remainder"] - now["divisor"]
+            bit = ~difference[-1]
+            kept = Mux(bit, difference, now["remainder"])[:p]
+            return {"remainder": Cat(C(0, 1), kept), "quotient": Cat(bit, now["quotient"])[:self.steps]}
+
+        done = self._run(m, init, step)
+        final = {name: done[name] for name in ("sign", "exp", "nan", "inf", "zero")}
+        # the last step's shift puts a zero below the remainder: whether it is nonzero is unchanged
+        final.update(sig=done["quotient"], sticky=done["remainder"].any())
+        self._finish(m, _Rounder(fmt, self.steps, (exp_lo, exp_hi), max_lz=1), final)
+        return m
+
+
+class FPSqrtFolded(_FoldedRecurrence):
+    """:class:`FPSqrt`'s root, ``steps_per_cycle`` restoring steps a cycle (see :class:`_FoldedRecurrence`): at 4
+    steps a cycle, 6 cycles of recurrence, ``latency`` 8, an operation every 7 cycles.
+
+    Attributes
+    ----------
+    a : In(fmt.width)
+    load : In(1)
+    result : Out(fmt.width)
+    """
+
+    def __init__(self, fmt, steps_per_cycle=4, stages=None):
+        super().__init__(fmt, fmt.precision, steps_per_cycle, stages, {"a": In(fmt.width)})
+
+    def elaborate(self, platform):
+        fmt, m = self.fmt, Module()
+        p = fmt.precision
+        state = _sqrt_normalize(m, fmt, self.a)
+        radicand = _sqrt_radicand(m, fmt, state)
+        width = p + 2                  # the remainder stays at most twice the root so far
+        # the radicand's bits still to bring down, the top ones first, padded to whole digit pairs
+        init = {**state, "remainder": (radicand[p - 1:] - 1)[:2], "root": C(1, p + 1),
+                "pending": Cat(C(0, 1), radicand[:p - 1])}
+        init["remainder"] = Cat(init["remainder"], C(0, width - 2))
+
+        def step(now, index):
+            pending, remainder, root = now["pending"], now["remainder"], now["root"]
+            shifted = Cat(pending[-2], pending[-1], remainder)
+            trial = Cat(C(1, 1), C(0, 1), root)
+            difference = shifted - trial
+            bit = ~difference[-1]
+            return {"remainder": Mux(bit, difference, shifted)[:width], "root": Cat(bit, root)[:p + 1],
+                    "pending": Cat(C(0, 2), pending[:-2])}
+
+        done = self._run(m, init, step)
+        final = {name: done[name] for name in ("sign", "exp", "nan", "inf", "zero")}
+        final.update(sig=done["root"], sticky=done["remainder"].any())
+        self._finish(m, _Rounder(fmt, p + 1, _sqrt_exponents(fmt), max_lz=0), final)
         return m
 
 

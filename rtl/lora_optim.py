@@ -46,10 +46,10 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..constants import FP32, HYPER_FIELDS
-from .fp import FPAdd, FPDiv, FPMul, FPSqrt
+from .fp import FPAdd, FPDiv, FPDivFolded, FPMul, FPSqrt, FPSqrtFolded
 from .pipeline import StallPipeline, delay_line
 
-__all__ = ["KINDS", "HYPER_FIELDS", "OptimConfig", "LoRAOptimizer", "element_layout", "update_layout",
+__all__ = ["KINDS", "HYPER_FIELDS", "FOLD_INTERVAL", "OptimConfig", "LoRAOptimizer", "element_layout", "update_layout",
            "hyper_layout"]
 
 #: Optimizers the core can be built for.
@@ -87,10 +87,15 @@ class OptimConfig:
         Cycles between two elements, 1 to 16. With ``interval`` k the core shares each multiplier and adder among
         up to k operations of an element (AdamW: ``ceil(8 / k)`` multipliers and ``ceil(4 / k)`` adders), for a
         consumer that takes one update every k cycles at best anyway, such as an update fed from external memory.
+    fold : bool
+        AdamW at an interval of at least :data:`FOLD_INTERVAL`: the square root and the divider run their
+        recurrences over several cycles, a few steps a cycle (``rtl/fp.py``'s ``FPSqrtFolded`` and
+        ``FPDivFolded``), instead of one pipelined step per cycle; the same results, a shorter latency, less logic.
     """
 
     kind: str = "adamw"
     interval: int = 1
+    fold: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -98,6 +103,11 @@ class OptimConfig:
         if (not isinstance(self.interval, int) or isinstance(self.interval, bool)
                 or not 1 <= self.interval <= _INTERVAL_MAX):
             raise ValueError(f"interval must be an integer from 1 to {_INTERVAL_MAX}, not {self.interval!r}")
+        if not isinstance(self.fold, bool):
+            raise ValueError(f"fold must be a bool, not {self.fold!r}")
+        if self.fold and self.interval < FOLD_INTERVAL:
+            raise ValueError(f"fold needs an interval of at least {FOLD_INTERVAL} (the folded divider's occupancy), "
+                             f"not {self.interval}")
 
 
 # delays up to this many cycles are register chains; a longer one is a RAM ring buffer, which costs two registers
@@ -203,6 +213,10 @@ class _Schedule:
             units[kind, index] = unit = first.factory(stages=first.stages)
             assert unit.latency == first.stages
             m.submodules[names[0] if len(names) == 1 else f"{kind}_{index}"] = pipe.stall(unit)
+            if hasattr(unit, "load"):
+                # a folded unit (one operation an element) starts in its operation's slot
+                assert len(names) == 1
+                m.d.comb += unit.load.eq(phase == (first.start + 1) % self.interval)
             taps.update({name: {self.ops[name].start + unit.latency: unit.result} for name in names})
         for key, names in shared.items():
             for port in self.ops[names[0]].operands:
@@ -226,6 +240,11 @@ class _Schedule:
 # unit's operand multiplexer is ahead of it too.
 _MUL_STAGES, _ADD_STAGES = 6, 7
 _SQRT_STAGES, _DIV_STAGES = FP32.precision + 3, FP32.precision + 6
+# recurrence steps a cycle of the folded square root and divider: the divider's 26 steps in 7 cycles, so that it
+# takes an operation every 8 cycles
+_FOLD_STEPS = 4
+#: The shortest interval with folded units: the folded divider's occupancy.
+FOLD_INTERVAL = -(-(FP32.precision + 2) // _FOLD_STEPS) + 1
 
 
 def _mul(schedule, name, a, b):
@@ -240,8 +259,14 @@ def _hyper(name):
     return f"hyper.{name}", None
 
 
-def _adamw(schedule):
-    """The AdamW update; returns the operands of the new ``param``, ``m`` and ``v``."""
+def _folded_latency(steps):
+    """The latency of a folded divider or square root of ``steps`` recurrence steps (``rtl/fp.py``)."""
+    return -(-steps // _FOLD_STEPS) + 2
+
+
+def _adamw(schedule, fold=False):
+    """The AdamW update; returns the operands of the new ``param``, ``m`` and ``v``. With ``fold`` the square root
+    and the divider run their recurrences over several cycles."""
     param, grad, m, v = (("param", 0), ("grad", 0), ("m", 0), ("v", 0))
     # the longest path first (v', the square root, the division), so that it gets the first free slots
     grad_squared = _mul(schedule, "grad_squared", grad, grad)
@@ -250,9 +275,17 @@ def _adamw(schedule):
     m_new = _add(schedule, "m_new", _mul(schedule, "m_kept", _hyper("beta1"), m),
                  _mul(schedule, "m_grad", _hyper("one_minus_beta1"), grad))
     decayed = _mul(schedule, "decayed", param, _hyper("decay"))
-    root = schedule.unit("root", "sqrt", partial(FPSqrt, FP32), _SQRT_STAGES, a=v_new)
+    if fold:
+        root = schedule.unit("root", "sqrt", partial(FPSqrtFolded, FP32, _FOLD_STEPS), _folded_latency(FP32.precision),
+                             a=v_new)
+    else:
+        root = schedule.unit("root", "sqrt", partial(FPSqrt, FP32), _SQRT_STAGES, a=v_new)
     denom = _add(schedule, "denom", _mul(schedule, "root_corrected", root, _hyper("inv_bc2_sqrt")), _hyper("eps"))
-    ratio = schedule.unit("ratio", "div", partial(FPDiv, FP32), _DIV_STAGES, a=m_new, b=denom)
+    if fold:
+        ratio = schedule.unit("ratio", "div", partial(FPDivFolded, FP32, _FOLD_STEPS),
+                              _folded_latency(FP32.precision + 2), a=m_new, b=denom)
+    else:
+        ratio = schedule.unit("ratio", "div", partial(FPDiv, FP32), _DIV_STAGES, a=m_new, b=denom)
     step = _mul(schedule, "step", _hyper("step_size"), ratio)
     return _add(schedule, "param_new", decayed, step, subtract=True), m_new, v_new
 
@@ -304,7 +337,8 @@ class LoRAOptimizer(wiring.Component):
             raise TypeError(f"config must be an OptimConfig, not {config!r}")
         self.config = config
         self.interval = config.interval
-        self._schedule, self._outputs = _Schedule.modulo(_adamw if config.kind == "adamw" else _sgd, self.interval)
+        declare = partial(_adamw, fold=config.fold) if config.kind == "adamw" else _sgd
+        self._schedule, self._outputs = _Schedule.modulo(declare, self.interval)
         self._done = max(time for _, time in self._outputs)
         self.latency = 1 + self._done                   # the entry register, then the datapath
         super().__init__({

@@ -29,7 +29,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .gearbox import Packer, Unpacker
-from .lora_optim import KINDS, LoRAOptimizer, OptimConfig, hyper_layout
+from .lora_optim import FOLD_INTERVAL, KINDS, LoRAOptimizer, OptimConfig, hyper_layout
 from .memport import (BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, ULX3S_SDRAM_PORT, job_layout,
                       tagged_job_layout)
 
@@ -63,23 +63,34 @@ class UpdateConfig:
         on the core has one unit of each kind.
     group : int
         Elements per read and write job, a power of two whose bytes are whole port words (64: 256-byte jobs).
+    fold : bool
+        AdamW's square root and divider folded (:class:`~.lora_optim.OptimConfig`'s ``fold``) where the interval
+        allows it (8 or more): the same updates from less logic.
     """
 
     port: MemPortConfig = ULX3S_SDRAM_PORT
     optimizer: str = "adamw"
     interval: int = 8
     group: int = 64
+    fold: bool = True
 
     def __post_init__(self):
         if not isinstance(self.port, MemPortConfig):
             raise TypeError(f"UpdateConfig.port must be a MemPortConfig, not {self.port!r}")
         if self.optimizer not in KINDS:
             raise ValueError(f"UpdateConfig.optimizer must be one of {KINDS}, not {self.optimizer!r}")
-        OptimConfig(self.optimizer, self.interval)      # checks the interval
+        self.optim                                      # checks the interval and the folding
         g = self.group
         if not _is_int(g) or g < 1 or g & (g - 1) or (g * _ELEM_BYTES) % self.port.word_bytes or g > 1024:
             raise ValueError(f"UpdateConfig.group must be a power of two up to 1024 whose {_ELEM_BYTES}-byte "
                              f"elements fill whole {self.port.word_bytes}-byte port words, not {g!r}")
+
+    @property
+    def optim(self):
+        """The optimizer core's :class:`~.lora_optim.OptimConfig` (SGD has nothing to fold; an interval below
+        :data:`~.lora_optim.FOLD_INTERVAL` leaves the units pipelined)."""
+        return OptimConfig(self.optimizer, self.interval,
+                           self.fold and self.optimizer == "adamw" and self.interval >= FOLD_INTERVAL)
 
     @property
     def reads(self):
@@ -242,7 +253,7 @@ class UpdatePass(wiring.Component):
         wiring.connect(m, reads.jobs, reader.job)
         wiring.connect(m, reader.read_cmd, wiring.flipped(self.mem.read_cmd))
         wiring.connect(m, wiring.flipped(self.mem.read_data), reader.read_data)
-        m.submodules.optimizer = optimizer = LoRAOptimizer(OptimConfig(cfg.optimizer, cfg.interval))
+        m.submodules.optimizer = optimizer = LoRAOptimizer(cfg.optim)
         m.d.comb += optimizer.hyper.eq(head.hyper)
         element = optimizer.elements
         operands = []

@@ -15,7 +15,7 @@ from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout, read_region, store_region
-from edge_qlora.rtl.lora_optim import LoRAOptimizer, OptimConfig
+from edge_qlora.rtl.lora_optim import LoRAOptimizer
 from edge_qlora.rtl.memport import port_for
 from edge_qlora.rtl.update import UpdateConfig, UpdatePass, descriptor_layout, report_layout
 from .memstep import DramBench, _fields, _timing, run_dram_bench
@@ -108,7 +108,8 @@ def run_update(memmap, which, tensors, hyper, config=None, *, memory="ulx3s-sdra
     wb = port.word_bytes
     return UpdateRun(param=out["param"], m=out.get("m"), v=out.get("v"),
                      cycles=report["cycles"],
-                     stall_cycles={"memory": report["memory"], "compute": report["compute"]}, read_bytes=report["read"] * wb, written_bytes=report["written"] * wb,
+                     stall_cycles={"memory": report["memory"], "compute": report["compute"]},
+                     read_bytes=report["read"] * wb, written_bytes=report["written"] * wb,
                      program_read_bytes=sum(r.length for r in reads) * wb,
                      program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
 
@@ -146,6 +147,6 @@ def model_cycles(memmap, which, memory="ulx3s-sdram", config=None):
 
 
 def _latency(config):
-    core = LoRAOptimizer(OptimConfig(config.optimizer, config.interval))
+    core = LoRAOptimizer(config.optim)
     core._MustUse__silence = True
     return core.latency

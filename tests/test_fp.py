@@ -20,7 +20,8 @@ from amaranth.sim import Simulator
 from edge_qlora.golden import fp as golden
 from edge_qlora.constants import BF16, FORMATS, FP16, FP32, FloatFormat
 from edge_qlora.golden.gemm import partial_to_fp32
-from edge_qlora.rtl.fp import (FixedToFloat, FPAdd, FPConvert, FPDiv, FPMul, FPSqrt, fp_abs_key, fp_is_inf,
+from edge_qlora.rtl.fp import (FixedToFloat, FPAdd, FPConvert, FPDiv, FPDivFolded, FPMul, FPSqrt, FPSqrtFolded,
+                               fp_abs_key, fp_is_inf,
                                fp_is_nan, fp_is_zero, fp_order_key, _count_leading_zeros)
 
 RANDOM_VECTORS = 4000
@@ -216,6 +217,34 @@ def _simulate(dut, operands, enable_seed=None):
     return np.array(results, dtype=np.int64)
 
 
+def _simulate_folded(dut, operands, gap, seed):
+    """Results of a folded unit (``load`` set with each operand set, a set every ``gap`` cycles, at least its
+    occupancy), each read ``dut.latency`` cycles after its load; junk on the inputs in the cycles between."""
+    names = list(operands)
+    vectors = list(zip(*(np.asarray(operands[name]).tolist() for name in names)))
+    ports = [getattr(dut, name) for name in names]
+    rng = random.Random(seed)
+    results = []
+
+    async def bench(ctx):
+        for cycle in range(len(vectors) * gap + dut.latency + 1):
+            i, phase = divmod(cycle, gap)
+            load = phase == 0 and i < len(vectors)
+            ctx.set(dut.load, load)
+            for port, value in zip(ports, vectors[i] if load else [rng.getrandbits(len(p)) for p in ports]):
+                ctx.set(port, value)
+            done, waited = divmod(cycle - dut.latency, gap)
+            if cycle >= dut.latency and waited == 0 and done < len(vectors):
+                results.append(ctx.get(dut.result))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return np.array(results, dtype=np.int64)
+
+
 def _assert_same(got, expected, fmt, **operands):
     """Bit-exact comparison, NaN compared as NaN-ness; the hardware's NaNs must be the canonical one."""
     got, expected = np.asarray(got, dtype=np.int64), np.asarray(expected, dtype=np.int64)
@@ -258,6 +287,32 @@ def test_div():
     a, b = _div_operands(FP32, np.random.default_rng(3))
     got = _simulate(FPDiv(FP32), {"a": a, "b": b})
     _assert_same(got, golden.div(a, b, FP32), FP32, a=a, b=b)
+
+
+@pytest.mark.parametrize("steps_per_cycle, gap", [(4, 8), (3, 10), (26, 3)])
+def test_div_folded(steps_per_cycle, gap):
+    # the recurrence over several cycles (4 a cycle: 7 cycles, the last with 2 spare steps), the same quotients
+    a, b = _div_operands(FP32, np.random.default_rng(30 + steps_per_cycle))
+    dut = FPDivFolded(FP32, steps_per_cycle)
+    assert dut.latency == -(-26 // steps_per_cycle) + 2 and dut.occupancy <= gap
+    n = 1500
+    _assert_same(_simulate_folded(dut, {"a": a[:n], "b": b[:n]}, gap, 1), golden.div(a[:n], b[:n], FP32), FP32,
+                 a=a[:n], b=b[:n])
+
+
+@pytest.mark.parametrize("steps_per_cycle, gap", [(4, 7), (5, 9)])
+def test_sqrt_folded(steps_per_cycle, gap):
+    a = _sqrt_operands(FP32, np.random.default_rng(40 + steps_per_cycle), 1500)
+    dut = FPSqrtFolded(FP32, steps_per_cycle)
+    assert dut.latency == -(-24 // steps_per_cycle) + 2 and dut.occupancy <= gap
+    _assert_same(_simulate_folded(dut, {"a": a}, gap, 2), golden.sqrt(a, FP32), FP32, a=a)
+
+
+def test_folded_arguments_checked():
+    with pytest.raises(ValueError, match="steps_per_cycle must be an integer from 1 to 26"):
+        FPDivFolded(FP32, 27)
+    with pytest.raises(ValueError, match="FPSqrtFolded takes 8 cycles, not 27"):
+        FPSqrtFolded(FP32, 4, stages=27)
 
 
 CONVERT_CASES = [(FP32, BF16), (FP32, FP16), (BF16, FP32), (FP16, FP32)]

@@ -18,7 +18,7 @@ import torch
 from amaranth.hdl import Value
 
 from edge_qlora.golden import lora_optim as golden
-from edge_qlora.rtl.lora_optim import HYPER_FIELDS, KINDS, LoRAOptimizer, OptimConfig, hyper_layout
+from edge_qlora.rtl.lora_optim import FOLD_INTERVAL, HYPER_FIELDS, KINDS, LoRAOptimizer, OptimConfig, hyper_layout
 from edge_qlora.sim.harness import pack_lanes, simulate, unpack_lanes
 from edge_qlora.sim.streams import Stalls, get, put
 
@@ -90,13 +90,13 @@ def _pack_hyper(hyper):
     return sum(int(_bits(hyper[name])) << hyper_layout[name].offset for name in HYPER_FIELDS)
 
 
-def _run_steps(kind, param, grads, m, v, hypers, seed, interval=1):
+def _run_steps(kind, param, grads, m, v, hypers, seed, interval=1, fold=False):
     """The core's updates for ``len(grads)`` steps, each step's inputs being the previous step's outputs.
 
     Returns a list, per step, of the ``(param, m, v, grad)`` bit patterns that went in and the ``(param, m, v)``
     that came out.
     """
-    dut = LoRAOptimizer(OptimConfig(kind, interval))
+    dut = LoRAOptimizer(OptimConfig(kind, interval, fold))
     n = len(param)
     carried = {"param": _bits(param), "m": _bits(m), "v": _bits(v)}
     steps = []
@@ -144,14 +144,25 @@ def _assert_same(got, expected, what):
 @pytest.mark.parametrize("interval", INTERVALS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_rtl_matches_golden(kind, interval):
+    _check_against_golden(kind, interval, 10 + KINDS.index(kind) + 2 * INTERVALS.index(interval))
+
+
+@pytest.mark.parametrize("interval", [FOLD_INTERVAL, 16])
+def test_folded_rtl_matches_golden(interval):
+    # the square root and the divider folded (several recurrence steps a cycle): the same updates, less latency
+    _check_against_golden("adamw", interval, 30 + interval, fold=True)
+    assert LoRAOptimizer(OptimConfig("adamw", interval, True)).latency < LoRAOptimizer(
+        OptimConfig("adamw", interval)).latency - 30
+
+
+def _check_against_golden(kind, interval, seed, fold=False):
     rng = np.random.default_rng(KINDS.index(kind))
     param, grads, m, v = _tensors(ELEMENTS, rng)
     extremes = _extremes()
     param, m, v = (np.concatenate([x, e]) for x, e in zip((param, m, v), (extremes[0], extremes[2], extremes[3])))
     grads = [np.concatenate([g, extremes[1]]) for g in grads]
     hypers = _hypers(kind)
-    seed = 10 + KINDS.index(kind) + 2 * INTERVALS.index(interval)
-    steps = _run_steps(kind, param, grads, m, v, hypers, seed, interval)
+    steps = _run_steps(kind, param, grads, m, v, hypers, seed, interval, fold)
     for step, (record, hyper) in enumerate(zip(steps, hypers)):
         inputs = {name: _floats(bits) for name, bits in record["in"].items()}
         if kind == "adamw":
@@ -185,11 +196,11 @@ def _handshake_cycles(dut, n):
     return simulate(dut, [], bench, None)[0]
 
 
-@pytest.mark.parametrize("interval", INTERVALS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_throughput(kind, interval):
+@pytest.mark.parametrize("kind, interval, fold", [(kind, interval, False) for kind in KINDS for interval in INTERVALS]
+                         + [("adamw", FOLD_INTERVAL, True)])
+def test_throughput(kind, interval, fold):
     """Without stalls an element enters every ``interval`` cycles and its update leaves ``latency`` cycles later."""
-    dut = LoRAOptimizer(OptimConfig(kind, interval))
+    dut = LoRAOptimizer(OptimConfig(kind, interval, fold))
     assert dut.interval == interval
     accepted, taken = _handshake_cycles(dut, 10)
     assert accepted == [interval * k for k in range(10)]
@@ -213,6 +224,8 @@ def test_arguments_checked():
     for interval in (0, 17, 2.0, True, "4"):
         with pytest.raises(ValueError, match=f"interval must be an integer from 1 to 16, not {interval!r}"):
             OptimConfig("adamw", interval)
+    with pytest.raises(ValueError, match=f"fold needs an interval of at least {FOLD_INTERVAL}"):
+        OptimConfig("adamw", FOLD_INTERVAL - 1, True)
     with pytest.raises(TypeError, match="config must be an OptimConfig, not 'sgd'"):
         LoRAOptimizer("sgd")
     with pytest.raises(ValueError, match="step must be an integer of at least 1, not 0"):
