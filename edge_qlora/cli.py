@@ -171,8 +171,8 @@ def _parser():
     step.add_argument("--memory", choices=MEMORIES, default=None,
                       help="run the memory-fed step, every tensor in this DRAM behind a memory port (pysim or "
                            "verilator; T a multiple of --rows, in and out of --cols; ecpix5-ddr3's 64-bit port "
-                           "needs --cols >= 4); OUT's results are then y and dx, no grad_A/grad_B (default: the "
-                           "step with its tensors as streams)")
+                           "needs --cols >= 4); OUT's results are then y and dx, no grad_A/grad_B, unless --blocked "
+                           "(default: the step with its tensors as streams)")
     step.add_argument("--blocked", action="store_true",
                       help="with --memory: run the blocked step top (feature blocks of at most --max-features; NF4 in "
                            "blocks of 64 with double quantization, T a multiple of --rows, in a multiple of 64 and at "
