@@ -55,7 +55,7 @@ from .gemm import job_layout as engine_job_layout
 from .memport import BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, job_layout as write_job_layout
 from .nf4_dequant import tensor_layout
 from .nf4_span import SpanScales, span_layout
-from .memport import WriteArbiter
+from .memport import WriteArbiter, take_descriptor
 from .rank_gradient import RankGradient, RankGradientConfig
 from .rank_product import RankProduct, RankProductConfig
 from .rank_term import RankTerm, RankTermConfig
@@ -1430,12 +1430,7 @@ class BlockedProduct(wiring.Component):
         cfg, port = self.config, self.config.port
 
         # the descriptor, held for the product; `start` pulses the walkers
-        head = Signal(descriptor_layout(cfg))
-        running, start, reporting = Signal(), Signal(), Signal()
-        m.d.comb += self.descriptor.ready.eq(~running & ~reporting)
-        m.d.sync += start.eq(0)
-        with m.If(self.descriptor.valid & self.descriptor.ready):
-            m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
+        head, running, start, reporting = take_descriptor(m, self.descriptor)
         walkers = {}
         names = ("reads", "x", "absmax", "exponents", "jobs", "outputs") + (("product", "term") if cfg.rank else ())
         for name in names + (("gradient_writes",) if cfg.gradient else ()):

@@ -28,7 +28,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["TaggedReader", "tagged_job_layout", "port_for", "MemPortConfig", "ULX3S_SDRAM_PORT", "request_layout", "beat_layout", "job_layout", "MemPortSignature",
-           "BurstReader", "BurstWriter", "WriteArbiter", "split_bursts"]
+           "BurstReader", "BurstWriter", "WriteArbiter", "split_bursts", "take_descriptor"]
 
 
 def _is_int(value):
@@ -150,6 +150,20 @@ class MemPortSignature(wiring.Signature):
 
     def __repr__(self):
         return f"MemPortSignature({self.config!r})"
+
+
+def take_descriptor(m, descriptor):
+    """A unit's job descriptor, taken one at a time: returns ``(head, running, start, reporting)``, the
+    descriptor held from the cycle after it is taken, a flag set then (the unit clears it when its job is done and
+    sets ``reporting``, which it clears when its report has left), and ``start``, a pulse in the first cycle
+    ``head`` holds it. ``descriptor`` is ready while neither flag is set."""
+    head = Signal(descriptor.payload.shape())
+    running, start, reporting = Signal(), Signal(), Signal()
+    m.d.comb += descriptor.ready.eq(~running & ~reporting)
+    m.d.sync += start.eq(0)
+    with m.If(descriptor.valid & descriptor.ready):
+        m.d.sync += [head.eq(descriptor.payload), running.eq(1), start.eq(1)]
+    return head, running, start, reporting
 
 
 def split_bursts(config, address, size):

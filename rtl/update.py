@@ -31,7 +31,7 @@ from amaranth.lib.wiring import In, Out
 from .gearbox import Packer, Unpacker
 from .lora_optim import FOLD_INTERVAL, KINDS, LoRAOptimizer, OptimConfig, hyper_layout
 from .memport import (BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, ULX3S_SDRAM_PORT, job_layout,
-                      tagged_job_layout)
+                      tagged_job_layout, take_descriptor)
 
 __all__ = ["UpdateConfig", "UpdateReads", "UpdateWrites", "UpdatePass", "descriptor_layout", "report_layout",
            "READS", "WRITES"]
@@ -123,8 +123,9 @@ def descriptor_layout(config):
 
 def report_layout():
     """Payload of ``report``: cycles from the descriptor to the last word written, port words read and written,
-    and stall cycles: ``memory`` (the optimizer could take an element but an operand has not arrived) and
-    ``compute`` (a read burst is ready but its operand's FIFO has no room)."""
+    ``memory``: the optimizer's entry slots (one every ``interval`` cycles) in which an operand had not arrived (each
+    costs ``interval`` cycles), and ``compute``: cycles in which a read burst was ready but its operand's FIFO had
+    no room."""
     return data.StructLayout({"cycles": 48, "read": 48, "written": 48, "memory": 48, "compute": 48})
 
 
@@ -237,12 +238,7 @@ class UpdatePass(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg, port = self.config, self.config.port
-        head = Signal(descriptor_layout(cfg))
-        running, start, reporting = Signal(), Signal(), Signal()
-        m.d.comb += self.descriptor.ready.eq(~running & ~reporting)
-        m.d.sync += start.eq(0)
-        with m.If(self.descriptor.valid & self.descriptor.ready):
-            m.d.sync += [head.eq(self.descriptor.payload), running.eq(1), start.eq(1)]
+        head, running, start, reporting = take_descriptor(m, self.descriptor)
 
         # reads: the jobs into the tagged reader, each operand's words through its unpacker (one job: the tensor)
         m.submodules.reads = reads = UpdateReads(cfg)

@@ -26,6 +26,7 @@ from .blocked import blocked_config, engine_cycles, product_descriptor
 from .blocked import model_cycles as product_model
 from .memstep import DramBench, _fields, _timing, run_dram_bench
 from .update import model_cycles as update_model
+from .update import stall_cycles as update_stalls
 
 __all__ = ["PARTS", "StepBench", "StepRun", "step_blocks", "step_config", "step_memmap", "run_blocked_step",
            "model_cycles"]
@@ -186,7 +187,8 @@ def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdra
             fields_ = _fields(report["product"], blocked.report_layout(pc.reads))
             read, written = sum(fields_[f"read_{name}"] for name in pc.reads), fields_["written"]
         cycles[part], read_bytes[part], written_bytes[part] = fields_["cycles"], read * wb, written * wb
-        waits[part] = {"memory": fields_["memory"], "compute": fields_["compute"]}
+        waits[part] = update_stalls(fields_, config.update) if part.startswith("update") else \
+            {"memory": fields_["memory"], "compute": fields_["compute"]}
     outputs = unpack_outputs(image, memmap)
     return StepRun(
         outputs=outputs,

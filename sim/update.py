@@ -20,7 +20,7 @@ from edge_qlora.rtl.memport import port_for
 from edge_qlora.rtl.update import UpdateConfig, UpdatePass, descriptor_layout, report_layout
 from .memstep import DramBench, _fields, _timing, run_dram_bench
 
-__all__ = ["UpdateBench", "UpdateRun", "update_memmap", "run_update", "model_cycles"]
+__all__ = ["UpdateBench", "UpdateRun", "stall_cycles", "update_memmap", "run_update", "model_cycles"]
 
 
 class UpdateBench(DramBench):
@@ -47,6 +47,12 @@ class UpdateRun:
     program_read_bytes: int
     program_written_bytes: int
     requests: int
+
+
+def stall_cycles(report, config):
+    """An update report's stalls in cycles: its ``memory`` counts the optimizer's missed entry slots, each
+    ``interval`` cycles lost."""
+    return {"memory": report["memory"] * config.interval, "compute": report["compute"]}
 
 
 def update_memmap(d_in, d_out, r=16, optimizer="adamw", t=16):
@@ -108,7 +114,7 @@ def run_update(memmap, which, tensors, hyper, config=None, *, memory="ulx3s-sdra
     wb = port.word_bytes
     return UpdateRun(param=out["param"], m=out.get("m"), v=out.get("v"),
                      cycles=report["cycles"],
-                     stall_cycles={"memory": report["memory"], "compute": report["compute"]},
+                     stall_cycles=stall_cycles(report, config),
                      read_bytes=report["read"] * wb, written_bytes=report["written"] * wb,
                      program_read_bytes=sum(r.length for r in reads) * wb,
                      program_written_bytes=sum(w.length for w in writes) * wb, requests=len(reqs))
