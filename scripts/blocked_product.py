@@ -50,6 +50,7 @@ from edge_qlora.golden.memmap import layout
 from edge_qlora.rtl.blocked import BlockedConfig, absmax2_groups
 from edge_qlora.rtl.memport import port_for
 from edge_qlora.sim.blocked import engine_cycles, model_cycles, run_blocked_product
+from edge_qlora.sim.blocked_step import even_width
 
 #: the forward products: (in features, out features); up/o/v_proj are gate/q/k_proj's shapes
 SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 256), "gate_proj": (2048, 5632), "down_proj": (5632, 2048)}
@@ -69,14 +70,7 @@ def blocks(t, d_in, d_out, rank=16, most=None):
         features = min(d_out, traffic.DEFAULT_BUFFER_BYTES // (4 * tokens))
     features = min(features, most or features)
     tokens = -(-tokens // ROWS) * ROWS
-    return min(tokens, t), min(_even(d_out, features, COLS), d_out)
-
-
-def _even(total, features, unit):
-    """Blocks of at most ``features`` outputs of ``total``, as many as that needs, as even as multiples of ``unit``
-    allow: their width."""
-    count = -(-total // features)
-    return -(-(-(-total // count)) // unit) * unit
+    return min(tokens, t), min(even_width(d_out, features, COLS), d_out)
 
 
 def backward_blocks(t, d_in, d_out, rank=16):
@@ -99,7 +93,7 @@ def plan(t, backward, most=None):
     for name, (tokens, features) in plans.items():
         d_in = SHAPES[name][0]
         features = min(features or min(widest, d_in), most // 64 * 64 if most else d_in)
-        out[name] = tokens, _even(d_in, features, 64)
+        out[name] = tokens, even_width(d_in, features, 64)
     return out
 
 

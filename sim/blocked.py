@@ -25,7 +25,8 @@ from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, BlockedProduct, absmax2
 from edge_qlora.rtl.memport import port_for
 from .memstep import DramBench, _fields, _timing, run_dram_bench
 
-__all__ = ["BlockedBench", "BlockedRun", "blocked_config", "run_blocked_product", "engine_cycles", "model_cycles"]
+__all__ = ["BlockedBench", "BlockedRun", "blocked_config", "golden_rows", "product_descriptor", "run_blocked_product",
+           "engine_cycles", "model_cycles"]
 
 #: The program's tensor of each read destination.
 _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": "nf4_codes",
@@ -121,6 +122,14 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
     return total
 
 
+def golden_rows(case, memmap):
+    """The rows the products write for each other, as the step makes them: hb and x's chunk fields (the forward
+    product's, zero-padded to the slot) and gb (the backward product's), by region name."""
+    fields = x_chunk_fields(case.x)
+    return {"hb": forward_rows(case), "x_fields": np.array(fields + [0] * (memmap["x_fields"].size - len(fields)),
+                                                           np.uint8), "gb": backward_rows(case)}
+
+
 def product_descriptor(case, memmap, tokens, features, transposed, rank_term, gradient, x_per_span):
     """The fields of :func:`~edge_qlora.rtl.blocked.descriptor_layout` for one product of ``case`` placed by
     ``memmap``: its tensors' addresses, its shape and blocks, the double quantization's groups and offset; with
@@ -179,11 +188,8 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
     if gradient:
         # the forward product's hb and x's chunk fields, which that product writes; and gb, which this one writes
         # before it reads it back (the model serves the reads from the image as it was at the start)
-        store_region(image, memmap, "hb", forward_rows(case))
-        fields = x_chunk_fields(case.x)
-        store_region(image, memmap, "x_fields", np.array(fields + [0] * (memmap["x_fields"].size - len(fields)),
-                                                         np.uint8))
-        store_region(image, memmap, "gb", backward_rows(case))
+        for name, values in golden_rows(case, memmap).items():
+            store_region(image, memmap, name, values)
     if gradient and x_per_span is None:
         x_per_span = bp.x_pass_per_span(d_in, d_out, features)
     program = _program(config, memmap, tokens, features, transposed, x_per_span)

@@ -11,25 +11,22 @@ writes into starts with those slots empty, so every value checked at the end was
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-
 from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.lora import step_model
 from edge_qlora.golden.memmap import layout_for, pack_case, read_region, store_region, unpack_outputs
-from edge_qlora.golden.rank_gradient import x_chunk_fields
-from edge_qlora.golden.rank_term import backward_rows, forward_rows
 from edge_qlora.rtl import blocked, update
 from edge_qlora.rtl.blocked_step import BlockedStep, StepConfig, StepOp, descriptor_layout, report_layout
 from edge_qlora.rtl.update import UpdateConfig
-from .blocked import blocked_config, engine_cycles, product_descriptor
+from .blocked import blocked_config, engine_cycles, golden_rows, product_descriptor
 from .blocked import model_cycles as product_model
 from .memstep import DramBench, _fields, _timing, run_dram_bench
 from .update import model_cycles as update_model
 from .update import stall_cycles as update_stalls
+from .update import update_descriptor
 
-__all__ = ["PARTS", "StepBench", "StepRun", "step_blocks", "step_config", "step_memmap", "run_blocked_step",
-           "model_cycles"]
+__all__ = ["PARTS", "StepBench", "StepRun", "even_width", "step_blocks", "step_config", "step_memmap",
+           "run_blocked_step", "model_cycles"]
 
 #: The step's descriptors, in order.
 PARTS = ("forward", "backward", "update_A", "update_B")
@@ -60,7 +57,7 @@ class StepRun:
     program_written_bytes: dict
 
 
-def _even(total, most, unit):
+def even_width(total, most, unit):
     """The width of as few blocks of at most ``most`` of ``total`` as can be, as even as multiples of ``unit``
     allow."""
     count = -(-total // most)
@@ -71,8 +68,8 @@ def step_blocks(t, d_in, d_out, cols=8, max_features=384):
     """The blocks of a step: forward ``(t, features)``, all tokens in one block (x's chunk fields need them) and
     feature blocks of at most ``max_features`` (multiples of ``cols``); backward ``(t, column block)``, whole NF4
     blocks, at least two column blocks (grad_B is made in the second)."""
-    forward = _even(d_out, max(cols, min(max_features, d_out) // cols * cols), cols)
-    backward = _even(d_in, max(64, min(max_features, d_in // 2) // 64 * 64), 64)
+    forward = even_width(d_out, max(cols, min(max_features, d_out) // cols * cols), cols)
+    backward = even_width(d_in, max(64, min(max_features, d_in // 2) // 64 * 64), 64)
     return (t, min(forward, d_out)), (t, min(backward, d_in))
 
 
@@ -135,10 +132,8 @@ def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdra
     image = pack_case(case, memmap)
     # what the reads find: the image with what the earlier parts write
     seen = bytearray(image)
-    fields = x_chunk_fields(case.x)
-    for name, value in (("hb", forward_rows(case)), ("gb", backward_rows(case)),
-                        ("x_fields", np.array(fields + [0] * (memmap["x_fields"].size - len(fields)), np.uint8)),
-                        ("grad_A", golden["grad_A"]), ("grad_B", golden["grad_B"])):
+    for name, value in (*golden_rows(case, memmap).items(), ("grad_A", golden["grad_A"]),
+                        ("grad_B", golden["grad_B"])):
         store_region(seen, memmap, name, value)
 
     programs = {"forward": bp.forward_product(memmap, *forward, pc.cols, rank_term=True, gradient=True),
@@ -152,11 +147,7 @@ def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdra
     reads = [q for part in parts for q in reqs[part] if q.op == "read"]
     fill = mp.fill_words(port, seen, memmap.base, reads)
 
-    hyper = {k: int(np.float32(v).view(np.uint32)) for k, v in case.hyper.items()}
-    updates = {which: {"param": memmap[f"lora_{which}"].address, "grad": memmap[f"grad_{which}"].address,
-                       "m": memmap[f"exp_avg_{which}"].address if case.optimizer == "adamw" else 0,
-                       "v": memmap[f"exp_avg_sq_{which}"].address if case.optimizer == "adamw" else 0,
-                       "count": memmap[f"lora_{which}"].size // 4, "hyper": hyper} for which in ("A", "B")}
+    updates = {which: update_descriptor(memmap, which, case.hyper) for which in ("A", "B")}
     layout = descriptor_layout(config)
     descriptors = dict(zip(PARTS, [
         layout.const({"op": StepOp.PRODUCT,

@@ -20,7 +20,8 @@ from edge_qlora.rtl.memport import port_for
 from edge_qlora.rtl.update import UpdateConfig, UpdatePass, descriptor_layout, report_layout
 from .memstep import DramBench, _fields, _timing, run_dram_bench
 
-__all__ = ["UpdateBench", "UpdateRun", "stall_cycles", "update_memmap", "run_update", "model_cycles"]
+__all__ = ["UpdateBench", "UpdateRun", "stall_cycles", "update_descriptor", "update_memmap", "run_update",
+           "model_cycles"]
 
 
 class UpdateBench(DramBench):
@@ -53,6 +54,17 @@ def stall_cycles(report, config):
     """An update report's stalls in cycles: its ``memory`` counts the optimizer's missed entry slots, each
     ``interval`` cycles lost."""
     return {"memory": report["memory"] * config.interval, "compute": report["compute"]}
+
+
+def update_descriptor(memmap, which, hyper):
+    """The fields of :func:`~edge_qlora.rtl.update.descriptor_layout` for the update of factor ``which`` of
+    ``memmap``: its tensors' addresses (the moments' 0 with SGD), its element count and the step's constants
+    ``hyper`` as float32 bit patterns."""
+    names = ("param", "grad", "m", "v") if memmap.optimizer == "adamw" else ("param", "grad")
+    addresses = {name: memmap[bp.UPDATE_TENSORS[name].format(which)].address for name in names}
+    return {**{name: addresses.get(name, 0) for name in ("param", "grad", "m", "v")},
+            "count": memmap[f"lora_{which}"].size // 4,
+            "hyper": {k: int(np.float32(v).view(np.uint32)) for k, v in hyper.items()}}
 
 
 def update_memmap(d_in, d_out, r=16, optimizer="adamw", t=16):
@@ -96,11 +108,7 @@ def run_update(memmap, which, tensors, hyper, config=None, *, memory="ulx3s-sdra
     reads = [r for r in reqs if r.op == "read"]
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
-    addresses = {name: memmap[bp.UPDATE_TENSORS[name].format(which)].address for name in names}
-    descriptor = descriptor_layout(config).const({
-        **{name: addresses.get(name, 0) for name in ("param", "grad", "m", "v")}, "count": elements,
-        "hyper": {k: int(np.float32(v).view(np.uint32)) for k, v in hyper.items()},
-    }).as_bits()
+    descriptor = descriptor_layout(config).const(update_descriptor(memmap, which, hyper)).as_bits()
     wanted = {"written": sum(w.length for w in writes), "report": 1}
     if max_cycles is None:
         max_cycles = elements * (config.interval + 40) + 40 * (len(fill) + wanted["written"]) + 20_000
