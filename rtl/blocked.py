@@ -76,6 +76,10 @@ RANK_READS = ("rank_operands", "rank_columns")
 #: With the gradient (``BlockedConfig.gradient``), after :data:`RANK_READS`: the rows the gradients take (the
 #: forward's hb for grad_B; gb, which the backward product writes, for grad_A) and x's chunk fields (grad_A).
 GRADIENT_READS = ("rank_rows", "x_fields")
+#: Bytes of the codes FIFO at most (four block RAMs): with feature blocks of 384 a span's codes are 12 kB, and the
+#: last third of them is requested once the engine has taken the first, which still leaves the next span's x two
+#: thirds of the span's compute to load.
+CODES_FIFO_BYTES = 8192
 #: With the gradient the read issuer's addresses for grad_A's pass over x: x and gb.
 _PASS_ADDRESSES = ("pass_x", "gb")
 #: The descriptor's addresses the read issuer takes (and :data:`RANK_READS` with the term).
@@ -217,11 +221,13 @@ class BlockedConfig:
 
     @property
     def codes_words(self):
-        """Words of the codes FIFO: a whole span's codes of the largest feature block (at least ``fifo_words``),
-        so that a span's codes are all requested early in its job and the next span's x, which follows them in
-        the read order, loads while the engine computes (with a FIFO of a few bursts the x would wait for the
-        engine to be nearly through the codes, and the next job for the x)."""
-        return max(self.fifo_words, -(-self.max_features * SPAN // (2 * self.port.word_bytes)))
+        """Words of the codes FIFO: a whole span's codes of the largest feature block, at most
+        :data:`CODES_FIFO_BYTES` bytes (at least ``fifo_words``), so that a span's codes are requested early in
+        its job and the next span's x, which follows them in the read order, loads while the engine computes (with
+        a FIFO of a few bursts the x would wait for the engine to be nearly through the codes, and the next job
+        for the x)."""
+        span = -(-self.max_features * SPAN // (2 * self.port.word_bytes))
+        return max(self.fifo_words, min(span, CODES_FIFO_BYTES // self.port.word_bytes))
 
     @property
     def reads(self):
@@ -242,9 +248,11 @@ class BlockedConfig:
 
     @property
     def rank_term(self):
-        """The :class:`~.rank_term.RankTermConfig` of the rank-r term, for blocks up to the buffers'."""
+        """The :class:`~.rank_term.RankTermConfig` of the rank-r term, for blocks up to the buffers', its rows'
+        table in block RAM in four parts a row (two block RAMs rather than about 600 LUT-RAM cells)."""
         return RankTermConfig(rows=self.rows, cols=self.cols, rank=self.rank, max_tokens=self.max_tokens,
-                              max_columns=self.max_features)
+                              max_columns=self.max_features, rows_table_ram="block",
+                              rows_parts=min(4, self.rank, self.cols))
 
     @property
     def tiles(self):
@@ -254,11 +262,13 @@ class BlockedConfig:
     @property
     def gemm(self):
         """The engine: NF4 with double quantization in blocks of :data:`SPAN`, bf16 outputs (float32 into the
-        rank-r term), an A buffer half for a token block's span and an accumulator for a whole output block."""
+        rank-r term), an A buffer half for a token block's span, an accumulator for a whole output block and half
+        as many integer-to-float converters as columns (the array gives a row of chunk sums every two steps)."""
         max_k = max(SPAN, self.max_features) if self.transposed else SPAN
         return GemmConfig(rows=self.rows, cols=self.cols, max_k=max_k, max_n=self.tiles * SPAN, weights="nf4",
                           blocksize=SPAN, double_quant=True, out_dtype="fp32" if self.rank else "bf16",
-                          held_tiles=self.tiles * (self.max_features // self.cols))
+                          held_tiles=self.tiles * (self.max_features // self.cols),
+                          convert_interval=2 if self.cols % 2 == 0 else 1)
 
     def check_shape(self, t, d_in, d_out, tokens, features, transposed=False):
         """ValueError with a one-line reason if the product ``[t, d_in] x [d_out, d_in]^T`` (``transposed``:
@@ -1104,9 +1114,8 @@ class BlockedProduct(wiring.Component):
         for name in _ADDRESSES + (RANK_READS if cfg.rank else ()) + (
                 GRADIENT_READS + _PASS_ADDRESSES if cfg.gradient else ()):
             m.d.comb += getattr(issuer, name).eq(getattr(head, name))
-        # with the rank-r term every block RAM counts: the FIFOs of the reads that are not on the engine's path
-        # per span (a few kbit each) go to LUT RAM
-        styles = ["distributed" if cfg.rank and name not in ("x", "codes") else "block" for name in cfg.reads]
+        # with the rank-r term every block RAM counts: the FIFOs of a few kbit (all but the codes') go to LUT RAM
+        styles = ["distributed" if cfg.rank and name != "codes" else "block" for name in cfg.reads]
         m.submodules.reader = reader = TaggedReader(port, [cfg.codes_words if name == "codes" else cfg.fifo_words
                                                            for name in cfg.reads], ram_styles=styles)
         wiring.connect(m, reader.read_cmd, wiring.flipped(self.mem.read_cmd))

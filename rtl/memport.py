@@ -28,7 +28,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["TaggedReader", "tagged_job_layout", "port_for", "MemPortConfig", "ULX3S_SDRAM_PORT", "request_layout", "beat_layout", "job_layout", "MemPortSignature",
-           "BurstReader", "BurstWriter", "WriteArbiter", "split_bursts", "take_descriptor"]
+           "BurstReader", "BurstWriter", "WriteArbiter", "split_bursts", "take_descriptor", "DistributedFIFO"]
 
 
 def _is_int(value):
@@ -429,7 +429,7 @@ def tagged_job_layout(config, destinations):
                               "dest": unsigned(max(1, (destinations - 1).bit_length()))})
 
 
-class _DistributedFIFO(SyncFIFOBuffered):
+class DistributedFIFO(SyncFIFOBuffered):
     """A :class:`~amaranth.lib.fifo.SyncFIFOBuffered` whose storage asks for LUT RAM (``ram_style``): a FIFO of a
     few kbit would otherwise take a whole block RAM."""
 
@@ -506,7 +506,7 @@ class TaggedReader(wiring.Component):
         dest = Signal(range(max(2, n)))
         fifos = []
         for i, (depth, style) in enumerate(zip(self.depths, self.ram_styles)):
-            kind = _DistributedFIFO if style == "distributed" else SyncFIFOBuffered
+            kind = DistributedFIFO if style == "distributed" else SyncFIFOBuffered
             fifo = m.submodules[f"fifo_{i}"] = kind(width=config.data_width, depth=depth)
             wiring.connect(m, fifo.r_stream, wiring.flipped(self.dest[i]))
             fifos.append(fifo)

@@ -13,7 +13,7 @@ multiply by ``s``, the add of the base output and the rounding to bf16, which ar
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -40,8 +40,13 @@ class RankTermConfig:
     max_tokens, max_columns : int
         The largest block: token rows (a multiple of ``rows``) and output columns (a multiple of ``cols``).
     rows_table_ram : str
-        Where the rows' table goes: ``"distributed"`` (LUT RAM: a block's 128 rows of 16 aligned operands are
-        38 kbit, which would take nine 36-bit wide block RAMs for a fraction of their depth) or ``"block"``.
+        Where the rows' table goes: ``"distributed"`` (LUT RAM) or ``"block"``.
+    rows_parts : int
+        Entries of the rows' table per row (a power of two dividing ``rank``, at most ``cols``), each ``rank /
+        rows_parts`` operands: a row is written over ``rows_parts`` cycles and read over ``rows_parts`` cycles
+        into a register while the beat before it passes (a beat takes ``cols`` cycles). A block's 128 rows of 16
+        aligned operands are 37 kbit: whole, they take nine 36-bit wide block RAMs for a quarter of their depth, or
+        about 600 LUT-RAM cells; in four parts of 72 bits, two block RAMs.
     """
 
     rows: int = 8
@@ -50,6 +55,7 @@ class RankTermConfig:
     max_tokens: int = 128
     max_columns: int = 472
     rows_table_ram: str = "distributed"
+    rows_parts: int = 1
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -64,6 +70,10 @@ class RankTermConfig:
                 raise ValueError(f"{name} must be a multiple of {unit} ({step}) up to 32768, not {value!r}")
         if self.rows_table_ram not in ("distributed", "block"):
             raise ValueError(f"rows_table_ram must be 'distributed' or 'block', not {self.rows_table_ram!r}")
+        parts = self.rows_parts
+        if not _is_int(parts) or not 1 <= parts <= self.cols or parts & (parts - 1) or self.rank % parts:
+            raise ValueError(f"rows_parts must be a power of two dividing rank ({self.rank}) and at most cols "
+                             f"({self.cols}), not {parts!r}")
 
 
 def _is_int(value):
@@ -81,8 +91,13 @@ def block_layout(config):
 
 
 def operand_layout(config):
-    """A table entry: one row's (or column's) ``rank`` operands aligned to their shared exponent."""
+    """One row's (or column's) ``rank`` operands aligned to their shared exponent."""
     return data.StructLayout({"q": data.ArrayLayout(signed(OPERAND_BITS), config.rank), "exponent": EXPONENT_SHAPE})
+
+
+def row_part_layout(config):
+    """An entry of the rows' table: ``rank / rows_parts`` aligned operands of a row."""
+    return data.ArrayLayout(signed(OPERAND_BITS), config.rank // config.rows_parts)
 
 
 class _State(enum.Enum, shape=2):
@@ -126,7 +141,8 @@ class RankTerm(wiring.Component):
     row_operands, column_operands : In(stream of ArrayLayout(BF16.width, rank))
     c : In(stream of ArrayLayout(FP32.width, cols))
     o : Out(stream of ArrayLayout(BF16.width, cols))
-    rows_table : Memory of :func:`operand_layout`
+    rows_table, row_exponents : Memory of :func:`row_part_layout` (``rows_parts`` entries per row), Memory of the
+        rows' exponents
     columns_table, column_exponents : Memory of ``rank`` aligned operands, Memory of their exponent (forward)
     latency : int
         Cycles from an output's entry into the arithmetic to its rounded value.
@@ -143,9 +159,9 @@ class RankTerm(wiring.Component):
             "c": In(stream.Signature(data.ArrayLayout(FP32.width, config.cols))),
             "o": Out(stream.Signature(data.ArrayLayout(BF16.width, config.cols))),
         })
-        entry = operand_layout(config)
-        self.rows_table = Memory(shape=entry, depth=config.max_tokens, init=[],
-                                 attrs={"ram_style": config.rows_table_ram})
+        self.rows_table = Memory(shape=row_part_layout(config), depth=config.max_tokens * config.rows_parts,
+                                 init=[], attrs={"ram_style": config.rows_table_ram})
+        self.row_exponents = Memory(shape=EXPONENT_SHAPE, depth=config.max_tokens, init=[])
         self.columns_table = Memory(shape=data.ArrayLayout(signed(OPERAND_BITS), config.rank),
                                     depth=config.max_columns, init=[])
         self.column_exponents = Memory(shape=EXPONENT_SHAPE, depth=config.max_columns, init=[])
@@ -163,7 +179,7 @@ class RankTerm(wiring.Component):
         column beat (``rank`` columns of one row of A) is written one column a cycle, into its row's lane. Returns
         whether a load is still in flight."""
         cfg = self.config
-        for name in ("rows_table", "columns_table", "column_exponents"):
+        for name in ("rows_table", "row_exponents", "columns_table", "column_exponents"):
             m.submodules[name] = getattr(self, name)
         rows_left = Signal(range(cfg.max_tokens + 1))
         columns_left = Signal(range(cfg.max_columns + 1))
@@ -171,10 +187,11 @@ class RankTerm(wiring.Component):
             m.d.sync += [rows_left.eq(Mux(self.block.payload.load_rows, self.block.payload.tokens, 0)),
                          columns_left.eq(Mux(self.block.payload.load_columns, self.block.payload.columns, 0))]
         loading = state == _State.LOAD
-        in_flight, scattering = Signal(), Signal()
+        in_flight, scattering, row_pending = Signal(), Signal(), Signal()
         # the columns first (the rows may be made by the step as the block's activation passes, after B's or A's
-        # reads); a transposed column beat waits until the one before is scattered (a beat every rank + 5 cycles)
-        m.d.comb += [self.row_operands.ready.eq(loading & (columns_left == 0) & (rows_left != 0)),
+        # reads); a transposed column beat waits until the one before is scattered (a beat every rank + 5 cycles),
+        # a row beat until the one before is written (a beat every rows_parts + 5 cycles)
+        m.d.comb += [self.row_operands.ready.eq(loading & (columns_left == 0) & (rows_left != 0) & ~row_pending),
                      self.column_operands.ready.eq(loading & (columns_left != 0)
                                                    & ~(block.transposed & (in_flight | scattering)))]
         take_row = self.row_operands.valid & self.row_operands.ready
@@ -215,9 +232,28 @@ class RankTerm(wiring.Component):
         m.d.comb += in_flight.eq(Cat(*chain).any())
         done = chain[-1]
 
+        # a row: its exponent at once, its parts one a cycle from a register
+        parts = cfg.rows_parts
+        width = cfg.rank // parts
+        row_exponents = self.row_exponents.write_port()
+        m.d.comb += [row_exponents.addr.eq(address_out), row_exponents.data.eq(exponent_out),
+                     row_exponents.en.eq(done & to_rows_out)]
+        row_held = Signal(operand_layout(cfg).members["q"])
+        part_bits = width * OPERAND_BITS
+        row_address = Signal(range(cfg.max_tokens))
+        part = Signal(range(parts + 1))
+        with m.If(take_row):
+            m.d.sync += row_pending.eq(1)
+        with m.If(done & to_rows_out):
+            m.d.sync += [row_held.eq(align.q), row_address.eq(address_out), part.eq(parts)]
         rows = self.rows_table.write_port()
-        m.d.comb += [rows.addr.eq(address_out), rows.en.eq(done & to_rows_out), rows.data.q.eq(align.q),
-                     rows.data.exponent.eq(exponent_out)]
+        m.d.comb += [rows.addr.eq(row_address * parts + (parts - part)), rows.en.eq(part != 0),
+                     rows.data.eq(Array(row_held.as_value()[k * part_bits:(k + 1) * part_bits]
+                                        for k in range(parts))[parts - part])]
+        with m.If(part != 0):
+            m.d.sync += part.eq(part - 1)
+            with m.If(part == 1):
+                m.d.sync += row_pending.eq(0)
         exponents = self.column_exponents.write_port()
         m.d.comb += [exponents.addr.eq(address_out), exponents.data.eq(exponent_out),
                      exponents.en.eq(done & ~to_rows_out & ~block.transposed)]
@@ -247,7 +283,7 @@ class RankTerm(wiring.Component):
             m.d.comb += [columns.addr.eq(address_out), columns.data.eq(align.q),
                          columns.en.eq(Mux(done & ~to_rows_out & ~block.transposed, (1 << cfg.rank) - 1, 0))]
         busy = Signal()
-        m.d.comb += busy.eq(in_flight | scattering)
+        m.d.comb += busy.eq(in_flight | scattering | row_pending)
         return busy
 
     def elaborate(self, platform):
@@ -279,20 +315,25 @@ class RankTerm(wiring.Component):
                          tile_rows.eq(Mux(block.transposed, cfg.rows, block.tokens)),
                          beats_left.eq((block.tokens * block.columns) >> (cfg.cols.bit_length() - 1))]
 
-        # the beat being fed, one output a cycle; the next beat is taken as its last output enters
+        # the next beat's row, read from the rows' table while the beat before it passes
+        fetched = self._fetch_row(m, state, tile_base + row_in_tile)
+
+        # the beat being fed, one output a cycle; the next beat is taken as its last output enters, with its row
         held = Signal(data.ArrayLayout(FP32.width, cfg.cols))
         held_valid = Signal()
-        held_row, held_column = Signal.like(tile_base), Signal.like(column_base)
+        held_row_entry = Signal(operand_layout(cfg))
+        held_column = Signal.like(column_base)
         lane = Signal(range(cfg.cols))
         beat_done = entering & (lane == cfg.cols - 1)
         m.d.comb += [pipe.in_valid.eq(held_valid), pipe.in_tag.eq(lane),
-                     self.c.ready.eq((state == _State.RUN) & (beats_left != 0) & (~held_valid | beat_done))]
+                     self.c.ready.eq((state == _State.RUN) & (beats_left != 0) & (~held_valid | beat_done)
+                                     & fetched.valid)]
         with m.If(entering):
             m.d.sync += lane.eq(Mux(lane == cfg.cols - 1, 0, lane + 1))
         with m.If(beat_done):
             m.d.sync += held_valid.eq(0)
         with m.If(self.c.valid & self.c.ready):
-            m.d.sync += [held.eq(self.c.payload), held_valid.eq(1), held_row.eq(tile_base + row_in_tile),
+            m.d.sync += [held.eq(self.c.payload), held_valid.eq(1), held_row_entry.eq(fetched.entry),
                          held_column.eq(column_base), beats_left.eq(beats_left - 1)]
             last_row, last_column = row_in_tile == tile_rows - 1, column_base + cfg.cols == block.columns
             m.d.sync += row_in_tile.eq(Mux(last_row, 0, row_in_tile + 1))
@@ -303,7 +344,7 @@ class RankTerm(wiring.Component):
         with m.If((state == _State.RUN) & (beats_left == 0) & ~held_valid):
             m.d.sync += state.eq(_State.IDLE)
 
-        self._arithmetic(m, platform, pipe, held[lane], held_row, held_column + lane, block)
+        self._arithmetic(m, platform, pipe, held[lane], held_row_entry, held_column + lane, block)
 
         # rounded outputs gather into the beat, which leaves when its last output is in
         gathered = Signal(data.ArrayLayout(BF16.width, cfg.cols))
@@ -316,17 +357,56 @@ class RankTerm(wiring.Component):
                 m.d.sync += out_full.eq(1)
         return m
 
-    def _arithmetic(self, m, platform, pipe, base, row, column, block):
-        """One output a cycle, all in the stall domain: the two table reads, ``rank`` products and their sum (the
-        chunk sum, exact), its float32 value, times ``s``, plus the base output, rounded to bf16."""
+    def _fetch_row(self, m, state, row):
+        """The rows' table read ahead: from the cycle the walk points at a beat (entering RUN, or the beat before
+        it taken), its row's ``rows_parts`` entries are read one a cycle, with the row's exponent, into a register.
+        Returns a view with ``entry`` (:func:`operand_layout`) and ``valid`` (all of it read)."""
+        cfg = self.config
+        parts = cfg.rows_parts
+        part_bits = cfg.rank // parts * OPERAND_BITS
+        fetched = Signal(data.StructLayout({"entry": operand_layout(cfg), "valid": 1}))
+        issued = Signal(range(parts + 1))       # parts whose read was issued
+        arrived = Signal(range(parts))          # the part whose data the table gives this cycle
+        reading = Signal()                      # a read was issued last cycle
+        restart = (self.c.valid & self.c.ready) | (state != _State.RUN)
+        read = self.rows_table.read_port(domain="sync", transparent_for=())
+        exponent = self.row_exponents.read_port(domain="sync", transparent_for=())
+        m.d.comb += [read.addr.eq(row * parts + issued), read.en.eq(issued != parts),
+                     exponent.addr.eq(row), exponent.en.eq(issued == 0)]
+        m.d.sync += reading.eq(~restart & (issued != parts))
+        with m.If(restart):
+            m.d.sync += [issued.eq(0), arrived.eq(0), fetched.valid.eq(0)]
+        with m.Else():
+            with m.If(issued != parts):
+                m.d.sync += issued.eq(issued + 1)
+            with m.If(reading):
+                q = fetched.entry.q.as_value()
+                with m.Switch(arrived):
+                    for k in range(parts):
+                        with m.Case(k):
+                            m.d.sync += q[k * part_bits:(k + 1) * part_bits].eq(read.data)
+                with m.If(arrived == 0):
+                    m.d.sync += fetched.entry.exponent.eq(exponent.data)
+                m.d.sync += arrived.eq(arrived + 1)
+                with m.If(arrived == parts - 1):
+                    m.d.sync += fetched.valid.eq(1)
+        return fetched
+
+    def _arithmetic(self, m, platform, pipe, base, row_held, column, block):
+        """One output a cycle, all in the stall domain: the row (``row_held``, fetched with its beat) and the
+        column's table reads, ``rank`` products and their sum (the chunk sum, exact), its float32 value, times
+        ``s``, plus the base output, rounded to bf16."""
         cfg, enable = self.config, pipe.enable
         reads = []
-        for table, address in ((self.rows_table, row), (self.columns_table, column),
-                               (self.column_exponents, column)):
+        for table in (self.columns_table, self.column_exponents):
             port = table.read_port(domain="sync", transparent_for=())
-            m.d.comb += [port.addr.eq(address), port.en.eq(enable)]
+            m.d.comb += [port.addr.eq(column), port.en.eq(enable)]
             reads.append(port.data)
-        row_entry, column_q, column_exponent = reads
+        column_q, column_exponent = reads
+        # a register in step with the column's read
+        row_entry = Signal(operand_layout(cfg))
+        with m.If(enable):
+            m.d.sync += row_entry.eq(row_held)
         width = 2 * OPERAND_BITS
         products = [Signal(signed(width), name=f"product_{k}") for k in range(cfg.rank)]
         for k, product in enumerate(products):

@@ -30,8 +30,8 @@ from amaranth.lib.wiring import In, Out
 
 from .gearbox import Packer, Unpacker
 from .lora_optim import FOLD_INTERVAL, KINDS, LoRAOptimizer, OptimConfig, hyper_layout
-from .memport import (BurstWriter, MemPortConfig, MemPortSignature, TaggedReader, ULX3S_SDRAM_PORT, job_layout,
-                      tagged_job_layout, take_descriptor)
+from .memport import (BurstWriter, DistributedFIFO, MemPortConfig, MemPortSignature, TaggedReader, ULX3S_SDRAM_PORT,
+                      job_layout, tagged_job_layout, take_descriptor)
 
 __all__ = ["UpdateConfig", "UpdateReads", "UpdateWrites", "UpdatePass", "descriptor_layout", "report_layout",
            "READS", "WRITES"]
@@ -270,10 +270,12 @@ class UpdatePass(wiring.Component):
         wiring.connect(m, writer.write_cmd, wiring.flipped(self.mem.write_cmd))
         wiring.connect(m, writer.write_data, wiring.flipped(self.mem.write_data))
         updated, taken = optimizer.updated, []
+        # FIFOs of up to 2 kbit in LUT RAM (as the reader's), larger ones in block RAM
+        words_fifo = DistributedFIFO if cfg.fifo_words * port.data_width <= 2048 else SyncFIFOBuffered
         source = Signal.like(writes.jobs.payload.source)
         for i, name in enumerate(cfg.writes):
             unit = m.submodules[f"pack_{name}"] = Packer(32, port.data_width)
-            fifo = m.submodules[f"words_{name}"] = SyncFIFOBuffered(width=port.data_width, depth=cfg.fifo_words)
+            fifo = m.submodules[f"words_{name}"] = words_fifo(width=port.data_width, depth=cfg.fifo_words)
             self._job(m, unit.job, start, {"count": head.count})
             m.d.comb += [unit.elements.payload.eq(getattr(updated.payload, name)),
                          fifo.w_stream.valid.eq(unit.words.valid), fifo.w_stream.payload.eq(unit.words.payload.data),

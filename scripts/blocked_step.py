@@ -21,6 +21,7 @@ against ``golden.lora.step_model`` to the bit.
 
 import argparse
 import dataclasses
+import datetime
 import json
 import pathlib
 import sys
@@ -34,7 +35,7 @@ from blocked_product import SHAPES, design, plan  # noqa: E402  (the projections
 from edge_qlora.constants import DRAM_PRESETS  # noqa: E402
 from edge_qlora.golden import traffic  # noqa: E402
 from edge_qlora.golden.lora import random_case, step_model  # noqa: E402
-from edge_qlora.rtl.blocked_step import StepConfig  # noqa: E402
+from edge_qlora.rtl.blocked_step import STEP_UPDATE_GROUP, StepConfig  # noqa: E402
 from edge_qlora.rtl.update import UpdateConfig  # noqa: E402
 from edge_qlora.sim.blocked_step import model_cycles, run_blocked_step  # noqa: E402
 
@@ -91,7 +92,7 @@ def step_top(memory, tokens=128):
     """The step top's configuration for every projection at ``tokens``: ``blocked_product.py``'s design with both
     products, the terms and the gradients, and the update on the same port."""
     product, _ = design(tokens, True, memory, True, MAX_FEATURES, gradient=True)
-    return StepConfig(product=product, update=UpdateConfig(port=product.port))
+    return StepConfig(product=product, update=UpdateConfig(port=product.port, group=STEP_UPDATE_GROUP))
 
 
 def run_step(name, memory, tokens=128, seed=0):
@@ -121,7 +122,8 @@ def run_step(name, memory, tokens=128, seed=0):
                model_cycles=sum(model.values()), part_model_cycles=model,
                model_error=sum(model.values()) / row["cycles"] - 1, stall_cycles=run.stall_cycles,
                read_bytes=run.read_bytes, written_bytes=run.written_bytes,
-               bandwidth=moved / (row["cycles"] * timing.peak_bytes_per_cycle), mismatches=bad, wall_s=wall)
+               bandwidth=moved / (row["cycles"] * timing.peak_bytes_per_cycle), mismatches=bad, wall_s=wall,
+               r=RANK, rows=config.product.rows, cols=config.product.cols, date=datetime.date.today().isoformat())
     return row
 
 

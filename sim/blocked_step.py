@@ -16,7 +16,9 @@ from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.lora import step_model
 from edge_qlora.golden.memmap import layout_for, pack_case, read_region, store_region, unpack_outputs
 from edge_qlora.rtl import blocked, update
-from edge_qlora.rtl.blocked_step import BlockedStep, StepConfig, StepOp, descriptor_layout, report_layout
+from edge_qlora.rtl.blocked_step import (STEP_UPDATE_GROUP, BlockedStep, StepConfig, StepOp, descriptor_layout,
+                                        report_layout)
+from edge_qlora.rtl.memport import port_for
 from edge_qlora.rtl.update import UpdateConfig
 from .blocked import blocked_config, engine_cycles, golden_rows, product_descriptor
 from .blocked import model_cycles as product_model
@@ -25,8 +27,8 @@ from .update import model_cycles as update_model
 from .update import stall_cycles as update_stalls
 from .update import update_descriptor
 
-__all__ = ["PARTS", "StepBench", "StepRun", "even_width", "step_blocks", "step_config", "step_memmap",
-           "run_blocked_step", "model_cycles"]
+__all__ = ["PARTS", "StepBench", "StepRun", "even_width", "step_blocks", "step_config", "shared_config",
+           "check_step_shape", "step_memmap", "run_blocked_step", "model_cycles"]
 
 #: The step's descriptors, in order.
 PARTS = ("forward", "backward", "update_A", "update_B")
@@ -103,7 +105,37 @@ def step_config(case, forward, backward, memory="ulx3s-sdram", rows=2, cols=2):
                              gradient=True)
     product = dataclasses.replace(product, max_tokens=max(product.max_tokens, min(forward[0], case.x.shape[0])),
                                   max_features=max(product.max_features, min(forward[1], case.dy.shape[1])))
-    return StepConfig(product=product, update=UpdateConfig(port=product.port, optimizer=case.optimizer))
+    return StepConfig(product=product, update=UpdateConfig(port=product.port, optimizer=case.optimizer,
+                                                                    group=STEP_UPDATE_GROUP))
+
+
+def shared_config(shapes, memory="ulx3s-sdram", rows=8, cols=8, rank=16, optimizer="adamw", max_features=384):
+    """One :class:`StepConfig` for the steps of every ``(t, d_in, d_out)`` in ``shapes`` in the blocks of
+    :func:`step_blocks` (``max_features``), sized for the largest, so that Verilator compiles one model for all of
+    them. ValueError (one line) where no configuration takes them."""
+    blocks = [step_blocks(t, d_in, d_out, cols, max_features) for t, d_in, d_out in shapes]
+    product = blocked.BlockedConfig(
+        rows=rows, cols=cols, port=port_for(_timing(memory)), max_tokens=max(t for t, _, _ in shapes),
+        max_features=max(max(f[1], b[1]) for f, b in blocks),
+        max_in=max(-(-d_in // blocked.SPAN) * blocked.SPAN for _, d_in, _ in shapes),
+        max_groups=max(blocked.absmax2_groups(d_in, d_out) for _, d_in, d_out in shapes), rank=rank,
+        transposed=True, gradient=True, max_out=max(-(-d_out // blocked.SPAN) * blocked.SPAN for *_, d_out in shapes))
+    return StepConfig(product=product, update=UpdateConfig(port=product.port, optimizer=optimizer,
+                                                            group=STEP_UPDATE_GROUP))
+
+
+def check_step_shape(config, t, d_in, d_out, r, max_features=384):
+    """ValueError (one line) if the step of ``t`` tokens, ``d_in -> d_out`` at rank ``r`` in the blocks of
+    :func:`step_blocks` does not run on ``config``."""
+    pc = config.product
+    if r != pc.rank:
+        raise ValueError(f"the step top's rank is {pc.rank}, not {r}")
+    if d_in < 2 * blocked.SPAN or d_in % blocked.SPAN:
+        raise ValueError(f"in ({d_in}) must be a multiple of {blocked.SPAN} and at least {2 * blocked.SPAN} (two "
+                         f"column blocks)")
+    forward, backward = step_blocks(t, d_in, d_out, pc.cols, max_features)
+    pc.check_shape(t, d_in, d_out, *forward)
+    pc.check_shape(t, d_in, d_out, *backward, transposed=True)
 
 
 def run_blocked_step(case, forward, backward, config=None, *, memory="ulx3s-sdram", x_per_span=None, parts=PARTS,

@@ -550,9 +550,11 @@ def accumulator_case(config, rng, groups):
     return info_beats, partial_beats, outputs
 
 
-@pytest.mark.parametrize("out_dtype", ["bf16", "fp32"])
-def test_accumulator(out_dtype):
-    config = GemmConfig(rows=3, cols=2, max_k=8, max_n=8, weights="bf16", out_dtype=out_dtype)
+@pytest.mark.parametrize("out_dtype, interval", [("bf16", 1), ("fp32", 1), ("bf16", 2), ("fp32", 2)])
+def test_accumulator(out_dtype, interval):
+    # interval 2: each row in two halves through half as many converters and adders, joined again at c
+    config = GemmConfig(rows=3, cols=2, max_k=8, max_n=8, weights="bf16", out_dtype=out_dtype,
+                        convert_interval=interval)
     rows = config.rows
     rng = np.random.default_rng(11)
     # forward-like: 3 chunks on base 0 back to back; transposed-like: chunks of several bases interleaved
@@ -584,10 +586,12 @@ def collision_check(dut):
     return watch
 
 
-def test_accumulator_back_to_back_hazards():
+@pytest.mark.parametrize("interval", [1, 2])
+def test_accumulator_back_to_back_hazards(interval):
     # the same outputs in consecutive chunks with no gap: the hazard check holds the second until the first is
-    # written back (rows = 1: consecutive partial beats hit the same address)
-    config = GemmConfig(rows=1, cols=2, max_k=8, max_n=8, weights="bf16", out_dtype="fp32")
+    # written back (rows = 1: consecutive partial beats hit the same address; interval 2: the same half rows)
+    config = GemmConfig(rows=1, cols=2, max_k=8, max_n=8, weights="bf16", out_dtype="fp32",
+                        convert_interval=interval)
     rng = np.random.default_rng(5)
     info_beats, partial_beats, outputs = accumulator_case(config, rng, [[0] * 6, [0, 1] * 3])
     dut = Accumulator(config)

@@ -66,12 +66,14 @@ def _transposed_columns(config):
     return 2 * math.lcm(config.rank, config.cols)
 
 
-@pytest.mark.parametrize("rows, cols, rank", [(2, 2, 4), (2, 4, 16), (4, 2, 3)])
-def test_rank_term_equals_its_twin(rows, cols, rank):
+@pytest.mark.parametrize("rows, cols, rank, parts", [(2, 2, 4, 1), (2, 4, 16, 1), (4, 2, 3, 1), (2, 4, 16, 4),
+                                                     (4, 2, 4, 2)])
+def test_rank_term_equals_its_twin(rows, cols, rank, parts):
     # three blocks (forward, forward keeping hb, transposed); adversarial operands and base outputs (infinities,
-    # a NaN, an overflow, subnormals, a zero row); random stalls on all five streams
+    # a NaN, an overflow, subnormals, a zero row); random stalls on all five streams; the rows' table whole or in
+    # parts
     config = RankTermConfig(rows=rows, cols=cols, rank=rank, max_tokens=2 * rows,
-                            max_columns=max(3 * cols, 2 * math.lcm(rank, cols)))
+                            max_columns=max(3 * cols, 2 * math.lcm(rank, cols)), rows_parts=parts)
     rng = np.random.default_rng(rows * 100 + cols * 10 + rank)
     stalls = {name: Stalls(0.35, 70 + k) for k, name in enumerate(STREAMS)}
     run = run_rank_term(config, _blocks(config, rng), stalls=stalls, backend="pysim")
@@ -102,6 +104,8 @@ def test_twin_is_the_steps_arithmetic():
     ({"max_columns": 12}, "max_columns must be a multiple of cols"),
     ({"max_tokens": 0}, "max_tokens must be a multiple of rows"),
     ({"rows_table_ram": "lut"}, "rows_table_ram must be 'distributed' or 'block'"),
+    ({"rows_parts": 3}, "rows_parts must be a power of two dividing rank"),
+    ({"rank": 4, "cols": 2, "rows_parts": 4}, "rows_parts must be a power of two dividing rank .4. and at most cols"),
 ])
 def test_rank_term_config_refuses(kwargs, message):
     with pytest.raises(ValueError, match=message):

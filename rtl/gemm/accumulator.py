@@ -25,6 +25,9 @@ class Accumulator(wiring.Component):
     output (``base + i``), or stored as it is on the ``first`` chunk. On the ``last`` chunk the sum goes out on
     ``c`` instead, rounded to bf16 or as float32.
 
+    With ``convert_interval`` 2 a row goes through in two halves, one a cycle: half as many converters and adders
+    as columns, and the memory holds half rows, at ``2 * row + half``; the output rows are joined again at ``c``.
+
     Parameters
     ----------
     config : GemmConfig
@@ -37,7 +40,8 @@ class Accumulator(wiring.Component):
     info : In(stream of :func:`~.config.info_layout`)
     c : Out(stream of :func:`~.config.c_layout`)
     memory : Memory
-        The float32 partial results, ``acc_depth`` deep.
+        The float32 partial results, ``acc_depth`` rows (of ``cols / convert_interval`` values, that many times
+        as deep).
     used : Signal
         High when the memory's read data is added (for collision checks in simulation).
     """
@@ -55,17 +59,18 @@ class Accumulator(wiring.Component):
             "info": In(stream.Signature(info_layout(config))),
             "c": Out(stream.Signature(c_layout(config))),
         })
-        self.memory = Memory(shape=data.ArrayLayout(FP32.width, config.cols),
-                             depth=config.acc_depth, init=[], attrs=NO_RW_CHECK)
+        self.memory = Memory(shape=data.ArrayLayout(FP32.width, config.cols // config.convert_interval),
+                             depth=config.acc_depth * config.convert_interval, init=[], attrs=NO_RW_CHECK)
         self.used = Signal()
         # (ports made once, so that elaborating the accumulator again adds none)
         self._ports = (self.memory.read_port(domain="sync", transparent_for=()), self.memory.write_port())
 
     def _tag_layout(self):
-        """What travels with each output row's sums: its accumulator address and the chunk's flags."""
+        """What travels with each output row's sums (each half row's with ``convert_interval`` 2): its accumulator
+        address and the chunk's flags."""
         cfg = self.config
-        return data.StructLayout({"addr": range(max(1, cfg.acc_depth)), "first": 1, "last": 1,
-                                  "job_last": 1})
+        return data.StructLayout({"addr": range(max(1, cfg.acc_depth * cfg.convert_interval)), "first": 1,
+                                  "last": 1, "job_last": 1})
 
     def elaborate(self, platform):
         m = Module()
@@ -97,9 +102,9 @@ class Accumulator(wiring.Component):
 
     def _front(self, m, platform, partials):
         """Integer chunk sums to float32, stalling with the accumulator: each partial beat meets its chunk's info
-        beat. Returns the register slice that holds the float32 row for the accumulator, and whether anything is
-        in the front. With ``convert_interval`` 2 a row goes through the converters in two halves, the first
-        held in a register until the second comes out."""
+        beat. Returns the register slice that holds the float32 row (half row) for the accumulator, and whether
+        anything is in the front. With ``convert_interval`` 2 a row goes through the converters in two halves,
+        each on to the accumulator as it comes out."""
         rows, cols = self.config.rows, self.config.cols
         share = self.config.convert_interval
         lanes = cols // share
@@ -110,7 +115,7 @@ class Accumulator(wiring.Component):
         # a register slice between the converters and the accumulator: the hazard check below decides whether an
         # item enters the accumulator; it does not also decide whether the whole front pipeline advances
         m.submodules.acc_slice = acc_slice = SkidBuffer(data.StructLayout({
-            "tag": tag, "values": data.ArrayLayout(FP32.width, cols)}))
+            "tag": tag, "values": data.ArrayLayout(FP32.width, lanes)}))
         # the converters' first register stage is a register slice (`acc_in`): the row's A exponent is selected
         # once for all columns, and that selection, fanned out across the die, does not share a cycle with the
         # exponent adders behind it; and the two FIFOs are read on the slice's `ready`, a register, not on the
@@ -147,7 +152,7 @@ class Accumulator(wiring.Component):
             partials.ready.eq(acc_in.i.ready & self.info.valid),
             acc_in.i.valid.eq(partials.valid & self.info.valid),
             acc_in.i.payload.row_ea.eq(Array(info.ea[i] for i in range(rows))[partials.payload.row]),
-            acc_in.i.payload.tag.addr.eq(info.base + partials.payload.row),
+            acc_in.i.payload.tag.addr.eq((info.base + partials.payload.row) * share),
             acc_in.i.payload.tag.first.eq(info.first),
             acc_in.i.payload.tag.last.eq(info.last),
             acc_in.i.payload.tag.job_last.eq(info.job_last & last_row),
@@ -157,26 +162,22 @@ class Accumulator(wiring.Component):
             front.in_tag.half.eq(half),
             acc_in.o.ready.eq(front.advance & last_half),
         ]
-        # the row leaves with its last part; the earlier parts wait in `held`
-        out_last = front.out_tag.half == share - 1
-        held = Signal(data.ArrayLayout(FP32.width, cols - lanes))
+        # each part of the row goes on at its own address; the job's last flag with the last part of its row
+        out_tag = front.out_tag
         m.d.comb += [
-            front_ready.eq(~out_last | acc_slice.i.ready),
-            acc_slice.i.valid.eq(front.out_valid & out_last),
-            acc_slice.i.payload.tag.eq(front.out_tag.tag),
+            front_ready.eq(acc_slice.i.ready),
+            acc_slice.i.valid.eq(front.out_valid),
+            acc_slice.i.payload.tag.eq(out_tag.tag),
+            acc_slice.i.payload.tag.addr.eq(out_tag.tag.addr | out_tag.half),
+            acc_slice.i.payload.tag.job_last.eq(out_tag.tag.job_last & (out_tag.half == share - 1)),
         ]
         for k, unit in enumerate(converters):
-            for h in range(share - 1):
-                with m.If(front.out_valid & (front.out_tag.half == h)):
-                    m.d.sync += held[k + h * lanes].eq(unit.result)
-            m.d.comb += acc_slice.i.payload.values[k + (share - 1) * lanes].eq(unit.result)
-        for j in range(cols - lanes):
-            m.d.comb += acc_slice.i.payload.values[j].eq(held[j])
+            m.d.comb += acc_slice.i.payload.values[k].eq(unit.result)
         return acc_slice, acc_in.spare_valid | front.out_valid
 
-    def _admit(self, m, acc_slice, valid, tags, back_latency, depth):
+    def _admit(self, m, acc_slice, valid, tags, back_latency, depth, out_read):
         """Whether the head of ``acc_slice`` enters the back pipeline this cycle (``valid``/``tags``: its slots,
-        shifted here); ``depth``: the output FIFO's."""
+        shifted here); ``depth``: the output FIFO's; ``out_read``: an item leaves it."""
         head = acc_slice.o.payload.tag
         # `hazard`: an item in the back pipeline (not its last stage) still writes the head's address. A register,
         # worked out a cycle ahead for both outcomes (the head stays; the next item becomes the head), so that only
@@ -208,18 +209,19 @@ class Accumulator(wiring.Component):
         m.d.comb += acc_slice.o.ready.eq(admit)
         m.d.sync += hazard.eq(Mux(~acc_slice.o.valid | admit, hazard_if_next, hazard_if_stay))
         enter = acc_slice.o.valid & admit
-        m.d.sync += reserved.eq(reserved + (enter & head.last) - (self.c.valid & self.c.ready))
+        m.d.sync += reserved.eq(reserved + (enter & head.last) - out_read)
         m.d.sync += [valid[0].eq(enter), tags[0].eq(head)]
         for s in range(1, len(valid)):
             m.d.sync += [valid[s].eq(valid[s - 1]), tags[s].eq(tags[s - 1])]
         return enter
 
     def _back(self, m, acc_slice):
-        """Read-add-write on the accumulator memory, free-running; an item enters only if no item in flight will
-        still write its address and the output FIFO has a place for it. Last chunks go to ``c``, rounded. Returns
-        whether anything is in the back or the output FIFO."""
+        """Read-add-write on the accumulator memory, free-running; an item (a row, or half a row) enters only if
+        no item in flight will still write its address and the output FIFO has a place for it. Last chunks go to
+        ``c``, rounded, a row's halves joined. Returns whether anything is in the back or the output FIFO."""
         cfg = self.config
-        cols = cfg.cols
+        share = cfg.convert_interval
+        cols = cfg.cols // share
         tag = self._tag_layout()
         # stages=8 registers every cut: the operands (the accumulator memory's read data goes straight into a
         # register) and the magnitude comparison apart from the swap it steers
@@ -233,16 +235,17 @@ class Accumulator(wiring.Component):
             if unit is not None:
                 m.submodules[f"out_round_{j}"] = unit
 
-        out_layout = c_layout(cfg)
-        depth = 4 + back_latency + round_latency
+        out_layout = data.StructLayout({"data": data.ArrayLayout(cfg.out_format.width, cols), "last": 1})
+        depth = share * 4 + back_latency + round_latency
         m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(width=out_layout.size, depth=depth)
-        wiring.connect(m, out_fifo.r_stream, wiring.flipped(self.c))
+        out_read = out_fifo.r_stream.valid & out_fifo.r_stream.ready
+        self._join(m, out_fifo.r_stream, out_layout)
 
         # in-flight bookkeeping: one slot per cycle of the back pipeline (and of the rounding behind it)
         valid = [Signal(name=f"back_valid_{s}") for s in range(back_latency + round_latency)]
         tags = [Signal(tag, name=f"back_tag_{s}") for s in range(back_latency + round_latency)]
         head = acc_slice.o.payload.tag
-        enter = self._admit(m, acc_slice, valid, tags, back_latency, depth)
+        enter = self._admit(m, acc_slice, valid, tags, back_latency, depth, out_read)
 
         read, write = self._ports
         m.d.comb += [read.addr.eq(head.addr), read.en.eq(1)]
@@ -273,3 +276,23 @@ class Accumulator(wiring.Component):
             result = rounders[j].result if rounders[j] is not None else adders[j].result
             m.d.comb += out_in.data[j].eq(result)
         return acc_slice.o.valid | Cat(*valid).any() | out_fifo.r_stream.valid
+
+    def _join(self, m, parts, layout):
+        """The output FIFO's items (``layout``) to ``c``: a row's first half waits in a register for its second."""
+        share = self.config.convert_interval
+        lanes = self.config.cols // share
+        item = data.View(layout, parts.payload)
+        c = self.c.payload
+        if share == 1:
+            m.d.comb += [self.c.valid.eq(parts.valid), parts.ready.eq(self.c.ready), c.eq(item)]
+            return
+        first = Signal(data.ArrayLayout(self.config.out_format.width, lanes))
+        second = Signal()       # the first half is in `first`
+        m.d.comb += [self.c.valid.eq(parts.valid & second), parts.ready.eq(~second | self.c.ready),
+                     c.last.eq(item.last)]
+        for j in range(lanes):
+            m.d.comb += [c.data[j].eq(first[j]), c.data[lanes + j].eq(item.data[j])]
+        with m.If(parts.valid & parts.ready):
+            m.d.sync += second.eq(~second)
+            with m.If(~second):
+                m.d.sync += first.eq(item.data)
