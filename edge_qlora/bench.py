@@ -10,11 +10,13 @@ Two jobs, each timed both ways on this machine:
   stands in for it (named on every row). The cycles come, per row, from a Verilator run (a file of measured runs,
   or a run this bench makes where it is short enough) or from the cycle model
   (:func:`edge_qlora.sim.lora.step_cycles`), which the bench checks against RTL runs of its own. With a memory
-  (``memory``, ``--memory``; ``ulx3s-sdram`` by default) the step is the memory-fed one (``rtl/lora/memstep.py``):
-  every tensor in that DRAM behind a memory port, the cycles (memory stalls included) from a file of measured runs
-  (:data:`MEASURED_MEMORY_STEPS`), a Verilator run of :func:`edge_qlora.sim.memstep.run_mem_step`, or its cycle
-  model (:func:`edge_qlora.sim.memstep.model_cycles`), and the clock at most the memory controller's, whose cycles
-  the DRAM timing counts; ``none`` is the step with every tensor on chip. The CPU's time is
+  (``memory``, ``--memory``; ``ulx3s-sdram`` by default) the step runs on the blocked step top
+  (``rtl/blocked_step.py``; ``top="memory-fed"``: the memory-fed step, ``rtl/lora/memstep.py``): every tensor in
+  that DRAM behind a memory port, the cycles (memory stalls included) from a file of measured runs
+  (:data:`MEASURED_BLOCKED_STEPS`, :data:`MEASURED_MEMORY_STEPS`), a Verilator run
+  (:func:`edge_qlora.sim.blocked_step.run_blocked_step`, :func:`edge_qlora.sim.memstep.run_mem_step`) or the
+  cycle model with memory, and the clock at most the memory controller's, whose cycles the DRAM timing counts;
+  ``none`` is the step with every tensor on chip. The CPU's time is
   PEFT LoRA on a bitsandbytes NF4 ``Linear4bit``, the same shapes, in bf16 and in fp32, on one thread and on all,
   the median of several runs after warm-up. Beside them: the physical limit, the time the step's useful
   multiply-accumulates take at one per DSP per cycle, on the array and on all of the device's DSPs.
@@ -43,7 +45,7 @@ from .constants import DRAM_PRESETS, TINYLLAMA_PROJECTIONS
 
 __all__ = ["BenchOptions", "options", "Simulation", "run", "markdown", "write", "prepare_out", "load_measured",
            "model_cycles", "step_rtl", "thread_list", "lanes_list", "OUTPUT_FILES", "MEASURED_STEPS",
-           "MEASURED_MEMORY_STEPS", "MEMORY_CHOICES"]
+           "MEASURED_MEMORY_STEPS", "MEASURED_BLOCKED_STEPS", "MEMORY_CHOICES", "TOPS"]
 
 #: where another tool writes TinyLlama steps measured on Verilator: a list of objects with the keys projection,
 #: t, r, rows, cols, cycles, model_cycles (and optionally date)
@@ -51,6 +53,14 @@ MEASURED_STEPS = Path(__file__).resolve().parent.parent / "docs" / "tinyllama_st
 #: the same for the memory-fed step (``edge-qlora tinyllama --memory M --json``): each entry also names its memory
 #: (and gives stall_cycles, bytes_read, bytes_written)
 MEASURED_MEMORY_STEPS = Path(__file__).resolve().parent.parent / "docs" / "tinyllama_memory_steps.json"
+#: the same for the blocked step top (``python scripts/blocked_step.py --run ... --json``): rows of projection,
+#: tokens, memory, cycles, model_cycles and per part stall_cycles, read_bytes and written_bytes; a projection of the
+#: same shape (v_proj of k_proj's) takes its row
+MEASURED_BLOCKED_STEPS = Path(__file__).resolve().parent.parent / "docs" / "blocked_step_sdram.json"
+#: ``--top``: the design a step through memory runs on
+TOPS = ("blocked", "memory-fed")
+#: the blocked step top's feature (and column) blocks at most, as ``edge-qlora step --blocked`` takes them
+BLOCKED_MAX_FEATURES = 384
 #: ``--memory``: a DRAM preset (``constants.DRAM_PRESETS``) the step is fed from, or ``none`` (every tensor on chip)
 NO_MEMORY = "none"
 MEMORY_CHOICES = tuple(DRAM_PRESETS) + (NO_MEMORY,)
@@ -89,18 +99,25 @@ class BenchOptions:
     warmup: int = 2
     repeats: int = 5
     #: small steps simulated on the RTL to check the cycle model: (T, in, out, rank); with a memory, the default
-    #: ones are rounded up to the shapes the memory-fed step takes (T to a multiple of rows, in and out of cols)
+    #: ones are rounded up to the shapes the step takes (T to a multiple of rows, in and out of cols; on the
+    #: blocked top in to 64s, at least 128, and the rank to a power of two from 2)
     validation: tuple = ((2, 16, 16, 2), (8, 64, 64, 8), (16, 64, 64, 16))
     backend: str = "auto"                 # auto, pysim or verilator
     fmax_mhz: float = None                # the user's clock for the step rows, instead of a routed build's
     measured: str = None                  # a file of measured steps; None: MEASURED_STEPS where it exists
     verilator_max_cycles: int = 3_000_000  # TinyLlama steps the bench runs on Verilator (by the model's count)
     seed: int = 0
-    memory: str = "ulx3s-sdram"           # the DRAM the memory-fed step reads and writes; "none": the on-chip step
+    memory: str = "ulx3s-sdram"           # the DRAM the step reads and writes; "none": the on-chip step
+    top: str = "blocked"                  # with a memory: the blocked step top, or the memory-fed step
 
     @property
     def through_memory(self):
         return self.memory != NO_MEMORY
+
+    @property
+    def blocked(self):
+        """Whether the steps run on the blocked step top."""
+        return self.through_memory and self.top == "blocked"
 
     def thread_counts(self):
         return tuple(dict.fromkeys(all_threads() if n is None else n for n in self.threads))
@@ -117,7 +134,8 @@ def options(small=False, **given):
     given = {key: value for key, value in given.items() if value is not None}
     opts = replace(base, **given)
     if opts.through_memory and "validation" not in given and opts.memory in DRAM_PRESETS:
-        opts = replace(opts, validation=tuple(dict.fromkeys(_fit(case, opts.rows, opts.cols)
+        fit = _fit_blocked if opts.top == "blocked" else _fit
+        opts = replace(opts, validation=tuple(dict.fromkeys(fit(case, opts.rows, opts.cols)
                                                             for case in opts.validation)))
     _check(opts)
     return opts
@@ -127,6 +145,13 @@ def _fit(case, rows, cols):
     """A validation step rounded up to a shape of the memory-fed step: T a multiple of rows, in and out of cols."""
     t, d_in, d_out, r = case
     return (-(-t // rows) * rows, -(-d_in // cols) * cols, -(-d_out // cols) * cols, r)
+
+
+def _fit_blocked(case, rows, cols):
+    """A validation step rounded up to a shape of the blocked step top: T a multiple of rows, in of 64 and at least
+    128 (two column blocks), out of 64 (the backward product's spans), the rank a power of two from 2."""
+    t, d_in, d_out, r = _fit(case, rows, cols)
+    return t, max(128, -(-d_in // 64) * 64), -(-d_out // 64) * 64, 1 << max(1, (r - 1).bit_length())
 
 
 def _check(opts):
@@ -154,7 +179,11 @@ def _check(opts):
     _step_clock(opts)
     if opts.memory not in MEMORY_CHOICES:
         raise _input_error(f"--memory must be one of {', '.join(MEMORY_CHOICES)}, not {opts.memory!r}")
-    if opts.through_memory:
+    if opts.top not in TOPS:
+        raise _input_error(f"--top must be one of {', '.join(TOPS)}, not {opts.top!r}")
+    if opts.blocked:
+        _check_blocked_shapes(opts)
+    elif opts.through_memory:
         _check_memory_shapes(opts)
 
 
@@ -176,6 +205,27 @@ def _check_memory_shapes(opts):
     for config, (t, d_in, d_out, r), what in shapes:
         try:
             check_memory_shape(config, t, d_in, d_out, r)
+        except ValueError as error:
+            raise _input_error(f"{where}: {what}: {error}") from None
+
+
+def _check_blocked_shapes(opts):
+    """Every shape the bench would run on the blocked step top, checked before any work: one line for the first
+    the top (its array, its port) cannot take."""
+    from .sim.blocked_step import check_step_shape
+    where = f"--memory {opts.memory} on the blocked step top ({opts.rows}x{opts.cols})"
+    shapes = [(False, (t, d_in, d_out, opts.rank), f"{name} T={t}")
+              for name, d_in, d_out in opts.projections for t in opts.tokens]
+    shapes += [(True, case, f"the model check T={case[0]} {case[1]}->{case[2]} r={case[3]}")
+               for case in opts.validation]
+    for validation, (t, d_in, d_out, r), what in shapes:
+        try:
+            if r < 2 or r > 16 or r & (r - 1):
+                raise ValueError(f"the rank ({r}) must be a power of two from 2 to 16")
+            if d_in < 128 or d_in % 64:
+                raise ValueError(f"in ({d_in}) must be a multiple of 64 and at least 128 (two column blocks)")
+            check_step_shape(blocked_step_config(opts, opts.validation if validation else None, r), t, d_in, d_out,
+                             r, BLOCKED_MAX_FEATURES)
         except ValueError as error:
             raise _input_error(f"{where}: {what}: {error}") from None
 
@@ -425,9 +475,44 @@ def _file_date(path):
     return out or date.fromtimestamp(os.path.getmtime(path)).isoformat()
 
 
-def measured_default(memory=NO_MEMORY):
-    """The file of measured steps of the on-chip step (``none``) or of the memory-fed step."""
-    return MEASURED_STEPS if memory == NO_MEMORY else MEASURED_MEMORY_STEPS
+def measured_default(memory=NO_MEMORY, top="memory-fed"):
+    """The file of measured steps of the on-chip step (``none``), of the memory-fed step or of the blocked top."""
+    if memory == NO_MEMORY:
+        return MEASURED_STEPS
+    return MEASURED_BLOCKED_STEPS if top == "blocked" else MEASURED_MEMORY_STEPS
+
+
+def load_measured_blocked(path):
+    """Whole steps measured on the blocked step top (``path``, or :data:`MEASURED_BLOCKED_STEPS` where it exists):
+    ``{(t, d_in, d_out, r, rows, cols, memory): {"cycles", "model_cycles", "date", "stall_cycles", "bytes_read",
+    "bytes_written", "projection"}}`` (the stalls and bytes summed over the step's parts)."""
+    shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
+    if path is None:
+        path = MEASURED_BLOCKED_STEPS
+        if not path.exists():
+            return {}
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as error:
+        raise _input_error(f"--measured {path}: cannot read a JSON list of measured steps ({error})") from None
+    when = _file_date(path)
+    table = {}
+    for entry in entries if isinstance(entries, list) else [None]:
+        try:
+            d_in, d_out = shapes[entry["projection"]]
+            key = (int(entry["tokens"]), d_in, d_out, int(entry.get("r", 16)), int(entry.get("rows", 8)),
+                   int(entry.get("cols", 8)), str(entry["memory"]))
+            stalls = {cause: sum(int(part[cause]) for part in entry["stall_cycles"].values())
+                      for cause in ("memory", "compute")}
+            table[key] = {"cycles": int(entry["cycles"]), "model_cycles": entry.get("model_cycles"),
+                          "date": str(entry.get("date") or when), "stall_cycles": stalls,
+                          "bytes_read": sum(entry["read_bytes"].values()),
+                          "bytes_written": sum(entry["written_bytes"].values()), "projection": entry["projection"]}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise _input_error(f"--measured {path}: every entry needs a TinyLlama projection, tokens, memory, cycles, "
+                               f"and per part stall_cycles, read_bytes and written_bytes, not {entry!r:.80}") from None
+    return table
 
 
 def load_measured(path, memory=NO_MEMORY):
@@ -462,8 +547,11 @@ def load_measured(path, memory=NO_MEMORY):
 
 
 def model_cycles(t, d_in, d_out, r, opts, config=None):
-    """The cycle model of the step: the on-chip step's, or with a memory the memory-fed step's (``config`` its
+    """The cycle model of the step: the on-chip step's, or with a memory the blocked step top's (``config`` its
+    ``StepConfig``, by default :func:`blocked_step_config`) or the memory-fed step's (``config`` its
     ``MemStepConfig``, by default :func:`memory_step_config`)."""
+    if opts.blocked:
+        return sum(_blocked_model(config or blocked_step_config(opts), opts.memory, t, d_in, d_out, r).values())
     if opts.through_memory:
         return _memory_model(config or memory_step_config(opts), opts.memory, t, d_in, d_out, r)
     from .sim.lora import step_cycles
@@ -475,6 +563,32 @@ def _memory_model(config, memory, t, d_in, d_out, r):
     """The memory-fed step's cycle model (seconds at TinyLlama's shapes: k_proj and v_proj share theirs)."""
     from .sim.memstep import model_cycles as memory_model
     return memory_model(config, memory, t, d_in, d_out, r)["cycles"]
+
+
+@functools.lru_cache(maxsize=None)
+def _blocked_model(config, memory, t, d_in, d_out, r):
+    """The blocked step top's cycle model with memory, per part (a case of the shape: seconds at TinyLlama's)."""
+    from .golden.lora import random_case
+    from .sim.blocked_step import model_cycles as blocked_model
+    from .sim.blocked_step import step_blocks
+    case = random_case(t, d_in, d_out, r, "adamw")
+    forward, backward = step_blocks(t, d_in, d_out, config.product.cols, BLOCKED_MAX_FEATURES)
+    return blocked_model(case, forward, backward, config, memory)
+
+
+def blocked_step_config(opts, shapes=None, rank=None):
+    """The blocked step top behind ``opts.memory``'s port, one for all the TinyLlama rows (``shapes`` None: so that
+    Verilator compiles one model, the one ``scripts/blocked_step.py`` runs) or for the ``(t, d_in, d_out, r)`` in
+    ``shapes`` (all of ``rank``, by default ``opts.rank``)."""
+    from .sim.blocked_step import shared_config
+    if shapes is None:
+        shapes = [(t, d_in, d_out) for _, d_in, d_out in TINYLLAMA_PROJECTIONS for t in (128, *opts.tokens)]
+        rank = opts.rank
+    else:
+        rank = rank or opts.rank
+        shapes = [(t, d_in, d_out) for t, d_in, d_out, r in shapes if r == rank] or \
+            [(t, d_in, d_out) for t, d_in, d_out, _ in shapes]
+    return shared_config(tuple(shapes), opts.memory, opts.rows, opts.cols, rank, "adamw", BLOCKED_MAX_FEATURES)
 
 
 def memory_step_config(opts, shapes=None):
@@ -518,6 +632,42 @@ def _simulate_mem_step(t, d_in, d_out, r, opts, sim, pysim, config):
     return sim.run(run_mem_step, case, config, memory=opts.memory, max_cycles=limit, pysim=pysim)
 
 
+def _simulate_blocked_step(t, d_in, d_out, r, opts, sim, pysim, config):
+    """One step of a random case on the blocked step top against ``opts.memory``'s DRAM model: ``(run or None,
+    source)``, the run a dict of its cycles, stall cycles by cause and bytes (summed over the step's parts)."""
+    from .golden.lora import random_case
+    from .sim.blocked_step import run_blocked_step, step_blocks
+    case = random_case(t, d_in, d_out, r, "adamw", seed=opts.seed)
+    forward, backward = step_blocks(t, d_in, d_out, config.product.cols, BLOCKED_MAX_FEATURES)
+    limit = 2 * model_cycles(t, d_in, d_out, r, opts, config) + 100_000
+    run, source = sim.run(run_blocked_step, case, forward, backward, config, memory=opts.memory, max_cycles=limit,
+                          pysim=pysim)
+    if run is None:
+        return None, source
+    return {"cycles": sum(run.cycles.values()), "bytes_read": sum(run.read_bytes.values()),
+            "bytes_written": sum(run.written_bytes.values()),
+            "stall_cycles": {cause: sum(part[cause] for part in run.stall_cycles.values())
+                             for cause in ("memory", "compute")}}, source
+
+
+def _step_rtl_blocked(name, d_in, d_out, t, opts, measured, sim):
+    from .sim.blocked_step import run_blocked_step
+    config = blocked_step_config(opts)
+    model = model_cycles(t, d_in, d_out, opts.rank, opts, config)
+    entry = measured.get((t, d_in, d_out, opts.rank, opts.rows, opts.cols, opts.memory))
+    if entry is not None:
+        shape = "" if entry["projection"] == name else f", {entry['projection']}'s shape"
+        return {"cycles": entry["cycles"], "model_cycles": model,
+                "source": f"Verilator (measured {entry['date']}, {opts.memory}{shape})", **_memory_fields(entry)}
+    if model <= opts.verilator_max_cycles and sim.verilator(run_blocked_step):
+        run, _ = _simulate_blocked_step(t, d_in, d_out, opts.rank, opts, sim, False, config)
+        if run is not None:
+            return {"cycles": run["cycles"], "model_cycles": model,
+                    "source": f"Verilator (this run, {opts.memory})", **_memory_fields(run)}
+    return {"cycles": model, "model_cycles": model, "source": f"cycle model ({opts.memory})",
+            **_memory_fields(None)}
+
+
 def _memory_fields(run):
     """What a run through memory adds to its row (None where the cycles are the model's)."""
     if run is None:
@@ -547,7 +697,10 @@ def _step_rtl_memory(name, d_in, d_out, t, opts, measured, sim):
 def step_rtl(name, d_in, d_out, t, opts, measured, sim):
     """A TinyLlama step's RTL cycles: measured on Verilator (the file), run on Verilator here (when it is
     available and the model predicts at most ``verilator_max_cycles``), or the cycle model; with a memory, of the
-    memory-fed step (a measured entry must name the same memory), the source naming the memory."""
+    blocked step top or the memory-fed step (a measured entry must name the same memory), the source naming the
+    memory."""
+    if opts.blocked:
+        return _step_rtl_blocked(name, d_in, d_out, t, opts, measured, sim)
     if opts.through_memory:
         return _step_rtl_memory(name, d_in, d_out, t, opts, measured, sim)
     from .sim.lora import run_step
@@ -566,18 +719,23 @@ def step_rtl(name, d_in, d_out, t, opts, measured, sim):
 def validate(case, opts, sim):
     """A small step on the RTL (Verilator or pysim) against the cycle model."""
     t, d_in, d_out, r = case
-    if opts.through_memory:
+    if opts.blocked:
+        config = blocked_step_config(opts, opts.validation, r)
+        run, source = _simulate_blocked_step(t, d_in, d_out, r, opts, sim, True, config)
+        model = model_cycles(t, d_in, d_out, r, opts, config)
+        cycles, extra = run["cycles"], _memory_fields(run)
+    elif opts.through_memory:
         config = memory_step_config(opts, opts.validation)
         run, source = _simulate_mem_step(t, d_in, d_out, r, opts, sim, True, config)
         model = model_cycles(t, d_in, d_out, r, opts, config)
-        extra = _memory_fields(run)
+        cycles, extra = run.cycles, _memory_fields(run)
     else:
         run, source = _simulate_step(t, d_in, d_out, r, opts, sim, True, step_config(opts, opts.validation))
         model = model_cycles(t, d_in, d_out, r, opts)
-        extra = {}
-    return {"t": t, "in": d_in, "out": d_out, "r": r, "rows": opts.rows, "cols": opts.cols, "cycles": run.cycles,
-            "model_cycles": model, "model_error": (model - run.cycles) / run.cycles, "source": source,
-            "memory": opts.memory, **extra}
+        cycles, extra = run.cycles, {}
+    return {"t": t, "in": d_in, "out": d_out, "r": r, "rows": opts.rows, "cols": opts.cols, "cycles": cycles,
+            "model_cycles": model, "model_error": (model - cycles) / cycles, "source": source,
+            "memory": opts.memory, "top": _top(opts), **extra}
 
 
 # --- the rows ------------------------------------------------------------------------------------------------------
@@ -615,9 +773,15 @@ def step_row(name, d_in, d_out, t, rtl, cpu, opts, clock):
         "cpu_gmac_per_s": {dtype: {n: macs / s / 1e9 for n, s in by.items()} for dtype, by in cpu_s.items()},
         "rtl_over_cpu": {dtype: {n: rtl_s / s for n, s in by.items()} for dtype, by in cpu_s.items()},
         "fastest_cpu": {"dtype": best[1], "threads": best[2], "s": best[0]}, "rtl_over_fastest_cpu": rtl_s / best[0],
-        "memory": opts.memory, **({key: rtl.get(key) for key in ("stall_cycles", "bytes_read", "bytes_written")}
-                                  if opts.through_memory else {}),
+        "memory": opts.memory, "top": _top(opts),
+        **({key: rtl.get(key) for key in ("stall_cycles", "bytes_read", "bytes_written")}
+           if opts.through_memory else {}),
     }
+
+
+def _top(opts):
+    """The design the steps ran on: ``blocked``, ``memory-fed`` or ``on-chip``."""
+    return opts.top if opts.through_memory else "on-chip"
 
 
 def _load():
@@ -669,7 +833,7 @@ def run(opts, progress=False):
     """Run the bench; returns the report (a JSON-ready dict)."""
     from tqdm import tqdm
     sim, clock = Simulation(opts.backend), _step_clock(opts)
-    measured = load_measured(opts.measured, opts.memory)
+    measured = load_measured_blocked(opts.measured) if opts.blocked else load_measured(opts.measured, opts.memory)
     report = {"mode": "small" if opts.small else "full", "machine": _machine(),
               "options": {k: v for k, v in asdict(opts).items() if k != "threads"},
               "threads": list(opts.thread_counts())}
@@ -698,7 +862,7 @@ def run(opts, progress=False):
 def _measured_name(opts):
     if opts.measured is not None:
         return str(opts.measured)
-    default = measured_default(opts.memory)
+    default = measured_default(opts.memory, opts.top)
     return str(default) if default.exists() else None
 
 
@@ -752,6 +916,16 @@ def _through_memory(report):
     """The memory the report's steps were fed from, or None (the on-chip step)."""
     memory = report["options"].get("memory", NO_MEMORY)
     return None if memory in (None, NO_MEMORY) else memory
+
+
+def _step_words(report):
+    """The step's name in the summary and the plot: which design, through which memory."""
+    memory = _through_memory(report)
+    if not memory:
+        return "QLoRA step"
+    if report["options"].get("top", "memory-fed") == "blocked":
+        return f"QLoRA step on the blocked step top ({memory})"
+    return f"memory-fed QLoRA step ({memory})"
 
 
 def _stalls(row):
@@ -835,8 +1009,7 @@ def _summary(report, checks):
     if steps:
         ratios = [s["rtl_over_cpu"]["bf16"]["1"] for s in steps]
         verdict = " (slower on every row)" if min(ratios) > 1 else " (faster on every row)" if max(ratios) < 1 else ""
-        memory = _through_memory(report)
-        step = f"memory-fed QLoRA step ({memory})" if memory else "QLoRA step"
+        step = _step_words(report)
         lines.append(f"**The {step} on the {steps[0]['rows']}x{steps[0]['cols']} array, in multiples of one "
                      f"CPU thread's time in bf16{verdict}: {_ranges(steps, lambda s: s['rtl_over_cpu']['bf16']['1'])};"
                      f" of the fastest CPU setting measured here: {_ranges(steps, lambda s: s['rtl_over_fastest_cpu'])}"
@@ -856,9 +1029,15 @@ def _memory_line(report, memory):
     clock = "" if timing is None else \
         (f" The clock is at most the memory controller's {timing.clock_mhz:g} MHz, whose cycles the DRAM timing "
          f"counts.")
-    return (f"The step is the **memory-fed** one (`MemStep`, `--memory {memory}`): every tensor in the {memory} "
-            f"DRAM behind one memory port, its cycles against the DRAM's timing model, **memory stall cycles "
-            f"included** (the cycle model with memory where no RTL run gives them).{clock}")
+    if report["options"].get("top", "memory-fed") == "blocked":
+        return (f"The step runs on the **blocked step top** (`BlockedStep`, `--memory {memory}`, `--top blocked`; "
+                f"forward, backward, the updates of A and B as four descriptors, feature blocks of at most "
+                f"{BLOCKED_MAX_FEATURES}): every tensor in the {memory} DRAM behind one memory port, its cycles "
+                f"against the DRAM's timing model, **memory stall cycles included** (the cycle model with memory "
+                f"where no RTL run gives them).{clock}")
+    return (f"The step is the **memory-fed** one (`MemStep`, `--memory {memory}`, `--top memory-fed`): every tensor "
+            f"in the {memory} DRAM behind one memory port, its cycles against the DRAM's timing model, **memory "
+            f"stall cycles included** (the cycle model with memory where no RTL run gives them).{clock}")
 
 
 def markdown(report):
@@ -918,9 +1097,8 @@ def plot_utilization(report, file):
     ax.set_xticks(np.arange(len(names)) + width * (len(tokens) - 1) / 2, names)
     ax.set_ylim(0, 110)
     ax.set_ylabel("PE utilization, %")
-    memory = _through_memory(report)
-    ax.set_title(f"{'memory-fed ' if memory else ''}QLoRA step on the {steps[0]['rows']}x{steps[0]['cols']} array"
-                 f"{f' ({memory})' if memory else ''}, r={steps[0]['r']}: useful MACs / (PEs x cycles)")
+    ax.set_title(f"{_step_words(report)}, {steps[0]['rows']}x{steps[0]['cols']} array, r={steps[0]['r']}: "
+                 f"useful MACs / (PEs x cycles)")
     ax.legend(loc="lower right")
     sources = sorted({s["cycles_source"] for s in steps})
     ax.set_xlabel(f"cycles from: {', '.join(sources)}")

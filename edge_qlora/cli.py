@@ -398,9 +398,10 @@ def _bench_options(command):
                     "routed build, named on every row) against the software it replaces: NF4 quantize and "
                     "dequantize weights per second (bitsandbytes on the CPU), and one QLoRA step (forward, "
                     "backward, AdamW) of each TinyLlama-1.1B projection at T = 16 and 128 (PEFT + bitsandbytes "
-                    "NF4 in bf16 and fp32, on one thread and on all). The step is the memory-fed one, every tensor "
-                    "in --memory's DRAM behind a memory port (stalls included), or with --memory none the step "
-                    "with every tensor on chip. Step cycles come from Verilator runs where "
+                    "NF4 in bf16 and fp32, on one thread and on all). The step runs on the blocked step top (or "
+                    "with --top memory-fed the memory-fed step), every tensor in --memory's DRAM behind a memory "
+                    "port (stalls included), or with --memory none on the step with every tensor on chip. Step "
+                    "cycles come from Verilator runs where "
                     "there are some, else from the cycle model, checked against RTL runs in the same bench. "
                     "Prints a Markdown table (or --json) and writes bench.md, bench.json and two PNG plots to "
                     "--out. See docs/bench.md.")
@@ -433,12 +434,16 @@ def _bench_options(command):
                        help="clock of the step accelerator, instead of the routed build's (default: the routed "
                             "build of the array, or the routed GEMM engine of the array standing in)")
     bench.add_argument("--memory", choices=MEMORIES + ("none",), default="ulx3s-sdram",
-                       help="the DRAM the step is fed from: the memory-fed step, every tensor in that DRAM behind a "
-                            "memory port, against its timing model (clock at most the memory controller's); none: "
-                            "the step with every tensor on chip")
+                       help="the DRAM the step is fed from: every tensor in that DRAM behind a memory port, against "
+                            "its timing model (clock at most the memory controller's); none: the step with every "
+                            "tensor on chip")
+    bench.add_argument("--top", choices=("blocked", "memory-fed"), default="blocked",
+                       help="with a memory, the design the step runs on: the blocked step top (feature blocks of at "
+                            "most 384, as step --blocked) or the memory-fed step (default: %(default)s)")
     bench.add_argument("--measured", metavar="FILE", default=None,
-                       help="JSON list of TinyLlama steps measured on Verilator, of the step --memory selects "
-                            "(default: docs/tinyllama_memory_steps.json with a memory, docs/tinyllama_steps.json "
+                       help="JSON list of TinyLlama steps measured on Verilator, of the step --memory and --top "
+                            "select (default: docs/blocked_step_sdram.json on the blocked top, "
+                            "docs/tinyllama_memory_steps.json on the memory-fed step, docs/tinyllama_steps.json "
                             "with --memory none, where it exists)")
 
 
@@ -1265,7 +1270,7 @@ def _bench(args):
     opts = options(args.small, rows=args.rows, cols=args.cols, rank=args.rank, threads=args.threads,
                    lanes=args.lanes, warmup=args.warmup, repeats=args.repeats, backend=args.backend,
                    verilator_max_cycles=args.verilator_max_cycles, fmax_mhz=args.fmax, measured=args.measured,
-                   memory=args.memory)
+                   memory=args.memory, top=args.top)
     prepare_out(args.out)
     report = run(opts, progress=_show_progress(args))
     text = markdown(report)
