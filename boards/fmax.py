@@ -74,6 +74,8 @@ PLACED_ONLY = (
                                       "--place-only"),
     RoutedBuild("lora", "4x4", 48.2, "edge-qlora build --board ulx3s-85f --lora --rows 4 --cols 4 --place-only",
                 "in/out<=64"),
+    RoutedBuild("blocked_step", "8x8", 34.48, "python scripts/blocked_step.py --build build/step",
+                "T<=128, feature blocks<=384, r=16, ULX3S SDRAM port"),
 )
 
 

@@ -877,8 +877,9 @@ def _clocks(opts, clock):
                     "build": None if build is None else build.name,
                     "command": None if build is None else build.command, "note": "" if build is None else build.note})
     if clock.build is not None and not clock.same_config:
-        own = clocks.placed_only("lora", f"{opts.rows}x{opts.cols}")
-        note = (f"the {opts.rows}x{opts.cols} step accelerator has never been routed"
+        unit, what = ("blocked_step", "blocked step top") if opts.blocked else ("lora", "step accelerator")
+        own = clocks.placed_only(unit, f"{opts.rows}x{opts.cols}")
+        note = (f"the {opts.rows}x{opts.cols} {what} has never been routed"
                 + (f" (placed only: {own.mhz} MHz estimated, `{own.command}`)" if own else ""))
         out[0]["note"] = "; ".join(filter(None, [note, out[0]["note"]]))
     return out
