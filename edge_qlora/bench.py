@@ -134,7 +134,7 @@ def options(small=False, **given):
     given = {key: value for key, value in given.items() if value is not None}
     opts = replace(base, **given)
     if opts.through_memory and "validation" not in given and opts.memory in DRAM_PRESETS:
-        fit = _fit_blocked if opts.top == "blocked" else _fit
+        fit = functools.partial(_fit_blocked, memory=opts.memory) if opts.top == "blocked" else _fit
         opts = replace(opts, validation=tuple(dict.fromkeys(fit(case, opts.rows, opts.cols)
                                                             for case in opts.validation)))
     _check(opts)
@@ -147,11 +147,14 @@ def _fit(case, rows, cols):
     return (-(-t // rows) * rows, -(-d_in // cols) * cols, -(-d_out // cols) * cols, r)
 
 
-def _fit_blocked(case, rows, cols):
+def _fit_blocked(case, rows, cols, memory):
     """A validation step rounded up to a shape of the blocked step top: T a multiple of rows, in of 64 and at least
-    128 (two column blocks), out of 64 (the backward product's spans), the rank a power of two from 2."""
+    128 (two column blocks), and a W row's absmax codes (in / 64 bytes) whole port words of ``memory``, out of 64
+    (the backward product's spans), the rank a power of two from 2."""
+    from .rtl.memport import port_for
     t, d_in, d_out, r = _fit(case, rows, cols)
-    return t, max(128, -(-d_in // 64) * 64), -(-d_out // 64) * 64, 1 << max(1, (r - 1).bit_length())
+    step = 64 * port_for(DRAM_PRESETS[memory]).word_bytes
+    return t, max(128, -(-d_in // step) * step), -(-d_out // 64) * 64, 1 << max(1, (r - 1).bit_length())
 
 
 def _check(opts):
@@ -484,8 +487,8 @@ def measured_default(memory=NO_MEMORY, top="memory-fed"):
 
 def load_measured_blocked(path):
     """Whole steps measured on the blocked step top (``path``, or :data:`MEASURED_BLOCKED_STEPS` where it exists):
-    ``{(t, d_in, d_out, r, rows, cols, memory): {"cycles", "model_cycles", "date", "stall_cycles", "bytes_read",
-    "bytes_written", "projection"}}`` (the stalls and bytes summed over the step's parts)."""
+    ``{(t, d_in, d_out, r, rows, cols, memory): {projection: {"cycles", "model_cycles", "date", "stall_cycles",
+    "bytes_read", "bytes_written", "projection"}}}`` (the stalls and bytes summed over the step's parts)."""
     shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
     if path is None:
         path = MEASURED_BLOCKED_STEPS
@@ -505,10 +508,11 @@ def load_measured_blocked(path):
                    int(entry.get("cols", 8)), str(entry["memory"]))
             stalls = {cause: sum(int(part[cause]) for part in entry["stall_cycles"].values())
                       for cause in ("memory", "compute")}
-            table[key] = {"cycles": int(entry["cycles"]), "model_cycles": entry.get("model_cycles"),
-                          "date": str(entry.get("date") or when), "stall_cycles": stalls,
-                          "bytes_read": sum(entry["read_bytes"].values()),
-                          "bytes_written": sum(entry["written_bytes"].values()), "projection": entry["projection"]}
+            table.setdefault(key, {})[entry["projection"]] = {
+                "cycles": int(entry["cycles"]), "model_cycles": entry.get("model_cycles"),
+                "date": str(entry.get("date") or when), "stall_cycles": stalls,
+                "bytes_read": sum(entry["read_bytes"].values()), "bytes_written": sum(entry["written_bytes"].values()),
+                "projection": entry["projection"]}
         except (KeyError, TypeError, ValueError, AttributeError):
             raise _input_error(f"--measured {path}: every entry needs a TinyLlama projection, tokens, memory, cycles, "
                                f"and per part stall_cycles, read_bytes and written_bytes, not {entry!r:.80}") from None
@@ -654,7 +658,9 @@ def _step_rtl_blocked(name, d_in, d_out, t, opts, measured, sim):
     from .sim.blocked_step import run_blocked_step
     config = blocked_step_config(opts)
     model = model_cycles(t, d_in, d_out, opts.rank, opts, config)
-    entry = measured.get((t, d_in, d_out, opts.rank, opts.rows, opts.cols, opts.memory))
+    # the projection's own run, else one of its shape
+    runs = measured.get((t, d_in, d_out, opts.rank, opts.rows, opts.cols, opts.memory), {})
+    entry = runs.get(name) or next(iter(runs.values()), None)
     if entry is not None:
         shape = "" if entry["projection"] == name else f", {entry['projection']}'s shape"
         return {"cycles": entry["cycles"], "model_cycles": model,

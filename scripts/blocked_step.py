@@ -41,17 +41,19 @@ from edge_qlora.sim.blocked_step import model_cycles, run_blocked_step  # noqa: 
 
 RANK = 16
 MAX_FEATURES = 384
+#: the projections of a shape that SHAPES names by another (run with other random inputs)
+SAME_SHAPE = {"v_proj": "k_proj", "o_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 def _bound(name, tokens):
-    d_in, d_out = SHAPES[name]
+    d_in, d_out = SHAPES[SAME_SHAPE.get(name, name)]
     bound = traffic.lower_bound(traffic.StepShape(d_in, d_out, tokens, RANK))
     return sum(bound.read.values()) + sum(bound.written.values())
 
 
 def _row(name, tokens, memory, cycles, moved):
     """A step row: the parts' cycles (``{part: cycles}``) and the bytes moved, against the lower bound."""
-    d_in, d_out = SHAPES[name]
+    d_in, d_out = SHAPES[SAME_SHAPE.get(name, name)]
     total = sum(cycles.values())
     bound = _bound(name, tokens)
     return dict(projection=name, tokens=tokens, memory=memory, **{f"{part}_cycles": c for part, c in cycles.items()},
@@ -99,8 +101,10 @@ def run_step(name, memory, tokens=128, seed=0):
     """One whole step of projection ``name`` on the step top: a row with each part's cycles and the bytes moved,
     measured by the RTL's counters."""
     config = step_top(memory, tokens)
-    forward, backward = plan(tokens, False, MAX_FEATURES)[name], plan(tokens, True, MAX_FEATURES)[name]
-    d_in, d_out = SHAPES[name]
+    shape = SAME_SHAPE.get(name, name)
+    forward, backward = plan(tokens, False, MAX_FEATURES)[shape], plan(tokens, True, MAX_FEATURES)[shape]
+    d_in, d_out = SHAPES[shape]
+    seed += name != shape
     case = dataclasses.replace(random_case(tokens, d_in, d_out, RANK, seed=seed, states=True, step=3),
                                weight_decay=0.01)
     start = time.perf_counter()
@@ -141,9 +145,10 @@ def main(argv=None):
                         help="rows of blocked_product.py --backward --rank-term --gradient (default: %(default)s)")
     parser.add_argument("--update", default="docs/update_pass_sdram.json", metavar="FILE",
                         help="rows of update_pass.py (default: %(default)s)")
-    parser.add_argument("--run", nargs="+", choices=list(SHAPES), metavar="NAME",
-                        help=f"instead, run whole steps of these projections ({', '.join(SHAPES)}) on the step top "
-                        "(Verilator)")
+    names = list(SHAPES) + list(SAME_SHAPE)
+    parser.add_argument("--run", nargs="+", choices=names, metavar="NAME",
+                        help=f"instead, run whole steps of these projections ({', '.join(names)}) on the step top "
+                        "(Verilator; v/o/up_proj on k/q/gate_proj's shapes with other random inputs)")
     parser.add_argument("--memory", choices=list(DRAM_PRESETS), default="ulx3s-sdram", help="with --run")
     parser.add_argument("--build", metavar="DIR", help="instead, place the step top (8x8, feature blocks of at most "
                         f"{MAX_FEATURES}, the ULX3S SDRAM's port) on the ULX3S-85F")

@@ -213,9 +213,15 @@ def test_measured_blocked_steps_by_shape(tmp_path, monkeypatch):
     """The blocked top's measured rows (the script's format) count for every projection of their shape and memory,
     the stalls and bytes summed over the step's parts; the default file is docs/blocked_step_sdram.json."""
     path = tmp_path / "rows.json"
-    path.write_text(json.dumps([_blocked_entry("k_proj"), _blocked_entry("q_proj", "ecpix5-ddr3", 9_000_000)]))
+    path.write_text(json.dumps([_blocked_entry("k_proj"), _blocked_entry("q_proj", "ecpix5-ddr3", 9_000_000),
+                                _blocked_entry("o_proj", "ecpix5-ddr3", 8_000_000)]))
     measured = bench.load_measured_blocked(path)
     assert set(measured) == {(128, 2048, 256, 16, 8, 8, "ulx3s-sdram"), (128, 2048, 2048, 16, 8, 8, "ecpix5-ddr3")}
+    # a projection's own run before another of its shape
+    ddr3 = bench.options(small=True, measured=str(path), memory="ecpix5-ddr3")
+    for name, cycles in (("q_proj", 9_000_000), ("o_proj", 8_000_000)):
+        row = bench.step_rtl(name, 2048, 2048, 128, ddr3, measured, bench.Simulation("pysim"))
+        assert row["cycles"] == cycles and row["source"].endswith("ecpix5-ddr3)")
     opts = bench.options(small=True, measured=str(path))
     assert opts.blocked
     sim = bench.Simulation("pysim")
