@@ -485,23 +485,31 @@ def measured_default(memory=NO_MEMORY, top="memory-fed"):
     return MEASURED_BLOCKED_STEPS if top == "blocked" else MEASURED_MEMORY_STEPS
 
 
-def load_measured_blocked(path):
-    """Whole steps measured on the blocked step top (``path``, or :data:`MEASURED_BLOCKED_STEPS` where it exists):
-    ``{(t, d_in, d_out, r, rows, cols, memory): {projection: {"cycles", "model_cycles", "date", "stall_cycles",
-    "bytes_read", "bytes_written", "projection"}}}`` (the stalls and bytes summed over the step's parts)."""
-    shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
+def _measured_entries(path, default):
+    """``(path, entries, date)`` of a JSON list of measured steps at ``path``, or at ``default`` when ``path`` is
+    None (no entries if it does not exist)."""
     if path is None:
-        path = MEASURED_BLOCKED_STEPS
+        path = default
         if not path.exists():
-            return {}
+            return path, [], None
     try:
         with open(path) as f:
             entries = json.load(f)
     except (OSError, ValueError) as error:
         raise _input_error(f"--measured {path}: cannot read a JSON list of measured steps ({error})") from None
-    when = _file_date(path)
+    if not isinstance(entries, list):
+        raise _input_error(f"--measured {path}: expected a JSON list of measured steps")
+    return path, entries, _file_date(path)
+
+
+def load_measured_blocked(path):
+    """Whole steps measured on the blocked step top (``path``, or :data:`MEASURED_BLOCKED_STEPS` where it exists):
+    ``{(t, d_in, d_out, r, rows, cols, memory): {projection: {"cycles", "model_cycles", "date", "stall_cycles",
+    "bytes_read", "bytes_written", "projection"}}}`` (the stalls and bytes summed over the step's parts)."""
+    shapes = {name: (d_in, d_out) for name, d_in, d_out in TINYLLAMA_PROJECTIONS}
+    path, entries, when = _measured_entries(path, MEASURED_BLOCKED_STEPS)
     table = {}
-    for entry in entries if isinstance(entries, list) else [None]:
+    for entry in entries:
         try:
             d_in, d_out = shapes[entry["projection"]]
             key = (int(entry["tokens"]), d_in, d_out, int(entry.get("r", 16)), int(entry.get("rows", 8)),
@@ -524,18 +532,7 @@ def load_measured(path, memory=NO_MEMORY):
     :data:`MEASURED_MEMORY_STEPS`, and only if it exists): ``{(projection, t, r, rows, cols, memory): {"cycles",
     "model_cycles", "date", "stall_cycles", "bytes_read", "bytes_written"}}``, ``memory`` being ``none`` for an
     entry that names none (the on-chip step)."""
-    if path is None:
-        path = measured_default(memory)
-        if not path.exists():
-            return {}
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-    except (OSError, ValueError) as error:
-        raise _input_error(f"--measured {path}: cannot read a JSON list of measured steps ({error})") from None
-    if not isinstance(entries, list):
-        raise _input_error(f"--measured {path}: expected a JSON list of measured steps")
-    when = _file_date(path)
+    path, entries, when = _measured_entries(path, measured_default(memory))
     table = {}
     for entry in entries:
         try:
