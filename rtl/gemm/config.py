@@ -43,9 +43,9 @@ class GemmConfig:
     blocksize, double_quant : int, bool
         NF4 format, with ``weights="nf4"``.
     convert_interval : int
-        Cycles the accumulator's integer-to-float converters take per row of chunk sums: 1 (a converter per column)
-        or 2 (``cols / 2`` converters, each taking two columns in turn; ``cols`` even). The PE array gives at most
-        a row every two steps, so 2 keeps pace with it and saves half the converters.
+        Cycles the accumulator takes per row of chunk sums: 1 (an integer-to-float converter and a float32 adder
+        per column) or 2 (``cols / 2`` of each, a row going through in two halves; ``cols`` even). The PE array
+        gives at most a row every two steps, so 2 keeps pace with it and saves half the converters and adders.
     w_buffer_ram : str
         Where the W writer's double buffer goes: ``"auto"`` (Yosys picks: distributed RAM when it is shallow) or
         ``"block"`` (block RAM, ``ram_style``): a design short of LUTs and not of block RAM, as the LoRA step at
