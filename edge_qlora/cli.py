@@ -406,7 +406,7 @@ def _bench_options(command):
                     "Prints a Markdown table (or --json) and writes bench.md, bench.json and two PNG plots to "
                     "--out. See docs/bench.md.")
     bench.add_argument("--small", action="store_true",
-                       help="a quick run for CI (one to two minutes): q_proj and k_proj, 8 lanes, 2048 simulated "
+                       help="a quick run for CI (two to three minutes): q_proj and k_proj, 8 lanes, 2048 simulated "
                             "weights, one small check of the cycle model, 3 timed runs, Amaranth's simulator")
     bench.add_argument("--out", metavar="DIR", default=os.path.join("build", "bench"),
                        help="folder for bench.md, bench.json, bench_utilization.png, bench_step_time.png "
