@@ -54,8 +54,8 @@ MEASURED_STEPS = Path(__file__).resolve().parent.parent / "docs" / "tinyllama_st
 #: (and gives stall_cycles, bytes_read, bytes_written)
 MEASURED_MEMORY_STEPS = Path(__file__).resolve().parent.parent / "docs" / "tinyllama_memory_steps.json"
 #: the same for the blocked step top (``python scripts/blocked_step.py --run ... --json``): rows of projection,
-#: tokens, memory, cycles, model_cycles and per part stall_cycles, read_bytes and written_bytes; a projection of the
-#: same shape (v_proj of k_proj's) takes its row
+#: tokens, memory, cycles, model_cycles and per part stall_cycles, read_bytes and written_bytes; a projection with
+#: no row of its own takes one of its shape (v_proj k_proj's)
 MEASURED_BLOCKED_STEPS = Path(__file__).resolve().parent.parent / "docs" / "blocked_step_sdram.json"
 #: ``--top``: the design a step through memory runs on
 TOPS = ("blocked", "memory-fed")
@@ -225,8 +225,6 @@ def _check_blocked_shapes(opts):
         try:
             if r < 2 or r > 16 or r & (r - 1):
                 raise ValueError(f"the rank ({r}) must be a power of two from 2 to 16")
-            if d_in < 128 or d_in % 64:
-                raise ValueError(f"in ({d_in}) must be a multiple of 64 and at least 128 (two column blocks)")
             check_step_shape(blocked_step_config(opts, opts.validation if validation else None, r), t, d_in, d_out,
                              r, BLOCKED_MAX_FEATURES)
         except ValueError as error:
