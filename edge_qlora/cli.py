@@ -937,7 +937,7 @@ def _blocked_step(args, case):
     """``step --memory M --blocked``: the step on the blocked step top, its report."""
     import json
     from .formats import InputError, next_case, save_case
-    from .sim.blocked_step import PARTS, model_cycles, run_blocked_step, step_blocks, step_config
+    from .sim.blocked_step import PARTS, check_step_in, model_cycles, run_blocked_step, step_blocks, step_config
 
     t, d_in = case.x.shape
     d_out, r = case.lora_B.shape
@@ -946,8 +946,7 @@ def _blocked_step(args, case):
     forward, backward = step_blocks(t, d_in, d_out, args.cols, args.max_features)
     where = f"{args.case} on the blocked step top ({args.rows}x{args.cols}, --memory {args.memory})"
     try:
-        if d_in < 128 or d_in % 64:
-            raise ValueError(f"in ({d_in}) must be a multiple of 64 and at least 128 (two column blocks)")
+        check_step_in(d_in)
         config = step_config(case, forward, backward, args.memory, args.rows, args.cols)
         model = model_cycles(case, forward, backward, config, args.memory)
     except ValueError as error:

@@ -28,7 +28,7 @@ from .update import stall_cycles as update_stalls
 from .update import update_descriptor
 
 __all__ = ["PARTS", "StepBench", "StepRun", "even_width", "step_blocks", "step_config", "shared_config",
-           "check_step_shape", "step_memmap", "run_blocked_step", "model_cycles"]
+           "check_step_in", "check_step_shape", "step_memmap", "run_blocked_step", "model_cycles"]
 
 #: The step's descriptors, in order.
 PARTS = ("forward", "backward", "update_A", "update_B")
@@ -124,15 +124,21 @@ def shared_config(shapes, memory="ulx3s-sdram", rows=8, cols=8, rank=16, optimiz
                                                             group=STEP_UPDATE_GROUP))
 
 
+def check_step_in(d_in):
+    """ValueError (one line) unless ``d_in`` is whole spans and at least two column blocks of one (the backward
+    product makes grad_B in its second)."""
+    if d_in < 2 * blocked.SPAN or d_in % blocked.SPAN:
+        raise ValueError(f"in ({d_in}) must be a multiple of {blocked.SPAN} and at least {2 * blocked.SPAN} (two "
+                         f"column blocks)")
+
+
 def check_step_shape(config, t, d_in, d_out, r, max_features=384):
     """ValueError (one line) if the step of ``t`` tokens, ``d_in -> d_out`` at rank ``r`` in the blocks of
     :func:`step_blocks` does not run on ``config``."""
     pc = config.product
     if r != pc.rank:
         raise ValueError(f"the step top's rank is {pc.rank}, not {r}")
-    if d_in < 2 * blocked.SPAN or d_in % blocked.SPAN:
-        raise ValueError(f"in ({d_in}) must be a multiple of {blocked.SPAN} and at least {2 * blocked.SPAN} (two "
-                         f"column blocks)")
+    check_step_in(d_in)
     forward, backward = step_blocks(t, d_in, d_out, pc.cols, max_features)
     pc.check_shape(t, d_in, d_out, *forward)
     pc.check_shape(t, d_in, d_out, *backward, transposed=True)
