@@ -34,10 +34,6 @@ _TENSOR = {"absmax2": "nf4_absmax2", "absmax": "nf4_absmax", "x": "x", "codes": 
            "rank_rows": "hb", "x_fields": "x_fields"}
 
 
-#: The tensors of grad_A's pass over x.
-_PASS = ("x", "gb", "x_fields", "grad_A")
-
-
 def _tensor(name, transposed, gradient=False):
     """The tensors a read destination's counter covers, joined by ``+`` (the backward product with the gradient
     reads dy and, in grad_A's pass, x through one destination; hb and gb through another)."""
@@ -243,25 +239,23 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     and for its alignment in place (``64 r`` cycles);
     the term's other reads are taken as hidden behind the jobs; forward its arithmetic keeps pace with the
     engine's outputs; transposed, where a block's outputs come together, it passes them one a cycle ahead of the
-    writes. With the gradient, transposed, grad_A's pass over x: a column block with some of its spans takes at
-    least its reads' and grad_A's writes' time in the DRAM model alone (but for the pass's spans after its first
-    span, which run while the block before ends), then its outputs' writes after its last job, and the unit's
-    time for them (gb's rows loaded and aligned, per span each chunk of 16 token rows replayed in 1,024 cycles and
-    its gradient leaving in ``64 r``, the activation passed one a cycle); the spans after the product the slower
-    of the two. ``x_per_span``: as :func:`run_blocked_product`'s."""
+    writes.
+
+    With the gradient (``config.gradient``: the step top's products, hb and grad_B, gb and grad_A's pass over x)
+    :mod:`~edge_qlora.sim.span_model`'s model instead, which follows the product span by span: with few token rows
+    its reads, the rank-r unit and the writes set the pace, not the jobs. ``x_per_span``: as
+    :func:`run_blocked_product`'s."""
+    if config.gradient:
+        from .span_model import backward_cycles, forward_cycles
+        if transposed:
+            return backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank, x_per_span)
+        return forward_cycles(config, memory, t, d_in, d_out, tokens, features, rank)
     timing = _timing(memory)
     port = mp.PortShape.of(config.port)
     g = config.gemm
-    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None,
-                    gradients_out=config.gradient, rank_rows=config.gradient)
+    memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None)
     reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed, x_per_span))
     activation = "dy" if transposed else "x"
-    # grad_A's pass: a span of it in the unit
-    x_span = -(-t // 16) * 1024 + SPAN * config.rank
-    gb_load = t * (config.rank + 1)
-
-    def x_spans(group):
-        return sum(r.length for r in group if r.tensor == "x") * port.word_bytes // (SPAN * 2 * t)
 
     def alone(group):
         """The DRAM model's time for ``group``'s requests alone, in order."""
@@ -275,7 +269,6 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
         nt = min(tokens, t - t0)
         for f0 in range(0, outputs, features):
             nf = min(features, outputs - f0)
-            start = i
             load = []
             for names in (("nf4_absmax2", "nf4_absmax", "w_row_exponents"), ("lora_B" if transposed else "lora_A",),
                           (activation,),
@@ -283,16 +276,11 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
                 while reqs[i].tensor in names:
                     load.append(reqs[i])
                     i += 1
-            first = i
-            # the block's reads, with grad_A's pass's spans beside it (their writes too)
-            while reqs[i].op == "read" or reqs[i].tensor == "grad_A":
+            while reqs[i].op == "read":
                 i += 1
-            passing = [r for r in reqs[first:i] if r.tensor in _PASS]
             writes = []
             while i < len(reqs) and reqs[i].op == "write":
-                # (grad_B's rows leave span by span beside the block's jobs, hb's and gb's beside its outputs)
-                if reqs[i].tensor not in ("grad_B", "hb", "x_fields", "gb"):
-                    writes.append(reqs[i])
+                writes.append(reqs[i])
                 i += 1
             job = _job_cycles(config, nt, nf, transposed)
             written = alone(writes)
@@ -314,19 +302,5 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             hidden = transposed and f0 > 0
             # with the term, a token block's first span also waits while the piece of A (B) is aligned in place
             aligning = SPAN * config.rank if config.rank and f0 == 0 else 0
-            block = (0 if hidden else alone(load) + aligning) + (spans - 1) * job + final
-            if passing:
-                unit = x_spans(passing) * x_span + spans * nt * SPAN + gb_load * any(r.tensor == "gb" for r in passing)
-                # (the pass's spans after the block's first span run while the block before ends: the unit needs
-                # the x buffer only for the activation)
-                group = reqs[start:i]
-                run = next(k for k, r in enumerate(group) if r.tensor in ("x", "gb"))
-                end = next((k for k in range(run, len(group)) if group[k].tensor not in _PASS), len(group))
-                block = max(block, alone(group[:run] + group[end:]) + final - job, unit)
-            total += block
-    if i < len(reqs):
-        # the pass's spans after the product: the slower of the memory (its reads and grad_A's writes, in order)
-        # and the unit
-        rest = reqs[i:]
-        total += max(alone(rest), x_spans(rest) * x_span + gb_load * any(r.tensor == "gb" for r in rest))
+            total += (0 if hidden else alone(load) + aligning) + (spans - 1) * job + final
     return total

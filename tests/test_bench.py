@@ -81,9 +81,9 @@ def check_small_cycle_model(small):
     assert (check["t"], check["in"], check["out"], check["r"], check["memory"], check["top"]) == \
         (8, 128, 64, 2, "ulx3s-sdram", "blocked")
     assert check["stall_cycles"]["memory"] > 0 and check["bytes_read"] > 0 and check["bytes_written"] > 0
-    # the model leaves out the units' fixed latencies, most of a step this small (within 1% at TinyLlama's
-    # shapes, docs/blocked.md); the bench reports the error as it is
-    assert -0.3 < check["model_error"] < 0
+    # the products' span model and the updates' model: -3.8% on this step (docs/blocked.md); the bench reports the
+    # error as it is
+    assert abs(check["model_error"]) < 0.06
 
 
 def check_small_table_and_plots(small):

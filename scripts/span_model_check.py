@@ -1,0 +1,88 @@
+"""The step top's products against their cycle model with memory (``sim/span_model.py``), on small shapes.
+
+    python scripts/span_model_check.py                       # both presets, print the table
+    python scripts/span_model_check.py --json docs/span_model.json
+
+Runs the forward and the backward product of one step (r = 16, AdamW, random inputs) for each shape on the one
+step top that ``scripts/blocked_step.py --run`` builds (8x8, feature blocks of at most 384; one Verilator model per
+memory, shared with the bench) against the DRAM model, and gives each product's cycles beside the span model's.
+Shapes are ``T,in,out``; the DDR3's port word needs ``in`` a multiple of 512.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+from edge_qlora import bench
+from edge_qlora.golden.lora import random_case
+from edge_qlora.sim.blocked_step import run_blocked_step, step_blocks
+from edge_qlora.sim.span_model import backward_cycles, forward_cycles
+
+SHAPES = {
+    "ulx3s-sdram": ["8,256,64", "8,256,384", "16,256,64", "16,256,256", "16,256,384", "16,256,768", "32,256,64",
+                    "32,256,384", "64,256,384", "16,768,256", "16,1024,256", "32,1024,384", "16,2048,256",
+                    "128,256,384"],
+    "ecpix5-ddr3": ["8,512,64", "8,512,384", "16,512,64", "16,512,256", "16,512,384", "16,512,768", "32,512,64",
+                    "32,512,384", "64,512,384", "16,1024,256", "16,2048,256", "32,2048,256", "64,2048,256",
+                    "128,512,384"],
+}
+
+
+def check(memory, shape, config):
+    t, d_in, d_out = shape
+    case = random_case(t, d_in, d_out, config.product.rank, "adamw", seed=0)
+    forward, backward = step_blocks(t, d_in, d_out, config.product.cols, bench.BLOCKED_MAX_FEATURES)
+    run = run_blocked_step(case, forward, backward, config, memory=memory, backend="verilator",
+                           parts=("forward", "backward"))
+    pc = config.product
+    rows = []
+    for part, blocks, model in (("forward", forward, forward_cycles), ("backward", backward, backward_cycles)):
+        span = model(pc, memory, t, d_in, d_out, *blocks, pc.rank)
+        rows.append({"memory": memory, "shape": [t, d_in, d_out], "part": part, "blocks": list(blocks),
+                     "cycles": run.cycles[part], "model_cycles": span,
+                     "model_error": span / run.cycles[part] - 1})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory", choices=sorted(SHAPES), action="append",
+                        help="a board preset (repeat for both; default both)")
+    parser.add_argument("--shape", action="append", metavar="T,IN,OUT", help="instead of the default shapes")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows here")
+    args = parser.parse_args()
+    rows = []
+    for memory in args.memory or sorted(SHAPES, reverse=True):
+        config = bench.blocked_step_config(bench.options(memory=memory))
+        for text in args.shape or SHAPES[memory]:
+            try:
+                shape = tuple(int(v) for v in text.split(","))
+                if len(shape) != 3:
+                    raise ValueError
+            except ValueError:
+                sys.exit(f"error: --shape takes T,IN,OUT (three integers), not {text!r}")
+            started = time.monotonic()
+            try:
+                new = check(memory, shape, config)
+            except ValueError as error:
+                sys.exit(f"error: {text} on {memory}: {error}")
+            for row in new:
+                row["date"] = datetime.date.today().isoformat()
+                print(f"{memory:12} {text:13} {row['part']:8} RTL {row['cycles']:9,}  span model "
+                      f"{row['model_cycles']:9,} ({100 * row['model_error']:+.1f}%)  "
+                      f"[{time.monotonic() - started:.0f} s]", flush=True)
+            rows += new
+    for part in ("forward", "backward"):
+        errors = [abs(row["model_error"]) for row in rows if row["part"] == part]
+        print(f"{part}: {len(errors)} products, |error| at most {100 * max(errors):.1f}%, mean "
+              f"{100 * sum(errors) / len(errors):.1f}%, {sum(e <= 0.03 for e in errors)} within 3%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
