@@ -101,14 +101,16 @@ class _Port:
         """``group`` read from ``start`` by a consumer free from ``consumer`` that takes a word in ``per_word``
         cycles: (when the port has read it all, when the consumer has taken it all)."""
         words = sum(q.length for q in group)
-        end = self.advance(start, self.alone(group))
+        # (the port runs at most a FIFO ahead of the consumer)
+        end = self.advance(max(start, consumer - self.lead * per_word), self.alone(group))
         taken = max(end + _LATENCY, max(consumer, start + _FIRST_WORD) + words * per_word)
         return max(end, taken - self.lead * per_word), taken
 
     def write(self, start, cycles):
-        """Reserve ``cycles`` of writes from ``start``, after the writes before; returns their end."""
+        """Reserve ``cycles`` of writes from ``start``, after the writes before and around the port's other
+        reservations; returns their end."""
         lo = max(start, self.writes)
-        self.writes = lo + cycles
+        self.writes = self.advance(lo, cycles)
         self.busy.append((lo, self.writes))
         return self.writes
 
@@ -147,6 +149,10 @@ class _Chunks:
         self.free = [0, 0]          # when each half has replayed
         self.half = 0
         self.filled = self.replayed = self.left = 0
+
+    def ready(self):
+        """When the next span's first chunk can start to fill."""
+        return max(self.filled, self.free[self.half])
 
     def span(self, rows, start, passed, leaving):
         """A span of ``rows`` token rows whose values can come from ``start`` and have all come by ``passed``
@@ -264,8 +270,10 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
     per_cycle = timing.peak_bytes_per_cycle / wb
 
     def leaving(group):
-        """Cycles a span's gradient takes to leave through its writes: one value a cycle, each burst's values
-        gathered before it is sent, and no faster than the DRAM model writes them."""
+        """Cycles grad_A's span takes to leave through its writes: no faster than one value a cycle or than the
+        DRAM model writes it, and each burst's values gathered before the burst is sent at the port's peak. (That
+        last term stands for two things the model has no place for: the unit sends 8 values in every 10 cycles,
+        and on the SDRAM the reads beside the writes slow them; docs/blocked.md.)"""
         return max(SPAN * r, port.alone(group), sum(q.length * wb / 4 + q.length / per_cycle for q in group))
 
     grad_b = next((group for (op, name), group in runs if name == "grad_B"), [])
@@ -299,7 +307,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
             chunks.left = grads_end = max(grads_end, rows_ready)
         elif name == "dy":
             consumer = max(xb, unit, aligned if mode == "product" else 0,
-                           rows_ready if mode == "gradient" and span == 0 else 0)
+                           max(chunks.ready(), rows_ready if span == 0 else 0) if mode == "gradient" else 0)
             m, x_end = port.read(m, group, consumer, wb / 2)
             if mode == "product":
                 unit = x_end + (nt - (nt - 1) // 16 * 16) * SPAN
@@ -324,7 +332,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
             m, columns = port.read(max(m, term), group, term, wb / 4 * (r + _COLUMN_BEAT) / r)
         elif name == "x":
             # grad_A's pass: x through the unit (to no buffer) once it has replayed the span before
-            consumer = max(unit, rows_ready)
+            consumer = max(unit, rows_ready, chunks.ready())
             m, x_end = port.read(m, group, consumer, wb / 2)
             writes = runs[n + 1][1] if n + 1 < len(runs) and runs[n + 1][0][1] == "grad_A" else []
             unit, _ = chunks.span(t, consumer, x_end, lambda at: max(

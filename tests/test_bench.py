@@ -81,7 +81,7 @@ def check_small_cycle_model(small):
     assert (check["t"], check["in"], check["out"], check["r"], check["memory"], check["top"]) == \
         (8, 128, 64, 2, "ulx3s-sdram", "blocked")
     assert check["stall_cycles"]["memory"] > 0 and check["bytes_read"] > 0 and check["bytes_written"] > 0
-    # the products' span model and the updates' model: -3.8% on this step (docs/blocked.md); the bench reports the
+    # the products' span model and the updates' model: -3.7% on this step (docs/bench.md); the bench reports the
     # error as it is
     assert abs(check["model_error"]) < 0.06
 
