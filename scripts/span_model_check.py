@@ -75,6 +75,14 @@ def main():
                       f"{row['model_cycles']:9,} ({100 * row['model_error']:+.1f}%)  "
                       f"[{time.monotonic() - started:.0f} s]", flush=True)
             rows += new
+    print("\n| memory | T, in -> out | blocks (features) fw / bw | forward RTL | span model | error | backward RTL "
+          "| span model | error | both products' error |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for forward, backward in zip(rows[::2], rows[1::2]):
+        both = (forward["model_cycles"] + backward["model_cycles"]) / (forward["cycles"] + backward["cycles"]) - 1
+        t, d_in, d_out = forward["shape"]
+        print(f"| {forward['memory']} | {t}, {d_in} -> {d_out} | {forward['blocks'][1]} / {backward['blocks'][1]} | "
+              + " | ".join(f"{row['cycles']:,} | {row['model_cycles']:,} | {100 * row['model_error']:+.1f}%"
+                           for row in (forward, backward)) + f" | {100 * both:+.1f}% |")
     for part in ("forward", "backward"):
         errors = [abs(row["model_error"]) for row in rows if row["part"] == part]
         print(f"{part}: {len(errors)} products, |error| at most {100 * max(errors):.1f}%, mean "
