@@ -16,14 +16,16 @@ import torch
 from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
-from edge_qlora.golden.gemm import gemm_cycles
 from edge_qlora.golden.memmap import layout, layout_for, pack_case, read_region, store_region, unpack_outputs
 from edge_qlora.golden.rank_gradient import x_chunk_fields
 from edge_qlora.golden.rank_term import backward_rows, column_exponent, forward_rows
 from edge_qlora.rtl.blocked import (SPAN, BlockedConfig, BlockedProduct, absmax2_groups, descriptor_layout,
                                     report_layout)
 from edge_qlora.rtl.memport import port_for
+
+from .blocked_schedule import job_cycles, program
 from .memstep import DramBench, _fields, _timing, run_dram_bench
+from .span_model import backward_cycles, forward_cycles
 
 __all__ = ["BlockedBench", "BlockedRun", "blocked_config", "golden_rows", "product_descriptor", "run_blocked_product",
            "engine_cycles", "model_cycles"]
@@ -40,15 +42,6 @@ def _tensor(name, transposed, gradient=False):
     backward = {"x": "dy+x" if gradient else "dy", "rank_operands": "lora_B", "rank_columns": "lora_A",
                 "rank_rows": "hb+gb"}
     return backward[name] if transposed and name in backward else _TENSOR[name]
-
-
-def _program(config, memmap, tokens, features, transposed, x_per_span=None):
-    """The product's request order (``golden/blockprogram.py``), which the RTL issues."""
-    if transposed:
-        return bp.backward_product(memmap, tokens, features, config.rows, config.cols, rank_term=bool(config.rank),
-                                   gradient=config.gradient, x_per_span=x_per_span)
-    return bp.forward_product(memmap, tokens, features, config.cols, rank_term=bool(config.rank),
-                              gradient=config.gradient)
 
 
 class BlockedBench(DramBench):
@@ -98,14 +91,6 @@ def blocked_config(case, tokens, features, memory="ulx3s-sdram", rows=2, cols=2,
                          gradient=gradient, **extra)
 
 
-def _job_cycles(config, nt, nf, transposed):
-    """``gemm_cycles`` of one span's block job."""
-    g = config.gemm
-    n, k = (SPAN, nf) if transposed else (nf, SPAN)
-    return gemm_cycles(nt, n, k, g.rows, g.cols, g.chunk_steps, transposed=transposed, weights="nf4",
-                       out_dtype=g.out_dtype, blocksize=g.blocksize, block=True).cycles
-
-
 def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
     """The engine's cycle model for the product's block jobs (``gemm_cycles(..., block=True)`` per job), streams
     that never stall: the compute the memory has to keep up with."""
@@ -114,7 +99,7 @@ def engine_cycles(config, t, d_in, d_out, tokens, features, transposed=False):
     for t0 in range(0, t, tokens):
         nt = min(tokens, t - t0)
         for f0 in range(0, outputs, features):
-            total += (reduction // SPAN) * _job_cycles(config, nt, min(features, outputs - f0), transposed)
+            total += (reduction // SPAN) * job_cycles(config, nt, min(features, outputs - f0), transposed)
     return total
 
 
@@ -188,9 +173,8 @@ def run_blocked_product(case, tokens, features, config=None, *, memory="ulx3s-sd
             store_region(image, memmap, name, values)
     if gradient and x_per_span is None:
         x_per_span = bp.x_pass_per_span(d_in, d_out, features)
-    program = _program(config, memmap, tokens, features, transposed, x_per_span)
+    reqs = bp.requests(port, program(config, memmap, tokens, features, transposed, x_per_span))
     activation, output = ("dy", "dx") if transposed else ("x", "y")
-    reqs = bp.requests(port, program)
     reads = [r for r in reqs if r.op == "read"]
     writes = [r for r in reqs if r.op == "write"]
     fill = mp.fill_words(port, image, memmap.base, reads)
@@ -246,7 +230,6 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     its reads, the rank-r unit and the writes set the pace, not the jobs. ``x_per_span``: as
     :func:`run_blocked_product`'s."""
     if config.gradient:
-        from .span_model import backward_cycles, forward_cycles
         if transposed:
             return backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank, x_per_span)
         return forward_cycles(config, memory, t, d_in, d_out, tokens, features, rank)
@@ -254,7 +237,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
     port = mp.PortShape.of(config.port)
     g = config.gemm
     memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=g.chunk_steps if transposed else None)
-    reqs = bp.requests(port, _program(config, memmap, tokens, features, transposed, x_per_span))
+    reqs = bp.requests(port, program(config, memmap, tokens, features, transposed, x_per_span))
     activation = "dy" if transposed else "x"
 
     def alone(group):
@@ -282,7 +265,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
             while i < len(reqs) and reqs[i].op == "write":
                 writes.append(reqs[i])
                 i += 1
-            job = _job_cycles(config, nt, nf, transposed)
+            job = job_cycles(config, nt, nf, transposed)
             written = alone(writes)
             if transposed:
                 # the writes start with the last W tile's first token tile of outputs; with the rank-r term, which

@@ -10,8 +10,8 @@ in program order (``golden/blockprogram.py``), span by span:
   destination's FIFO has room, so the reads stay in order), each group taking the DRAM model's time for its
   requests alone, but no faster than its consumer takes the words (the unit one operand or value a cycle, the
   absmax table one code a cycle, the rank term one column value a cycle, the engine its codes as its job streams
-  them, the codes FIFO holding at most ``codes_words``); a read FIFO lets the port run ``fifo_words -
-  max_burst`` words ahead of its consumer;
+  them, the codes FIFO holding at most ``codes_words``); a read FIFO lets the port run ahead of its consumer by
+  ``fifo_words`` less one request;
 * the writes (outputs, grad_B, grad_A) hold the port for their own DRAM time, and the reads wait for them; a
   gradient leaves no faster than its writes take it, each burst's values gathered before the burst is sent;
 * the unit, its two-chunk buffer, the x buffer, the engine and the rank term are each one resource, taken in the
@@ -27,8 +27,10 @@ from edge_qlora.golden import blockprogram as bp
 from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout
+from edge_qlora.rtl.blocked import SPAN
 
-from .blocked import SPAN, _job_cycles, _program, _timing
+from .blocked_schedule import job_cycles, program
+from .memstep import _timing
 
 __all__ = ["forward_cycles", "backward_cycles"]
 
@@ -75,7 +77,7 @@ class _Port:
     def __init__(self, config, timing):
         self.timing = timing
         self.word_bytes = mp.PortShape.of(config.port).word_bytes
-        self.lead = config.fifo_words - config.port.max_burst
+        self.fifo_words = config.fifo_words
         self.busy = []
         self.writes = 0
 
@@ -101,10 +103,11 @@ class _Port:
         """``group`` read from ``start`` by a consumer free from ``consumer`` that takes a word in ``per_word``
         cycles: (when the port has read it all, when the consumer has taken it all)."""
         words = sum(q.length for q in group)
-        # (the port runs at most a FIFO ahead of the consumer)
-        end = self.advance(max(start, consumer - self.lead * per_word), self.alone(group))
+        # the port runs ahead of the consumer by what the FIFO holds (a request only once it has room for it all)
+        lead = (self.fifo_words - max(q.length for q in group)) * per_word
+        end = self.advance(max(start, consumer - lead), self.alone(group))
         taken = max(end + _LATENCY, max(consumer, start + _FIRST_WORD) + words * per_word)
-        return max(end, taken - self.lead * per_word), taken
+        return max(end, taken - lead), taken
 
     def write(self, start, cycles):
         """Reserve ``cycles`` of writes from ``start``, after the writes before and around the port's other
@@ -173,7 +176,7 @@ def _requests(config, t, d_in, d_out, tokens, features, rank, transposed, x_per_
     memmap = layout(d_in, d_out, t, rank, row_exponent_chunk=config.gemm.chunk_steps if transposed else None,
                     gradients_out=True, rank_rows=True)
     port = mp.PortShape.of(config.port)
-    return _runs(bp.requests(port, _program(config, memmap, tokens, features, transposed, x_per_span)))
+    return _runs(bp.requests(port, program(config, memmap, tokens, features, transposed, x_per_span)))
 
 
 def forward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16):
@@ -190,7 +193,7 @@ def forward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16):
         nt = min(tokens, t - t0)
         for f0 in range(0, d_out, features):
             nf = min(features, d_out - f0)
-            job = _job_cycles(config, nt, nf, False)
+            job = job_cycles(config, nt, nf, False)
             a_tiles = nt // g.rows
             a_load = a_tiles * SPAN + _JOB_START
             tail = a_tiles * SPAN + _JOB_TAIL[False]
@@ -287,7 +290,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
         if op == "read" and name in ("lora_B", "hb", "dy") and span == spans:
             block, span = block + 1, 0
             nf = blocks[block]
-            job = _job_cycles(config, nt, nf, True)
+            job = job_cycles(config, nt, nf, True)
             a_tiles = nt // g.rows
             a_load = a_tiles * SPAN + _JOB_START
             mode = ("product", "gradient")[block] if block < 2 else "pass"
