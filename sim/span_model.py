@@ -140,6 +140,7 @@ class _Codes:
         return 0
 
     def taken(self, start, end, words):
+        """A job takes its ``words`` codes from ``start`` to ``end``."""
         self.jobs.append((start, end, words))
 
 
@@ -284,7 +285,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
     blocks = [min(features, d_in - f0) for f0 in range(0, d_in, features)]
     m = e = unit = xb = term = out_prev = end = 0
     chunks = _Chunks()
-    aligned = rows_ready = grads_end = columns = start = 0
+    aligned = rows_ready = columns = start = 0
     block, span, nt = -1, spans, min(tokens, t)
     for n, ((op, name), group) in enumerate(runs):
         if op == "read" and name in ("lora_B", "hb", "dy") and span == spans:
@@ -304,10 +305,10 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
             m, loaded = port.read(m, group, unit, wb / 4)
             aligned = loaded + SPAN * r + _ALIGN_START
         elif name in ("hb", "gb") and op == "read":
-            # a gradient's rows, then aligned; the next gradient's chunks replay after that
+            # a gradient's rows, then aligned; the gradient's first chunk replays after that
             m, loaded = port.read(m, group, unit, 1)
             rows_ready = loaded + (nt if name == "hb" else t) * r + _ALIGN_START
-            chunks.left = grads_end = max(grads_end, rows_ready)
+            chunks.left = max(chunks.left, rows_ready)
         elif name == "dy":
             consumer = max(xb, unit, aligned if mode == "product" else 0,
                            max(chunks.ready(), rows_ready if span == 0 else 0) if mode == "gradient" else 0)
@@ -317,7 +318,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
             elif mode == "gradient":
                 x_end, _ = chunks.span(nt, consumer, x_end, lambda at: max(
                     at + SPAN * r, port.write(at, port.alone(grad_b))))
-                grads_end, unit = chunks.left, x_end
+                unit = x_end
             else:
                 unit = x_end
             start = max(e, x_end, out_prev if span == 0 else 0)
@@ -340,8 +341,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
             writes = runs[n + 1][1] if n + 1 < len(runs) and runs[n + 1][0][1] == "grad_A" else []
             unit, _ = chunks.span(t, consumer, x_end, lambda at: max(
                 at + leaving(writes), port.write(at, port.alone(writes))))
-            grads_end = chunks.left
-            end = max(end, grads_end)
+            end = max(end, chunks.left)
         elif name == "dx":
             # the outputs, whole from the last W tile's first token tile on, pass the rank term one a cycle once
             # gb is made (in the block that makes it) and the block's columns of A are in
@@ -349,7 +349,7 @@ def backward_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, x
             first = max(e - last_tile + last_tile // a_tiles, columns)
             if mode == "product":
                 first = max(first, unit + nt * r + _EMIT)
-            # (their writes take the port beside the gradients', which do not wait for them)
+            # (their writes hold the port; a gradient's writes that come later go around them)
             writes = (first + g.rows * nf, first + g.rows * nf + port.alone(group))
             port.busy.append(writes)
             out_prev = term = max(first + nt * nf, writes[1]) + _DRAIN
