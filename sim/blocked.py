@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from edge_qlora.golden import blockprogram as bp
-from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout, layout_for, pack_case, read_region, store_region, unpack_outputs
 from edge_qlora.golden.rank_gradient import x_chunk_fields
@@ -242,8 +241,7 @@ def model_cycles(config, memory, t, d_in, d_out, tokens, features, rank=16, tran
 
     def alone(group):
         """The DRAM model's time for ``group``'s requests alone, in order."""
-        return dram.simulate(timing, [(r.address, r.length * port.word_bytes, r.op) for r in group]).cycles \
-            if group else 0
+        return bp.dram_time(timing, port, group).cycles if group else 0
 
     reduction, outputs = (d_out, d_in) if transposed else (d_in, d_out)
     spans = reduction // SPAN

@@ -24,7 +24,6 @@ TinyLlama projections at T = 128: ``docs/blocked.md``.
 """
 
 from edge_qlora.golden import blockprogram as bp
-from edge_qlora.golden import dram
 from edge_qlora.golden import memprogram as mp
 from edge_qlora.golden.memmap import layout
 from edge_qlora.rtl.blocked import SPAN
@@ -76,15 +75,15 @@ class _Port:
 
     def __init__(self, config, timing):
         self.timing = timing
-        self.word_bytes = mp.PortShape.of(config.port).word_bytes
+        self.port = mp.PortShape.of(config.port)
+        self.word_bytes = self.port.word_bytes
         self.fifo_words = config.fifo_words
         self.busy = []
         self.writes = 0
 
     def alone(self, group):
         """The DRAM model's cycles for ``group``'s requests alone, in order."""
-        return dram.simulate(self.timing, [(q.address, q.length * self.word_bytes, q.op) for q in group]).cycles \
-            if group else 0
+        return bp.dram_time(self.timing, self.port, group).cycles if group else 0
 
     def advance(self, start, cycles):
         """When ``cycles`` of reads from ``start`` end, around the writes."""
