@@ -267,7 +267,7 @@ def dequant_rounds(lanes, blocksize=64):
 
 
 def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", out_dtype="bf16", blocksize=64,
-                block=False):
+                block=False, feed=None):
     """Cycles of one GEMM job on the engine; see :class:`CycleModel`.
 
     ``weights``: ``"bf16"`` (the ``w`` stream), ``"nf4"`` (the dequantizer) or ``"rows"`` (bf16 rows on the
@@ -278,6 +278,9 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
     ``block``: a block job (``rtl/gemm/config.py: job_layout``): all A tiles load into one half before the first
     step, W comes in one pass and each W tile computes for every A tile (a held job's end, the last partial
     written, is counted like an output's).
+
+    ``feed``: weights a cycle the W stream gives the engine, when fewer than ``cols`` (NF4 codes through a FIFO as
+    wide as a 16-bit memory port: 4); each W tile then loads ``ceil(cols / feed)`` times as long.
     """
     min_steps = max(2 * rows - 1, 12)          # GemmConfig.min_steps
     flush_steps = 2 * rows + cols + 2           # PEArray.flush_steps
@@ -292,7 +295,7 @@ def gemm_cycles(m, n, k, rows, cols, chunk, transposed=False, weights="bf16", ou
         chunk_steps = sum(max(min(chunk, k - q0), min_steps) for q0 in range(0, k, chunk))
         compute = [chunk_steps] * len(tile_rows)
         q_len = k
-    loads = [r * words for r in tile_rows]
+    loads = [r * words * (-(-cols // feed) if feed else 1) for r in tile_rows]
     pass_extra = 0
     if weights == "nf4":
         build = -(-(n * k) // blocksize) * dequant_rounds(cols, blocksize)

@@ -6,7 +6,9 @@
 Runs the forward and the backward product of one step (r = 16, AdamW, random inputs) for each shape on the one
 step top that ``scripts/blocked_step.py --run`` builds (8x8, feature blocks of at most 384; one Verilator model per
 memory, shared with the bench) against the DRAM model, and gives each product's cycles beside the span model's.
-Shapes are ``T,in,out``; the DDR3's port word needs ``in`` a multiple of 512.
+Shapes are ``T,in,out``; the DDR3's port word needs ``in`` a multiple of 512. ``SHAPES`` are those the model was
+written against (``"set": "fit"`` in the rows), ``HELD_OUT`` shapes it was checked on afterwards, untouched
+(``"held-out"``: T not a power of two, other widths).
 """
 
 import argparse
@@ -27,6 +29,10 @@ SHAPES = {
     "ecpix5-ddr3": ["8,512,64", "8,512,384", "16,512,64", "16,512,256", "16,512,384", "16,512,768", "32,512,64",
                     "32,512,384", "64,512,384", "16,1024,256", "16,2048,256", "32,2048,256", "64,2048,256",
                     "128,512,384"],
+}
+HELD_OUT = {
+    "ulx3s-sdram": ["48,512,128", "16,512,512", "8,1024,64", "64,768,256", "24,256,448", "40,512,192"],
+    "ecpix5-ddr3": ["24,1024,128", "48,512,512", "8,2048,64", "40,1536,192", "16,512,448"],
 }
 
 
@@ -57,7 +63,9 @@ def main():
     rows = []
     for memory in args.memory or sorted(SHAPES, reverse=True):
         config = bench.blocked_step_config(bench.options(memory=memory))
-        for text in args.shape or SHAPES[memory]:
+        shapes = [(text, None) for text in args.shape] if args.shape else \
+            [(text, "fit") for text in SHAPES[memory]] + [(text, "held-out") for text in HELD_OUT[memory]]
+        for text, which in shapes:
             try:
                 shape = tuple(int(v) for v in text.split(","))
                 if len(shape) != 3:
@@ -70,6 +78,8 @@ def main():
             except ValueError as error:
                 sys.exit(f"error: {text} on {memory}: {error}")
             for row in new:
+                if which:
+                    row["set"] = which
                 row["date"] = datetime.date.today().isoformat()
                 print(f"{memory:12} {text:13} {row['part']:8} RTL {row['cycles']:9,}  span model "
                       f"{row['model_cycles']:9,} ({100 * row['model_error']:+.1f}%)  "
@@ -80,13 +90,16 @@ def main():
     for forward, backward in zip(rows[::2], rows[1::2]):
         both = (forward["model_cycles"] + backward["model_cycles"]) / (forward["cycles"] + backward["cycles"]) - 1
         t, d_in, d_out = forward["shape"]
-        print(f"| {forward['memory']} | {t}, {d_in} -> {d_out} | {forward['blocks'][1]} / {backward['blocks'][1]} | "
+        held = " (held out)" if forward.get("set") == "held-out" else ""
+        print(f"| {forward['memory']} | {t}, {d_in} -> {d_out}{held} | {forward['blocks'][1]} / "
+              f"{backward['blocks'][1]} | "
               + " | ".join(f"{row['cycles']:,} | {row['model_cycles']:,} | {100 * row['model_error']:+.1f}%"
                            for row in (forward, backward)) + f" | {100 * both:+.1f}% |")
-    for part in ("forward", "backward"):
-        errors = [abs(row["model_error"]) for row in rows if row["part"] == part]
-        print(f"{part}: {len(errors)} products, |error| at most {100 * max(errors):.1f}%, mean "
-              f"{100 * sum(errors) / len(errors):.1f}%, {sum(e <= 0.03 for e in errors)} within 3%")
+    for which in sorted({row.get("set") for row in rows}, key=str):
+        for part in ("forward", "backward"):
+            errors = [abs(row["model_error"]) for row in rows if row["part"] == part and row.get("set") == which]
+            print(f"{which or 'shapes'} {part}: {len(errors)} products, |error| at most {100 * max(errors):.1f}%, "
+                  f"mean {100 * sum(errors) / len(errors):.1f}%, {sum(e <= 0.03 for e in errors)} within 3%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
