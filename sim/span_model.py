@@ -462,6 +462,7 @@ def _backward(config, memory, t, d_in, d_out, tokens, features, rank, x_per_span
             m, x_end = port.read(m, group, consumer, wb / 2, "x")
             writes = runs[n + 1][1] if n + 1 < len(runs) and runs[n + 1][0][1] == "grad_A" else []
             if port.windows:
+                # the span before's gradient leaves as late as the reads since have delayed its window
                 chunks.left = max(chunks.left, port.windows[-1][1])
             unit, _ = chunks.span(t, consumer, x_end, lambda at: max(
                 at + pace(writes), port.gradient(at + writes[0].length * wb / 4 * _GRAD_PACE, port.alone(writes))))
