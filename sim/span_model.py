@@ -83,6 +83,24 @@ def _runs(reqs):
     return out
 
 
+def _alternate(t, left, spans, delay):
+    """``left`` cycles of port time from ``t`` beside other traffic in ``spans`` (``(k, (lo, hi))``, in order of
+    ``lo``), with which they take every other turn: alone outside them, at half pace inside, each delaying span
+    ``k`` by its turns (``delay(k, cycles)``). Returns ``(t, left)``: where the spans end and what is left then."""
+    for k, (lo, hi) in spans:
+        if hi <= t or left <= 0:
+            continue
+        if lo > t:
+            if lo - t >= left:
+                break
+            left -= lo - t
+            t = lo
+        both = min(left, hi - t)
+        t, left = t + 2 * both, left - both
+        delay(k, both)
+    return t, left
+
+
 class _Port:
     """The port's time. The reads are served in program order (a cursor). Two kinds of writes share the port with
     them, as the RTL's arbiter does (a write first whenever its burst's data is staged):
@@ -140,18 +158,7 @@ class _Port:
     def serve(self, begin, cycles):
         """When ``cycles`` of reads from ``begin`` end: around the writes that hold the port, taking every other
         turn in grad_A's windows."""
-        t, left = self.advance(begin, 0), cycles
-        for k, (lo, hi) in enumerate(self.windows):
-            if hi <= t or left <= 0:
-                continue
-            if lo > t:
-                if lo - t >= left:
-                    break
-                left -= lo - t
-                t = lo
-            both = min(left, hi - t)
-            t, left = t + 2 * both, left - both
-            self._delay(k, both)
+        t, left = _alternate(self.advance(begin, 0), cycles, enumerate(self.windows), self._delay)
         end = self.advance(t, left)
         self.read_end = max(self.read_end, end)
         return end
@@ -192,18 +199,11 @@ class _Port:
         gradient writes before; returns when it has left."""
         lo = max(start, self.writes)
         # the reads under way and the outputs' writes take every other turn
-        t, left = lo, cycles + max(0, min(cycles, self.read_end - lo))
-        for k, (a, b) in sorted(enumerate(self.busy), key=lambda kb: kb[1]):
-            if b <= t or left <= 0:
-                continue
-            if a > t:
-                if a - t >= left:
-                    break
-                left -= a - t
-                t = a
-            both = min(left, b - t)
-            t, left = t + 2 * both, left - both
-            self.busy[k] = (a, b + both)
+        def delay(k, cycles):
+            self.busy[k] = (self.busy[k][0], self.busy[k][1] + cycles)
+
+        t, left = _alternate(lo, cycles + max(0, min(cycles, self.read_end - lo)),
+                             sorted(enumerate(self.busy), key=lambda kb: kb[1]), delay)
         self.writes = t + left
         k = len(self.windows)
         self.windows.append((lo, self.writes))
