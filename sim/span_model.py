@@ -474,7 +474,10 @@ def _backward(config, memory, t, d_in, d_out, tokens, features, rank, x_per_span
             first = max(e - last_tile + last_tile // a_tiles, columns + _TERM_RUN)
             if mode == "product":
                 # the term takes gb's rows from the unit after its columns, a row every r + 2 cycles
-                first = max(first, unit + nt * r + _EMIT, columns + _TERM_RUN + nt * (r + 2))
+                rows_taken = max(unit + nt * r + _EMIT, columns + _TERM_RUN + nt * (r + 2))
+                first = max(first, rows_taken)
+                # the unit, which gives them, takes the next block's activation only then
+                unit = max(unit, rows_taken)
             # the corner turn writes a token tile's rows once they have all passed; their writes hold the port
             # (grad_A's writes alternate with them)
             tiles = nt // g.rows
