@@ -198,10 +198,11 @@ class _Port:
         """grad_A's span written from ``start`` (its first burst gathered) for ``cycles`` of its own, after the
         gradient writes before; returns when it has left."""
         lo = max(start, self.writes)
-        # the reads under way and the outputs' writes take every other turn
+
         def delay(k, cycles):
             self.busy[k] = (self.busy[k][0], self.busy[k][1] + cycles)
 
+        # the reads under way and the outputs' writes take every other turn
         t, left = _alternate(lo, cycles + max(0, min(cycles, self.read_end - lo)),
                              sorted(enumerate(self.busy), key=lambda kb: kb[1]), delay)
         self.writes = t + left
